@@ -1,0 +1,63 @@
+"""The reference rows of every PEFT table: linear probing, full fine-tuning and BitFit.
+
+* ``linear``: the backbone stays frozen; only the task head trains.
+* ``full``: every backbone weight trains.
+* ``bitfit``: only the bias terms train (Zaken et al., "BitFit: Simple Parameter-efficient
+  Fine-tuning for Transformer-based Masked Language-models", ACL 2022).
+
+None of them adds modules, so each is trivially "mergeable": the trained weights already sit in
+the backbone, and ``merge_adapters(unload=True)`` leaves the plain model.
+"""
+from __future__ import annotations
+
+from zoo.adapters import register_adapter
+from zoo.adapters.base import Adapter
+
+
+class _NoModules(Adapter):
+    mergeable = True
+
+    def attach(self, backbone) -> None:
+        self.backbone = backbone
+
+    def merge(self) -> None:  # weights already live in the base
+        self.merged = True
+
+
+@register_adapter("linear")
+class LinearProbe(_NoModules):
+    """Head only: the backbone stays frozen."""
+
+    paper = "linear probing"
+
+    def __init__(self):
+        super().__init__()
+
+
+@register_adapter("full")
+class FullFineTune(_NoModules):
+    """Every backbone parameter trains."""
+
+    paper = "full fine-tuning"
+
+    def __init__(self):
+        super().__init__()
+
+    def mark_trainable(self) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(True)
+
+
+@register_adapter("bitfit")
+class BitFit(_NoModules):
+    """Only bias vectors train (Zaken et al., ACL 2022)."""
+
+    paper = "Zaken et al., BitFit, ACL 2022"
+
+    def __init__(self):
+        super().__init__()
+
+    def mark_trainable(self) -> None:
+        for name, p in self.backbone.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(True)

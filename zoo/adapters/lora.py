@@ -1,0 +1,119 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022).
+
+For a frozen Linear ``y = W0 x + b``:
+
+    y = W0 x + b + (alpha / r) · B A x,      A ∈ R^{r×d_in} (Kaiming-uniform), B ∈ R^{d_out×r} (zeros)
+
+so the model is unchanged at init. On a fused ``qkv`` projection the delta can be restricted to
+the q, k and/or v row blocks (litgpt's ``LoRAQKVLinear``): one wrapper holds one (A, B) pair per
+slice, and ``A`` for all slices is applied in a single matmul. The delta runs on activations
+(``x -> A -> B``); ``W0 + BA`` is only formed by ``merge``.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from zoo.adapters import register_adapter
+from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.sites import LINEAR_SITES, SiteError
+
+
+class LoRALinear(WrappedLayer):
+    """A frozen Linear plus low-rank deltas on chosen output row slices (``None`` = all rows)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 slices: dict[str, slice | None] | None = None):
+        super().__init__(base)
+        linear = base
+        while isinstance(linear, WrappedLayer):
+            linear = linear.base
+        if not isinstance(linear, nn.Linear):
+            raise SiteError(f"LoRA needs an nn.Linear, got {type(linear).__name__}")
+        self.rank, self.scaling = rank, alpha / rank
+        self.slices = dict(slices or {"all": None})
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        n = len(self.slices)
+        self.lora_A = nn.Parameter(torch.empty(n * rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
+        self.lora_B = nn.ParameterDict({
+            k: nn.Parameter(torch.zeros(_rows(s, linear.out_features), rank, device=linear.weight.device, dtype=linear.weight.dtype))
+            for k, s in self.slices.items()
+        })
+        for i in range(n):  # peft / the paper's reference: Kaiming-uniform A per slice, zero B
+            nn.init.kaiming_uniform_(self.lora_A[i * rank:(i + 1) * rank], a=math.sqrt(5))
+
+    def linear(self) -> nn.Linear:
+        m = self.base
+        while isinstance(m, WrappedLayer):
+            m = m.base
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = self.dropout(x) @ self.lora_A.t()  # (..., n*r): every slice's A in one matmul
+        r = self.rank
+        for i, (k, s) in enumerate(self.slices.items()):
+            delta = (h[..., i * r:(i + 1) * r] @ self.lora_B[k].t()) * self.scaling
+            if s is None:
+                out = out + delta
+            else:
+                out[..., s] = out[..., s] + delta
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (alpha/r) · B A scattered into the full weight's rows."""
+        lin = self.linear()
+        dw = torch.zeros_like(lin.weight)
+        r = self.rank
+        for i, (k, s) in enumerate(self.slices.items()):
+            d = self.scaling * self.lora_B[k] @ self.lora_A[i * r:(i + 1) * r]
+            if s is None:
+                dw += d
+            else:
+                dw[s] += d
+        return dw
+
+    def merge_into_base(self) -> None:
+        self.linear().weight += self.delta_weight()
+
+    def unmerge_from_base(self) -> None:
+        self.linear().weight -= self.delta_weight()
+
+
+def _rows(s: slice | None, n: int) -> int:
+    return n if s is None else len(range(*s.indices(n)))
+
+
+def group_by_module(sites):
+    """Sites on the same Linear (q and v of one fused qkv) -> one entry with several slices."""
+    groups: dict[tuple[int, str], list] = defaultdict(list)
+    for s in sites:
+        groups[(id(s.parent), s.attr)].append(s)
+    return list(groups.values())
+
+
+@register_adapter("lora")
+class LoRA(Adapter):
+    """LoRA on any Linear site (default q and v of every block, as in the paper)."""
+
+    mergeable = True
+    paper = "Hu et al., LoRA, ICLR 2022"
+
+    def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 targets: list[str] = ("q", "v"), layers="all"):
+        super().__init__()
+        self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
+        self.targets, self.layers = list(targets), layers
+
+    def attach(self, backbone) -> None:
+        bad = [t for t in self.targets if t not in LINEAR_SITES]
+        if bad:
+            raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
+        for group in group_by_module(self.sites(self.targets, self.layers)):
+            slices = {s.kind: s.out_slice for s in group}
+            self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices))

@@ -1,0 +1,165 @@
+"""The library's front door: attach, count, merge and remove adapters on any backbone."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from zoo.adapters import ADAPTERS
+from zoo.adapters.base import Adapter, NotMergeableError, StepContext
+from zoo.backbones.base import Backbone
+
+
+def find_backbone(model: nn.Module) -> Backbone:
+    """The :class:`Backbone` in ``model`` (the model itself, or its first Backbone submodule)."""
+    if isinstance(model, Backbone):
+        return model
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            return m
+    raise TypeError(f"{type(model).__name__} contains no zoo Backbone; build one with zoo.create_backbone(...)")
+
+
+def adapters_of(model: nn.Module) -> list[Adapter]:
+    """The adapters attached to ``model``'s backbone, in the order they were applied."""
+    return find_backbone(model).adapters
+
+
+def list_adapters() -> list[str]:
+    return ADAPTERS.names()
+
+
+def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
+    """Attach adapter ``name`` to ``model``'s backbone, in place, and return ``model``.
+
+    The first adapter freezes the backbone's own weights; the adapter then marks what it
+    trains (its new parameters, or base parameters for ``full``/``bitfit``). Modules outside
+    the backbone (a task head) are left as they are.
+    """
+    cls = ADAPTERS.get(name)
+    bb = find_backbone(model)
+    adapter = cls.from_config(**config)
+    if not bb.adapters:
+        bb.fingerprint()  # of the base weights, before anything changes
+        for p in bb.parameters():
+            p.requires_grad_(False)
+    adapter.backbone = bb
+    try:
+        adapter.attach(bb)
+    except Exception:
+        adapter.unload()
+        raise
+    adapter.mark_trainable()
+    bb.adapters.append(adapter)
+    return model
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Detach every adapter without merging: the backbone's original modules come back."""
+    bb = find_backbone(model)
+    for a in reversed(bb.adapters):
+        a.unmerge()
+        a.unload()
+    bb.adapters.clear()
+    return model
+
+
+def merge_adapters(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Fold every attached adapter into the base weights.
+
+    With ``unload=True`` the wrappers are removed: the backbone is the plain model again, with
+    its original parameter names, and costs exactly what the plain backbone costs.
+    Raises :class:`NotMergeableError` (changing nothing) if any adapter is not mergeable.
+    """
+    bb = find_backbone(model)
+    bad = [a.name for a in bb.adapters if not a.mergeable]
+    if bad:
+        raise NotMergeableError(
+            f"adapter(s) {bad} are not reparameterisations of the weights and cannot be merged; "
+            f"mergeable adapters: {', '.join(n for n in ADAPTERS.names() if ADAPTERS.get(n).mergeable)}"
+        )
+    for a in bb.adapters:
+        a.merge()
+    if unload:
+        for a in reversed(bb.adapters):
+            a.unload()
+        bb.adapters.clear()
+        bb.reset_fingerprint()  # the weights are now base + delta
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters` (``unload=False``): subtract the deltas again."""
+    for a in reversed(adapters_of(model)):
+        a.unmerge()
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, each shared tensor counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+# ---------------------------------------------------------------------- training hooks
+# Tasks call these without knowing which adapters are attached; each is a plain function so
+# that it can be tested without Lightning.
+
+def prepare_adapters(model: nn.Module, dataloader) -> None:
+    for a in adapters_of(model):
+        a.prepare(model, dataloader)
+
+
+def extra_loss(model: nn.Module, ctx: StepContext) -> torch.Tensor | None:
+    total = None
+    for a in adapters_of(model):
+        loss = a.extra_loss(ctx)
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
+
+
+def before_optimizer_step(model: nn.Module) -> None:
+    for a in adapters_of(model):
+        a.before_optimizer_step()
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Optimizer groups over the trainable parameters only.
+
+    Adapters may claim their parameters in groups of their own (e.g. MHR's routing logits with
+    a larger learning rate); every other trainable parameter goes to a default group, with
+    weight decay off for biases, norms and 1-d tensors (as timm's ``param_groups_weight_decay``).
+    """
+    groups: list[dict] = []
+    claimed: set[int] = set()
+    for a in adapters_of(model):
+        for g in a.param_groups(lr, weight_decay) or []:
+            params = [p for p in g["params"] if p.requires_grad and id(p) not in claimed]
+            claimed.update(id(p) for p in params)
+            if params:
+                groups.append({**g, "params": params})
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in claimed:
+            continue
+        claimed.add(id(p))
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    if decay:
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def iter_adapter_modules(model: nn.Module) -> Iterator[nn.Module]:
+    for a in adapters_of(model):
+        yield from a.modules

@@ -1,0 +1,155 @@
+"""Adapter artifacts: ``adapter.safetensors`` (adapter + head tensors) and ``adapter.json``.
+
+The JSON records the methods and their configs, the backbone (family, model, weights tag,
+build options and a sha256 fingerprint of the base weights), the head, metrics and the library
+version. Loading checks all of it before touching the model and names what differs. Nothing is
+ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from zoo.adapters.base import AdapterModule
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter.json"
+FORMAT_VERSION = 1
+
+
+class AdapterMismatchError(ValueError):
+    """The artifact does not fit this model; the message names what differs."""
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, plus all tensors that adapter modules own (not their ``base``)."""
+    from zoo.api import adapters_of
+
+    keep: set[str] = {n for n, p in model.named_parameters() if p.requires_grad}
+    for mname, m in model.named_modules():
+        if isinstance(m, AdapterModule):
+            for k in m.state_dict(keep_vars=True):
+                if not (k == "base" or k.startswith("base.")):
+                    keep.add(f"{mname}.{k}" if mname else k)
+    full = model.state_dict(keep_vars=True)
+    state = {k: full[k].detach() for k in full if k in keep}
+    for a in adapters_of(model):
+        state = a.export_state(state)
+    return state
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    from zoo import __version__
+    from zoo.api import adapters_of, find_backbone
+
+    bb = find_backbone(model)
+    head = model.head_spec() if hasattr(model, "head_spec") else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": {"name": "adapter-zoo", "version": __version__},
+        "methods": [{"name": a.name, "config": a.config} for a in adapters_of(model)],
+        "backbone": bb.describe(),
+        "head": head,
+        "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in bb.data_config.items()
+                          if k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, metrics: dict | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write the artifact folder ``path`` and return it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu().clone() for k, v in adapter_state_dict(model).items()}
+    meta = describe(model)
+    meta["metrics"] = metrics or {}
+    meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
+    if extra:
+        meta.update(extra)
+    tmp = path / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "adapter_zoo": str(FORMAT_VERSION)})
+    os.replace(tmp, path / WEIGHTS_NAME)
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: expected an artifact folder with {WEIGHTS_NAME} and {CONFIG_NAME}")
+    return json.loads(cfg_file.read_text())
+
+
+def check_backbone(model: nn.Module, meta: dict[str, Any], check_fingerprint: bool = True) -> None:
+    """Raise :class:`AdapterMismatchError` naming every field where artifact and model differ."""
+    from zoo.api import find_backbone
+
+    bb = find_backbone(model)
+    want = meta.get("backbone", {})
+    have = {"family": bb.family, "model": bb.model_name, "weights_tag": bb.weights_tag}
+    diffs = [f"{k}: artifact has {want.get(k)!r}, model has {v!r}" for k, v in have.items() if want.get(k) != v]
+    if check_fingerprint and not diffs and want.get("fingerprint") and bb.adapters == [] and want["fingerprint"] != bb.fingerprint():
+        diffs.append(f"base-weight fingerprint: artifact {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
+    elif check_fingerprint and not diffs and want.get("fingerprint") and bb.adapters and want["fingerprint"] != bb.fingerprint():
+        diffs.append(f"base-weight fingerprint: artifact {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
+    head = meta.get("head")
+    if head and hasattr(model, "head_spec") and model.head_spec() != head:
+        diffs.append(f"head: artifact {head}, model {model.head_spec()}")
+    if head and not hasattr(model, "head_spec"):
+        diffs.append(f"head: the artifact has a head {head}, the model has none (wrap it in zoo.ImageClassifier)")
+    if diffs:
+        raise AdapterMismatchError("adapter artifact does not fit this model:\n  " + "\n  ".join(diffs))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
+    """Attach the artifact's adapters (unless already attached) and load its tensors.
+
+    Everything is checked first; on any mismatch the model is left as it was.
+    """
+    from zoo.api import adapters_of, apply_adapter, remove_adapters
+
+    path = Path(path)
+    meta = read_adapter_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    state = load_file(str(weights))
+    check_backbone(model, meta, check_fingerprint)
+
+    attached = [a.name for a in adapters_of(model)]
+    wanted = [m["name"] for m in meta["methods"]]
+    added = False
+    if not attached:
+        for m in meta["methods"]:
+            apply_adapter(model, m["name"], **m["config"])
+        added = True
+    elif attached != wanted:
+        raise AdapterMismatchError(f"model has adapters {attached}, the artifact holds {wanted}")
+    try:
+        for a in adapters_of(model):
+            state = a.import_state(state)
+        expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [f"{k}: artifact {tuple(state[k].shape)}, model {expected[k]}" for k in expected
+                  if k in state and tuple(state[k].shape) != expected[k]]
+        if missing or unexpected or shapes:
+            raise AdapterMismatchError(
+                "adapter tensors do not fit this model:"
+                + (f"\n  missing in artifact: {missing[:10]}" if missing else "")
+                + (f"\n  not in model: {unexpected[:10]}" if unexpected else "")
+                + ("\n  shape: " + "; ".join(shapes[:10]) if shapes else "")
+            )
+    except Exception:
+        if added:
+            remove_adapters(model)
+        raise
+    model.load_state_dict(state, strict=False)
+    return model
