@@ -75,6 +75,17 @@ class Backbone(nn.Module):
             table["tokens"] = (container, str(i), None, prefix)
         return table
 
+    patch_embed_path: ClassVar[str | None] = None  # the patch-embedding conv, relative to self
+
+    def patch_embed_site(self):
+        """The patch-embedding projection (a Conv2d) as a :class:`~zoo.sites.Site` (kind ``patch_embed``)."""
+        from zoo.sites import Site, SiteError
+
+        if self.patch_embed_path is None:
+            raise SiteError(f"backbone {self.family!r} has no site 'patch_embed'")
+        parent, attr = _resolve(self, self.patch_embed_path)
+        return Site("patch_embed", -1, parent, attr, self.patch_embed_path, None)
+
     # ------------------------------------------------------------------ identity
     @property
     def adapters(self) -> list:

@@ -119,6 +119,7 @@ class CLIPBackbone(Backbone):
         "norm2": "ln_2",
     }
     fused_qkv = "attn.in_proj"
+    patch_embed_path = "model.conv1"
     token_layout = "nld"
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = "openai", weights: str | None = None, **kwargs: Any):

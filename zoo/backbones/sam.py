@@ -20,6 +20,7 @@ class SAMBackbone(Backbone):
     family = "sam"
     site_map = TIMM_SITES
     fused_qkv = "attn.qkv"
+    patch_embed_path = "model.patch_embed.proj"
     token_layout = "nhwc"
 
     def __init__(

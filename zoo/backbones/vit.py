@@ -75,6 +75,7 @@ class ViTBackbone(Backbone):
     family = "vit"
     site_map = TIMM_SITES
     fused_qkv = "attn.qkv"
+    patch_embed_path = "model.patch_embed.proj"
     token_layout = "nld"
 
     def __init__(
