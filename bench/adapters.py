@@ -1,0 +1,531 @@
+"""What each adapter costs: ``python -m bench.adapters [--model ... --img-size ... --device ...]``.
+
+One row per registered adapter (``zoo.list_adapters()``, each with its default config), plus:
+
+* ``frozen floor``: forward + backward through the frozen backbone with no weight gradient
+  (only a 3-value input bias trains, so gradients must flow through every block). No PEFT
+  method that trains something inside the first block can be cheaper than this;
+* ``lora[qkv]`` and ``peft-lora[qkv]``: our LoRA and peft's LoRA on the *same* targets, the
+  whole fused ``qkv`` Linear (peft cannot target the q and v row slices of timm's fused
+  projection), at the same rank and alpha: the fair speed comparison.
+
+For every row: trainable parameters in the backbone (count and % of the backbone; the task
+head trains in every row except the floor and is not counted), artifact size on disk
+(``zoo.save_adapter``; peft: the weights + config that ``save_pretrained`` writes, without its
+README card), training step time (forward, loss, backward, optimizer step), peak memory (a
+fresh subprocess per row: CUDA max allocated, or peak resident set size on CPU), and inference
+time unmerged and merged (``zoo.merge_adapters(unload=True)``; peft ``merge_and_unload``).
+
+Times are medians. Rows are timed in interleaved rounds (each round times every row once,
+after a warm-up), and each ratio is the median over rounds of the per-round ratio to the two
+references timed in the same round: the frozen floor (inference: the plain backbone) and
+peft's LoRA, so slow drifts of a shared machine cancel out.
+
+Methods whose ``apply_adapter``/``prepare``/training step fail with defaults (e.g. ones that
+need task ids) are skipped with the reason printed and listed under the table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zoo
+
+FLOOR = "frozen floor"
+PEFT_ROW = "peft-lora[qkv]"
+LORA_QKV = "lora[qkv]"
+
+
+@dataclass
+class Row:
+    """One line of the table: what to build."""
+
+    label: str
+    kind: str  # "floor" | "zoo" | "peft"
+    adapter: str | None = None
+    config: dict = field(default_factory=dict)
+
+    def describe_config(self) -> str:
+        if self.kind == "floor":
+            return "input bias only"
+        if self.kind == "peft":
+            c = self.config
+            return f"peft LoraConfig(r={c['r']}, alpha={c['lora_alpha']}, target_modules={c['target_modules']})"
+        return ", ".join(f"{k}={v}" for k, v in self.config.items()) or "defaults"
+
+
+class InputBias(nn.Module):
+    """The frozen floor: a trainable per-channel input bias in front of a frozen model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x + self.bias)
+
+
+def lora_defaults() -> dict:
+    return zoo.ADAPTERS.get("lora").from_config().config
+
+
+def default_rows(adapters: list[str]) -> list[Row]:
+    rows = [Row(FLOOR, "floor")]
+    for name in adapters:
+        rows.append(Row(name, "zoo", name))
+        if name == "lora":
+            rows.append(Row(LORA_QKV, "zoo", "lora", {"targets": ["qkv"]}))
+    d = lora_defaults()
+    rows.append(Row(PEFT_ROW, "peft", None, {"r": int(d["rank"]), "lora_alpha": d["alpha"],
+                                             "lora_dropout": d["dropout"], "target_modules": ["qkv"]}))
+    return rows
+
+
+# ---------------------------------------------------------------------------- building
+@dataclass
+class Built:
+    row: Row
+    model: nn.Module  # what is trained
+    plain: nn.Module  # for inference: the model without the floor's input bias
+    backbone: zoo.Backbone
+    base_params: int
+    step: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    trainable: int = 0
+    artifact: int | None = None
+
+
+def synthetic_batches(args, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(args.device),
+             torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(args.device)) for _ in range(n)]
+
+
+def build(args, row: Row) -> Built:
+    torch.manual_seed(0)
+    kw: dict[str, Any] = {}
+    if args.depth is not None:
+        kw["depth"] = args.depth
+    bb = zoo.create_backbone("vit", model=args.model, pretrained=False, img_size=args.img_size, **kw)
+    base_params = sum(p.numel() for p in bb.parameters())
+    clf = zoo.ImageClassifier(bb, args.num_classes).to(args.device)
+    if row.kind == "floor":
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        model: nn.Module = InputBias(clf).to(args.device)
+        plain = clf
+    elif row.kind == "zoo":
+        zoo.apply_adapter(clf, row.adapter, **row.config)
+        zoo.prepare_adapters(clf, synthetic_batches(args))  # no-op unless the method is data-driven
+        model = plain = clf
+    elif row.kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(**row.config, modules_to_save=["head"])
+        model = plain = get_peft_model(clf, cfg)
+    else:
+        raise ValueError(f"unknown row kind {row.kind!r}")
+    b = Built(row, model, plain, bb, base_params)
+    b.step = make_step(b, args)
+    return b
+
+
+def make_step(b: Built, args) -> Callable:
+    model = b.model
+    if b.row.kind == "zoo":
+        groups = zoo.param_groups(model, lr=1e-3, weight_decay=1e-4)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
+    hooks = b.row.kind == "zoo"
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if hooks:
+            ctx = zoo.StepContext(model=model, inputs=x, targets=y, outputs=logits, loss=loss,
+                                  loss_fn=F.cross_entropy, forward=model)
+            extra = zoo.extra_loss(model, ctx)
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        if hooks:
+            zoo.before_optimizer_step(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def trainable_in_backbone(b: Built) -> int:
+    if b.row.kind == "floor":
+        return sum(p.numel() for p in b.model.parameters() if p.requires_grad)
+    return zoo.count_parameters(b.backbone)[0]
+
+
+def artifact_bytes(b: Built) -> int | None:
+    if b.row.kind == "floor":
+        return None
+    d = Path(tempfile.mkdtemp(prefix="bench-artifact-"))
+    try:
+        if b.row.kind == "zoo":
+            zoo.save_adapter(b.model, d)
+            files = [d / "adapter.safetensors", d / "adapter.json"]
+        else:
+            b.model.save_pretrained(str(d))
+            files = [d / "adapter_model.safetensors", d / "adapter_config.json"]
+        return sum(f.stat().st_size for f in files)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- timing
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], None], n: int, device: str) -> float:
+    """Median seconds of ``n`` calls of ``fn``."""
+    ts = []
+    for _ in range(n):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def merge(b: Built) -> nn.Module | None:
+    """The merged model (unloaded wrappers), or None when the method is not mergeable."""
+    if b.row.kind == "floor":
+        return b.plain
+    if b.row.kind == "peft":
+        return b.model.merge_and_unload()
+    try:
+        return zoo.merge_adapters(b.model, unload=True)
+    except zoo.NotMergeableError:
+        return None
+
+
+def interleaved(built: list[Built], fns: dict[str, Callable[[], None]], args, what: str) -> dict[str, list[float]]:
+    """``args.repeats`` rounds; in each, every row's median over ``args.steps`` calls."""
+    for label, fn in fns.items():  # warm-up (allocator, lazy init, first-call overheads)
+        for _ in range(args.warmup):
+            fn()
+    out: dict[str, list[float]] = {label: [] for label in fns}
+    for r in range(args.repeats):
+        for label, fn in fns.items():
+            out[label].append(time_calls(fn, args.steps, args.device))
+        log(args, f"  {what}: round {r + 1}/{args.repeats} done")
+    return out
+
+
+def ratios(times: dict[str, list[float]], ref: str) -> dict[str, float | None]:
+    if ref not in times:
+        return {k: None for k in times}
+    return {k: statistics.median(t / r for t, r in zip(v, times[ref])) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------- memory
+def peak_memory_child(args, row: Row) -> int:
+    """Run in a fresh process: build ``row``, do a few training steps, return the peak bytes."""
+    b = build(args, row)
+    x, y = synthetic_batches(args, 1)[0]
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        b.step(x, y)
+    sync(args.device)
+    if args.device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def peak_memory(args, row: Row) -> int | None:
+    cmd = [sys.executable, "-m", "bench.adapters", *child_argv(args), "--_memory-row", json.dumps(asdict(row))]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    for line in res.stdout.splitlines()[::-1]:
+        if line.startswith("PEAK_BYTES "):
+            return int(line.split()[1])
+    log(args, f"  memory of {row.label!r} failed: {res.stderr.strip().splitlines()[-1:] }")
+    return None
+
+
+def child_argv(args) -> list[str]:
+    a = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+         "--device", args.device, "--num-classes", str(args.num_classes), "--threads", str(args.threads)]
+    if args.depth is not None:
+        a += ["--depth", str(args.depth)]
+    return a
+
+
+# ---------------------------------------------------------------------------- run
+def log(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, flush=True)
+
+
+def run(args) -> dict:
+    names = args.adapters or zoo.list_adapters()
+    unknown = [n for n in names if n not in zoo.ADAPTERS]
+    if unknown:
+        raise SystemExit(f"unknown adapter(s) {unknown}; registered: {', '.join(zoo.list_adapters())}")
+    rows = default_rows(names)
+    x, y = synthetic_batches(args, 1)[0]
+    built: list[Built] = []
+    skipped: dict[str, str] = {}
+    for row in rows:
+        try:
+            b = build(args, row)
+            b.step(x, y)  # one step must work with defaults, else the method needs more than we give it
+            b.trainable, b.artifact = trainable_in_backbone(b), artifact_bytes(b)  # before any merge
+            built.append(b)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other methods
+            skipped[row.label] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            log(args, f"skip {row.label}: {skipped[row.label]}")
+            if args.verbose:
+                traceback.print_exc()
+    log(args, f"built {len(built)} rows on {args.device}; timing training steps")
+
+    for b in built:
+        b.model.train()
+    train = interleaved(built, {b.row.label: (lambda b=b: b.step(x, y)) for b in built}, args, "train")
+
+    def infer_fns(models: dict[str, nn.Module]) -> dict[str, Callable]:
+        def fn(m):
+            def call():
+                with torch.inference_mode():
+                    m(x)
+            return call
+        return {k: fn(m) for k, m in models.items()}
+
+    for b in built:
+        b.plain.eval()
+    infer = interleaved(built, infer_fns({b.row.label: b.plain for b in built}), args, "inference")
+    merged_models: dict[str, nn.Module] = {}
+    for b in built:
+        m = merge(b)
+        if m is not None:
+            merged_models[b.row.label] = m.eval()
+    merged = interleaved(built, infer_fns(merged_models), args, "merged inference")
+
+    results = []
+    refs = {"floor": FLOOR, "peft": PEFT_ROW}
+    r_train = {k: ratios(train, v) for k, v in refs.items()}
+    r_infer = {k: ratios(infer, v) for k, v in refs.items()}
+    # merged rows compare to the plain backbone and to peft's *unmerged* inference of the same round
+    r_merged = {k: {lab: statistics.median(t / r for t, r in zip(ts, infer[v])) if v in infer else None
+                    for lab, ts in merged.items()} for k, v in refs.items()}
+    for b in built:
+        lab = b.row.label
+        tr = b.trainable
+        results.append({
+            "label": lab,
+            "config": b.row.describe_config(),
+            "trainable": tr,
+            "trainable_pct": 100.0 * tr / b.base_params,
+            "artifact_bytes": b.artifact,
+            "train_s": statistics.median(train[lab]),
+            "train_x_floor": r_train["floor"][lab], "train_x_peft": r_train["peft"][lab],
+            "infer_s": statistics.median(infer[lab]),
+            "infer_x_floor": r_infer["floor"][lab], "infer_x_peft": r_infer["peft"][lab],
+            "merged_s": statistics.median(merged[lab]) if lab in merged else None,
+            "merged_x_floor": r_merged["floor"].get(lab), "merged_x_peft": r_merged["peft"].get(lab),
+        })
+    return {"rows": results, "skipped": skipped, "built": built}
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_small_patch16_224", help="any timm ViT name")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (tiny test models)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed calls per row per round")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row before timing")
+    p.add_argument("--adapters", nargs="*", default=None, help="default: every registered adapter")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--memory", choices=["subprocess", "skip"], default="subprocess",
+                   help="peak memory per row in a fresh subprocess (or skip it)")
+    p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
+    p.add_argument("--_memory-row", dest="memory_row", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+
+    if args.memory_row is not None:  # child process of peak_memory()
+        print(f"PEAK_BYTES {peak_memory_child(args, Row(**json.loads(args.memory_row)))}", flush=True)
+        return None
+
+    res = run(args)
+    if args.memory == "subprocess":
+        log(args, "measuring peak memory (one fresh process per row)")
+        for r, b in zip(res["rows"], res["built"]):
+            r["peak_bytes"] = peak_memory(args, b.row)
+    else:
+        for r in res["rows"]:
+            r["peak_bytes"] = None
+    del res["built"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python -m bench.adapters " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = markdown(res, args, cmd)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"command": cmd, **res}, indent=1) + "\n")
+    plot(res["rows"], out / "results.png", args)
+    print_rich(res, args)
+    return res
+
+
+# ---------------------------------------------------------------------------- output
+COLUMNS = ["method", "config", "trainable", "%", "artifact", "step ms", "×floor", "×peft", "peak mem",
+           "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
+
+
+def _fmt_ratio(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _fmt_ms(v) -> str:
+    return "—" if v is None else f"{1e3 * v:.1f}"
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "—"
+    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= s:
+            return f"{n / s:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}K" if n >= 1e3 else str(n))
+
+
+def table_cells(r: dict) -> list[str]:
+    return [r["label"], r["config"], _fmt_count(r["trainable"]), f"{r['trainable_pct']:.3f}",
+            _fmt_bytes(r["artifact_bytes"]), _fmt_ms(r["train_s"]), _fmt_ratio(r["train_x_floor"]),
+            _fmt_ratio(r["train_x_peft"]), _fmt_bytes(r.get("peak_bytes")), _fmt_ms(r["infer_s"]),
+            _fmt_ratio(r["infer_x_floor"]), _fmt_ratio(r["infer_x_peft"]), _fmt_ms(r["merged_s"]),
+            _fmt_ratio(r["merged_x_floor"]), _fmt_ratio(r["merged_x_peft"])]
+
+
+def environment(args) -> str:
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+    return f"torch {torch.__version__}, {dev}"
+
+
+def markdown(res: dict, args, cmd: str) -> str:
+    lines = [
+        f"# Adapter cost: {args.model} at {args.img_size} px, batch {args.batch_size}, {args.device}",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Environment: {environment(args)}; {args.repeats} interleaved rounds × {args.steps} timed calls per row "
+        f"after {args.warmup} warm-up call(s).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|",
+    ]
+    for r in res["rows"]:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in table_cells(r)) + " |")
+    mem = ("CUDA max allocated" if args.device.startswith("cuda")
+           else "peak resident set size of the whole process (Python, torch, model and data included)")
+    lines += [
+        "",
+        "Notes:",
+        "- **trainable**: trainable parameters inside the backbone (adapter parameters, or the backbone's own "
+        "for `full`/`bitfit`), excluding the task head, which trains in every row except the floor; "
+        "**%** is relative to the backbone's parameters.",
+        "- **artifact**: bytes on disk of `zoo.save_adapter` (adapter.safetensors + adapter.json, head included); "
+        "for peft, `save_pretrained` (adapter_model.safetensors + adapter_config.json, head via "
+        "`modules_to_save`, model-card README excluded).",
+        f"- **step**: forward + cross-entropy + backward + AdamW step (zoo rows also run the adapter hooks "
+        f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row.",
+        f"- **×floor / ×peft**: median over rounds of the per-round ratio to `{FLOOR}` (training: forward and "
+        f"backward through the frozen backbone, only a 3-value input bias trains; inference: the plain backbone) "
+        f"and to `{PEFT_ROW}` (for merged inference: peft's *unmerged* inference).",
+        f"- peft cannot put LoRA on the q and v row slices of timm's fused `qkv` Linear, so the like-for-like "
+        f"speed comparison is `{LORA_QKV}` (zoo LoRA, `targets=[qkv]`) against `{PEFT_ROW}` "
+        f"(`target_modules=[\"qkv\"]`), same rank and alpha. `lora` is our default (q and v slices).",
+        "- **merged**: after `zoo.merge_adapters(model, unload=True)` (peft: `merge_and_unload()`); "
+        "— = not mergeable.",
+        "- Timings on a shared CPU are noisy: read the ratios, not the milliseconds.",
+    ]
+    if res["skipped"]:
+        lines += ["", "Skipped (failed with default config on a synthetic batch):"]
+        lines += [f"- `{k}`: {v}" for k, v in res["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def print_rich(res: dict, args) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}")
+    for c in COLUMNS:
+        t.add_column(c, justify="left" if c in ("method", "config") else "right")
+    for r in res["rows"]:
+        t.add_row(*(escape(c) for c in table_cells(r)))  # "lora[qkv]" is not markup
+    Console(width=250).print(t)
+    for k, v in res["skipped"].items():
+        print(f"skipped {k}: {v}")
+
+
+def plot(rows: list[dict], path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["train_x_floor"] is None:
+            continue
+        pct = max(r["trainable_pct"], 1e-5)
+        ax.scatter(pct, r["train_x_floor"], s=25)
+        ax.annotate(r["label"], (pct, r["train_x_floor"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.7, ls="--")
+    ax.set_xlabel("trainable parameters (% of backbone, log scale)")
+    ax.set_ylabel(f"training step time / {FLOOR}")
+    ax.set_title(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
