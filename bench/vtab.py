@@ -1,0 +1,246 @@
+"""The VTAB-1k table from finished runs: ``python -m bench.vtab RUNS_DIR [RUNS_DIR ...] --out DIR``.
+
+Searches each ``RUNS_DIR`` recursively for ``metrics.json`` (a run dir, or a Hydra multirun dir
+of numbered run dirs) written by ``train.py`` with ``task=vtab``::
+
+    {"adapter": str, "backbone": str, "task": "vtab", "dataset": str, "protocol": "tune"|"final",
+     "trainable_params": int, "backbone_params": int, "artifact_bytes": int,
+     "val/acc": float|null, "test/acc": float|null, "seed": int}
+
+One row per (adapter, backbone, protocol): accuracy per task (``test/acc`` for protocol
+``final``, train800val200 -> test; ``val/acc`` for ``tune``, train800 -> val200), the
+Natural / Specialized / Structured group means, and both averaging conventions in use:
+
+* **group mean** = (Natural + Specialized + Structured) / 3, as the VPT, NOAH, FacT, Hydra and
+  Convpass papers report;
+* **19-task mean** = the plain mean over the 19 tasks, as V-PETL Bench reports.
+
+Several seeds of one task are averaged. A mean over a group with a missing task is left
+empty (a partial mean is not comparable with the published ones); the table lists the
+missing tasks. ``--reference`` adds the published numbers (anchors.md, section c) as rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# The canonical 19 VTAB-1k tasks (folder names of get_vtab1k.py) and their groups.
+# A local copy: tasks/data/vtab.py (the lead's) will hold this table as VTAB_TASKS; once it is
+# on main, import it from there instead.
+VTAB_TASKS: dict[str, tuple[str, ...]] = {
+    "Natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
+    "Specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+    "Structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
+                   "smallnorb_azi", "smallnorb_ele"),
+}
+TASK_GROUP = {t: g for g, ts in VTAB_TASKS.items() for t in ts}
+ALL_TASKS = tuple(TASK_GROUP)
+SHORT = {  # column headers as in the papers
+    "cifar": "CIFAR-100", "caltech101": "Caltech101", "dtd": "DTD", "oxford_flowers102": "Flowers102",
+    "oxford_iiit_pet": "Pets", "svhn": "SVHN", "sun397": "Sun397", "patch_camelyon": "Camelyon",
+    "eurosat": "EuroSAT", "resisc45": "Resisc45", "diabetic_retinopathy": "Retinopathy",
+    "clevr_count": "Clevr-Count", "clevr_dist": "Clevr-Dist", "dmlab": "DMLab", "kitti": "KITTI-Dist",
+    "dsprites_loc": "dSpr-Loc", "dsprites_ori": "dSpr-Ori", "smallnorb_azi": "sNORB-Azim",
+    "smallnorb_ele": "sNORB-Elev",
+}
+
+# Published VTAB-1k results, ViT-B/16 supervised ImageNet-21k (anchors.md, section c):
+# method -> (zoo adapter name or None, group mean as the papers report, V-PETL Bench 19-task
+# mean, V-PETL params in M, source of the group mean).
+REFERENCE: list[tuple[str, str | None, float | None, float | None, float | None, str]] = [
+    ("Full fine-tuning", "full", 68.9, 65.57, 85.8, "NOAH table 1; Hydra README"),
+    ("Linear probing", "linear", 57.6, 52.94, 0.0, "NOAH table 1; Hydra README"),
+    ("BitFit", "bitfit", None, 62.05, 0.10, "V-PETL Bench only"),
+    ("VPT-Shallow", None, None, 64.85, 0.08, "V-PETL Bench only"),
+    ("VPT-Deep", "vpt", 72.0, 69.43, 0.56, "NOAH table 1; Hydra README"),
+    ("Adapter (Houlsby, bottleneck 8)", "adapter", 73.9, 71.44, 0.16, "NOAH table 1; Hydra README"),
+    ("LoRA", "lora", 74.5, 72.25, 0.29, "NOAH table 1; Hydra README"),
+    ("AdaptFormer", None, 74.7, 72.32, 0.16, "Hydra README"),
+    ("NOAH", None, 75.5, 73.25, 0.43, "NOAH table 1"),
+    ("FacT-TK", None, 75.6, 73.23, 0.07, "Hydra README"),
+    ("SSF", "ssf", 75.7, 73.10, 0.21, "Hydra README"),
+    ("RepAdapter", None, 76.1, 73.84, 0.22, "Hydra README"),
+    ("Hydra", "hydra", 76.5, 74.21, 0.28, "extremebird/Hydra vtab1k/README.md"),
+    ("Bi-AdaptFormer-32 (1-bit)", None, 77.0, None, None, "JieShibo/PETL-ViT binary_adapter/README.md"),
+    ("Bi-LoRA-32 (1-bit)", None, 76.7, None, None, "JieShibo/PETL-ViT binary_adapter/README.md"),
+]
+
+
+def find_metrics(dirs: list[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise FileNotFoundError(f"runs dir {d} does not exist")
+        out += [d] if d.name == "metrics.json" else sorted(d.rglob("metrics.json"))
+    return out
+
+
+def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """Parsed VTAB runs (accuracy picked by protocol) and warnings about skipped files."""
+    runs, warnings = [], []
+    for p in paths:
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            warnings.append(f"{p}: unreadable ({e})")
+            continue
+        if m.get("task") != "vtab":
+            continue
+        ds = m.get("dataset")
+        if ds not in TASK_GROUP:
+            warnings.append(f"{p}: unknown VTAB task {ds!r}; valid: {', '.join(ALL_TASKS)}")
+            continue
+        protocol = m.get("protocol")
+        if protocol not in ("final", "tune"):
+            warnings.append(f"{p}: protocol {protocol!r} is neither 'final' nor 'tune'")
+            continue
+        key = "test/acc" if protocol == "final" else "val/acc"
+        acc = m.get(key)
+        if acc is None or (isinstance(acc, float) and math.isnan(acc)):
+            warnings.append(f"{p}: no {key} (protocol {protocol}); run unfinished?")
+            continue
+        if not 0.0 <= float(acc) <= 1.0:
+            warnings.append(f"{p}: {key}={acc} is not in [0, 1]")
+            continue
+        runs.append({**m, "acc": float(acc), "path": str(p)})
+    return runs, warnings
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (adapter, backbone, protocol), accuracies in percent."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["adapter"], r["backbone"], r["protocol"])].append(r)
+    rows = []
+    for (adapter, backbone, protocol), rs in sorted(groups.items()):
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            per_task[r["dataset"]].append(100.0 * r["acc"])
+        task_acc = {t: statistics.fmean(v) for t, v in per_task.items()}
+        group_means = {}
+        for g, ts in VTAB_TASKS.items():
+            group_means[g] = statistics.fmean(task_acc[t] for t in ts) if all(t in task_acc for t in ts) else None
+        complete = all(v is not None for v in group_means.values())
+        rows.append({
+            "adapter": adapter, "backbone": backbone, "protocol": protocol,
+            "metric": "test/acc" if protocol == "final" else "val/acc",
+            "tasks": task_acc,
+            "seeds": {t: len(v) for t, v in per_task.items()},
+            "groups": group_means,
+            "group_mean": statistics.fmean(group_means.values()) if complete else None,
+            "task_mean": statistics.fmean(task_acc[t] for t in ALL_TASKS) if complete else None,
+            "missing": [t for t in ALL_TASKS if t not in task_acc],
+            "trainable_params": _one(rs, "trainable_params"),
+            "backbone_params": _one(rs, "backbone_params"),
+            "artifact_bytes": _one(rs, "artifact_bytes"),
+        })
+    return rows
+
+
+def _one(rs: list[dict], key: str):
+    """The run's value when all runs agree (the head differs per task: report the median)."""
+    vals = [r.get(key) for r in rs if r.get(key) is not None]
+    if not vals:
+        return None
+    return vals[0] if len(set(vals)) == 1 else int(statistics.median(vals))
+
+
+def _f(v, nd=1) -> str:
+    return "" if v is None else f"{v:.{nd}f}"
+
+
+def _params(n) -> str:
+    return "" if n is None else f"{n / 1e6:.2f}M"
+
+
+def _size(n) -> str:
+    if n is None:
+        return ""
+    return f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB"
+
+
+def results_table(rows: list[dict]) -> str:
+    head = (["method", "backbone", "acc"] + [SHORT[t] for t in ALL_TASKS]
+            + ["Natural", "Specialized", "Structured", "group mean", "19-task mean", "trainable", "artifact"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows:
+        cells = [r["adapter"], r["backbone"], r["metric"]]
+        cells += [_f(r["tasks"].get(t)) for t in ALL_TASKS]
+        cells += [_f(r["groups"][g]) for g in VTAB_TASKS]
+        cells += [_f(r["group_mean"], 2), _f(r["task_mean"], 2), _params(r["trainable_params"]),
+                  _size(r["artifact_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reference_table(rows: list[dict] | None = None) -> str:
+    """Published numbers next to ours (the 'ours' columns stay empty until runs exist)."""
+    ours = {}
+    for r in rows or []:
+        if r["protocol"] == "final":  # published numbers are train800val200 -> test
+            ours.setdefault(r["adapter"], r)
+    lines = [
+        "| method | zoo adapter | published group mean | ours: group mean | V-PETL 19-task mean | ours: 19-task mean "
+        "| V-PETL params | ours: trainable |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, adapter, gm, tm, params, _src in REFERENCE:
+        o = ours.get(adapter) if adapter else None
+        lines.append("| " + " | ".join([
+            name, f"`{adapter}`" if adapter else "–", _f(gm), _f(o and o["group_mean"], 2), _f(tm, 2),
+            _f(o and o["task_mean"], 2), "" if params is None else f"{params:.2f}M",
+            _params(o and o["trainable_params"]),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+NOTES = """Notes:
+- Accuracy in %, ViT-B/16 supervised ImageNet-21k in the published rows. Protocol `final` trains on
+  train800val200 and reports `test/acc`; protocol `tune` trains on train800 and reports `val/acc` (val200).
+- **group mean** = (Natural + Specialized + Structured) / 3, the convention of the VPT, NOAH, FacT, Hydra and
+  Convpass papers; **19-task mean** = plain mean of the 19 tasks, the convention of V-PETL Bench. They differ by
+  2-3 points: always compare like with like. A mean is left empty when a task of its group is missing.
+- Published numbers: /work/shared/reference/anchors.md section (c) (NOAH table 1, Hydra and PETL-ViT READMEs,
+  V-PETL Bench README). Trainable = backbone-side trainable parameters of our runs (head excluded)."""
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m bench.vtab", description="Aggregate VTAB-1k runs into the standard table.")
+    p.add_argument("runs", nargs="*", help="run or multirun dirs (searched recursively for metrics.json)")
+    p.add_argument("--out", default=None, help="folder for vtab.md and vtab.json")
+    p.add_argument("--reference", action="store_true", help="also show the published numbers next to ours")
+    args = p.parse_args(argv)
+    if not args.runs and not args.reference:
+        p.error("give at least one RUNS_DIR (or --reference for the published table alone)")
+
+    runs, warnings = load_runs(find_metrics(args.runs)) if args.runs else ([], [])
+    rows = aggregate(runs)
+    parts = ["# VTAB-1k"]
+    if args.runs:
+        parts += ["", results_table(rows) if rows else "(no finished VTAB runs found)"]
+        missing = [f"- {r['adapter']} / {r['backbone']} / {r['protocol']}: {', '.join(r['missing'])}" for r in rows if r["missing"]]
+        if missing:
+            parts += ["", "Missing tasks:", *missing]
+    if args.reference:
+        parts += ["", "## Published reference (ViT-B/16 IN-21k) and ours", "", reference_table(rows)]
+    parts += ["", NOTES]
+    if warnings:
+        parts += ["", "Skipped files:", *[f"- {w}" for w in warnings]]
+    md = "\n".join(parts) + "\n"
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vtab.md").write_text(md)
+        (out / "vtab.json").write_text(json.dumps({"rows": rows, "warnings": warnings}, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,150 @@
+"""Benchmarks: ``bench.adapters`` builds its table on a tiny model; ``bench.vtab`` aggregates right."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import zoo
+from bench import adapters as bench_adapters
+from bench import vtab
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "2",
+        "--threads", "1", "--quiet"]
+
+
+# ------------------------------------------------------------------------ bench.adapters
+def test_adapters_table_has_every_adapter_and_peft(tmp_path):
+    res = bench_adapters.main(TINY + ["--steps", "2", "--repeats", "1", "--warmup", "0", "--memory", "skip",
+                                      "--out", str(tmp_path)])
+    md = (tmp_path / "results.md").read_text()
+    first_cells = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    labels = [r["label"] for r in res["rows"]] + list(res["skipped"])
+    for name in zoo.list_adapters():  # every registered adapter is a row (or is reported as skipped)
+        assert name in labels
+        assert name in first_cells or name in res["skipped"]
+    for ref in (bench_adapters.FLOOR, bench_adapters.LORA_QKV, bench_adapters.PEFT_ROW):
+        assert ref in first_cells
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+    rows = {r["label"]: r for r in res["rows"]}
+    # zoo LoRA on qkv and peft LoRA on qkv: the same parameters, from LoRA's formula r·(d + 3d) per block
+    d, r, depth = 192, 8, 2
+    assert rows[bench_adapters.LORA_QKV]["trainable"] == rows[bench_adapters.PEFT_ROW]["trainable"] == depth * r * (d + 3 * d)
+    assert rows["lora"]["trainable"] == depth * 2 * r * (d + d)  # q and v slices
+    assert rows["linear"]["trainable"] == 0 and rows["full"]["trainable_pct"] == pytest.approx(100.0)
+    assert rows[bench_adapters.FLOOR]["trainable"] == 3
+    # the references are ratio 1 to themselves; a mergeable method has a merged time, a non-mergeable one not
+    assert rows[bench_adapters.FLOOR]["train_x_floor"] == pytest.approx(1.0)
+    assert rows[bench_adapters.PEFT_ROW]["train_x_peft"] == pytest.approx(1.0)
+    assert rows["lora"]["merged_s"] is not None and rows["vpt"]["merged_s"] is None
+    assert rows["lora"]["artifact_bytes"] > 0
+
+
+def test_adapters_peak_memory_in_fresh_process():
+    args = argparse.Namespace(model="vit_tiny_patch16_224", img_size=32, depth=1, batch_size=2,
+                                             device="cpu", num_classes=10, threads=1, quiet=True)
+    peak = bench_adapters.peak_memory(args, bench_adapters.Row("lora", "zoo", "lora"))
+    assert peak is not None and peak > 50 * 2 ** 20  # a process with torch loaded
+
+
+# ------------------------------------------------------------------------ bench.vtab
+def _write(root, name, **m):
+    base = {"adapter": "lora", "backbone": "vit_base_patch16_224", "task": "vtab", "protocol": "final",
+            "trainable_params": 294912, "backbone_params": 85798656, "artifact_bytes": 1_200_000,
+            "val/acc": 0.0, "test/acc": None, "seed": 0}
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({**base, **m}))
+    (d / "adapter").mkdir()
+
+
+# Hand-computed example (accuracies in %):
+#   Natural:     cifar 64, caltech101 76, the other five 70      -> (64 + 76 + 5*70) / 7 = 490 / 7 = 70
+#   Specialized: patch_camelyon 86, eurosat 74, the other two 80  -> (86 + 74 + 80 + 80) / 4 = 320 / 4 = 80
+#   Structured:  clevr_count 45, clevr_dist 55, dsprites_loc has two seeds 40 and 60 (-> 50),
+#                the other five 50                                 -> (45 + 55 + 50 + 5*50) / 8 = 400 / 8 = 50
+#   group mean   = (70 + 80 + 50) / 3 = 66.666...                (the papers' convention)
+#   19-task mean = (490 + 320 + 400) / 19 = 1210 / 19 = 63.684...  (V-PETL Bench's convention)
+HAND = {"cifar": 0.64, "caltech101": 0.76, "patch_camelyon": 0.86, "eurosat": 0.74,
+        "clevr_count": 0.45, "clevr_dist": 0.55}
+GROUP_DEFAULT = {"Natural": 0.70, "Specialized": 0.80, "Structured": 0.50}
+
+
+def _hand_sweep(root):
+    i = 0
+    for task, group in vtab.TASK_GROUP.items():
+        if task == "dsprites_loc":
+            continue
+        _write(root / "multirun", str(i), dataset=task, **{"test/acc": HAND.get(task, GROUP_DEFAULT[group])})
+        i += 1
+    _write(root / "multirun", str(i), dataset="dsprites_loc", seed=0, **{"test/acc": 0.40})
+    _write(root / "multirun", str(i + 1), dataset="dsprites_loc", seed=1, **{"test/acc": 0.60})
+
+
+def test_vtab_aggregates_hand_computed_example(tmp_path):
+    _hand_sweep(tmp_path)
+    # tune protocol: val/acc is the number (test/acc ignored); a non-VTAB run is ignored
+    _write(tmp_path / "tune", "0", dataset="cifar", protocol="tune", **{"val/acc": 0.9, "test/acc": 0.1})
+    _write(tmp_path / "other", "0", task="fewshot", dataset="cifar", **{"test/acc": 0.3})
+    rows = vtab.main([str(tmp_path / "multirun"), str(tmp_path / "tune"), str(tmp_path / "other"),
+                      "--out", str(tmp_path / "out"), "--reference"])
+    assert len(rows) == 2
+    final = next(r for r in rows if r["protocol"] == "final")
+    assert final["metric"] == "test/acc" and final["missing"] == []
+    assert final["groups"] == pytest.approx({"Natural": 70.0, "Specialized": 80.0, "Structured": 50.0})
+    assert final["group_mean"] == pytest.approx(200 / 3)
+    assert final["task_mean"] == pytest.approx(1210 / 19)
+    assert final["tasks"]["dsprites_loc"] == pytest.approx(50.0) and final["seeds"]["dsprites_loc"] == 2
+    assert final["trainable_params"] == 294912 and final["artifact_bytes"] == 1_200_000
+
+    tune = next(r for r in rows if r["protocol"] == "tune")
+    assert tune["metric"] == "val/acc" and tune["tasks"] == pytest.approx({"cifar": 90.0})
+    assert tune["group_mean"] is None and tune["task_mean"] is None and len(tune["missing"]) == 18
+
+    md = (tmp_path / "out" / "vtab.md").read_text()
+    assert "| 66.67 | 63.68 |" in md  # both conventions side by side in the results row
+    lora_ref = next(line for line in md.splitlines() if line.startswith("| LoRA |"))
+    assert "74.5" in lora_ref and "66.67" in lora_ref and "72.25" in lora_ref and "63.68" in lora_ref
+
+
+def test_vtab_embedded_synthetic_tasks_aggregate(tmp_path):
+    # the four tasks the repo embeds as synthetic data (all Structured): per-task numbers and the
+    # missing list; no group mean from a partial group
+    accs = {"dsprites_loc": 0.25, "dsprites_ori": 0.5, "clevr_count": 0.75, "clevr_dist": 1.0}
+    for i, (t, a) in enumerate(accs.items()):
+        _write(tmp_path, str(i), dataset=t, adapter="ssf", **{"test/acc": a})
+    (row,) = vtab.main([str(tmp_path)])
+    assert row["tasks"] == pytest.approx({t: 100 * a for t, a in accs.items()})
+    assert row["groups"]["Structured"] is None and row["group_mean"] is None
+    assert set(row["missing"]) == set(vtab.ALL_TASKS) - set(accs)
+
+
+def test_vtab_task_table_is_the_canonical_19():
+    assert len(vtab.ALL_TASKS) == 19 and len(set(vtab.ALL_TASKS)) == 19
+    assert [len(v) for v in vtab.VTAB_TASKS.values()] == [7, 4, 8]
+
+
+def test_vtab_bad_inputs_are_reported(tmp_path):
+    _write(tmp_path, "0", dataset="cifar100")  # an alias, not a canonical name
+    _write(tmp_path, "1", dataset="dtd", **{"test/acc": None})  # unfinished
+    _write(tmp_path, "2", dataset="svhn", **{"test/acc": 87.0})  # percent instead of a fraction
+    runs, warnings = vtab.load_runs(vtab.find_metrics([tmp_path]))
+    assert runs == [] and len(warnings) == 3
+    assert "valid: cifar" in warnings[0] and "no test/acc" in warnings[1] and "not in [0, 1]" in warnings[2]
+    with pytest.raises(FileNotFoundError):
+        vtab.find_metrics([tmp_path / "nope"])
+
+
+def test_vtab_sweep_config_sweeps_the_19_tasks_final_protocol():
+    from pathlib import Path
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "experiment" / "vtab_sweep.yaml")
+    assert cfg.task.protocol == "final"
+    override = OverridesParser.create().parse_override("task.dataset=" + cfg.hydra.sweeper.params["task.dataset"])
+    assert override.is_sweep_override()
+    assert list(override.sweep_string_iterator()) == list(vtab.ALL_TASKS)
