@@ -258,7 +258,23 @@ def peak_memory_child(args, row: Row) -> int:
     sync(args.device)
     if args.device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes.
+
+    ``VmHWM`` of /proc/self/status where it exists: ``ru_maxrss`` is not usable in a child, as
+    Linux carries the parent's high-water mark across fork + exec into it.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 def peak_memory(args, row: Row) -> int | None:
@@ -332,6 +348,11 @@ def run(args) -> dict:
             merged_models[b.row.label] = m.eval()
     merged = interleaved(built, infer_fns(merged_models), args, "merged inference")
 
+    summary = {}
+    if LORA_QKV in train and PEFT_ROW in train:
+        per_round = [a / b for a, b in zip(train[LORA_QKV], train[PEFT_ROW])]
+        summary["lora_qkv_over_peft_rounds"] = per_round
+        summary["lora_qkv_over_peft"] = statistics.median(per_round)
     results = []
     refs = {"floor": FLOOR, "peft": PEFT_ROW}
     r_train = {k: ratios(train, v) for k, v in refs.items()}
@@ -355,7 +376,7 @@ def run(args) -> dict:
             "merged_s": statistics.median(merged[lab]) if lab in merged else None,
             "merged_x_floor": r_merged["floor"].get(lab), "merged_x_peft": r_merged["peft"].get(lab),
         })
-    return {"rows": results, "skipped": skipped, "built": built}
+    return {"rows": results, "skipped": skipped, "summary": summary, "built": built}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -460,6 +481,11 @@ def markdown(res: dict, args, cmd: str) -> str:
     ]
     for r in res["rows"]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in table_cells(r)) + " |")
+    sm = res.get("summary", {})
+    if "lora_qkv_over_peft" in sm:
+        rounds = ", ".join(f"{v:.2f}" for v in sm["lora_qkv_over_peft_rounds"])
+        lines += ["", f"**zoo LoRA / peft LoRA, same targets (qkv), training step: {sm['lora_qkv_over_peft']:.2f}** "
+                      f"(median of interleaved rounds: {rounds})."]
     mem = ("CUDA max allocated" if args.device.startswith("cuda")
            else "peak resident set size of the whole process (Python, torch, model and data included)")
     lines += [
@@ -481,6 +507,8 @@ def markdown(res: dict, args, cmd: str) -> str:
         f"(`target_modules=[\"qkv\"]`), same rank and alpha. `lora` is our default (q and v slices).",
         "- **merged**: after `zoo.merge_adapters(model, unload=True)` (peft: `merge_and_unload()`); "
         "— = not mergeable.",
+        f"- VPT's extra cost is its prompt tokens relative to the image tokens ((img_size/patch)² + prefix; "
+        f"{args.img_size} px here): small images overstate it compared with 224 px (197 tokens).",
         "- Timings on a shared CPU are noisy: read the ratios, not the milliseconds.",
     ]
     if res["skipped"]:
@@ -502,6 +530,8 @@ def print_rich(res: dict, args) -> None:
     Console(width=250).print(t)
     for k, v in res["skipped"].items():
         print(f"skipped {k}: {v}")
+    if "lora_qkv_over_peft" in res.get("summary", {}):
+        print(f"zoo LoRA / peft LoRA (same targets, training step): {res['summary']['lora_qkv_over_peft']:.2f}")
 
 
 def plot(rows: list[dict], path: Path, args) -> None:

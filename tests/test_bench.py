@@ -43,10 +43,16 @@ def test_adapters_table_has_every_adapter_and_peft(tmp_path):
 
 
 def test_adapters_peak_memory_in_fresh_process():
-    args = argparse.Namespace(model="vit_tiny_patch16_224", img_size=32, depth=1, batch_size=2,
-                                             device="cpu", num_classes=10, threads=1, quiet=True)
-    peak = bench_adapters.peak_memory(args, bench_adapters.Row("lora", "zoo", "lora"))
-    assert peak is not None and peak > 50 * 2 ** 20  # a process with torch loaded
+    # full fine-tuning holds a gradient and two AdamW moments per backbone weight (3 x 4 bytes
+    # each) that linear probing does not: the fresh-process peak must show (at least half of) it
+    args = argparse.Namespace(model="vit_tiny_patch16_224", img_size=32, depth=4, batch_size=2,
+                              device="cpu", num_classes=10, threads=1, quiet=True)
+    full = bench_adapters.peak_memory(args, bench_adapters.Row("full", "zoo", "full"))
+    linear = bench_adapters.peak_memory(args, bench_adapters.Row("linear", "zoo", "linear"))
+    n = sum(p.numel() for p in zoo.create_backbone("vit", model=args.model, pretrained=False, img_size=32,
+                                                   depth=4).parameters())
+    assert linear > 50 * 2 ** 20  # a process with torch loaded
+    assert full - linear > 0.5 * 12 * n
 
 
 # ------------------------------------------------------------------------ bench.vtab
