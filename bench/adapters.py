@@ -540,13 +540,19 @@ def plot(rows: list[dict], path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import math
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    placed: list[tuple[float, float]] = []
     for r in rows:
         if r["train_x_floor"] is None:
             continue
-        pct = max(r["trainable_pct"], 1e-5)
-        ax.scatter(pct, r["train_x_floor"], s=25)
-        ax.annotate(r["label"], (pct, r["train_x_floor"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        pct, y = max(r["trainable_pct"], 1e-5), r["train_x_floor"]
+        ax.scatter(pct, y, s=25)
+        # stack the labels of points that sit on top of each other (e.g. the LoRA rows)
+        near = sum(abs(math.log10(pct) - a) < 0.1 and abs(y - b) < 0.03 for a, b in placed)
+        placed.append((math.log10(pct), y))
+        ax.annotate(r["label"], (pct, y), textcoords="offset points", xytext=(5, 3 - 10 * near), fontsize=8)
     ax.set_xscale("log")
     ax.axhline(1.0, color="grey", lw=0.7, ls="--")
     ax.set_xlabel("trainable parameters (% of backbone, log scale)")
