@@ -61,17 +61,17 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
 
 def build_trainer(cfg: DictConfig, has_val: bool, **overrides: Any) -> L.Trainer:
     callbacks = []
+    trainer_cfg = _plain(cfg.trainer)
+    trainer_cfg.update(overrides)
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
-        if not cb:
+        if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
         if name == "model_checkpoint" and not has_val:
             cb["monitor"] = None
         callbacks.append(instantiate(cb))
     loggers = [instantiate(lg) for lg in (_plain(cfg.get("logger")) or {}).values() if lg]
-    trainer_cfg = _plain(cfg.trainer)
     if not has_val:
         trainer_cfg["limit_val_batches"] = 0
-    trainer_cfg.update(overrides)
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
@@ -180,3 +180,47 @@ def export_backbone(model: torch.nn.Module, path: Path) -> None:
     save_file(state, str(tmp))
     tmp.replace(path)
     log.info("backbone weights written to %s", path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a saved adapter artifact on a split (``test`` or ``val``) of its task."""
+    from omegaconf import open_dict
+
+    from zoo.checkpoint import read_adapter_config
+
+    artifact = Path(cfg.artifact)
+    meta = read_adapter_config(artifact)
+    bmeta = meta["backbone"]
+    tag = bmeta.get("weights_tag") or ""
+    if tag.startswith("file:") and not cfg.backbone.get("weights"):
+        raise ValueError(f"the artifact was trained on base weights from a local file ({tag[5:]}); "
+                         f"pass backbone.weights=/path/to/{tag[5:]} (e.g. backbone=vit_demo)")
+    with open_dict(cfg):
+        cfg.backbone.name = bmeta["family"]
+        cfg.backbone.model = bmeta["model"]
+        cfg.backbone.kwargs = bmeta.get("kwargs") or {}
+        if not tag:  # trained on randomly initialised weights (reproduced by the seed)
+            cfg.backbone.pretrained = False if bmeta["family"] != "clip" else None
+        cfg.backbone.pop("img_size", None)
+        cfg.backbone.img_size = (bmeta.get("kwargs") or {}).get("img_size", meta["preprocessing"]["input_size"][-1])
+        cfg.backbone.kwargs.pop("img_size", None)
+        if cfg.task.dataset == "auto":
+            cfg.task.dataset = (meta.get("task") or {}).get("dataset") or "cifar"
+        cfg.task.protocol = "final" if cfg.split == "test" else "tune"
+        cfg.task.num_classes = meta["head"]["num_classes"]
+        cfg.adapter = {"name": meta["methods"][0]["name"], "init_from": str(artifact)}
+        cfg.logger = None
+        cfg.callbacks = None
+    L.seed_everything(cfg.seed)
+    task = build_task(cfg)
+    dm = build_datamodule(cfg, task)
+    trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
+    if cfg.split == "test":
+        res = trainer.test(task, datamodule=dm, verbose=False)[0]
+        metrics = {"test/acc": _num(res.get("test/acc"))}
+    else:
+        res = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        metrics = {"val/acc": _num(res.get("val/acc"))}
+    out = {"artifact": str(artifact), "dataset": cfg.task.dataset, **metrics}
+    print(json.dumps(out, indent=2))
+    return out

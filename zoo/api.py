@@ -62,6 +62,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
         a.unmerge()
         a.unload()
     bb.adapters.clear()
+    for p in bb.parameters():  # back to a frozen plain backbone (undoes full / bitfit marking)
+        p.requires_grad_(False)
     return model
 
 
