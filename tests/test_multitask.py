@@ -71,3 +71,10 @@ def test_multitask_then_fewshot_runs(variant, tmp_path):
     else:
         assert not any(".mhr_" in k or ".routing." in k for k in fs)
         assert any(k.endswith("lora_A") for k in fs)
+
+
+def test_multitask_configs_compose():
+    cfg = compose_config(["experiment=mhr_vtab"])
+    assert cfg.task.runner == "tasks.multitask.run" and cfg.adapter.name == "mhr"
+    assert cfg.task.heldout not in cfg.task.datasets and cfg.task.fewshot.variant == "mhr_z"
+    assert list(cfg.data.datasets) == list(cfg.task.datasets)

@@ -43,6 +43,10 @@ attention folds windows into the batch, sample-major), each id is repeated ``k``
 mttl's ``repeat_interleave``. Merging folds ``ΔW_t = (alpha/r) (A_t B_t)ᵀ`` for the single task
 currently set (task 0 if none), using the deterministic sigmoid routing.
 
+The multi-task -> few-shot protocol of the paper runs with ``python train.py task=multitask
+adapter=mhr`` (``tasks/multitask.py``: task ids per sample, a head per task, then ``mhr_z`` /
+``mhr_mu`` transfer to a held-out task).
+
 Reconstructed / simplified (no primary text needed beyond the code): the paper's "finegrained"
 router granularity only (one routing matrix per adapted Linear, per q/k/v slice); the optional
 average-correction, shared skill, straight-through and routing dropout of mttl are not
