@@ -51,7 +51,7 @@ class ClassificationTask(L.LightningModule):
                  scheduler: dict | None = None, label_smoothing: float = 0.0, **meta: Any):
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(backbone, adapter, num_classes)
+        self.model = self.build_model(backbone, adapter, num_classes)
         self.optim_cfg = {"lr": 1e-3, "weight_decay": 1e-4, "betas": (0.9, 0.999), **(optimizer or {})}
         self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, **(scheduler or {})}
         self.label_smoothing = label_smoothing
@@ -61,6 +61,10 @@ class ClassificationTask(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._prepared = False
+
+    def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
+        """The model this task trains (subclasses with other heads override it)."""
+        return build_model(backbone, adapter, num_classes)
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

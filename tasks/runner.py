@@ -115,6 +115,10 @@ def _num(x) -> float | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """The whole job for one config; returns the metrics also written to ``metrics.json``."""
+    if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
+        from hydra.utils import get_method
+
+        return get_method(cfg.task.runner)(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     task = build_task(cfg)

@@ -25,6 +25,7 @@ from zoo.api import (  # noqa: E402
     param_groups,
     prepare_adapters,
     remove_adapters,
+    set_task,
     unmerge_adapters,
 )
 from zoo.backbones import BACKBONES, Backbone, WeightsUnavailableError, create_backbone, list_backbones, register_backbone  # noqa: E402

@@ -134,6 +134,17 @@ def before_optimizer_step(model: nn.Module) -> None:
         a.before_optimizer_step()
 
 
+def set_task(model: nn.Module, task_ids: torch.Tensor | int | None) -> None:
+    """Tell every attached adapter which task the next forward's samples belong to.
+
+    ``task_ids``: an int (the whole batch), a ``(B,)`` tensor (one id per sample) or ``None``
+    (forget; task-routed adapters then use task 0). Adapters without task routing ignore it.
+    Call it before each forward of a multi-task batch.
+    """
+    for a in adapters_of(model):
+        a.set_task(task_ids)
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
     """Optimizer groups over the trainable parameters only.
 
