@@ -107,7 +107,8 @@ def trained(tmp_path_factory):
                 p.normal_(0, 0.05)
     run = root / "run"
     zoo.save_adapter(model, run / "adapter")
-    (run / "metrics.json").write_text(json.dumps({"val/acc": 0.75, "train_loss_last": 0.5, "task": "dsprites_loc"}))
+    (run / "metrics.json").write_text(json.dumps({"val/acc": 0.75, "train_loss_last": 0.5, "task": "vtab",
+                                                  "dataset": "dsprites_loc", "adapter": "lora"}))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = model.eval()(x)
@@ -151,7 +152,7 @@ def test_publish_run_entry_and_model_card(trained, tmp_path, capsys):
         assert f["sha256"] == _sha(out / name) and f["size"] == (out / name).stat().st_size
         assert f["sources"] == [{"url": (out / name).resolve().as_uri()}]
     assert entry["method"][0]["name"] == "lora" and entry["method"][0]["config"]["rank"] == 2
-    assert entry["metrics"]["val/acc"] == 0.75 and entry["task"] == "dsprites_loc"
+    assert entry["metrics"]["val/acc"] == 0.75 and entry["task"] == {"name": "vtab", "dataset": "dsprites_loc"}
     meta = json.loads((out / "adapter.json").read_text())
     assert entry["backbone"]["fingerprint"] == meta["backbone"]["fingerprint"]
     assert entry["stored_parameters"] == sum(torch.Size(s).numel() for s in meta["tensors"].values())
@@ -303,7 +304,7 @@ def test_local_registry_from_publish_run(trained, tmp_path, monkeypatch, capsys)
     data = json.loads(reg.read_text())
     assert data["entries"]["vit-demo-lora"]["files"][0]["sources"] == [{"path": "zoo/vit-demo-lora/adapter.safetensors"}]
     assert data["entries"]["vit-demo"]["files"][0]["sources"] == [{"path": "upstream/vit_up.safetensors"}]
-    assert cli(["list", "--adapter", "lora"]) == 0
+    assert cli(["list", "--adapter", "lora", "--task", "dsprites"]) == 0
     out = capsys.readouterr().out
     assert "vit-demo-lora" in out and "vit-demo " not in out
     assert cli(["list", "--kind", "backbone", "--json"]) == 0

@@ -127,7 +127,7 @@ class Entry:
     @property
     def task_name(self) -> str:
         if isinstance(self.task, dict):
-            return str(self.task.get("name") or self.task.get("dataset") or "")
+            return "/".join(str(self.task[k]) for k in ("name", "dataset") if self.task.get(k))
         return str(self.task or "")
 
     @property
@@ -446,7 +446,7 @@ def _copy_verified(src: Path, dest: Path, f: FileSpec) -> None:
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # (tqdm.auto wants ipywidgets inside notebooks)
 
     disable = None if enabled is None else not enabled  # None: only on a terminal
     return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
@@ -712,7 +712,10 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     if (run_dir / "metrics.json").is_file():
         run_metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics = _numbers(run_metrics)
-        task = task or run_metrics.get("task")
+        if task is None and (run_metrics.get("task") or run_metrics.get("dataset")):
+            task = {k: run_metrics[k] for k in ("name", "task", "dataset", "protocol") if run_metrics.get(k) is not None}
+            if "task" in task:
+                task["name"] = task.pop("task")
     metrics = {**_numbers(meta.get("metrics") or {}), **metrics}
     task = task or meta.get("task")
     out = Path(out_dir) if out_dir is not None else REPO_ROOT / "checkpoints" / "zoo" / name
@@ -788,7 +791,7 @@ def model_card(name: str, entry: dict[str, Any], meta: dict[str, Any]) -> str:
     bb = entry["backbone"]
     methods = "\n".join(f"- **{m['name']}**: `{json.dumps(m.get('config', {}), sort_keys=True)}`" for m in entry["method"]) or "- (none)"
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in entry["metrics"].items())
-    task = entry["task"] if not isinstance(entry["task"], dict) else json.dumps(entry["task"], sort_keys=True)
+    task = entry["task"] if not isinstance(entry["task"], dict) else " / ".join(f"{k}: {v}" for k, v in entry["task"].items())
     pre = meta.get("preprocessing") or {}
     return f"""# {name}
 
