@@ -29,21 +29,23 @@ def build_model(backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Mod
     name = adapter.pop("name")
     init_from = adapter.pop("init_from", None)
     if init_from:
-        from zoo.checkpoint import load_adapter
+        from zoo.checkpoint import load_adapter, read_adapter_config
 
-        load_adapter(model, resolve_artifact(init_from))
+        path = resolve_artifact(init_from)
+        methods = [m["name"] for m in read_adapter_config(path)["methods"]]
+        if methods[:1] != [name] and name != "from-artifact":
+            raise ValueError(f"adapter.init_from={init_from} holds {methods}, but adapter={name}; use adapter={methods[0]}")
+        load_adapter(model, path)
     else:
         zoo.apply_adapter(model, name, **adapter)
     return model
 
 
 def resolve_artifact(spec: str) -> str:
-    """``zoo:NAME`` (a model-zoo entry) or a path to an artifact folder."""
-    if spec.startswith("zoo:"):
-        from zoo import hub  # the model zoo; optional until it lands
+    """``zoo:NAME`` (a model-zoo entry, downloaded and verified) or a path to an artifact folder."""
+    from zoo import hub
 
-        return str(hub.download(spec[4:]))
-    return spec
+    return str(hub.resolve_init(spec))
 
 
 class ClassificationTask(L.LightningModule):

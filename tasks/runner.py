@@ -88,13 +88,21 @@ def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
     return ckpt_path
 
 
-def load_adapter_checkpoint(task: L.LightningModule, path: str) -> None:
-    """Put the adapter + head tensors of a (our, adapter-only) Lightning checkpoint into ``task``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
+    """Put the adapter + head tensors of a (our, adapter-only) Lightning checkpoint into ``task``.
+
+    Returns the checkpoint's monitored score (``ddp_spawn`` does not carry it back to the parent).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
     missing = set(state) - set(task.state_dict())
     if missing:
         raise RuntimeError(f"{path} holds tensors this model lacks: {sorted(missing)[:5]}")
     task.load_state_dict(state, strict=False)
+    for cb_state in (ckpt.get("callbacks") or {}).values():
+        if isinstance(cb_state, dict) and cb_state.get("best_model_score") is not None:
+            return _num(cb_state["best_model_score"])
+    return None
 
 
 def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
@@ -148,8 +156,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     ckpt_cb = trainer.checkpoint_callback
     if has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
-        load_adapter_checkpoint(task, ckpt_cb.best_model_path)  # select on validation, never on test
-        metrics["val/acc"] = _num(ckpt_cb.best_model_score)
+        # select on validation, never on test
+        score = load_adapter_checkpoint(task, ckpt_cb.best_model_path)
+        metrics["val/acc"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
     elif has_val:
         metrics["val/acc"] = _num(trainer.callback_metrics.get("val/acc"))
 
@@ -164,12 +173,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         art = zoo.save_adapter(task.model, out_dir / "adapter", metrics={k: metrics[k] for k in ("val/acc", "test/acc")},
                                extra={"task": {"name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"]}})
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if cfg.get("export_backbone"):
             export_backbone(task.model, Path(cfg.export_backbone))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if cfg.get("publish"):
+            publish(cfg, task.model, out_dir)
         log.info("metrics: %s", json.dumps({k: metrics[k] for k in ("adapter", "dataset", "val/acc", "test/acc")}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def publish(cfg: DictConfig, model: torch.nn.Module, out_dir: Path) -> None:
+    """Add this run to the local model-zoo registry (``python -m zoo list`` shows it)."""
+    from zoo import hub
+
+    registry = Path(cfg.publish_registry)
+    if cfg.get("export_backbone"):
+        bb = zoo.find_backbone(model)
+        entry = hub.publish_backbone(cfg.export_backbone, cfg.publish, bb.family, bb.model_name,
+                                     kwargs=bb.build_kwargs, registry=registry,
+                                     description="demo ViT pretrained on rendered upstream images")
+    else:
+        entry = hub.publish_run(out_dir, cfg.publish, registry=registry,
+                                out_dir=Path(cfg.paths.checkpoint_dir) / "zoo" / cfg.publish)
+    log.info("published %s to %s (%s)", cfg.publish, registry, entry["kind"])
 
 
 def export_backbone(model: torch.nn.Module, path: Path) -> None:
