@@ -294,28 +294,28 @@ class MaskTuning(Adapter):
         return out
 
     def import_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Set every score from its packed mask; validates all of them before writing any."""
-        if self.merged:
-            raise RuntimeError("unmerge mask_tuning before loading masks into it")
-        paths = {name: m for name, m in self.backbone.named_modules() if isinstance(m, MaskedWeight)}
-        writes = []
-        for k in [k for k in state if k.endswith("." + PACKED_SUFFIX)]:
-            stem = k[: -len(PACKED_SUFFIX) - 1]
-            hits = [m for p, m in paths.items() if stem == p or stem.endswith("." + p)]
-            if len(hits) != 1:
-                raise AdapterMismatchError(f"packed mask {k!r} matches {len(hits)} masked layers of this model")
-            m = hits[0]
-            shape = tuple(int(s) for s in state[stem + "." + SHAPE_SUFFIX].tolist())
-            if shape != tuple(m.score.shape) or state[k].numel() != (m.score.numel() + 7) // 8:
-                raise AdapterMismatchError(f"packed mask {k!r}: artifact shape {shape}, model {tuple(m.score.shape)}")
-            writes.append((m, unpackbits(state[k], shape)))
+        """Packed masks -> ``score`` tensors that reproduce them (``init_score`` kept, ``2τ - init_score`` dropped)."""
         dropped = 2 * self.threshold - self.init_score  # as far below τ as init_score is above it
-        with torch.no_grad():
-            for m, keep in writes:
-                keep = keep.to(m.score.device)
-                m.score.copy_(torch.where(keep, torch.full_like(m.score, self.init_score),
-                                          torch.full_like(m.score, dropped)))
-        return state  # packed keys stay: they are what adapter_state_dict exports
+        out = {}
+        for k, v in state.items():
+            if k.endswith("." + SHAPE_SUFFIX):
+                continue
+            if not k.endswith("." + PACKED_SUFFIX):
+                out[k] = v
+                continue
+            stem = k[: -len(PACKED_SUFFIX)]
+            shape_key = stem + SHAPE_SUFFIX
+            if shape_key not in state:
+                raise AdapterMismatchError(f"packed mask {k!r} has no {shape_key!r} in the artifact")
+            shape = tuple(int(s) for s in state[shape_key].tolist())
+            n = 1
+            for s in shape:
+                n *= s
+            if v.dtype != torch.uint8 or v.numel() != (n + 7) // 8:
+                raise AdapterMismatchError(f"packed mask {k!r}: {v.numel()} bytes ({v.dtype}) cannot hold a mask of shape {shape}")
+            keep = unpackbits(v, shape)
+            out[stem + SCORE_NAME] = torch.where(keep, torch.tensor(self.init_score), torch.tensor(dropped))
+        return out
 
 
 def _covers(slices: list[slice], linear: nn.Module) -> bool:
