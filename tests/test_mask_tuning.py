@@ -226,3 +226,26 @@ def test_hook_lambda1_drops_disagreeing_elements_with_the_right_probability():
     frac = kept[~agree].float().mean().item()
     sd = math.sqrt(0.25 * 0.75 / int((~agree).sum()))
     assert abs(frac - 0.25) < 5 * sd
+
+
+def test_teacher_gradients_are_averaged_over_micro_batches():
+    """Gradient accumulation: g_b of one optimizer step is the mean over its micro-batches, like g_a."""
+    model = tiny()
+    zoo.apply_adapter(model, "mask_tuning", gdr_lambda=1.0)
+    a = adapter_of(model)
+    with torch.no_grad():
+        for s in a.scores():  # move away from the teacher so that g_b != 0
+            s.copy_(torch.where(torch.rand_like(s) < 0.2, torch.zeros_like(s), s))
+    xs = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    single = []
+    for x in xs:
+        logits = model(x)
+        a.extra_loss(zoo.StepContext(model=model, inputs=x, targets=None, outputs=logits, forward=model))
+        single.append([g.clone() for g in a.teacher_grads])
+        a.teacher_grads, a._teacher_count = [], 0
+    for x in xs:
+        logits = model(x)
+        a.extra_loss(zoo.StepContext(model=model, inputs=x, targets=None, outputs=logits, forward=model))
+    for i, g in enumerate(a.teacher_grads):
+        mean = sum(s[i] for s in single) / 3
+        assert mean.abs().max() > 0 and torch.allclose(g, mean, atol=1e-9)

@@ -174,6 +174,7 @@ class MaskTuning(Adapter):
         self.reg_weight, self.gdr_lambda, self.gdr_temperature = float(reg_weight), float(gdr_lambda), float(gdr_temperature)
         self.seed = int(seed)
         self.teacher_grads: list[torch.Tensor | None] = []  # g_b per masked layer, set by extra_loss
+        self._teacher_count = 0  # micro-batches averaged into teacher_grads since the last step
         self._generators: dict[str, torch.Generator] = {}
 
     # ------------------------------------------------------------------ construction
@@ -217,9 +218,8 @@ class MaskTuning(Adapter):
     def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
         """β Σ ||S||_2; also stores g_b = ∇_S KD(student, teacher) for :meth:`before_optimizer_step`."""
         scores = self.scores()
-        self.teacher_grads = []
         if self.gdr_lambda > 0 and torch.is_grad_enabled():
-            self.teacher_grads = self._teacher_gradients(ctx, scores)
+            self._accumulate(self._teacher_gradients(ctx, scores))
         if self.reg_weight == 0:
             return None
         return self.reg_weight * sum(torch.linalg.vector_norm(s) for s in scores)
@@ -243,9 +243,24 @@ class MaskTuning(Adapter):
         by_id = {id(s): g for s, g in zip(live, grads)}
         return [by_id.get(id(s)) for s in scores]
 
+    def _accumulate(self, grads: list[torch.Tensor | None]) -> None:
+        """Running mean of g_b over the micro-batches of one optimizer step (gradient accumulation
+        averages g_a the same way), so one step's g_b matches its g_a."""
+        if not grads:
+            return
+        if not self.teacher_grads:
+            self.teacher_grads, self._teacher_count = list(grads), 1
+            return
+        self._teacher_count += 1
+        w = 1.0 / self._teacher_count
+        self.teacher_grads = [
+            g if old is None else old if g is None else old + (g - old) * w
+            for old, g in zip(self.teacher_grads, grads)
+        ]
+
     def before_optimizer_step(self) -> None:
         """Gradient dropout on every score's ``.grad`` (g_a) using the stored teacher gradients (g_b)."""
-        teacher_grads, self.teacher_grads = self.teacher_grads, []  # each g_b serves one step
+        teacher_grads, self.teacher_grads, self._teacher_count = self.teacher_grads, [], 0  # one step each
         if self.gdr_lambda == 0 or not teacher_grads:
             return
         scores = self.scores()
