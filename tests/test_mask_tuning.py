@@ -249,3 +249,14 @@ def test_teacher_gradients_are_averaged_over_micro_batches():
     for i, g in enumerate(a.teacher_grads):
         mean = sum(s[i] for s in single) / 3
         assert mean.abs().max() > 0 and torch.allclose(g, mean, atol=1e-9)
+
+
+def test_scores_train_without_weight_decay():
+    model = tiny()
+    zoo.apply_adapter(model, "mask_tuning")
+    a = adapter_of(model)
+    groups = zoo.param_groups(model, 1e-3, 0.05)
+    ids = {id(s) for s in a.scores()}
+    (g,) = [g for g in groups if any(id(p) in ids for p in g["params"])]
+    assert {id(p) for p in g["params"]} == ids and g["weight_decay"] == 0.0
+    assert any(g2["weight_decay"] == 0.05 for g2 in groups)  # the head keeps its decay

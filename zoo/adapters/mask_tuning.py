@@ -243,6 +243,11 @@ class MaskTuning(Adapter):
         by_id = {id(s): g for s, g in zip(live, grads)}
         return [by_id.get(id(s)) for s in scores]
 
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Scores train without weight decay (the reference uses Adam, wd 0): decoupled decay would
+        pull every score below τ and act as a second, unintended sparsifier."""
+        return [{"params": self.scores(), "lr": lr, "weight_decay": 0.0}]
+
     def _accumulate(self, grads: list[torch.Tensor | None]) -> None:
         """Running mean of g_b over the micro-batches of one optimizer step (gradient accumulation
         averages g_a the same way), so one step's g_b matches its g_a."""
