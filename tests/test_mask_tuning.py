@@ -260,3 +260,57 @@ def test_scores_train_without_weight_decay():
     (g,) = [g for g in groups if any(id(p) in ids for p in g["params"])]
     assert {id(p) for p in g["params"]} == ids and g["weight_decay"] == 0.0
     assert any(g2["weight_decay"] == 0.05 for g2 in groups)  # the head keeps its decay
+
+
+# ---------------------------------------------------------------------- integration (train.py's job)
+def test_mask_tuning_config_run_and_artifact_round_trip(tmp_path):
+    """experiment=tiny trains (loss down); the artifact's bits are exactly the selected checkpoint's masks."""
+    from pathlib import Path
+
+    import lightning as L
+
+    from tasks.runner import build_task
+    from tests.helpers import compose_config, run_train
+
+    overrides = ["experiment=tiny", "adapter=mask_tuning"]
+    cfg = compose_config(overrides)
+    assert cfg.adapter.name == "mask_tuning" and cfg.adapter.gdr_lambda == 0.3 and cfg.adapter.patch_embed
+    m = run_train(overrides, tmp_path)
+    assert m["train_loss_last"] < m["train_loss_first"]
+    out = Path(m["out_dir"])
+    (best,) = [p for p in (out / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    scores = {k[len("model."):]: v for k, v in ckpt.items() if k.endswith(".score")}
+    L.seed_everything(cfg.seed)
+    fresh = build_task(cfg).model
+    zoo.remove_adapters(fresh)
+    zoo.load_adapter(fresh, out / "adapter")
+    a = adapter_of(fresh)
+    masked = {n: mod for n, mod in fresh.named_modules() if isinstance(mod, MaskedWeight)}
+    assert len(masked) == len(scores) == 1 + 2 * 2  # patch embedding + (qkv, proj) x depth 2
+    dropped = 0
+    for name, mod in masked.items():
+        want = scores[name + ".score"] > a.threshold
+        assert torch.equal(mod.score > a.threshold, want)
+        dropped += int((~want).sum())
+    assert dropped > 0
+    n_bits = sum(s.numel() for s in scores.values())
+    head = sum(p.numel() * 4 for p in fresh.head.parameters())
+    art = (out / "adapter" / "adapter.safetensors").stat().st_size
+    assert art < n_bits / 8 + head + 8192
+
+
+def test_mask_tuning_ddp_cpu(tmp_path):
+    from tests.helpers import run_train_ddp
+
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    # GDR under DDP: g_b is all-reduced and U drawn from identically seeded generators on both ranks
+    m = run_train_ddp(["experiment=tiny", "adapter=mask_tuning", "trainer.limit_train_batches=4"], tmp_path)
+    assert m["adapter"] == "mask_tuning"
+    assert math.isfinite(m["train_loss_first"]) and math.isfinite(m["train_loss_last"])
+    with safe_open(str(Path(m["out_dir"]) / "adapter" / "adapter.safetensors"), "pt") as f:
+        packed = [k for k in f.keys() if k.endswith("mask_packed")]
+        assert len(packed) == 5 and not any(k.endswith(".score") for k in f.keys())

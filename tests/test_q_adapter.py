@@ -138,3 +138,32 @@ def test_artifact_round_trip(tmp_path):
     fresh = tiny()
     zoo.load_adapter(fresh, tmp_path / "a")
     assert torch.allclose(fresh.forward_features(x), out, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- integration (train.py's job)
+def test_q_adapter_config_run_and_artifact_round_trip(tmp_path):
+    from pathlib import Path
+
+    import lightning as L
+
+    from tasks.runner import build_task
+    from tests.helpers import compose_config, run_train
+
+    overrides = ["experiment=tiny", "adapter=q_adapter"]
+    cfg = compose_config(overrides)
+    assert cfg.adapter.name == "q_adapter" and cfg.adapter.num_queries == 16 and cfg.adapter.gate == "tanh"
+    m = run_train(overrides, tmp_path)
+    assert m["train_loss_last"] < m["train_loss_first"]
+    out = Path(m["out_dir"])
+    (best,) = [p for p in (out / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    L.seed_everything(cfg.seed)
+    fresh = build_task(cfg).model
+    zoo.remove_adapters(fresh)
+    zoo.load_adapter(fresh, out / "adapter")
+    loaded = dict(fresh.named_parameters())
+    trained = {k[len("model."):]: v for k, v in ckpt.items()}
+    assert set(trained) == {n for n, p in fresh.named_parameters() if p.requires_grad}
+    for k, v in trained.items():
+        assert torch.equal(loaded[k], v), k
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if k.endswith(".alpha"))  # the gate opened
