@@ -30,9 +30,8 @@ class AdapterMismatchError(ValueError):
 def adapter_state_dict(model: nn.Module, export: bool = True) -> dict[str, torch.Tensor]:
     """Every trainable parameter, plus all tensors that adapter modules own (not their ``base``).
 
-    With ``export`` (the default) each adapter's ``export_state`` then turns the tensors into its
-    storage form (e.g. packed 1-bit codes); ``export=False`` gives the model's own tensor names,
-    which is what ``import_state`` must give back.
+    ``export=True`` lets each adapter transform its tensors for storage (e.g. bit-packing);
+    ``export=False`` gives the raw state that ``model.load_state_dict`` accepts.
     """
     from zoo.api import adapters_of
 
