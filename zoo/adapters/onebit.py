@@ -37,9 +37,9 @@ is *not* exactly unchanged at init. ``dim`` = 32 and the scale ``s`` is chosen p
 bit-packed ``8/bits`` per byte (first element in the low bits) plus ``(μ, σ)`` as float32 — one
 ``uint8`` tensor and one ``(M, 2)`` float32 tensor per adapter — so the artifact is
 ``bits · #weights / 8 + 8 · #matrices`` bytes plus the head and a small header. Loading
-restores the codes exactly (:meth:`QLinear.load_codes`): evaluation reproduces the saved
-model's predictions bit for bit. Putting the model back into training mode continues from the
-dequantised weights as the new latent weights.
+restores the codes exactly (:meth:`QLinear.load_codes`): the model reproduces the saved
+predictions bit for bit and re-exports the same bytes. Calling ``.train()`` drops the codes and
+training continues from the dequantised weights as the new latent weights.
 
 Reconstructed / differing from the reference:
 
@@ -127,7 +127,10 @@ class QLinear(nn.Module):
         return w.mean(), w.std()
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(indices, [μ, σ])`` of the current latent weight: what the forward uses and export stores."""
+        """``(indices, [μ, σ])`` the forward uses and export stores: the loaded codes if any, else
+        those of the current latent weight."""
+        if self._codes is not None:
+            return self._codes, self._stats
         with torch.no_grad():
             mu, sd = self.stats()
             idx = torch.bucketize((self.weight.float() - mu) / (sd + EPS), self.thresholds)
@@ -137,7 +140,7 @@ class QLinear(nn.Module):
         return (self.levels[idx] * stats[1] + stats[0]).to(self.weight.dtype)
 
     def used_weight(self) -> torch.Tensor:
-        if self._codes is not None and not self.training:
+        if self._codes is not None:  # loaded codes, until the module is put in training mode
             return self.dequantize(self._codes, self._stats)
         mu, sd = self.stats()
         wn = (self.weight.float() - mu) / (sd + EPS)
@@ -154,7 +157,9 @@ class QLinear(nn.Module):
         self.weight.copy_(self.dequantize(self._codes, self._stats))
 
     def train(self, mode: bool = True):
-        if mode:  # training continues from the dequantised weights (already the latent weight)
+        # loaded codes serve inference and re-export; training continues from their dequantised
+        # values, which load_codes already put into the latent weight
+        if mode:
             self._codes = self._stats = None
         return super().train(mode)
 
