@@ -1,14 +1,11 @@
 """MoSA: partitions, sparse training, merge = expectation, export, consistency loss, DDP."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.adapters.adapter import ParallelAdapter
 from zoo.adapters.base import StepContext
 from zoo.adapters.mosa import MoSA, SplitLinear, export_plain_adapter, random_partition, symmetric_kl
 
@@ -201,43 +198,52 @@ def test_artifact_round_trip(tmp_path):
     assert torch.equal(other(x), want)
 
 
-# ---------------------------------------------------------------------- DDP, two CPU processes
-def _ddp_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+# ---------------------------------------------------------------------- through train.py's job
+def _reload_artifact(cfg_overrides, artifact):
+    """Rebuild the run's model from its config and seed, load the artifact, return it."""
+    import lightning as L
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = tiny(depth=2)
-        ddp = DDP(model)  # find_unused_parameters=False: every parameter must get a gradient
-        opt = torch.optim.AdamW(zoo.param_groups(model, 1e-2, 0.01))
-        torch.manual_seed(10 + rank)  # each rank draws its own experts and data
-        for _ in range(3):
-            x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
-            out = ddp(x)
-            loss = F.cross_entropy(out, y)
-            ctx = StepContext(model=model, inputs=x, targets=y, outputs=out, loss_fn=F.cross_entropy,
-                              forward=model)  # the second pass runs the inner module, as Lightning does
-            loss = loss + zoo.extra_loss(model, ctx)
-            opt.zero_grad()
-            loss.backward()
-            zoo.before_optimizer_step(model)
-            opt.step()
-        state = {k: v.detach().clone() for k, v in zoo.adapter_state_dict(model).items()}
-        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    from tasks.runner import build_task
+    from tests.helpers import compose_config
+
+    L.seed_everything(0)
+    fresh = build_task(compose_config(cfg_overrides)).model
+    zoo.remove_adapters(fresh)
+    zoo.load_adapter(fresh, artifact)
+    return fresh
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    import torch.multiprocessing as mp
+def test_tiny_run_trains_and_artifact_round_trips(tmp_path):
+    from pathlib import Path
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert s0.keys() == s1.keys()
-    for k in s0:  # gradients were all-reduced: the replicas stayed identical
-        assert torch.equal(s0[k], s1[k]), k
-    moved = [k for k in s0 if k.endswith("up.delta") and s0[k].abs().sum() > 0]
-    assert moved, "the split up-projections did not train"
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_train
+
+    overrides = ["experiment=tiny", "adapter=mosa", "adapter.bottleneck=8"]
+    m = run_train(overrides, tmp_path)
+    assert m["adapter"] == "mosa"
+    assert m["train_loss_last"] < m["train_loss_first"]
+    art = Path(m["out_dir"]) / "adapter"
+    fresh = _reload_artifact(overrides, art)
+    saved = load_file(str(art / "adapter.safetensors"))
+    state = zoo.adapter_state_dict(fresh)
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert any(k.endswith("up.delta") and v.abs().sum() > 0 for k, v in saved.items())
+
+
+def test_ddp_cpu_run(tmp_path):
+    """train.py trainer=ddp_cpu: DDP without find_unused_parameters (every parameter gets a gradient)."""
+    from pathlib import Path
+
+    from tests.helpers import run_train_ddp
+
+    m = run_train_ddp(["experiment=tiny", "adapter=mosa", "adapter.bottleneck=8"], tmp_path)
+    assert m["adapter"] == "mosa"
+    assert m["train_loss_first"] > 0 and m["train_loss_last"] > 0  # finite, both epochs ran
+    assert "find_unused_parameters=True" not in m["log"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(m["out_dir"]) / "adapter" / "adapter.safetensors"))
+    assert any(k.endswith("up.delta") and v.abs().sum() > 0 for k, v in saved.items())
+    assert (Path(m["out_dir"]) / "adapter" / "adapter.safetensors").is_file()
