@@ -29,21 +29,23 @@ def build_model(backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Mod
     name = adapter.pop("name")
     init_from = adapter.pop("init_from", None)
     if init_from:
-        from zoo.checkpoint import load_adapter
+        from zoo.checkpoint import load_adapter, read_adapter_config
 
-        load_adapter(model, resolve_artifact(init_from))
+        path = resolve_artifact(init_from)
+        methods = [m["name"] for m in read_adapter_config(path)["methods"]]
+        if methods[:1] != [name] and name != "from-artifact":
+            raise ValueError(f"adapter.init_from={init_from} holds {methods}, but adapter={name}; use adapter={methods[0]}")
+        load_adapter(model, path)
     else:
         zoo.apply_adapter(model, name, **adapter)
     return model
 
 
 def resolve_artifact(spec: str) -> str:
-    """``zoo:NAME`` (a model-zoo entry) or a path to an artifact folder."""
-    if spec.startswith("zoo:"):
-        from zoo import hub  # the model zoo; optional until it lands
+    """``zoo:NAME`` (a model-zoo entry, downloaded and verified) or a path to an artifact folder."""
+    from zoo import hub
 
-        return str(hub.download(spec[4:]))
-    return spec
+    return str(hub.resolve_init(spec))
 
 
 class ClassificationTask(L.LightningModule):
@@ -51,7 +53,7 @@ class ClassificationTask(L.LightningModule):
                  scheduler: dict | None = None, label_smoothing: float = 0.0, **meta: Any):
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(backbone, adapter, num_classes)
+        self.model = self.build_model(backbone, adapter, num_classes)
         self.optim_cfg = {"lr": 1e-3, "weight_decay": 1e-4, "betas": (0.9, 0.999), **(optimizer or {})}
         self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, **(scheduler or {})}
         self.label_smoothing = label_smoothing
@@ -61,6 +63,10 @@ class ClassificationTask(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._prepared = False
+
+    def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
+        """The model this task trains (subclasses with other heads override it)."""
+        return build_model(backbone, adapter, num_classes)
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

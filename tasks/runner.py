@@ -61,17 +61,17 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
 
 def build_trainer(cfg: DictConfig, has_val: bool, **overrides: Any) -> L.Trainer:
     callbacks = []
+    trainer_cfg = _plain(cfg.trainer)
+    trainer_cfg.update(overrides)
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
-        if not cb:
+        if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
         if name == "model_checkpoint" and not has_val:
             cb["monitor"] = None
         callbacks.append(instantiate(cb))
     loggers = [instantiate(lg) for lg in (_plain(cfg.get("logger")) or {}).values() if lg]
-    trainer_cfg = _plain(cfg.trainer)
     if not has_val:
         trainer_cfg["limit_val_batches"] = 0
-    trainer_cfg.update(overrides)
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
@@ -88,13 +88,21 @@ def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
     return ckpt_path
 
 
-def load_adapter_checkpoint(task: L.LightningModule, path: str) -> None:
-    """Put the adapter + head tensors of a (our, adapter-only) Lightning checkpoint into ``task``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
+    """Put the adapter + head tensors of a (our, adapter-only) Lightning checkpoint into ``task``.
+
+    Returns the checkpoint's monitored score (``ddp_spawn`` does not carry it back to the parent).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
     missing = set(state) - set(task.state_dict())
     if missing:
         raise RuntimeError(f"{path} holds tensors this model lacks: {sorted(missing)[:5]}")
     task.load_state_dict(state, strict=False)
+    for cb_state in (ckpt.get("callbacks") or {}).values():
+        if isinstance(cb_state, dict) and cb_state.get("best_model_score") is not None:
+            return _num(cb_state["best_model_score"])
+    return None
 
 
 def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
@@ -115,6 +123,10 @@ def _num(x) -> float | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """The whole job for one config; returns the metrics also written to ``metrics.json``."""
+    if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
+        from hydra.utils import get_method
+
+        return get_method(cfg.task.runner)(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     task = build_task(cfg)
@@ -144,8 +156,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     ckpt_cb = trainer.checkpoint_callback
     if has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
-        load_adapter_checkpoint(task, ckpt_cb.best_model_path)  # select on validation, never on test
-        metrics["val/acc"] = _num(ckpt_cb.best_model_score)
+        # select on validation, never on test
+        score = load_adapter_checkpoint(task, ckpt_cb.best_model_path)
+        metrics["val/acc"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
     elif has_val:
         metrics["val/acc"] = _num(trainer.callback_metrics.get("val/acc"))
 
@@ -160,12 +173,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         art = zoo.save_adapter(task.model, out_dir / "adapter", metrics={k: metrics[k] for k in ("val/acc", "test/acc")},
                                extra={"task": {"name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"]}})
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if cfg.get("export_backbone"):
             export_backbone(task.model, Path(cfg.export_backbone))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if cfg.get("publish"):
+            publish(cfg, task.model, out_dir)
         log.info("metrics: %s", json.dumps({k: metrics[k] for k in ("adapter", "dataset", "val/acc", "test/acc")}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def publish(cfg: DictConfig, model: torch.nn.Module, out_dir: Path) -> None:
+    """Add this run to the local model-zoo registry (``python -m zoo list`` shows it)."""
+    from zoo import hub
+
+    registry = Path(cfg.publish_registry)
+    if cfg.get("export_backbone"):
+        bb = zoo.find_backbone(model)
+        entry = hub.publish_backbone(cfg.export_backbone, cfg.publish, bb.family, bb.model_name,
+                                     kwargs=bb.build_kwargs, registry=registry,
+                                     description="demo ViT pretrained on rendered upstream images")
+    else:
+        entry = hub.publish_run(out_dir, cfg.publish, registry=registry,
+                                out_dir=Path(cfg.paths.checkpoint_dir) / "zoo" / cfg.publish)
+    log.info("published %s to %s (%s)", cfg.publish, registry, entry["kind"])
 
 
 def export_backbone(model: torch.nn.Module, path: Path) -> None:
@@ -180,3 +211,47 @@ def export_backbone(model: torch.nn.Module, path: Path) -> None:
     save_file(state, str(tmp))
     tmp.replace(path)
     log.info("backbone weights written to %s", path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a saved adapter artifact on a split (``test`` or ``val``) of its task."""
+    from omegaconf import open_dict
+
+    from zoo.checkpoint import read_adapter_config
+
+    artifact = Path(cfg.artifact)
+    meta = read_adapter_config(artifact)
+    bmeta = meta["backbone"]
+    tag = bmeta.get("weights_tag") or ""
+    if tag.startswith("file:") and not cfg.backbone.get("weights"):
+        raise ValueError(f"the artifact was trained on base weights from a local file ({tag[5:]}); "
+                         f"pass backbone.weights=/path/to/{tag[5:]} (e.g. backbone=vit_demo)")
+    with open_dict(cfg):
+        cfg.backbone.name = bmeta["family"]
+        cfg.backbone.model = bmeta["model"]
+        cfg.backbone.kwargs = bmeta.get("kwargs") or {}
+        if not tag:  # trained on randomly initialised weights (reproduced by the seed)
+            cfg.backbone.pretrained = False if bmeta["family"] != "clip" else None
+        cfg.backbone.pop("img_size", None)
+        cfg.backbone.img_size = (bmeta.get("kwargs") or {}).get("img_size", meta["preprocessing"]["input_size"][-1])
+        cfg.backbone.kwargs.pop("img_size", None)
+        if cfg.task.dataset == "auto":
+            cfg.task.dataset = (meta.get("task") or {}).get("dataset") or "cifar"
+        cfg.task.protocol = "final" if cfg.split == "test" else "tune"
+        cfg.task.num_classes = meta["head"]["num_classes"]
+        cfg.adapter = {"name": meta["methods"][0]["name"], "init_from": str(artifact)}
+        cfg.logger = None
+        cfg.callbacks = None
+    L.seed_everything(cfg.seed)
+    task = build_task(cfg)
+    dm = build_datamodule(cfg, task)
+    trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
+    if cfg.split == "test":
+        res = trainer.test(task, datamodule=dm, verbose=False)[0]
+        metrics = {"test/acc": _num(res.get("test/acc"))}
+    else:
+        res = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        metrics = {"val/acc": _num(res.get("val/acc"))}
+    out = {"artifact": str(artifact), "dataset": cfg.task.dataset, **metrics}
+    print(json.dumps(out, indent=2))
+    return out

@@ -84,3 +84,23 @@ def test_ddp_cpu_two_processes(tmp_path):
     m = run_train_ddp(["experiment=tiny", "adapter=lora"], tmp_path)
     assert 0.0 <= m["val/acc"] <= 1.0
     assert (Path(m["out_dir"]) / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_init_from_artifact(tmp_path):
+    from tasks.runner import build_task
+
+    m = run_train(["experiment=tiny", "adapter=lora"], tmp_path)
+    art = Path(m["out_dir"]) / "adapter"
+    cfg = compose_config(["experiment=tiny", "adapter=lora", f"+adapter.init_from={art}"])
+    import lightning as L
+
+    L.seed_everything(0)
+    model = build_task(cfg).model
+    from safetensors.torch import load_file
+
+    saved = load_file(str(art / "adapter.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    bad = compose_config(["experiment=tiny", "adapter=ssf", f"+adapter.init_from={art}"])
+    with pytest.raises(ValueError, match="use adapter=lora"):
+        build_task(bad)
