@@ -300,6 +300,7 @@ def test_mask_tuning_config_run_and_artifact_round_trip(tmp_path):
     assert art < n_bits / 8 + head + 8192
 
 
+@pytest.mark.slow  # two 2-process runs; `make test-slow` runs it
 def test_mask_tuning_ddp_cpu(tmp_path):
     from tests.helpers import run_train_ddp
 

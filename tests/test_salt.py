@@ -265,6 +265,7 @@ def test_tiny_run_trains_reloads_and_merges(tmp_path):
     assert all(torch.count_nonzero(mod.Y) > 0 for mod in model.modules() if isinstance(mod, SALTLinear))
 
 
+@pytest.mark.slow  # two 2-process runs; `make test-slow` runs it
 def test_ddp_cpu_runs_hydra_and_salt(tmp_path):
     """trainer=ddp_cpu (two processes) for both methods; each rank recomputes SALT's SVD at attach."""
     from tests.helpers import run_train_ddp
