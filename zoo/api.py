@@ -62,6 +62,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
         a.unmerge()
         a.unload()
     bb.adapters.clear()
+    for p in bb.parameters():  # back to a frozen plain backbone (undoes full / bitfit marking)
+        p.requires_grad_(False)
     return model
 
 
@@ -130,6 +132,17 @@ def extra_loss(model: nn.Module, ctx: StepContext) -> torch.Tensor | None:
 def before_optimizer_step(model: nn.Module) -> None:
     for a in adapters_of(model):
         a.before_optimizer_step()
+
+
+def set_task(model: nn.Module, task_ids: torch.Tensor | int | None) -> None:
+    """Tell every attached adapter which task the next forward's samples belong to.
+
+    ``task_ids``: an int (the whole batch), a ``(B,)`` tensor (one id per sample) or ``None``
+    (forget; task-routed adapters then use task 0). Adapters without task routing ignore it.
+    Call it before each forward of a multi-task batch.
+    """
+    for a in adapters_of(model):
+        a.set_task(task_ids)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

@@ -12,6 +12,7 @@ Optional capabilities (each a no-op by default, called by tasks without knowing 
 * ``extra_loss(ctx)``: a regulariser added to the task loss; ``ctx`` is a :class:`StepContext`.
 * ``before_optimizer_step()``: gradient surgery after backward, before the optimizer step.
 * ``param_groups(lr, weight_decay)``: optimizer groups with their own learning rates.
+* ``set_task(task_ids)``: the current batch's task id(s), for task-routed methods (MHR).
 * ``export_state(state)`` / ``import_state(state)``: method-specific storage in the artifact.
 """
 from __future__ import annotations
@@ -191,6 +192,9 @@ class Adapter:
 
     def before_optimizer_step(self) -> None:
         pass
+
+    def set_task(self, task_ids: torch.Tensor | int | None) -> None:
+        """The task id(s) of the next forward: an int, a ``(B,)`` tensor (one per sample) or ``None``."""
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict] | None:
         """Optimizer groups for this adapter's parameters; ``None`` means 'the default group'."""

@@ -172,9 +172,10 @@ class LoRA(Adapter):
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
+        sites = self.sites(self.targets, self.layers)
         bad = [t for t in self.targets if t not in LINEAR_SITES]
         if bad:
             raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
-        for group in group_by_module(self.sites(self.targets, self.layers)):
+        for group in group_by_module(sites):
             slices = {s.kind: s.out_slice for s in group}
             self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices))
