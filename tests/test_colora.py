@@ -248,3 +248,52 @@ def test_vit_rejects_qkv_slices():
     model = tiny_vit_classifier()
     with pytest.raises(zoo.SiteError, match="use 'qkv'"):
         zoo.apply_adapter(model, "colora", targets=["q", "v"])
+
+
+# ------------------------------------------------------------------------------ integration (train.py's job)
+COLORA_TINY = ["experiment=tiny", "adapter=colora", "adapter.finetune_steps=3", "adapter.faig_steps=2",
+               "adapter.faig_batches=1", "adapter.budget=0.2"]
+
+
+def _trained_lora_b(out_dir) -> dict[str, float]:
+    from safetensors.torch import load_file
+
+    state = load_file(f"{out_dir}/adapter/adapter.safetensors")
+    return {k: float(v.abs().max()) for k, v in state.items() if ".lora_B." in k}
+
+
+def test_tiny_run_prepares_trains_the_lora_and_round_trips(tmp_path):
+    import lightning as L
+
+    from tasks.runner import build_task
+    from tests.helpers import compose_config, run_train
+
+    assert compose_config(COLORA_TINY).adapter.name == "colora"
+    m = run_train(COLORA_TINY, tmp_path)
+    assert m["train_loss_last"] < m["train_loss_first"]
+    assert m["trainable_params"] > 0  # counted after prepare
+    b = _trained_lora_b(m["out_dir"])
+    assert len(b) == 8 and min(b.values()) > 0  # the optimizer saw the LoRA that prepare added
+    meta = json.loads(open(f"{m['out_dir']}/adapter/adapter.json").read())
+    ranks = meta["methods"][0]["config"]["ranks"]
+    assert len(ranks) == 8 and all(r >= 1 for r in ranks.values())
+
+    L.seed_everything(0)
+    model = build_task(compose_config(COLORA_TINY)).model
+    zoo.remove_adapters(model)
+    zoo.load_adapter(model, f"{m['out_dir']}/adapter")  # no prepare: shapes from the JSON's ranks
+    assert model.backbone.adapters[0].ranks == ranks
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = model.eval()(x)
+        zoo.merge_adapters(model, unload=True)
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_cpu_runs_colora(tmp_path):
+    """Two processes: both must hold the same prepared model (same ranks) for DDP to run."""
+    from tests.helpers import run_train_ddp
+
+    m = run_train_ddp(COLORA_TINY, tmp_path)
+    assert m["train_loss_last"] is not None and m["trainable_params"] > 0
+    assert min(_trained_lora_b(m["out_dir"]).values()) > 0

@@ -190,3 +190,34 @@ def test_orthogonality_on_clip_visual_tower():
         assert norm > 1e-3
         assert (u.t() @ dw).norm() <= 1e-4 * norm
         assert (dw @ v).norm() <= 1e-4 * norm
+
+
+# ------------------------------------------------------------------------------ integration (train.py's job)
+def test_tiny_run_trains_and_its_artifact_is_orthogonal_and_mergeable(tmp_path):
+    import lightning as L
+
+    from tasks.runner import build_task
+    from tests.helpers import compose_config, run_train
+
+    overrides = ["experiment=tiny", "adapter=comp_lora", "adapter.k=4", "task.optimizer.lr=2e-2"]
+    assert compose_config(overrides).adapter.name == "comp_lora"
+    m = run_train(overrides, tmp_path)
+    assert m["train_loss_last"] < m["train_loss_first"]
+    assert m["trainable_params"] == 2 * 3 * (2 * 64 + 64 * 2)  # depth 2, q/k/v, r = 2, d = 64
+
+    L.seed_everything(0)  # the run's seed: the same random base weights (the fingerprint checks it)
+    model = build_task(compose_config(overrides)).model
+    zoo.remove_adapters(model)
+    zoo.load_adapter(model, f"{m['out_dir']}/adapter")
+    mod = model.backbone.adapters[0].modules[0]  # block 0's qkv
+    w0 = slice_weights(mod)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = model.eval()(x)
+        zoo.merge_adapters(model, unload=False)
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+    for name, w in slice_weights(mod).items():
+        dw = w - w0[name]
+        u, _, v = top_k(w0[name], 4)
+        assert dw.norm() > 0
+        assert (u.t() @ dw).norm() <= 1e-4 * dw.norm() and (dw @ v).norm() <= 1e-4 * dw.norm()
