@@ -2,8 +2,9 @@
 
 It owns the head (``zoo.ImageClassifier``), the loss, torchmetrics accuracy and the optimizer
 (AdamW over the trainable parameters only, in the groups the adapters ask for, with linear
-warm-up then cosine decay per step), and calls the adapter hooks: ``prepare`` before training,
-``extra_loss`` each step, ``before_optimizer_step`` after backward. Checkpoints hold only the
+warm-up then cosine decay per step), and calls the adapter hooks: ``extra_loss`` each step,
+``before_optimizer_step`` after backward (``prepare`` runs in ``tasks.runner.train``, before ``fit``
+builds the optimizer). Checkpoints hold only the
 adapter and head tensors (the frozen backbone is rebuilt from its config).
 """
 from __future__ import annotations
@@ -62,7 +63,6 @@ class ClassificationTask(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._prepared = False
 
     def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
         """The model this task trains (subclasses with other heads override it)."""
@@ -74,12 +74,6 @@ class ClassificationTask(L.LightningModule):
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-
-    def on_fit_start(self) -> None:
-        # data-driven adapter stages (e.g. CoLoRA) run once, before the first step
-        if not self._prepared and self.trainer.ckpt_path is None:
-            zoo.prepare_adapters(self.model, self.trainer.datamodule.train_dataloader())
-        self._prepared = True
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]

@@ -133,6 +133,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg, task)
     has_val = getattr(dm, "has_val", True)
     trainer = build_trainer(cfg, has_val)
+    if cfg.get("train", True):
+        # Data-driven adapter stages (CoLoRA) add parameters, so they run here, in the main
+        # process, before fit builds the optimizer and wraps DDP (ddp_spawn children receive
+        # this model). Also on resume, so the checkpoint's tensors have a place (prepare is seeded).
+        dm.prepare_data()
+        dm.setup("fit")
+        zoo.prepare_adapters(task.model, dm.train_dataloader())
     trainable, total = zoo.count_parameters(task.model)
     bb_params = zoo.count_parameters(zoo.find_backbone(task.model))[1]
     log.info("adapter %s: %s trainable of %s parameters (%.3f%% of the backbone)",
