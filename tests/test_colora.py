@@ -290,6 +290,7 @@ def test_tiny_run_prepares_trains_the_lora_and_round_trips(tmp_path):
         torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a 2-process run; `make test-slow` runs it
 def test_ddp_cpu_runs_colora(tmp_path):
     """Two processes: both must hold the same prepared model (same ranks) for DDP to run."""
     from tests.helpers import run_train_ddp
