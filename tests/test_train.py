@@ -102,5 +102,7 @@ def test_init_from_artifact(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     bad = compose_config(["experiment=tiny", "adapter=ssf", f"+adapter.init_from={art}"])
-    with pytest.raises(ValueError, match="use adapter=lora"):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="use adapter=lora"):
         build_task(bad)

@@ -44,15 +44,21 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
         bb.fingerprint()  # of the base weights, before anything changes
         for p in bb.parameters():
             p.requires_grad_(False)
-    adapter.backbone = bb
+    attach_adapter(adapter, bb)
+    bb.adapters.append(adapter)
+    return model
+
+
+def attach_adapter(adapter: Adapter, target: nn.Module) -> Adapter:
+    """Attach ``adapter`` to ``target`` and mark what trains; on failure, undo what was attached."""
+    adapter.backbone = target
     try:
-        adapter.attach(bb)
+        adapter.attach(target)
     except Exception:
         adapter.unload()
         raise
     adapter.mark_trainable()
-    bb.adapters.append(adapter)
-    return model
+    return adapter
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:

@@ -58,11 +58,27 @@ class WrappedLayer(AdapterModule):
                 self.unmerge_from_base()
             self.merged = False
 
+    def linear(self) -> nn.Linear:
+        """The original Linear under this wrapper (and any wrappers below it)."""
+        return inner_layer(self.base, nn.Linear, type(self).__name__)
+
     def merge_into_base(self) -> None:  # pragma: no cover - overridden by mergeable wrappers
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
     def unmerge_from_base(self) -> None:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+
+def inner_layer(module: nn.Module, kind: type = nn.Linear, who: str = "this adapter") -> nn.Module:
+    """Follow ``.base`` through wrappers to the original layer, which must be a ``kind``."""
+    from zoo.sites import SiteError
+
+    m = module
+    while isinstance(m, WrappedLayer):
+        m = m.base
+    if not isinstance(m, kind):
+        raise SiteError(f"{who} wraps {kind.__name__} layers, got {type(m).__name__}")
+    return m
 
 
 @dataclass

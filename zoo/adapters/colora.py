@@ -390,14 +390,8 @@ def apply_to_module(module: nn.Module, **config: Any) -> CoLoRA:
     Returns the adapter; then ``adapter.prepare(module_or_wrapper, dataloader)``, train, and
     ``adapter.merge()`` / ``adapter.unload()`` as usual.
     """
-    adapter = CoLoRA.from_config(**config)
+    from zoo.api import attach_adapter
+
     for p in module.parameters():
         p.requires_grad_(False)
-    adapter.backbone = module
-    try:
-        adapter.attach(module)
-    except Exception:
-        adapter.unload()
-        raise
-    adapter.mark_trainable()
-    return adapter
+    return attach_adapter(CoLoRA.from_config(**config), module)

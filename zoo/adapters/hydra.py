@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.adapters.base import inner_layer, Adapter, WrappedLayer
 from zoo.sites import LINEAR_SITES, SiteError
 
 INITS = ("xavier", "normal", "kaiming")
@@ -82,7 +82,7 @@ class HydraLinear(WrappedLayer):
     def __init__(self, base: nn.Module, par_rank: int = 2, seq_rank: int = 2, scale: float = 1.0,
                  dropout: float = 0.0, bias: bool = True, init: str = "xavier"):
         super().__init__(base)
-        lin = _innermost(base)
+        lin = _inner_linear(base)
         kw = dict(device=lin.weight.device, dtype=lin.weight.dtype)
         self.scale = float(scale)
         self.par = LowRankBranch(lin.in_features, lin.out_features, par_rank, dropout, bias, init, **kw)
@@ -121,7 +121,7 @@ class HydraLinear(WrappedLayer):
             lin.bias.copy_(b.to(lin.bias.dtype))
 
     def unmerge_from_base(self) -> None:
-        lin = _innermost(self.base)
+        lin = _inner_linear(self.base)
         w0, b0 = self._orig
         lin.weight.copy_(w0)
         if b0 is None:
@@ -131,13 +131,6 @@ class HydraLinear(WrappedLayer):
         del self._orig
 
 
-def _innermost(module: nn.Module) -> nn.Linear:
-    m = module
-    while isinstance(m, WrappedLayer):
-        m = m.base
-    if not isinstance(m, nn.Linear):
-        raise SiteError(f"Hydra wraps nn.Linear layers, got {type(m).__name__}")
-    return m
 
 
 def _linear_for_merge(wrapper: WrappedLayer) -> nn.Linear:
@@ -154,7 +147,7 @@ def _linear_for_merge(wrapper: WrappedLayer) -> nn.Linear:
                 "before it first (zoo.merge_adapters merges all of them in order)"
             )
         m = m.base
-    return _innermost(m)
+    return _inner_linear(m)
 
 
 @register_adapter("hydra")
@@ -182,3 +175,7 @@ class Hydra(Adapter):
         for site in self.sites(self.targets, self.layers):
             self.replace(site, HydraLinear(site.module, self.par_rank, self.seq_rank, self.scale,
                                            self.dropout, self.bias, self.init))
+
+
+def _inner_linear(module: nn.Module) -> nn.Linear:
+    return inner_layer(module, nn.Linear, "Hydra")

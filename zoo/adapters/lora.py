@@ -32,11 +32,7 @@ class LoRALinear(WrappedLayer):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  slices: dict[str, slice | None] | None = None):
         super().__init__(base)
-        linear = base
-        while isinstance(linear, WrappedLayer):
-            linear = linear.base
-        if not isinstance(linear, nn.Linear):
-            raise SiteError(f"LoRA needs an nn.Linear, got {type(linear).__name__}")
+        linear = self.linear()
         self.rank, self.scaling = rank, alpha / rank
         self.slices = dict(slices or {"all": None})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -48,12 +44,6 @@ class LoRALinear(WrappedLayer):
         })
         for i in range(n):  # peft / the paper's reference: Kaiming-uniform A per slice, zero B
             nn.init.kaiming_uniform_(self.lora_A[i * rank:(i + 1) * rank], a=math.sqrt(5))
-
-    def linear(self) -> nn.Linear:
-        m = self.base
-        while isinstance(m, WrappedLayer):
-            m = m.base
-        return m
 
     # The factors as applied. Subclasses may transform them (Comp-LoRA projects them onto a
     # subspace); forward, delta_weight and merge all go through these two methods.

@@ -154,12 +154,6 @@ class MHRLinear(WrappedLayer):
             self.routing[k] = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills, **kw).uniform_(-1e-3, 1e-3))
         self._merged_task: int | None = None
 
-    def linear(self) -> nn.Linear:
-        m = self.base
-        while isinstance(m, WrappedLayer):
-            m = m.base
-        return m
-
     def task_adapter(self, key: str, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_t, B_t)`` of slice ``key`` for one task id (an int) or per-row ids (a tensor)."""
         w = routing_weights(self.routing[key][task], self.heads, self.skills, self.gumbel and self.training)

@@ -60,17 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, StepContext, WrappedLayer
+from zoo.adapters.base import inner_layer, Adapter, StepContext, WrappedLayer
 from zoo.sites import SiteError
 
 
-def _innermost(module: nn.Module) -> nn.Linear:
-    m = module
-    while isinstance(m, WrappedLayer):
-        m = m.base
-    if not isinstance(m, nn.Linear):
-        raise SiteError(f"SALT wraps nn.Linear layers, got {type(m).__name__}")
-    return m
 
 
 def canonical_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +81,7 @@ class SALTLinear(WrappedLayer):
 
     def __init__(self, base: nn.Module, rank: int | None = None, ratio: float = 0.1, r_lora: int = 256):
         super().__init__(base)
-        lin = _innermost(base)
+        lin = _inner_linear(base)
         k = min(lin.in_features, lin.out_features)
         r = int(rank) if rank is not None else max(1, int(k * ratio))
         if not 1 <= r <= k:
@@ -108,7 +101,7 @@ class SALTLinear(WrappedLayer):
     @torch.no_grad()
     def recompute_svd(self) -> None:
         """(Re)take the SVD of the current base weight (call after changing the base weights)."""
-        lin = _innermost(self.base)
+        lin = _inner_linear(self.base)
         U, S, Vh = canonical_svd(lin.weight)
         dt = lin.weight.dtype
         self.U, self.S, self.Vh = U.to(dt), S.to(dt), Vh.to(dt)
@@ -161,12 +154,12 @@ class SALTLinear(WrappedLayer):
         return top + lora
 
     def merge_into_base(self) -> None:
-        lin = _innermost(self.base)
+        lin = _inner_linear(self.base)
         self._orig = lin.weight.detach().clone()  # exact unmerge
         lin.weight.add_(self.delta_weight().to(lin.weight.dtype))
 
     def unmerge_from_base(self) -> None:
-        _innermost(self.base).weight.copy_(self._orig)
+        _inner_linear(self.base).weight.copy_(self._orig)
         del self._orig
 
 
@@ -203,3 +196,7 @@ class SALT(Adapter):
         if self.reg_multiplier == 0 or self.merged:
             return None
         return self.reg_multiplier * self.regulariser()
+
+
+def _inner_linear(module: nn.Module) -> nn.Linear:
+    return inner_layer(module, nn.Linear, "SALT")
