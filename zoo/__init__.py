@@ -8,6 +8,7 @@ A plain PyTorch library (no Lightning, no Hydra)::
     trainable, total = zoo.count_parameters(bb)
     zoo.save_adapter(bb, "out/dir"); zoo.load_adapter(other_bb, "out/dir")
     zoo.merge_adapters(bb, unload=True)
+    model = zoo.from_zoo("vit-demo-lora")  # a published adapter, ready for inference
 """
 __version__ = "0.1.0"
 
@@ -25,10 +26,12 @@ from zoo.api import (  # noqa: E402
     param_groups,
     prepare_adapters,
     remove_adapters,
+    set_task,
     unmerge_adapters,
 )
 from zoo.backbones import BACKBONES, Backbone, WeightsUnavailableError, create_backbone, list_backbones, register_backbone  # noqa: E402
 from zoo.checkpoint import AdapterMismatchError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from zoo.heads import ImageClassifier  # noqa: E402
+from zoo.hub import from_zoo  # noqa: E402
 from zoo.registry import UnknownNameError  # noqa: E402
 from zoo.sites import SITE_KINDS, Site, SiteError, find_sites  # noqa: E402

@@ -44,15 +44,21 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
         bb.fingerprint()  # of the base weights, before anything changes
         for p in bb.parameters():
             p.requires_grad_(False)
-    adapter.backbone = bb
+    attach_adapter(adapter, bb)
+    bb.adapters.append(adapter)
+    return model
+
+
+def attach_adapter(adapter: Adapter, target: nn.Module) -> Adapter:
+    """Attach ``adapter`` to ``target`` and mark what trains; on failure, undo what was attached."""
+    adapter.backbone = target
     try:
-        adapter.attach(bb)
+        adapter.attach(target)
     except Exception:
         adapter.unload()
         raise
     adapter.mark_trainable()
-    bb.adapters.append(adapter)
-    return model
+    return adapter
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
@@ -62,6 +68,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
         a.unmerge()
         a.unload()
     bb.adapters.clear()
+    for p in bb.parameters():  # back to a frozen plain backbone (undoes full / bitfit marking)
+        p.requires_grad_(False)
     return model
 
 
@@ -130,6 +138,17 @@ def extra_loss(model: nn.Module, ctx: StepContext) -> torch.Tensor | None:
 def before_optimizer_step(model: nn.Module) -> None:
     for a in adapters_of(model):
         a.before_optimizer_step()
+
+
+def set_task(model: nn.Module, task_ids: torch.Tensor | int | None) -> None:
+    """Tell every attached adapter which task the next forward's samples belong to.
+
+    ``task_ids``: an int (the whole batch), a ``(B,)`` tensor (one id per sample) or ``None``
+    (forget; task-routed adapters then use task 0). Adapters without task routing ignore it.
+    Call it before each forward of a multi-task batch.
+    """
+    for a in adapters_of(model):
+        a.set_task(task_ids)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

@@ -27,8 +27,12 @@ class AdapterMismatchError(ValueError):
     """The artifact does not fit this model; the message names what differs."""
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, plus all tensors that adapter modules own (not their ``base``)."""
+def adapter_state_dict(model: nn.Module, export: bool = True) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, plus all tensors that adapter modules own (not their ``base``).
+
+    ``export=True`` lets each adapter transform its tensors for storage (e.g. bit-packing);
+    ``export=False`` gives the raw state that ``model.load_state_dict`` accepts.
+    """
     from zoo.api import adapters_of
 
     keep: set[str] = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -39,8 +43,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                     keep.add(f"{mname}.{k}" if mname else k)
     full = model.state_dict(keep_vars=True)
     state = {k: full[k].detach() for k in full if k in keep}
-    for a in adapters_of(model):
-        state = a.export_state(state)
+    if export:
+        for a in adapters_of(model):
+            state = a.export_state(state)
     return state
 
 
@@ -135,7 +140,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
     try:
         for a in adapters_of(model):
             state = a.import_state(state)
-        expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+        expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, export=False).items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         shapes = [f"{k}: artifact {tuple(state[k].shape)}, model {expected[k]}" for k in expected

@@ -12,6 +12,7 @@ Optional capabilities (each a no-op by default, called by tasks without knowing 
 * ``extra_loss(ctx)``: a regulariser added to the task loss; ``ctx`` is a :class:`StepContext`.
 * ``before_optimizer_step()``: gradient surgery after backward, before the optimizer step.
 * ``param_groups(lr, weight_decay)``: optimizer groups with their own learning rates.
+* ``set_task(task_ids)``: the current batch's task id(s), for task-routed methods (MHR).
 * ``export_state(state)`` / ``import_state(state)``: method-specific storage in the artifact.
 """
 from __future__ import annotations
@@ -57,11 +58,27 @@ class WrappedLayer(AdapterModule):
                 self.unmerge_from_base()
             self.merged = False
 
+    def linear(self) -> nn.Linear:
+        """The original Linear under this wrapper (and any wrappers below it)."""
+        return inner_layer(self.base, nn.Linear, type(self).__name__)
+
     def merge_into_base(self) -> None:  # pragma: no cover - overridden by mergeable wrappers
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
     def unmerge_from_base(self) -> None:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+
+def inner_layer(module: nn.Module, kind: type = nn.Linear, who: str = "this adapter") -> nn.Module:
+    """Follow ``.base`` through wrappers to the original layer, which must be a ``kind``."""
+    from zoo.sites import SiteError
+
+    m = module
+    while isinstance(m, WrappedLayer):
+        m = m.base
+    if not isinstance(m, kind):
+        raise SiteError(f"{who} wraps {kind.__name__} layers, got {type(m).__name__}")
+    return m
 
 
 @dataclass
@@ -191,6 +208,9 @@ class Adapter:
 
     def before_optimizer_step(self) -> None:
         pass
+
+    def set_task(self, task_ids: torch.Tensor | int | None) -> None:
+        """The task id(s) of the next forward: an int, a ``(B,)`` tensor (one per sample) or ``None``."""
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict] | None:
         """Optimizer groups for this adapter's parameters; ``None`` means 'the default group'."""

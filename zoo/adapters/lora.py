@@ -8,6 +8,9 @@ so the model is unchanged at init. On a fused ``qkv`` projection the delta can b
 the q, k and/or v row blocks (litgpt's ``LoRAQKVLinear``): one wrapper holds one (A, B) pair per
 slice, and ``A`` for all slices is applied in a single matmul. The delta runs on activations
 (``x -> A -> B``); ``W0 + BA`` is only formed by ``merge``.
+
+:class:`LoRAConv2d` is the same delta for a convolution (used by CoLoRA): the kernel is factored
+as a ``C_out × (C_in·k·k)`` matrix, ``A`` runs as a conv with r output channels, ``B`` as a 1×1 conv.
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer
-from zoo.sites import LINEAR_SITES, SiteError
+from zoo.sites import LINEAR_SITES, SiteError, unwrap
 
 
 class LoRALinear(WrappedLayer):
@@ -28,11 +32,7 @@ class LoRALinear(WrappedLayer):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  slices: dict[str, slice | None] | None = None):
         super().__init__(base)
-        linear = base
-        while isinstance(linear, WrappedLayer):
-            linear = linear.base
-        if not isinstance(linear, nn.Linear):
-            raise SiteError(f"LoRA needs an nn.Linear, got {type(linear).__name__}")
+        linear = self.linear()
         self.rank, self.scaling = rank, alpha / rank
         self.slices = dict(slices or {"all": None})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -45,11 +45,14 @@ class LoRALinear(WrappedLayer):
         for i in range(n):  # peft / the paper's reference: Kaiming-uniform A per slice, zero B
             nn.init.kaiming_uniform_(self.lora_A[i * rank:(i + 1) * rank], a=math.sqrt(5))
 
-    def linear(self) -> nn.Linear:
-        m = self.base
-        while isinstance(m, WrappedLayer):
-            m = m.base
-        return m
+    # The factors as applied. Subclasses may transform them (Comp-LoRA projects them onto a
+    # subspace); forward, delta_weight and merge all go through these two methods.
+    def effective_A(self) -> torch.Tensor:
+        """All slices' A stacked, ``(n·r, d_in)``."""
+        return self.lora_A
+
+    def effective_B(self, key: str) -> torch.Tensor:
+        return self.lora_B[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -59,7 +62,7 @@ class LoRALinear(WrappedLayer):
         # rather than on the d_out-wide delta. Then one matmul with all slices' B^T stacked into
         # an (n*r, d_out) matrix that is zero outside each slice's rows: no in-place slice writes
         # into ``out`` (whose backward copies and zero-fills the full output gradient).
-        h = (self.dropout(x) @ self.lora_A.t()) * self.scaling
+        h = (self.dropout(x) @ self.effective_A().t()) * self.scaling
         return out + h @ self.stacked_B_t()
 
     def stacked_B_t(self) -> torch.Tensor:
@@ -69,11 +72,11 @@ class LoRALinear(WrappedLayer):
         column-major operands, which CPU BLAS runs 5-30x slower than the h^T·g used here.
         """
         if list(self.slices.values()) == [None]:  # one delta on every row
-            return next(iter(self.lora_B.values())).t().contiguous()
+            return self.effective_B(next(iter(self.slices))).t().contiguous()
         r, lin = self.rank, self.linear()
         bt = self.lora_A.new_zeros(len(self.slices) * r, lin.out_features)
         for i, (k, s) in enumerate(self.slices.items()):
-            bt[i * r:(i + 1) * r, slice(None) if s is None else s] = self.lora_B[k].t()
+            bt[i * r:(i + 1) * r, slice(None) if s is None else s] = self.effective_B(k).t()
         return bt
 
     def delta_weight(self) -> torch.Tensor:
@@ -81,8 +84,9 @@ class LoRALinear(WrappedLayer):
         lin = self.linear()
         dw = torch.zeros_like(lin.weight)
         r = self.rank
+        a = self.effective_A()
         for i, (k, s) in enumerate(self.slices.items()):
-            d = self.scaling * self.lora_B[k] @ self.lora_A[i * r:(i + 1) * r]
+            d = self.scaling * self.effective_B(k) @ a[i * r:(i + 1) * r]
             if s is None:
                 dw += d
             else:
@@ -94,6 +98,53 @@ class LoRALinear(WrappedLayer):
 
     def unmerge_from_base(self) -> None:
         self.linear().weight -= self.delta_weight()
+
+
+class LoRAConv2d(WrappedLayer):
+    """A frozen Conv2d plus a low-rank delta on its kernel reshaped as ``C_out × (C_in·kh·kw)``.
+
+    ``A`` (r × C_in × kh × kw) runs as a convolution with r output channels and the base conv's
+    stride / padding / dilation; ``B`` (C_out × r) as a 1×1 convolution on its output, so
+
+        y = conv(x; W0) + b + (alpha / r) · B ⊛ conv(x; A),   ΔW = (alpha/r) · (B · A.flatten(1)).view_as(W0).
+
+    Kaiming-uniform ``A`` (as nn.Conv2d initialises its kernel) and zero ``B``: unchanged at init.
+    Grouped convolutions are not supported (their kernel is not one ``C_out × C_in·k²`` matrix).
+    """
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base)
+        conv = unwrap(base)
+        if not isinstance(conv, nn.Conv2d):
+            raise SiteError(f"LoRAConv2d needs an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise SiteError(f"LoRAConv2d supports groups=1 only, got a Conv2d with groups={conv.groups}")
+        self.rank, self.scaling = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = conv.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, *w.shape[1:], device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def conv(self) -> nn.Conv2d:
+        return unwrap(self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        # the base conv's own _conv_forward applies its padding mode, stride and dilation to A
+        h = self.conv()._conv_forward(self.dropout(x), self.lora_A, None)
+        return out + F.conv2d(h, self.lora_B[:, :, None, None]) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.scaling * self.lora_B @ self.lora_A.flatten(1)).view(self.conv().weight.shape)
+
+    def merge_into_base(self) -> None:
+        self.conv().weight += self.delta_weight()
+
+    def unmerge_from_base(self) -> None:
+        self.conv().weight -= self.delta_weight()
 
 
 def _rows(s: slice | None, n: int) -> int:
@@ -122,9 +173,10 @@ class LoRA(Adapter):
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
+        sites = self.sites(self.targets, self.layers)
         bad = [t for t in self.targets if t not in LINEAR_SITES]
         if bad:
             raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
-        for group in group_by_module(self.sites(self.targets, self.layers)):
+        for group in group_by_module(sites):
             slices = {s.kind: s.out_slice for s in group}
             self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices))

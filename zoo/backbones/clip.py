@@ -7,6 +7,7 @@ identical outputs), and keeps nn.MultiheadAttention's state-dict names.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,7 +144,7 @@ class CLIPBackbone(Backbone):
         if not hasattr(visual, "transformer"):
             raise ValueError(f"{model}: only ViT visual towers are supported (got {type(visual).__name__})")
         replace_multihead_attention(visual)
-        tag = f"file:{weights}" if weights else (pretrained or None)
+        tag = f"file:{Path(weights).name}" if weights else (pretrained or None)
         super().__init__(visual, model, tag, dict(kwargs))
         self.feature_dim = visual.output_dim
         self.num_prefix_tokens = 1

@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (Python 3.11 + pip, CPU, only PyPI reachable):
+#   make demo   # create .venv, pretrain the demo backbone once, run the main job, print a table
+#   make test   # create .venv if missing, run the test suite
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow venv clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+checkpoints/upstream/vit_demo.safetensors: | $(STAMP)
+	$(PY) train.py experiment=upstream
+
+demo: $(STAMP) checkpoints/upstream/vit_demo.safetensors
+	$(PY) train.py experiment=quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+clean-runs:
+	rm -rf logs

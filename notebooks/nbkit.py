@@ -1,0 +1,147 @@
+"""Small helpers shared by the notebooks: settings, the embedded data, a plain-PyTorch training loop.
+
+Only ``zoo`` (plain PyTorch) is used here, never Lightning or Hydra, so the notebooks show the
+library the way a user would call it from their own code.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import zoo  # noqa: E402
+
+SMALL = os.environ.get("ZOO_NB_SMALL", "0") not in ("", "0")  # the test suite runs the notebooks small
+IMG = 32
+TINY_VIT = dict(model="vit_tiny_patch16_224", img_size=IMG, depth=2 if SMALL else 4)
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+class ToySprites(Dataset):
+    """A stand-in for dSprites-location (16 classes): a white square whose column bin is the label.
+
+    Used only when the project's embedded VTAB-style data (``tasks.data.synthetic``) is missing.
+    """
+
+    num_classes = 16
+
+    def __init__(self, n: int, split: str = "train"):
+        g = torch.Generator().manual_seed({"train": 0, "test": 1}[split])
+        self.labels = torch.randint(0, 16, (n,), generator=g)
+        xs = 0.15 + (self.labels + torch.rand(n, generator=g)) * 0.7 / 16
+        ys = 0.15 + 0.7 * torch.rand(n, generator=g)
+        grid = (torch.arange(IMG) + 0.5) / IMG
+        half = 0.06
+        mx = ((grid[None, :] - xs[:, None]).abs() < half).float()
+        my = ((grid[None, :] - ys[:, None]).abs() < half).float()
+        img = my[:, :, None] * mx[:, None, :]  # (n, H, W)
+        self.images = ((img[:, None].expand(-1, 3, -1, -1) - 0.5) / 0.5).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def embedded_dataset(task: str = "dsprites_loc", n: int = 256, split: str = "train") -> Dataset:
+    """``n`` images of the project's synthetic VTAB-style ``task`` as normalised tensors."""
+    try:
+        from torchvision import transforms
+
+        from tasks.data.synthetic import RenderedDataset  # plain torch Dataset, no Lightning
+
+        tf = transforms.Compose([transforms.Resize(IMG), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+        return RenderedDataset(task, n, split, transform=tf)
+    except ImportError:
+        return ToySprites(n, split)
+
+
+def loaders(task: str = "dsprites_loc", n_train: int | None = None, n_test: int | None = None, batch_size: int = 32):
+    n_train = n_train or (128 if SMALL else 512)
+    n_test = n_test or (64 if SMALL else 256)
+    tr, te = embedded_dataset(task, n_train, "train"), embedded_dataset(task, n_test, "test")
+    return (DataLoader(tr, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
+            DataLoader(te, batch_size=64), getattr(tr, "num_classes", 16))
+
+
+def upstream_weights(folder: str | os.PathLike) -> Path:
+    """A weights file for the notebooks' backbone: the demo's upstream ViT if ``make demo`` ran,
+    else a seeded random tiny ViT saved to ``folder`` (so artifacts can pin its fingerprint)."""
+    demo = ROOT / "checkpoints" / "upstream" / "vit_demo.safetensors"
+    if demo.is_file() and not SMALL:
+        return demo
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "nb_vit.safetensors"
+    torch.manual_seed(0)
+    bb = zoo.create_backbone("vit", pretrained=False, **TINY_VIT)
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(path))
+    return path
+
+
+def backbone_kwargs(weights: Path) -> dict:
+    """Build options matching ``weights`` (the demo file records its own in the local zoo)."""
+    if weights.name == "vit_demo.safetensors":
+        for e in zoo.hub.list_entries(kind="backbone"):
+            if e.backbone.get("weights_tag") == "file:vit_demo.safetensors":
+                return {"model": e.backbone["model"], **(e.backbone.get("kwargs") or {})}
+    return dict(TINY_VIT)
+
+
+def train_steps(model: nn.Module, loader, steps: int, lr: float = 1e-3, weight_decay: float = 0.0) -> list[float]:
+    """A plain PyTorch loop that honours every adapter hook (what the Lightning task does)."""
+    model.train()
+    zoo.prepare_adapters(model, loader)
+    opt = torch.optim.AdamW(zoo.param_groups(model, lr, weight_decay))
+    loss_fn = nn.CrossEntropyLoss()
+    losses, it = [], iter(loader)
+    for _ in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        ctx = zoo.StepContext(model=model, inputs=x, targets=y, outputs=logits, loss=loss, loss_fn=loss_fn,
+                              forward=model, batch=(x, y))
+        extra = zoo.extra_loss(model, ctx)
+        total = loss if extra is None else loss + extra
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        zoo.before_optimizer_step(model)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader) -> float:
+    model.eval()
+    right = total = 0
+    for x, y in loader:
+        right += int((model(x).argmax(-1) == y).sum())
+        total += len(y)
+    return right / max(1, total)
+
+
+def human(n: float) -> str:
+    if n <= 0:
+        return "0"
+    k = min(int(math.log10(n) // 3), 3)
+    return f"{n / 10 ** (3 * k):.3g}{['', 'K', 'M', 'B'][k]}"

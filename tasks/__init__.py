@@ -1,0 +1,1 @@
+"""Lightning tasks and data for Adapter Zoo (``train.py -> tasks -> zoo``)."""

@@ -1,0 +1,1 @@
+"""DataModules, one per dataset family."""

@@ -1,0 +1,203 @@
+"""VTAB-1k in the file-list layout of NOAH / FacT / V-PETL Bench.
+
+    <root>/<task>/train800.txt         lines: images/<split>/<id>.jpg <label>
+    <root>/<task>/val200.txt
+    <root>/<task>/train800val200.txt
+    <root>/<task>/test.txt
+    <root>/<task>/images/...
+
+Protocols: ``tune`` trains on train800 and validates (selects) on val200; ``final`` trains on
+train800val200 and evaluates test once at the end. Test is never used for selection.
+Images are resized to the backbone's input size (no crop) and normalised, as in NOAH/FacT.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+# canonical name -> (group, classes, folder aliases used by other repositories)
+VTAB_TASKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "cifar": ("natural", 100, ("cifar100", "cifar_100")),
+    "caltech101": ("natural", 102, ("caltech", "caltech_101")),
+    "dtd": ("natural", 47, ()),
+    "oxford_flowers102": ("natural", 102, ("flowers102", "flowers", "oxford_flowers")),
+    "oxford_iiit_pet": ("natural", 37, ("pets", "oxford_pet", "pet")),
+    "svhn": ("natural", 10, ("svhn_cropped",)),
+    "sun397": ("natural", 397, ("sun",)),
+    "patch_camelyon": ("specialized", 2, ("camelyon", "pcam")),
+    "eurosat": ("specialized", 10, ()),
+    "resisc45": ("specialized", 45, ("resisc",)),
+    "diabetic_retinopathy": ("specialized", 5, ("retinopathy", "diabetic_retinopathy_detection")),
+    "clevr_count": ("structured", 8, ("clevr_count_all",)),
+    "clevr_dist": ("structured", 6, ("clevr_closest_object_distance", "clevr_distance")),
+    "dmlab": ("structured", 6, ()),
+    "kitti": ("structured", 4, ("kitti_dist", "kitti_closest_vehicle_distance")),
+    "dsprites_loc": ("structured", 16, ("dsprites_location", "dsprites_label_x_position")),
+    "dsprites_ori": ("structured", 16, ("dsprites_orientation", "dsprites_label_orientation")),
+    "smallnorb_azi": ("structured", 18, ("snorb_azi", "smallnorb_azimuth", "smallnorb_label_azimuth")),
+    "smallnorb_ele": ("structured", 9, ("snorb_ele", "smallnorb_elevation", "smallnorb_label_elevation")),
+}
+GROUPS = ("natural", "specialized", "structured")
+SPLIT_FILES = {"tune": ("train800", "val200", None), "final": ("train800val200", None, "test")}
+
+
+def canonical_task(name: str) -> str:
+    """Map any folder alias to the canonical VTAB task name."""
+    key = name.lower()
+    for canon, (_, _, aliases) in VTAB_TASKS.items():
+        if key == canon or key in aliases:
+            return canon
+    raise ValueError(f"unknown VTAB task {name!r}; valid tasks: {', '.join(VTAB_TASKS)} (aliases accepted)")
+
+
+def num_classes(name: str) -> int:
+    return VTAB_TASKS[canonical_task(name)][1]
+
+
+def layout_help(root: Path, task: str) -> str:
+    return (
+        f"VTAB-1k data for task {task!r} not found under {root}.\n"
+        f"Expected layout (NOAH / FacT / V-PETL file lists):\n"
+        f"  {root}/{task}/train800.txt, val200.txt, train800val200.txt, test.txt  (lines: images/<split>/<id>.jpg <label>)\n"
+        f"  {root}/{task}/images/...\n"
+        f"Point to your copy with data.root=/path/to/vtab-1k (folder aliases such as "
+        f"{', '.join(VTAB_TASKS[task][2][:2]) or task} are accepted), or run the embedded tasks with "
+        f"experiment=quickstart."
+    )
+
+
+def find_task_dir(root: Path, task: str) -> Path | None:
+    canon = canonical_task(task)
+    for name in (canon, *VTAB_TASKS[canon][2]):
+        if (root / name / "train800.txt").is_file():
+            return root / name
+    return None
+
+
+def read_list(path: Path) -> list[tuple[str, int]]:
+    items = []
+    for ln, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{ln}: expected '<image path> <label>', got {line!r}")
+        items.append((parts[0], int(parts[1])))
+    return items
+
+
+class FileListDataset(Dataset):
+    """Images listed in a VTAB file list; ``cache=True`` keeps the transformed tensors in memory."""
+
+    def __init__(self, folder: Path, list_name: str, transform: Callable, cache: bool = False):
+        self.folder, self.transform = folder, transform
+        self.items = read_list(folder / f"{list_name}.txt")
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        rel, label = self.items[i]
+        if self._cache is not None and i in self._cache:
+            return self._cache[i], label
+        with Image.open(self.folder / rel) as im:
+            x = self.transform(im.convert("RGB"))
+        if self._cache is not None:
+            self._cache[i] = x
+        return x, label
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch): a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` on the sampler each epoch (as for DistributedSampler).
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_transform(img_size: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> Callable:
+    ops = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()]
+    if mean is not None and std is not None:
+        ops.append(T.Normalize(tuple(mean), tuple(std)))
+    return T.Compose(ops)
+
+
+class VTABDataModule(L.LightningDataModule):
+    """One VTAB-1k task. ``generate=True`` writes the embedded synthetic task if it is missing."""
+
+    def __init__(self, root: str, dataset: str, protocol: str = "tune", batch_size: int = 64,
+                 eval_batch_size: int | None = None, num_workers: int = 4, img_size: int = 224,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 generate: bool = False, cache: bool = False, seed: int = 0):
+        super().__init__()
+        if protocol not in SPLIT_FILES:
+            raise ValueError(f"unknown protocol {protocol!r}; valid: tune (train800 / val200), final (train800val200 / test)")
+        self.root, self.task = Path(root).expanduser(), canonical_task(dataset)
+        self.protocol, self.batch_size = protocol, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.generate, self.cache, self.seed = num_workers, generate, cache, seed
+        self.transform = make_transform(img_size, mean, std)
+        self.num_classes = VTAB_TASKS[self.task][1]
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def has_val(self) -> bool:
+        return SPLIT_FILES[self.protocol][1] is not None
+
+    def prepare_data(self) -> None:
+        if self.generate and find_task_dir(self.root, self.task) is None:
+            from tasks.data.synthetic import DOWNSTREAM, write_task
+
+            if self.task not in DOWNSTREAM:
+                raise FileNotFoundError(f"{self.task!r} is not an embedded task (embedded: {', '.join(DOWNSTREAM)})\n"
+                                        + layout_help(self.root, self.task))
+            write_task(self.root, self.task)
+
+    def setup(self, stage: str | None = None) -> None:
+        folder = find_task_dir(self.root, self.task)
+        if folder is None:
+            raise FileNotFoundError(layout_help(self.root, self.task))
+        train, val, test = SPLIT_FILES[self.protocol]
+        self.train_set = FileListDataset(folder, train, self.transform, self.cache)
+        self.val_set = FileListDataset(folder, val, self.transform, self.cache) if val else None
+        self.test_set = FileListDataset(folder, test, self.transform, self.cache) if test else None
+
+    def _loader(self, ds, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochSeededSampler(len(ds), self.seed) if train else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False) if self.val_set is not None else []
+
+    def test_dataloader(self):
+        if self.test_set is None:
+            raise RuntimeError("protocol=tune has no test split (test is never used for selection); use task.protocol=final")
+        return self._loader(self.test_set, False)

@@ -1,0 +1,69 @@
+"""Run train.py's job in-process (fast) or as two DDP processes, for tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+
+def compose_config(overrides: list[str], out_dir: Path | None = None):
+    """Compose conf/train.yaml with ``overrides`` as Hydra would (no run directory)."""
+    from tasks.runner import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=False)
+    if out_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def run_train(overrides: list[str], tmp_path: Path) -> dict[str, Any]:
+    """Train in this process with ``overrides`` (e.g. ``["experiment=tiny", "adapter=lora"]``).
+
+    Returns the run's metrics (``metrics.json``) plus ``out_dir``.
+    """
+    from tasks.runner import train
+
+    out = Path(tmp_path) / "run"
+    cfg = compose_config(overrides, out)
+    metrics = train(cfg)
+    return {**json.loads((out / "metrics.json").read_text()), "out_dir": str(out)}
+
+
+def run_train_ddp(overrides: list[str], tmp_path: Path, timeout: int = 600) -> dict[str, Any]:
+    """``python train.py <overrides> trainer=ddp_cpu`` in a subprocess (two CPU ranks)."""
+    out = Path(tmp_path) / "ddp_run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "trainer=ddp_cpu", f"hydra.run.dir={out}"]
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"DDP run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return {**json.loads((out / "metrics.json").read_text()), "out_dir": str(out), "log": proc.stdout + proc.stderr}
+
+
+class StopAfterEpochs:
+    """Lightning callback (for tests) that interrupts training after ``epochs`` epochs."""
+
+    def __new__(cls, epochs: int = 1):
+        import lightning as L
+
+        class _Stop(L.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch + 1 >= epochs:
+                    trainer.should_stop = True
+
+        return _Stop()

@@ -1,0 +1,213 @@
+"""1-bit / low-bit adapters: codebook, quantiser, STE, packed artifact size, exact reload, merge."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+import zoo
+from zoo.adapters.onebit import EPS, QLinear, gaussian_codebook, pack_bits, unpack_bits
+
+
+def tiny(num_classes=5, depth=2, model="vit_tiny_patch16_224", **cfg):
+    torch.manual_seed(0)
+    bb = zoo.create_backbone("vit", model=model, pretrained=False, img_size=32, depth=depth)
+    m = zoo.ImageClassifier(bb, num_classes)
+    zoo.apply_adapter(m, "onebit", **cfg)
+    return m
+
+
+def qlinears(model):
+    return [q for _, q in zoo.adapters_of(model)[0].qlinears()]
+
+
+def test_codebook_matches_the_reference_table():
+    levels, thr = gaussian_codebook(1)
+    assert thr == (0.0,) and levels == pytest.approx((-0.6745, 0.6745), abs=1e-4)
+    levels, thr = gaussian_codebook(2)
+    assert levels == pytest.approx((-1.2657, -0.3778, 0.3778, 1.2657), abs=1e-4)
+    assert thr == pytest.approx((-0.8217, 0.0, 0.8217), abs=1e-4)
+    levels, _ = gaussian_codebook(4)
+    assert len(levels) == 16 and levels[8] == pytest.approx(0.1056, abs=1e-4) and levels[-1] == pytest.approx(2.2655, abs=1e-4)
+    assert len(gaussian_codebook(8)[0]) == 256
+    # the L1 fixed point: every level is the median of its cell under N(0, 1)
+    for bits in (1, 2, 4):
+        levels, thr = (torch.tensor(v, dtype=torch.float64) for v in gaussian_codebook(bits))
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr(thr), torch.ones(1, dtype=torch.float64)])
+        torch.testing.assert_close(torch.special.ndtr(levels), (cdf[1:] + cdf[:-1]) / 2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_used_weight_takes_exactly_2_pow_bits_values(bits):
+    torch.manual_seed(0)
+    q = QLinear(512, 256, bits)
+    with torch.no_grad():
+        q.weight.normal_(0.3, 2.0)  # Gaussian latent weights reach every cell, even 8-bit's outermost
+    for mode in (True, False):
+        q.train(mode)
+        w = q.used_weight().detach()
+        values = torch.unique(w)
+        assert values.numel() == 2 ** bits
+        mu, sd = q.weight.mean(), q.weight.std()
+        torch.testing.assert_close(values, torch.tensor(gaussian_codebook(bits)[0]).float() * sd + mu)
+
+
+def test_one_bit_is_mean_plus_scaled_sign():
+    torch.manual_seed(1)
+    q = QLinear(16, 8, 1)
+    w = q.weight.detach()
+    want = w.mean() + 0.6745 * w.std() * torch.sign(w - w.mean())
+    torch.testing.assert_close(q.used_weight().detach(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_straight_through_gradient():
+    """The latent gradient equals the reference's STE expression ``Q(Wn).detach() + Wn − Wn.detach()``
+    (identity through Wn, and through μ and σ, which are not detached)."""
+    torch.manual_seed(2)
+    q = QLinear(12, 6, 1)
+    x, r = torch.randn(5, 12), torch.randn(5, 6)
+    (q(x) * r).sum().backward()
+    w = q.weight.detach().clone().requires_grad_()
+    mu, sd = w.mean(), w.std()
+    wn = (w - mu) / (sd + EPS)
+    qn = 0.6745 * torch.sign(wn.detach())
+    (F.linear(x, (qn + wn - wn.detach()) * sd + mu) * r).sum().backward()
+    assert q.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(q.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+    # and it is not the gradient of a detached (no-STE) quantiser, which reaches W only via μ, σ
+    v = q.weight.detach().clone().requires_grad_()
+    (F.linear(x, qn * v.std() + v.mean()) * r).sum().backward()
+    assert not torch.allclose(v.grad, w.grad, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_unpack_round_trip(bits):
+    idx = torch.randint(0, 2 ** bits, (101,))
+    packed = pack_bits(idx, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(101 * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, 101), idx)
+    if bits == 1:  # first element in the lowest bit, as the reference
+        assert pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1]), 1).item() == 0b10000001
+
+
+def train_a_bit(model, steps=3):
+    opt = torch.optim.AdamW(zoo.param_groups(model, 1e-2, 1e-4))
+    model.train()
+    torch.manual_seed(3)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("base,bits", [("adaptformer", 1), ("lora", 2), ("adaptformer", 32)])
+def test_artifact_is_packed_and_reload_is_exact(tmp_path, base, bits):
+    model = tiny(base=base, bits=bits, dim=4)
+    train_a_bit(model)
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    want = model(x)
+    zoo.save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        payload = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+    head = (192 * 5 + 5) * 4
+    if bits == 32:  # plain fp32 Linears, no packing
+        n = sum(p.numel() for p in zoo.adapters_of(model)[0].adapter_parameters())
+        assert payload == n * 4 + head
+    else:
+        mats = qlinears(model)
+        assert {k for k in keys if "onebit" in k} == {"backbone.onebit.0.codes", "backbone.onebit.0.stats"}
+        assert payload == sum(math.ceil(q.weight.numel() * bits / 8) for q in mats) + 8 * len(mats) + head
+    torch.manual_seed(0)
+    other = zoo.ImageClassifier(zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2), 5)
+    zoo.load_adapter(other, tmp_path)
+    other.eval()
+    assert torch.equal(other(x), want)
+    if bits < 32:  # training mode again continues from the dequantised weights
+        q = qlinears(other)[0]
+        other.train()
+        assert q._codes is None
+        torch.testing.assert_close(q.weight, qlinears(model)[0].used_weight(), atol=0, rtol=0)
+
+
+def test_vit_b_artifact_size_matches_the_formula(tmp_path):
+    """Bi-AdaptFormer_32 on ViT-B: 12 × 2 × 768 × 32 bits = 72 KB (the reference README) + stats + head."""
+    model = tiny(num_classes=10, depth=12, model="vit_base_patch16_224")
+    zoo.save_adapter(model, tmp_path)
+    codes = 12 * 2 * 768 * 32 // 8
+    assert codes == 72 * 1024
+    want = codes + 8 * 24 + (768 * 10 + 10) * 4
+    size = (tmp_path / "adapter.safetensors").stat().st_size
+    assert want <= size <= 1.01 * want
+
+
+def test_bi_lora_merge_matches_the_branch():
+    model = tiny(base="lora", dim=4, scale=10.0)
+    train_a_bit(model)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    want = model(x)
+    zoo.merge_adapters(model, unload=False)
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    zoo.unmerge_adapters(model)
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bi_adaptformer_is_not_mergeable_and_counts():
+    model = tiny(dim=4)
+    with pytest.raises(zoo.NotMergeableError):
+        zoo.merge_adapters(model)
+    d, r = 192, 4
+    assert sum(p.numel() for p in zoo.adapters_of(model)[0].adapter_parameters()) == 2 * 2 * d * r  # no biases
+    lora = tiny(base="lora", dim=4)
+    assert sum(p.numel() for p in zoo.adapters_of(lora)[0].adapter_parameters()) == 2 * 2 * (d * r + r * d)
+
+
+def test_bits_32_is_plain_and_identity_at_init():
+    torch.manual_seed(0)
+    bb = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    bb.eval()
+    want = bb(x)
+    zoo.apply_adapter(bb, "onebit", bits=32, dim=4)
+    bb.eval()
+    assert not qlinears(bb)
+    assert torch.equal(bb(x), want)
+
+
+@pytest.mark.parametrize("cfg,msg", [({"bits": 3}, "1, 2, 4, 8, 32"), ({"base": "vpt"}, "adaptformer, lora")])
+def test_bad_options_list_valid_ones(cfg, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny(**cfg)
+
+
+# ---------------------------------------------------------------------- through train.py's job
+@pytest.mark.parametrize("base", ["adaptformer", "lora"])
+def test_tiny_run_trains_and_packed_artifact_round_trips(tmp_path, base):
+    from pathlib import Path
+
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from tasks.runner import build_task
+    from tests.helpers import compose_config, run_train
+
+    overrides = ["experiment=tiny", "adapter=onebit", f"adapter.base={base}", "adapter.scale=1.0"]
+    m = run_train(overrides, tmp_path)
+    assert m["adapter"] == "onebit"
+    assert m["train_loss_last"] < m["train_loss_first"]
+    art = Path(m["out_dir"]) / "adapter"
+    saved = load_file(str(art / "adapter.safetensors"))
+    codes = [v for k, v in saved.items() if k.endswith("onebit.0.codes")]
+    assert len(codes) == 1 and codes[0].dtype == torch.uint8
+    L.seed_everything(0)
+    fresh = build_task(compose_config(overrides)).model
+    zoo.remove_adapters(fresh)
+    zoo.load_adapter(fresh, art)
+    state = zoo.adapter_state_dict(fresh)  # packed again from the reloaded codes: identical bytes
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)

@@ -1,0 +1,108 @@
+"""End-to-end runs of train.py's job on the embedded tasks."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from tests.helpers import compose_config, run_train, run_train_ddp
+
+ADAPTERS = ["linear", "full", "bitfit", "lora", "adapter", "vpt", "ssf"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_baseline_configs_train(adapter, tmp_path):
+    m = run_train(["experiment=tiny", f"adapter={adapter}"], tmp_path)
+    assert m["adapter"] == adapter
+    assert 0.0 <= m["val/acc"] <= 1.0
+    assert m["train_loss_last"] < m["train_loss_first"]
+    out = Path(m["out_dir"])
+    assert (out / "adapter" / "adapter.safetensors").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_every_adapter_config_composes():
+    conf = Path(__file__).resolve().parents[1] / "conf" / "adapter"
+    names = sorted(p.stem for p in conf.glob("*.yaml"))
+    assert set(ADAPTERS) <= set(names)
+    for name in names:
+        cfg = compose_config(["experiment=tiny", f"adapter={name}"])
+        assert cfg.adapter.name in zoo.list_adapters()
+
+
+def test_unknown_choice_lists_options():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as e:
+        compose_config(["adapter=nope"])
+    assert "lora" in str(e.value) and "Available options" in str(e.value)
+
+
+def test_checkpoint_is_adapter_only_and_artifact_reloads(tmp_path):
+    m = run_train(["experiment=tiny", "adapter=lora"], tmp_path)
+    out = Path(m["out_dir"])
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys and all("lora_" in k or k.startswith("model.head.") for k in keys)
+    # the artifact rebuilds the model and reproduces the run's outputs
+    cfg = compose_config(["experiment=tiny", "adapter=lora"])
+    from tasks.runner import build_task
+
+    torch.manual_seed(0)
+    task = build_task(cfg)  # same seed-free random base? rebuild with the run's seed:
+    import lightning as L
+
+    L.seed_everything(0)
+    fresh = build_task(cfg).model
+    zoo.remove_adapters(fresh)
+    zoo.load_adapter(fresh, out / "adapter")
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["methods"][0]["name"] == "lora" and meta["head"]["num_classes"] == 16
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    base = ["experiment=tiny", "adapter=lora", "task.max_epochs=2"]
+    full = run_train(base, tmp_path / "a")
+    # interrupt after the first epoch: stop the trainer at epoch 1 but keep the 2-epoch schedule
+    part = run_train(base + ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"],
+                     tmp_path / "b")
+    assert part["train_loss_last"] is not None
+    resumed = run_train(base + ["ckpt_path=last"], tmp_path / "b")
+    assert resumed["val/acc"] == pytest.approx(full["val/acc"], abs=1e-6)
+    assert resumed["train_loss_last"] == pytest.approx(full["train_loss_last"], rel=1e-4)
+
+
+def test_missing_data_root_prints_layout(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        run_train(["experiment=tiny", f"data.root={tmp_path}/nowhere", "data.generate=false"], tmp_path)
+    msg = str(e.value)
+    assert "train800.txt" in msg and "data.root=" in msg
+
+
+def test_ddp_cpu_two_processes(tmp_path):
+    m = run_train_ddp(["experiment=tiny", "adapter=lora"], tmp_path)
+    assert 0.0 <= m["val/acc"] <= 1.0
+    assert (Path(m["out_dir"]) / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_init_from_artifact(tmp_path):
+    from tasks.runner import build_task
+
+    m = run_train(["experiment=tiny", "adapter=lora"], tmp_path)
+    art = Path(m["out_dir"]) / "adapter"
+    cfg = compose_config(["experiment=tiny", "adapter=lora", f"+adapter.init_from={art}"])
+    import lightning as L
+
+    L.seed_everything(0)
+    model = build_task(cfg).model
+    from safetensors.torch import load_file
+
+    saved = load_file(str(art / "adapter.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    bad = compose_config(["experiment=tiny", "adapter=ssf", f"+adapter.init_from={art}"])
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="use adapter=lora"):
+        build_task(bad)

@@ -1,0 +1,104 @@
+"""``python -m zoo``: the model-zoo command line (list, info, download, verify, publish)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from zoo import hub
+
+
+def _table(rows: list[hub.Entry]):
+    from rich.table import Table
+
+    t = Table(title="Adapter Zoo")
+    t.add_column("name", no_wrap=True)
+    for col in ("kind", "backbone", "weights", "method", "task", "metrics", "params", "licence", "cached"):
+        t.add_column(col, overflow="fold")
+    for e in rows:
+        metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(e.metrics.items())[:3])
+        params = e.raw.get("stored_parameters")
+        t.add_row(e.name, e.kind, f"{e.backbone.get('family')}/{e.backbone.get('model')}", str(e.backbone.get("weights_tag")),
+                  ",".join(e.method_names) or "-", e.task_name or "-", metrics or "-",
+                  f"{params:,}" if isinstance(params, int) else "-", e.licence or "-", "yes" if hub.is_cached(e) else "")
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zoo", description="Adapter Zoo model zoo")
+    p.add_argument("--registry", action="append", default=[], metavar="PATH_OR_URL",
+                   help=f"read this registry too (repeatable; also ${hub.ENV_REGISTRY})")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="list zoo entries")
+    ls.add_argument("--backbone", help="family or model name (substring)")
+    ls.add_argument("--adapter", help="adapter method name")
+    ls.add_argument("--task", help="task name (substring)")
+    ls.add_argument("--kind", choices=hub.KINDS)
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info = sub.add_parser("info", help="show one entry")
+    info.add_argument("name")
+    dl = sub.add_parser("download", help="download one entry into the cache and print its folder")
+    dl.add_argument("name")
+    dl.add_argument("--force", action="store_true", help="download again even if cached")
+    vf = sub.add_parser("verify", help="re-hash cached files (deleting corrupt ones) and check the registries")
+    vf.add_argument("names", nargs="*")
+    pb = sub.add_parser("publish", help="package a finished run as a zoo artifact and print its registry entry")
+    pb.add_argument("run_dir")
+    pb.add_argument("--name", required=True)
+    pb.add_argument("--out", required=True, help="artifact folder to write")
+    pb.add_argument("--registry-file", help="also add the entry to this local registry JSON")
+    pb.add_argument("--url-base", help="URL the folder will be served from (becomes the source)")
+    pb.add_argument("--hf-repo", help="Hugging Face repo the folder will be uploaded to")
+    pb.add_argument("--hf-subfolder")
+    pb.add_argument("--licence")
+    pb.add_argument("--task")
+    pb.add_argument("--description", default="")
+    args = p.parse_args(argv)
+    for loc in args.registry:
+        hub.add_registry(loc)
+
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: don't fold the table
+    try:
+        if args.cmd == "list":
+            rows = hub.list_entries(args.backbone, args.adapter, args.task, args.kind)
+            if args.json:
+                print(json.dumps({e.name: e.raw for e in rows}, indent=2))
+            elif rows:
+                console.print(_table(rows))
+            else:
+                console.print("no zoo entries match" + ("" if hub.entries() else
+                              f" (registries read: {', '.join(hub.registry_locations())}; run `make demo` "
+                              f"or set {hub.ENV_REGISTRY})"))
+            for loc, err in hub.registry_errors.items():
+                console.print(f"[yellow]registry {loc} skipped: {err}[/yellow]")
+        elif args.cmd == "info":
+            e = hub.get_entry(args.name)
+            print(json.dumps({"name": e.name, "registry": e.origin, "cached": hub.is_cached(e),
+                              "cache_dir": str(hub.entry_dir(e)), **e.raw}, indent=2))
+        elif args.cmd == "download":
+            print(hub.download(args.name, force=args.force))
+        elif args.cmd == "verify":
+            rows = hub.verify(args.names or None)
+            bad = [r for r in rows if not r[2]]
+            for name, fname, ok, msg in rows:
+                console.print(f"{'[green]ok[/green]  ' if ok else '[red]BAD[/red] '} {name}/{fname}: {msg}")
+            for loc, err in hub.registry_errors.items():
+                console.print(f"[red]BAD[/red]  registry {loc}: {err}")
+            if not rows:
+                console.print("nothing cached to verify")
+            return 1 if bad or hub.registry_errors else 0
+        elif args.cmd == "publish":
+            entry = hub.publish_run(args.run_dir, args.name, registry=args.registry_file, out_dir=args.out,
+                                    url_base=args.url_base, hf_repo=args.hf_repo, hf_subfolder=args.hf_subfolder,
+                                    licence=args.licence, task=args.task, description=args.description)
+            print(json.dumps({args.name: entry}, indent=2))
+    except (hub.HubError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
