@@ -29,14 +29,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# The canonical 19 VTAB-1k tasks (folder names of get_vtab1k.py) and their groups.
-# A local copy: tasks/data/vtab.py (the lead's) will hold this table as VTAB_TASKS; once it is
-# on main, import it from there instead.
+# The canonical 19 VTAB-1k tasks (folder names of get_vtab1k.py) by group, in the papers' column
+# order, from the task table of the data module (tasks/data/vtab.py).
+from tasks.data.vtab import VTAB_TASKS as _TASK_TABLE  # noqa: E402
+
 VTAB_TASKS: dict[str, tuple[str, ...]] = {
-    "Natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
-    "Specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "Structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-                   "smallnorb_azi", "smallnorb_ele"),
+    g.capitalize(): tuple(t for t, (grp, _n, _aliases) in _TASK_TABLE.items() if grp == g)
+    for g in ("natural", "specialized", "structured")
 }
 TASK_GROUP = {t: g for g, ts in VTAB_TASKS.items() for t in ts}
 ALL_TASKS = tuple(TASK_GROUP)

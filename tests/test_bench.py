@@ -154,3 +154,21 @@ def test_vtab_sweep_config_sweeps_the_19_tasks_final_protocol():
     override = OverridesParser.create().parse_override("task.dataset=" + cfg.hydra.sweeper.params["task.dataset"])
     assert override.is_sweep_override()
     assert list(override.sweep_string_iterator()) == list(vtab.ALL_TASKS)
+    # and it composes with the real configs (the command in its header)
+    from tests.helpers import compose_config
+
+    composed = compose_config(["experiment=vtab_sweep", "adapter=lora", "data.root=/data/vtab-1k"])
+    assert composed.task.name == "vtab" and composed.task.protocol == "final"
+    assert composed.data.protocol == "final" and composed.data.root == "/data/vtab-1k"
+
+
+def test_vtab_aggregates_a_real_tiny_run(tmp_path):
+    # train.py's own metrics.json (experiment=tiny: embedded dsprites_loc) goes through bench.vtab
+    from tests.helpers import run_train
+
+    m = run_train(["experiment=tiny", "adapter=lora", "task.protocol=final"], tmp_path)
+    assert m["protocol"] == "final" and m["test/acc"] is not None
+    (row,) = vtab.main([str(tmp_path)])
+    assert row["adapter"] == "lora" and row["metric"] == "test/acc"
+    assert row["tasks"] == pytest.approx({"dsprites_loc": 100 * m["test/acc"]})
+    assert row["trainable_params"] == m["trainable_params"] and row["artifact_bytes"] == m["artifact_bytes"]
