@@ -150,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {
         "adapter": cfg.adapter.name,
+        "adapter_config": _plain(cfg.adapter),
         "backbone": cfg.backbone.model,
         "task": cfg.task.get("name"),
         "dataset": cfg.task.get("dataset"),
