@@ -50,7 +50,7 @@ def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
         t.add_column(h, justify="left" if h in ("adapter", "dataset") else "right")
     for r in table_rows(rows):
         t.add_row(*r)
-    Console().print(t)
+    Console(width=max(110, Console().width)).print(t)
 
 
 class SummaryTable(Callback):

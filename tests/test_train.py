@@ -106,3 +106,16 @@ def test_init_from_artifact(tmp_path):
 
     with pytest.raises(InstantiationException, match="use adapter=lora"):
         build_task(bad)
+
+
+def test_every_experiment_composes():
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+    names = sorted(str(p.relative_to(conf).with_suffix("")) for p in conf.rglob("*.yaml"))
+    assert {"tiny", "quickstart", "upstream"} <= set(names)
+    for name in names:
+        cfg = compose_config([f"experiment={name}"], Path("/tmp/compose-check"))
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    q = compose_config(["experiment=quickstart", "adapter=full"])
+    assert q.task.optimizer.lr == q.lr_per_adapter.full and q.backbone.weights.endswith("vit_demo.safetensors")
