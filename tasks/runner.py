@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.task.get("dataset"),
         "protocol": cfg.task.get("protocol"),
         "seed": cfg.seed,
-        "trainable_params": trainable - sum(p.numel() for p in task.model.head.parameters()) if hasattr(task.model, "head") else trainable,
+        "trainable_params": trainable - sum(p.numel() for p in task.model.head.parameters() if p.requires_grad) if hasattr(task.model, "head") else trainable,
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
         "val/acc": None,

@@ -211,3 +211,145 @@ def test_tiny_run_trains_and_packed_artifact_round_trips(tmp_path, base):
     zoo.load_adapter(fresh, art)
     state = zoo.adapter_state_dict(fresh)  # packed again from the reloaded codes: identical bytes
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+
+
+# ---------------------------------------------------------------------- Bi-Head (head_bits)
+@pytest.mark.parametrize("head_bits", [1, 2])
+def test_bi_head_weight_takes_2_pow_bits_values_and_only_it_trains(head_bits):
+    from zoo.adapters.onebit import QuantizedHead
+
+    model = tiny(dim=4, head_bits=head_bits)
+    head = model.head
+    assert isinstance(head, QuantizedHead) and head.bias is None  # the reference head has no bias
+    assert head.q in qlinears(model) and head.q.bits == head_bits
+    w = head.q.used_weight().detach()
+    mu, sd = head.q.weight.mean(), head.q.weight.std()
+    values = torch.unique(w)
+    assert values.numel() == 2 ** head_bits
+    torch.testing.assert_close(values, torch.tensor(gaussian_codebook(head_bits)[0]) * sd + mu)
+    # the original head is kept for unload but frozen and not saved; the quantised latent trains
+    assert not any(p.requires_grad for p in head.base.parameters()) and head.q.weight.requires_grad
+    assert not any(k.startswith("head.base") or k == "head.weight" for k in zoo.adapter_state_dict(model, export=False))
+    F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    assert head.q.weight.grad.abs().sum() > 0 and head.base.weight.grad is None
+    assert model.head_spec() == {"type": "linear", "in_features": 192, "num_classes": 5}
+
+
+@pytest.mark.parametrize("base,bits,head_bits,head_bias", [("adaptformer", 1, 1, False), ("lora", 2, 1, True),
+                                                           ("adaptformer", 32, 2, False)])
+def test_bi_head_artifact_is_packed_and_reload_is_exact(tmp_path, base, bits, head_bits, head_bias):
+    model = tiny(base=base, bits=bits, dim=4, head_bits=head_bits, head_bias=head_bias)
+    train_a_bit(model)
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    want = model(x)
+    zoo.save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        payload = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+    mats = qlinears(model)
+    head_q = model.head.q
+    assert mats[-1] is head_q  # the head joins the packed tensors (after the backbone's matrices)
+    adapter_w = [q for q in mats if q is not head_q]
+    if bits == 32:  # fp32 adapter matrices stay plain tensors; only the head is packed
+        assert not adapter_w
+        n_fp32 = sum(p.numel() for p in zoo.adapters_of(model)[0].adapter_parameters() if p is not head_q.weight)
+    else:
+        n_fp32 = 0
+    assert {k for k in keys if "onebit" in k} == {"onebit.0.codes", "onebit.0.stats"}
+    assert ("head.bias" in keys) == head_bias and "head.q.weight" not in keys and "head.weight" not in keys
+    want_bytes = (sum(math.ceil(q.weight.numel() * bits / 8) for q in adapter_w) + math.ceil(192 * 5 * head_bits / 8)
+                  + 8 * len(mats) + 4 * n_fp32 + (5 * 4 if head_bias else 0))
+    assert payload == want_bytes
+    torch.manual_seed(0)
+    other = zoo.ImageClassifier(zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2), 5)
+    zoo.load_adapter(other, tmp_path)  # rebuilds the Bi-Head from adapter.json through apply_adapter
+    other.eval()
+    assert type(other.head) is type(model.head)
+    assert torch.equal(other(x), want)
+    assert all(torch.equal(a, b) for a, b in zip(zoo.adapter_state_dict(other).values(), zoo.adapter_state_dict(model).values()))
+
+
+def test_vit_b_bi_lora_bi_head_artifact_size_matches_the_formula(tmp_path):
+    """Bi-LoRA_32 with a 1-bit head on ViT-B: bits × (adapter + head weights) / 8 + 8 per matrix + header."""
+    model = tiny(num_classes=10, depth=12, model="vit_base_patch16_224", base="lora", head_bits=1)
+    zoo.save_adapter(model, tmp_path)
+    adapter_weights = 12 * 2 * 2 * 768 * 32
+    head_weights = 768 * 10
+    matrices = 12 * 2 * 2 + 1
+    want = (adapter_weights + head_weights) // 8 + 8 * matrices
+    assert adapter_weights // 8 == 144 * 1024  # the reference README's 144 KB of Bi-LoRA_32 codes
+    size = (tmp_path / "adapter.safetensors").stat().st_size
+    assert want <= size <= 1.01 * want
+
+
+def test_bi_head_unload_restores_the_plain_linear_head():
+    model = tiny(dim=4, head_bits=1)
+    orig = model.head.base
+    w0 = orig.weight.detach().clone()
+    train_a_bit(model)
+    zoo.remove_adapters(model)
+    assert type(model.head) is torch.nn.Linear and model.head is orig
+    assert torch.equal(model.head.weight, w0) and all(p.requires_grad for p in model.head.parameters())
+
+
+def test_bi_lora_with_bi_head_merges_into_a_plain_linear_head():
+    model = tiny(base="lora", dim=4, scale=10.0, head_bits=1)
+    orig = model.head.base
+    w0, b0 = orig.weight.detach().clone(), orig.bias.detach().clone()
+    train_a_bit(model)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    want = model(x)
+    used = model.head.q.used_weight().detach().clone()
+    zoo.merge_adapters(model, unload=False)
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    zoo.unmerge_adapters(model)  # the original head weights come back
+    assert torch.equal(orig.weight, w0) and torch.equal(orig.bias, b0)
+    zoo.merge_adapters(model, unload=True)
+    assert type(model.head) is torch.nn.Linear and model.head is orig
+    assert torch.equal(model.head.weight, used) and torch.unique(model.head.weight).numel() == 2
+    assert torch.equal(model.head.bias, torch.zeros(5))  # Bi-Head has no bias
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_head_bits_needs_a_linear_head_and_valid_bits():
+    from zoo.sites import SiteError
+
+    torch.manual_seed(0)
+    bb = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    with pytest.raises(SiteError, match="zoo.ImageClassifier"):
+        zoo.apply_adapter(bb, "onebit", dim=4, head_bits=1)
+    assert not zoo.adapters_of(bb) and not qlinears_left(bb)  # rolled back
+    with pytest.raises(ValueError, match="1, 2, 4, 8, 32"):
+        tiny(head_bits=3)
+    assert not isinstance(tiny(dim=4, head_bits=32).head, zoo.adapters.onebit.QuantizedHead)  # 32 = fp32 head
+
+
+def qlinears_left(module):
+    return [m for m in module.modules() if isinstance(m, QLinear)]
+
+
+def test_tiny_run_with_bi_head_trains_and_round_trips(tmp_path):
+    import lightning as L
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from tasks.runner import build_task
+    from tests.helpers import compose_config, run_train
+
+    overrides = ["experiment=tiny", "adapter=onebit", "adapter.head_bits=1", "adapter.scale=1.0"]
+    m = run_train(overrides, tmp_path)
+    assert m["train_loss_last"] < m["train_loss_first"]
+    art = Path(m["out_dir"]) / "adapter"
+    saved = load_file(str(art / "adapter.safetensors"))
+    assert not any(k.startswith("head.") for k in saved)  # the 1-bit head is inside the packed codes
+    L.seed_everything(0)
+    fresh = build_task(compose_config(overrides)).model
+    zoo.remove_adapters(fresh)
+    zoo.load_adapter(fresh, art)
+    state = zoo.adapter_state_dict(fresh)
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+    # the frozen original head is not counted: the head's share is its quantised weight only
+    assert m["trainable_params_with_head"] - m["trainable_params"] == fresh.head.q.weight.numel()

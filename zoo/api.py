@@ -35,7 +35,8 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
 
     The first adapter freezes the backbone's own weights; the adapter then marks what it
     trains (its new parameters, or base parameters for ``full``/``bitfit``). Modules outside
-    the backbone (a task head) are left as they are.
+    the backbone (a task head) are left as they are, unless the method's ``attach_model`` hook
+    (called with ``model``) replaces them, e.g. ``onebit``'s 1-bit head.
     """
     cls = ADAPTERS.get(name)
     bb = find_backbone(model)
@@ -44,16 +45,19 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
         bb.fingerprint()  # of the base weights, before anything changes
         for p in bb.parameters():
             p.requires_grad_(False)
-    attach_adapter(adapter, bb)
+    attach_adapter(adapter, bb, model)
     bb.adapters.append(adapter)
     return model
 
 
-def attach_adapter(adapter: Adapter, target: nn.Module) -> Adapter:
-    """Attach ``adapter`` to ``target`` and mark what trains; on failure, undo what was attached."""
+def attach_adapter(adapter: Adapter, target: nn.Module, model: nn.Module | None = None) -> Adapter:
+    """Attach ``adapter`` to ``target`` (then, if given, ``attach_model(model)`` with the whole model)
+    and mark what trains; on failure, undo what was attached."""
     adapter.backbone = target
     try:
         adapter.attach(target)
+        if model is not None:
+            adapter.attach_model(model)
     except Exception:
         adapter.unload()
         raise

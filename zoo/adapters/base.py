@@ -14,6 +14,10 @@ Optional capabilities (each a no-op by default, called by tasks without knowing 
 * ``param_groups(lr, weight_decay)``: optimizer groups with their own learning rates.
 * ``set_task(task_ids)``: the current batch's task id(s), for task-routed methods (MHR).
 * ``export_state(state)`` / ``import_state(state)``: method-specific storage in the artifact.
+* ``attach_model(model)``: called after ``attach(backbone)`` with the whole model the user passed to
+  ``apply_adapter`` (e.g. a ``zoo.ImageClassifier``), for methods that also change modules outside
+  the backbone (a head). Such modules go in with :meth:`Adapter.replace_attr`, so ``unload``
+  restores them.
 """
 from __future__ import annotations
 
@@ -156,8 +160,25 @@ class Adapter:
         self.modules.append(module)
         return module
 
+    def replace_attr(self, owner: nn.Module, attr: str, new: AdapterModule) -> AdapterModule:
+        """Put ``new`` at ``owner.attr`` (a module outside the backbone's sites, e.g. a task head)
+        and remember how to undo it."""
+        old = getattr(owner, attr)
+        self._replaced.append((owner, attr, old))
+        setattr(owner, attr, new)
+        self.modules.append(new)
+        return new
+
     def attach(self, backbone: nn.Module) -> None:
         raise NotImplementedError
+
+    def attach_model(self, model: nn.Module) -> None:
+        """Change modules outside the backbone (no-op by default).
+
+        ``apply_adapter`` calls it after ``attach(backbone)`` with the whole model it was given
+        (an ``ImageClassifier``, or the backbone itself), before ``mark_trainable``. Replace
+        modules with :meth:`replace_attr` so that ``unload`` restores them.
+        """
 
     # ------------------------------------------------------------------ parameters
     def adapter_parameters(self) -> Iterator[nn.Parameter]:

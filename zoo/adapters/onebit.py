@@ -33,10 +33,24 @@ not zero, because the standardised quantiser would turn zeros into ±const anywa
 is *not* exactly unchanged at init. ``dim`` = 32 and the scale ``s`` is chosen per task from
 {0.01, 0.1, 1, 10, 100} (:data:`PAPER_SCALES` lists the values we know; default 0.1).
 
+**Bi-Head** (``head_bits``, :class:`QuantizedHead`): the paper's "Bi-Head" rows replace the
+classifier head by a 1-bit ``QLinear(d, num_classes)`` — the same per-matrix standardisation,
+codebook and STE as the adapters, a fresh ``nn.Linear``-default latent weight and **no bias**
+(reference ``main.py``: ``vit.head = QLinear(768, num_classes, 1)``; its head is 1 bit whatever
+the adapters' ``bits``). ``head_bits`` = ``None`` (or 32) keeps the task's fp32 head; 1, 2, 4, 8
+quantise it; ``head_bias=True`` adds an fp32 bias (not in the reference). The head lives outside
+the backbone, so it is wrapped in :meth:`OneBit.attach_model` (the ``apply_adapter`` hook that sees
+the whole model, e.g. ``zoo.ImageClassifier``); the original head is kept at ``head.base``,
+frozen, and comes back on ``unload``. Merging (``base=lora``) writes the dequantised head weight
+(and bias, or zeros) into that original Linear, so ``merge_adapters(unload=True)`` leaves a plain
+``nn.Linear`` head with the same predictions.
+
 **Storage** (``export_state``/``import_state``): each QLinear is written as its code indices
 bit-packed ``8/bits`` per byte (first element in the low bits) plus ``(μ, σ)`` as float32 — one
 ``uint8`` tensor and one ``(M, 2)`` float32 tensor per adapter — so the artifact is
-``bits · #weights / 8 + 8 · #matrices`` bytes plus the head and a small header. Loading
+``bits · #weights / 8 + 8 · #matrices`` bytes plus the head and a small header. With a quantised
+head its codes join the same tensors (``head_bits · #head weights / 8 + 8`` bytes, plus 4 bytes
+per class for ``head_bias``) instead of the fp32 head. Loading
 restores the codes exactly (:meth:`QLinear.load_codes`): the model reproduces the saved
 predictions bit for bit and re-exports the same bytes. Calling ``.train()`` drops the codes and
 training continues from the dequantised weights as the new latent weights.
@@ -47,10 +61,6 @@ Reconstructed / differing from the reference:
   reference's ``sign(0) = 0`` would give the midpoint, a value outside the codebook).
 * The STE is a custom autograd function, so the forward value is exactly a codebook value
   (``Q.detach() + Wn − Wn.detach()`` can differ from it in the last bit).
-* **Bi-Head** (a 1-bit ``QLinear`` classifier head) is not implemented: the head lives in the
-  task model (``zoo.ImageClassifier.head``), outside the backbone that ``attach`` sees, and
-  ``load_adapter`` rebuilds adapters from the backbone only. Follow-up: an attach hook that
-  receives the whole model; :class:`QLinear` is ready to be used as that head.
 """
 from __future__ import annotations
 
@@ -235,6 +245,45 @@ class BinaryLoRALinear(WrappedLayer):
         unwrap(self.base).weight -= self.delta_weight()
 
 
+class QuantizedHead(WrappedLayer):
+    """Bi-Head: a :class:`QLinear` classifier (optional fp32 bias) in place of the Linear ``base``.
+
+    ``base`` (the task's original head) is kept, unused and frozen, for ``unload``; merging
+    writes the dequantised weight into it (and restores it on unmerge).
+    """
+
+    def __init__(self, base: nn.Linear, bits: int, bias: bool = False):
+        super().__init__(base)
+        w = base.weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # a fresh latent weight with nn.Linear's default init, as the reference's new QLinear head
+        # (a zero-initialised head would have σ = 0, where std's gradient is undefined)
+        self.q = QLinear(base.in_features, base.out_features, bits, device=w.device, dtype=w.dtype)
+        self.bias = nn.Parameter(torch.zeros(base.out_features, device=w.device, dtype=w.dtype)) if bias else None
+        self._stash: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        return F.linear(x, self.q.used_weight(), self.bias)
+
+    def merge_into_base(self) -> None:
+        lin = self.base
+        if lin.bias is None and self.bias is not None:
+            raise SiteError("cannot merge a Bi-Head with a bias into a head Linear without one")
+        self._stash = (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+        lin.weight.copy_(self.q.used_weight())
+        if lin.bias is not None:
+            lin.bias.copy_(self.bias if self.bias is not None else torch.zeros_like(lin.bias))
+
+    def unmerge_from_base(self) -> None:
+        w, b = self._stash
+        self.base.weight.copy_(w)
+        if b is not None:
+            self.base.bias.copy_(b)
+        self._stash = None
+
+
 @register_adapter("onebit")
 class OneBit(Adapter):
     """Low-bit (default 1-bit) AdaptFormer or LoRA adapters with packed storage."""
@@ -242,7 +291,8 @@ class OneBit(Adapter):
     paper = "Jie, Wang, Deng, ICCV 2023 (arXiv 2307.16867): Bi-AdaptFormer / Bi-LoRA"
 
     def __init__(self, base: str = "adaptformer", bits: int = 1, dim: int = 32, scale: float = 0.1,
-                 dropout: float = 0.1, targets: list[str] = ("q", "v"), layers="all"):
+                 dropout: float = 0.1, targets: list[str] = ("q", "v"), layers="all",
+                 head_bits: int | None = None, head_bias: bool = False):
         super().__init__()
         if base not in BASES:
             raise ValueError(f"unknown base {base!r}; valid options: {', '.join(BASES)}")
@@ -250,6 +300,12 @@ class OneBit(Adapter):
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         self.base, self.bits, self.dim = base, int(bits), int(dim)
         self.scale, self.dropout, self.targets, self.layers = float(scale), float(dropout), list(targets), layers
+        if head_bits is not None and int(head_bits) not in BITS:
+            raise ValueError(f"head_bits must be None or one of {BITS}, got {head_bits}")
+        self.head_bits = None if head_bits is None or int(head_bits) == 32 else int(head_bits)
+        self.head_bias = bool(head_bias)
+        self.root: nn.Module | None = None  # the model whose head is quantised (names of export)
+        self._head_flags: list[tuple[nn.Parameter, bool]] = []
         self.mergeable = base == "lora"  # the LoRA branch is linear; AdaptFormer's has a ReLU
 
     def attach(self, backbone) -> None:
@@ -267,12 +323,38 @@ class OneBit(Adapter):
                 slices = {s.kind: s.out_slice for s in group}
                 self.replace(group[0], BinaryLoRALinear(group[0].module, self.dim, self.bits, self.scale, self.dropout, slices))
 
+    def attach_model(self, model: nn.Module) -> None:
+        """Bi-Head: quantise ``model.head`` (a Linear) when ``head_bits`` is set."""
+        if self.head_bits is None:
+            return
+        head = getattr(model, "head", None)
+        if not isinstance(head, nn.Linear):
+            raise SiteError(
+                f"head_bits={self.head_bits} quantises the model's Linear `head`, but "
+                f"{type(model).__name__}.head is {type(head).__name__}; apply the adapter to a "
+                "zoo.ImageClassifier, or use head_bits=None")
+        # the original head stays inside the wrapper, unused: freeze it (so it is neither trained
+        # nor saved) and give its flags back on unload
+        self._head_flags = [(p, p.requires_grad) for p in head.parameters()]
+        for p in head.parameters():
+            p.requires_grad_(False)
+        self.replace_attr(model, "head", QuantizedHead(head, self.head_bits, self.head_bias))
+        self.root = model
+
+    def unload(self) -> None:
+        super().unload()
+        for p, flag in self._head_flags:
+            p.requires_grad_(flag)
+        self._head_flags, self.root = [], None
+
     # ------------------------------------------------------------------ packed storage
     def qlinears(self) -> list[tuple[str, QLinear]]:
-        """``(path relative to the backbone, module)`` of every QLinear, in attach order."""
+        """``(path, module)`` of every QLinear, in module order; paths are relative to the model
+        with the quantised head if there is one, else to the backbone."""
         assert self.backbone is not None
+        root = self.root if self.root is not None else self.backbone
         ours = {id(q) for m in self.modules for q in m.modules() if isinstance(q, QLinear)}
-        return [(n, q) for n, q in self.backbone.named_modules() if id(q) in ours]
+        return [(n, q) for n, q in root.named_modules() if id(q) in ours]
 
     def _key(self, prefix: str, what: str) -> str:
         return f"{prefix}{self.name}.{self.backbone.adapters.index(self)}.{what}"
@@ -291,7 +373,7 @@ class OneBit(Adapter):
         for name, q in qs:
             state.pop(prefix + name + ".weight")
             idx, st = q.codes()
-            packed.append(pack_bits(idx.flatten(), self.bits))
+            packed.append(pack_bits(idx.flatten(), q.bits))
             stats.append(st)
         state[self._key(prefix, "codes")] = torch.cat(packed)
         state[self._key(prefix, "stats")] = torch.stack(stats).float()
@@ -313,8 +395,8 @@ class OneBit(Adapter):
         offset = 0
         for (name, q), st in zip(qs, stats):
             n = q.weight.numel()
-            nbytes = math.ceil(n * self.bits / 8)
-            q.load_codes(unpack_bits(codes[offset:offset + nbytes], self.bits, n), st)
+            nbytes = math.ceil(n * q.bits / 8)
+            q.load_codes(unpack_bits(codes[offset:offset + nbytes], q.bits, n), st)
             offset += nbytes
             state[prefix + name + ".weight"] = q.weight.detach().clone()
         if offset != codes.numel():
