@@ -69,13 +69,38 @@ def weights_tag(model: str, pretrained: bool, weights: str | None) -> str | None
     return None
 
 
-class ViTBackbone(Backbone):
-    """Any timm ``VisionTransformer``: ``forward(x)`` gives the pooled (pre-logits) feature."""
+class TimmBackbone(Backbone):
+    """What timm's ViT-style models share: block layout, sites, weight loading."""
 
-    family = "vit"
     site_map = TIMM_SITES
     fused_qkv = "attn.qkv"
     patch_embed_path = "model.patch_embed.proj"
+
+    def __init__(self, model: str, pretrained: bool, weights: str | None, img_size: int | None, **kwargs: Any):
+        build = dict(kwargs)
+        if img_size is not None:
+            build["img_size"] = img_size
+        net = create_timm_model(model, pretrained, weights, **build)
+        if net.blocks and getattr(net.blocks[0].attn, "qkv", None) is None:
+            raise ValueError(f"{model}: attention without a fused qkv projection is not supported yet")
+        super().__init__(net, model, weights_tag(model, pretrained, weights), build)
+        self.feature_dim = net.num_features
+        self.patch_size = net.patch_embed.patch_size[0]
+
+    def blocks_container(self) -> nn.Module:
+        return self.model.blocks
+
+    def blocks_path(self) -> str:
+        return "model.blocks"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+class ViTBackbone(TimmBackbone):
+    """Any timm ``VisionTransformer``: ``forward(x)`` gives the pooled (pre-logits) feature."""
+
+    family = "vit"
     token_layout = "nld"
 
     def __init__(
@@ -86,26 +111,9 @@ class ViTBackbone(Backbone):
         img_size: int | None = None,
         **kwargs: Any,
     ):
-        build = dict(kwargs)
-        if img_size is not None:
-            build["img_size"] = img_size
-        net = create_timm_model(model, pretrained, weights, **build)
-        if net.blocks and getattr(net.blocks[0].attn, "qkv", None) is None:
-            raise ValueError(f"{model}: attention without a fused qkv projection is not supported yet")
-        super().__init__(net, model, weights_tag(model, pretrained, weights), build)
-        self.feature_dim = net.num_features
-        self.num_prefix_tokens = net.num_prefix_tokens
-        self.patch_size = net.patch_embed.patch_size[0]
-        self.data_config = timm.data.resolve_data_config({}, model=net)
-
-    def blocks_container(self) -> nn.Module:
-        return self.model.blocks
-
-    def blocks_path(self) -> str:
-        return "model.blocks"
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        super().__init__(model, pretrained, weights, img_size, **kwargs)
+        self.num_prefix_tokens = self.model.num_prefix_tokens
+        self.data_config = timm.data.resolve_data_config({}, model=self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
