@@ -13,14 +13,15 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
-from tasks.runner import register_resolvers, train  # noqa: E402
+from tasks.runner import register_resolvers, train, user_errors  # noqa: E402
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with user_errors():
+        metrics = train(cfg)
     return metrics.get("val/acc") or metrics.get("test/acc")  # the value a sweeper optimises
 
 

@@ -10,6 +10,8 @@ adapter.json) and ``metrics.json``::
 from __future__ import annotations
 
 import copy
+import os
+from contextlib import contextmanager
 import csv
 import json
 import logging
@@ -27,6 +29,24 @@ import zoo
 log = logging.getLogger("adapter_zoo")
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# Errors that mean "the config or the data is wrong", each raised with a message that says what
+# to change: the command line shows that message, not a stack trace (ZOO_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+@contextmanager
+def user_errors():
+    try:
+        yield
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None or (cause.__context__ is not None and not isinstance(cause, USER_ERRORS)):
+            cause = cause.__cause__ or cause.__context__
+        if os.environ.get("ZOO_DEBUG") or not isinstance(cause, USER_ERRORS):
+            raise
+        raise SystemExit(f"error: {cause}") from None
 
 
 def register_resolvers() -> None:

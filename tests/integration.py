@@ -44,3 +44,13 @@ def check_trained_artifact(overrides: list[str], metrics: dict) -> torch.nn.Modu
         merged_logits = torch.cat([merged(b[0]) for b in batches])
     torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
     return model
+
+
+def assert_merge_keeps_outputs(model: torch.nn.Module, x: torch.Tensor, keys: set[str], rtol: float, atol: float) -> None:
+    """Merging with ``unload=True`` keeps ``model(x)`` and leaves the backbone's original state-dict names."""
+    with torch.no_grad():
+        unmerged = model(x)
+        zoo.merge_adapters(model, unload=True)
+        merged = model(x)
+    torch.testing.assert_close(merged, unmerged, rtol=rtol, atol=atol)
+    assert set(model.backbone.state_dict()) == keys

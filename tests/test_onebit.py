@@ -104,6 +104,14 @@ def train_a_bit(model, steps=3):
         opt.step()
 
 
+def saved_payload(model, path):
+    """Save ``model``'s artifact to ``path``; return its tensor keys and payload bytes."""
+    zoo.save_adapter(model, path)
+    with safe_open(str(path / "adapter.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        return keys, sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+
+
 @pytest.mark.parametrize("base,bits", [("adaptformer", 1), ("lora", 2), ("adaptformer", 32)])
 def test_artifact_is_packed_and_reload_is_exact(tmp_path, base, bits):
     model = tiny(base=base, bits=bits, dim=4)
@@ -111,10 +119,7 @@ def test_artifact_is_packed_and_reload_is_exact(tmp_path, base, bits):
     x = torch.randn(3, 3, 32, 32)
     model.eval()
     want = model(x)
-    zoo.save_adapter(model, tmp_path)
-    with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
-        keys = set(f.keys())
-        payload = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+    keys, payload = saved_payload(model, tmp_path)
     head = (192 * 5 + 5) * 4
     if bits == 32:  # plain fp32 Linears, no packing
         n = sum(p.numel() for p in zoo.adapters_of(model)[0].adapter_parameters())
@@ -243,10 +248,7 @@ def test_bi_head_artifact_is_packed_and_reload_is_exact(tmp_path, base, bits, he
     x = torch.randn(3, 3, 32, 32)
     model.eval()
     want = model(x)
-    zoo.save_adapter(model, tmp_path)
-    with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
-        keys = set(f.keys())
-        payload = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+    keys, payload = saved_payload(model, tmp_path)
     mats = qlinears(model)
     head_q = model.head.q
     assert mats[-1] is head_q  # the head joins the packed tensors (after the backbone's matrices)

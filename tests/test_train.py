@@ -45,18 +45,10 @@ def test_checkpoint_is_adapter_only_and_artifact_reloads(tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(ckpt["state_dict"])
     assert keys and all("lora_" in k or k.startswith("model.head.") for k in keys)
-    # the artifact rebuilds the model and reproduces the run's outputs
-    cfg = compose_config(["experiment=tiny", "adapter=lora"])
-    from tasks.runner import build_task
+    # the artifact rebuilds the model, reproduces the run's val accuracy, and merges exactly
+    from tests.integration import check_trained_artifact
 
-    torch.manual_seed(0)
-    task = build_task(cfg)  # same seed-free random base? rebuild with the run's seed:
-    import lightning as L
-
-    L.seed_everything(0)
-    fresh = build_task(cfg).model
-    zoo.remove_adapters(fresh)
-    zoo.load_adapter(fresh, out / "adapter")
+    check_trained_artifact(["experiment=tiny", "adapter=lora"], m)
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["methods"][0]["name"] == "lora" and meta["head"]["num_classes"] == 16
 
@@ -119,3 +111,22 @@ def test_every_experiment_composes():
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     q = compose_config(["experiment=quickstart", "adapter=full"])
     assert q.task.optimizer.lr == q.lr_per_adapter.full and q.backbone.weights.endswith("vit_demo.safetensors")
+
+
+def test_config_mistakes_exit_with_the_message_not_a_traceback():
+    from tasks.runner import user_errors
+
+    with pytest.raises(SystemExit, match="^error: .*unknown VTAB task 'nope'; valid tasks: cifar"):
+        with user_errors():
+            compose_config(["experiment=tiny", "task.dataset=nope"], Path("/tmp/x")).task.num_classes
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(SystemExit, match="error: LoRA needs rank >= 1"):
+        with user_errors():
+            try:
+                zoo.apply_adapter(zoo.ImageClassifier(__import__("tests.conftest").conftest.tiny_vit(), 2), "lora", rank=0)
+            except ValueError as e:
+                raise InstantiationException("wrapped") from e
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        with user_errors():
+            raise RuntimeError("a bug")

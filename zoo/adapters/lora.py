@@ -169,6 +169,8 @@ class LoRA(Adapter):
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  targets: list[str] = ("q", "v"), layers="all"):
         super().__init__()
+        if int(rank) < 1 or not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"LoRA needs rank >= 1 and 0 <= dropout < 1 (got rank={rank}, dropout={dropout})")
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
         self.targets, self.layers = list(targets), layers
 
