@@ -41,13 +41,46 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
     cls = ADAPTERS.get(name)
     bb = find_backbone(model)
     adapter = cls.from_config(**config)
-    if not bb.adapters:
-        bb.fingerprint()  # of the base weights, before anything changes
-        for p in bb.parameters():
-            p.requires_grad_(False)
-    attach_adapter(adapter, bb, model)
+    snap = ModelState(model)
+    try:
+        if not bb.adapters:
+            bb.fingerprint()  # of the base weights, before anything changes
+            for p in bb.parameters():
+                p.requires_grad_(False)
+        attach_adapter(adapter, bb, model)
+    except BaseException:
+        snap.restore(model)  # a failed attach leaves no parameter frozen that was not before
+        raise
     bb.adapters.append(adapter)
+    snap.match_mode(model)
     return model
+
+
+class ModelState:
+    """What attaching adapters changes on a model: its adapters, ``requires_grad`` flags and the
+    set of modules. ``restore`` undoes every adapter attached since, and the flags; ``match_mode``
+    puts modules created since in the model's current train/eval mode (a model in ``eval()`` must
+    not get dropout-active adapter modules)."""
+
+    def __init__(self, model: nn.Module):
+        self.adapters = list(adapters_of(model))
+        self.flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        self.modules = {id(m) for m in model.modules()}
+
+    def restore(self, model: nn.Module) -> None:
+        bb = find_backbone(model)
+        for a in reversed(bb.adapters):
+            if not any(a is b for b in self.adapters):
+                a.unmerge()
+                a.unload()
+        bb.adapters[:] = self.adapters
+        for p, flag in self.flags.values():
+            p.requires_grad_(flag)
+
+    def match_mode(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if id(m) not in self.modules:
+                m.training = model.training
 
 
 def attach_adapter(adapter: Adapter, target: nn.Module, model: nn.Module | None = None) -> Adapter:

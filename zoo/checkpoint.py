@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zoo.adapters.base import AdapterModule
+from zoo.io import atomic_path, check_finite
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -77,11 +78,25 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metrics: dict | None
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
     if extra:
         meta.update(extra)
-    tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "adapter_zoo": str(FORMAT_VERSION)})
-    os.replace(tmp, path / WEIGHTS_NAME)
-    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    # The artifact is a pair: both files are written to temporary files first (a failure there
+    # leaves the previous artifact intact), then renamed into place. The json records the
+    # weights' sha256, so a pair torn by a crash between the two renames is detected on load.
+    with atomic_path(path / WEIGHTS_NAME) as wtmp:
+        save_file(state, str(wtmp), metadata={"format": "pt", "adapter_zoo": str(FORMAT_VERSION)})
+        meta["weights_sha256"] = _sha256(wtmp)
+        with atomic_path(path / CONFIG_NAME) as ctmp:
+            ctmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,28 +131,40 @@ def check_backbone(model: nn.Module, meta: dict[str, Any], check_fingerprint: bo
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
     """Attach the artifact's adapters (unless already attached) and load its tensors.
 
-    Everything is checked first; on any mismatch the model is left as it was.
+    Everything is checked first; on any failure the model is left exactly as it was (its
+    adapters, ``requires_grad`` flags and modules). New modules follow the model's train/eval mode.
     """
-    from zoo.api import adapters_of, apply_adapter, remove_adapters
+    from zoo.api import ModelState, adapters_of, apply_adapter
 
     path = Path(path)
     meta = read_adapter_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    state = load_file(str(weights))
+    methods = meta.get("methods")
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
+        raise AdapterMismatchError(f"{path / CONFIG_NAME}: 'methods' must be a non-empty list of {{name, config}} "
+                                   f"objects, got {methods!r}")
+    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+        raise AdapterMismatchError(
+            f"{weights} is not the file {CONFIG_NAME} was written with (sha256 differs): the pair was torn by an "
+            f"interrupted save or edited by hand; save the artifact again")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # truncated / not a safetensors file
+        raise AdapterMismatchError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    check_finite(state, weights)
     check_backbone(model, meta, check_fingerprint)
 
     attached = [a.name for a in adapters_of(model)]
-    wanted = [m["name"] for m in meta["methods"]]
-    added = False
-    if not attached:
-        for m in meta["methods"]:
-            apply_adapter(model, m["name"], **m["config"])
-        added = True
-    elif attached != wanted:
+    wanted = [m["name"] for m in methods]
+    if attached and attached != wanted:
         raise AdapterMismatchError(f"model has adapters {attached}, the artifact holds {wanted}")
+    snap = ModelState(model)
     try:
+        if not attached:
+            for m in methods:
+                apply_adapter(model, m["name"], **(m.get("config") or {}))
         for a in adapters_of(model):
             state = a.import_state(state)
         expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, export=False).items()}
@@ -152,9 +179,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
                 + (f"\n  not in model: {unexpected[:10]}" if unexpected else "")
                 + ("\n  shape: " + "; ".join(shapes[:10]) if shapes else "")
             )
-    except Exception:
-        if added:
-            remove_adapters(model)
+        model.load_state_dict(state, strict=False)
+        for a in adapters_of(model):
+            a.after_load()
+    except BaseException:
+        snap.restore(model)
         raise
-    model.load_state_dict(state, strict=False)
+    snap.match_mode(model)
     return model

@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import urllib.parse
 import urllib.request
 import warnings
@@ -91,6 +92,17 @@ class IntegrityError(DownloadError):
 
 # ---------------------------------------------------------------------------- entries
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Entry and file names become path components under the cache (entries/<name>/<digest>/<file>) and
+# the lock file next to it: only plain names, so a registry cannot write outside $ADAPTERZOO_HOME.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_plain_name(name: Any, what: str = "zoo entry name") -> str:
+    """``name`` if it is a plain file/folder name (letters, digits, ``.``, ``_``, ``-``; no path parts)."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or ".." in name:
+        raise RegistryError(f"{what} must be a plain name (letters, digits, '.', '_', '-', not starting "
+                            f"with '.' and without '..'), got {name!r}")
+    return name
 
 
 @dataclass
@@ -137,6 +149,7 @@ class Entry:
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any], origin: str = "") -> "Entry":
         where = f"entry {name!r} in {origin or 'registry'}"
+        check_plain_name(name, f"{where}: the entry name")
         if not isinstance(d, dict):
             raise RegistryError(f"{where}: expected an object, got {type(d).__name__}")
         kind = d.get("kind")
@@ -148,8 +161,9 @@ class Entry:
         files = []
         for i, f in enumerate(d.get("files") or []):
             fname, sha, size, sources = f.get("name"), str(f.get("sha256", "")).lower(), f.get("size"), f.get("sources")
-            if not fname or "/" in fname or "\\" in fname or fname.startswith("."):
-                raise RegistryError(f"{where}: file #{i} needs a plain file name, got {fname!r}")
+            if not isinstance(f, dict):
+                raise RegistryError(f"{where}: file #{i} must be an object with name, sha256, size, sources")
+            check_plain_name(fname, f"{where}: file #{i} name")
             if not _HEX64.match(sha):
                 raise RegistryError(f"{where}: file {fname!r} needs a full 64-hex sha256, got {sha!r}")
             if not isinstance(size, int) or size < 0:
@@ -270,10 +284,18 @@ def load_registry(loc: str | os.PathLike) -> dict[str, Entry]:
     if data.get("format", REGISTRY_FORMAT) > REGISTRY_FORMAT:
         raise RegistryError(f"registry {loc} has format {data['format']}; this library reads format {REGISTRY_FORMAT}: upgrade adapter-zoo")
     origin = loc if _is_url(loc) else str(Path(loc).expanduser().resolve())
-    return {name: Entry.from_dict(name, d, origin) for name, d in data.get("entries", {}).items()}
+    out: dict[str, Entry] = {}
+    for name, d in data.get("entries", {}).items():
+        try:  # one bad entry skips itself, not its whole registry
+            out[name] = Entry.from_dict(name, d, origin)
+        except RegistryError as e:
+            entry_errors[f"{loc}#{name}"] = str(e)
+            warnings.warn(f"skipping zoo entry: {e}", stacklevel=2)
+    return out
 
 
 registry_errors: dict[str, str] = {}  # location -> why it could not be read (filled by entries())
+entry_errors: dict[str, str] = {}  # "location#name" -> why that entry was skipped
 
 
 def entries(refresh: bool = False) -> dict[str, Entry]:
@@ -283,6 +305,7 @@ def entries(refresh: bool = False) -> dict[str, Entry]:
     """
     out: dict[str, Entry] = {}
     registry_errors.clear()
+    entry_errors.clear()
     if refresh:
         _REMOTE_TEXT.clear()
     for loc in registry_locations():
@@ -324,13 +347,66 @@ def list_entries(backbone: str | None = None, adapter: str | None = None, task: 
 
 # ---------------------------------------------------------------------------- downloads
 def entry_dir(entry: Entry) -> Path:
-    return cache_dir() / "entries" / entry.name / entry.digest
+    root = (cache_dir() / "entries").resolve()
+    d = root / check_plain_name(entry.name) / entry.digest
+    if root not in d.resolve().parents:  # belt and braces: never a folder outside the cache
+        raise RegistryError(f"zoo entry {entry.name!r} would be stored outside the cache {root}")
+    return d
+
+
+_STAMP = ".verified.json"  # per entry folder: {file: [size, mtime_ns, inode, sha256]} of files already hashed
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_stamp(d: Path) -> dict[str, list]:
+    try:
+        data = json.loads((d / _STAMP).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(d: Path, f: FileSpec) -> None:
+    stamp = _read_stamp(d)
+    stamp[f.name] = [*_stat_key(d / f.name), f.sha256]
+    _atomic_write_text(d / _STAMP, json.dumps(stamp))
+
+
+def cached_file_ok(d: Path, f: FileSpec, delete: bool = True) -> bool:
+    """Whether ``d/f.name`` is the file the registry pins: size, then sha256.
+
+    The sha256 is computed once and remembered with the file's size, mtime and inode, so a warm
+    start does not re-hash; any change to the file (same size or not) makes it hash again. A file
+    whose hash does not match is deleted (with a warning) so the next download replaces it.
+    """
+    p = d / f.name
+    if not p.is_file():
+        return False
+    key = _stat_key(p)
+    if key[0] != f.size:
+        return False
+    if _read_stamp(d).get(f.name) == [*key, f.sha256]:
+        return True
+    sha = sha256_file(p)
+    if sha == f.sha256:
+        _write_stamp(d, f)
+        return True
+    if delete:
+        p.unlink(missing_ok=True)
+        warnings.warn(f"cached {p} does not match its registry sha256 (expected {f.sha256}, got {sha}); deleted "
+                      f"so that it is downloaded again", stacklevel=3)
+    return False
 
 
 def is_cached(entry: Entry | str) -> bool:
+    """Every file of ``entry`` is in the cache with the pinned size and sha256."""
     entry = get_entry(entry) if isinstance(entry, str) else entry
     d = entry_dir(entry)
-    return all((d / f.name).is_file() and (d / f.name).stat().st_size == f.size for f in entry.files)
+    return all(cached_file_ok(d, f) for f in entry.files)
 
 
 def download(name: str | Entry, force: bool = False, progress: bool | None = None) -> Path:
@@ -349,9 +425,10 @@ def download(name: str | Entry, force: bool = False, progress: bool | None = Non
     with FileLock(str(d) + ".lock"):
         for f in entry.files:
             dest = d / f.name
-            if not force and dest.is_file() and dest.stat().st_size == f.size:
+            if not force and cached_file_ok(d, f):
                 continue  # another process finished it while we waited for the lock
             _fetch(entry, f, dest, progress)
+            _write_stamp(d, f)  # just verified by _fetch
     if entry.kind == "adapter":
         check_entry_artifact(entry, d)
     return d
@@ -440,9 +517,14 @@ def _verify_and_commit(tmp: Path, dest: Path, f: FileSpec, source: str) -> None:
 def _copy_verified(src: Path, dest: Path, f: FileSpec) -> None:
     if not src.is_file():
         raise DownloadError(f"file not found: {src}")
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    _verify_and_commit(tmp, dest, f, str(src))
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        shutil.copyfile(src, tmp)
+        _verify_and_commit(tmp, dest, f, str(src))
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool | None):
@@ -534,6 +616,7 @@ def verify(names: Iterable[str] | None = None) -> list[tuple[str, str, bool, str
                 continue
             sha, size = sha256_file(p), p.stat().st_size
             if sha == f.sha256 and size == f.size:
+                _write_stamp(d, f)
                 rows.append((entry.name, f.name, True, "ok"))
             else:
                 p.unlink()
@@ -636,15 +719,16 @@ def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerpr
 
 # ---------------------------------------------------------------------------- publishing
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from zoo.io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    from zoo.io import atomic_path
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _file_entry(path: Path, sources: list[dict[str, Any]]) -> dict[str, Any]:

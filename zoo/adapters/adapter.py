@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, AdapterModule, WrappedLayer
+from zoo.adapters.base import Adapter, AdapterModule, WrappedLayer, dropout_option, float_option, int_option
 
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -119,7 +119,10 @@ class BottleneckAdapter(Adapter):
             raise ValueError(f"unknown adapter style {style!r}; valid styles: {', '.join(self.STYLES)}")
         if adapter_input not in ("block", "mlp"):
             raise ValueError("adapter_input must be 'block' (residual stream, as AdaptFormer) or 'mlp'")
-        self.style, self.bottleneck, self.layers = style, int(bottleneck), layers
+        self.style, self.bottleneck, self.layers = style, int_option("adapter", "bottleneck", bottleneck), layers
+        if scale is not None:
+            float_option("adapter", "scale", scale)
+        dropout_option("adapter", dropout)
         self.act = act or ("relu" if style == "adaptformer" else "gelu")
         self.scale = float(scale if scale is not None else (0.1 if style == "adaptformer" else 1.0))
         self.dropout, self.layernorm, self.adapter_input = float(dropout), bool(layernorm), adapter_input

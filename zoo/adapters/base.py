@@ -243,8 +243,56 @@ class Adapter:
     def import_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return state
 
+    def after_load(self) -> None:
+        """Called by ``load_adapter`` once the artifact's tensors are in the model (no-op by default)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+
+# ---------------------------------------------------------------------- option validation
+# Every adapter checks its options in ``__init__`` with these, so a bad value is one clear
+# ``ValueError`` naming the option, never a silent cast (``rank=2.7`` must not become 2).
+
+def int_option(who: str, name: str, value: Any, lo: int | None = 1, hi: int | None = None) -> int:
+    """``value`` as an int in ``lo..hi``; refuses bools, non-integral floats and strings."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok and isinstance(value, float) and value.is_integer():  # 16.0 from YAML / CLI arithmetic
+        value, ok = int(value), True
+    rng = (f" in {lo}..{hi}" if hi is not None else f" >= {lo}") if lo is not None else ""
+    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"adapter {who!r}: {name} must be an integer{rng}, got {value!r}")
+    return int(value)
+
+
+def float_option(who: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a finite float in the interval (``lo_open``/``hi_open``: exclusive ends)."""
+    import math
+
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if not bad:
+        v = float(value)
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        lb = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
+        ub = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
+        rng = f" in {lb or '(-inf'}, {ub or 'inf)'}" if (lo is not None or hi is not None) else ""
+        raise ValueError(f"adapter {who!r}: {name} must be a finite number{rng}, got {value!r}")
+    return float(value)
+
+
+def dropout_option(who: str, value: Any, name: str = "dropout") -> float:
+    return float_option(who, name, value, 0.0, 1.0, hi_open=True)
+
+
+def rank_fits(who: str, name: str, rank: int, d_in: int, d_out: int, where: str = "") -> None:
+    """A low-rank factor of a ``d_out × d_in`` matrix has rank at most ``min(d_in, d_out)``."""
+    if rank > min(d_in, d_out):
+        raise ValueError(
+            f"{who}: {name}={rank} exceeds min(d_in, d_out) = min({d_in}, {d_out}) = {min(d_in, d_out)}"
+            f"{' at ' + where if where else ''}; a larger rank only adds parameters (choose {name} <= {min(d_in, d_out)})"
+        )
 
 
 class NotMergeableError(RuntimeError):

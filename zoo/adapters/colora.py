@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, AdapterModule
+from zoo.adapters.base import Adapter, AdapterModule, dropout_option, int_option
 from zoo.adapters.lora import LoRAConv2d, LoRALinear
 from zoo.sites import Site, SiteError, find_sites, unwrap
 
@@ -209,8 +209,12 @@ class CoLoRA(Adapter):
                 raise ValueError(f"{opt}={val!r}; valid: {', '.join(valid)}")
         if budget is not None and not 0 < budget <= 1:
             raise ValueError(f"budget={budget}: a fraction of the adapted layers' weights in (0, 1], or null")
-        if int(min_rank) < 1 or int(faig_steps) < 1 or int(faig_batches) < 1 or int(finetune_steps) < 0:
-            raise ValueError("min_rank, faig_steps and faig_batches must be >= 1, finetune_steps >= 0")
+        for opt, val, lo in (("min_rank", min_rank, 1), ("faig_steps", faig_steps, 1), ("faig_batches", faig_batches, 1),
+                             ("finetune_steps", finetune_steps, 0)):
+            int_option("colora", opt, val, lo)
+        dropout_option("colora", dropout)
+        for k, v in dict(ranks or {}).items():
+            int_option("colora", f"ranks[{k!r}]", v, 0)
         self.budget, self.alpha, self.beta = budget, float(alpha), float(beta)
         self.delta_min, self.min_rank = float(delta_min), int(min_rank)
         self.normalize, self.reduce, self.loss = normalize, reduce, loss

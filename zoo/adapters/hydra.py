@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import inner_layer, Adapter, WrappedLayer
+from zoo.adapters.base import inner_layer, Adapter, WrappedLayer, dropout_option, int_option
 from zoo.sites import LINEAR_SITES, SiteError
 
 INITS = ("xavier", "normal", "kaiming")
@@ -162,9 +162,8 @@ class Hydra(Adapter):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown Hydra init {init!r}; valid options: {', '.join(INITS)}")
-        if int(par_rank) < 1 or int(seq_rank) < 1:
-            raise ValueError(f"Hydra ranks must be >= 1, got par_rank={par_rank}, seq_rank={seq_rank}")
-        self.par_rank, self.seq_rank = int(par_rank), int(seq_rank)
+        self.par_rank, self.seq_rank = int_option("hydra", "par_rank", par_rank), int_option("hydra", "seq_rank", seq_rank)
+        dropout_option("hydra", dropout)
         self.scale, self.dropout, self.bias, self.init = float(scale), float(dropout), bool(bias), init
         self.targets, self.layers = list(targets), layers
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, float_option, int_option, rank_fits
 from zoo.sites import LINEAR_SITES, SiteError, unwrap
 
 
@@ -33,6 +33,8 @@ class LoRALinear(WrappedLayer):
                  slices: dict[str, slice | None] | None = None):
         super().__init__(base)
         linear = self.linear()
+        for k, s in (slices or {"all": None}).items():  # rank <= min(d_in, d_out) of every delta
+            rank_fits(type(self).__name__, "rank", rank, linear.in_features, _rows(s, linear.out_features), k)
         self.rank, self.scaling = rank, alpha / rank
         self.slices = dict(slices or {"all": None})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -119,9 +121,10 @@ class LoRAConv2d(WrappedLayer):
             raise SiteError(f"LoRAConv2d needs an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise SiteError(f"LoRAConv2d supports groups=1 only, got a Conv2d with groups={conv.groups}")
+        w = conv.weight
+        rank_fits(type(self).__name__, "rank", rank, w[0].numel(), w.shape[0], "conv")
         self.rank, self.scaling = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = conv.weight
         self.lora_A = nn.Parameter(torch.empty(rank, *w.shape[1:], device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -169,9 +172,9 @@ class LoRA(Adapter):
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  targets: list[str] = ("q", "v"), layers="all"):
         super().__init__()
-        if int(rank) < 1 or not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"LoRA needs rank >= 1 and 0 <= dropout < 1 (got rank={rank}, dropout={dropout})")
-        self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
+        self.rank = int_option("lora", "rank", rank)
+        self.alpha = float_option("lora", "alpha", alpha)
+        self.dropout = dropout_option("lora", dropout)
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:

@@ -64,7 +64,7 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.adapters.base import Adapter, WrappedLayer, int_option
 from zoo.adapters.lora import LoRALinear, _rows, group_by_module
 from zoo.sites import LINEAR_SITES, SiteError
 
@@ -229,8 +229,8 @@ class MHR(Adapter):
             n_splits = 1 if variant == "poly" else 64
         if variant == "poly" and n_splits != 1:
             raise ValueError(f"variant 'poly' is MHR with one head: n_splits must be 1 (or null), got {n_splits}")
-        if min(n_tasks, n_skills, n_splits, rank) < 1:
-            raise ValueError("n_tasks, n_skills, n_splits and rank must be >= 1")
+        for opt, val in (("n_tasks", n_tasks), ("n_skills", n_skills), ("n_splits", n_splits), ("rank", rank)):
+            int_option("mhr", opt, val)
         self.variant, self.n_tasks, self.n_skills, self.n_splits = variant, int(n_tasks), int(n_skills), int(n_splits)
         self.rank, self.alpha, self.gumbel, self.routing_lr = int(rank), float(alpha), bool(gumbel), float(routing_lr)
         self.targets, self.layers = list(targets), layers

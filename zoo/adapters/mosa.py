@@ -68,7 +68,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.adapter import Bottleneck, InputTap, ParallelAdapter, site_dim
-from zoo.adapters.base import Adapter, AdapterModule, StepContext
+from zoo.adapters.base import Adapter, AdapterModule, StepContext, dropout_option, int_option
 
 SHARE = ("down", "up", "none")
 
@@ -169,8 +169,9 @@ class MoSA(Adapter):
         share = "none" if share is None else str(share)
         if share not in SHARE:
             raise ValueError(f"unknown share {share!r}; valid options: {', '.join(SHARE)}")
-        if not 1 <= int(experts) <= 255:
-            raise ValueError(f"experts must be in 1..255, got {experts}")
+        int_option("mosa", "experts", experts, 1, 255)
+        int_option("mosa", "bottleneck", bottleneck)
+        dropout_option("mosa", dropout)
         self.bottleneck, self.experts, self.share = int(bottleneck), int(experts), share
         self.scale, self.dropout = float(scale), float(dropout)
         self.consistency_weight, self.ce2_weight = float(consistency_weight), float(ce2_weight)

@@ -52,8 +52,11 @@ bit-packed ``8/bits`` per byte (first element in the low bits) plus ``(μ, σ)``
 head its codes join the same tensors (``head_bits · #head weights / 8 + 8`` bytes, plus 4 bytes
 per class for ``head_bias``) instead of the fp32 head. Loading
 restores the codes exactly (:meth:`QLinear.load_codes`): the model reproduces the saved
-predictions bit for bit and re-exports the same bytes. Calling ``.train()`` drops the codes and
-training continues from the dequantised weights as the new latent weights.
+predictions bit for bit and re-exports the same bytes. Calling ``.train()`` drops the codes;
+training continues from latent weights that re-quantise to the same codes and (μ, σ)
+(:func:`latent_for_codes`) — not from the dequantised values, whose std is 0.6745 σ at one bit,
+so re-quantising them would shrink the function (``adapter.init_from`` would continue from a
+different model).
 
 Reconstructed / differing from the reference:
 
@@ -73,7 +76,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.adapter import Bottleneck, InputTap, ParallelAdapter, site_dim
-from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, int_option
 from zoo.adapters.lora import _rows, group_by_module
 from zoo.sites import SiteError, unwrap
 
@@ -161,20 +164,59 @@ class QLinear(nn.Module):
 
     @torch.no_grad()
     def load_codes(self, idx: torch.Tensor, stats: torch.Tensor) -> None:
-        """Use stored codes for evaluation (exact reload); the latent weight becomes their value."""
+        """Use stored codes for evaluation (exact reload) and set a latent weight that
+        re-quantises to the same codes with the same (μ, σ) (see :func:`latent_for_codes`), so
+        ``.train()`` and ``adapter.init_from`` continue from the saved function."""
         self._codes = idx.to(self.weight.device).long().view(self.out_features, self.in_features)
         self._stats = stats.to(self.weight.device, torch.float32)
-        self.weight.copy_(self.dequantize(self._codes, self._stats))
+        self.weight.copy_(latent_for_codes(self._codes, self._stats, self.levels, self.thresholds).to(self.weight.dtype))
 
     def train(self, mode: bool = True):
-        # loaded codes serve inference and re-export; training continues from their dequantised
-        # values, which load_codes already put into the latent weight
+        # loaded codes serve inference and re-export bit for bit; training continues from the
+        # latent weight load_codes set, which quantises to the same function
         if mode:
             self._codes = self._stats = None
         return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+@torch.no_grad()
+def latent_for_codes(idx: torch.Tensor, stats: torch.Tensor, levels: torch.Tensor, thresholds: torch.Tensor,
+                     iters: int = 200) -> torch.Tensor:
+    """A latent weight ``W = μ + σ z`` whose quantisation is the stored codes: ``mean(z) = 0``,
+    ``std(z) = 1`` and every ``z`` in its code's cell, so μ and σ recomputed from ``W`` are the
+    stored ones and ``Q((W − μ)/σ)`` gives ``idx`` back.
+
+    The dequantised values themselves are *not* such a weight: at one bit they have std
+    ``0.6745 σ``, so re-quantising them shrinks the function by 0.6745. ``z`` starts at the code
+    levels and alternates standardisation with clamping into each cell (a margin away from the
+    thresholds); two-level codes converge in one step.
+    """
+    mu, sd = float(stats[0]), float(stats[1])
+    if sd == 0.0 or idx.numel() < 2:
+        return torch.full(idx.shape, mu, dtype=torch.float32, device=idx.device)
+    thr = thresholds.double()
+    inf = torch.tensor([float("inf")], dtype=torch.float64, device=thr.device)
+    # the forward standardises with σ + EPS, i.e. sees z·k: clamp z to the cells divided by k
+    k, margin = sd / (sd + EPS), 1e-3
+    lo = (torch.cat([-inf, thr])[idx] + margin) / k
+    hi = (torch.cat([thr, inf])[idx] - margin) / k
+    lo = torch.minimum(lo, hi)
+    z = levels.double()[idx]
+    for _ in range(iters):
+        z = (z - z.mean()) / z.std()
+        zc = torch.maximum(torch.minimum(z, hi), lo)
+        if torch.equal(zc, z):
+            break
+        z = zc
+    w = (mu + sd * z).float()
+    mu2, sd2 = w.mean(), w.std()
+    if not torch.equal(torch.bucketize((w - mu2) / (sd2 + EPS), thresholds.to(w.device)), idx):
+        raise ValueError("could not reconstruct a latent weight for the stored 1-bit codes "
+                         "(the codes are not a quantisation of any weight matrix)")
+    return w
 
 
 def make_linear(in_f: int, out_f: int, bits: int, up: bool, like: torch.Tensor) -> nn.Module:
@@ -298,7 +340,8 @@ class OneBit(Adapter):
             raise ValueError(f"unknown base {base!r}; valid options: {', '.join(BASES)}")
         if int(bits) not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
-        self.base, self.bits, self.dim = base, int(bits), int(dim)
+        self.base, self.bits, self.dim = base, int(bits), int_option("onebit", "dim", dim)
+        dropout_option("onebit", dropout)
         self.scale, self.dropout, self.targets, self.layers = float(scale), float(dropout), list(targets), layers
         if head_bits is not None and int(head_bits) not in BITS:
             raise ValueError(f"head_bits must be None or one of {BITS}, got {head_bits}")

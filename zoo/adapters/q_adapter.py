@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.adapters.base import Adapter, WrappedLayer, int_option
 from zoo.sites import SiteError
 
 GATES = ("tanh", "channel", "sigmoid")
@@ -117,8 +117,8 @@ class QAdapter(Adapter):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown Q-Adapter gate {gate!r}; valid gates: {', '.join(GATES)}")
-        if int(num_queries) < 1 or int(proj_dim) < 1:
-            raise ValueError(f"num_queries and proj_dim must be >= 1, got {num_queries} and {proj_dim}")
+        int_option("q_adapter", "num_queries", num_queries)
+        int_option("q_adapter", "proj_dim", proj_dim)
         self.num_queries, self.proj_dim, self.gate, self.layers = int(num_queries), int(proj_dim), gate, layers
 
     def attach(self, backbone) -> None:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import inner_layer, Adapter, StepContext, WrappedLayer
+from zoo.adapters.base import inner_layer, Adapter, StepContext, WrappedLayer, float_option, int_option
 from zoo.sites import SiteError
 
 
@@ -175,8 +175,9 @@ class SALT(Adapter):
         super().__init__()
         if rank is None and not 0 < float(ratio) <= 1:
             raise ValueError(f"SALT ratio must be in (0, 1], got {ratio}")
-        if int(r_lora) < 1:
-            raise ValueError(f"SALT r_lora must be >= 1, got {r_lora}")
+        int_option("salt", "r_lora", r_lora)
+        if rank is not None:
+            int_option("salt", "rank", rank)
         self.ratio, self.rank, self.r_lora = float(ratio), (None if rank is None else int(rank)), int(r_lora)
         self.reg_multiplier = float(reg_multiplier)
         self.targets, self.layers = list(targets), layers

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, WrappedLayer
+from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, int_option
 from zoo.sites import SiteError
 
 
@@ -52,7 +52,8 @@ class VPT(Adapter):
         super().__init__()
         if mode not in ("deep", "shallow"):
             raise ValueError(f"unknown VPT mode {mode!r}; valid modes: deep, shallow")
-        self.mode, self.num_tokens, self.dropout, self.layers = mode, int(num_tokens), float(dropout), layers
+        self.mode, self.num_tokens, self.layers = mode, int_option("vpt", "num_tokens", num_tokens), layers
+        self.dropout = dropout_option("vpt", dropout)
 
     def attach(self, backbone) -> None:
         if backbone.token_layout != "nld":

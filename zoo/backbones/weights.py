@@ -25,7 +25,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # truncated or not safetensors
+            raise WeightsUnavailableError(f"could not read {path} as safetensors: {type(e).__name__}: {e}") from None
+        _check_finite(sd, path)
+        return sd
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # an unsafe pickle or a corrupt file
@@ -33,7 +38,18 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if isinstance(sd, dict):
+        _check_finite({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.endswith("attn_mask")}, path)
     return sd
+
+
+def _check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:
+    from zoo.io import check_finite
+
+    try:
+        check_finite(sd, path)
+    except ValueError as e:
+        raise WeightsUnavailableError(str(e)) from None
 
 
 @contextmanager

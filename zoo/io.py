@@ -1,0 +1,61 @@
+"""Atomic file writes: a reader (or a crashed writer) never sees a half-written file.
+
+Every file the project writes goes through :func:`atomic_path`: the content is written to a
+uniquely named temporary file in the destination's own folder (same filesystem, so the final
+``os.replace`` is atomic), flushed to disk, and only then renamed over the destination. On any
+error the temporary file is removed and the previous file, if any, is untouched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on a clean exit it replaces ``dest`` atomically."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    try:
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except OSError:  # some filesystems do not support fsync; the rename is still atomic
+        pass
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Refuse tensors with NaN/inf (a diverged run's artifact, a corrupt file), naming the file."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} tensor(s) contain NaN or inf, e.g. {bad[:5]} "
+                         f"(the run that wrote it diverged, or the file is corrupt); refusing to load it")
