@@ -99,6 +99,10 @@ def backbone_kwargs(weights: Path) -> dict:
         for e in zoo.hub.list_entries(kind="backbone"):
             if e.backbone.get("weights_tag") == "file:vit_demo.safetensors":
                 return {"model": e.backbone["model"], **(e.backbone.get("kwargs") or {})}
+        # no silent fallback to another architecture (it fails later with ~40 size mismatches)
+        raise FileNotFoundError(
+            f"{weights} exists but no local zoo entry records its architecture (the `vit-demo` backbone entry, "
+            f"written by `python train.py experiment=upstream`); run that once, or delete {weights} and run `make demo`")
     return dict(TINY_VIT)
 
 

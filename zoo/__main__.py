@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("run_dir")
     pb.add_argument("--name", required=True)
     pb.add_argument("--out", required=True, help="artifact folder to write")
-    pb.add_argument("--registry-file", help="also add the entry to this local registry JSON")
+    pb.add_argument("--registry-file", default=None,
+                    help=f"add the entry to this local registry JSON (default: the local zoo, {hub.LOCAL_REGISTRY})")
+    pb.add_argument("--no-register", action="store_true", help="only write the artifact folder and print the entry")
     pb.add_argument("--url-base", help="URL the folder will be served from (becomes the source)")
     pb.add_argument("--hf-repo", help="Hugging Face repo the folder will be uploaded to")
     pb.add_argument("--hf-subfolder")
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: don't fold the table
+    err = Console(stderr=True)  # notes and warnings: stdout stays the table / valid JSON
     try:
         if args.cmd == "list":
             rows = hub.list_entries(args.backbone, args.adapter, args.task, args.kind)
@@ -71,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 console.print("no zoo entries match" + ("" if hub.entries() else
                               f" (registries read: {', '.join(hub.registry_locations())}; run `make demo` "
                               f"or set {hub.ENV_REGISTRY})"))
-            for loc, err in hub.registry_errors.items():
-                console.print(f"[yellow]registry {loc} skipped: {err}[/yellow]")
+            for loc, why in {**hub.registry_errors, **hub.entry_errors}.items():
+                err.print(f"[yellow]skipped {loc}: {why}[/yellow]", highlight=False)
         elif args.cmd == "info":
             e = hub.get_entry(args.name)
             print(json.dumps({"name": e.name, "registry": e.origin, "cached": hub.is_cached(e),
@@ -84,18 +87,21 @@ def main(argv: list[str] | None = None) -> int:
             bad = [r for r in rows if not r[2]]
             for name, fname, ok, msg in rows:
                 console.print(f"{'[green]ok[/green]  ' if ok else '[red]BAD[/red] '} {name}/{fname}: {msg}")
-            for loc, err in hub.registry_errors.items():
-                console.print(f"[red]BAD[/red]  registry {loc}: {err}")
+            for loc, why in {**hub.registry_errors, **hub.entry_errors}.items():
+                console.print(f"[red]BAD[/red]  registry {loc}: {why}")
             if not rows:
                 console.print("nothing cached to verify")
-            return 1 if bad or hub.registry_errors else 0
+            return 1 if bad or hub.registry_errors or hub.entry_errors else 0
         elif args.cmd == "publish":
-            entry = hub.publish_run(args.run_dir, args.name, registry=args.registry_file, out_dir=args.out,
+            reg = None if args.no_register else (args.registry_file or hub.LOCAL_REGISTRY)
+            entry = hub.publish_run(args.run_dir, args.name, registry=reg, out_dir=args.out,
                                     url_base=args.url_base, hf_repo=args.hf_repo, hf_subfolder=args.hf_subfolder,
                                     licence=args.licence, task=args.task, description=args.description)
             print(json.dumps({args.name: entry}, indent=2))
+            if reg is not None:
+                err.print(f"registered {args.name!r} in {reg} (`python -m zoo info {args.name}`)", highlight=False)
     except (hub.HubError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     return 0
 

@@ -26,8 +26,16 @@ def adapters_of(model: nn.Module) -> list[Adapter]:
     return find_backbone(model).adapters
 
 
-def list_adapters() -> list[str]:
-    return ADAPTERS.names()
+def list_adapters(describe: bool = False) -> list[str] | dict[str, str]:
+    """The registered adapter names; ``describe=True``: ``{name: one-line description (paper)}``."""
+    if not describe:
+        return ADAPTERS.names()
+    out = {}
+    for n in ADAPTERS.names():
+        cls = ADAPTERS.get(n)
+        line = next((ln.strip() for ln in (cls.__doc__ or "").splitlines() if ln.strip()), "")
+        out[n] = line + (f" ({cls.paper})" if cls.paper else "")
+    return out
 
 
 def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:

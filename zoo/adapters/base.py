@@ -114,6 +114,10 @@ class Adapter:
     name: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
     paper: ClassVar[str] = ""
+    # q, k, v are *row slices* of a fused qkv Linear (``Site.out_slice``). An adapter that wraps
+    # whole modules would silently adapt all of qkv (twice for targets=[q, v]); only adapters that
+    # handle ``out_slice`` set this, and :meth:`sites` refuses slice sites for the others.
+    supports_slices: ClassVar[bool] = False
 
     def __init__(self, **config: Any):
         self.config: dict[str, Any] = config
@@ -141,8 +145,16 @@ class Adapter:
         return obj
 
     def sites(self, targets, layers: Layers = "all") -> list[Site]:
+        from zoo.sites import SiteError
+
         assert self.backbone is not None
-        return find_sites(self.backbone, targets, layers)
+        sites = find_sites(self.backbone, targets, layers)
+        sliced = sorted({s.kind for s in sites if s.out_slice is not None})
+        if sliced and not self.supports_slices:
+            raise SiteError(
+                f"adapter {self.name!r} wraps whole layers, but {sliced} are row slices of this backbone's fused "
+                f"qkv projection; target 'qkv' instead (or handle Site.out_slice and set supports_slices = True)")
+        return sites
 
     def replace(self, site: Site, new: AdapterModule) -> AdapterModule:
         """Put ``new`` at ``site`` (it usually wraps ``site.module``) and remember how to undo it."""

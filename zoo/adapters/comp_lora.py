@@ -134,6 +134,7 @@ class CompLoRA(Adapter):
     """Comp-LoRA on Linear sites (default: q, k, v of every block, as CLIP-LoRA)."""
 
     mergeable = True
+    supports_slices = True
     paper = "Wang et al., Comp-LoRA, arXiv 2501.15040 (2025)"
 
     def __init__(self, rank: int = 2, alpha: float = 1.0, dropout: float = 0.25, k: int | float = 8,

@@ -167,6 +167,7 @@ class LoRA(Adapter):
     """LoRA on any Linear site (default q and v of every block, as in the paper)."""
 
     mergeable = True
+    supports_slices = True
     paper = "Hu et al., LoRA, ICLR 2022"
 
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,

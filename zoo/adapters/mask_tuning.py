@@ -157,6 +157,7 @@ class MaskTuning(Adapter):
     """Binary weight masks with STE, an L2 score regulariser and gradient dropout (R-AMT)."""
 
     mergeable = True
+    supports_slices = True
     paper = "Zheng, Wu et al., Regularized Mask Tuning (R-AMT), ICCV 2023"
 
     def __init__(self, targets: list[str] = ("q", "k", "v", "o"), layers="all", patch_embed: bool = True,

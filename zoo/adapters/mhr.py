@@ -217,6 +217,7 @@ class MHR(Adapter):
     """Poly / MHR routing over a LoRA skill inventory (default: MHR, T0 settings, every Linear)."""
 
     mergeable = True
+    supports_slices = True
     paper = "Caccia et al., Multi-Head Adapter Routing for Cross-Task Generalization, NeurIPS 2023"
 
     def __init__(self, variant: str = "mhr", n_tasks: int = 1, n_skills: int = 8, n_splits: int | None = None,

@@ -330,6 +330,7 @@ class QuantizedHead(WrappedLayer):
 class OneBit(Adapter):
     """Low-bit (default 1-bit) AdaptFormer or LoRA adapters with packed storage."""
 
+    supports_slices = True
     paper = "Jie, Wang, Deng, ICCV 2023 (arXiv 2307.16867): Bi-AdaptFormer / Bi-LoRA"
 
     def __init__(self, base: str = "adaptformer", bits: int = 1, dim: int = 32, scale: float = 0.1,

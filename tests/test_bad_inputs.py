@@ -1,0 +1,422 @@
+"""Bad inputs and faults (issue 15): each case is one clear error or a safe outcome, never a silent
+wrong result, a half-written file or a write outside the cache. The README's "What happens when…"
+table lists the same cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import zoo
+from zoo import hub
+from zoo.__main__ import main as cli
+from zoo.checkpoint import AdapterMismatchError
+from zoo.sites import SiteError
+
+from .conftest import tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- helpers
+@pytest.fixture()
+def isolated(tmp_path, monkeypatch):
+    """A private cache and no project registries."""
+    monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "cache"))
+    monkeypatch.delenv(hub.ENV_REGISTRY, raising=False)
+    monkeypatch.delenv(hub.ENV_OFFLINE, raising=False)
+    monkeypatch.setattr(hub, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
+    monkeypatch.setattr(hub, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
+    monkeypatch.setattr(hub, "_EXTRA_REGISTRIES", [])
+    return tmp_path
+
+
+def lora_model(seed=0, **cfg):
+    torch.manual_seed(seed)
+    m = zoo.ImageClassifier(tiny_vit(), 3)
+    zoo.apply_adapter(m, "lora", **{"rank": 2, **cfg})
+    return m
+
+
+def plain_model(seed=0):
+    torch.manual_seed(seed)
+    return zoo.ImageClassifier(tiny_vit(), 3)
+
+
+def artifact(tmp_path, name="art", **cfg) -> Path:
+    m = lora_model(**cfg)
+    with torch.no_grad():
+        for p in zoo.adapters_of(m)[0].adapter_parameters():
+            p.normal_()
+    return zoo.save_adapter(m, tmp_path / name)
+
+
+def registry_with(tmp_path, entries: dict) -> Path:
+    reg = tmp_path / "reg.json"
+    reg.write_text(json.dumps({"format": 1, "entries": entries}))
+    return reg
+
+
+def published(tmp_path) -> tuple[Path, dict]:
+    """A published tiny LoRA artifact with a local registry; returns (registry, entry)."""
+    run = tmp_path / "run"
+    art = artifact(tmp_path, "run/adapter")
+    assert art == run / "adapter"
+    reg = tmp_path / "zoo" / "registry.json"
+    entry = hub.publish_run(run, "tiny-lora", registry=reg, out_dir=tmp_path / "zoo" / "tiny-lora")
+    return reg, entry
+
+
+def state_of(model: nn.Module):
+    """Everything a failed load must leave unchanged: structure, flags, values, modes, adapters."""
+    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+            {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()},
+            [a.name for a in zoo.adapters_of(model)])
+
+
+def same_state(a, b) -> bool:
+    return (a[0] == b[0] and a[2] == b[2] and a[1].keys() == b[1].keys()
+            and all(a[1][k][0] == b[1][k][0] and torch.equal(a[1][k][1], b[1][k][1]) for k in a[1]))
+
+
+# ---------------------------------------------------------------------------- registry names
+@pytest.mark.parametrize("bad", ["../../x", "/abs", "a/b", "..", ".hidden", "a\\b", ""])
+def test_entry_with_a_path_name_skips_itself_not_its_registry(isolated, bad):
+    reg, entry = published(isolated)
+    data = json.loads(reg.read_text())
+    data["entries"][bad] = data["entries"]["tiny-lora"]
+    reg.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="plain name"):
+        got = hub.load_registry(reg)
+    assert list(got) == ["tiny-lora"]  # the good entry survives
+
+
+def test_file_with_a_path_name_is_refused(isolated):
+    reg, entry = published(isolated)
+    data = json.loads(reg.read_text())
+    data["entries"]["evil"] = {**entry, "files": [{**entry["files"][0], "name": "../../../escaped.safetensors"}]}
+    reg.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="plain name"):
+        assert list(hub.load_registry(reg)) == ["tiny-lora"]
+
+
+def test_a_malicious_entry_name_never_writes_outside_the_cache(isolated):
+    e = hub.Entry(name="../../outside", kind="adapter", backbone={"family": "vit", "model": "m"}, files=[])
+    with pytest.raises(hub.RegistryError, match="plain name"):
+        hub.entry_dir(e)
+    assert not (isolated / "outside").exists()
+
+
+# ---------------------------------------------------------------------------- cache integrity
+def test_same_size_tampered_cached_file_is_detected_and_refetched(isolated, monkeypatch):
+    reg, entry = published(isolated)
+    hub.add_registry(reg)
+    d = hub.download("tiny-lora")
+    f = d / "adapter.safetensors"
+    good = f.read_bytes()
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF  # same size, different content
+    f.write_bytes(bytes(bad))
+    with pytest.warns(UserWarning, match="does not match its registry sha256"):
+        assert not hub.is_cached("tiny-lora")
+    hub.download("tiny-lora")
+    assert f.read_bytes() == good
+
+
+def test_warm_cache_does_not_rehash(isolated, monkeypatch):
+    reg, _ = published(isolated)
+    hub.add_registry(reg)
+    hub.download("tiny-lora")
+    calls = []
+    real = hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda p: calls.append(p) or real(p))
+    assert hub.is_cached("tiny-lora") and hub.download("tiny-lora")
+    assert calls == []  # size + mtime + inode stamp
+    f = hub.entry_dir(hub.get_entry("tiny-lora")) / "adapter.json"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # touched: hash again
+    assert hub.is_cached("tiny-lora") and len(calls) == 1
+
+
+# ---------------------------------------------------------------------------- artifact writes
+def test_failed_json_write_keeps_the_previous_artifact(tmp_path, monkeypatch):
+    path = artifact(tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    import zoo.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.json, "dumps", boom)
+    m = lora_model(seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        zoo.save_adapter(m, path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # no temp files left either
+    zoo.load_adapter(plain_model(), path)
+
+
+def test_torn_pair_is_refused(tmp_path):
+    a, b = artifact(tmp_path, "a"), artifact(tmp_path, "b", seed=1)
+    (a / "adapter.safetensors").write_bytes((b / "adapter.safetensors").read_bytes())  # new weights, old json
+    with pytest.raises(AdapterMismatchError, match="sha256 differs"):
+        zoo.load_adapter(plain_model(), a)
+
+
+def test_truncated_artifact_is_one_clear_error(tmp_path):
+    a = artifact(tmp_path)
+    w = a / "adapter.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    meta = json.loads((a / "adapter.json").read_text())
+    meta.pop("weights_sha256")  # an older artifact without the hash: the read itself must fail clearly
+    (a / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatchError, match="cannot be read as safetensors"):
+        zoo.load_adapter(plain_model(), a)
+
+
+@pytest.mark.parametrize("methods", [[], None, [{"config": {}}]])
+def test_empty_methods_in_adapter_json(tmp_path, methods):
+    a = artifact(tmp_path)
+    meta = json.loads((a / "adapter.json").read_text())
+    meta["methods"] = methods
+    (a / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatchError, match="'methods' must be a non-empty list"):
+        zoo.load_adapter(plain_model(), a)
+
+
+# ---------------------------------------------------------------------------- non-finite tensors
+def test_nan_artifact_is_refused_with_its_path(tmp_path):
+    m = lora_model()
+    with torch.no_grad():
+        next(zoo.adapters_of(m)[0].adapter_parameters())[0, 0] = float("nan")
+    a = zoo.save_adapter(m, tmp_path / "nan")
+    model = plain_model()
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"nan/adapter\.safetensors: 1 tensor\(s\) contain NaN or inf"):
+        zoo.load_adapter(model, a)
+    assert same_state(before, state_of(model))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_inf_backbone_weights_are_refused_with_the_path(tmp_path, suffix):
+    sd = {k: v.contiguous() for k, v in tiny_vit().model.state_dict().items()}
+    sd[next(iter(sd))] = sd[next(iter(sd))].clone().fill_(float("inf"))
+    f = tmp_path / f"w{suffix}"
+    save_file(sd, str(f)) if suffix == ".safetensors" else torch.save(sd, f)
+    with pytest.raises(zoo.WeightsUnavailableError, match=rf"w\{suffix}: 1 tensor\(s\) contain NaN or inf"):
+        tiny_vit(weights=str(f))
+
+
+# ---------------------------------------------------------------------------- load / apply leave the model intact
+def test_failing_second_method_leaves_the_model_exactly_as_it_was(tmp_path):
+    a = artifact(tmp_path)
+    meta = json.loads((a / "adapter.json").read_text())
+    meta["methods"].append({"name": "adapter", "config": {"bottleneck": 0}})  # the second one fails
+    (a / "adapter.json").write_text(json.dumps(meta))
+    model = plain_model()
+    model.head.weight.requires_grad_(False)  # a user's own flag must survive
+    before = state_of(model)
+    with pytest.raises(ValueError, match="bottleneck must be an integer >= 1"):
+        zoo.load_adapter(model, a)
+    assert same_state(before, state_of(model))
+
+
+def test_failed_attach_does_not_freeze_the_backbone():
+    model = plain_model()
+    before = state_of(model)
+    with pytest.raises(SiteError):
+        zoo.apply_adapter(model, "lora", targets=["mlp"])
+    assert same_state(before, state_of(model))
+
+
+def test_failed_tensor_load_into_attached_adapters_restores_flags(tmp_path):
+    a = artifact(tmp_path)  # rank 2
+    model = lora_model(rank=4)  # same method and backbone, other shapes
+    before = state_of(model)
+    with pytest.raises(AdapterMismatchError, match="shape"):
+        zoo.load_adapter(model, a)
+    assert same_state(before, state_of(model))
+
+
+@pytest.mark.parametrize("how", ["apply", "load"])
+def test_new_modules_follow_the_models_eval_mode(tmp_path, how):
+    model = plain_model().eval()
+    if how == "apply":
+        zoo.apply_adapter(model, "lora", rank=2, dropout=0.5)
+    else:
+        zoo.load_adapter(model, artifact(tmp_path, dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x))  # no active dropout
+
+
+def test_new_modules_follow_train_mode():
+    model = plain_model().train()
+    zoo.apply_adapter(model, "vpt", num_tokens=2, dropout=0.1)
+    assert all(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------------------- option validation
+BAD_OPTIONS = [
+    ("lora", dict(rank=2.7), "rank must be an integer"),
+    ("lora", dict(rank=0), "rank must be an integer >= 1"),
+    ("lora", dict(rank=True), "rank must be an integer"),
+    ("lora", dict(rank="4"), "rank must be an integer"),
+    ("lora", dict(rank=1000), r"exceeds min\(d_in, d_out\)"),
+    ("lora", dict(rank=65, targets=["fc1"]), r"exceeds min\(d_in, d_out\) = min\(64, 256\) = 64"),
+    ("lora", dict(dropout=1.0), "dropout must be a finite number in"),
+    ("lora", dict(alpha=float("nan")), "alpha must be a finite number"),
+    ("adapter", dict(bottleneck=0), "bottleneck must be an integer >= 1"),
+    ("adapter", dict(bottleneck=-3), "bottleneck must be an integer >= 1"),
+    ("adapter", dict(bottleneck=8.5), "bottleneck must be an integer"),
+    ("adapter", dict(dropout=-0.1), "dropout"),
+    ("vpt", dict(num_tokens=0), "num_tokens must be an integer >= 1"),
+    ("vpt", dict(num_tokens=1.5), "num_tokens must be an integer"),
+    ("vpt", dict(dropout=2), "dropout"),
+    ("hydra", dict(par_rank=0), "par_rank must be an integer >= 1"),
+    ("hydra", dict(seq_rank=1.5), "seq_rank must be an integer"),
+    ("mosa", dict(bottleneck=0), "bottleneck must be an integer >= 1"),
+    ("mosa", dict(experts=256), r"experts must be an integer in 1\.\.255"),
+    ("mhr", dict(rank=0), "rank must be an integer >= 1"),
+    ("mhr", dict(n_skills=2.5), "n_skills must be an integer"),
+    ("onebit", dict(dim=0), "dim must be an integer >= 1"),
+    ("q_adapter", dict(num_queries=0), "num_queries must be an integer >= 1"),
+    ("q_adapter", dict(proj_dim=0.5), "proj_dim must be an integer"),
+    ("salt", dict(r_lora=0), "r_lora must be an integer >= 1"),
+    ("salt", dict(rank=2.5), "rank must be an integer"),
+    ("comp_lora", dict(rank=1.5), "rank must be an integer"),
+    ("comp_lora", dict(k=-1), "k must be an integer >= 0"),
+    ("colora", dict(min_rank=0), "min_rank must be an integer >= 1"),
+    ("colora", dict(ranks={"x": 1.5}), r"ranks\['x'\] must be an integer"),
+]
+
+
+@pytest.mark.parametrize("name,opts,match", BAD_OPTIONS, ids=[f"{n}-{list(o)[0]}={list(o.values())[0]}" for n, o, _ in BAD_OPTIONS])
+def test_bad_size_options_are_one_clear_error(name, opts, match):
+    model = plain_model()
+    before = state_of(model)
+    with pytest.raises(ValueError, match=match):
+        zoo.apply_adapter(model, name, **opts)
+    assert same_state(before, state_of(model))
+
+
+def test_integral_float_options_are_accepted():
+    model = plain_model()
+    zoo.apply_adapter(model, "lora", rank=4.0)  # 4.0 from YAML arithmetic is a valid rank
+    assert zoo.adapters_of(model)[0].rank == 4
+
+
+# ---------------------------------------------------------------------------- slices for adapters without slice support
+def test_adapter_without_slice_support_refuses_q_v():
+    from zoo.adapters.base import Adapter, WrappedLayer
+
+    class Scale(WrappedLayer):
+        def __init__(self, base):
+            super().__init__(base)
+            self.s = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.base(x) * self.s
+
+    class Toy(Adapter):
+        name = "toy"
+
+        def __init__(self, targets=("q", "v")):
+            super().__init__()
+            self.targets = list(targets)
+
+        def attach(self, backbone):
+            for s in self.sites(self.targets):
+                self.replace(s, Scale(s.module))
+
+    bb = tiny_vit()
+    a = Toy.from_config()
+    with pytest.raises(SiteError, match=r"\['q', 'v'\] are row slices .* target 'qkv'"):
+        zoo.api.attach_adapter(a, bb)
+    assert not any(isinstance(m, Scale) for m in bb.modules())
+    zoo.api.attach_adapter(Toy.from_config(targets=["qkv"]), bb)  # whole layers work
+    assert sum(isinstance(m, Scale) for m in bb.modules()) == 2
+
+
+# ---------------------------------------------------------------------------- the command line
+def test_list_json_stdout_is_valid_json_with_a_broken_registry(isolated, capsys, monkeypatch):
+    reg, _ = published(isolated)
+    broken = isolated / "broken.json"
+    broken.write_text("{not json")
+    data = json.loads(reg.read_text())
+    data["entries"]["../evil"] = data["entries"]["tiny-lora"]
+    reg.write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli(["--registry", str(reg), "--registry", str(broken), "list", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert list(json.loads(out)) == ["tiny-lora"]
+    assert "broken.json" in err and "evil" in err
+
+
+def test_publish_registers_in_the_local_zoo_by_default(isolated, capsys):
+    artifact(isolated, "run/adapter")
+    assert cli(["publish", str(isolated / "run"), "--name", "mine", "--out", str(isolated / "out")]) == 0
+    capsys.readouterr()
+    assert cli(["info", "mine"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "mine"
+    assert cli(["publish", str(isolated / "run"), "--name", "other", "--out", str(isolated / "o2"), "--no-register"]) == 0
+    capsys.readouterr()
+    assert cli(["info", "other"]) == 2 and "no zoo entry 'other'" in capsys.readouterr().err
+
+
+def test_from_zoo_missing_entry_names_the_known_ones(isolated):
+    reg, _ = published(isolated)
+    hub.add_registry(reg)
+    with pytest.raises(hub.EntryNotFoundError, match="no zoo entry 'vit-demo-lora'; known entries: tiny-lora"):
+        zoo.from_zoo("vit-demo-lora")
+
+
+def test_notebook_backbone_kwargs_do_not_fall_back_silently(isolated, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        import nbkit
+    finally:
+        sys.path.remove(str(ROOT / "notebooks"))
+    with pytest.raises(FileNotFoundError, match="no local zoo entry records its architecture"):
+        nbkit.backbone_kwargs(isolated / "vit_demo.safetensors")
+
+
+def test_results_notebook_reads_the_runs_folders():
+    nb = json.loads((ROOT / "notebooks" / "03_results.ipynb").read_text())
+    src = "".join("".join(c["source"]) for c in nb["cells"])
+    assert '"logs" / "runs"' in src and '"logs" / "multiruns"' in src
+    assert 'ROOT / "outputs"' not in src
+
+
+def test_list_adapters_offers_descriptions():
+    d = zoo.list_adapters(describe=True)
+    assert list(d) == zoo.list_adapters()
+    assert "Hu et al., LoRA" in d["lora"] and all(v.strip() for v in d.values())
+
+
+# ---------------------------------------------------------------------------- configs as written in the README
+@pytest.mark.parametrize("exp,suffix", [("multitask_tiny", "_mhr_multitask"), ("tiny", "_lora_dsprites_loc")])
+def test_run_dir_resolves_without_an_explicit_hydra_run_dir(exp, suffix):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tests.helpers import CONF
+    from tasks.runner import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={exp}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        assert OmegaConf.select(cfg, "hydra.run.dir").endswith(suffix)
