@@ -324,6 +324,8 @@ def get_entry(name: str) -> Entry:
     if name not in all_entries:
         valid = ", ".join(sorted(all_entries)) or "(none: run `make demo` or set ADAPTERZOO_REGISTRY)"
         extra = "".join(f"\n  (registry {k} could not be read: {v})" for k, v in registry_errors.items())
+        extra += "".join(f"\n  (entry {k} was skipped: {v})" for k, v in entry_errors.items()
+                         if k.rsplit("#", 1)[-1] == name)
         raise EntryNotFoundError(f"no zoo entry {name!r}; known entries: {valid}{extra}")
     return all_entries[name]
 
