@@ -254,8 +254,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                     "dataset": "+".join(t["datasets"])},
                           {**data, "_target_": "tasks.multitask.MultiTaskDataModule"}))
 
-    adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
-    adapter.update(variant=fs.pop("variant"), n_tasks=1)
+    from zoo.adapters.mhr import fewshot_adapter
+    from zoo.checkpoint import read_adapter_config
+
+    adapter = fewshot_adapter(OmegaConf.to_container(cfg.adapter, resolve=True), fs.pop("variant"),
+                              read_adapter_config(out / "multitask" / "adapter"))
     shots = fs.pop("shots")
     data.pop("datasets")
     task2 = {"_target_": "tasks.multitask.FewShotTask", "name": "fewshot", "dataset": heldout, "protocol": t["protocol"],

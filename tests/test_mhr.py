@@ -325,3 +325,67 @@ def test_config_composes_and_tiny_run_trains(tmp_path):
     b.load_state_dict(state, strict=False)
     torch.testing.assert_close(a(x), b(x))
     assert any(k.endswith("routing.q") for k in state) and any(".mhr_B." in k for k in state)
+
+
+# ---------------------------------------------------------------------- issue 15
+@pytest.mark.parametrize("stage1", ["poly", "mhr"])
+@pytest.mark.parametrize("stage2", ["mhr_z", "mhr_mu", "mhr", "poly"])
+def test_multitask_to_fewshot_adapter_for_every_variant(tmp_path, stage1, stage2):
+    """Stage 2 inherits stage 1's *resolved* n_splits (``null`` is 1 for poly, 64 otherwise): before
+    the fix ``experiment=mhr_vtab adapter.variant=poly`` crashed after the whole first stage."""
+    from zoo.adapters.mhr import fewshot_adapter
+
+    cfg = {"variant": stage1, "n_tasks": 3, "n_skills": 4, "n_splits": None, "rank": 1, "alpha": 1.0,
+           "targets": ["q", "v", "fc2"], "layers": "all"}
+    src = tiny(seed=0)
+    zoo.apply_adapter(src, "mhr", **cfg)
+    randomise(src)
+    zoo.save_adapter(src, tmp_path / "mt")
+    meta = zoo.read_adapter_config(tmp_path / "mt")
+    if stage2 == "poly" and stage1 != "poly":
+        with pytest.raises(ValueError, match="n_splits"):  # a 64-head inventory is no Poly inventory
+            model = tiny(seed=0)
+            zoo.apply_adapter(model, "mhr", **fewshot_adapter(cfg, stage2, meta))
+            load_inventory(model, tmp_path / "mt")
+        return
+    model = tiny(seed=0)
+    zoo.apply_adapter(model, "mhr", **fewshot_adapter(cfg, stage2, meta))
+    load_inventory(model, tmp_path / "mt")
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_mhr_z_without_an_inventory_is_refused(tmp_path):
+    model = tiny()
+    zoo.apply_adapter(model, "mhr", variant="mhr_z")
+    with pytest.raises(ValueError, match="no inventory was loaded"):
+        zoo.prepare_adapters(model, None)
+    _, path = multitask_artifact(tmp_path)
+    load_inventory(model, path)
+    zoo.prepare_adapters(model, None)  # fine once the inventory is in
+    other = tiny()
+    zoo.apply_adapter(other, "mhr", variant="mhr_z", n_tasks=1)
+    zoo.save_adapter(other, tmp_path / "z")
+    again = tiny()
+    zoo.load_adapter(again, tmp_path / "z")  # adapter.init_from: the artifact holds the inventory
+    zoo.prepare_adapters(again, None)
+
+
+@pytest.mark.parametrize("set_ids", [False, True])
+def test_gumbel_routing_on_sam_samples_once_per_image(monkeypatch, set_ids):
+    """SAM runs each image as several windows (rows); the relaxed-Bernoulli routing must be drawn
+    once per image, the same for all its windows."""
+    import zoo.adapters.mhr as mhr_mod
+
+    bb = zoo.create_backbone("sam", model="samvit_base_patch16", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=64, depth=2, num_heads=2, window_size=2, global_attn_indexes=(1,), neck_chans=32)
+    zoo.apply_adapter(bb, "mhr", n_tasks=2, n_splits=4, gumbel=True, targets=["qkv"])
+    seen = []
+    real = mhr_mod.routing_weights
+    monkeypatch.setattr(mhr_mod, "routing_weights", lambda logits, *a: seen.append(logits.shape[0]) or real(logits, *a))
+    bb.train()
+    if set_ids:
+        zoo.set_task(bb, torch.tensor([0, 1, 1]))
+    bb(torch.randn(3, 3, 32, 32))
+    assert seen == [3, 3]  # block 0 is windowed (4 windows per image), block 1 global: 3 images each

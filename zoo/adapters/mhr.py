@@ -86,6 +86,7 @@ class TaskState:
         self.n_tasks = n_tasks
         self.ids: torch.Tensor | None = None
         self.single: int | None = 0  # the task id when every sample has the same one
+        self.batch: int | None = None  # images in the backbone's current forward (set by a pre-hook)
 
     def set(self, task_ids) -> None:
         if task_ids is None:
@@ -154,9 +155,12 @@ class MHRLinear(WrappedLayer):
             self.routing[k] = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills, **kw).uniform_(-1e-3, 1e-3))
         self._merged_task: int | None = None
 
-    def task_adapter(self, key: str, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_t, B_t)`` of slice ``key`` for one task id (an int) or per-row ids (a tensor)."""
+    def task_adapter(self, key: str, task: int | torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_t, B_t)`` of slice ``key`` for one task id (an int) or per-image ids (a tensor),
+        each image's adapter repeated for its ``repeat`` rows (SAM's windows)."""
         w = routing_weights(self.routing[key][task], self.heads, self.skills, self.gumbel and self.training)
+        if repeat > 1:  # one Gumbel sample per image, shared by all of its windows
+            w = w.repeat_interleave(repeat, 0)
         return mix(w, self.mhr_A[key], self.mhr_B[key])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,13 +170,23 @@ class MHRLinear(WrappedLayer):
         # One adapter for the whole batch when every row has the same task and no per-sample
         # Gumbel noise is drawn; otherwise one (A_t, B_t) per row and batched matmuls.
         shared = self.task.single is not None and not (self.gumbel and self.training)
+        repeat = 1
         if shared:
             task = self.task.single
         else:
-            task = self.task.per_row(x.shape[0]) if self.task.ids is not None else x.new_zeros(x.shape[0], dtype=torch.long)
+            # per image, not per row: windowed backbones (SAM) run each image as several rows
+            rows = x.shape[0]
+            if self.task.ids is not None:
+                task = self.task.ids
+                if rows % task.numel():
+                    raise ValueError(f"MHR: {task.numel()} task ids set but the layer input has {rows} rows (not a multiple)")
+            else:
+                b = self.task.batch
+                task = x.new_zeros(b if b and rows % b == 0 else rows, dtype=torch.long)
+            repeat = rows // task.numel()
             xb = x.reshape(x.shape[0], -1, x.shape[-1])
         for key, s in self.slices.items():
-            A_t, B_t = self.task_adapter(key, task)
+            A_t, B_t = self.task_adapter(key, task, repeat)
             if shared:
                 delta = (x @ A_t) @ B_t
             else:
@@ -236,6 +250,7 @@ class MHR(Adapter):
         self.rank, self.alpha, self.gumbel, self.routing_lr = int(rank), float(alpha), bool(gumbel), float(routing_lr)
         self.targets, self.layers = list(targets), layers
         self.task = TaskState(self.n_tasks)
+        self.inventory_loaded = False  # set by load_inventory / load_adapter; mhr_z needs it
 
     @classmethod
     def from_config(cls, **config: Any) -> "MHR":
@@ -257,6 +272,29 @@ class MHR(Adapter):
                                    self.n_splits, self.rank, self.alpha, self.gumbel)
             module.train(backbone.training)  # follow the model's mode (Gumbel sampling is training-only)
             self.replace(group[0], module)
+        if self.gumbel:  # routing samples once per image: remember how many images this forward has
+            self._hook = backbone.register_forward_pre_hook(self._note_batch)
+
+    def _note_batch(self, module, args) -> None:
+        x = args[0] if args else None
+        self.task.batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    def unload(self) -> None:
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._hook = None
+        super().unload()
+
+    def prepare(self, model: nn.Module, dataloader) -> None:
+        if self.variant == "mhr_z" and not self.inventory_loaded:
+            raise ValueError(
+                "adapter.variant=mhr_z trains only routing logits over a frozen skill inventory, but no inventory "
+                "was loaded (it would train only the head): start from a multi-task artifact (task=multitask runs "
+                "stage 1 first, or adapter.init_from=<mhr artifact>), or use variant=mhr / poly")
+
+    def after_load(self) -> None:
+        self.inventory_loaded = True
 
     def routing_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules if isinstance(m, MHRLinear) for p in m.routing.values()]
@@ -332,4 +370,16 @@ def load_inventory(model: nn.Module, source: str | Path | tuple[dict[str, torch.
                     r = m.rank
                     m.lora_A[i * r:(i + 1) * r].copy_(A_mu.t())
                     m.lora_B[key].copy_(B_mu.t())
+    dst.inventory_loaded = True
     return model
+
+
+def fewshot_adapter(adapter: dict[str, Any], variant: str, inventory_meta: dict[str, Any]) -> dict[str, Any]:
+    """The stage-2 adapter config of the multi-task -> few-shot protocol: ``adapter`` in its transfer
+    ``variant`` with one task, and the stage-1 inventory's *resolved* ``n_splits`` (``null`` means
+    1 for poly but 64 for the others, so stage 2 must not re-resolve it)."""
+    src = [m["config"] for m in inventory_meta.get("methods", []) if m.get("name") == "mhr"]
+    out = {**adapter, "variant": variant, "n_tasks": 1}
+    if src:
+        out["n_splits"] = src[0]["n_splits"] if variant != "poly" else 1
+    return out
