@@ -315,3 +315,27 @@ def test_mask_tuning_ddp_cpu(tmp_path):
     with safe_open(str(Path(m["out_dir"]) / "adapter" / "adapter.safetensors"), "pt") as f:
         packed = [k for k in f.keys() if k.endswith("mask_packed")]
         assert len(packed) == 5 and not any(k.endswith(".score") for k in f.keys())
+
+
+def test_teacher_runs_without_stochastic_depth():
+    """issue 15: with drop-path > 0 in training mode the teacher must be the deterministic unmasked
+    model (the student's own forward keeps its drop-path). Before the fix the teacher ran in train
+    mode and differed from the unmasked model even at init (masks all ones)."""
+    torch.manual_seed(0)
+    bb = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                             drop_path_rate=0.9)
+    model = zoo.ImageClassifier(bb, 5)
+    zoo.apply_adapter(model, "mask_tuning", gdr_lambda=1.0)
+    a = adapter_of(model)
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    model.train()
+    logits = model(x)
+    ctx = zoo.StepContext(model=model, inputs=x, targets=None, outputs=logits,
+                          forward=lambda inp: seen.append(model(inp)) or seen[-1])
+    a.extra_loss(ctx)
+    assert model.training and all(m.training for m in model.modules())  # flags restored
+    model.eval()
+    with torch.no_grad(), a.masks_disabled():
+        want = model(x)
+    torch.testing.assert_close(seen[0], want, atol=0, rtol=0)

@@ -36,6 +36,15 @@ Adaptations to this library (the reference is CLIP zero-shot with a fixed text h
 * under DDP, ``g_b`` is averaged over ranks and ``U`` comes from a generator seeded identically on
   every rank, so all replicas take the same step.
 
+**Learning rate.** Scores start only ``init_score − τ`` = 5e-3 above the threshold and Adam moves
+each by about ``lr`` per step, so the task default lr 1e-3 zeroes about half of the masks within
+ten steps (every score whose gradient points down crosses τ after ~5 steps). Use the paper's
+protocol, ``experiment=mask_tuning_paper`` (Adam lr 8e-5, weight decay 0, 30 epochs, batch 32).
+
+**Teacher.** The teacher is the *deterministic* unmasked model: its forward runs with every module
+in eval mode (no stochastic depth, no dropout), as the reference's frozen CLIP, so that teacher and
+student differ by the masks only; the previous train/eval flags are restored afterwards.
+
 Merging multiplies each base weight by its binary mask (the original is kept for an exact
 ``unmerge``). The artifact stores each mask bit-packed (8 weights per byte) instead of the float
 scores; loading restores scores at ``init_score`` (kept) or ``2τ - init_score`` (dropped), which
@@ -54,6 +63,19 @@ from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, StepContext, WrappedLayer
 from zoo.checkpoint import AdapterMismatchError
 from zoo.sites import LINEAR_SITES, SiteError
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Every module of ``model`` in eval mode (no drop-path / dropout), flags restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
 
 PACKED_SUFFIX = "mask_packed"
 SHAPE_SUFFIX = "mask_shape"
@@ -235,7 +257,7 @@ class MaskTuning(Adapter):
         if not student.requires_grad:
             return []
         forward = ctx.forward if ctx.forward is not None else ctx.model
-        with torch.no_grad(), self.masks_disabled():
+        with torch.no_grad(), self.masks_disabled(), _eval_mode(ctx.model):
             teacher = forward(ctx.inputs)
         t = self.gdr_temperature
         kd = -(F.softmax(teacher.float() / t, -1) * F.log_softmax(student.float() / t, -1)).sum(-1).mean() * t * t
