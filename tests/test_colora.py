@@ -298,3 +298,47 @@ def test_ddp_cpu_runs_colora(tmp_path):
     m = run_train_ddp(COLORA_TINY, tmp_path)
     assert m["train_loss_last"] is not None and m["trainable_params"] > 0
     assert min(_trained_lora_b(m["out_dir"]).values()) > 0
+
+
+def test_faig_matches_an_independent_one_layer_computation():
+    """issue 15: FAIG of one Linear with closed-form gradients, not autograd:
+    ∂L/∂W = Σ_n (softmax(W x_n + b) − onehot(y_n)) x_nᵀ along θ(a) = aθ_b + (1−a)θ_t, then
+    c = Σ_entries |(1/M) Σ_m ∂L/∂W(θ(a_m)) ⊙ (W_b − W_t)|, averaged over batches. Dropping the
+    (θ_b − θ_t) factor, or taking |·| after the sum over entries, changes c."""
+    import copy
+
+    from zoo.adapters.colora import apply_to_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3))
+    batches = [(torch.randn(6, 5), torch.randint(0, 3, (6,))) for _ in range(2)]
+    steps, lr, M = 3, 0.1, 4
+    # θ_t: the same brief fine-tune the adapter runs (AdamW on every parameter, mean CE)
+    tuned = copy.deepcopy(net)
+    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    for i in range(steps):
+        x, y = batches[i % 2]
+        opt.zero_grad()
+        F.cross_entropy(tuned(x), y).backward()
+        opt.step()
+    Wb, bb = net[0].weight.detach().double(), net[0].bias.detach().double()
+    Wt, bt = tuned[0].weight.detach().double(), tuned[0].bias.detach().double()
+    want = no_delta = abs_after_sum = 0.0
+    for x, y in batches:
+        x = x.double()
+        ig = torch.zeros_like(Wb)
+        for m in range(M):
+            a = m / M
+            W, b = a * Wb + (1 - a) * Wt, a * bb + (1 - a) * bt
+            p = torch.softmax(x @ W.t() + b, -1)
+            ig += (p - F.one_hot(y, 3).double()).t() @ x  # dL/dW of the summed CE
+        want += float((ig / M * (Wb - Wt)).abs().sum()) / len(batches)
+        no_delta += float((ig / M).abs().sum()) / len(batches)
+        abs_after_sum += abs(float((ig / M * (Wb - Wt)).sum())) / len(batches)
+
+    adapter = apply_to_module(net, finetune_steps=steps, finetune_lr=lr, faig_steps=M, faig_batches=2, budget=None)
+    got = adapter.layer_contributions(net, batches)
+    assert list(got) == ["0"]
+    assert got["0"] == pytest.approx(want, rel=1e-4)
+    for wrong in (no_delta, abs_after_sum):  # the two mistakes would be caught
+        assert got["0"] != pytest.approx(wrong, rel=1e-2)
