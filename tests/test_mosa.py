@@ -247,3 +247,46 @@ def test_ddp_cpu_run(tmp_path):
     saved = load_file(str(Path(m["out_dir"]) / "adapter" / "adapter.safetensors"))
     assert any(k.endswith("up.delta") and v.abs().sum() > 0 for k, v in saved.items())
     assert (Path(m["out_dir"]) / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_sparse_update_with_adamw_and_what_momentum_does():
+    """issue 15, with the optimizer the recipes use (AdamW). Step 1: only the active expert's entries
+    and bias move (Adam's moments of the others are zero, so their update is 0/(0+eps) = 0; weight
+    decay 0). Step 2 with another expert: the first expert's entries *keep moving* (their first
+    moment decays by β1 but is not zero) -- the reference's N copies with ``grad=None`` would be
+    skipped instead (see the module docstring); entries of neither expert never move. With weight
+    decay every non-zero Δ entry shrinks by (1 − lr·wd), active or not."""
+    model = tiny(share="down", consistency_weight=0.0, dropout=0.0)
+    with torch.no_grad():
+        for b in mosa_of(model).bottlenecks():
+            b.up.delta.normal_(0, 0.1)
+    splits = mosa_of(model).split_layers()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+
+    def step(expert):
+        for s in splits:
+            s.active = expert
+        before = [s.delta.detach().clone() for s in splits]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        zoo.before_optimizer_step(model)
+        opt.step()
+        return [s.delta.detach() != d for s, d in zip(splits, before)]
+
+    first = step(0)
+    for s, changed in zip(splits, first):
+        assert changed.any() and not (changed & ~s.mask(0)).any()
+    second = step(1)
+    for s, changed in zip(splits, second):
+        assert (changed & s.mask(0)).any(), "momentum moves the previously active expert's entries"
+        assert not (changed & ~(s.mask(0) | s.mask(1))).any(), "an entry of neither expert moved"
+    # decoupled weight decay: inactive non-zero entries shrink by exactly (1 - lr*wd) in a step
+    for g in opt.param_groups:
+        g["weight_decay"] = 0.5
+    s = splits[0]
+    never = ~(s.mask(0) | s.mask(1) | s.mask(2))
+    d0 = s.delta.detach().clone()
+    step(2)
+    torch.testing.assert_close(s.delta.detach()[never], d0[never] * (1 - 1e-2 * 0.5))

@@ -55,7 +55,10 @@ Reconstructed / differing from the reference (options where it matters):
 * The reference draws experts with Python ``random``; we use torch's global generator.
 * The reference keeps N separate Linear copies: inactive copies have ``grad=None`` (AdamW skips
   them) or a zero gradient (momentum keeps moving them), depending on how gradients are zeroed.
-  Here every partition gets a zero gradient when inactive, i.e. the second behaviour. Decoupled
+  Here every partition gets a zero gradient when inactive, i.e. the second behaviour: with AdamW an
+  expert's entries are untouched until it is first drawn, then keep moving for steps after it was
+  active (its first moment decays by β1 per step but is not zero), unlike the reference's skipped
+  ``grad=None`` copies (``test_sparse_update_with_adamw_and_what_momentum_does`` pins this). Decoupled
   weight decay acts on ``Δ`` (towards ``W0``), not on ``W0`` itself as it does on the reference's
   frozen entries of a split *down* copy.
 * The Pfeiffer/Houlsby styles, the "row"/"column" partition modes and DEEPREG are not included.
