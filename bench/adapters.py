@@ -422,8 +422,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.adapters " + " ".join(argv if argv is not None else sys.argv[1:])
     md = markdown(res, args, cmd)
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"command": cmd, **res}, indent=1) + "\n")
+    from zoo.io import atomic_write_text
+
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps({"command": cmd, **res}, indent=1) + "\n")
     plot(res["rows"], out / "results.png", args)
     print_rich(res, args)
     return res

@@ -272,5 +272,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["task"], metrics["out_dir"] = "multitask", str(out)
     if rank_zero_only.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
+        from zoo.io import atomic_write_text
+
+        atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
     return metrics
