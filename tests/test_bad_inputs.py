@@ -420,3 +420,44 @@ def test_run_dir_resolves_without_an_explicit_hydra_run_dir(exp, suffix):
         cfg = compose("train", overrides=[f"experiment={exp}"], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         assert OmegaConf.select(cfg, "hydra.run.dir").endswith(suffix)
+
+
+def readme_train_commands() -> list[list[str]]:
+    """Every ``python train.py ...`` line of the README's code blocks, as override lists
+    (placeholders ``<...>`` skipped; ``-m a,b`` sweeps composed with their first value)."""
+    import re
+    import shlex
+
+    out, in_code = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if not in_code or not line.startswith("python train.py") or "<" in line:
+            continue
+        args = shlex.split(line.split("#", 1)[0])[2:]
+        args = [a for a in args if a != "-m"]
+        out.append([re.sub(r"=([^,]*),.*$", r"=\1", a) if "," in a and "[" not in a else a for a in args])
+    return out
+
+
+def test_readme_train_commands_compose_as_written():
+    """issue 15: test the README's commands as written (run dir included), not with extra overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tasks.runner import register_resolvers
+    from tests.helpers import CONF
+
+    cmds = readme_train_commands()
+    assert len(cmds) >= 8 and ["adapter=lora", "+adapter.init_from=zoo:NAME"] in cmds
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for overrides in cmds:
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            assert "/logs/runs/" in OmegaConf.select(cfg, "hydra.run.dir"), overrides
+            assert cfg.adapter.name in zoo.list_adapters(), overrides
