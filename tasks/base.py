@@ -96,6 +96,10 @@ class Column:
 MODES = ("min", "max")
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the run stops before saving anything."""
+
+
 class ZooTask(L.LightningModule):
     """Base class of every task kind; see the module docstring for what a subclass declares."""
 
@@ -172,7 +176,14 @@ class ZooTask(L.LightningModule):
         if extra is not None:
             self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
         self.update_metrics("train", outputs.detach() if torch.is_tensor(outputs) else outputs, y)
-        return loss if extra is None else loss + extra
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total.detach()).all():
+            raise NonFiniteLossError(
+                f"the training loss became {float(total.detach())} at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}): most likely the learning rate is too high for this "
+                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; the last good "
+                f"checkpoint is kept in the run's checkpoints/ folder and nothing was saved or published")
+        return total
 
     def on_before_optimizer_step(self, optimizer) -> None:
         zoo.before_optimizer_step(self.model)

@@ -50,6 +50,15 @@ class ClassificationTask(ZooTask):
         if "protocol" in data_cfg:
             data_cfg["protocol"] = task_cfg["protocol"] = "final" if split == "test" else "tune"
 
+    def on_fit_start(self) -> None:
+        """A head smaller than the data's classes fails here with one line, not in the loss."""
+        head = self.hparams.get("num_classes")
+        dm = getattr(self.trainer, "datamodule", None)
+        data = getattr(dm, "num_classes", None)
+        if isinstance(head, int) and isinstance(data, int) and head < data:
+            raise ValueError(f"task.num_classes={head}, but the data ({getattr(dm, 'task', '?')}) has {data} classes "
+                             f"(labels 0..{data - 1}); leave task.num_classes at its default or set it to {data}")
+
     # ------------------------------------------------------------------ the problem
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)

@@ -42,17 +42,46 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
 
 
+def _wrappers() -> tuple[type, ...]:
+    """Exceptions that only wrap the real one (Hydra's "Error in call to target ...")."""
+    from hydra.errors import HydraException
+
+    return (HydraException,)
+
+
+def user_error_of(e: BaseException) -> BaseException | None:
+    """The user error ``e`` reports: ``e`` itself, or what a wrapper (Hydra) was raised from.
+
+    Only wrappers are looked through: an exception raised *while handling* a user error (a real
+    bug in an ``except`` block) is not a user error and must surface with its traceback.
+    """
+    wrappers, seen = _wrappers(), set()
+    while not isinstance(e, USER_ERRORS):
+        nxt = e.__cause__ or e.__context__
+        if not isinstance(e, wrappers) or nxt is None or id(nxt) in seen:
+            return None
+        seen.add(id(e))
+        e = nxt
+    return e
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the worker's own message
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        msg = lines[-1].split(": ", 1)[-1] if lines else msg
+    return msg
+
+
 @contextmanager
 def user_errors():
     try:
         yield
     except Exception as e:
-        cause = e
-        while cause.__cause__ is not None or (cause.__context__ is not None and not isinstance(cause, USER_ERRORS)):
-            cause = cause.__cause__ or cause.__context__
-        if os.environ.get("ZOO_DEBUG") or not isinstance(cause, USER_ERRORS):
+        cause = user_error_of(e)
+        if os.environ.get("ZOO_DEBUG") or cause is None:
             raise
-        raise SystemExit(f"error: {cause}") from None
+        raise SystemExit(f"error: {_one_line(cause)}") from None
 
 
 def register_resolvers() -> None:
@@ -109,7 +138,10 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
     loggers = [instantiate(lg) for lg in (_plain(cfg.get("logger")) or {}).values() if lg]
     if not has_val:
         trainer_cfg["limit_val_batches"] = 0
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    from tasks.checkpoint_io import AtomicCheckpointIO
+
+    plugins = list(trainer_cfg.pop("plugins", None) or []) + [AtomicCheckpointIO()]
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
 def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -130,7 +162,9 @@ def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
 
     Returns the checkpoint's monitored score (``ddp_spawn`` does not carry it back to the parent).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from tasks.checkpoint_io import load_checkpoint
+
+    ckpt = load_checkpoint(path)
     state = ckpt["state_dict"]
     missing = set(state) - set(task.state_dict())
     if missing:
@@ -140,6 +174,53 @@ def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
         if isinstance(cb_state, dict) and cb_state.get("best_model_score") is not None:
             return _num(cb_state["best_model_score"])
     return None
+
+
+def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict], int] | None:
+    """Refuse to resume from a checkpoint of another adapter/backbone config, naming what differs,
+    before any training; returns the CSV log rows to keep (those before the checkpoint's step)."""
+    from tasks.checkpoint_io import load_checkpoint
+
+    state = load_checkpoint(ckpt)
+    hp = state.get("hyper_parameters") or {}
+    diffs = []
+    for group in ("adapter", "backbone"):
+        if group not in hp:
+            continue
+        was, now = hp[group] or {}, _plain(cfg[group])
+        was = {k: v for k, v in was.items() if k != "init_from"}
+        now = {k: v for k, v in now.items() if k != "init_from"}
+        for k in sorted(set(was) | set(now)):
+            if was.get(k) != now.get(k):
+                diffs.append(f"{group}.{k}: checkpoint {was.get(k)!r}, now {now.get(k)!r}")
+    if diffs:
+        raise ValueError(f"cannot resume from {ckpt}: it was trained with another config:\n  " + "\n  ".join(diffs)
+                         + "\nresume with the run's own overrides, or start a new run (without ckpt_path)")
+    f = out_dir / "csv" / "metrics.csv"
+    if not f.is_file():
+        return None
+    step = int(state.get("global_step") or 0)
+    with f.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("step") not in (None, "") and int(float(r["step"])) < step]
+    return rows, step
+
+
+def restore_csv_history(out_dir: Path, rows: list[dict], step: int) -> None:
+    """Lightning's CSVLogger starts ``metrics.csv`` afresh on resume: put the rows logged before
+    the checkpoint's step back in front of the resumed run's rows (atomically)."""
+    import io
+
+    from zoo.io import atomic_write_text
+
+    f = out_dir / "csv" / "metrics.csv"
+    new = list(csv.DictReader(f.open())) if f.is_file() else []
+    allrows = rows + new
+    fields = list(dict.fromkeys(k for r in allrows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(allrows)
+    atomic_write_text(f, buf.getvalue())
 
 
 def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
@@ -184,7 +265,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              cfg.adapter.name, f"{trainable:,}", f"{total:,}", 100 * bb_trainable / max(1, bb_params))
 
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt(cfg.get("ckpt_path"), out_dir))
+        ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir)
+        history = check_resume(cfg, ckpt, out_dir) if ckpt else None
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        finally:
+            if history is not None and trainer.is_global_zero:
+                restore_csv_history(out_dir, *history)
 
     decl = task.declaration()
     metrics: dict[str, Any] = {
@@ -246,10 +333,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """``metrics.json``, written atomically (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
-    os.replace(tmp, path)
+    from zoo.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
 
 
 def publish(cfg: DictConfig, model: torch.nn.Module, out_dir: Path) -> None:
@@ -275,10 +361,10 @@ def export_backbone(model: torch.nn.Module, path: Path) -> None:
     m = copy.deepcopy(model)
     zoo.merge_adapters(m, unload=True)
     state = {k: v.contiguous() for k, v in zoo.find_backbone(m).model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    from zoo.io import atomic_path
+
+    with atomic_path(path) as tmp:  # a unique temporary name: parallel exports do not collide
+        save_file(state, str(tmp))
     log.info("backbone weights written to %s", path)
 
 

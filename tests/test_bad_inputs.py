@@ -461,3 +461,151 @@ def test_readme_train_commands_compose_as_written():
             HydraConfig.instance().set_config(cfg)
             assert "/logs/runs/" in OmegaConf.select(cfg, "hydra.run.dir"), overrides
             assert cfg.adapter.name in zoo.list_adapters(), overrides
+
+
+# ---------------------------------------------------------------------------- the runner (after the task contract)
+TINY = ["experiment=tiny", "adapter=lora"]
+
+
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_saves_nothing(tmp_path, monkeypatch):
+    from tasks.base import NonFiniteLossError
+    from tasks.classification import ClassificationTask
+    from tests.helpers import run_train
+
+    real = ClassificationTask.loss_fn
+
+    def diverging(self, logits, y):  # the loss becomes NaN in the second epoch
+        loss = real(self, logits, y)
+        return loss * float("nan") if self.current_epoch >= 1 else loss
+
+    monkeypatch.setattr(ClassificationTask, "loss_fn", diverging)
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 8 \(epoch 1.*learning rate") as e:
+        run_train(TINY, tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # epoch 0's, intact
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    from tasks.runner import user_errors
+
+    with pytest.raises(SystemExit) as ex, user_errors():  # the command line: one error line, non-zero
+        raise e.value
+    assert str(ex.value.code).startswith("error: the training loss became nan")
+
+
+def test_resume_with_another_adapter_config_is_refused_up_front(tmp_path):
+    from tests.helpers import run_train
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"]
+    run_train(TINY + stop, tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.ckpt.*\n  adapter\.rank: checkpoint 8, now 4"):
+        run_train(TINY + ["adapter.rank=4", "ckpt_path=last"], tmp_path)
+
+
+def test_truncated_or_unsafe_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
+    from tasks.checkpoint_io import load_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Evil()}, bad)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # explicit weights_only=True still wins
+    with pytest.raises(ValueError, match="cannot be read as a weights-only checkpoint"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, good)
+    trunc = tmp_path / "trunc.ckpt"
+    trunc.write_bytes(good.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"trunc\.ckpt cannot be read"):
+        load_checkpoint(trunc)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from tasks.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    dest = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, dest)
+    before = dest.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, dest)
+    assert dest.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "lists no images"),
+    ("a.png 3\nb.png x\n", r"train800\.txt:2: the label 'x' is not an integer"),
+    ("a.png 3\n\nb.png 16\n", r"train800\.txt:3: label 16 is out of range for 16 classes"),
+    ("a.png -1\n", r"train800\.txt:1: label -1 is out of range"),
+    ("just-a-path\n", r"train800\.txt:1: expected '<image path> <label>'"),
+])
+def test_bad_list_files_name_the_file_and_line(tmp_path, content, match):
+    from tasks.data.vtab import read_list
+
+    f = tmp_path / "train800.txt"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        read_list(f, 16)
+
+
+def test_corrupt_or_missing_image_names_the_file(tmp_path):
+    from tasks.data.vtab import FileListDataset, make_transform
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # truncated
+    (tmp_path / "train800.txt").write_text("images/bad.png 0\nimages/gone.png 1\n")
+    ds = FileListDataset(tmp_path, "train800", make_transform(32, None, None), num_classes=2)
+    with pytest.raises(ValueError, match=r"images/bad\.png: cannot read this image"):
+        ds[0]
+    with pytest.raises(FileNotFoundError, match=r"images/gone\.png .* does not exist"):
+        ds[1]
+
+
+def test_head_smaller_than_the_labels_is_refused(tmp_path):
+    from tests.helpers import run_train
+
+    with pytest.raises(ValueError, match=r"task.num_classes=3, but the data \(dsprites_loc\) has 16 classes"):
+        run_train(TINY + ["task.num_classes=3"], tmp_path)
+
+
+def test_user_errors_do_not_hide_a_real_error():
+    from hydra.errors import InstantiationException
+
+    from tasks.runner import user_errors
+
+    with pytest.raises(SystemExit, match="error: bad rank"), user_errors():
+        try:
+            raise ValueError("bad rank")
+        except ValueError as e:
+            raise InstantiationException("Error in call to target 'x'") from e  # a wrapper: look through
+    with pytest.raises(RuntimeError, match="bug in the handler"), user_errors():
+        try:
+            raise ValueError("bad rank")
+        except ValueError:
+            raise RuntimeError("bug in the handler")  # raised while handling: must surface
+    with pytest.raises(SystemExit) as e, user_errors():
+        raise ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                         "  File x\nValueError: /d/a.png: cannot read this image")
+    assert e.value.code == "error: /d/a.png: cannot read this image"
+
+
+@pytest.mark.slow  # a subprocess (Hydra + torch start-up, ~40 s on 2 busy cores): `make test-slow`
+def test_eval_leaves_no_run_folder_on_failure(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"artifact={tmp_path / 'nowhere'}"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: no adapter.json in")
+    assert list(tmp_path.iterdir()) == []

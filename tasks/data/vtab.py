@@ -80,7 +80,10 @@ def find_task_dir(root: Path, task: str) -> Path | None:
     return None
 
 
-def read_list(path: Path) -> list[tuple[str, int]]:
+def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
+    """``(image path, label)`` rows of a VTAB list file; every problem is one error naming file:line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (expected '<image path> <label>' lines)")
     items = []
     for ln, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -88,16 +91,25 @@ def read_list(path: Path) -> list[tuple[str, int]]:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise ValueError(f"{path}:{ln}: expected '<image path> <label>', got {line!r}")
-        items.append((parts[0], int(parts[1])))
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(f"{path}:{ln}: the label {parts[1]!r} is not an integer class index") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise ValueError(f"{path}:{ln}: label {label} is out of range for {num_classes} classes (0..{(num_classes or 1) - 1})")
+        items.append((parts[0], label))
+    if not items:
+        raise ValueError(f"{path} lists no images: a split needs at least one '<image path> <label>' line")
     return items
 
 
 class FileListDataset(Dataset):
     """Images listed in a VTAB file list; ``cache=True`` keeps the transformed tensors in memory."""
 
-    def __init__(self, folder: Path, list_name: str, transform: Callable, cache: bool = False):
+    def __init__(self, folder: Path, list_name: str, transform: Callable, cache: bool = False,
+                 num_classes: int | None = None):
         self.folder, self.transform = folder, transform
-        self.items = read_list(folder / f"{list_name}.txt")
+        self.items = read_list(folder / f"{list_name}.txt", num_classes)
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -107,8 +119,14 @@ class FileListDataset(Dataset):
         rel, label = self.items[i]
         if self._cache is not None and i in self._cache:
             return self._cache[i], label
-        with Image.open(self.folder / rel) as im:
-            x = self.transform(im.convert("RGB"))
+        path = self.folder / rel
+        try:
+            with Image.open(path) as im:
+                x = self.transform(im.convert("RGB"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated / not an image / corrupt
+            raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from None
         if self._cache is not None:
             self._cache[i] = x
         return x, label
@@ -177,9 +195,10 @@ class VTABDataModule(L.LightningDataModule):
         if folder is None:
             raise FileNotFoundError(layout_help(self.root, self.task))
         train, val, test = SPLIT_FILES[self.protocol]
-        self.train_set = FileListDataset(folder, train, self.transform, self.cache)
-        self.val_set = FileListDataset(folder, val, self.transform, self.cache) if val else None
-        self.test_set = FileListDataset(folder, test, self.transform, self.cache) if test else None
+        n = self.num_classes
+        self.train_set = FileListDataset(folder, train, self.transform, self.cache, n)
+        self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
+        self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
 
     def _loader(self, ds, train: bool) -> DataLoader:
         return DataLoader(
