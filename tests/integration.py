@@ -54,3 +54,14 @@ def assert_merge_keeps_outputs(model: torch.nn.Module, x: torch.Tensor, keys: se
         merged = model(x)
     torch.testing.assert_close(merged, unmerged, rtol=rtol, atol=atol)
     assert set(model.backbone.state_dict()) == keys
+
+
+def assert_val_accuracy(metrics: dict, n_val: int, key: str = "val/acc") -> None:
+    """A check that can fail (issue 15, instead of ``0 <= acc <= 1``): the run's accuracy is a
+    number of correct images out of the ``n_val`` it evaluated, and the selection monitor is it."""
+    acc = metrics[key]
+    assert isinstance(acc, float), (key, acc)
+    k = acc * n_val
+    assert abs(k - round(k)) < 1e-3 * max(1.0, k) and 0 <= round(k) <= n_val, (key, acc, n_val)
+    if key == "val/acc" and isinstance(metrics.get("monitor"), dict) and metrics["monitor"].get("name") == key:
+        assert metrics["monitor"]["value"] == acc
