@@ -156,7 +156,12 @@ def _f(v, nd=1) -> str:
 
 
 def _params(n) -> str:
-    return "" if n is None else f"{n / 1e6:.2f}M"
+    """Parameter counts readable at every size (a 1-bit adapter's 2,304 is not "0.00M")."""
+    if n is None:
+        return ""
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1e3 else f"{int(n)}"
 
 
 def _size(n) -> str:
@@ -233,14 +238,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if warnings:
         parts += ["", "Skipped files:", *[f"- {w}" for w in warnings]]
     md = "\n".join(parts) + "\n"
-    print(md)
-    if args.out:
+    if args.out:  # the wide (29-column) table goes to the file; the terminal gets a summary
+        from zoo.io import atomic_write_text
+
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "vtab.md").write_text(md)
-        (out / "vtab.json").write_text(json.dumps({"rows": rows, "warnings": warnings}, indent=1) + "\n")
+        atomic_write_text(out / "vtab.md", md)
+        atomic_write_text(out / "vtab.json", json.dumps({"rows": rows, "warnings": warnings}, indent=1) + "\n")
+        print(summary(rows, warnings))
+        print(f"full table: {out / 'vtab.md'} (and vtab.json)")
+    else:
+        print(md)
     return rows
 
 
+def summary(rows: list[dict], warnings: list[str]) -> str:
+    """A narrow table for the terminal: one line per method/backbone/protocol."""
+    lines = [f"{'method':<14} {'backbone':<28} {'protocol':<6} {'tasks':>5} {'19-task mean':>12} {'trainable':>9}"]
+    for r in rows:
+        lines.append(f"{r['adapter']:<14} {str(r['backbone'])[:28]:<28} {r['protocol']:<6} {len(r['tasks']):>5} "
+                     f"{_f(r['task_mean'], 2):>12} {_params(r['trainable_params']):>9}")
+    if not rows:
+        lines.append("(no finished VTAB runs found)")
+    if warnings:
+        lines.append(f"{len(warnings)} file(s) skipped (listed in the full table)")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -82,12 +82,30 @@ class SummaryTable(Callback):
         if not rows:
             return
         print_table(rows, title=f"results in {sweep_dir}")
-        (sweep_dir / "summary.md").write_text(markdown(rows))
+        from zoo.io import atomic_write_text
+
+        atomic_write_text(sweep_dir / "summary.md", markdown(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tasks.report",
+                                description="Table of finished runs (every metrics.json under the folders).")
+    p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="run or multirun folders (e.g. logs/multiruns/<time>)")
+    args = p.parse_args(argv)
+    missing = [d for d in args.runs if not Path(d).exists()]
+    if missing:
+        print(f"error: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rows = [r for d in args.runs for r in collect(d)]
+    if not rows:
+        print(f"error: no metrics.json (finished run) under {', '.join(args.runs)}", file=sys.stderr)
+        return 1
+    print_table(rows)
+    print(markdown(rows))
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m tasks.report RUNS_DIR [RUNS_DIR ...]")
-    rows = [r for d in sys.argv[1:] for r in collect(d)]
-    print_table(rows)
-    print(markdown(rows))
+    sys.exit(main())

@@ -609,3 +609,34 @@ def test_eval_leaves_no_run_folder_on_failure(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: no adapter.json in")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_help_and_bad_paths(tmp_path, capsys):
+    from tasks.report import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "RUNS_DIR" in capsys.readouterr().out
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "error: no such folder" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 1  # exists, but no finished run: not an empty table with exit 0
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_bench_vtab_bad_path_and_wide_table_to_file(tmp_path):
+    import subprocess
+    import sys
+
+    from bench import vtab
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vtab.main([str(tmp_path / "nowhere")])
+    assert vtab._params(2304) == "2.3K" and vtab._params(512) == "512" and vtab._params(294912) == "294.9K"
+    assert vtab._params(1_500_000) == "1.50M"
+    out = tmp_path / "out"
+    vtab.main(["--reference", str(tmp_path), "--out", str(out)])
+    assert (out / "vtab.md").is_file() and "| method |" in (out / "vtab.md").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "bench.vtab", str(tmp_path / "nowhere")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: runs dir {tmp_path / 'nowhere'} does not exist"
