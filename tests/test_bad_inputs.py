@@ -640,3 +640,9 @@ def test_bench_vtab_bad_path_and_wide_table_to_file(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bench.vtab", str(tmp_path / "nowhere")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.strip() == f"error: runs dir {tmp_path / 'nowhere'} does not exist"
+
+
+def test_artifact_records_the_models_own_input_size(tmp_path):
+    """issue 15: a 32 px model recorded preprocessing.input_size=[3, 224, 224] (timm's pretrained config)."""
+    path = artifact(tmp_path)
+    assert zoo.read_adapter_config(path)["preprocessing"]["input_size"] == [3, 32, 32]

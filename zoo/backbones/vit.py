@@ -115,6 +115,11 @@ class ViTBackbone(TimmBackbone):
         super().__init__(model, pretrained, weights, img_size, **kwargs)
         self.num_prefix_tokens = self.model.num_prefix_tokens
         self.data_config = timm.data.resolve_data_config({}, model=self.model)
+        # timm reads input_size from the *pretrained* config (224 for vit_*_224) even when the model
+        # was built for another img_size; record the size the model actually takes
+        grid = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if grid is not None:
+            self.data_config["input_size"] = (3, *tuple(int(v) for v in grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
