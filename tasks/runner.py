@@ -39,7 +39,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Errors that mean "the config or the data is wrong", each raised with a message that says what
 # to change: the command line shows that message, not a stack trace (ZOO_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, zoo.WeightsUnavailableError, zoo.hub.HubError)
 
 
 def _wrappers() -> tuple[type, ...]:
@@ -57,7 +57,7 @@ def user_error_of(e: BaseException) -> BaseException | None:
     """
     wrappers, seen = _wrappers(), set()
     while not isinstance(e, USER_ERRORS):
-        nxt = e.__cause__ or e.__context__
+        nxt = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
         if not isinstance(e, wrappers) or nxt is None or id(nxt) in seen:
             return None
         seen.add(id(e))

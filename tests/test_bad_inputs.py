@@ -646,3 +646,41 @@ def test_artifact_records_the_models_own_input_size(tmp_path):
     """issue 15: a 32 px model recorded preprocessing.input_size=[3, 224, 224] (timm's pretrained config)."""
     path = artifact(tmp_path)
     assert zoo.read_adapter_config(path)["preprocessing"]["input_size"] == [3, 32, 32]
+
+
+def test_no_network_fails_fast_with_the_weights_hint(monkeypatch):
+    """issue 15: the default `python train.py` offline printed ~50 s of hub retries first. When the
+    hub's host cannot be reached, the hub client runs offline (cache only, no retries)."""
+    import socket
+    import time
+
+    import timm
+    from huggingface_hub import constants
+
+    from tasks.runner import user_errors
+    from zoo.backbones import weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # (conftest sets it for the other tests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "_REACHABLE", {})
+
+    def no_network(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    seen = []
+
+    def create_model(name, pretrained=False, **kw):
+        seen.append((pretrained, constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cache")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(timm, "create_model", create_model)
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e, user_errors():
+        zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=True)
+    assert time.perf_counter() - t0 < 5
+    assert seen == [(True, True, "1")]  # the hub client ran in offline mode
+    assert not constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ  # and is restored
+    msg = str(e.value.code)
+    assert msg.startswith("error: could not download pretrained weights for timm model 'vit_tiny_patch16_224' "
+                          "(the hub is unreachable (no network)") and "backbone.weights=" in msg

@@ -52,17 +52,67 @@ def _check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:
         raise WeightsUnavailableError(str(e)) from None
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host accepts a TCP connection (one probe per process)."""
+    import socket
+    import urllib.parse
+
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
 @contextmanager
-def hub_errors(what: str, hint: str) -> Iterator[None]:
-    """Turn a hub/network failure inside the block into a :class:`WeightsUnavailableError`."""
+def _offline_hub() -> Iterator[None]:
+    """HF_HUB_OFFLINE for the block: the hub client uses its cache only, with no retries."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
     try:
         yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+@contextmanager
+def hub_errors(what: str, hint: str) -> Iterator[None]:
+    """Turn a hub/network failure inside the block into a :class:`WeightsUnavailableError`.
+
+    When the hub's host cannot even be reached (no network), the block runs with the hub client
+    in offline mode: cached weights still load, and missing ones fail at once instead of after
+    ~50 s of retry warnings.
+    """
+    offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    unreachable = not offline and not hub_reachable()
+    try:
+        with (_offline_hub() if unreachable else _nullcontext()):
+            yield
     except WeightsUnavailableError:
         raise
     except Exception as e:  # hub clients raise many types (httpx, requests, OSError, LocalEntryNotFound)
-        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable" + (" (no network)" if unreachable else "")
         raise WeightsUnavailableError(
-            f"could not download pretrained weights for {what} "
-            f"({'HF_HUB_OFFLINE is set' if offline else 'the hub is unreachable'}; {reason}).\n{hint}"
+            f"could not download pretrained weights for {what} ({why}; {reason}).\n{hint}"
         ) from None
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
