@@ -84,6 +84,24 @@ def user_errors():
         raise SystemExit(f"error: {_one_line(cause)}") from None
 
 
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litmodels" not in str(record.msg)
+
+
+def quiet_logs() -> None:
+    """No third-party advertisement tip on every run, and no warnings the project cannot act on:
+    the DataLoader-workers hint (the tiny / eval configs use ``num_workers=0`` on purpose) and
+    Lightning's own use of a deprecated torch ``_pytree`` API."""
+    import warnings
+
+    lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in lg.filters):
+        lg.addFilter(_DropAdverts())
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
 def register_resolvers() -> None:
     from tasks.data.vtab import num_classes
 
@@ -123,6 +141,7 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
 
     The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``).
     """
+    quiet_logs()
     callbacks = []
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)

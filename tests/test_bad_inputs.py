@@ -684,3 +684,26 @@ def test_no_network_fails_fast_with_the_weights_hint(monkeypatch):
     msg = str(e.value.code)
     assert msg.startswith("error: could not download pretrained weights for timm model 'vit_tiny_patch16_224' "
                           "(the hub is unreachable (no network)") and "backbone.weights=" in msg
+
+
+def test_quiet_logs(caplog):
+    """No advertisement tip, no num_workers hint, no deprecation warning from Lightning internals."""
+    import logging
+    import warnings as w
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from tasks.runner import quiet_logs
+
+    quiet_logs()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)")
+        rank_zero_info("a real message")
+    assert [r.getMessage() for r in caplog.records] == ["a real message"]
+    with w.catch_warnings(record=True) as got:
+        w.simplefilter("always")
+        quiet_logs()  # (catch_warnings restores the filters afterwards)
+        w.warn("The 'val_dataloader' does not have many workers which may be a bottleneck.")
+        w.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
+        w.warn("something else")
+    assert [str(x.message) for x in got] == ["something else"]
