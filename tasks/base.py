@@ -120,7 +120,8 @@ class ZooTask(L.LightningModule):
         if not self.monitor.startswith("val/"):
             raise ValueError(f"task.monitor={self.monitor!r}: the monitor must be a validation metric (val/...)")
         self.optim_cfg = {"lr": 1e-3, "weight_decay": 1e-4, "betas": (0.9, 0.999), **(optimizer or {})}
-        self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, **(scheduler or {})}
+        self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, "cosine_epochs": None, "warmup_lr_init": None,
+                          **(scheduler or {})}
         self.meta = meta
         self.strict_loading = False  # checkpoints hold adapter + head only
 
@@ -209,11 +210,39 @@ class ZooTask(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
+        if self.sched_cfg.get("cosine_epochs"):
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": self._timm_cosine(opt, total / epochs), "interval": "step"}}
         warmup = min(total - 1, int(round(self.sched_cfg["warmup_epochs"] * total / epochs)))
         cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=self.sched_cfg["min_lr"])
         sched = cosine if warmup <= 0 else SequentialLR(
             opt, [LinearLR(opt, start_factor=1e-3, total_iters=warmup), cosine], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _timm_cosine(self, opt, steps_per_epoch: float):
+        """timm's ``CosineLRScheduler(t_initial=cosine_epochs, warmup_t=warmup_epochs, lr_min=min_lr,
+        warmup_lr_init=...)`` per step: the cosine runs over ``cosine_epochs`` (it may be longer than the
+        run: Hydra's VTAB schedule, t_initial=500 over 100 epochs, stays near the peak), with the
+        warm-up counted inside it (timm's ``warmup_prefix=False``)::
+
+            t < warmup:  lr = w0 + t (lr0 − w0) / warmup
+            else:        lr = lr_min + ½ (lr0 − lr_min)(1 + cos(π t / T))
+        """
+        from torch.optim.lr_scheduler import LambdaLR
+
+        c = self.sched_cfg
+        T, warm, lr_min = float(c["cosine_epochs"]), float(c["warmup_epochs"] or 0), float(c["min_lr"])
+        w0 = float(c["warmup_lr_init"] if c.get("warmup_lr_init") is not None else lr_min)
+        if T <= 0:
+            raise ValueError(f"task.scheduler.cosine_epochs must be > 0 (or null), got {T}")
+
+        def factor(base: float):
+            def f(step: int) -> float:
+                t = step / steps_per_epoch
+                lr = w0 + t * (base - w0) / warm if t < warm else lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * t / T))
+                return lr / base if base else 0.0
+            return f
+
+        return LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])
 
     # ------------------------------------------------------------------ adapter-only checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -223,6 +223,7 @@ def test_vtab_experiments_compose_with_the_reference_values():
         got = (cfg.task.optimizer.lr, cfg.task.optimizer.weight_decay, cfg.adapter.scale, cfg.adapter.dropout, cfg.data.batch_size)
         assert got == pytest.approx(HYDRA_VTAB[f.stem], rel=1e-9, abs=0), f.stem  # its own row of the table
         assert cfg.backbone.kwargs.drop_path_rate == 0.1
+        assert (cfg.task.scheduler.cosine_epochs, cfg.task.scheduler.warmup_lr_init) == (500, 1e-6)  # timm t_initial
         kwargs = {k: v for k, v in cfg.adapter.items() if k != "name"}
         zoo.adapters.ADAPTERS.get("hydra").from_config(**kwargs)
 

@@ -59,3 +59,39 @@ def test_houlsby_train_norms_trains_the_block_layernorms(tmp_path):
     other = zoo.ImageClassifier(tiny_vit(), 3)
     zoo.load_adapter(other, tmp_path)
     assert {n for n, p in other.backbone.named_parameters() if p.requires_grad and n in norms} == norms
+
+
+@pytest.mark.parametrize("groups_lr", [[5e-4], [5e-4, 0.1]])
+def test_timm_style_cosine_matches_timm(groups_lr):
+    """``task.scheduler.cosine_epochs`` (Hydra's VTAB schedule) against timm's CosineLRScheduler
+    itself (t_initial=500, warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6) at every epoch of 100."""
+    from types import SimpleNamespace
+
+    from timm.scheduler import CosineLRScheduler
+
+    from tasks.classification import ClassificationTask
+
+    bb = {"name": "vit", "model": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+          "kwargs": {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}}
+    task = ClassificationTask(bb, {"name": "linear"}, num_classes=3, optimizer={"lr": groups_lr[0], "weight_decay": 0.0},
+                              scheduler={"warmup_epochs": 10, "min_lr": 1e-5, "cosine_epochs": 500, "warmup_lr_init": 1e-6})
+    spe, epochs = 7, 100
+    task._trainer = SimpleNamespace(estimated_stepping_batches=spe * epochs, max_epochs=epochs)
+    conf = task.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    if len(groups_lr) > 1:  # a second group with its own lr (as MHR's routing logits)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": groups_lr[1], "initial_lr": groups_lr[1]})
+        sched = type(sched)(opt, sched.lr_lambdas + [task._timm_cosine(opt, spe).lr_lambdas[-1]])
+    bases = [g["initial_lr"] for g in opt.param_groups]
+    assert sorted(set(bases)) == sorted(groups_lr)
+    ref_opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in bases])
+    ref = CosineLRScheduler(ref_opt, t_initial=500, warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6)
+    for epoch in range(epochs):
+        ref.step(epoch)
+        want = [g["lr"] for g in ref_opt.param_groups]
+        got = [g["lr"] for g in opt.param_groups]
+        assert got == pytest.approx(want, rel=1e-9), epoch
+        for _ in range(spe):
+            opt.step()
+            sched.step()
+    assert opt.param_groups[0]["lr"] > 0.9 * groups_lr[0]  # near-flat: after 100 of 500 epochs still > 90 %
