@@ -132,7 +132,7 @@ def test_config_mistakes_exit_with_the_message_not_a_traceback():
             compose_config(["experiment=tiny", "task.dataset=nope"], Path("/tmp/x")).task.num_classes
     from hydra.errors import InstantiationException
 
-    with pytest.raises(SystemExit, match="error: LoRA needs rank >= 1"):
+    with pytest.raises(SystemExit, match="error: adapter .lora.: rank must be an integer >= 1, got 0"):
         with user_errors():
             try:
                 zoo.apply_adapter(zoo.ImageClassifier(__import__("tests.conftest").conftest.tiny_vit(), 2), "lora", rank=0)

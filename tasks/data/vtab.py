@@ -67,8 +67,8 @@ def layout_help(root: Path, task: str) -> str:
         f"  {root}/{task}/train800.txt, val200.txt, train800val200.txt, test.txt  (lines: images/<split>/<id>.jpg <label>)\n"
         f"  {root}/{task}/images/...\n"
         f"Point to your copy with data.root=/path/to/vtab-1k (folder aliases such as "
-        f"{', '.join(VTAB_TASKS[task][2][:2]) or task} are accepted), or run the embedded tasks with "
-        f"experiment=quickstart."
+        f"{', '.join(VTAB_TASKS[task][2][:2]) or task} are accepted; train.py and eval.py both take it). "
+        f"To try the embedded tasks instead: python train.py experiment=quickstart (a train.py option)."
     )
 
 
