@@ -121,6 +121,7 @@ class Adapter:
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attr, original)
         self.backbone: nn.Module | None = None
         self.merged = False
+        self.tower = None  # which towers of a multi-tower backbone (None: its default); see from_config
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -128,6 +129,9 @@ class Adapter:
         sig = inspect.signature(cls.__init__)
         params = [k for k, p in sig.parameters.items()
                   if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        # ``tower`` is a site-selection option every adapter has (zoo.sites.find_sites): it goes to
+        # ``self.sites``, not to the method's constructor, and is recorded only when given.
+        tower = config.pop("tower", None)
         unknown = [k for k in config if k not in params]
         if unknown:
             raise TypeError(
@@ -138,11 +142,14 @@ class Adapter:
         full = {k: v for k, v in bound.arguments.items() if k != "self"}
         obj = cls(**config)
         obj.config = _plain(full)
+        if tower is not None:
+            obj.tower = tower
+            obj.config["tower"] = _plain(tower) if not isinstance(tower, str) else tower
         return obj
 
     def sites(self, targets, layers: Layers = "all") -> list[Site]:
         assert self.backbone is not None
-        return find_sites(self.backbone, targets, layers)
+        return find_sites(self.backbone, targets, layers, getattr(self, "tower", None))
 
     def replace(self, site: Site, new: AdapterModule) -> AdapterModule:
         """Put ``new`` at ``site`` (it usually wraps ``site.module``) and remember how to undo it."""
