@@ -213,3 +213,14 @@ def text_tower_trains(backbone) -> bool:
     """Whether any trainable parameter lives in CLIP's text tower (then only ``head=text`` uses it)."""
     text_prefixes = ("model.transformer.", "model.text.", "model.token_embedding")
     return any(p.requires_grad and n.startswith(text_prefixes) for n, p in backbone.named_parameters())
+
+
+def check_head(model: CLIPClassifier) -> None:
+    """Refuse a setup where the text tower trains but the head never runs it (head=zeroshot|linear)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"nothing trains: adapter(s) {[a.name for a in model.backbone.adapters]} with "
+                         f"head={model.head_type} (a frozen head); use head=linear for a linear probe")
+    if model.head_type != "text" and text_tower_trains(model.backbone):
+        names = [a.name for a in model.backbone.adapters]
+        raise ValueError(f"adapter(s) {names} train CLIP's text tower, but head={model.head_type} uses fixed class "
+                         "features; use head=text (class features recomputed through the text tower)")

@@ -59,6 +59,26 @@ class Backbone(nn.Module):
         """The towers built in this instance (a subset of ``towers``; e.g. CLIP built visual-only)."""
         return self.towers
 
+    def tower_named_parameters(self, tower=None):
+        """``(name, parameter)`` of the selected towers (all of them on single-tower backbones).
+
+        ``tower`` is an adapter's generic tower option (:func:`zoo.sites.select_towers`); methods that
+        train base weights (``full``, ``bitfit``) use it so they respect the selection too.
+        """
+        from zoo.sites import select_towers
+
+        names = select_towers(self, tower)
+        if names == [None]:
+            yield from self.named_parameters()
+            return
+        for n, p in self.named_parameters():
+            if self.parameter_tower(n) in names:
+                yield n, p
+
+    def parameter_tower(self, name: str) -> str | None:
+        """The tower a parameter (name relative to the backbone) belongs to; ``None``: none (shared)."""
+        return None
+
     def tower_blocks(self, tower: str | None = None) -> tuple[nn.Module, str, bool]:
         """``(blocks container, its path, whether blocks have a 'tokens' site)`` of ``tower``.
 

@@ -199,6 +199,9 @@ class CLIPBackbone(Backbone):
         else:
             _drop_text_tower(clip)
         replace_multihead_attention(visual)
+        for t in ([visual.transformer] + ([(clip.text if hasattr(clip, "text") else clip).transformer] if TEXT in towers else [])):
+            # open_clip reads the cast dtype from block 0's mlp.c_fc.weight, which an adapter may have wrapped
+            t.get_cast_dtype = _param_dtype(t)
         tag = f"file:{Path(weights).name}" if weights else (pretrained or None)
         build = dict(kwargs)
         if list(towers) != [VISUAL, TEXT]:
@@ -246,6 +249,13 @@ class CLIPBackbone(Backbone):
             owner = self._text_owner_name + "." if self._text_owner_name else ""
             return self.text_owner().transformer.resblocks, f"model.{owner}transformer.resblocks", False
         raise ValueError(f"unknown tower {tower!r}; valid: {', '.join(self.towers)}")
+
+    def parameter_tower(self, name: str) -> str | None:
+        if name.startswith("model.visual."):
+            return VISUAL
+        if name in ("model.logit_scale", "model.logit_bias"):
+            return None  # shared by both towers: trains with neither selection
+        return TEXT
 
     def blocks_container(self) -> nn.Module:
         return self.model.visual.transformer.resblocks
@@ -307,6 +317,12 @@ class CLIPBackbone(Backbone):
         cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         cfg.setdefault("size", self.data_config["input_size"][1:])
         return image_transform_v2(PreprocessCfg(**cfg), is_train=is_train)
+
+
+def _param_dtype(module: nn.Module):
+    def get_cast_dtype() -> torch.dtype:
+        return next(module.parameters()).dtype
+    return get_cast_dtype
 
 
 def _drop_text_tower(clip: nn.Module) -> None:
