@@ -195,6 +195,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             (run_test == "auto" and cfg.task.get("protocol") == "final"):
         res = trainer.test(task, datamodule=dm, verbose=False)
         metrics["test/acc"] = _num(res[0].get("test/acc")) if res else None
+    # task-specific numbers measured after the test (e.g. task=fewshot's zero-shot retention)
+    metrics.update(getattr(task, "extra_metrics", None) or {})
 
     if trainer.is_global_zero:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
