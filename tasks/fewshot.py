@@ -24,6 +24,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
 import zoo
+from tasks.base import Column, create_backbone, register_task
 from tasks.classification import ClassificationTask
 from tasks.data.fewshot import ImageItems, load_fewshot
 from tasks.retention import harmonic_mean, retention_row, zeroshot_accuracy
@@ -103,8 +104,15 @@ class FewShotDataModule(L.LightningDataModule):
         return out
 
 
+@register_task("fewshot")
 class FewShotTask(ClassificationTask):
     """Classification with a CLIP text-derived head; adds retention metrics after the test."""
+
+    columns = (Column("val/acc", "val acc", "pct"), Column("test/acc", "test acc", "pct"),
+               Column("zs/mean", "held-out ZS", "pct"), Column("zs0/mean", "held-out ZS (untuned)", "pct"),
+               Column("zs_drop/mean", "ZS drop", "pct"), Column("b2n/base", "base", "pct"),
+               Column("b2n/new", "new", "pct"), Column("b2n/h", "H", "pct"))
+    tiny_overrides = ("experiment=fewshot_tiny",)
 
     def __init__(self, backbone: dict, adapter: dict, data: dict, head: str = "text", logit_scale: float | None = None,
                  templates: Sequence[str] | None = None, num_classes: int = 0, **kw: Any):
@@ -121,20 +129,17 @@ class FewShotTask(ClassificationTask):
         return self.templates_override or [template]
 
     def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
-        backbone = dict(backbone)
-        family = backbone.pop("name")
-        if family != "clip":
-            raise ValueError(f"task=fewshot needs backbone=clip (a text tower for its class-name head), got {family}")
-        kwargs = dict(backbone.pop("kwargs", None) or {})
-        bb = zoo.create_backbone(family, **backbone, **kwargs)
+        if backbone.get("name") != "clip":
+            raise ValueError(f"task=fewshot needs backbone=clip (a text tower for its class-name head), "
+                             f"got backbone={backbone.get('name')}")
+        bb = create_backbone(backbone)
         model = CLIPClassifier(bb, self.classnames, self.templates(self.template), head=self.head_type,
                                logit_scale=self.fixed_scale, dataset=self.data_cfg["dataset"])
         self.untuned = self._heldout_accuracy(bb)  # before any adapter: the untuned reference
-        adapter = dict(adapter)
-        name = adapter.pop("name")
-        adapter.pop("init_from", None)
-        zoo.apply_adapter(model, name, **adapter)
-        if name != "colora":  # CoLoRA's factors appear in prepare(); the runner prepares before fit
+        from tasks.base import attach_adapter
+
+        attach_adapter(model, adapter)
+        if adapter.get("name") != "colora":  # CoLoRA's factors appear in prepare(); the runner prepares before fit
             check_head(model)
         return model
 
@@ -157,13 +162,14 @@ class FewShotTask(ClassificationTask):
     def on_test_epoch_start(self) -> None:
         self._test_counts = [0, 0]
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        logits = self.model(x)
-        self.test_acc(logits, y)
-        self.log("test/acc", self.test_acc, on_epoch=True)
-        self._test_counts[0] += int((logits.argmax(-1) == y).sum())
-        self._test_counts[1] += len(y)
+    def update_metrics(self, stage: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        super().update_metrics(stage, logits, y)
+        if stage == "test":  # the base accuracy of base-to-new, without reading the metric's state
+            self._test_counts[0] += int((logits.argmax(-1) == y).sum())
+            self._test_counts[1] += len(y)
+
+    def run_metrics(self, trainer, datamodule) -> dict[str, Any]:
+        return dict(self.extra_metrics)
 
     def on_test_epoch_end(self) -> None:
         """After the (once, final) test: retention through the tuned towers, into ``extra_metrics``."""
@@ -173,7 +179,7 @@ class FewShotTask(ClassificationTask):
         for d, (names, t, loader) in dm.retention_sets().items():
             acc = zeroshot_accuracy(bb, names, self.templates(t), loader, self.fixed_scale)
             if d == "__new__":
-                base = 100.0 * self._test_counts[0] / max(1, self._test_counts[1])
+                base = self._test_counts[0] / max(1, self._test_counts[1])
                 self.extra_metrics.update({"b2n/base": base, "b2n/new": acc, "b2n/h": harmonic_mean(base, acc)})
             else:
                 tuned[d] = acc

@@ -5,7 +5,7 @@ Two measures (reference doc §1.6), computed on every CLIP run:
 * **held-out zero-shot** (ZSCL-style; the Comp-LoRA "+1.3 %" is read as this): zero-shot top-1 of
   the *tuned* backbone on datasets it was not trained on, with classifier weights rebuilt from
   class names × templates through the tuned towers, next to the untuned backbone's; the drop is
-  ``untuned − tuned`` (percentage points, positive = forgetting);
+  ``untuned − tuned`` (positive = forgetting); accuracies are fractions, as ``test/acc``;
 * **base-to-new** (CoCoOp): train on the base half of the classes, report top-1 on base and on new
   classes and the harmonic mean ``H = 2·B·N / (B + N)``.
 """
@@ -39,7 +39,7 @@ def retention_row(tuned: dict[str, float], untuned: dict[str, float]) -> dict[st
 @torch.no_grad()
 def zeroshot_accuracy(backbone, classnames: Sequence[str], templates: Sequence[str], loader,
                       logit_scale: float | None = None) -> float:
-    """Top-1 (%) of the zero-shot classifier built through ``backbone``'s current (tuned) towers."""
+    """Top-1 (a fraction) of the zero-shot classifier built through ``backbone``'s current (tuned) towers."""
     from zoo.zeroshot import CLIPClassifier
 
     was = backbone.training
@@ -51,4 +51,4 @@ def zeroshot_accuracy(backbone, classnames: Sequence[str], templates: Sequence[s
         correct += int((pred == y).sum())
         total += len(y)
     backbone.train(was)
-    return 100.0 * correct / max(total, 1)
+    return correct / max(total, 1)

@@ -176,6 +176,10 @@ class TextHead(_ScaleMixin, nn.Module):
         return cosine_logits(f, self.class_weights(), self.scale())
 
 
+from zoo.heads import register_head  # noqa: E402
+
+
+@register_head("clip")
 class CLIPClassifier(nn.Module):
     """A CLIP backbone + a text-derived head (``zeroshot`` | ``linear`` | ``text``), see the module doc.
 
@@ -201,9 +205,12 @@ class CLIPClassifier(nn.Module):
             self.head = cls(backbone, w, self.logit_scale)
 
     def head_spec(self) -> dict:
-        digest = hashlib.sha256(json.dumps([self.classnames, self.templates]).encode()).hexdigest()[:16]
-        return {"type": f"clip_{self.head_type}", "num_classes": self.num_classes, "logit_scale": self.logit_scale,
-                "prompts_sha256": digest}
+        return {"type": "clip", "head": self.head_type, "num_classes": self.num_classes,
+                "logit_scale": self.logit_scale, "classnames": self.classnames, "templates": self.templates}
+
+    @classmethod
+    def from_spec(cls, backbone, spec: dict) -> "CLIPClassifier":
+        return cls(backbone, spec["classnames"], spec["templates"], head=spec["head"], logit_scale=spec["logit_scale"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
