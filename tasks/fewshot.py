@@ -109,6 +109,7 @@ class FewShotTask(ClassificationTask):
     """Classification with a CLIP text-derived head; adds retention metrics after the test."""
 
     columns = (Column("val/acc", "val acc", "pct"), Column("test/acc", "test acc", "pct"),
+               Column("test/acc_zeroshot", "zero-shot test acc", "pct"),
                Column("zs/mean", "held-out ZS", "pct"), Column("zs0/mean", "held-out ZS (untuned)", "pct"),
                Column("zs_drop/mean", "ZS drop", "pct"), Column("b2n/base", "base", "pct"),
                Column("b2n/new", "new", "pct"), Column("b2n/h", "H", "pct"))
@@ -150,14 +151,16 @@ class FewShotTask(ClassificationTask):
         return FewShotDataModule(**{**cfg, "mean": dc.get("mean"), "std": dc.get("std")})
 
     def _heldout_accuracy(self, backbone) -> dict[str, float]:
-        heldout = self.data_cfg.get("heldout") or []
-        if not heldout:
-            return {}
+        """Untuned zero-shot accuracy on the held-out datasets and on this run's own test split."""
         dc = backbone.data_config
         cfg = {k: v for k, v in self.data_cfg.items() if not k.startswith("_")}
         dm = FewShotDataModule(**{**cfg, "mean": dc.get("mean"), "std": dc.get("std")})
-        return {d: zeroshot_accuracy(backbone, names, self.templates(t), loader, self.fixed_scale)
-                for d, (names, t, loader) in dm.retention_sets().items() if d != "__new__"}
+        dm.setup()
+        out = {d: zeroshot_accuracy(backbone, names, self.templates(t), loader, self.fixed_scale)
+               for d, (names, t, loader) in dm.retention_sets().items() if d != "__new__"}
+        self.extra_metrics["test/acc_zeroshot"] = zeroshot_accuracy(
+            backbone, self.classnames, self.templates(self.template), dm.test_dataloader(), self.fixed_scale)
+        return out
 
     def on_test_epoch_start(self) -> None:
         self._test_counts = [0, 0]
