@@ -32,8 +32,12 @@ def _prepare(model, name, x, y):
         zoo.prepare_adapters(model, [(x, y)])
 
 
-@pytest.mark.parametrize("head", ["zeroshot", "linear"])
-@pytest.mark.parametrize("name", zoo.list_adapters())
+# CoLoRA's contribution analysis takes ~10 s here: its second head runs with `make test-slow`
+CASES = [pytest.param(n, h, marks=pytest.mark.slow) if (n, h) == ("colora", "linear") else (n, h)
+         for n in zoo.list_adapters() for h in ("zeroshot", "linear")]
+
+
+@pytest.mark.parametrize("name,head", CASES)
 def test_every_adapter_on_the_visual_tower(name, head):
     torch.manual_seed(0)
     model = CLIPClassifier(tiny_clip(), NAMES, head=head)
