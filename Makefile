@@ -30,3 +30,9 @@ test-slow: $(STAMP)
 
 clean-runs:
 	rm -rf logs
+
+checkpoints/clip/tiny_shapes.safetensors: | $(STAMP)
+	$(PY) -m tasks.clip_pretrain
+
+clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes.safetensors
+	$(PY) train.py experiment=clip_quickstart

@@ -106,6 +106,7 @@ def register_resolvers() -> None:
     from tasks.data.vtab import num_classes
 
     OmegaConf.register_new_resolver("vtab_classes", num_classes, replace=True)
+    OmegaConf.register_new_resolver("multiply", lambda a, b: int(a) * int(b), replace=True)  # e.g. 500 x K steps
 
 
 def _plain(node) -> Any:

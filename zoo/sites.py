@@ -47,6 +47,7 @@ class Site:
     attr: str
     path: str
     out_slice: slice | None = None
+    tower: str | None = None  # on multi-tower backbones (CLIP: visual / text), the site's tower
 
     @property
     def module(self) -> nn.Module:
@@ -99,23 +100,58 @@ def normalize_targets(targets: Iterable[str] | str) -> list[str]:
     return targets
 
 
-def find_sites(backbone, targets: Iterable[str] | str, layers: Layers = "all") -> list[Site]:
+Towers = Union[str, Sequence[str], None]
+ALL_TOWERS = ("both", "all")
+
+
+def select_towers(backbone, tower: Towers = None) -> list[str | None]:
+    """Which towers of ``backbone`` a site selection covers.
+
+    ``None`` is the backbone's default (its first tower; the only one on single-tower backbones);
+    a tower name, a list of names, or ``both``/``all`` (every tower this instance has built).
+    """
+    names = tuple(getattr(backbone, "towers", ()) or ())
+    if tower is None:
+        return [names[0]] if names else [None]
+    if not names:
+        raise SiteError(
+            f"tower={tower!r}: backbone {backbone.family!r} has a single tower; the tower option selects "
+            "among the towers of multi-tower backbones (e.g. clip: visual | text | both)"
+        )
+    built = tuple(backbone.available_towers())
+    wanted = list(built) if isinstance(tower, str) and tower in ALL_TOWERS else (
+        [tower] if isinstance(tower, str) else list(tower))
+    for t in wanted:
+        if t not in names:
+            raise SiteError(f"unknown tower {t!r} on backbone {backbone.family!r}; valid: "
+                            f"{' | '.join(names + ALL_TOWERS[:1])}")
+        if t not in built:
+            raise SiteError(f"tower {t!r} is not built in this {backbone.family!r} backbone (built: "
+                            f"{', '.join(built)}); build it with the {t} tower (e.g. backbone.towers=[{', '.join(names)}])")
+    return wanted
+
+
+def find_sites(backbone, targets: Iterable[str] | str, layers: Layers = "all", tower: Towers = None) -> list[Site]:
     """Resolve ``targets`` (site kinds) on ``layers`` of ``backbone`` into :class:`Site` objects.
 
-    Raises :class:`SiteError` naming the site when the backbone lacks it.
+    ``tower`` selects the towers of a multi-tower backbone (:func:`select_towers`); ``layers`` then
+    applies to each selected tower's own blocks. Raises :class:`SiteError` naming the site when the
+    backbone (or that tower) lacks it.
     """
     targets = normalize_targets(targets)
-    blocks = backbone.blocks()
-    idx = select_layers(layers, len(blocks))
     sites: list[Site] = []
-    for i in idx:
-        table = backbone.block_sites(i)
-        for kind in targets:
-            if kind not in table:
-                raise SiteError(
-                    f"backbone {backbone.family!r} ({backbone.model_name}) has no site {kind!r}; "
-                    f"its sites are: {', '.join(k for k in SITE_KINDS if k in table)}"
-                )
-            parent, attr, out_slice, path = table[kind]
-            sites.append(Site(kind, i, parent, attr, path, out_slice))
+    for t in select_towers(backbone, tower):
+        blocks = backbone.blocks(t) if t is not None else backbone.blocks()
+        idx = select_layers(layers, len(blocks))
+        for i in idx:
+            table = backbone.block_sites(i, t) if t is not None else backbone.block_sites(i)
+            for kind in targets:
+                if kind not in table:
+                    where = f" tower {t!r}" if t is not None else ""
+                    raise SiteError(
+                        f"backbone {backbone.family!r} ({backbone.model_name}){where} has no site {kind!r}; "
+                        f"its sites are: {', '.join(k for k in SITE_KINDS if k in table)}"
+                    )
+                parent, attr, out_slice, path = table[kind]
+                sites.append(Site(kind, i, parent, attr, path, out_slice, t))
     return sites

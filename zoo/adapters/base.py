@@ -125,6 +125,7 @@ class Adapter:
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attr, original)
         self.backbone: nn.Module | None = None
         self.merged = False
+        self.tower = None  # which towers of a multi-tower backbone (None: its default); see from_config
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,6 +133,9 @@ class Adapter:
         sig = inspect.signature(cls.__init__)
         params = [k for k, p in sig.parameters.items()
                   if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        # ``tower`` is a site-selection option every adapter has (zoo.sites.find_sites): it goes to
+        # ``self.sites``, not to the method's constructor, and is recorded only when given.
+        tower = config.pop("tower", None)
         unknown = [k for k in config if k not in params]
         if unknown:
             raise TypeError(
@@ -142,13 +146,16 @@ class Adapter:
         full = {k: v for k, v in bound.arguments.items() if k != "self"}
         obj = cls(**config)
         obj.config = _plain(full)
+        if tower is not None:
+            obj.tower = tower
+            obj.config["tower"] = _plain(tower) if not isinstance(tower, str) else tower
         return obj
 
     def sites(self, targets, layers: Layers = "all") -> list[Site]:
         from zoo.sites import SiteError
 
         assert self.backbone is not None
-        sites = find_sites(self.backbone, targets, layers)
+        sites = find_sites(self.backbone, targets, layers, getattr(self, "tower", None))
         sliced = sorted({s.kind for s in sites if s.out_slice is not None})
         if sliced and not self.supports_slices:
             raise SiteError(

@@ -1,7 +1,7 @@
 """The reference rows of every PEFT table: linear probing, full fine-tuning and BitFit.
 
 * ``linear``: the backbone stays frozen; only the task head trains.
-* ``full``: every backbone weight trains.
+* ``full``: every backbone weight trains (on multi-tower backbones: of the selected ``tower``s).
 * ``bitfit``: only the bias terms train (Zaken et al., "BitFit: Simple Parameter-efficient
   Fine-tuning for Transformer-based Masked Language-models", ACL 2022).
 
@@ -44,7 +44,7 @@ class FullFineTune(_NoModules):
         super().__init__()
 
     def mark_trainable(self) -> None:
-        for p in self.backbone.parameters():
+        for _, p in self.backbone.tower_named_parameters(self.tower):
             p.requires_grad_(True)
 
 
@@ -58,6 +58,6 @@ class BitFit(_NoModules):
         super().__init__()
 
     def mark_trainable(self) -> None:
-        for name, p in self.backbone.named_parameters():
+        for name, p in self.backbone.tower_named_parameters(self.tower):
             if name.endswith(".bias"):
                 p.requires_grad_(True)

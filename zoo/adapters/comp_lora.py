@@ -48,7 +48,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, StepContext, dropout_option, int_option
-from zoo.adapters.lora import LoRALinear, group_by_module
+from zoo.adapters.lora import LoRALinear, group_by_module, lora_scaling
 from zoo.sites import LINEAR_SITES, SiteError
 
 MODES = ("two_sided", "left", "right", "penalty")
@@ -76,8 +76,9 @@ class CompLoRALinear(LoRALinear):
     """:class:`LoRALinear` whose factors are projected off each slice's top-k singular subspace."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 slices: dict[str, slice | None] | None = None, k: int | float = 8, mode: str = "two_sided"):
-        super().__init__(base, rank, alpha, dropout, slices)
+                 slices: dict[str, slice | None] | None = None, k: int | float = 8, mode: str = "two_sided",
+                 scaling: str = "standard"):
+        super().__init__(base, rank, alpha, dropout, slices, scaling)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; valid modes: {', '.join(MODES)}")
         self.mode = mode
@@ -139,8 +140,10 @@ class CompLoRA(Adapter):
 
     def __init__(self, rank: int = 2, alpha: float = 1.0, dropout: float = 0.25, k: int | float = 8,
                  mode: str = "two_sided", penalty: str = "core", penalty_weight: float = 1.0,
-                 targets: list[str] = ("q", "k", "v"), layers="all"):
+                 targets: list[str] = ("q", "k", "v"), layers="all", scaling: str = "standard"):
         super().__init__()
+        lora_scaling(1.0, 1, scaling)  # validates the name: standard (alpha/r) | rslora (alpha/sqrt r)
+        self.scaling = scaling
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; valid modes: {', '.join(MODES)}")
         if penalty not in PENALTIES:
@@ -160,7 +163,7 @@ class CompLoRA(Adapter):
         for group in group_by_module(self.sites(self.targets, self.layers)):
             slices = {s.kind: s.out_slice for s in group}
             self.replace(group[0], CompLoRALinear(group[0].module, self.rank, self.alpha, self.dropout,
-                                                  slices, self.k, self.mode))
+                                                  slices, self.k, self.mode, self.scaling))
 
     def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
         if self.mode != "penalty" or self.merged or not self.modules:

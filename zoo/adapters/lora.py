@@ -2,9 +2,12 @@
 
 For a frozen Linear ``y = W0 x + b``:
 
-    y = W0 x + b + (alpha / r) · B A x,      A ∈ R^{r×d_in} (Kaiming-uniform), B ∈ R^{d_out×r} (zeros)
+    y = W0 x + b + γ · B A dropout(x),     A ∈ R^{r×d_in} (Kaiming-uniform), B ∈ R^{d_out×r} (zeros)
 
-so the model is unchanged at init. On a fused ``qkv`` projection the delta can be restricted to
+so the model is unchanged at init. ``scaling`` picks γ: ``standard`` γ = alpha/r (Hu et al.) or
+``rslora`` γ = alpha/√r (Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with
+LoRA", arXiv 2312.03732; the scale CLIP-LoRA's ``loralib/layers.py`` uses). Dropout acts on the
+LoRA branch's input only (peft, CLIP-LoRA). On a fused ``qkv`` projection the delta can be restricted to
 the q, k and/or v row blocks (litgpt's ``LoRAQKVLinear``): one wrapper holds one (A, B) pair per
 slice, and ``A`` for all slices is applied in a single matmul. The delta runs on activations
 (``x -> A -> B``); ``W0 + BA`` is only formed by ``merge``.
@@ -30,12 +33,12 @@ class LoRALinear(WrappedLayer):
     """A frozen Linear plus low-rank deltas on chosen output row slices (``None`` = all rows)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 slices: dict[str, slice | None] | None = None):
+                 slices: dict[str, slice | None] | None = None, scaling: str = "standard"):
         super().__init__(base)
         linear = self.linear()
         for k, s in (slices or {"all": None}).items():  # rank <= min(d_in, d_out) of every delta
             rank_fits(type(self).__name__, "rank", rank, linear.in_features, _rows(s, linear.out_features), k)
-        self.rank, self.scaling = rank, alpha / rank
+        self.rank, self.scaling = rank, lora_scaling(alpha, rank, scaling)
         self.slices = dict(slices or {"all": None})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         n = len(self.slices)
@@ -150,6 +153,16 @@ class LoRAConv2d(WrappedLayer):
         self.conv().weight -= self.delta_weight()
 
 
+SCALINGS = ("standard", "rslora")
+
+
+def lora_scaling(alpha: float, rank: int, scaling: str = "standard") -> float:
+    """γ = alpha / r (``standard``) or alpha / √r (``rslora``)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling={scaling!r}; valid: {', '.join(SCALINGS)} (alpha/r or alpha/sqrt(r))")
+    return alpha / rank if scaling == "standard" else alpha / math.sqrt(rank)
+
+
 def _rows(s: slice | None, n: int) -> int:
     return n if s is None else len(range(*s.indices(n)))
 
@@ -171,11 +184,13 @@ class LoRA(Adapter):
     paper = "Hu et al., LoRA, ICLR 2022"
 
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 targets: list[str] = ("q", "v"), layers="all"):
+                 targets: list[str] = ("q", "v"), layers="all", scaling: str = "standard"):
         super().__init__()
         self.rank = int_option("lora", "rank", rank)
         self.alpha = float_option("lora", "alpha", alpha)
         self.dropout = dropout_option("lora", dropout)
+        lora_scaling(1.0, 1, scaling)  # validates the name
+        self.scaling = scaling
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
@@ -185,4 +200,5 @@ class LoRA(Adapter):
             raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
         for group in group_by_module(sites):
             slices = {s.kind: s.out_slice for s in group}
-            self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices))
+            self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices,
+                                              self.scaling))

@@ -26,6 +26,10 @@ class Backbone(nn.Module):
     site_map: ClassVar[dict[str, str]] = {}
     fused_qkv: ClassVar[str | None] = None  # path of the fused q/k/v projection inside a block
     token_layout: ClassVar[str] = "nld"  # 'nld' (batch, tokens, dim) or 'nhwc' (SAM): for token sites
+    # Multi-tower backbones (CLIP: visual + text; SAM: encoder + decoder) name their towers; the
+    # first is the default an adapter attaches to. Adapters pick towers with their generic ``tower``
+    # option (see :func:`zoo.sites.find_sites`); single-tower backbones leave this empty.
+    towers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, model_name: str, weights_tag: str | None, build_kwargs: dict):
         super().__init__()
@@ -53,18 +57,49 @@ class Backbone(nn.Module):
     def blocks_path(self) -> str:
         raise NotImplementedError
 
-    def blocks(self) -> list[nn.Module]:
-        return [unwrap(b) for b in self.blocks_container()]
+    def blocks(self, tower: str | None = None) -> list[nn.Module]:
+        return [unwrap(b) for b in self.tower_blocks(tower)[0]]
+
+    def available_towers(self) -> tuple[str, ...]:
+        """The towers built in this instance (a subset of ``towers``; e.g. CLIP built visual-only)."""
+        return self.towers
+
+    def tower_named_parameters(self, tower=None):
+        """``(name, parameter)`` of the selected towers (all of them on single-tower backbones).
+
+        ``tower`` is an adapter's generic tower option (:func:`zoo.sites.select_towers`); methods that
+        train base weights (``full``, ``bitfit``) use it so they respect the selection too.
+        """
+        from zoo.sites import select_towers
+
+        names = select_towers(self, tower)
+        if names == [None]:
+            yield from self.named_parameters()
+            return
+        for n, p in self.named_parameters():
+            if self.parameter_tower(n) in names:
+                yield n, p
+
+    def parameter_tower(self, name: str) -> str | None:
+        """The tower a parameter (name relative to the backbone) belongs to; ``None``: none (shared)."""
+        return None
+
+    def tower_blocks(self, tower: str | None = None) -> tuple[nn.Module, str, bool]:
+        """``(blocks container, its path, whether blocks have a 'tokens' site)`` of ``tower``.
+
+        Single-tower backbones have one answer (``tower`` is ``None``); multi-tower ones override.
+        """
+        return self.blocks_container(), self.blocks_path(), self.token_layout == "nld"
 
     @property
     def depth(self) -> int:
         return len(self.blocks_container())
 
-    def block_sites(self, i: int) -> dict[str, tuple[nn.Module, str, slice | None, str]]:
-        """``kind -> (parent, attr, out_slice, path)`` for block ``i``."""
-        container = self.blocks_container()
+    def block_sites(self, i: int, tower: str | None = None) -> dict[str, tuple[nn.Module, str, slice | None, str]]:
+        """``kind -> (parent, attr, out_slice, path)`` for block ``i`` (of ``tower``, default the first)."""
+        container, path, has_tokens = self.tower_blocks(tower)
         block = unwrap(container[i])
-        prefix = f"{self.blocks_path()}.{i}"
+        prefix = f"{path}.{i}"
         table: dict[str, tuple[nn.Module, str, slice | None, str]] = {}
         for kind, rel in self.site_map.items():
             parent, attr = _resolve(block, rel)
@@ -76,7 +111,7 @@ class Backbone(nn.Module):
             table["qkv"] = (parent, attr, None, f"{prefix}.{self.fused_qkv}")
             for j, kind in enumerate("qkv"):
                 table[kind] = (parent, attr, slice(j * d, (j + 1) * d), f"{prefix}.{self.fused_qkv}[{kind}]")
-        if self.token_layout == "nld":
+        if has_tokens:
             table["tokens"] = (container, str(i), None, prefix)
         return table
 

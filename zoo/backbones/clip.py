@@ -1,9 +1,21 @@
-"""open_clip's visual tower as a zoo backbone.
+"""open_clip CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
+Supervision", ICML 2021) as a zoo backbone: both towers, the logit scale, the tokenizer and the
+preprocessing come from open_clip.
+
+* ``forward(x)`` is ``encode_image(x)`` (the projected, unnormalised image embedding), so the
+  visual-only use (VTAB with a Linear head) is unchanged; ``encode_text(tokens)`` and
+  ``tokenize(texts)`` give the text side (:mod:`zoo.zeroshot` builds classifiers from them).
+* Sites exist on both towers (``towers = ("visual", "text")``); adapters choose with their
+  generic ``tower: visual | text | both`` option (:func:`zoo.sites.find_sites`). The text tower
+  has no ``tokens`` site: its causal mask and end-of-text pooling fix the sequence length, so
+  token-inserting methods (VPT, Q-Adapter) refuse there; CoOp edits the prompt embeddings instead.
 
 open_clip blocks use ``nn.MultiheadAttention``, which reads ``in_proj_weight`` directly, so a
-wrapper on a Linear would never be called. :class:`ExplicitMultiheadAttention` replaces it with
-the same computation through explicit ``in_proj`` / ``out_proj`` Linears (tested to give
-identical outputs), and keeps nn.MultiheadAttention's state-dict names.
+wrapper on a Linear would never be called. :class:`ExplicitMultiheadAttention` replaces it, in
+both towers, with the same computation through explicit ``in_proj`` / ``out_proj`` Linears (tested
+to give identical outputs, with the text tower's causal mask and with per-sample padding masks),
+and keeps nn.MultiheadAttention's state-dict names, so ``backbone.model.state_dict()`` loads into
+open_clip unchanged.
 """
 from __future__ import annotations
 
@@ -59,6 +71,8 @@ class ExplicitMultiheadAttention(nn.Module):
             k = self.in_proj(key)[..., d : 2 * d]
             v = self.in_proj(value)[..., 2 * d :]
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.num_heads) for t in (q, k, v))
+        if attn_mask is not None and attn_mask.ndim == 3:  # nn.MultiheadAttention's (B·heads, L, S) form
+            attn_mask = attn_mask.view(q.shape[0], self.num_heads, *attn_mask.shape[-2:])
         mask = _sdpa_mask(attn_mask, key_padding_mask, q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = self.out_proj(rearrange(x, "b h n e -> b n (h e)"))
@@ -106,8 +120,24 @@ def replace_multihead_attention(module: nn.Module) -> int:
     return n
 
 
+VISUAL, TEXT = "visual", "text"
+
+
+def _is_path(s: str | None) -> bool:
+    return bool(s) and (Path(str(s)).expanduser().is_file() or str(s).endswith((".safetensors", ".pt", ".pth", ".bin")))
+
+
 class CLIPBackbone(Backbone):
-    """open_clip ``model.visual``; ``forward(x)`` gives the projected image embedding."""
+    """A whole open_clip CLIP model (``self.model``); ``forward(x)`` gives the image embedding.
+
+    ``model``/``pretrained``: any open_clip model name and pretrained tag (``open_clip.list_pretrained()``);
+    default ViT-B-16 / openai (QuickGELU is forced for the ``openai`` tag, as those weights need).
+    ``pretrained`` or ``weights`` may be a local file (safetensors or a weights-only torch state
+    dict of the whole model, or of the visual tower only). ``towers=[visual]`` drops the text
+    tower (visual-only use, e.g. VTAB with a Linear head). Extra keyword arguments go to
+    ``open_clip.create_model`` (e.g. ``force_image_size``, or ``embed_dim``/``vision_cfg``/``text_cfg``
+    overrides for tiny test models).
+    """
 
     family = "clip"
     site_map = {
@@ -120,15 +150,30 @@ class CLIPBackbone(Backbone):
         "norm2": "ln_2",
     }
     fused_qkv = "attn.in_proj"
-    patch_embed_path = "model.conv1"
+    patch_embed_path = "model.visual.conv1"
     token_layout = "nld"
+    towers = (VISUAL, TEXT)
 
-    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = "openai", weights: str | None = None, **kwargs: Any):
+    def __init__(self, model: str = "ViT-B-16", pretrained: str | None = "openai", weights: str | None = None,
+                 towers=(VISUAL, TEXT), img_size: int | None = None, **kwargs: Any):
         import open_clip
 
+        if img_size is not None:  # the runner's generic image-size key
+            kwargs.setdefault("force_image_size", int(img_size))
         if model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+            raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models() (e.g. ViT-B-16, ViT-B-32, ViT-L-14)")
+        towers = [towers] if isinstance(towers, str) else list(towers)
+        bad = [t for t in towers if t not in self.towers]
+        if bad or VISUAL not in towers:
+            raise ValueError(f"backbone.towers={towers}: valid are [visual] or [visual, text]")
+        if _is_path(pretrained) and not weights:
+            pretrained, weights = None, pretrained
+        if pretrained == "openai" and not weights:
+            kwargs.setdefault("force_quick_gelu", True)  # the OpenAI weights were trained with QuickGELU
         if pretrained and not weights:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            if tags and pretrained not in tags:
+                raise ValueError(f"open_clip {model} has no pretrained tag {pretrained!r}; valid: {', '.join(tags)}")
             hint = (
                 "Use a local checkpoint with backbone.weights=/path/to/open_clip_model.safetensors, "
                 "or random weights with backbone.pretrained=null."
@@ -138,15 +183,34 @@ class CLIPBackbone(Backbone):
         else:
             clip = open_clip.create_model(model, pretrained=None, **kwargs)
             if weights:
-                sd = load_state_dict_file(weights)
-                clip.load_state_dict(sd if any(k.startswith("visual.") for k in sd) else {f"visual.{k}": v for k, v in sd.items()}, strict=False)
+                _load_weights(clip, weights)
         visual = clip.visual
         if not hasattr(visual, "transformer"):
             raise ValueError(f"{model}: only ViT visual towers are supported (got {type(visual).__name__})")
+        if not visual.transformer.batch_first:
+            raise ValueError("open_clip towers that are not batch-first are not supported")
+        text_owner_name = "text" if hasattr(clip, "text") else ""
+        if TEXT in towers:
+            owner = clip.text if hasattr(clip, "text") else clip
+            if not hasattr(getattr(owner, "transformer", None), "resblocks"):
+                raise ValueError(f"{model}: its text tower ({type(owner).__name__}) is not an open_clip transformer; "
+                                 "use backbone.towers=[visual]")
+            replace_multihead_attention(owner.transformer)
+        else:
+            _drop_text_tower(clip)
         replace_multihead_attention(visual)
+        for t in ([visual.transformer] + ([(clip.text if hasattr(clip, "text") else clip).transformer] if TEXT in towers else [])):
+            # open_clip reads the cast dtype from block 0's mlp.c_fc.weight, which an adapter may have wrapped
+            t.get_cast_dtype = _param_dtype(t)
         tag = f"file:{Path(weights).name}" if weights else (pretrained or None)
-        super().__init__(visual, model, tag, dict(kwargs))
+        build = dict(kwargs)
+        if list(towers) != [VISUAL, TEXT]:
+            build["towers"] = list(towers)
+        super().__init__(clip, model, tag, build)
+        self._text_owner_name = text_owner_name
+        self.built_towers = tuple(towers)
         self.feature_dim = visual.output_dim
+        self.token_dim = visual.transformer.width  # width of the visual tokens (VPT prompts)
         self.num_prefix_tokens = 1
         self.patch_size = visual.conv1.kernel_size[0]
         size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
@@ -155,19 +219,136 @@ class CLIPBackbone(Backbone):
             input_size=(3, size, size),
             mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
             std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+            interpolation=cfg.get("interpolation", "bicubic"),
         )
-        if not visual.transformer.batch_first:
-            raise ValueError("open_clip towers that are not batch-first are not supported")
+        self.__dict__["_tokenizer"] = None
+
+    # ------------------------------------------------------------------ towers and sites
+    def available_towers(self) -> tuple[str, ...]:
+        return self.built_towers
+
+    def text_owner(self) -> nn.Module:
+        """The module holding the text tower's parts (the CLIP itself, or ``.text`` for CustomTextCLIP)."""
+        self.require_text("the text tower")
+        return getattr(self.model, self._text_owner_name) if self._text_owner_name else self.model
+
+    def require_text(self, what: str) -> None:
+        if TEXT not in self.built_towers:
+            raise ValueError(f"{what} needs CLIP's text tower, but this backbone was built with towers=[visual]; "
+                             "build it with backbone.towers=[visual,text]")
+
+    def tower_blocks(self, tower: str | None = None):
+        if tower in (None, VISUAL):
+            return self.model.visual.transformer.resblocks, "model.visual.transformer.resblocks", True
+        if tower == TEXT:
+            from zoo.sites import SiteError
+
+            if TEXT not in self.built_towers:
+                raise SiteError("tower 'text' is not built in this clip backbone (towers=[visual]); "
+                                "build it with backbone.towers=[visual,text]")
+            owner = self._text_owner_name + "." if self._text_owner_name else ""
+            return self.text_owner().transformer.resblocks, f"model.{owner}transformer.resblocks", False
+        raise ValueError(f"unknown tower {tower!r}; valid: {', '.join(self.towers)}")
+
+    def parameter_tower(self, name: str) -> str | None:
+        if name.startswith("model.visual."):
+            return VISUAL
+        if name in ("model.logit_scale", "model.logit_bias"):
+            return None  # shared by both towers: trains with neither selection
+        return TEXT
 
     def blocks_container(self) -> nn.Module:
-        return self.model.transformer.resblocks
+        return self.model.visual.transformer.resblocks
 
     def blocks_path(self) -> str:
-        return "model.transformer.resblocks"
+        return "model.visual.transformer.resblocks"
 
+    def token_embedding_site(self):
+        """The text tower's token embedding (kind ``token_embedding``), where CoOp puts its context."""
+        from zoo.sites import Site
+
+        owner = self.text_owner()
+        path = f"model.{self._text_owner_name + '.' if self._text_owner_name else ''}token_embedding"
+        return Site("token_embedding", -1, owner, "token_embedding", path, None, TEXT)
+
+    # ------------------------------------------------------------------ forward
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.model
+        v = self.model.visual
         return v.ln_post(v.transformer(v._embeds(x))) if hasattr(v, "_embeds") else v(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model.encode_image(x)
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_image(x, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.require_text("encode_text")
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The learned temperature as a multiplier, ``exp(model.logit_scale)``."""
+        return self.model.logit_scale.exp()
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.context_length)
+
+    @property
+    def tokenizer(self):
+        """open_clip's tokenizer for this model (the BPE vocabulary ships with open_clip: offline)."""
+        if self.__dict__["_tokenizer"] is None:
+            import open_clip
+
+            with hub_errors(f"the tokenizer of open_clip {self.model_name}", "This model's tokenizer is on the HF hub; "
+                            "use a model with open_clip's built-in tokenizer (e.g. ViT-B-16)."):
+                self.__dict__["_tokenizer"] = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
+        return self.__dict__["_tokenizer"]
+
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
+        self.require_text("tokenize")
+        return self.tokenizer(texts)
+
+    def preprocess(self, is_train: bool = False):
+        """open_clip's image transform for this model (train: RandomResizedCrop; eval: resize + centre crop)."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
+        cfg.setdefault("size", self.data_config["input_size"][1:])
+        return image_transform_v2(PreprocessCfg(**cfg), is_train=is_train)
+
+
+def _param_dtype(module: nn.Module):
+    def get_cast_dtype() -> torch.dtype:
+        return next(module.parameters()).dtype
+    return get_cast_dtype
+
+
+def _drop_text_tower(clip: nn.Module) -> None:
+    """Remove the text tower's modules and parameters (visual-only use)."""
+    if hasattr(clip, "text"):
+        del clip.text
+        return
+    for name in ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection"):
+        if hasattr(clip, name):
+            delattr(clip, name)
+
+
+def _load_weights(clip: nn.Module, weights: str) -> None:
+    """A local whole-model (or visual-tower-only) state dict into ``clip``, checking the names."""
+    import logging
+
+    sd = load_state_dict_file(weights)
+    if not any(k.startswith("visual.") for k in sd):  # a visual tower on its own
+        sd = {f"visual.{k}": v for k, v in sd.items()}
+    res = clip.load_state_dict(sd, strict=False)
+    if res.unexpected_keys:
+        raise ValueError(f"{weights}: {len(res.unexpected_keys)} tensors are not in this open_clip model "
+                         f"(e.g. {res.unexpected_keys[0]!r}); is it a checkpoint of another model?")
+    missing_visual = [k for k in res.missing_keys if k.startswith("visual.")]
+    if missing_visual:
+        raise ValueError(f"{weights}: the visual tower lacks {len(missing_visual)} tensors (e.g. {missing_visual[0]!r})")
+    if res.missing_keys:
+        logging.getLogger(__name__).warning("%s holds no text tower: %d text tensors stay random "
+                                            "(fine for visual-only use)", weights, len(res.missing_keys))

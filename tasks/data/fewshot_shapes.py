@@ -1,0 +1,98 @@
+"""The embedded few-shot datasets: rendered coloured shapes with real class names, in CoOp's layout.
+
+* ``Shapes`` (24 classes, "red circle", "blue star", ...: 6 colours × 4 forms; base/new = 12/12):
+  16 train, 4 val, 10 test images per class;
+* ``ShapeColors`` (6 classes, "red", ...; template "a photo of a {} shape.") and ``ShapeForms``
+  (4 classes, "circle", ...): held-out sets for zero-shot retention.
+
+Each is written once (fixed seeds) as ``<root>/<folder>/images/*.png`` + ``split_zhou_<Name>.json``,
+read by the same code as the real CoOp datasets. :func:`render` also feeds the tiny CLIP's
+pretraining (``tasks/clip_pretrain.py``) with captioned images.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
+          "purple": (150, 60, 200), "orange": (245, 140, 30)}
+FORMS = ("circle", "square", "triangle", "star")
+RES = 32
+SIZES = {"Shapes": (16, 4, 10), "ShapeColors": (8, 4, 12), "ShapeForms": (8, 4, 16)}
+FOLDERS = {"Shapes": "shapes", "ShapeColors": "shape_colors", "ShapeForms": "shape_forms"}
+SEEDS = {"Shapes": 10, "ShapeColors": 11, "ShapeForms": 12}
+
+
+def _polygon(form: str, cx: float, cy: float, r: float, a: float) -> list[tuple[float, float]]:
+    if form == "square":
+        pts = [(a + math.pi / 4 + k * math.pi / 2, r) for k in range(4)]
+    elif form == "triangle":
+        pts = [(a + k * 2 * math.pi / 3, r * 1.15) for k in range(3)]
+    else:  # star: 5 points
+        pts = [(a + k * math.pi / 5, r * 1.2 if k % 2 == 0 else r * 0.5) for k in range(10)]
+    return [(cx + rr * math.cos(t), cy + rr * math.sin(t)) for t, rr in pts]
+
+
+def render(color: str, form: str, rng: np.random.Generator, res: int = RES) -> Image.Image:
+    """One ``color`` ``form`` on a noisy grey background (random position, size, rotation, tint)."""
+    ss = 4
+    n = res * ss
+    bg = rng.uniform(40, 110)
+    base = np.clip(bg + rng.normal(0, 12, (res, res, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
+    img = Image.fromarray(base).resize((n, n), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.22, 0.36) * n
+    cx, cy = rng.uniform(r, n - r), rng.uniform(r, n - r)
+    rgb = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in COLORS[color])
+    if form == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+    else:
+        draw.polygon(_polygon(form, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=rgb)
+    return img.resize((res, res), Image.LANCZOS)
+
+
+def _classes(name: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``[(class name, [(colour, form) choices])]``."""
+    if name == "Shapes":
+        return [(f"{c} {f}", [(c, f)]) for c in COLORS for f in FORMS]
+    if name == "ShapeColors":
+        return [(c, [(c, f) for f in FORMS]) for c in COLORS]
+    return [(f, [(c, f) for c in COLORS]) for f in FORMS]
+
+
+def write_dataset(root: str | Path, name: str) -> Path:
+    """Render ``name`` into ``root/<folder>`` atomically (a temp folder, then a rename)."""
+    root = Path(root)
+    final = root / FOLDERS[name]
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[name]}-", dir=root))
+    (tmp / "images").mkdir()
+    rng = np.random.default_rng(SEEDS[name])
+    split = {"train": [], "val": [], "test": []}
+    for label, (cname, choices) in enumerate(_classes(name)):
+        for s, n in zip(("train", "val", "test"), SIZES[name]):
+            for i in range(n):
+                c, f = choices[rng.integers(len(choices))]
+                rel = f"{cname.replace(' ', '_')}_{s}_{i}.png"
+                render(c, f, rng).save(tmp / "images" / rel)
+                split[s].append([rel, label, cname])
+    (tmp / f"split_zhou_{name}.json").write_text(json.dumps(split))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_shapes(root: str | Path) -> None:
+    """Write the three embedded datasets under ``root`` if they are missing."""
+    for name, folder in FOLDERS.items():
+        if not (Path(root) / folder / f"split_zhou_{name}.json").is_file():
+            write_dataset(root, name)

@@ -1,0 +1,85 @@
+"""task=fewshot: retention arithmetic, base-to-new, held-out zero-shot through train.py's job, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.retention import harmonic_mean, retention_row
+
+
+def test_retention_and_harmonic_mean_arithmetic():
+    assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4)
+    assert harmonic_mean(69.34, 74.22) == pytest.approx(71.70, abs=0.01)  # zero-shot CLIP's row (ProLIP table)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    row = retention_row({"a": 0.5, "b": 0.9}, {"a": 0.6, "b": 0.9})
+    assert row["zs_drop/a"] == pytest.approx(0.1) and row["zs_drop/b"] == 0.0
+    assert row["zs/mean"] == pytest.approx(0.7) and row["zs0/mean"] == pytest.approx(0.75)
+    assert row["zs_drop/mean"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="same held-out datasets"):
+        retention_row({"a": 0.5}, {"b": 0.5})
+
+
+def test_base_to_new_run_writes_retention_and_never_trains_on_new_classes(tmp_path):
+    from tasks.data.fewshot import load_fewshot
+    from tests.helpers import run_train
+
+    m = run_train(["experiment=fewshot_tiny", "adapter=lora", "+adapter.tower=both", "task.subsample=base"], tmp_path)
+    assert m["kind"] == "fewshot" and m["test/acc"] is not None
+    assert m["b2n/base"] == pytest.approx(m["test/acc"], abs=1e-6)
+    assert m["b2n/h"] == pytest.approx(harmonic_mean(m["b2n/base"], m["b2n/new"]))
+    for d in ("shapecolors", "shapeforms"):
+        assert m[f"zs_drop/{d}"] == pytest.approx(m[f"zs0/{d}"] - m[f"zs/{d}"])
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    from tasks.data.fewshot_shapes import COLORS
+
+    base = load_fewshot(_root(), "shapes", 2, 0, "base")
+    assert meta["head"]["classnames"] == base.classnames and len(base.classnames) == len(COLORS) * 4 // 2
+    assert {c for _, _, c in base.train + base.val} <= set(base.classnames)  # what training saw
+    new = load_fewshot(_root(), "shapes", 2, 0, "new").classnames
+    assert not set(new) & set(meta["head"]["classnames"])
+
+
+def _root():
+    from tests.helpers import ROOT
+
+    return ROOT / "data" / "fewshot"
+
+
+def test_untuned_reference_equals_a_fresh_zero_shot_evaluation(tmp_path):
+    """zs0 is the untuned model's held-out zero-shot accuracy: recompute it independently."""
+    import lightning as L
+    import torch
+
+    from tasks.data.fewshot import ImageItems, load_fewshot
+    from tasks.fewshot import make_transforms
+    from tests.helpers import compose_config, run_train
+    from zoo.zeroshot import CLIPClassifier
+
+    m = run_train(["experiment=fewshot_tiny", "adapter=linear", "task.head=linear"], tmp_path)
+    cfg = compose_config(["experiment=fewshot_tiny"])
+    L.seed_everything(cfg.seed)
+    from tasks.base import create_backbone
+    from tasks.runner import _plain
+
+    bb = create_backbone(_plain(cfg.backbone))
+    s = load_fewshot(_root(), "shapeforms", 0, 0)
+    _, tf = make_transforms(32, bb.data_config["mean"], bb.data_config["std"], "none")
+    data = ImageItems(s.image_root, s.test, tf)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        acc = (CLIPClassifier(bb, s.classnames, [s.template]).eval()(x).argmax(1) == y).float().mean().item()
+    assert m["zs0/shapeforms"] == pytest.approx(acc)
+    assert m["zs/shapeforms"] == pytest.approx(acc)  # a linear probe leaves both towers untouched
+
+
+def test_bad_task_configs_are_one_line(tmp_path):
+    from tests.helpers import run_train
+
+    with pytest.raises(Exception, match="task=fewshot needs backbone=clip"):
+        run_train(["experiment=fewshot_tiny", "backbone=vit", "adapter=lora"], tmp_path)
+    with pytest.raises(Exception, match="use head=text"):
+        run_train(["experiment=fewshot_tiny", "adapter=lora", "+adapter.tower=text", "task.head=zeroshot"], tmp_path)
+    with pytest.raises(Exception, match="unknown few-shot dataset 'mnist'"):
+        run_train(["experiment=fewshot_tiny", "task.dataset=mnist"], tmp_path)
