@@ -45,9 +45,26 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
         bb.fingerprint()  # of the base weights, before anything changes
         for p in bb.parameters():
             p.requires_grad_(False)
-    attach_adapter(adapter, bb, model)
+    attach_adapter(adapter, resolve_tower(model, bb, adapter.tower), model)
     bb.adapters.append(adapter)
     return model
+
+
+def resolve_tower(model: nn.Module, bb: Backbone, tower: str | None) -> nn.Module:
+    """The site provider an adapter attaches to: the backbone, or ``model.tower(name)``.
+
+    Models with more than one transformer (``zoo.seg.SamSegmenter``: the image encoder and the
+    mask decoder's two-way transformer) expose the others as :class:`Backbone` views.
+    """
+    if tower in (None, "encoder"):
+        return bb
+    towers = getattr(model, "towers", None)
+    if towers is None:
+        raise ValueError(
+            f"tower={tower!r}: {type(model).__name__} has only its backbone's blocks; other towers "
+            f"exist on zoo.seg.SamSegmenter (tower=decoder). Leave tower unset for the backbone"
+        )
+    return model.tower(tower)
 
 
 def attach_adapter(adapter: Adapter, target: nn.Module, model: nn.Module | None = None) -> Adapter:

@@ -121,10 +121,14 @@ class Adapter:
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attr, original)
         self.backbone: nn.Module | None = None
         self.merged = False
+        self.tower: str | None = None  # set by from_config(tower=...)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, **config: Any) -> "Adapter":
+        # ``tower`` is common to every method: which of the model's towers it attaches to
+        # (``None``: the backbone's blocks; ``"decoder"``: SAM's mask-decoder transformer).
+        tower = config.pop("tower", None)
         sig = inspect.signature(cls.__init__)
         params = [k for k, p in sig.parameters.items()
                   if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -138,6 +142,9 @@ class Adapter:
         full = {k: v for k, v in bound.arguments.items() if k != "self"}
         obj = cls(**config)
         obj.config = _plain(full)
+        if tower not in (None, "encoder"):
+            obj.tower = str(tower)
+            obj.config["tower"] = obj.tower
         return obj
 
     def sites(self, targets, layers: Layers = "all") -> list[Site]:

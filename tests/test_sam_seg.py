@@ -1,0 +1,189 @@
+"""SAM encoder + mask decoder against segment_anything's own Sam (oracle), position resampling,
+decoder sites (tower=decoder) and every adapter on the SAM segmenter."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from tests.seg_helpers import DECODER, IMG, build_reference_sam, save_reference_sam, tiny_sam_backbone, tiny_segmenter
+from zoo.backbones.sam import resample_rel_pos
+from zoo.seg import SamSegmenter, prompts_from_mask
+
+pytest.importorskip("segment_anything")
+
+
+def _sam_input(sam, x255):
+    """What Sam.preprocess feeds its encoder (normalise; no padding at the native size)."""
+    return (x255 - sam.pixel_mean) / sam.pixel_std
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    return save_reference_sam(tmp_path_factory.mktemp("sam") / "sam_tiny.pth")
+
+
+def test_encoder_equals_segment_anything(ref):
+    sam, path = ref
+    bb = tiny_sam_backbone(str(path))
+    x = torch.rand(2, 3, IMG, IMG) * 255
+    with torch.no_grad():
+        want = sam.image_encoder(_sam_input(sam, x))
+        got = bb.forward_features(_sam_input(sam, x))
+    assert got.shape == want.shape == (2, 32, IMG // 16, IMG // 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prompted_masks_equal_segment_anything(ref):
+    sam, path = ref
+    model = tiny_segmenter(num_classes=2, weights=str(path), mode="prompted").eval()
+    x = torch.rand(2, 3, IMG, IMG) * 255
+    gt = torch.zeros(2, IMG, IMG, dtype=torch.long)
+    gt[0, 10:30, 12:40] = 1
+    gt[0, 40:60, 40:60] = 2
+    gt[1, 5:20, 30:50] = 2
+    for kind in ("point", "box"):
+        points, boxes, present = prompts_from_mask(gt, 2, kind=kind)
+        with torch.no_grad():
+            ours = model(_sam_input(sam, x), points=points, boxes=boxes, present=present)
+            for i in range(2):
+                ks = present[i].nonzero().flatten()
+                item = {"image": x[i], "original_size": (IMG, IMG)}
+                if points is not None:
+                    item["point_coords"], item["point_labels"] = points[0][i, ks], points[1][i, ks]
+                if boxes is not None:
+                    item["boxes"] = boxes[i, ks]
+                out = sam([item], multimask_output=False)[0]
+                torch.testing.assert_close(ours[i, ks], out["low_res_logits"][:, 0], atol=1e-4, rtol=1e-4)
+                # the thresholded masks at the input size agree too
+                up = F.interpolate(ours[i, ks][:, None], size=(IMG, IMG), mode="bilinear", align_corners=False) > 0
+                assert torch.equal(up, out["masks"])
+        assert (ours[~present] == -20.0).all()  # no prompt, no mask
+
+
+def test_semantic_mode_equals_unprompted_decoder(ref):
+    """SAMed's forward: no prompts, all mask tokens returned (decoder heads kept here to compare)."""
+    sam, path = ref
+    model = tiny_segmenter(num_classes=3, weights=str(path), mode="semantic", reinit_heads=False).eval()
+    x = torch.rand(2, 3, IMG, IMG) * 255
+    with torch.no_grad():
+        ours = model(_sam_input(sam, x))
+        emb = sam.image_encoder(_sam_input(sam, x))
+        sparse, dense = sam.prompt_encoder(None, None, None)
+        want = torch.cat([sam.mask_decoder.predict_masks(emb[i:i + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense)[0]
+                          for i in range(2)])
+    assert ours.shape == (2, 4, IMG // 4, IMG // 4)  # K+1 = 4 channels at a quarter of the input
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+
+
+def test_samed_reinit_and_k_plus_one_tokens(ref):
+    sam, path = ref
+    model = tiny_segmenter(num_classes=8, weights=str(path))  # semantic: 9 mask tokens, heads re-initialised
+    md = model.decoder.mask_decoder
+    assert md.mask_tokens.weight.shape == (9, 32) and len(md.output_hypernetworks_mlps) == 9
+    torch.testing.assert_close(md.transformer.layers[0].self_attn.q_proj.weight,
+                               sam.mask_decoder.transformer.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(model.decoder.prompt_encoder.no_mask_embed.weight, sam.prompt_encoder.no_mask_embed.weight)
+    assert model(torch.randn(2, 3, IMG, IMG)).shape == (2, 9, 16, 16)
+    assert all(p.requires_grad for p in model.decoder.parameters())  # SAMed: decoder + prompt encoder train
+
+
+def test_decoder_file_that_does_not_fit(tmp_path, ref):
+    _, path = ref
+    state = torch.load(path, weights_only=True)
+    bad = {k: (v[..., :16] if k.endswith("q_proj.weight") else v) for k, v in state.items()}
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(zoo.WeightsUnavailableError, match="decoder does not match"):
+        SamSegmenter(tiny_sam_backbone(str(path)), 2, decoder=dict(DECODER), decoder_weights=str(tmp_path / "bad.pth"))
+    enc_only = {k: v for k, v in state.items() if k.startswith("image_encoder.")}
+    torch.save(enc_only, tmp_path / "enc.pth")
+    with pytest.raises(zoo.WeightsUnavailableError, match="no prompt_encoder"):
+        SamSegmenter(tiny_sam_backbone(str(path)), 2, decoder=dict(DECODER), decoder_weights=str(tmp_path / "enc.pth"))
+    with pytest.raises(zoo.WeightsUnavailableError, match="does not fit this SAM encoder"):
+        zoo.create_backbone("sam", model="samvit_base_patch16", pretrained=False, weights=str(path), img_size=IMG,
+                            embed_dim=48, depth=2, num_heads=2, window_size=2, global_attn_indexes=(1,), neck_chans=32)
+
+
+def test_position_resampling(ref):
+    """Native size: unchanged. Other sizes: SAMed's formulas (bilinear grid, global rel-pos to 2G-1)."""
+    sam, path = ref
+    state = sam.state_dict()
+    native = tiny_sam_backbone(str(path))
+    torch.testing.assert_close(native.model.pos_embed, state["image_encoder.pos_embed"], rtol=0, atol=0)
+    torch.testing.assert_close(native.model.blocks[1].attn.rel_pos_h, state["image_encoder.blocks.1.attn.rel_pos_h"],
+                               rtol=0, atol=0)
+    big = tiny_sam_backbone(str(path), img=128)  # 8x8 grid
+    pos = state["image_encoder.pos_embed"].permute(0, 3, 1, 2)
+    want = F.interpolate(pos, (8, 8), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(big.model.pos_embed, want)
+    rel = state["image_encoder.blocks.1.attn.rel_pos_h"]  # global block: 7 -> 15
+    want_rel = F.interpolate(rel[None, None], (15, rel.shape[1]), mode="bilinear", align_corners=False)[0, 0]
+    assert big.model.blocks[1].attn.rel_pos_h.shape == (15, rel.shape[1])
+    torch.testing.assert_close(big.model.blocks[1].attn.rel_pos_h, want_rel)
+    torch.testing.assert_close(big.model.blocks[0].attn.rel_pos_h, state["image_encoder.blocks.0.attn.rel_pos_h"])
+    assert resample_rel_pos(rel, rel.shape[0]) is rel
+    assert big.forward_features(torch.randn(1, 3, 128, 128)).shape == (1, 32, 8, 8)
+    seg = tiny_segmenter(2, weights=str(path), img=128)
+    assert seg(torch.randn(1, 3, 128, 128)).shape == (1, 3, 32, 32)
+
+
+def test_decoder_tower_lora_is_samed_s(ref):
+    """tower=decoder LoRA(q, v) wraps q/v of all three attentions of both decoder layers; the
+    transformer stays frozen (train_decoder=no_transformer) and starts as the identity."""
+    _, path = ref
+    model = tiny_segmenter(num_classes=2, weights=str(path), train_decoder="no_transformer")
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        before = model(x)
+    zoo.apply_adapter(model, "lora", rank=4, alpha=4, targets=["q", "v"])
+    zoo.apply_adapter(model, "lora", rank=4, alpha=4, targets=["q", "v"], tower="decoder")
+    wrapped = [n for n, m in model.decoder.named_modules() if type(m).__name__ == "LoRALinear"]
+    assert len(wrapped) == 2 * 3 * 2  # 2 layers x 3 attentions x (q, v)
+    assert "mask_decoder.transformer.layers.1.cross_attn_image_to_token.v_proj" in wrapped
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)  # B = 0 at init
+    trans = model.decoder.mask_decoder.transformer
+    assert not trans.layers[0].mlp.lin1.weight.requires_grad
+    assert model.decoder.mask_decoder.mask_tokens.weight.requires_grad
+    model(x).sum().backward()
+    lora = [p for n, p in model.named_parameters() if "transformer" in n and p.requires_grad]
+    assert lora and all(p.grad is not None for p in lora)
+    assert zoo.adapters_of(model)[1].config["tower"] == "decoder"
+
+
+def test_tower_errors(ref):
+    _, path = ref
+    with pytest.raises(ValueError, match="unknown tower 'text'"):
+        zoo.apply_adapter(tiny_segmenter(2), "lora", tower="text")
+    with pytest.raises(ValueError, match="has only its backbone"):
+        zoo.apply_adapter(tiny_sam_backbone(), "lora", tower="decoder")
+    with pytest.raises(zoo.SiteError, match="no site 'qkv'"):
+        zoo.apply_adapter(tiny_segmenter(2), "salt", tower="decoder")
+
+
+# every registered adapter on the SAM segmenter (encoder tower): attach + forward + backward, or a
+# refusal naming why (SAM's tokens are NHWC, so prompt/token methods have no 'tokens' site)
+TOKEN_METHODS = {"vpt", "q_adapter"}
+
+
+@pytest.mark.parametrize("name", zoo.list_adapters())
+def test_every_adapter_on_sam_segmenter(name):
+    model = tiny_segmenter(num_classes=2)
+    x = torch.randn(2, 3, IMG, IMG)
+    if name in TOKEN_METHODS:
+        with pytest.raises(zoo.SiteError, match="tokens"):
+            zoo.apply_adapter(model, name)
+        return
+    opts = {"mask_tuning": {"targets": ["q", "v"]}, "mhr": {"n_splits": 4},
+            "colora": {"finetune_steps": 1, "faig_steps": 2, "faig_batches": 1}}.get(name, {})
+    zoo.apply_adapter(model, name, **opts)
+    # data-driven methods (CoLoRA) run their stage on a segmentation batch: (image, index mask)
+    zoo.prepare_adapters(model, [(x, torch.randint(0, 3, (2, IMG // 4, IMG // 4)))])
+    out = model(x)
+    assert out.shape == (2, 3, IMG // 4, IMG // 4) and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    enc_train = [p for p in model.backbone.parameters() if p.requires_grad]
+    if name != "linear":
+        assert enc_train and any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc_train), name
+    assert any(p.grad is not None for p in model.decoder.parameters())
