@@ -187,3 +187,31 @@ def test_every_adapter_on_sam_segmenter(name):
     if name != "linear":
         assert enc_train and any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc_train), name
     assert any(p.grad is not None for p in model.decoder.parameters())
+
+
+def test_samed_artifact_holds_lora_and_decoder_only(tmp_path, ref):
+    """SAMed's checkpoint: LoRA + prompt-encoder/mask-decoder tensors, no encoder weights; it loads
+    onto a fresh SAM built from the same file and reproduces the outputs."""
+    from zoo.seg.losses import SegLoss
+
+    _, path = ref
+    model = tiny_segmenter(num_classes=2, weights=str(path))
+    zoo.apply_adapter(model, "lora", rank=4, alpha=4, targets=["q", "v"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(2, 3, IMG, IMG), torch.randint(0, 3, (2, IMG // 4, IMG // 4))
+    for _ in range(2):
+        opt.zero_grad()
+        SegLoss("samed")(model(x), y).backward()
+        opt.step()
+    zoo.save_adapter(model.eval(), tmp_path / "art")
+    names = list(zoo.read_adapter_config(tmp_path / "art")["tensors"])
+    assert names and all(n.startswith(("decoder.prompt_encoder.", "decoder.mask_decoder.")) or "lora_" in n for n in names)
+    assert not any(n.startswith("backbone.") and "lora_" not in n for n in names)
+    assert any("mask_tokens" in n for n in names) and any("no_mask_embed" in n for n in names)
+    fresh = tiny_segmenter(num_classes=2, weights=str(path)).eval()
+    zoo.load_adapter(fresh, tmp_path / "art")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    other = tiny_segmenter(num_classes=3, weights=str(path))
+    with pytest.raises(zoo.AdapterMismatchError, match="head"):
+        zoo.load_adapter(other, tmp_path / "art")
