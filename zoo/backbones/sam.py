@@ -144,10 +144,15 @@ class SAMBackbone(TimmBackbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x).mean(dim=(2, 3))
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
     def block_outputs(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         """NCHW outputs of blocks ``indices`` (before the neck), for multi-scale decoders."""
-        feats = self.model.forward_intermediates(x, indices=indices, intermediates_only=True, norm=False)
-        return list(feats)
+        uniq = sorted(set(indices))
+        feats = self.model.forward_intermediates(x, indices=uniq, intermediates_only=True, norm=False)
+        by_index = dict(zip(uniq, feats))
+        return [by_index[i] for i in indices]
 
 
 DECODER_ATTNS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")

@@ -31,7 +31,8 @@ def default_indices(backbone: SAMBackbone) -> list[int]:
     if len(glob) >= 4:
         return glob[-4:]
     depth = len(blocks)
-    return sorted({max(0, round(depth * (j + 1) / 4) - 1) for j in range(4)}) if depth >= 4 else list(range(depth))
+    # four evenly spaced blocks (a shallow encoder repeats some: each feeds one pyramid level)
+    return [max(0, round(depth * (j + 1) / 4) - 1) for j in range(4)]
 
 
 class SmpSegmenter(nn.Module):
