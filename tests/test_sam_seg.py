@@ -215,3 +215,42 @@ def test_samed_artifact_holds_lora_and_decoder_only(tmp_path, ref):
     other = tiny_segmenter(num_classes=3, weights=str(path))
     with pytest.raises(zoo.AdapterMismatchError, match="head"):
         zoo.load_adapter(other, tmp_path / "art")
+
+
+def test_activation_checkpointing_keeps_results():
+    """task.grad_checkpointing: timm's checkpoint_seq over the encoder blocks; same outputs and grads."""
+    torch.manual_seed(0)
+    a = tiny_segmenter(num_classes=2)
+    b = tiny_segmenter(num_classes=2)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        zoo.apply_adapter(m, "lora", rank=2)
+    b.load_state_dict(a.state_dict())
+    b.backbone.model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, IMG, IMG)
+    la, lb = a(x).square().mean(), b(x).square().mean()
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    ga = [p.grad for p in a.parameters() if p.requires_grad]
+    gb = [p.grad for p in b.parameters() if p.requires_grad]
+    assert len(ga) == len(gb) > 0
+    for g1, g2 in zip(ga, gb):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("head", ["sam", "smp_dpt"])
+def test_head_from_spec_rebuilds_the_same_shapes(ref, head):
+    from zoo.seg.smp_head import SmpSegmenter
+
+    _, path = ref
+    if head == "sam":
+        model = tiny_segmenter(num_classes=2, weights=str(path), train_decoder="no_transformer")
+        again = SamSegmenter.from_spec(tiny_sam_backbone(str(path)), model.head_spec())
+    else:
+        model = SmpSegmenter(tiny_sam_backbone(str(path)), 2, decoder="dpt", channels=64)
+        again = SmpSegmenter.from_spec(tiny_sam_backbone(str(path)), model.head_spec())
+    assert again.head_spec() == model.head_spec()
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(again) == trainable(model)

@@ -13,6 +13,7 @@ import zoo
 from tests.helpers import compose_config, run_train
 
 pytest.importorskip("segment_anything")
+pytest.importorskip("tasks.base", reason="task=segmentation is built on the task contract (issue 9)")
 
 
 def _run(tmp_path, *extra):
@@ -34,6 +35,15 @@ def test_tiny_seg_run_writes_metrics_and_masks(tmp_path):
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["head"]["type"] == "sam_mask_decoder" and meta["head"]["num_classes"] == 3
     assert meta["task"]["kind"] == "segmentation"
+
+
+@pytest.mark.parametrize("extra", [
+    ["task.sam.mode=prompted", "task.prompt=box", "task.prompt_jitter=2", "task.loss.kind=focal_dice"],
+    ["task.head=smp_dpt", "task.grad_checkpointing=true"],
+])
+def test_prompted_mode_and_smp_head_train(tmp_path, extra):
+    m = _run(tmp_path, "adapter=lora", *extra)
+    assert m["val/dice"] is not None and m["test/hd95"] is not None
 
 
 def test_synapse_volume_eval_and_samed_s(tmp_path):

@@ -162,7 +162,16 @@ class SamSegmenter(nn.Module):
 
     def head_spec(self) -> dict[str, Any]:
         return {"type": "sam_mask_decoder", "mode": self.mode, "num_classes": self.num_classes,
-                "train_decoder": self.train_decoder, **self.decoder.config}
+                "train_decoder": self.train_decoder, "reinit_heads": self.reinit_heads, **self.decoder.config}
+
+    @classmethod
+    def from_spec(cls, backbone: SAMBackbone, spec: dict[str, Any]) -> "SamSegmenter":
+        """Rebuild from an artifact's ``head`` record; frozen decoder parts come from the
+        backbone's SAM checkpoint (``decoder_weights="auto"``), trained ones from the artifact."""
+        derived = ("embed_dim", "img_size", "grid")
+        dec = {k: v for k, v in spec.items() if k in SamPromptDecoder.__init__.__code__.co_varnames and k not in derived}
+        return cls(backbone, int(spec["num_classes"]), mode=spec.get("mode", "semantic"),
+                   train_decoder=spec.get("train_decoder", "all"), reinit_heads=spec.get("reinit_heads"), decoder=dec)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -44,6 +44,7 @@ class SmpSegmenter(nn.Module):
         if decoder not in SMP_DECODERS:
             raise ValueError(f"unknown smp decoder {decoder!r}; valid: {', '.join(SMP_DECODERS)}")
         self.backbone, self.num_classes, self.decoder_name = backbone, int(num_classes), decoder
+        self.channels = int(channels)
         self.indices = list(indices) if indices is not None else default_indices(backbone)
         if len(self.indices) != 4:
             raise ValueError(f"the smp head reads 4 block outputs; got indices {self.indices} "
@@ -68,7 +69,13 @@ class SmpSegmenter(nn.Module):
             self.head = SegmentationHead(seg, out, kernel_size=1, upsampling=4)
 
     def head_spec(self) -> dict:
-        return {"type": f"smp_{self.decoder_name}", "num_classes": self.num_classes, "indices": self.indices}
+        return {"type": f"smp_{self.decoder_name}", "num_classes": self.num_classes, "indices": self.indices,
+                "channels": self.channels}
+
+    @classmethod
+    def from_spec(cls, backbone: SAMBackbone, spec: dict) -> "SmpSegmenter":
+        return cls(backbone, int(spec["num_classes"]), decoder=spec["type"].split("_", 1)[1],
+                   indices=spec.get("indices"), channels=int(spec.get("channels", 256)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone.block_outputs(x, self.indices)
