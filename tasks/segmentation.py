@@ -59,7 +59,7 @@ class SegmentationTask(ZooTask):
                  sam: dict | None = None, prompt: str = "point", prompt_jitter: int = 0, decoder_adapter: dict | None = None,
                  loss: dict | None = None, metric_convention: str = "standard", val_hd95: bool = False,
                  class_names: list[str] | None = None, grad_checkpointing: bool = False, overlays: int = 4,
-                 predict_split: str | None = "test", optimizer: dict | None = None, scheduler: dict | None = None,
+                 predict_split: str | None = "test", export_sam: str | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
                  monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
         self.save_hyperparameters()
@@ -80,7 +80,7 @@ class SegmentationTask(ZooTask):
         self.class_names = list(class_names) if class_names else [str(k) for k in range(1, self.num_classes + 1)]
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"task.class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
-        self.n_overlays, self.predict_split = int(overlays), predict_split
+        self.n_overlays, self.predict_split, self.export_sam = int(overlays), predict_split, export_sam
         self._scores: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------ forward / loss
@@ -192,7 +192,21 @@ class SegmentationTask(ZooTask):
             save_overlay_png(self._out_dir() / sub / f"{i:02d}.png", img[i], pred[i].cpu().numpy())
 
     def run_metrics(self, trainer, datamodule) -> dict[str, Any]:
-        """Write ``predict_split``'s predictions as PNG masks (+ overlays); returns where."""
+        """Write ``predict_split``'s predictions as PNG masks (+ overlays), and with ``export_sam``
+        the whole SAM (adapters merged) as a segment_anything checkpoint; returns where."""
+        out: dict[str, Any] = {}
+        if self.export_sam and trainer.is_global_zero:
+            import copy
+
+            from zoo.seg.sam import SamSegmenter, save_sam_checkpoint
+
+            if not isinstance(self.model, SamSegmenter):
+                raise ValueError("task.export_sam needs task.head=sam")
+            m = zoo.merge_adapters(copy.deepcopy(self.model).cpu(), unload=True)
+            out["exported_sam"] = str(save_sam_checkpoint(m, self.export_sam))
+        return {**out, **self._write_predictions(trainer, datamodule)}
+
+    def _write_predictions(self, trainer, datamodule) -> dict[str, Any]:
         split = self.predict_split
         if not split or not trainer.is_global_zero or not hasattr(datamodule, "split_set"):
             return {}

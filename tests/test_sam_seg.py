@@ -254,3 +254,26 @@ def test_head_from_spec_rebuilds_the_same_shapes(ref, head):
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert trainable(again) == trainable(model)
+
+
+def test_sam_checkpoint_round_trip_into_segment_anything(tmp_path, ref):
+    """Our SAM-format export loads strictly into segment_anything's Sam and gives the same masks."""
+    from zoo.seg.sam import save_sam_checkpoint
+
+    sam, path = ref
+    ours = tiny_segmenter(num_classes=3, weights=str(path), mode="semantic", reinit_heads=False).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.01)
+    save_sam_checkpoint(ours, tmp_path / "out.pth")
+    other = build_reference_sam(seed=1)
+    other.load_state_dict(torch.load(tmp_path / "out.pth", weights_only=True), strict=True)
+    x = torch.rand(1, 3, IMG, IMG) * 255
+    with torch.no_grad():
+        emb = other.image_encoder(_sam_input(other, x))
+        sparse, dense = other.prompt_encoder(None, None, None)
+        want = other.mask_decoder.predict_masks(emb, other.prompt_encoder.get_dense_pe(), sparse, dense)[0]
+        torch.testing.assert_close(ours(_sam_input(other, x)), want, atol=1e-4, rtol=1e-4)
+    zoo.apply_adapter(ours, "lora")
+    with pytest.raises(ValueError, match="merge or remove"):
+        save_sam_checkpoint(ours, tmp_path / "x.pth")

@@ -4,8 +4,8 @@ Batches are ``(image (B, 3, S, S), mask (B, S, S))`` for 2-D data and Synapse tr
 Synapse validation/test sets yield whole volumes, one per batch, as ``{"volume": (D, H, W) float,
 "label": (D, H, W) long, "case": name}`` (SAMed evaluates per volume at the original slice size).
 
-``root: generated`` (or a missing ``root`` with ``generate: true``) writes the embedded generated
-data (:mod:`zoo.seg.generate`) under ``data/seg/<layout>`` first, so every layout runs offline.
+``root: generated`` writes the embedded generated data (:mod:`zoo.seg.generate`, options in
+``generate``) under ``<data_dir>/seg/<generated_name or layout>`` first, so every layout runs offline.
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ class SegDataModule(L.LightningDataModule):
     def __init__(self, layout: str = "folder", root: str = "generated", num_classes: int = 3, img_size: int = 1024,
                  mask_format: str = "index", palette: Sequence[Sequence[int]] | None = None, val_fraction: float = 0.2,
                  val_cases: int = 1, batch_size: int = 8, eval_batch_size: int = 8, num_workers: int = 0,
-                 augment: bool = True, generate: dict | None = None, mean=None, std=None, seed: int = 0,
-                 data_dir: str = "data"):
+                 augment: bool = True, generate: dict | None = None, generated_name: str | None = None, mean=None,
+                 std=None, seed: int = 0, data_dir: str = "data"):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"data.layout={layout!r}; valid: {', '.join(LAYOUTS)}")
@@ -93,7 +93,7 @@ class SegDataModule(L.LightningDataModule):
         self.augment, self.seed = bool(augment), seed
         self.generate = dict(generate or {})
         self.norm = Normalize(mean, std)
-        self.root = Path(data_dir) / "seg" / layout if root in (None, "generated") else Path(root)
+        self.root = Path(data_dir) / "seg" / (generated_name or layout) if root in (None, "generated") else Path(root)
         self.generated = root in (None, "generated")
         self.train_set = self.val_set = self.test_set = None
 

@@ -283,3 +283,31 @@ def _deepest_pixel(m: torch.Tensor) -> tuple[int, int]:
     ys, xs = last[0, 0].nonzero(as_tuple=True)
     j = len(ys) // 2
     return int(ys[j]), int(xs[j])
+
+
+def sam_state_dict(model: SamSegmenter) -> dict[str, torch.Tensor]:
+    """The model in segment_anything's key layout (``image_encoder.*`` with ``mlp.lin*``,
+    ``prompt_encoder.*``, ``mask_decoder.*``): the inverse of timm's SAM checkpoint filter.
+    Adapters must be merged or absent (the plain weights are written)."""
+    if model.backbone.adapters:
+        raise ValueError("merge or remove the adapters first (zoo.merge_adapters(model, unload=True))")
+    state = {}
+    for k, v in model.backbone.model.state_dict().items():
+        if k.startswith("head."):
+            continue
+        state["image_encoder." + k.replace("mlp.fc", "mlp.lin")] = v.detach().cpu().contiguous()
+    for k, v in model.decoder.state_dict().items():
+        state[k] = v.detach().cpu().contiguous()
+    return state
+
+
+def save_sam_checkpoint(model: SamSegmenter, path: str | Path) -> Path:
+    """Write :func:`sam_state_dict` as a torch file (tensors only: loads with ``weights_only=True``)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(sam_state_dict(model), tmp)
+    os.replace(tmp, path)
+    return path
