@@ -29,6 +29,7 @@ from torch import nn
 
 from zoo.backbones.sam import SAMBackbone, SamDecoderTower, is_sam_checkpoint
 from zoo.backbones.weights import WeightsUnavailableError, load_state_dict_file
+from zoo.heads import register_head
 
 MODES = ("semantic", "prompted")
 TRAIN_DECODER = ("all", "no_transformer", "norms", "none")
@@ -96,6 +97,7 @@ class SamPromptDecoder(nn.Module):
         return self.prompt_encoder.get_dense_pe()
 
 
+@register_head("sam_mask_decoder")
 class SamSegmenter(nn.Module):
     """``backbone`` (:class:`SAMBackbone`) + SAM's prompt encoder and mask decoder.
 
@@ -132,6 +134,11 @@ class SamSegmenter(nn.Module):
             if not Path(self.decoder_weights).is_file():
                 raise FileNotFoundError(f"decoder_weights file not found: {self.decoder_weights}")
             self.decoder.load_sam_state(load_state_dict_file(self.decoder_weights), self.decoder_weights, self.reinit_heads)
+        else:
+            # a fresh decoder: draw the Fourier-feature matrix (a buffer, never in an artifact) from a
+            # fixed generator, so a rebuilt model (eval.py, from_zoo) has the same one (SAM: N(0, 1))
+            pe = self.decoder.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+            pe.copy_(torch.randn(pe.shape, generator=torch.Generator().manual_seed(0)))
         self._mark_decoder()
         self.__dict__["_towers"] = {}
 

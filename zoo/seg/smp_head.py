@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.backbones.sam import SAMBackbone
+from zoo.heads import register_head
 
 SMP_DECODERS = ("dpt", "fpn")
 
@@ -35,6 +36,8 @@ def default_indices(backbone: SAMBackbone) -> list[int]:
     return [max(0, round(depth * (j + 1) / 4) - 1) for j in range(4)]
 
 
+@register_head("smp_fpn")
+@register_head("smp_dpt")
 class SmpSegmenter(nn.Module):
     """``backbone`` (SAM encoder) + an smp decoder (``dpt`` | ``fpn``) -> ``(B, K+1, H, W)``."""
 
