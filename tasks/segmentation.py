@@ -32,7 +32,8 @@ from zoo.seg.sam import logits_to_labels, prompts_from_mask, upsample
 HEADS = ("sam", "smp_dpt", "smp_fpn")
 
 
-def build_seg_model(backbone: zoo.Backbone, head: str, num_classes: int, sam: dict | None = None) -> torch.nn.Module:
+def build_seg_model(backbone: zoo.Backbone, head: str, num_classes: int, sam: dict | None = None,
+                    smp: dict | None = None) -> torch.nn.Module:
     if head not in HEADS:
         raise ValueError(f"task.head={head!r}; valid: {', '.join(HEADS)}")
     if getattr(backbone, "family", None) != "sam":
@@ -43,7 +44,7 @@ def build_seg_model(backbone: zoo.Backbone, head: str, num_classes: int, sam: di
         return SamSegmenter(backbone, num_classes, **(sam or {}))
     from zoo.seg.smp_head import SmpSegmenter
 
-    return SmpSegmenter(backbone, num_classes, decoder=head.split("_", 1)[1])
+    return SmpSegmenter(backbone, num_classes, decoder=head.split("_", 1)[1], **(smp or {}))
 
 
 @register_task("segmentation")
@@ -56,7 +57,7 @@ class SegmentationTask(ZooTask):
     tiny_overrides = ("experiment=tiny_seg",)
 
     def __init__(self, backbone: dict, adapter: dict, num_classes: int = 1, head: str = "sam",
-                 sam: dict | None = None, prompt: str = "point", prompt_jitter: int = 0, decoder_adapter: dict | None = None,
+                 sam: dict | None = None, smp: dict | None = None, prompt: str = "point", prompt_jitter: int = 0, decoder_adapter: dict | None = None,
                  loss: dict | None = None, metric_convention: str = "standard", val_hd95: bool = False,
                  class_names: list[str] | None = None, grad_checkpointing: bool = False, overlays: int = 4,
                  predict_split: str | None = "test", export_sam: str | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
@@ -69,7 +70,7 @@ class SegmentationTask(ZooTask):
         bb = create_backbone(backbone)
         if grad_checkpointing:
             bb.model.set_grad_checkpointing(True)  # timm's checkpoint_seq over the encoder blocks
-        model = attach_adapter(build_seg_model(bb, head, self.num_classes, sam), adapter)
+        model = attach_adapter(build_seg_model(bb, head, self.num_classes, sam, smp), adapter)
         if decoder_adapter:
             d = dict(decoder_adapter)
             zoo.apply_adapter(model, d.pop("name"), tower="decoder", **d)
