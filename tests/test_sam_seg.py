@@ -150,6 +150,20 @@ def test_decoder_tower_lora_is_samed_s(ref):
     lora = [p for n, p in model.named_parameters() if "transformer" in n and p.requires_grad]
     assert lora and all(p.grad is not None for p in lora)
     assert zoo.adapters_of(model)[1].config["tower"] == "decoder"
+    # the artifact records the tower; loading re-attaches both adapters where they were
+    with torch.no_grad():
+        for a in zoo.adapters_of(model):
+            for p in a.adapter_parameters():
+                p.normal_(0, 0.02)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        zoo.save_adapter(model.eval(), d)
+        fresh = tiny_segmenter(num_classes=2, weights=str(path), train_decoder="no_transformer").eval()
+        zoo.load_adapter(fresh, d)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), model(x))
+    assert [a.tower for a in zoo.adapters_of(fresh)] == [None, "decoder"]
 
 
 def test_tower_errors(ref):
