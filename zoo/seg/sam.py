@@ -176,7 +176,10 @@ class SamSegmenter(nn.Module):
         """Rebuild from an artifact's ``head`` record; frozen decoder parts come from the
         backbone's SAM checkpoint (``decoder_weights="auto"``), trained ones from the artifact."""
         derived = ("embed_dim", "img_size", "grid")
-        dec = {k: v for k, v in spec.items() if k in SamPromptDecoder.__init__.__code__.co_varnames and k not in derived}
+        import inspect
+
+        params = inspect.signature(SamPromptDecoder.__init__).parameters
+        dec = {k: v for k, v in spec.items() if k in params and k not in derived}
         return cls(backbone, int(spec["num_classes"]), mode=spec.get("mode", "semantic"),
                    train_decoder=spec.get("train_decoder", "all"), reinit_heads=spec.get("reinit_heads"), decoder=dec)
 
