@@ -55,7 +55,7 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
             bb.fingerprint()  # of the base weights, before anything changes
             for p in bb.parameters():
                 p.requires_grad_(False)
-        attach_adapter(adapter, bb, model)
+        attach_adapter(adapter, resolve_tower(model, bb, adapter.tower), model)
     except BaseException:
         snap.restore(model)  # a failed attach leaves no parameter frozen that was not before
         raise
@@ -89,6 +89,24 @@ class ModelState:
         for m in model.modules():
             if id(m) not in self.modules:
                 m.training = model.training
+
+
+def resolve_tower(model: nn.Module, bb: Backbone, tower: str | None) -> nn.Module:
+    """The site provider an adapter attaches to: the backbone, or ``model.tower(name)``.
+
+    Models with more than one transformer (``zoo.seg.SamSegmenter``: the image encoder and the
+    mask decoder's two-way transformer) expose the others as :class:`Backbone` views.
+    """
+    own = tuple(getattr(bb, "towers", ()) or ())  # towers of the backbone itself (CLIP): sites() selects them
+    if tower in (None, "encoder") or own:
+        return bb
+    towers = getattr(model, "towers", None)
+    if towers is None:
+        raise ValueError(
+            f"tower={tower!r}: {type(model).__name__} has only its backbone's blocks; other towers "
+            f"exist on zoo.seg.SamSegmenter (tower=decoder) and on clip (visual | text | both). Leave tower unset for the backbone"
+        )
+    return model.tower(tower)
 
 
 def attach_adapter(adapter: Adapter, target: nn.Module, model: nn.Module | None = None) -> Adapter:

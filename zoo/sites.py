@@ -152,6 +152,8 @@ def find_sites(backbone, targets: Iterable[str] | str, layers: Layers = "all", t
                         f"backbone {backbone.family!r} ({backbone.model_name}){where} has no site {kind!r}; "
                         f"its sites are: {', '.join(k for k in SITE_KINDS if k in table)}"
                     )
-                parent, attr, out_slice, path = table[kind]
-                sites.append(Site(kind, i, parent, attr, path, out_slice, t))
+                entry = table[kind]
+                # a block may hold several modules of one kind (SAM's decoder layer: three attentions)
+                for parent, attr, out_slice, path in entry if isinstance(entry, list) else [entry]:
+                    sites.append(Site(kind, i, parent, attr, path, out_slice, t))
     return sites

@@ -125,11 +125,14 @@ class Adapter:
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attr, original)
         self.backbone: nn.Module | None = None
         self.merged = False
-        self.tower = None  # which towers of a multi-tower backbone (None: its default); see from_config
+        self.tower = None  # which towers (multi-tower backbones, or a model's other towers); see from_config
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, **config: Any) -> "Adapter":
+        # ``tower`` is common to every method: which of the model's towers it attaches to
+        # (``None``: the backbone's blocks; ``"decoder"``: SAM's mask-decoder transformer).
+        tower = config.pop("tower", None)
         sig = inspect.signature(cls.__init__)
         params = [k for k, p in sig.parameters.items()
                   if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -146,7 +149,7 @@ class Adapter:
         full = {k: v for k, v in bound.arguments.items() if k != "self"}
         obj = cls(**config)
         obj.config = _plain(full)
-        if tower is not None:
+        if tower not in (None, "encoder"):  # SAM: encoder = the backbone itself
             obj.tower = tower
             obj.config["tower"] = _plain(tower) if not isinstance(tower, str) else tower
         return obj
@@ -155,7 +158,10 @@ class Adapter:
         from zoo.sites import SiteError
 
         assert self.backbone is not None
-        sites = find_sites(self.backbone, targets, layers, getattr(self, "tower", None))
+        # towers of the backbone itself (CLIP) are selected here; a model's other towers (SAM's
+        # decoder) were resolved to their own site provider by zoo.api.resolve_tower
+        tower = self.tower if getattr(self.backbone, "towers", None) else None
+        sites = find_sites(self.backbone, targets, layers, tower)
         sliced = sorted({s.kind for s in sites if s.out_slice is not None})
         if sliced and not self.supports_slices:
             raise SiteError(

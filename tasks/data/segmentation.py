@@ -1,0 +1,194 @@
+"""DataModule of ``task=segmentation``: the layouts of :mod:`zoo.seg.data` (2-D folders, Synapse).
+
+Batches are ``(image (B, 3, S, S), mask (B, S, S))`` for 2-D data and Synapse training slices; the
+Synapse validation/test sets yield whole volumes, one per batch, as ``{"volume": (D, H, W) float,
+"label": (D, H, W) long, "case": name}`` (SAMed evaluates per volume at the original slice size).
+
+``root: generated`` writes the embedded generated data (:mod:`zoo.seg.generate`, options in
+``generate``) under ``<data_dir>/seg/<generated_name or layout>`` first, so every layout runs offline.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.seg.data import (
+    FolderSegDataset, LAYOUTS, SynapseSlices, has_split, layout_pairs, read_list, read_volume, synapse_list,
+)
+
+
+class Normalize:
+    def __init__(self, mean, std):
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mean is None else (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class _Normed(Dataset):
+    def __init__(self, ds: Dataset, norm: Normalize):
+        self.ds, self.norm = ds, norm
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return self.norm(x), y
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.epoch = epoch
+
+
+class VolumeSet(Dataset):
+    """Synapse volumes: ``test_vol_h5/<case>.npy.h5`` (``source=h5``) or held-out training cases
+    stacked from their ``train_npz`` slices (``source=npz``, slices sorted by their number)."""
+
+    def __init__(self, root: Path, cases: list[str], num_classes: int, source: str, slices: dict[str, list[str]] | None = None,
+                 norm: Normalize | None = None):
+        self.root, self.cases, self.num_classes, self.source, self.slices = root, cases, num_classes, source, slices or {}
+        self.norm = norm or Normalize(None, None)
+
+    def __len__(self):
+        return len(self.cases)
+
+    def __getitem__(self, i):
+        case = self.cases[i]
+        if self.source == "h5":
+            vol, lab = read_volume(self.root, case, self.num_classes)
+        else:
+            ims, labs = [], []
+            for name in self.slices[case]:
+                with np.load(self.root / "train_npz" / f"{name}.npz") as z:
+                    ims.append(z["image"].astype(np.float32))
+                    labs.append(z["label"].astype(np.int64))
+            vol, lab = np.stack(ims), np.stack(labs)
+        return {"volume": torch.from_numpy(vol), "label": torch.from_numpy(lab), "case": case, "norm": self.norm}
+
+
+def _first(batch):
+    return batch[0]
+
+
+class SegDataModule(L.LightningDataModule):
+    def __init__(self, layout: str = "folder", root: str = "generated", num_classes: int = 3, img_size: int = 1024,
+                 mask_format: str = "index", palette: Sequence[Sequence[int]] | None = None, val_fraction: float = 0.2,
+                 val_cases: int = 1, batch_size: int = 8, eval_batch_size: int = 8, num_workers: int = 0,
+                 augment: bool = True, generate: dict | None = None, generated_name: str | None = None, mean=None,
+                 std=None, seed: int = 0, data_dir: str = "data"):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout={layout!r}; valid: {', '.join(LAYOUTS)}")
+        self.layout, self.num_classes, self.img_size = layout, int(num_classes), int(img_size)
+        self.mask_format, self.palette = mask_format, palette
+        self.val_fraction, self.val_cases = float(val_fraction), int(val_cases)
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.augment, self.seed = bool(augment), seed
+        self.generate = dict(generate or {})
+        self.norm = Normalize(mean, std)
+        self.root = Path(data_dir) / "seg" / (generated_name or layout) if root in (None, "generated") else Path(root)
+        self.generated = root in (None, "generated")
+        self.train_set = self.val_set = self.test_set = None
+
+    # ------------------------------------------------------------------ data on disk
+    def prepare_data(self) -> None:
+        if not self.generated:
+            if not self.root.exists():
+                raise FileNotFoundError(f"data.root={self.root} does not exist; point it at the dataset, or use "
+                                        f"data.root=generated for the embedded generated data")
+            return
+        marker = self.root / ".generated"
+        if marker.is_file():
+            return
+        from zoo.seg.generate import make_folder_dataset, make_synapse_dataset
+
+        g = {"size": 64, "seed": 0, **self.generate}
+        if self.layout == "synapse":
+            make_synapse_dataset(self.root, num_classes=self.num_classes, **g)
+        else:
+            if self.layout == "folder":
+                g.setdefault("splits", {"train": 48, "val": 16, "test": 16})
+                g.setdefault("mask_format", self.mask_format)
+            else:
+                g.setdefault("splits", {"train": 24, "val": 8, "test": 8} if self.layout == "isic" else
+                             ({"train": 24, "test": 8} if self.layout == "drive" else None))
+            make_folder_dataset(self.root, layout=self.layout, num_classes=self.num_classes, **g)
+        marker.write_text("generated by zoo.seg.generate\n")
+
+    # ------------------------------------------------------------------ splits
+    @property
+    def has_val(self) -> bool:
+        return True
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.layout == "synapse":
+            return self._setup_synapse()
+        fmt = self.mask_format if self.layout == "folder" else "binary"
+        make = lambda pairs, aug: _Normed(FolderSegDataset(pairs, self.num_classes, self.img_size, fmt, self.palette,  # noqa: E731
+                                                           self.layout, aug, self.seed), self.norm)
+        train = layout_pairs(self.root, self.layout, "train")
+        if has_split(self.root, self.layout, "val"):
+            val = layout_pairs(self.root, self.layout, "val")
+        else:  # a deterministic held-out fraction of train
+            rng = np.random.default_rng(self.seed)
+            idx = rng.permutation(len(train))
+            n_val = max(1, int(round(self.val_fraction * len(train))))
+            if len(train) - n_val < 1:
+                raise ValueError(f"{self.root}: {len(train)} training pairs are too few to hold out a validation split")
+            val, train = [train[i] for i in sorted(idx[:n_val])], [train[i] for i in sorted(idx[n_val:])]
+        self.train_set, self.val_set = make(train, self.augment), make(val, False)
+        if has_split(self.root, self.layout, "test"):
+            self.test_set = make(layout_pairs(self.root, self.layout, "test"), False)
+
+    def _setup_synapse(self) -> None:
+        names = read_list(synapse_list(self.root, "train.txt"))
+        by_case: dict[str, list[str]] = {}
+        for n in names:
+            by_case.setdefault(re.sub(r"_slice\d+$", "", n), []).append(n)
+        for case in by_case:
+            by_case[case].sort(key=lambda n: int(re.findall(r"\d+$", n)[0]) if re.findall(r"\d+$", n) else 0)
+        cases = sorted(by_case)
+        if self.val_cases >= len(cases):
+            raise ValueError(f"data.val_cases={self.val_cases} leaves no training case (the list has {len(cases)} cases)")
+        val_cases = cases[len(cases) - self.val_cases:] if self.val_cases > 0 else []
+        train_names = [n for c in cases if c not in val_cases for n in by_case[c]]
+        self.train_set = _Normed(SynapseSlices(self.root, train_names, self.num_classes, self.img_size, self.augment,
+                                               self.seed), self.norm)
+        self.val_set = VolumeSet(self.root, val_cases, self.num_classes, "npz", by_case, self.norm)
+        test_list = synapse_list(self.root, "test_vol.txt")
+        if test_list.is_file():
+            self.test_set = VolumeSet(self.root, read_list(test_list), self.num_classes, "h5", norm=self.norm)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, ds, train: bool) -> DataLoader:
+        if isinstance(ds, VolumeSet):
+            return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=_first)
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          num_workers=self.num_workers, generator=g if train else None, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise ValueError(f"{self.root} has no test split")
+        return self._loader(self.test_set, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, False)
+
+    def split_set(self, split: str):
+        return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]

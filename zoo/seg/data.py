@@ -1,0 +1,320 @@
+"""Segmentation data: 2-D folder layouts, the Synapse (TransUNet / SAMed) layout, joint augmentation,
+mask PNGs, and generated "medical-like" data so everything runs offline.
+
+Layouts (``layout=``):
+
+* ``folder``   ``root/[split/]images/*`` + ``root/[split/]masks/*`` paired by file stem;
+* ``kvasir``   ``root/images/*.jpg`` + ``root/masks/*.jpg`` (Kvasir-SEG; masks are binarised: mean
+  over RGB >= 128, the JPEG masks are near 0/255);
+* ``isic``     ``root/ISIC2018_Task1-2_{Training,Validation,Test}_Input/*.jpg`` +
+  ``root/ISIC2018_Task1_{...}_GroundTruth/*.png`` (sorted pairing; binary);
+* ``drive``    ``root/{training,test}/images/*.tif`` + ``root/{training,test}/1st_manual/*.gif`` (gt > 0);
+* ``synapse``  ``root/train_npz/<slice>.npz`` (``image``, ``label``) listed in
+  ``root/lists/lists_Synapse/train.txt``; ``root/test_vol_h5/<case>.npy.h5`` (``image``, ``label``
+  ``(D, H, W)``) listed in ``test_vol.txt``. Evaluation is per volume (slices stacked).
+
+Masks (``mask_format=``): ``index`` (pixel value = class id, PNG ``L``/``P``), ``binary`` (> 0 -> 1,
+or the layout's rule) or ``color`` (RGB looked up in ``palette``: a list of K+1 ``[r, g, b]``).
+Images are returned as float ``(3, S, S)`` in [0, 1] (grey repeated, as SAMed) and masks as long
+``(S, S)``; normalisation is the model's business.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+LAYOUTS = ("folder", "kvasir", "isic", "drive", "synapse")
+MASK_FORMATS = ("index", "binary", "color")
+ISIC_SPLITS = {"train": "Training", "val": "Validation", "test": "Test"}
+DRIVE_SPLITS = {"train": "training", "val": "training", "test": "test"}
+
+
+# ---------------------------------------------------------------------- pairing files
+def _files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT)
+
+
+def pair_by_stem(images: list[Path], masks: list[Path], where: str) -> list[tuple[Path, Path]]:
+    """Pair images and masks by stem (a mask stem may add ``_mask``/``_segmentation``/``_manual1``)."""
+    def key(p: Path) -> str:
+        s = p.stem
+        for suffix in ("_segmentation", "_manual1", "_mask", "_gt"):
+            if s.endswith(suffix):
+                s = s[: -len(suffix)]
+        return s.replace("_training", "").replace("_test", "")
+
+    im = {key(p): p for p in images}
+    mk = {key(p): p for p in masks}
+    lone_i, lone_m = sorted(set(im) - set(mk)), sorted(set(mk) - set(im))
+    if lone_i or lone_m or not im:
+        raise ValueError(
+            f"{where}: {len(images)} images and {len(masks)} masks do not pair by file name"
+            + (f"; images without a mask: {lone_i[:5]}" if lone_i else "")
+            + (f"; masks without an image: {lone_m[:5]}" if lone_m else "")
+            + ("; no images found" if not im else "")
+        )
+    return [(im[k], mk[k]) for k in sorted(im)]
+
+
+def layout_pairs(root: str | os.PathLike, layout: str, split: str) -> list[tuple[Path, Path]]:
+    """(image, mask) files of ``split`` (train | val | test) in ``layout``."""
+    root = Path(root)
+    if layout not in LAYOUTS or layout == "synapse":
+        raise ValueError(f"unknown 2-D layout {layout!r}; valid: folder, kvasir, isic, drive (synapse has its own reader)")
+    if layout == "folder":
+        base = root / split if (root / split / "images").is_dir() else root
+        return pair_by_stem(_files(base / "images"), _files(base / "masks"), str(base))
+    if layout == "kvasir":
+        return pair_by_stem(_files(root / "images"), _files(root / "masks"), str(root))
+    if layout == "isic":
+        s = ISIC_SPLITS.get(split, split)
+        ims = _files(root / f"ISIC2018_Task1-2_{s}_Input")
+        mks = _files(root / f"ISIC2018_Task1_{s}_GroundTruth")
+        if len(ims) != len(mks):
+            raise ValueError(f"{root}: ISIC {s} has {len(ims)} images but {len(mks)} ground-truth masks")
+        return list(zip(ims, mks))
+    s = DRIVE_SPLITS.get(split, split)
+    return pair_by_stem(_files(root / s / "images"), _files(root / s / "1st_manual"), str(root / s))
+
+
+def has_split(root: str | os.PathLike, layout: str, split: str) -> bool:
+    root = Path(root)
+    if layout == "folder":
+        return (root / split / "images").is_dir()
+    if layout == "isic":
+        return (root / f"ISIC2018_Task1-2_{ISIC_SPLITS.get(split, split)}_Input").is_dir()
+    if layout == "drive":
+        return split != "val" and (root / DRIVE_SPLITS.get(split, split) / "images").is_dir()
+    return False
+
+
+# ---------------------------------------------------------------------- reading masks
+def read_mask(path: Path, mask_format: str, num_classes: int, palette: Sequence[Sequence[int]] | None,
+              layout: str = "folder") -> np.ndarray:
+    """An ``(H, W)`` int64 class map; raises naming the file for bad values."""
+    from PIL import Image
+
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"unknown mask_format {mask_format!r}; valid: {', '.join(MASK_FORMATS)}")
+    img = Image.open(path)
+    if mask_format == "color":
+        if not palette:
+            raise ValueError(f"mask_format=color needs a palette (K+1 [r, g, b] colours, background first) for {path}")
+        rgb = np.asarray(img.convert("RGB")).astype(np.int64)
+        code = rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]
+        lut = {int(r) * 65536 + int(g) * 256 + int(b): i for i, (r, g, b) in enumerate(palette)}
+        out = np.full(code.shape, -1, dtype=np.int64)
+        for c, i in lut.items():
+            out[code == c] = i
+        if (out < 0).any():
+            bad = np.unique(rgb[out < 0].reshape(-1, 3), axis=0)[:3].tolist()
+            raise ValueError(f"{path}: colours {bad} are not in the palette {list(map(list, palette))}")
+        return out
+    if mask_format == "binary":
+        a = np.asarray(img.convert("RGB") if layout == "kvasir" else img)
+        a = a.mean(-1) >= 128 if layout == "kvasir" else (a.max(-1) if a.ndim == 3 else a) > 0
+        return a.astype(np.int64)
+    if img.mode not in ("L", "P", "I", "I;16", "1"):
+        raise ValueError(f"{path}: an index mask must be single-channel (mode L/P), got {img.mode}; "
+                         f"use mask_format=color with a palette for RGB masks")
+    a = np.asarray(img).astype(np.int64)
+    if a.max() > num_classes:
+        raise ValueError(f"{path}: label {int(a.max())} is above num_classes={num_classes} "
+                         f"(labels must be 0..K); set task.num_classes or use mask_format=binary")
+    return a
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0
+
+
+# ---------------------------------------------------------------------- joint augmentation
+@dataclass
+class JointAugment:
+    """SAMed's ``RandomGenerator``, on tensors: with p 0.5 a random 90° rotation (k ∈ 0..3) and a
+    flip along a random axis; otherwise with p 0.5 (so 0.25 overall) a rotation by an integer angle in
+    [-20, 20) with nearest sampling for image and mask (SAMed uses order 0 for both)."""
+
+    enabled: bool = True
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return image, mask
+        if rng.random() > 0.5:
+            k = rng.randint(0, 3)
+            image, mask = torch.rot90(image, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+            axis = rng.randint(0, 1)
+            image, mask = image.flip(-1 - axis), mask.flip(-1 - axis)
+        elif rng.random() > 0.5:
+            from torchvision.transforms.v2.functional import InterpolationMode, rotate
+
+            angle = float(rng.randint(-20, 19))
+            image = rotate(image, angle, interpolation=InterpolationMode.NEAREST)
+            mask = rotate(mask[None], angle, interpolation=InterpolationMode.NEAREST)[0]
+        return image.contiguous(), mask.contiguous()
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image bicubic (SAMed zooms with order 3), mask nearest."""
+    if image.shape[-1] != size or image.shape[-2] != size:
+        image = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    if mask.shape[-1] != size or mask.shape[-2] != size:
+        mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    return image, mask
+
+
+def resize_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W)`` labels to ``size`` with nearest sampling (SAMed's low-res label)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+class FolderSegDataset(Dataset):
+    """2-D image/mask pairs of one layout and split, resized to ``img_size``."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], num_classes: int, img_size: int, mask_format: str = "index",
+                 palette=None, layout: str = "folder", augment: bool = False, seed: int = 0):
+        self.pairs, self.num_classes, self.img_size = pairs, int(num_classes), int(img_size)
+        self.mask_format, self.palette, self.layout = mask_format, palette, layout
+        self.augment, self.seed, self.epoch = JointAugment(augment), seed, 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ip, mp = self.pairs[i]
+        image = read_image(ip)
+        mask = read_mask(mp, self.mask_format, self.num_classes, self.palette, self.layout)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"image {ip.name} is {image.shape[1]}x{image.shape[0]} but its mask {mp.name} is "
+                             f"{mask.shape[1]}x{mask.shape[0]}: image and mask must have the same size")
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask)
+
+    def __getitem__(self, i: int):
+        image, mask = self.load(i)
+        image, mask = resize_pair(image, mask, self.img_size)
+        image, mask = self.augment(image, mask, random.Random(hash((self.seed, self.epoch, i))))
+        return image, mask
+
+
+# ---------------------------------------------------------------------- Synapse
+def read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"list file not found: {path} (the Synapse layout needs lists/lists_Synapse/"
+                                f"train.txt and test_vol.txt, one slice / case name per line)")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def synapse_list(root: Path, name: str) -> Path:
+    for cand in (root / "lists" / "lists_Synapse" / name, root / "lists" / name, root / name):
+        if cand.is_file():
+            return cand
+    return root / "lists" / "lists_Synapse" / name
+
+
+class SynapseSlices(Dataset):
+    """``train_npz/<name>.npz`` slices (grey ``image`` in [0, 1], ``label``) listed in ``list_file``."""
+
+    def __init__(self, root: str | os.PathLike, names: list[str], num_classes: int, img_size: int,
+                 augment: bool = False, seed: int = 0):
+        self.root, self.names = Path(root), names
+        self.num_classes, self.img_size = int(num_classes), int(img_size)
+        self.augment, self.seed, self.epoch = JointAugment(augment), seed, 0
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        path = self.root / "train_npz" / f"{self.names[i]}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed but missing")
+        with np.load(path) as z:
+            image, label = z["image"].astype(np.float32), z["label"].astype(np.int64)
+        check_labels(label, self.num_classes, path)
+        img = torch.from_numpy(image)[None].repeat(3, 1, 1)
+        img, mask = resize_pair(img, torch.from_numpy(label), self.img_size)
+        return self.augment(img, mask, random.Random(hash((self.seed, self.epoch, i))))
+
+
+def check_labels(label: np.ndarray, num_classes: int, where) -> None:
+    if label.size and (label.max() > num_classes or label.min() < 0):
+        raise ValueError(f"{where}: labels {int(label.min())}..{int(label.max())} are outside 0..{num_classes} "
+                         f"(num_classes={num_classes} foreground classes)")
+
+
+def read_volume(root: str | os.PathLike, case: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``test_vol_h5/<case>.npy.h5`` -> (image, label) ``(D, H, W)``."""
+    import h5py
+
+    path = Path(root) / "test_vol_h5" / f"{case}.npy.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed but missing")
+    with h5py.File(path, "r") as f:
+        image, label = f["image"][:].astype(np.float32), f["label"][:].astype(np.int64)
+    if image.shape != label.shape or image.ndim != 3:
+        raise ValueError(f"{path}: image {image.shape} and label {label.shape} must both be (D, H, W)")
+    check_labels(label, num_classes, path)
+    return image, label
+
+
+@torch.no_grad()
+def predict_volume(predict_slices, image: np.ndarray, img_size: int, batch: int = 8) -> np.ndarray:
+    """SAMed ``test_single_volume``: each slice resized to ``img_size`` (bicubic), repeated to 3
+    channels, ``predict_slices(x) -> (b, h, w)`` labels, resized back (nearest) and stacked ``(D, H, W)``."""
+    D, H, W = image.shape
+    out = np.zeros((D, H, W), dtype=np.int64)
+    for s in range(0, D, batch):
+        x = torch.from_numpy(image[s:s + batch])[:, None].repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False) if H != img_size or W != img_size else x
+        lab = predict_slices(x)
+        lab = resize_labels(lab.cpu(), (H, W))
+        out[s:s + batch] = lab.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------- writing masks
+DEFAULT_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                   (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+
+
+def save_mask_png(path: str | os.PathLike, labels: np.ndarray, palette=None) -> None:
+    """An index PNG (mode P with a palette, so it reads back as class ids and views in colour)."""
+    from PIL import Image
+
+    pal = [c for rgb in (palette or DEFAULT_PALETTE) for c in rgb]
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(pal + [0] * (768 - len(pal)))
+    _save_atomic(img, Path(path))
+
+
+def save_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
+                     palette=None) -> None:
+    """Image ``(H, W, 3)`` in [0, 1] with the classes blended in colour."""
+    from PIL import Image
+
+    pal = np.array(palette or DEFAULT_PALETTE, dtype=np.float32) / 255.0
+    col = pal[labels % len(pal)]
+    a = np.where(labels[..., None] > 0, alpha, 0.0)
+    out = (image * (1 - a) + col * a).clip(0, 1)
+    _save_atomic(Image.fromarray((out * 255).astype(np.uint8)), Path(path))
+
+
+def _save_atomic(img, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
