@@ -1,0 +1,272 @@
+"""PDE forecasting (``task=pde``): teacher-forced one-step training, autoregressive rollout evaluation.
+
+Training (MORPH, arXiv 2509.21670): MSE between the model's next-frame prediction and the true next frame,
+both RevIN-normalised, over windows of ``context`` frames sliding along every training trajectory.
+Evaluation: from the first ``context`` frames of each validation / test trajectory the model rolls out
+``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.pde_metrics.rollout`); predictions and
+targets are de-normalised, cropped to the original spatial region and scored per field and per step
+(MSE, RMSE, nRMSE, VRMSE; :mod:`tasks.pde_metrics`). ``val/nrmse`` (mean over steps and fields) is the
+monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
+``rollout_error.png`` (error vs rollout step) to the run directory.
+
+The model is the backbone itself (MORPH's decoder is its prediction head); the task never knows which
+adapter is attached and calls the adapter hooks like every task.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader
+
+import zoo
+from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
+from tasks.pde_metrics import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
+
+
+def build_pde_model(backbone: dict, adapter: dict) -> torch.nn.Module:
+    backbone = dict(backbone)
+    family = backbone.pop("name")
+    kwargs = dict(backbone.pop("kwargs", None) or {})
+    model = zoo.create_backbone(family, **backbone, **kwargs)
+    if not hasattr(model, "forward_all"):
+        raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), not {family!r}")
+    adapter = dict(adapter)
+    name = adapter.pop("name")
+    init_from = adapter.pop("init_from", None)
+    if init_from:
+        from tasks.classification import resolve_artifact
+        from zoo.checkpoint import load_adapter
+
+        load_adapter(model, resolve_artifact(init_from))
+    else:
+        zoo.apply_adapter(model, name, **adapter)
+    return model
+
+
+class PDEForecastTask(L.LightningModule):
+    def __init__(self, backbone: dict, adapter: dict, context: int = 1, rollout_horizon: int = 10,
+                 optimizer: dict | None = None, scheduler: dict | None = None, output_dir: str | None = None,
+                 **meta: Any):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_pde_model(backbone, adapter)
+        self.context, self.horizon = int(context), int(rollout_horizon)
+        max_ar = getattr(self.model, "cfg", None) and self.model.cfg.max_ar
+        if max_ar and self.context > max_ar:
+            raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={max_ar}")
+        self.optim_cfg = {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), **(optimizer or {})}
+        self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, **(scheduler or {})}
+        self.output_dir = output_dir
+        self.meta = meta
+        self.strict_loading = False  # checkpoints hold the adapter's tensors only
+        self._metrics: dict[str, RolloutMetrics] = {}
+        self.last_tables: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(pred, target)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        ctx, tgt = batch[0], batch[1][:, 0]
+        pred = self.model(ctx)
+        loss = self.loss_fn(pred, tgt)
+        sctx = zoo.StepContext(model=self.model, inputs=ctx, targets=tgt, outputs=pred, loss=loss,
+                               loss_fn=self.loss_fn, forward=self.model, batch=batch)
+        extra = zoo.extra_loss(self.model, sctx)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=ctx.shape[0])
+        if extra is not None:
+            self.log("train/extra_loss", extra, on_step=False, on_epoch=True, batch_size=ctx.shape[0])
+        return loss if extra is None else loss + extra
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        zoo.before_optimizer_step(self.model)
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spatial = getattr(dm, "spatial", None)
+        if spatial is None:
+            return x
+        d, h, w = spatial
+        return x[..., :d, :h, :w]
+
+    def _eval_step(self, stage: str, batch) -> None:
+        ctx, tgt, mu, sigma = batch[0], batch[1], batch[2], batch[3]
+        pred = rollout(self.model, ctx, tgt.shape[1])
+        pred, tgt = revin_denorm(pred, mu, sigma), revin_denorm(tgt, mu, sigma)
+        self._metrics.setdefault(stage, RolloutMetrics()).update(self._crop(pred), self._crop(tgt))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _epoch_end(self, stage: str) -> dict:
+        m = self._metrics.pop(stage, None)
+        if m is None or not m.count:
+            return {}
+        sums = {k: v.to(self.device) for k, v in m.sums.items()}
+        count = torch.tensor(float(m.count), device=self.device)
+        if self.trainer.world_size > 1:  # sum per-sample errors and counts over ranks
+            for k in sums:
+                sums[k] = self.trainer.strategy.reduce(sums[k], reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        total = RolloutMetrics()
+        total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()))
+        tables = total.tables()
+        for k, v in total.summary().items():
+            self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=False)
+        self.log(f"{stage}/nrmse_last_step", float(tables["nrmse"][-1].mean()))
+        self.last_tables[stage] = {k: v.tolist() for k, v in tables.items()}
+        return tables
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        tables = self._epoch_end("test")
+        if tables and self.output_dir and self.trainer.is_global_zero:
+            write_rollout_report(Path(self.output_dir), tables, getattr(self.trainer.datamodule, "field_names", None))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        name = self.sched_cfg["name"]
+        if name in (None, "none"):
+            return opt
+        if name != "plateau":
+            raise ValueError(f"task.scheduler.name={name!r}; valid: plateau (MORPH's ReduceLROnPlateau), none")
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.sched_cfg["factor"],
+                                                           patience=self.sched_cfg["patience"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/nrmse", "interval": "epoch",
+                                                   "strict": False}}
+
+    # ------------------------------------------------------------------ adapter-only checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"model.{k}" for k in zoo.adapter_state_dict(self.model, export=False)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: list[str] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {k: v.tolist() for k, v in tables.items()}
+    tmp = out / "rollout_metrics.json.tmp"
+    tmp.write_text(json.dumps({"fields": fields, "metrics": data, "layout": "metric[step][field]"}, indent=1))
+    os.replace(tmp, out / "rollout_metrics.json")
+    md = "\n\n".join(f"### {m} per rollout step\n\n{format_table(tables, m, fields)}" for m in METRICS)
+    tmp = out / "rollout_metrics.md.tmp"
+    tmp.write_text(md + "\n")
+    os.replace(tmp, out / "rollout_metrics.md")
+    plot_error_vs_step(tables, out / "rollout_error.png")
+
+
+# ---------------------------------------------------------------------------------- data
+class PDEDataModule(L.LightningDataModule):
+    """A PDEBench file (``path``), a The Well dataset folder (``path`` with ``data/{train,valid,test}``), or an
+    embedded equation written on first use (``generate=<equation>`` under ``root``)."""
+
+    def __init__(self, path: str | None = None, root: str = "data/pde", generate: str | None = None,
+                 generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
+                 rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
+                 stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0, **unused: Any):
+        super().__init__()
+        if path is None and generate is None:
+            raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
+        self.path, self.root, self.generate = path, root, generate
+        self.generate_options = dict(generate_options or {})
+        self.fields = list(fields) if fields else None
+        self.context, self.horizon = int(context), int(rollout_horizon)
+        self.revin, self.on_nan, self.fit, self.stride = revin, on_nan, fit, int(stride)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
+        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.spatial = None
+        self.field_names: list[str] | None = None
+        self._sets: dict[str, Any] = {}
+
+    def resolve_path(self) -> Path:
+        if self.path is not None:
+            return Path(self.path)
+        from tasks.data.pde_solvers import generate
+
+        opts = dict(self.generate_options)
+        tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+        folder = Path(self.root) / f"{self.generate}-{tag}"  # one folder per equation + options
+        existing = sorted(folder.glob("*.h*5"))
+        return existing[0] if existing else generate(self.generate, folder, **opts)
+
+    def prepare_data(self) -> None:
+        self.resolve_path()
+
+    def _well_files(self, base: Path, split: str) -> list[Path]:
+        folder = base / "data" / {"train": "train", "val": "valid", "test": "test"}[split]
+        files = sorted(list(folder.glob("*.hdf5")) + list(folder.glob("*.h5")))
+        if not files:
+            raise FileNotFoundError(f"The Well dataset {base}: no .hdf5 files in {folder}")
+        return files
+
+    def _datasets(self, split: str, horizon: int, starts) -> WindowDataset | ConcatDataset:
+        path = self.resolve_path()
+        if path.is_dir():
+            parts = []
+            for f in self._well_files(path, split):
+                tr = Trajectories(f, self.fields, self.fit)
+                parts.append(WindowDataset(tr, list(range(len(tr))), self.context, horizon, self.revin,
+                                           self.on_nan, starts, stride=self.stride))
+            self._note(parts[0].traj)
+            return ConcatDataset(parts) if len(parts) > 1 else parts[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"PDE data file not found: {path}")
+        key = str(path)
+        if key not in self._sets:
+            tr = Trajectories(path, self.fields, self.fit)
+            self._sets[key] = (tr, tr.scan())
+        tr, stats = self._sets[key]
+        self._note(tr)
+        return WindowDataset(tr, split_indices(tr, split), self.context, horizon, self.revin, self.on_nan,
+                             starts, stats=stats, stride=self.stride)
+
+    def _note(self, tr: Trajectories) -> None:
+        self.spatial = tr.spatial
+        lay = tr.layout
+        if lay.kind == "fields":
+            self.field_names = ["V" if c else g[0] for g, c in zip(lay.keys, lay.components)]
+        elif lay.kind == "well":
+            self.field_names = [name for _, name in lay.keys]
+        else:
+            self.field_names = [f"u{j}" for j in range(len(lay.components))] if lay.kind == "seeds" else ["u"]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._sets["train"] = self._datasets("train", 1, None)
+            self._sets["val"] = self._datasets("val", self.horizon, [0])
+        if stage in (None, "test"):
+            self._sets["test"] = self._datasets("test", self.horizon, [0])
+        if stage == "validate":
+            self._sets["val"] = self._datasets("val", self.horizon, [0])
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self._sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=g if shuffle else None, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
