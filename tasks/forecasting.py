@@ -77,7 +77,9 @@ class PDEForecastTask(L.LightningModule):
         return F.mse_loss(pred, target)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ctx, tgt = batch[0], batch[1][:, 0]
+        ctx, tgt = batch[0], batch[1]
+        if tgt.ndim == ctx.ndim:  # a (B, k, ...) window: the first frame is the one-step target
+            tgt = tgt[:, 0]
         pred = self.model(ctx)
         loss = self.loss_fn(pred, tgt)
         sctx = zoo.StepContext(model=self.model, inputs=ctx, targets=tgt, outputs=pred, loss=loss,
@@ -101,6 +103,8 @@ class PDEForecastTask(L.LightningModule):
 
     def _eval_step(self, stage: str, batch) -> None:
         ctx, tgt, mu, sigma = batch[0], batch[1], batch[2], batch[3]
+        if tgt.ndim < ctx.ndim:  # horizon 1: a single next frame
+            tgt = tgt[:, None]
         pred = rollout(self.model, ctx, tgt.shape[1])
         pred, tgt = revin_denorm(pred, mu, sigma), revin_denorm(tgt, mu, sigma)
         self._metrics.setdefault(stage, RolloutMetrics()).update(self._crop(pred), self._crop(tgt))
@@ -142,6 +146,11 @@ class PDEForecastTask(L.LightningModule):
     def configure_optimizers(self):
         c = self.optim_cfg
         groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        if not groups:
+            names = [a.name for a in zoo.adapters_of(self.model)]
+            raise ValueError(f"adapter {names} leaves nothing to train on this backbone (MORPH's prediction head is its "
+                             "decoder, part of the backbone): use e.g. adapter=morph_level3, or adapter=lora "
+                             "'adapter.targets=[q,v,decoder]'")
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
         name = self.sched_cfg["name"]
         if name in (None, "none"):
@@ -173,11 +182,20 @@ def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: lis
 
 
 # ---------------------------------------------------------------------------------- data
+def _leaves(parts):
+    for p in parts:
+        if isinstance(p, ConcatDataset):
+            yield from _leaves(p.datasets)
+        else:
+            yield p
+
+
 class PDEDataModule(L.LightningDataModule):
     """A PDEBench file (``path``), a The Well dataset folder (``path`` with ``data/{train,valid,test}``), or an
     embedded equation written on first use (``generate=<equation>`` under ``root``)."""
 
-    def __init__(self, path: str | None = None, root: str = "data/pde", generate: str | None = None,
+    def __init__(self, path: str | Sequence[str] | None = None, root: str = "data/pde",
+                 generate: str | Sequence[str] | None = None,
                  generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
                  rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
@@ -196,19 +214,23 @@ class PDEDataModule(L.LightningDataModule):
         self.field_names: list[str] | None = None
         self._sets: dict[str, Any] = {}
 
-    def resolve_path(self) -> Path:
+    def resolve_paths(self) -> list[Path]:
+        """The data file(s) or The Well folder; several files (or equations) must share one sample shape."""
         if self.path is not None:
-            return Path(self.path)
+            return [Path(p) for p in ([self.path] if isinstance(self.path, (str, os.PathLike)) else self.path)]
         from tasks.data.pde_solvers import generate
 
-        opts = dict(self.generate_options)
-        tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
-        folder = Path(self.root) / f"{self.generate}-{tag}"  # one folder per equation + options
-        existing = sorted(folder.glob("*.h*5"))
-        return existing[0] if existing else generate(self.generate, folder, **opts)
+        out = []
+        for eq in [self.generate] if isinstance(self.generate, str) else list(self.generate):
+            opts = dict(self.generate_options)
+            tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+            folder = Path(self.root) / f"{eq}-{tag}"  # one folder per equation + options
+            existing = sorted(folder.glob("*.h*5"))
+            out.append(existing[0] if existing else generate(eq, folder, **opts))
+        return out
 
     def prepare_data(self) -> None:
-        self.resolve_path()
+        self.resolve_paths()
 
     def _well_files(self, base: Path, split: str) -> list[Path]:
         folder = base / "data" / {"train": "train", "val": "valid", "test": "test"}[split]
@@ -217,8 +239,14 @@ class PDEDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"The Well dataset {base}: no .hdf5 files in {folder}")
         return files
 
-    def _datasets(self, split: str, horizon: int, starts) -> WindowDataset | ConcatDataset:
-        path = self.resolve_path()
+    def _datasets(self, split: str, horizon: int, starts):
+        parts = [self._dataset(p, split, horizon, starts) for p in self.resolve_paths()]
+        shapes = {tuple(p.traj.read(0, 0, 1).shape[1:]) for p in _leaves(parts)}
+        if len(shapes) > 1:
+            raise ValueError(f"data files with different sample shapes (F, C, D, H, W) cannot share batches: {sorted(shapes)}")
+        return ConcatDataset(parts) if len(parts) > 1 else parts[0]
+
+    def _dataset(self, path: Path, split: str, horizon: int, starts):
         if path.is_dir():
             parts = []
             for f in self._well_files(path, split):

@@ -322,7 +322,8 @@ def split_indices(traj: Trajectories, split: str, test_ratio: float = 0.1, val_r
 
 
 class WindowDataset(Dataset):
-    """``(context (t, F, C, D, H, W), target (k, F, C, D, H, W), mu (F,), sigma (F,), traj_index)``.
+    """``(context (t, F, C, D, H, W), target (k, F, C, D, H, W), mu (F,), sigma (F,), traj_index)``; with
+    ``horizon = 1`` the target is the single next frame ``(F, C, D, H, W)``, shaped like the model's output.
 
     Windows slide over every start of the chosen trajectories (``k = 1`` for teacher-forced training,
     ``k = horizon`` for rollout evaluation, where ``starts`` may restrict them, e.g. ``[0]``). Values are
@@ -369,4 +370,7 @@ class WindowDataset(Dataset):
             mu, sigma = m[0].float(), sd[0].float()
         else:
             mu, sigma = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
-        return revin_norm(ctx[None], mu[None], sigma[None])[0], revin_norm(tgt[None], mu[None], sigma[None])[0], mu, sigma, i
+        tgt = revin_norm(tgt[None], mu[None], sigma[None])[0]
+        if self.horizon == 1:  # (inputs, targets shaped like the model's output): what data-driven adapter stages expect
+            tgt = tgt[0]
+        return revin_norm(ctx[None], mu[None], sigma[None])[0], tgt, mu, sigma, i

@@ -1,0 +1,97 @@
+"""task=pde: every registered adapter trains a few steps on a tiny MORPH; rollout evaluation and its report."""
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+import zoo
+from tasks.forecasting import PDEDataModule, PDEForecastTask
+
+BACKBONE = dict(name="morph", model="Ti", pretrained=False,
+                kwargs=dict(dim=32, depth=2, heads=4, heads_xa=4, mlp_dim=64, max_patches=64))
+OPTS = {"mhr": {"n_splits": 4}, "colora": {"faig_steps": 2, "faig_batches": 1, "finetune_steps": 0}}
+REFUSED = ("vpt", "q_adapter")  # token adapters: MORPH's tokens live on a grid (tests/test_morph.py checks the message)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("pde")
+
+
+def _dm(root, **kw):
+    opts = dict(root=str(root), generate="burgers", generate_options=dict(n=20, res=64, frames=9),
+                context=1, rollout_horizon=4, batch_size=8, eval_batch_size=8)
+    opts.update(kw)
+    return PDEDataModule(**opts)
+
+
+def _trainer(**kw):
+    return L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, **kw)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.list_adapters() if n not in REFUSED])
+def test_every_adapter_trains_a_few_steps(name, data_root):
+    torch.manual_seed(0)
+    task = PDEForecastTask(BACKBONE, {"name": name, **OPTS.get(name, {})}, rollout_horizon=4,
+                           optimizer={"lr": 1e-2}, scheduler={"name": "none"})
+    dm = _dm(data_root)
+    dm.prepare_data()
+    dm.setup("fit")
+    zoo.prepare_adapters(task.model, dm.train_dataloader())  # CoLoRA's data-driven stage (as the runner)
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters() if p.requires_grad}
+    trainer = _trainer()
+    if name == "linear":  # head-only; MORPH's head (its decoder) is part of the frozen backbone: refused clearly
+        assert not before
+        with pytest.raises(ValueError, match="leaves nothing to train"):
+            trainer.fit(task, datamodule=dm)
+        return
+    trainer.fit(task, datamodule=dm)
+    m = trainer.callback_metrics
+    assert math.isfinite(float(m["val/nrmse"])) and math.isfinite(float(m["train/loss"]))
+    changed = [n for n, p in task.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed, f"{name}: no trainable parameter changed in 3 steps"
+
+
+def test_rollout_eval_report_and_horizon_errors(data_root, tmp_path):
+    torch.manual_seed(0)
+    task = PDEForecastTask(BACKBONE, {"name": "morph_ft", "level": 2, "rank_attn": 2, "rank_mlp": 2},
+                           rollout_horizon=4, output_dir=str(tmp_path), scheduler={"name": "plateau"})
+    dm = _dm(data_root)
+    trainer = _trainer()
+    trainer.fit(task, datamodule=dm)
+    res = trainer.test(task, datamodule=dm, verbose=False)[0]
+    report = json.loads((tmp_path / "rollout_metrics.json").read_text())
+    nrmse = torch.tensor(report["metrics"]["nrmse"])
+    assert nrmse.shape == (4, 1)  # steps x fields
+    assert res["test/nrmse"] == pytest.approx(float(nrmse.mean()), rel=1e-5)
+    assert res["test/nrmse_last_step"] == pytest.approx(float(nrmse[-1].mean()), rel=1e-5)
+    assert (tmp_path / "rollout_error.png").stat().st_size > 0
+    assert "| step | u | mean |" in (tmp_path / "rollout_metrics.md").read_text()
+    # the test rollout equals a hand rollout of the model on the test trajectories (first 10%, from frame 0)
+    from tasks.data.pde import revin_denorm
+    from tasks.pde_metrics import RolloutMetrics, rollout
+
+    task.model.eval()
+    hand = RolloutMetrics()
+    for ctx, tgt, mu, sigma, _ in dm.test_dataloader():
+        hand.update(revin_denorm(rollout(task.model, ctx, 4), mu, sigma), revin_denorm(tgt, mu, sigma))
+    assert dm._sets["test"].indices == [0, 1]
+    assert hand.summary()["nrmse"] == pytest.approx(res["test/nrmse"], rel=1e-5)
+    with pytest.raises(ValueError, match="exceed the trajectories' 9 frames"):
+        _dm(data_root, rollout_horizon=9).setup("fit")
+    with pytest.raises(ValueError, match="max_ar"):
+        PDEForecastTask(BACKBONE, {"name": "linear"}, context=2)
+
+
+def test_several_equations_share_batches_when_shapes_match(data_root):
+    dm = _dm(data_root, generate=["burgers", "advection"])
+    dm.setup("fit")
+    assert len(dm._sets["train"].datasets) == 2
+    with pytest.raises(ValueError, match="different sample shapes"):
+        _dm(data_root, generate=["burgers", "fitzhugh_nagumo_1d"]).setup("fit")
