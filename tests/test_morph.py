@@ -224,8 +224,8 @@ def test_every_adapter_attaches_trains_or_refuses(name):
 def test_morph_levels_trainable_counts_and_groups():
     # the reference doc's counts for Ti with ranks 16 / 12 (LoRA 647,168 + LN 4,608 + PE 1,048,576 at level 1)
     expected = {1: 1_700_352, 2: 3_014_360, 3: 4_198_616, 4: 9_864_408}
-    for level, n in expected.items():
-        bb = zoo.create_backbone("morph", model="Ti", pretrained=False)
+    for level, n in expected.items():  # the reference also wraps the (never-run at max_ar 1) time attention
+        bb = zoo.create_backbone("morph", model="Ti", pretrained=False, axes=["t", "d", "h", "w"])
         zoo.apply_adapter(bb, "morph_ft", level=level)
         assert zoo.count_parameters(bb)[0] == n, level
         groups = {g.get("name", "default"): g for g in zoo.param_groups(bb, lr=0.5, weight_decay=0.5)}
@@ -243,6 +243,11 @@ def test_morph_levels_trainable_counts_and_groups():
         lora = [m for m in zoo.adapters_of(bb)[0].modules]
         if level < 4:
             assert {m.rank for m in lora} == {16, 12} and {m.scaling for m in lora} == {2.0}
+    # default axes at max_ar 1 leave the time attention out: 4 blocks x 4 projections x 2·16·256 fewer
+    bb = zoo.create_backbone("morph", model="Ti", pretrained=False)
+    assert bb.axes == ["d", "h", "w"]
+    zoo.apply_adapter(bb, "morph_ft", level=1)
+    assert zoo.count_parameters(bb)[0] == expected[1] - 4 * 4 * 2 * 16 * 256
     with pytest.raises(SiteError, match="backbone=morph"):
         zoo.apply_adapter(tiny_vit(), "morph_ft")
 

@@ -95,3 +95,21 @@ def test_several_equations_share_batches_when_shapes_match(data_root):
     assert len(dm._sets["train"].datasets) == 2
     with pytest.raises(ValueError, match="different sample shapes"):
         _dm(data_root, generate=["burgers", "fitzhugh_nagumo_1d"]).setup("fit")
+
+
+def test_configs_compose_and_fsdp_wraps_morph_blocks():
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose_config
+    from zoo.backbones.morph_model import EncoderBlock
+
+    for level in (1, 2, 3, 4):
+        cfg = compose_config(["experiment=tiny_pde", f"adapter=morph_level{level}"])
+        assert cfg.adapter.name == "morph_ft" and cfg.adapter.level == level and cfg.backbone.name == "morph"
+    cfg = compose_config(["experiment=tiny_pde", "trainer=fsdp", "trainer.strategy.activation_checkpointing=true"])
+    strategy = instantiate(OmegaConf.to_container(cfg.trainer.strategy, resolve=True))
+    assert isinstance(strategy, FSDPStrategy)
+    assert EncoderBlock in strategy.kwargs["auto_wrap_policy"] and strategy.kwargs["use_orig_params"]
+    assert "EncoderBlock" in repr(strategy._activation_checkpointing_kwargs["auto_wrap_policy"])

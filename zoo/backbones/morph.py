@@ -7,8 +7,11 @@ lanl/MORPH's model, parity-tested against a golden fixture). This module adds th
   ``(B, t, F, C, D, H, W)`` (MORPH's decoder is part of the pretrained model, so it is the "head");
   ``forward_features(vol)`` -> the transformer tokens ``z (B, t, n, dim)``; ``forward_all`` -> ``(enc, z, y)``.
 * Sites, per block: ``q k v`` (row slices of each axial attention's fused ``qkv``), ``qkv``, ``o`` on
-  each of the four axial attentions selected by ``axes`` (default all of ``t d h w``, as MORPH's own
-  LoRA; the time attention only runs with more than one context frame), ``fc1 fc2``, ``attn`` (the
+  each of the four axial attentions selected by ``axes``. ``auto`` (default) is ``t d h w`` when the
+  model takes more than one context frame (``max_ar > 1``) and ``d h w`` otherwise: the time attention
+  never runs with one frame, so adapters there would never train (and DDP would reject their unused
+  parameters). MORPH's own LoRA also wraps ``attn_t`` at max_ar 1; ``axes=[t,d,h,w]`` reproduces that
+  (and its trainable-parameter counts). Further: ``fc1 fc2``, ``attn`` (the
   whole axial attention), ``mlp``, ``norm1 norm2``. No ``tokens`` site: tokens live on a
   (t, D', H', W') grid that prompt tokens would break, so token adapters refuse.
   Model-level MORPH sites (``extra_site_kinds``): ``patch_proj`` (the shared patch Linear),
@@ -120,12 +123,14 @@ class MORPHBackbone(Backbone):
     extra_site_kinds = tuple(MORPH_EXTRA_SITES)
 
     def __init__(self, model: str = "Ti", pretrained: bool = True, weights: str | None = None,
-                 axes: Sequence[str] = AXES, **overrides: Any):
+                 axes: Sequence[str] | str = "auto", **overrides: Any):
+        cfg = config_for(model, **overrides)
+        if axes in (None, "auto"):  # the time attention can only run when the model takes > 1 frame
+            axes = list(AXES) if cfg.max_ar > 1 else ["d", "h", "w"]
         axes = [str(a).lower() for a in ([axes] if isinstance(axes, str) else axes)]
         bad = [a for a in axes if a not in AXES]
         if bad or not axes:
-            raise ValueError(f"axes={axes}: choose a non-empty subset of {list(AXES)}")
-        cfg = config_for(model, **overrides)
+            raise ValueError(f"axes={axes}: choose a non-empty subset of {list(AXES)} (or auto)")
         path = resolve_weights(model, pretrained, weights)  # before building: fail fast, without allocating XL
         net = ViT3DRegression(cfg)
         if path is not None:
