@@ -111,5 +111,20 @@ def test_configs_compose_and_fsdp_wraps_morph_blocks():
     cfg = compose_config(["experiment=tiny_pde", "trainer=fsdp", "trainer.strategy.activation_checkpointing=true"])
     strategy = instantiate(OmegaConf.to_container(cfg.trainer.strategy, resolve=True))
     assert isinstance(strategy, FSDPStrategy)
-    assert EncoderBlock in strategy.kwargs["auto_wrap_policy"] and strategy.kwargs["use_orig_params"]
+    assert EncoderBlock.__name__ in repr(strategy.kwargs["auto_wrap_policy"]) and strategy.kwargs["use_orig_params"]
     assert "EncoderBlock" in repr(strategy._activation_checkpointing_kwargs["auto_wrap_policy"])
+
+
+def test_bench_morph_rows(tmp_path):
+    from bench import morph as bench_morph
+
+    kw = '{"dim": 32, "depth": 1, "heads": 4, "heads_xa": 4, "mlp_dim": 64, "max_patches": 64}'
+    res = bench_morph.main(["--kwargs", kw, "--w1d", "64", "--hw2d", "16", "--batch-size", "2", "--steps", "1",
+                            "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {(r["sample"], r["row"]): r for r in res}
+    assert len(rows) == 2 * len(bench_morph.ROWS)
+    assert rows[("1-D", "lora")]["tokens"] == 8 and rows[("2-D", "lora")]["tokens"] == 4
+    assert rows[("1-D", "morph_level4")]["trainable_pct"] == pytest.approx(100.0)
+    lv = [rows[("2-D", f"morph_level{i}")]["trainable"] for i in (1, 2, 3, 4)]
+    assert lv == sorted(lv) and len(set(lv)) == 4  # cumulative levels
+    assert "| 2-D 1x2x1x1x16x16 | morph_level1 |" in (tmp_path / "results.md").read_text()
