@@ -9,8 +9,9 @@ targets are de-normalised, cropped to the original spatial region and scored per
 monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
 ``rollout_error.png`` (error vs rollout step) to the run directory.
 
-The model is the backbone itself (MORPH's decoder is its prediction head); the task never knows which
-adapter is attached and calls the adapter hooks like every task.
+The model is the backbone in a layer-less ``backbone_output`` head (MORPH's decoder is its prediction head);
+the task is a :class:`tasks.base.ZooTask` (kind ``pde``, monitor ``val/nrmse``, mode ``min``): the shared
+training step calls the adapter hooks; validation and test are overridden with the rollout.
 """
 from __future__ import annotations
 
@@ -26,72 +27,59 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
 import zoo
+from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
 from tasks.pde_metrics import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
+from zoo.heads import BackboneOutput
 
 
-def build_pde_model(backbone: dict, adapter: dict) -> torch.nn.Module:
-    backbone = dict(backbone)
-    family = backbone.pop("name")
-    kwargs = dict(backbone.pop("kwargs", None) or {})
-    model = zoo.create_backbone(family, **backbone, **kwargs)
-    if not hasattr(model, "forward_all"):
-        raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), not {family!r}")
-    adapter = dict(adapter)
-    name = adapter.pop("name")
-    init_from = adapter.pop("init_from", None)
-    if init_from:
-        from tasks.classification import resolve_artifact
-        from zoo.checkpoint import load_adapter
+@register_task("pde")
+class PDEForecastTask(ZooTask):
+    """Task kind ``pde``: next-frame forecasting with rollout evaluation (see the module docstring)."""
 
-        load_adapter(model, resolve_artifact(init_from))
-    else:
-        zoo.apply_adapter(model, name, **adapter)
-    return model
+    monitor_default = "val/nrmse"
+    mode_default = "min"
+    columns = (Column("val/nrmse", "val nRMSE"), Column("val/vrmse", "val VRMSE"),
+               Column("test/nrmse", "test nRMSE"), Column("test/vrmse", "test VRMSE"),
+               Column("test/nrmse_last_step", "test nRMSE (last step)"))
+    predict_output = "fields"
+    tiny_overrides = ("experiment=tiny_pde",)
 
-
-class PDEForecastTask(L.LightningModule):
     def __init__(self, backbone: dict, adapter: dict, context: int = 1, rollout_horizon: int = 10,
-                 optimizer: dict | None = None, scheduler: dict | None = None, output_dir: str | None = None,
-                 **meta: Any):
-        super().__init__()
+                 optimizer: dict | None = None, scheduler: dict | None = None, monitor: str | None = None,
+                 monitor_mode: str | None = None, output_dir: str | None = None, **meta: Any):
+        super().__init__(backbone, adapter, {"weight_decay": 0.0, **(optimizer or {})}, None, monitor, monitor_mode, **meta)
         self.save_hyperparameters()
-        self.model = build_pde_model(backbone, adapter)
+        bb = create_backbone(backbone)
+        if not hasattr(bb, "forward_all"):
+            raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), "
+                             f"not {backbone.get('name')!r}")
+        self.model = attach_adapter(BackboneOutput(bb), adapter)
         self.context, self.horizon = int(context), int(rollout_horizon)
-        max_ar = getattr(self.model, "cfg", None) and self.model.cfg.max_ar
-        if max_ar and self.context > max_ar:
-            raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={max_ar}")
-        self.optim_cfg = {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), **(optimizer or {})}
-        self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, **(scheduler or {})}
+        if self.context > bb.cfg.max_ar:
+            raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={bb.cfg.max_ar}")
+        self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0,
+                          **(scheduler or {})}
         self.output_dir = output_dir
-        self.meta = meta
-        self.strict_loading = False  # checkpoints hold the adapter's tensors only
         self._metrics: dict[str, RolloutMetrics] = {}
         self.last_tables: dict[str, dict] = {}
 
-    # ------------------------------------------------------------------ steps
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def preprocessing(self) -> dict[str, Any]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        rec = {"layout": "UPTF-7 (B, t, F, C, D, H, W)", "context": self.context}
+        if dm is not None:
+            rec.update({"revin": dm.revin, "fit": dm.fit, "spatial": list(dm.spatial or []), "fields": dm.field_names})
+        return rec
 
+    # ------------------------------------------------------------------ steps
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced one-step MSE on RevIN-normalised frames (MORPH)."""
+        if target.ndim == pred.ndim + 1:  # a (B, k, ...) window: its first frame is the one-step target
+            target = target[:, 0]
         return F.mse_loss(pred, target)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ctx, tgt = batch[0], batch[1]
-        if tgt.ndim == ctx.ndim:  # a (B, k, ...) window: the first frame is the one-step target
-            tgt = tgt[:, 0]
-        pred = self.model(ctx)
-        loss = self.loss_fn(pred, tgt)
-        sctx = zoo.StepContext(model=self.model, inputs=ctx, targets=tgt, outputs=pred, loss=loss,
-                               loss_fn=self.loss_fn, forward=self.model, batch=batch)
-        extra = zoo.extra_loss(self.model, sctx)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=ctx.shape[0])
-        if extra is not None:
-            self.log("train/extra_loss", extra, on_step=False, on_epoch=True, batch_size=ctx.shape[0])
-        return loss if extra is None else loss + extra
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        zoo.before_optimizer_step(self.model)
+    def update_metrics(self, stage: str, outputs, targets) -> None:
+        """Training logs only the loss; validation and test are rollouts (:meth:`_eval_step`)."""
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -153,19 +141,16 @@ class PDEForecastTask(L.LightningModule):
                              "'adapter.targets=[q,v,decoder]'")
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
         name = self.sched_cfg["name"]
+        if name == "cosine":  # the zoo's shared warm-up + cosine schedule
+            return super().configure_optimizers()
         if name in (None, "none"):
             return opt
         if name != "plateau":
-            raise ValueError(f"task.scheduler.name={name!r}; valid: plateau (MORPH's ReduceLROnPlateau), none")
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.sched_cfg["factor"],
+            raise ValueError(f"task.scheduler.name={name!r}; valid: plateau (MORPH's ReduceLROnPlateau), cosine, none")
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=self.sched_cfg["factor"],
                                                            patience=self.sched_cfg["patience"])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/nrmse", "interval": "epoch",
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch",
                                                    "strict": False}}
-
-    # ------------------------------------------------------------------ adapter-only checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = {f"model.{k}" for k in zoo.adapter_state_dict(self.model, export=False)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
 
 def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: list[str] | None = None) -> None:
@@ -212,6 +197,7 @@ class PDEDataModule(L.LightningDataModule):
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.spatial = None
         self.field_names: list[str] | None = None
+        self.test_set = "test"  # PDEBench files and The Well folders always hold a test split: the runner tests it
         self._sets: dict[str, Any] = {}
 
     def resolve_paths(self) -> list[Path]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -128,3 +129,33 @@ def test_bench_morph_rows(tmp_path):
     lv = [rows[("2-D", f"morph_level{i}")]["trainable"] for i in (1, 2, 3, 4)]
     assert lv == sorted(lv) and len(set(lv)) == 4  # cumulative levels
     assert "| 2-D 1x2x1x1x16x16 | morph_level1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_runner_selects_on_min_nrmse_tests_and_writes_the_report(tmp_path):
+    from tests.helpers import run_train
+
+    m = run_train(["experiment=tiny_pde", "adapter=morph_level1", "task.max_epochs=2"], tmp_path)
+    assert m["kind"] == "pde" and m["monitor"]["name"] == "val/nrmse" and m["monitor"]["mode"] == "min"
+    out = Path(m["out_dir"])
+    import csv
+
+    per_epoch = [float(r["val/nrmse"]) for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("val/nrmse")]
+    assert m["val/nrmse"] == pytest.approx(min(per_epoch), rel=1e-6)
+    assert m["test/nrmse"] is not None and m["test/vrmse"] is not None
+    report = json.loads((out / "rollout_metrics.json").read_text())
+    assert len(report["metrics"]["nrmse"]) == 4  # tiny_pde's rollout horizon
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["head"] == {"type": "backbone_output"} and meta["task"]["kind"] == "pde"
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_reduce_rollout_metrics_over_ranks(tmp_path):
+    # each rank rolls out half of the validation trajectories; the summed errors / counts must equal a
+    # single-process evaluation of the saved artifact over all of them
+    from tests.helpers import run_train_ddp
+    from tests.test_task_contract import evaluate_artifact
+
+    m = run_train_ddp(["experiment=tiny_pde", "adapter=lora", "task.max_epochs=1"], tmp_path)
+    assert m["monitor"]["value"] is not None
+    ev = evaluate_artifact(Path(m["out_dir"]) / "adapter", ["split=val", "trainer.limit_val_batches=1"])
+    assert ev["val/nrmse"] == pytest.approx(m["val/nrmse"], rel=1e-5)
