@@ -34,7 +34,7 @@ from torch import nn
 from zoo.backbones.base import Backbone
 from zoo.backbones.morph_model import AXES, SIZES, ViT3DRegression, config_for, from_reference
 from zoo.backbones.weights import WeightsUnavailableError, hub_errors, load_state_dict_file
-from zoo.sites import Site, SiteError, unwrap
+from zoo.sites import Site, unwrap
 
 HF_REPO = "mahindrautela/MORPH"
 HF_SUBFOLDER = "models/FM"
@@ -216,8 +216,4 @@ class MORPHBackbone(Backbone):
         return groups
 
 
-def sizes() -> list[str]:
-    return list(SIZES)
-
-
-__all__ = ["MORPHBackbone", "RELEASED", "HF_REPO", "resolve_weights", "load_morph_weights", "SiteError"]
+__all__ = ["MORPHBackbone", "RELEASED", "HF_REPO", "SIZES", "resolve_weights", "load_morph_weights"]
