@@ -184,7 +184,7 @@ class PDEDataModule(L.LightningDataModule):
                  generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
                  rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, **unused: Any):
+                 shuffle: bool = True, seed: int = 0, **unused: Any):
         super().__init__()
         if path is None and generate is None:
             raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
@@ -194,7 +194,7 @@ class PDEDataModule(L.LightningDataModule):
         self.context, self.horizon = int(context), int(rollout_horizon)
         self.revin, self.on_nan, self.fit, self.stride = revin, on_nan, fit, int(stride)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
-        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.spatial = None
         self.field_names: list[str] | None = None
         self.test_set = "test"  # PDEBench files and The Well folders always hold a test split: the runner tests it
@@ -277,7 +277,7 @@ class PDEDataModule(L.LightningDataModule):
                           generator=g if shuffle else None, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return self._loader("train", self.shuffle, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.eval_batch_size)

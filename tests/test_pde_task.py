@@ -159,3 +159,29 @@ def test_ddp_two_cpu_processes_reduce_rollout_metrics_over_ranks(tmp_path):
     assert m["monitor"]["value"] is not None
     ev = evaluate_artifact(Path(m["out_dir"]) / "adapter", ["split=val", "trainer.limit_val_batches=1"])
     assert ev["val/nrmse"] == pytest.approx(m["val/nrmse"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_rendezvous_trains_and_rank0_writes_once(tmp_path):
+    # torchrun rendezvous on localhost, 2 "nodes" x 1 CPU process (gloo): one metrics.json and one artifact
+    # (rank 0). NOT checked: equality with a one-process run at the same global batch (see the README).
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = tmp_path / "nodes"
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    procs = [subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}", "--master_addr=127.0.0.1",
+                               "--master_port=29541", str(ROOT / "train.py"), "experiment=tiny_pde", "adapter=lora",
+                               "task.max_epochs=1", "trainer=ddp_nodes_cpu", f"hydra.run.dir={out}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert len(list(out.rglob("metrics.json"))) == 1 and len(list(out.rglob("adapter.safetensors"))) == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["kind"] == "pde" and m["monitor"]["value"] is not None and m["test/nrmse"] is not None
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
