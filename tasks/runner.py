@@ -427,7 +427,10 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         if not tag:  # trained on randomly initialised weights (reproduced by the seed)
             cfg.backbone.pretrained = False if bmeta["family"] != "clip" else None
         cfg.backbone.pop("img_size", None)
-        cfg.backbone.img_size = (bmeta.get("kwargs") or {}).get("img_size", meta["preprocessing"]["input_size"][-1])
+        # image backbones record an input size; others (MORPH: any UPTF-7 shape) have none
+        size = (bmeta.get("kwargs") or {}).get("img_size", (meta.get("preprocessing") or {}).get("input_size", [None])[-1])
+        if size is not None:
+            cfg.backbone.img_size = size
         cfg.backbone.kwargs.pop("img_size", None)
         cfg.task = OmegaConf.create(task_cfg)
         cfg.data = OmegaConf.create(data_cfg)

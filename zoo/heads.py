@@ -139,3 +139,23 @@ class DenseRegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.feature_map(x))
+
+
+@register_head("backbone_output")
+class BackboneOutput(nn.Module):
+    """No layers of its own: the backbone's output is the prediction (MORPH's next frame comes from
+    its own decoder, a part of the pretrained backbone). The PDE task (``task=pde``) uses it."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def head_spec(self) -> dict:
+        return {"type": "backbone_output"}
+
+    @classmethod
+    def from_spec(cls, backbone: Backbone, spec: dict) -> "BackboneOutput":
+        return cls(backbone)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)

@@ -13,7 +13,9 @@ A backbone describes each transformer block with the same names (see DESIGN.md):
 ``tokens``  the token sequence entering the block (prompts, query tokens)
 ==========  ===============================================================
 
-Adapters ask for sites by these names and a layer selection, never by module path. A site
+Adapters ask for sites by these names and a layer selection, never by module path. A block may
+hold several sites of one kind (MORPH: ``q`` of each axial attention), and a backbone may add
+model-level kinds of its own (``extra_site_kinds``, resolved by ``backbone.extra_sites(kind)``). A site
 is resolved through any wrappers already attached (``.base`` chains), so adapters stack.
 """
 from __future__ import annotations
@@ -90,13 +92,14 @@ def select_layers(layers: Layers, depth: int) -> list[int]:
     return sorted(set(out))
 
 
-def normalize_targets(targets: Iterable[str] | str) -> list[str]:
+def normalize_targets(targets: Iterable[str] | str, extra: Sequence[str] = ()) -> list[str]:
+    """Check site names; ``extra`` are a backbone's own model-level kinds (``extra_site_kinds``)."""
     if isinstance(targets, str):
         targets = [targets]
     targets = list(targets)
-    bad = [t for t in targets if t not in SITE_KINDS]
+    bad = [t for t in targets if t not in SITE_KINDS and t not in extra]
     if bad:
-        raise SiteError(f"unknown site(s) {bad}; valid sites: {', '.join(SITE_KINDS)}")
+        raise SiteError(f"unknown site(s) {bad}; valid sites: {', '.join((*SITE_KINDS, *extra))}")
     return targets
 
 
@@ -138,7 +141,8 @@ def find_sites(backbone, targets: Iterable[str] | str, layers: Layers = "all", t
     applies to each selected tower's own blocks. Raises :class:`SiteError` naming the site when the
     backbone (or that tower) lacks it.
     """
-    targets = normalize_targets(targets)
+    extra = tuple(getattr(backbone, "extra_site_kinds", ()))
+    targets = normalize_targets(targets, extra)
     sites: list[Site] = []
     for t in select_towers(backbone, tower):
         blocks = backbone.blocks(t) if t is not None else backbone.blocks()
@@ -146,14 +150,20 @@ def find_sites(backbone, targets: Iterable[str] | str, layers: Layers = "all", t
         for i in idx:
             table = backbone.block_sites(i, t) if t is not None else backbone.block_sites(i)
             for kind in targets:
+                if kind in extra:
+                    continue
                 if kind not in table:
                     where = f" tower {t!r}" if t is not None else ""
                     raise SiteError(
                         f"backbone {backbone.family!r} ({backbone.model_name}){where} has no site {kind!r}; "
-                        f"its sites are: {', '.join(k for k in SITE_KINDS if k in table)}"
+                        f"its sites are: {', '.join(k for k in (*SITE_KINDS, *extra) if k in table or k in extra)}"
                     )
                 entry = table[kind]
-                # a block may hold several modules of one kind (SAM's decoder layer: three attentions)
+                # a block may hold several modules of one kind (SAM's decoder layer: three attentions,
+                # MORPH's four axial attentions)
                 for parent, attr, out_slice, path in entry if isinstance(entry, list) else [entry]:
                     sites.append(Site(kind, i, parent, attr, path, out_slice, t))
+    for kind in targets:  # model-level sites (layer -1), once whatever the layer selection
+        if kind in extra:
+            sites.extend(backbone.extra_sites(kind))
     return sites

@@ -172,9 +172,13 @@ def path_gradients(model: nn.Module, params: dict[str, nn.Parameter], theta_b: d
     acc = {n: torch.zeros_like(params[n]) for n in wrt}
     for m in range(steps):
         _set_path(params, theta_b, theta_t, m / steps)
-        grads = torch.autograd.grad(task_loss(loss, model(x), y, reduction="sum"), [params[n] for n in wrt])
+        # allow_unused: a layer the batch never reaches (MORPH's time attention on one-frame input)
+        # has no path-integrated gradient, i.e. contribution 0
+        grads = torch.autograd.grad(task_loss(loss, model(x), y, reduction="sum"), [params[n] for n in wrt],
+                                    allow_unused=True)
         for n, g in zip(wrt, grads):
-            acc[n] += g
+            if g is not None:
+                acc[n] += g
     _set_path(params, theta_b, theta_t, 0.0)
     return {n: g / steps for n, g in acc.items()}
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, float_option, int_option, rank_fits
-from zoo.sites import LINEAR_SITES, SiteError, unwrap
+from zoo.sites import LINEAR_SITES, SITE_KINDS, SiteError, unwrap
 
 
 class LoRALinear(WrappedLayer):
@@ -195,7 +195,7 @@ class LoRA(Adapter):
 
     def attach(self, backbone) -> None:
         sites = self.sites(self.targets, self.layers)
-        bad = [t for t in self.targets if t not in LINEAR_SITES]
+        bad = [t for t in self.targets if t in SITE_KINDS and t not in LINEAR_SITES]  # backbone kinds: checked per layer
         if bad:
             raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
         for group in group_by_module(sites):

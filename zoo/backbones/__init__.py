@@ -32,7 +32,14 @@ def _clip(**kw: Any) -> Backbone:
     return CLIPBackbone(**kw)
 
 
+def _morph(**kw: Any) -> Backbone:
+    from zoo.backbones.morph import MORPHBackbone
+
+    return MORPHBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
+register_backbone("morph")(_morph)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
 

@@ -16,8 +16,8 @@ class WeightsUnavailableError(RuntimeError):
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file, never unpickling objects.
 
-    Torch files go through ``torch.load(weights_only=True)``; a top-level ``state_dict``/``model``
-    entry (Lightning / timm training checkpoints) is unwrapped.
+    Torch files go through ``torch.load(weights_only=True)``; a top-level ``model_state_dict``/
+    ``state_dict``/``model`` entry (MORPH / Lightning / timm training checkpoints) is unwrapped.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -35,7 +35,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # an unsafe pickle or a corrupt file
         raise WeightsUnavailableError(f"could not read {path} as a weights-only torch file: {e}") from e
-    for key in ("state_dict", "model", "module"):
+    for key in ("model_state_dict", "state_dict", "model", "module"):  # model_state_dict: MORPH's .pth
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if isinstance(sd, dict):

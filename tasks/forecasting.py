@@ -1,0 +1,286 @@
+"""PDE forecasting (``task=pde``): teacher-forced one-step training, autoregressive rollout evaluation.
+
+Training (MORPH, arXiv 2509.21670): MSE between the model's next-frame prediction and the true next frame,
+both RevIN-normalised, over windows of ``context`` frames sliding along every training trajectory.
+Evaluation: from the first ``context`` frames of each validation / test trajectory the model rolls out
+``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.pde_metrics.rollout`); predictions and
+targets are de-normalised, cropped to the original spatial region and scored per field and per step
+(MSE, RMSE, nRMSE, VRMSE; :mod:`tasks.pde_metrics`). ``val/nrmse`` (mean over steps and fields) is the
+monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
+``rollout_error.png`` (error vs rollout step) to the run directory.
+
+The model is the backbone in a layer-less ``backbone_output`` head (MORPH's decoder is its prediction head);
+the task is a :class:`tasks.base.ZooTask` (kind ``pde``, monitor ``val/nrmse``, mode ``min``): the shared
+training step calls the adapter hooks; validation and test are overridden with the rollout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader
+
+import zoo
+from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
+from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
+from tasks.pde_metrics import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
+from zoo.heads import BackboneOutput
+
+
+@register_task("pde")
+class PDEForecastTask(ZooTask):
+    """Task kind ``pde``: next-frame forecasting with rollout evaluation (see the module docstring)."""
+
+    monitor_default = "val/nrmse"
+    mode_default = "min"
+    columns = (Column("val/nrmse", "val nRMSE"), Column("val/vrmse", "val VRMSE"),
+               Column("test/nrmse", "test nRMSE"), Column("test/vrmse", "test VRMSE"),
+               Column("test/nrmse_last_step", "test nRMSE (last step)"))
+    predict_output = "fields"
+    tiny_overrides = ("experiment=tiny_pde",)
+
+    def __init__(self, backbone: dict, adapter: dict, context: int = 1, rollout_horizon: int = 10,
+                 optimizer: dict | None = None, scheduler: dict | None = None, monitor: str | None = None,
+                 monitor_mode: str | None = None, output_dir: str | None = None, **meta: Any):
+        super().__init__(backbone, adapter, {"weight_decay": 0.0, **(optimizer or {})}, None, monitor, monitor_mode, **meta)
+        self.save_hyperparameters()
+        bb = create_backbone(backbone)
+        if not hasattr(bb, "forward_all"):
+            raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), "
+                             f"not {backbone.get('name')!r}")
+        self.model = attach_adapter(BackboneOutput(bb), adapter)
+        self.context, self.horizon = int(context), int(rollout_horizon)
+        if self.context > bb.cfg.max_ar:
+            raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={bb.cfg.max_ar}")
+        self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0,
+                          **(scheduler or {})}
+        self.output_dir = output_dir
+        self._metrics: dict[str, RolloutMetrics] = {}
+        self.last_tables: dict[str, dict] = {}
+
+    def preprocessing(self) -> dict[str, Any]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        rec = {"layout": "UPTF-7 (B, t, F, C, D, H, W)", "context": self.context}
+        if dm is not None:
+            rec.update({"revin": dm.revin, "fit": dm.fit, "spatial": list(dm.spatial or []), "fields": dm.field_names})
+        return rec
+
+    # ------------------------------------------------------------------ steps
+    def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced one-step MSE on RevIN-normalised frames (MORPH)."""
+        if target.ndim == pred.ndim + 1:  # a (B, k, ...) window: its first frame is the one-step target
+            target = target[:, 0]
+        return F.mse_loss(pred, target)
+
+    def update_metrics(self, stage: str, outputs, targets) -> None:
+        """Training logs only the loss; validation and test are rollouts (:meth:`_eval_step`)."""
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spatial = getattr(dm, "spatial", None)
+        if spatial is None:
+            return x
+        d, h, w = spatial
+        return x[..., :d, :h, :w]
+
+    def _eval_step(self, stage: str, batch) -> None:
+        ctx, tgt, mu, sigma = batch[0], batch[1], batch[2], batch[3]
+        if tgt.ndim < ctx.ndim:  # horizon 1: a single next frame
+            tgt = tgt[:, None]
+        pred = rollout(self.model, ctx, tgt.shape[1])
+        pred, tgt = revin_denorm(pred, mu, sigma), revin_denorm(tgt, mu, sigma)
+        self._metrics.setdefault(stage, RolloutMetrics()).update(self._crop(pred), self._crop(tgt))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _epoch_end(self, stage: str) -> dict:
+        m = self._metrics.pop(stage, None)
+        if m is None or not m.count:
+            return {}
+        sums = {k: v.to(self.device) for k, v in m.sums.items()}
+        count = torch.tensor(float(m.count), device=self.device)
+        if self.trainer.world_size > 1:  # sum per-sample errors and counts over ranks
+            for k in sums:
+                sums[k] = self.trainer.strategy.reduce(sums[k], reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        total = RolloutMetrics()
+        total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()))
+        tables = total.tables()
+        for k, v in total.summary().items():
+            self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=False)
+        self.log(f"{stage}/nrmse_last_step", float(tables["nrmse"][-1].mean()))
+        self.last_tables[stage] = {k: v.tolist() for k, v in tables.items()}
+        return tables
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        tables = self._epoch_end("test")
+        if tables and self.output_dir and self.trainer.is_global_zero:
+            write_rollout_report(Path(self.output_dir), tables, getattr(self.trainer.datamodule, "field_names", None))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        if not groups:
+            names = [a.name for a in zoo.adapters_of(self.model)]
+            raise ValueError(f"adapter {names} leaves nothing to train on this backbone (MORPH's prediction head is its "
+                             "decoder, part of the backbone): use e.g. adapter=morph_level3, or adapter=lora "
+                             "'adapter.targets=[q,v,decoder]'")
+        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        name = self.sched_cfg["name"]
+        if name == "cosine":  # the zoo's shared warm-up + cosine schedule
+            return super().configure_optimizers()
+        if name in (None, "none"):
+            return opt
+        if name != "plateau":
+            raise ValueError(f"task.scheduler.name={name!r}; valid: plateau (MORPH's ReduceLROnPlateau), cosine, none")
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=self.sched_cfg["factor"],
+                                                           patience=self.sched_cfg["patience"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch",
+                                                   "strict": False}}
+
+
+def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: list[str] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {k: v.tolist() for k, v in tables.items()}
+    tmp = out / "rollout_metrics.json.tmp"
+    tmp.write_text(json.dumps({"fields": fields, "metrics": data, "layout": "metric[step][field]"}, indent=1))
+    os.replace(tmp, out / "rollout_metrics.json")
+    md = "\n\n".join(f"### {m} per rollout step\n\n{format_table(tables, m, fields)}" for m in METRICS)
+    tmp = out / "rollout_metrics.md.tmp"
+    tmp.write_text(md + "\n")
+    os.replace(tmp, out / "rollout_metrics.md")
+    plot_error_vs_step(tables, out / "rollout_error.png")
+
+
+# ---------------------------------------------------------------------------------- data
+def _leaves(parts):
+    for p in parts:
+        if isinstance(p, ConcatDataset):
+            yield from _leaves(p.datasets)
+        else:
+            yield p
+
+
+class PDEDataModule(L.LightningDataModule):
+    """A PDEBench file (``path``), a The Well dataset folder (``path`` with ``data/{train,valid,test}``), or an
+    embedded equation written on first use (``generate=<equation>`` under ``root``)."""
+
+    def __init__(self, path: str | Sequence[str] | None = None, root: str = "data/pde",
+                 generate: str | Sequence[str] | None = None,
+                 generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
+                 rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
+                 stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
+                 shuffle: bool = True, seed: int = 0, **unused: Any):
+        super().__init__()
+        if path is None and generate is None:
+            raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
+        self.path, self.root, self.generate = path, root, generate
+        self.generate_options = dict(generate_options or {})
+        self.fields = list(fields) if fields else None
+        self.context, self.horizon = int(context), int(rollout_horizon)
+        self.revin, self.on_nan, self.fit, self.stride = revin, on_nan, fit, int(stride)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
+        self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
+        self.spatial = None
+        self.field_names: list[str] | None = None
+        self.test_set = "test"  # PDEBench files and The Well folders always hold a test split: the runner tests it
+        self._sets: dict[str, Any] = {}
+
+    def resolve_paths(self) -> list[Path]:
+        """The data file(s) or The Well folder; several files (or equations) must share one sample shape."""
+        if self.path is not None:
+            return [Path(p) for p in ([self.path] if isinstance(self.path, (str, os.PathLike)) else self.path)]
+        from tasks.data.pde_solvers import generate
+
+        out = []
+        for eq in [self.generate] if isinstance(self.generate, str) else list(self.generate):
+            opts = dict(self.generate_options)
+            tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+            folder = Path(self.root) / f"{eq}-{tag}"  # one folder per equation + options
+            existing = sorted(folder.glob("*.h*5"))
+            out.append(existing[0] if existing else generate(eq, folder, **opts))
+        return out
+
+    def prepare_data(self) -> None:
+        self.resolve_paths()
+
+    def _well_files(self, base: Path, split: str) -> list[Path]:
+        folder = base / "data" / {"train": "train", "val": "valid", "test": "test"}[split]
+        files = sorted(list(folder.glob("*.hdf5")) + list(folder.glob("*.h5")))
+        if not files:
+            raise FileNotFoundError(f"The Well dataset {base}: no .hdf5 files in {folder}")
+        return files
+
+    def _datasets(self, split: str, horizon: int, starts):
+        parts = [self._dataset(p, split, horizon, starts) for p in self.resolve_paths()]
+        shapes = {tuple(p.traj.read(0, 0, 1).shape[1:]) for p in _leaves(parts)}
+        if len(shapes) > 1:
+            raise ValueError(f"data files with different sample shapes (F, C, D, H, W) cannot share batches: {sorted(shapes)}")
+        return ConcatDataset(parts) if len(parts) > 1 else parts[0]
+
+    def _dataset(self, path: Path, split: str, horizon: int, starts):
+        if path.is_dir():
+            parts = []
+            for f in self._well_files(path, split):
+                tr = Trajectories(f, self.fields, self.fit)
+                parts.append(WindowDataset(tr, list(range(len(tr))), self.context, horizon, self.revin,
+                                           self.on_nan, starts, stride=self.stride))
+            self._note(parts[0].traj)
+            return ConcatDataset(parts) if len(parts) > 1 else parts[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"PDE data file not found: {path}")
+        key = str(path)
+        if key not in self._sets:
+            tr = Trajectories(path, self.fields, self.fit)
+            self._sets[key] = (tr, tr.scan())
+        tr, stats = self._sets[key]
+        self._note(tr)
+        return WindowDataset(tr, split_indices(tr, split), self.context, horizon, self.revin, self.on_nan,
+                             starts, stats=stats, stride=self.stride)
+
+    def _note(self, tr: Trajectories) -> None:
+        self.spatial = tr.spatial
+        lay = tr.layout
+        if lay.kind == "fields":
+            self.field_names = ["V" if c else g[0] for g, c in zip(lay.keys, lay.components)]
+        elif lay.kind == "well":
+            self.field_names = [name for _, name in lay.keys]
+        else:
+            self.field_names = [f"u{j}" for j in range(len(lay.components))] if lay.kind == "seeds" else ["u"]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._sets["train"] = self._datasets("train", 1, None)
+            self._sets["val"] = self._datasets("val", self.horizon, [0])
+        if stage in (None, "test"):
+            self._sets["test"] = self._datasets("test", self.horizon, [0])
+        if stage == "validate":
+            self._sets["val"] = self._datasets("val", self.horizon, [0])
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self._sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=g if shuffle else None, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.shuffle, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
