@@ -32,7 +32,14 @@ def _clip(**kw: Any) -> Backbone:
     return CLIPBackbone(**kw)
 
 
+def _ast(**kw: Any) -> Backbone:
+    from zoo.backbones.ast import ASTBackbone
+
+    return ASTBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
+register_backbone("ast")(_ast)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
 
