@@ -9,6 +9,10 @@ the q, k and/or v row blocks (litgpt's ``LoRAQKVLinear``): one wrapper holds one
 slice, and ``A`` for all slices is applied in a single matmul. The delta runs on activations
 (``x -> A -> B``); ``W0 + BA`` is only formed by ``merge``.
 
+:class:PETL-AST (Cappellazzo et al., MLSP 2024) parameterises LoRA by a reduction rate RR instead of a rank:
+``reduction_rate=RR`` gives ``r = round(d_in / RR)`` and scaling ``alpha / RR``; its code also mirrors the
+init (``init=mirrored``: A = 0, B Kaiming-uniform), which still starts at ΔW = 0.
+
 :class:`LoRAConv2d` is the same delta for a convolution (used by CoLoRA): the kernel is factored
 as a ``C_out × (C_in·k·k)`` matrix, ``A`` runs as a conv with r output channels, ``B`` as a 1×1 conv.
 """
@@ -166,13 +170,21 @@ class LoRA(Adapter):
     mergeable = True
     paper = "Hu et al., LoRA, ICLR 2022"
 
+    INITS = ("lora", "mirrored")
+
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 targets: list[str] = ("q", "v"), layers="all"):
+                 targets: list[str] = ("q", "v"), layers="all", reduction_rate: float | None = None,
+                 init: str = "lora"):
         super().__init__()
         if int(rank) < 1 or not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"LoRA needs rank >= 1 and 0 <= dropout < 1 (got rank={rank}, dropout={dropout})")
+        if reduction_rate is not None and float(reduction_rate) <= 0:
+            raise ValueError(f"reduction_rate must be > 0 (rank = round(d_in / RR)), got {reduction_rate}")
+        if init not in self.INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; valid: {', '.join(self.INITS)} (mirrored: A=0, B Kaiming, PETL-AST)")
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
         self.targets, self.layers = list(targets), layers
+        self.reduction_rate, self.init = (None if reduction_rate is None else float(reduction_rate)), init
 
     def attach(self, backbone) -> None:
         sites = self.sites(self.targets, self.layers)
@@ -181,4 +193,14 @@ class LoRA(Adapter):
             raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
         for group in group_by_module(sites):
             slices = {s.kind: s.out_slice for s in group}
-            self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices))
+            rank = self.rank
+            if self.reduction_rate is not None:  # PETL-AST: r = round(d_in / RR), scaling alpha / RR
+                rank = max(1, round(unwrap(group[0].module).in_features / self.reduction_rate))
+            w = self.replace(group[0], LoRALinear(group[0].module, rank, self.alpha, self.dropout, slices))
+            if self.reduction_rate is not None:
+                w.scaling = self.alpha / self.reduction_rate
+            if self.init == "mirrored":
+                with torch.no_grad():
+                    w.lora_A.zero_()
+                    for b in w.lora_B.values():
+                        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
