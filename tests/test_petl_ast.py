@@ -185,3 +185,16 @@ def test_prefix_refuses_windowed_sam_attention():
                               global_attn_indexes=(), window_size=2)
     with pytest.raises(SiteError, match="prefix tuning needs timm ViT attention"):
         zoo.apply_adapter(sam, "prefix")
+
+
+def test_bench_has_ast_rows(tmp_path):
+    from bench import adapters as bench_adapters
+
+    res = bench_adapters.main(["--backbone", "ast", "--model", "deit_tiny_distilled_patch16_224", "--max-length", "40",
+                               "--depth", "1", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                               "--memory", "skip", "--adapters", "lora", "conformer", "--out", str(tmp_path), "--quiet"])
+    rows = {r["label"]: r for r in res["rows"]}
+    d, r = 192, 8
+    assert rows["lora"]["trainable"] == 2 * r * (d + d)  # q and v slices of one block
+    assert rows["conformer"]["trainable"] == (d * 4 + 4) + (2 * 31 + 2) + 2 * 2 + (2 * d + d)  # b = round(192/96) = 2
+    assert "40 frames (AST)" in (tmp_path / "results.md").read_text()
