@@ -31,11 +31,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from zoo.audio import AudioDecodeError, FrontEnd, mixup_waveforms
+from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
 
 log = logging.getLogger("tasks.audio")
 
@@ -338,3 +339,70 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
 def seconds_to_frames(seconds: float, frame_shift_ms: float = 10.0, frame_length_ms: float = 25.0) -> int:
     """Kaldi frames (snip_edges) in a clip of ``seconds``."""
     return 1 + int(math.floor((seconds * 1000 - frame_length_ms) / frame_shift_ms))
+
+
+# ------------------------------------------------------------------------------ Lightning DataModule
+DATASETS = ("generated", "esc50", "speechcommands", "speechcommands12", "folder")
+# the fbank statistics the AST recipes use; others are computed from the training split
+PUBLISHED_STATS = {"esc50": "esc50", "speechcommands": "speechcommands", "speechcommands12": "speechcommands"}
+
+
+def read_dataset(dataset: str, root: str | os.PathLike, fold: int = 1, val_fold: str = "none",
+                 generate: bool = True) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """``(splits, class names)`` of ``dataset`` at ``root`` (for ESC-50-layout sets: test fold ``fold``)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown audio dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    if dataset in ("generated", "esc50"):
+        if dataset == "generated" and generate:
+            write_generated(root)
+        rows = read_esc50(root)
+        return esc50_split(rows, int(fold), val_fold), esc50_classes(rows)
+    if dataset.startswith("speechcommands"):
+        return read_speechcommands(root, "12" if dataset.endswith("12") else "35")
+    return read_folder(root)
+
+
+class AudioDataModule(L.LightningDataModule):
+    """Fbank batches ``[B, max_length, num_mel_bins]`` for AST; the front end runs in the workers."""
+
+    def __init__(self, dataset: str = "generated", root: str = "data/audio/generated", fold: int = 1,
+                 val_fold: str = "none", max_length: int = 100, num_mel_bins: int = 128,
+                 sample_rate: int = 16000, mean: float | None = None, std: float | None = None,
+                 freqm: int = 0, timem: int = 0, mixup: float = 0.0, batch_size: int = 32,
+                 eval_batch_size: int = 64, num_workers: int = 0, cache_dir: str | None = None,
+                 bad_files: str = "raise", generate: bool = True):
+        super().__init__()
+        self.splits, self.classes = read_dataset(dataset, root, fold, val_fold, generate)
+        self.num_classes = len(self.classes)
+        self.dataset, self.fold = dataset, fold
+        args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
+        self.cache_dir = cache_dir
+        if mean is None or std is None:
+            if dataset in PUBLISHED_STATS:
+                mean, std = NORM_STATS[PUBLISHED_STATS[dataset]]
+            else:  # from the training split, raw fbanks (cached for training anyway)
+                probe = FrontEnd(max_length, args=args, cache_dir=cache_dir)
+                mean, std = dataset_stats(probe.load(p) for p, _ in self.splits["train"] if "#" not in p)
+        self.mean, self.std = float(mean), float(std)
+        self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
+                                            timem if train else 0, cache_dir)
+        self.mixup, self.bad_files = float(mixup), bad_files
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+
+    def dataset_for(self, split: str, train: bool = False) -> AudioClips:
+        return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,
+                          mixup=self.mixup if train else 0.0, bad_files=self.bad_files)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(self.dataset_for(split, train), batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, num_workers=self.num_workers, drop_last=False,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
