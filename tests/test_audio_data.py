@@ -136,3 +136,18 @@ def test_folder_layouts_and_unknown_class(tmp_path):
     (tmp_path / "val" / "zebra").mkdir()
     with pytest.raises(ValueError, match=r"class folder\(s\) \['zebra'\] are not training classes \['a', 'b'\]"):
         A.read_folder(tmp_path)
+
+
+def test_datamodule_batches_stats_and_cache(generated, tmp_path):
+    dm = A.AudioDataModule(dataset="generated", root=str(generated), fold=2, max_length=48, batch_size=8,
+                           eval_batch_size=16, cache_dir=str(tmp_path / "cache"), generate=False)
+    assert dm.num_classes == 10 and len(dm.splits["test"]) == 10
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 48, 128) and y.dtype == torch.long
+    # statistics computed from the training split: normalised clips have mean ~0 and std ~0.5 (before padding)
+    raw = torch.cat([dm.front(False).load(p) for p, _ in dm.splits["train"]])
+    z = (raw - dm.mean) / (2 * dm.std)
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 0.5) < 0.1
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(dm.splits["train"])
+    with pytest.raises(ValueError, match="unknown audio dataset 'esc10'; valid: generated, esc50"):
+        A.AudioDataModule(dataset="esc10", root=str(generated))
