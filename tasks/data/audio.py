@@ -255,6 +255,11 @@ GENERATED_CLASSES = (
     "low_tone", "high_tone", "chirp_up", "chirp_down", "am_tone", "fm_tone",
     "noise_burst", "click_train", "harmonic_stack", "two_tone",
 )
+# a different generated task (pitch / timbre / rhythm) for pretraining the demo AST
+UPSTREAM_CLASSES = (
+    "square_wave", "sawtooth", "tone_steps_up", "tone_steps_down", "lowpass_noise", "highpass_noise",
+    "slow_pulses", "fast_pulses", "octave_pair", "vibrato", "tremolo_noise", "descending_glide",
+)
 
 
 def _synth(kind: str, sr: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -288,6 +293,31 @@ def _synth(kind: str, sr: int, n: int, rng: np.random.Generator) -> np.ndarray:
         x = sum(np.sin(2 * np.pi * 220 * f * h * t) / h for h in range(1, 7))
     elif kind == "two_tone":
         x = np.sin(2 * np.pi * 700 * f * t) + np.sin(2 * np.pi * 1900 * f * t)
+    elif kind == "square_wave":
+        x = np.sign(np.sin(2 * np.pi * 440 * f * t))
+    elif kind == "sawtooth":
+        x = 2 * ((440 * f * t) % 1.0) - 1
+    elif kind in ("tone_steps_up", "tone_steps_down"):
+        steps = np.array([500, 800, 1300, 2100]) * f
+        idx = np.clip(((t - t0) / dur * 4).astype(int), 0, 3)
+        x = np.sin(2 * np.pi * np.cumsum(steps[idx if kind == "tone_steps_up" else 3 - idx]) / sr)
+    elif kind in ("lowpass_noise", "highpass_noise"):
+        w = rng.standard_normal(n)
+        k = np.ones(8) / 8
+        low = np.convolve(w, k, mode="same")
+        x = low if kind == "lowpass_noise" else w - low
+    elif kind in ("slow_pulses", "fast_pulses"):
+        rate = rng.uniform(3, 5) if kind == "slow_pulses" else rng.uniform(12, 16)
+        x = np.sin(2 * np.pi * 900 * f * t) * (np.sin(2 * np.pi * rate * t) > 0.6)
+    elif kind == "octave_pair":
+        x = np.sin(2 * np.pi * 600 * f * t) + np.sin(2 * np.pi * 1200 * f * t)
+    elif kind == "vibrato":
+        x = np.sin(2 * np.pi * 1500 * f * t + 30 * np.sin(2 * np.pi * 5 * t))
+    elif kind == "tremolo_noise":
+        x = rng.standard_normal(n) * (1 + np.sin(2 * np.pi * rng.uniform(4, 8) * t))
+    elif kind == "descending_glide":
+        tau = np.clip(t - t0, 0, dur)
+        x = np.sin(2 * np.pi * 2000 * f * (1 - np.exp(-tau * 3)) / 3)
     else:
         raise ValueError(kind)
     x = env * x / (np.abs(x).max() + 1e-9) * rng.uniform(0.2, 0.6)
@@ -342,19 +372,20 @@ def seconds_to_frames(seconds: float, frame_shift_ms: float = 10.0, frame_length
 
 
 # ------------------------------------------------------------------------------ Lightning DataModule
-DATASETS = ("generated", "esc50", "speechcommands", "speechcommands12", "folder")
+DATASETS = ("generated", "generated_upstream", "esc50", "speechcommands", "speechcommands12", "folder")
 # the fbank statistics the AST recipes use; others are computed from the training split
 PUBLISHED_STATS = {"esc50": "esc50", "speechcommands": "speechcommands", "speechcommands12": "speechcommands"}
 
 
 def read_dataset(dataset: str, root: str | os.PathLike, fold: int = 1, val_fold: str = "none",
-                 generate: bool = True) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+                 generate: bool = True, clips_per_class: int = 20) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
     """``(splits, class names)`` of ``dataset`` at ``root`` (for ESC-50-layout sets: test fold ``fold``)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown audio dataset {dataset!r}; valid: {', '.join(DATASETS)}")
-    if dataset in ("generated", "esc50"):
-        if dataset == "generated" and generate:
-            write_generated(root)
+    if dataset in ("generated", "generated_upstream", "esc50"):
+        if dataset != "esc50" and generate:
+            classes = UPSTREAM_CLASSES if dataset == "generated_upstream" else GENERATED_CLASSES
+            write_generated(root, clips_per_class=clips_per_class, classes=classes, seed=1 if dataset == "generated_upstream" else 0)
         rows = read_esc50(root)
         return esc50_split(rows, int(fold), val_fold), esc50_classes(rows)
     if dataset.startswith("speechcommands"):
@@ -370,10 +401,16 @@ class AudioDataModule(L.LightningDataModule):
                  sample_rate: int = 16000, mean: float | None = None, std: float | None = None,
                  freqm: int = 0, timem: int = 0, mixup: float = 0.0, batch_size: int = 32,
                  eval_batch_size: int = 64, num_workers: int = 0, cache_dir: str | None = None,
-                 bad_files: str = "raise", generate: bool = True):
+                 bad_files: str = "raise", generate: bool = True, generate_clips: int = 20, seed: int = 0,
+                 num_classes: int | None = None):
         super().__init__()
-        self.splits, self.classes = read_dataset(dataset, root, fold, val_fold, generate)
+        self.seed = seed
+        self.splits, self.classes = read_dataset(dataset, root, fold, val_fold, generate, generate_clips)
         self.num_classes = len(self.classes)
+        if num_classes is not None and int(num_classes) != self.num_classes:
+            raise ValueError(f"task.num_classes={num_classes}, but {dataset} at {root} has {self.num_classes} classes "
+                             f"({', '.join(self.classes[:6])}{', ...' if self.num_classes > 6 else ''}); "
+                             f"set task.num_classes={self.num_classes}")
         self.dataset, self.fold = dataset, fold
         args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
         self.cache_dir = cache_dir
@@ -388,6 +425,7 @@ class AudioDataModule(L.LightningDataModule):
                                             timem if train else 0, cache_dir)
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
 
     def dataset_for(self, split: str, train: bool = False) -> AudioClips:
         return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,
