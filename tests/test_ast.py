@@ -160,3 +160,9 @@ def test_clear_errors(monkeypatch):
         tiny_ast(weights="MIT/ast-finetuned-audioset-10-10-0.4593")
     with pytest.raises(WeightsUnavailableError, match="not found"):
         tiny_ast(weights="./no/such/file.safetensors")
+
+
+def test_imagenet_weights_offline_give_the_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="(?s)could not download pretrained weights for timm model.*backbone.weights="):
+        tiny_ast(pretrained=True)

@@ -149,5 +149,10 @@ def test_datamodule_batches_stats_and_cache(generated, tmp_path):
     z = (raw - dm.mean) / (2 * dm.std)
     assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 0.5) < 0.1
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(dm.splits["train"])
-    with pytest.raises(ValueError, match="unknown audio dataset 'esc10'; valid: generated, esc50"):
+    with pytest.raises(ValueError, match="unknown audio dataset 'esc10'; valid: generated, generated_upstream, esc50"):
         A.AudioDataModule(dataset="esc10", root=str(generated))
+
+
+def test_wrong_num_classes_is_named(generated):
+    with pytest.raises(ValueError, match="task.num_classes=7, but generated at .* has 10 classes .*set task.num_classes=10"):
+        A.AudioDataModule(dataset="generated", root=str(generated), num_classes=7, generate=False)
