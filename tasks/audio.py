@@ -69,6 +69,28 @@ class FoldSummary(Callback):
             os.replace(tmp, sweep / name)
 
 
+class FrontEndThroughput(Callback):
+    """Hydra callback: before a sweep, measure the AST front end on the generated set (clips/s
+    decoded + fbank vs read from the cache) and print it (``throughput.json`` in the sweep folder)."""
+
+    def __init__(self, root: str, max_length: int = 100):
+        self.root, self.max_length = root, max_length
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        import tempfile
+
+        from tasks.data.audio import fbank_throughput, read_esc50, write_generated
+
+        paths = [r["path"] for r in read_esc50(write_generated(self.root))]
+        with tempfile.TemporaryDirectory() as tmp:
+            res = fbank_throughput(paths, Path(tmp) / "cache", self.max_length)
+        print(f"front end on {len(paths)} generated clips: {res['uncached_clips_per_s']:.0f} clips/s uncached "
+              f"(decode + fbank), {res['cached_clips_per_s']:.0f} clips/s from the fbank cache")
+        sweep = Path(config.hydra.sweep.dir)
+        sweep.mkdir(parents=True, exist_ok=True)
+        (sweep / "throughput.json").write_text(json.dumps(res, indent=2))
+
+
 def summarize_folds(sweep_dir: str | Path) -> dict[str, dict[str, Any]]:
     """``{method: {"folds": {k: acc}, "mean": ..., "metric": key}}`` from the runs' metrics.json."""
     out: dict[str, dict[str, Any]] = {}
