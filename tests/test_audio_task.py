@@ -27,7 +27,11 @@ def test_recipes_compose_with_the_reference_optimiser():
     assert cfg.task.optimizer.eps == 1e-6 and cfg.task.optimizer.weight_decay == 0.1
     assert cfg.backbone.max_length == 500 and cfg.data.freqm == 24 and cfg.data.timem == 80
     assert cfg.task.val_fold == "next" and cfg.task.num_classes == 50
-    assert cfg.hydra.sweeper.params["task.fold"] == "1,2,3,4,5"
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/experiment/petl_ast/esc50.yaml")
+    assert raw.hydra.sweeper.params["task.fold"] == "1,2,3,4,5"  # all folds in one command
+    assert raw.hydra.callbacks.folds._target_ == "tasks.audio.FoldSummary"
     assert compose_config(["experiment=petl_ast/esc50", "adapter=vpt"]).task.optimizer.lr == 1e-2
     sc = compose_config(["experiment=petl_ast/speechcommands", "adapter=linear"])
     assert sc.task.optimizer.lr == 1e-3 and sc.task.num_classes == 35 and sc.data.batch_size == 128

@@ -211,8 +211,11 @@ class ASTBackbone(TimmBackbone):
         tstride: int = 10,
         pooling: str = "cls_dist",
         layer_norm_eps: float | None = None,
+        img_size: Any = None,
         **kwargs: Any,
     ):
+        # img_size is accepted and ignored: the input geometry is max_length x num_mel_bins (generic
+        # rebuilders such as eval.py pass an image size to every backbone)
         if pooling not in POOLINGS:
             raise ValueError(f"unknown AST pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
         if "distilled" not in model:
@@ -250,14 +253,16 @@ class ASTBackbone(TimmBackbone):
             self.checkpoint_grid = (f, n // f)
             sd["pos_embed"] = move_grid(sd["pos_embed"], self.checkpoint_grid, (f, t))
             self._load(sd, str(weights))
-            self.weights_tag = f"ast:{Path(str(weights)).name}"
+            local = Path(os.path.expanduser(str(weights))).exists()
+            self.weights_tag = f"file:{Path(str(weights)).name}" if local else f"hub:{weights}"
         eps = layer_norm_eps if layer_norm_eps is not None else (1e-12 if sd is not None else None)
         if eps is not None:
             for m in net.modules():
                 if isinstance(m, nn.LayerNorm):
                     m.eps = float(eps)
+        # the geometry goes into the recorded build options, so an artifact rebuilds the same model
         self.build_kwargs.update(max_length=max_length, num_mel_bins=num_mel_bins, fstride=fstride, tstride=tstride,
-                                 pooling=pooling, layer_norm_eps=eps, pretrained=pretrained, weights=weights)
+                                 pooling=pooling, layer_norm_eps=layer_norm_eps)
         self.grid = (f, t)
         self.max_length, self.num_mel_bins, self.pooling = max_length, num_mel_bins, pooling
         self.num_prefix_tokens = 2
