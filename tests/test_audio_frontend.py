@@ -65,6 +65,10 @@ def test_decode_notes_and_bad_files(tmp_path, caplog):
     fe = FrontEnd(max_length=32)
     with pytest.raises(AudioDecodeError, match="blip.wav: 160 samples is shorter than one 25 ms window"):
         fe(tmp_path / "blip.wav")
+    sf.write(tmp_path / "short.wav", tone(seconds=0.1), 16000)  # 8 frames
+    assert fe(tmp_path / "short.wav").shape == (32, 128)
+    assert fe.notes == {"shorter than one 16-frame patch (< 175 ms): zero-padded": 1}
+    fe.notes.clear()
     with pytest.raises(FileNotFoundError, match="audio file not found"):
         audio.load_wav(tmp_path / "missing.wav")
     with caplog.at_level("WARNING", logger="zoo.audio"):

@@ -215,6 +215,8 @@ class FrontEnd:
             if fb is not None:
                 return fb
         fb = fbank(self.wave(path), self.args, source=str(path))
+        if fb.shape[0] < 16:  # AST pads it like any short clip; said, since it is mostly silence then
+            self._note(path, [f"shorter than one 16-frame patch (< {self.args.frame_shift * 15 + self.args.frame_length:g} ms): zero-padded"])
         if self.cache is not None:
             self.cache.put(path, self.args, fb)
         return fb
