@@ -9,7 +9,7 @@ the q, k and/or v row blocks (litgpt's ``LoRAQKVLinear``): one wrapper holds one
 slice, and ``A`` for all slices is applied in a single matmul. The delta runs on activations
 (``x -> A -> B``); ``W0 + BA`` is only formed by ``merge``.
 
-:class:PETL-AST (Cappellazzo et al., MLSP 2024) parameterises LoRA by a reduction rate RR instead of a rank:
+PETL-AST (Cappellazzo et al., MLSP 2024) parameterises LoRA by a reduction rate RR instead of a rank:
 ``reduction_rate=RR`` gives ``r = round(d_in / RR)`` and scaling ``alpha / RR``; its code also mirrors the
 init (``init=mirrored``: A = 0, B Kaiming-uniform), which still starts at ΔW = 0.
 
