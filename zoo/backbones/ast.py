@@ -178,7 +178,8 @@ def read_ast_weights(weights: str) -> dict[str, torch.Tensor]:
                 return load_state_dict_file(p / name)
         raise WeightsUnavailableError(f"{p} holds neither model.safetensors nor pytorch_model.bin")
     if str(weights).count("/") != 1 or str(weights).startswith((".", "/", "~")):
-        raise WeightsUnavailableError(f"AST weights not found: {weights} is neither a file, a directory nor a Hub id")
+        hint = " (the demo AST: run `python train.py experiment=audio_upstream` once)" if p.name == "ast_demo.safetensors" else ""
+        raise WeightsUnavailableError(f"AST weights not found: {weights} is neither a file, a directory nor a Hub id{hint}")
     hint = ("Download it where the hub is reachable (huggingface-cli download "
             f"{weights}) and pass the folder as backbone.weights=/path/to/folder, or use backbone.weights=null.")
     with hub_errors(f"AST checkpoint {weights!r}", hint):
