@@ -75,10 +75,10 @@ class Row:
 class InputBias(nn.Module):
     """The frozen floor: a trainable per-channel input bias in front of a frozen model."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, shape: tuple[int, ...] = (1, 3, 1, 1)):
         super().__init__()
         self.model = model
-        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(*shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x + self.bias)
@@ -115,7 +115,8 @@ class Built:
 
 def synthetic_batches(args, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(args.device),
+    shape = (args.batch_size, args.max_length, 128) if args.backbone == "ast" else (args.batch_size, 3, args.img_size, args.img_size)
+    return [(torch.randn(*shape, generator=g).to(args.device),
              torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(args.device)) for _ in range(n)]
 
 
@@ -124,13 +125,16 @@ def build(args, row: Row) -> Built:
     kw: dict[str, Any] = {}
     if args.depth is not None:
         kw["depth"] = args.depth
-    bb = zoo.create_backbone("vit", model=args.model, pretrained=False, img_size=args.img_size, **kw)
+    if args.backbone == "ast":  # fbank input [B, max_length, 128]
+        bb = zoo.create_backbone("ast", model=args.model, pretrained=False, max_length=args.max_length, **kw)
+    else:
+        bb = zoo.create_backbone("vit", model=args.model, pretrained=False, img_size=args.img_size, **kw)
     base_params = sum(p.numel() for p in bb.parameters())
     clf = zoo.ImageClassifier(bb, args.num_classes).to(args.device)
     if row.kind == "floor":
         for p in clf.parameters():
             p.requires_grad_(False)
-        model: nn.Module = InputBias(clf).to(args.device)
+        model: nn.Module = InputBias(clf, (1, 1, 1) if args.backbone == "ast" else (1, 3, 1, 1)).to(args.device)
         plain = clf
     elif row.kind == "zoo":
         zoo.apply_adapter(clf, row.adapter, **row.config)
@@ -291,7 +295,8 @@ def peak_memory(args, row: Row) -> int | None:
 
 
 def child_argv(args) -> list[str]:
-    a = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+    a = ["--backbone", args.backbone, "--max-length", str(args.max_length),
+         "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
          "--device", args.device, "--num-classes", str(args.num_classes), "--threads", str(args.threads)]
     if args.depth is not None:
         a += ["--depth", str(args.depth)]
@@ -381,7 +386,11 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_small_patch16_224", help="any timm ViT name")
+    p.add_argument("--backbone", choices=["vit", "ast"], default="vit",
+                   help="vit (images) or ast (Audio Spectrogram Transformer on [B, max_length, 128] fbanks)")
+    p.add_argument("--max-length", type=int, default=1024, help="AST input frames (--backbone ast)")
+    p.add_argument("--model", default=None,
+                   help="any timm ViT name (default vit_small_patch16_224; deit_small_distilled_patch16_224 for ast)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (tiny test models)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -399,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
     p.add_argument("--_memory-row", dest="memory_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "deit_small_distilled_patch16_224" if args.backbone == "ast" else "vit_small_patch16_224"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -465,6 +476,10 @@ def table_cells(r: dict) -> list[str]:
             _fmt_ratio(r["merged_x_floor"]), _fmt_ratio(r["merged_x_peft"])]
 
 
+def input_desc(args) -> str:
+    return f"{args.max_length} frames (AST)" if args.backbone == "ast" else f"{args.img_size}px"
+
+
 def environment(args) -> str:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
     return f"torch {torch.__version__}, {dev}"
@@ -472,7 +487,8 @@ def environment(args) -> str:
 
 def markdown(res: dict, args, cmd: str) -> str:
     lines = [
-        f"# Adapter cost: {args.model} at {args.img_size} px, batch {args.batch_size}, {args.device}",
+        f"# Adapter cost: {args.model} at "
+        f"{f'{args.max_length} frames (AST)' if args.backbone == 'ast' else f'{args.img_size} px'}, batch {args.batch_size}, {args.device}",
         "",
         f"Command: `{cmd}`  ",
         f"Environment: {environment(args)}; {args.repeats} interleaved rounds × {args.steps} timed calls per row "
@@ -524,7 +540,7 @@ def print_rich(res: dict, args) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}")
+    t = Table(title=f"{args.model} @ {input_desc(args)}, batch {args.batch_size}, {args.device}")
     for c in COLUMNS:
         t.add_column(c, justify="left" if c in ("method", "config") else "right")
     for r in res["rows"]:
@@ -559,7 +575,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
     ax.axhline(1.0, color="grey", lw=0.7, ls="--")
     ax.set_xlabel("trainable parameters (% of backbone, log scale)")
     ax.set_ylabel(f"training step time / {FLOOR}")
-    ax.set_title(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}", fontsize=10)
+    ax.set_title(f"{args.model} @ {input_desc(args)}, batch {args.batch_size}, {args.device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -52,7 +52,7 @@ TASK_KINDS: Registry = Registry("task kind")
 
 # Modules that define task kinds; :func:`task_kinds` imports them all (a new kind adds its module).
 TASK_MODULES: list[str] = ["tasks.classification", "tasks.multitask", "tasks.regression", "tasks.fewshot", "tasks.segmentation",
-                          "tasks.forecasting"]
+                          "tasks.forecasting", "tasks.audio"]
 
 
 def register_task(name: str):
@@ -208,7 +208,8 @@ class ZooTask(L.LightningModule):
     def configure_optimizers(self):
         c = self.optim_cfg
         groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
-        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]),
+                                eps=float(c.get("eps", 1e-8)))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         if self.sched_cfg.get("cosine_epochs"):

@@ -34,7 +34,7 @@ def test_registries_list_names():
     assert {"linear", "full", "bitfit", "lora", "adapter", "vpt", "ssf"} <= set(zoo.list_adapters())
     with pytest.raises(KeyError, match="valid adapters: .*lora"):
         zoo.apply_adapter(tiny_vit(), "nope")
-    with pytest.raises(KeyError, match="valid backbones: clip, .*vit"):
+    with pytest.raises(KeyError, match="valid backbones: .*clip, .*vit"):
         zoo.create_backbone("resnet")
 
 

@@ -16,6 +16,15 @@ Houlsby et al. do ("we also train the layer normalization parameters"); the defa
 trains only the adapters (a deviation from the paper for ``houlsby``, kept so the three styles
 compare at equal budgets; ``experiment=houlsby_vtab`` uses the paper's setting).
 
+``placement`` (PETL-AST: Cappellazzo et al., "Parameter-Efficient Transfer Learning of Audio
+Spectrogram Transformers", IEEE MLSP 2024, arXiv 2312.03694) crosses the Pfeiffer (MLP only) /
+Houlsby (attention and MLP) insertion with ``sequential`` (the adapter reads the sub-block's output:
+``out = h + F + A(F)``, PETL-AST's sequential-with-residual) or ``parallel`` (the adapter reads the
+sub-block's normalised input: ``out = h + F(LN(h)) + A(LN(h))``, PETL-AST's parallel without
+residual, its recommended setting). ``reduction_rate`` RR sets ``bottleneck = round(d / RR)``.
+PETL-AST's code zero-initialises *both* projections (the adapter then degenerates to a learned bias);
+here only the up-projection is zero, as its paper intends.
+
 Up-projections start at zero so the model is exactly unchanged at init (``init=houlsby`` draws
 both projections from N(0, 1e-2) for the paper's near-identity start instead). Not mergeable:
 the bottleneck is non-linear.
@@ -115,14 +124,24 @@ class BottleneckAdapter(Adapter):
 
     paper = "Houlsby et al. ICML 2019; Pfeiffer et al. EACL 2021; Chen et al. NeurIPS 2022 (AdaptFormer)"
     STYLES = ("houlsby", "pfeiffer", "adaptformer")
+    PLACEMENTS = ("sequential", "parallel")
 
     def __init__(self, style: str = "houlsby", bottleneck: int = 8, act: str | None = None,
                  scale: float | None = None, dropout: float = 0.0, layernorm: bool = False,
-                 init: str | None = None, adapter_input: str = "block", layers="all", train_norms: bool = False):
+                 init: str | None = None, adapter_input: str = "block", layers="all", train_norms: bool = False,
+                 placement: str | None = None, reduction_rate: float | None = None):
         super().__init__()
         self.train_norms = bool(train_norms)
         if style not in self.STYLES:
             raise ValueError(f"unknown adapter style {style!r}; valid styles: {', '.join(self.STYLES)}")
+        if placement is not None and placement not in self.PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; valid: {', '.join(self.PLACEMENTS)}")
+        if style == "adaptformer" and placement == "sequential":
+            raise ValueError("style=adaptformer is parallel by definition; use style=pfeiffer placement=sequential")
+        if reduction_rate is not None and float(reduction_rate) <= 0:
+            raise ValueError(f"reduction_rate must be > 0 (bottleneck = round(d / RR)), got {reduction_rate}")
+        self.placement = placement or ("parallel" if style == "adaptformer" else "sequential")
+        self.reduction_rate = None if reduction_rate is None else float(reduction_rate)
         if adapter_input not in ("block", "mlp"):
             raise ValueError("adapter_input must be 'block' (residual stream, as AdaptFormer) or 'mlp'")
         self.style, self.bottleneck, self.layers = style, int_option("adapter", "bottleneck", bottleneck), layers
@@ -143,11 +162,26 @@ class BottleneckAdapter(Adapter):
                 for p in s.base_module.parameters():
                     p.requires_grad_(True)
 
-    def _bottleneck(self, dim: int, like: nn.Module) -> Bottleneck:
+    def inner_dim(self, dim: int) -> int:
+        """``round(d / RR)`` with a reduction rate (at least 1), else ``bottleneck``."""
+        return self.bottleneck if self.reduction_rate is None else max(1, round(dim / self.reduction_rate))
+
+    def make_module(self, dim: int) -> nn.Module:
+        """The adapter function A (subclasses swap in another one, e.g. the Conformer adapter)."""
+        return Bottleneck(dim, self.inner_dim(dim), self.act, self.scale, self.dropout, self.layernorm, self.init)
+
+    def _bottleneck(self, dim: int, like: nn.Module) -> nn.Module:
         p = next(like.parameters())
-        return Bottleneck(dim, self.bottleneck, self.act, self.scale, self.dropout, self.layernorm, self.init).to(p.device, p.dtype)
+        return self.make_module(dim).to(p.device, p.dtype)
 
     def attach(self, backbone) -> None:
+        if self.style != "adaptformer" and self.placement == "parallel":
+            # PETL-AST parallel: A reads the sub-block's own (normalised) input
+            kinds = ["attn", "mlp"] if self.style == "houlsby" else ["mlp"]
+            for site in self.sites(kinds, self.layers):
+                dim = site_dim(site.module) if site.kind == "mlp" else _attn_out_dim(site.base_module)
+                self.replace(site, ParallelAdapter(site.module, self._bottleneck(dim, site.base_module)))
+            return
         if self.style == "adaptformer":
             mlps = self.sites("mlp", self.layers)
             norms = self.sites("norm2", self.layers) if self.adapter_input == "block" else [None] * len(mlps)

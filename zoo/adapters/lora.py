@@ -12,6 +12,10 @@ the q, k and/or v row blocks (litgpt's ``LoRAQKVLinear``): one wrapper holds one
 slice, and ``A`` for all slices is applied in a single matmul. The delta runs on activations
 (``x -> A -> B``); ``W0 + BA`` is only formed by ``merge``.
 
+PETL-AST (Cappellazzo et al., MLSP 2024) parameterises LoRA by a reduction rate RR instead of a rank:
+``reduction_rate=RR`` gives ``r = round(d_in / RR)`` and scaling ``alpha / RR``; its code also mirrors the
+init (``init=mirrored``: A = 0, B Kaiming-uniform), which still starts at ΔW = 0.
+
 :class:`LoRAConv2d` is the same delta for a convolution (used by CoLoRA): the kernel is factored
 as a ``C_out × (C_in·k·k)`` matrix, ``A`` runs as a conv with r output channels, ``B`` as a 1×1 conv.
 """
@@ -183,15 +187,23 @@ class LoRA(Adapter):
     supports_slices = True
     paper = "Hu et al., LoRA, ICLR 2022"
 
+    INITS = ("lora", "mirrored")
+
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 targets: list[str] = ("q", "v"), layers="all", scaling: str = "standard"):
+                 targets: list[str] = ("q", "v"), layers="all", scaling: str = "standard",
+                 reduction_rate: float | None = None, init: str = "lora"):
         super().__init__()
         self.rank = int_option("lora", "rank", rank)
         self.alpha = float_option("lora", "alpha", alpha)
         self.dropout = dropout_option("lora", dropout)
         lora_scaling(1.0, 1, scaling)  # validates the name
         self.scaling = scaling
+        if reduction_rate is not None:  # PETL-AST: rank = round(d_in / RR)
+            float_option("lora", "reduction_rate", reduction_rate, lo=0.0, lo_open=True)
+        if init not in self.INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; valid: {', '.join(self.INITS)} (mirrored: A=0, B Kaiming, PETL-AST)")
         self.targets, self.layers = list(targets), layers
+        self.reduction_rate, self.init = (None if reduction_rate is None else float(reduction_rate)), init
 
     def attach(self, backbone) -> None:
         sites = self.sites(self.targets, self.layers)
@@ -200,5 +212,14 @@ class LoRA(Adapter):
             raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
         for group in group_by_module(sites):
             slices = {s.kind: s.out_slice for s in group}
-            self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices,
-                                              self.scaling))
+            rank = self.rank
+            if self.reduction_rate is not None:  # PETL-AST: r = round(d_in / RR), scaling alpha / RR
+                rank = max(1, round(unwrap(group[0].module).in_features / self.reduction_rate))
+            w = self.replace(group[0], LoRALinear(group[0].module, rank, self.alpha, self.dropout, slices, self.scaling))
+            if self.reduction_rate is not None:
+                w.scaling = self.alpha / self.reduction_rate
+            if self.init == "mirrored":
+                with torch.no_grad():
+                    w.lora_A.zero_()
+                    for b in w.lora_B.values():
+                        nn.init.kaiming_uniform_(b, a=math.sqrt(5))

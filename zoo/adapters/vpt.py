@@ -7,6 +7,12 @@
 * ``deep``: each block i gets its own prompts P_i; the prompt outputs of block i are discarded
   and replaced by P_{i+1} (the paper's Eq. for VPT-deep).
 
+``replace_prefix=k`` (PETL-AST's prompt tuning on AST, Cappellazzo et al., IEEE MLSP 2024): the
+last k prefix tokens (AST's DIST token, k=1) are dropped before the first block and the prompts take
+their place after the remaining prefix (CLS); the prompts then stay in the output sequence, as in
+PETL-AST whose pooling sees them (``pooling=mean`` averages CLS, prompts and patches; ``cls_dist``
+averages CLS with the prompt in DIST's slot). Deep mode replaces the prompt slots at every block.
+
 Prompts are initialised uniformly in ±sqrt(6 / (3·patch² + d)) (the paper's Xavier-uniform over
 the patch-embedding fan), with optional prompt dropout. Not mergeable.
 """
@@ -26,13 +32,15 @@ class PromptedBlock(WrappedLayer):
     """Wraps block i: optionally inserts prompts before it and/or removes them after it."""
 
     def __init__(self, base: nn.Module, prompt: nn.Parameter | None, num_tokens: int, prefix: int,
-                 remove: bool, dropout: float = 0.0):
+                 remove: bool, dropout: float = 0.0, drop: int = 0):
         super().__init__(base)
         self.prompt = prompt
-        self.num_tokens, self.prefix, self.remove = num_tokens, prefix, remove
+        self.num_tokens, self.prefix, self.remove, self.drop = num_tokens, prefix, remove, drop
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.drop:  # replace_prefix: the last prefix tokens (AST's DIST) leave for the prompts
+            x = torch.cat([x[:, : self.prefix], x[:, self.prefix + self.drop:]], dim=1)
         if self.prompt is not None:  # insert (deep blocks first drop the previous block's prompts)
             p = self.dropout(self.prompt).unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, : self.prefix], p, x[:, self.prefix:]], dim=1)
@@ -48,12 +56,14 @@ class VPT(Adapter):
 
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
 
-    def __init__(self, mode: str = "deep", num_tokens: int = 10, dropout: float = 0.0, layers="all"):
+    def __init__(self, mode: str = "deep", num_tokens: int = 10, dropout: float = 0.0, layers="all",
+                 replace_prefix: int = 0):
         super().__init__()
         if mode not in ("deep", "shallow"):
             raise ValueError(f"unknown VPT mode {mode!r}; valid modes: deep, shallow")
         self.mode, self.num_tokens, self.layers = mode, int_option("vpt", "num_tokens", num_tokens), layers
         self.dropout = dropout_option("vpt", dropout)
+        self.replace_prefix = int(replace_prefix)
 
     def attach(self, backbone) -> None:
         if backbone.token_layout != "nld":
@@ -69,14 +79,25 @@ class VPT(Adapter):
             nn.init.uniform_(p, -bound, bound)
             return p
 
-        pre = backbone.num_prefix_tokens
+        pre, k = backbone.num_prefix_tokens, self.replace_prefix
+        if not 0 <= k < max(pre, 1):
+            raise SiteError(f"replace_prefix={k}: backbone {backbone.family!r} has {pre} prefix token(s); "
+                            f"the prompts may replace 0..{max(pre - 1, 0)} of them (the class token stays)")
+        if k and sites[0].layer != 0:
+            raise SiteError("replace_prefix needs the prompts to start at block 0 (layers must include 0)")
+        pre -= k
+        keep_out = k > 0  # replaced prefix tokens: the prompts stay in the output (PETL-AST)
         if self.mode == "deep":
-            for s in sites:
-                self.replace(s, PromptedBlock(s.module, new_prompt(), self.num_tokens, pre, True, self.dropout))
+            for j, s in enumerate(sites):
+                last = j == len(sites) - 1
+                self.replace(s, PromptedBlock(s.module, new_prompt(), self.num_tokens, pre, not (last and keep_out),
+                                              self.dropout, drop=k if j == 0 else 0))
         else:
             first, last = sites[0], sites[-1]
             if first is last:
-                self.replace(first, PromptedBlock(first.module, new_prompt(), self.num_tokens, pre, True, self.dropout))
+                self.replace(first, PromptedBlock(first.module, new_prompt(), self.num_tokens, pre, not keep_out,
+                                                  self.dropout, drop=k))
             else:
-                self.replace(first, PromptedBlock(first.module, new_prompt(), self.num_tokens, pre, False, self.dropout))
-                self.replace(last, PromptedBlock(last.module, None, self.num_tokens, pre, True))
+                self.replace(first, PromptedBlock(first.module, new_prompt(), self.num_tokens, pre, False, self.dropout, drop=k))
+                if not keep_out:
+                    self.replace(last, PromptedBlock(last.module, None, self.num_tokens, pre, True))

@@ -38,8 +38,16 @@ def _morph(**kw: Any) -> Backbone:
     return MORPHBackbone(**kw)
 
 
+
+def _ast(**kw: Any) -> Backbone:
+    from zoo.backbones.ast import ASTBackbone
+
+    return ASTBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
 register_backbone("morph")(_morph)
+register_backbone("ast")(_ast)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
 
