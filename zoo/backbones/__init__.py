@@ -32,7 +32,14 @@ def _clip(**kw: Any) -> Backbone:
     return CLIPBackbone(**kw)
 
 
+def _nafnet(**kw: Any) -> Backbone:
+    from zoo.backbones.nafnet import NAFNetBackbone
+
+    return NAFNetBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
+register_backbone("nafnet")(_nafnet)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
 
