@@ -38,10 +38,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from tasks.data import degradations as D
 from tasks.data.procedural import clean_image
@@ -304,4 +305,76 @@ def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+
+# ------------------------------------------------------------------------------------ DataModule
+DATASETS = ("prod", *TASKS)
+
+
+class RestorationDataModule(L.LightningDataModule):
+    """``task=restoration``'s data. ``dataset``: ``prod`` (PROD pairs on the fly from ``prod_train``
+    clean procedural images, validated and tested on ``prod_val`` fixed ones) or one of the six
+    single-degradation tasks read from its layout under ``root`` (``generate=true`` writes the
+    embedded one first). Images stay in [0, 1] (no normalisation, as NAFNet)."""
+
+    def __init__(self, root: str, dataset: str = "denoise", num_train: int | None = None, patch_size: int | None = 48,
+                 augment: bool = True, batch_size: int = 8, eval_batch_size: int = 1, num_workers: int = 0,
+                 generate: bool = False, generate_train: int = 128, generate_test: int = 16, image_size: int = 64,
+                 jpeg_quality: int = 20, prod_train: int = 512, prod_val: int = 16,
+                 degradation: dict | None = None, seed: int = 0):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown restoration dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        if num_train is not None and int(num_train) < 1:
+            raise ValueError(f"task.num_train={num_train}: a positive number of training pairs (16, 32, 64, 128) or null")
+        self.root, self.dataset, self.num_train = Path(root), dataset, num_train
+        self.patch, self.augment = patch_size, augment
+        self.batch_size, self.eval_batch_size, self.num_workers = int(batch_size), int(eval_batch_size), int(num_workers)
+        self.generate, self.gen_train, self.gen_test = bool(generate), int(generate_train), int(generate_test)
+        self.image_size, self.jpeg_quality = int(image_size), int(jpeg_quality)
+        self.prod_train, self.prod_val = int(prod_train), int(prod_val)
+        self.deg_cfg = D.DegradationConfig.from_dict(degradation)
+        self.seed = int(seed)
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def has_val(self) -> bool:
+        return True
+
+    def prepare_data(self) -> None:
+        if self.generate and self.dataset != "prod":
+            generate(self.dataset, self.root, self.gen_train, self.gen_test, self.image_size, 0,
+                     self.jpeg_quality, self.deg_cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.dataset == "prod":
+            self.train_set = ProdDataset(self.num_train or self.prod_train, self.image_size, self.deg_cfg, self.seed)
+            # validation/test: fixed PROD pairs of other clean images (seed 10⁶, epoch 0 always)
+            self.val_set = self.test_set = ProdDataset(self.prod_val, self.image_size, self.deg_cfg, 1_000_000,
+                                                       image_seed_offset=2_000_000)
+            return
+        train = subset(find_pairs(self.dataset, self.root, "train", self.jpeg_quality), self.num_train, self.seed)
+        test = find_pairs(self.dataset, self.root, "test", self.jpeg_quality)
+        self.train_set = PairedDataset(train, self.patch, self.augment, self.seed)
+        self.val_set = self.test_set = PairedDataset(test)  # these benchmarks have no separate val split
+
+    def _loader(self, ds, train: bool):
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          num_workers=self.num_workers, drop_last=False,
+                          persistent_workers=False)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)
+
+    def predict_dataloader(self):
+        return self._loader(self.test_set, False)
 
