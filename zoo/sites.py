@@ -20,6 +20,8 @@ counterpart, and map their 1×1 output projection / per-pixel MLP convs to ``o``
 ``conv_pw``   the pointwise (1×1) conv that feeds a depthwise conv
 ``conv_dw``   the depthwise (grouped) spatial conv
 ``conv_sca``  the 1×1 conv of a channel-attention (squeeze) branch
+``conv1``     the first dense spatial (k×k) conv of a residual / decoder block (U-Net)
+``conv2``     the second one
 ============  =============================================================
 
 Adapters ask for sites by these names and a layer selection, never by module path. A site
@@ -33,9 +35,9 @@ from typing import Iterable, Sequence, Union
 from torch import nn
 
 SITE_KINDS = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "attn", "mlp", "norm1", "norm2", "tokens",
-              "conv_pw", "conv_dw", "conv_sca")
+              "conv_pw", "conv_dw", "conv_sca", "conv1", "conv2")
 LINEAR_SITES = ("q", "k", "v", "qkv", "o", "fc1", "fc2")
-CONV_SITES = ("conv_pw", "conv_dw", "conv_sca")  # sites that are only ever convolutions
+CONV_SITES = ("conv_pw", "conv_dw", "conv_sca", "conv1", "conv2")  # sites that are only ever convolutions
 
 Layers = Union[str, int, Sequence[int], None]
 

@@ -38,7 +38,14 @@ def _nafnet(**kw: Any) -> Backbone:
     return NAFNetBackbone(**kw)
 
 
+def _unet(**kw: Any) -> Backbone:
+    from zoo.backbones.unet import UNetBackbone
+
+    return UNetBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
+register_backbone("unet")(_unet)
 register_backbone("nafnet")(_nafnet)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)

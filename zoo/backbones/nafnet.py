@@ -174,6 +174,7 @@ class NAFNetBackbone(Backbone):
     """``zoo.create_backbone("nafnet", width=32, layout="sidd")``: an image-to-image restoration model."""
 
     family = "nafnet"
+    image_to_image = True  # forward(x) is the restored image (task=restoration checks this)
     site_map = NAF_SITES
     token_layout = "nchw"  # a CNN: no token sequence, no 'tokens' site
 
