@@ -72,7 +72,8 @@ class RestorationTask(ZooTask):
             values = fn(pred.detach(), target, **self.metric_cfg)
             m = self.means[f"{stage}_{name}"]
             m.update(values)
-            self.log(f"{stage}/{name}", m, on_step=False, on_epoch=True, prog_bar=stage == "val" and name == "psnr")
+            self.log(f"{stage}/{name}", m, on_step=False, on_epoch=True, prog_bar=stage == "val" and name == "psnr",
+                     batch_size=len(pred))
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluation forward: tiled when ``task.tile`` is set."""
@@ -88,7 +89,7 @@ class RestorationTask(ZooTask):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = self.split_batch(batch)
         out = self.restore(x)
-        self.log("val/loss", self.loss_fn(out, y), on_epoch=True, sync_dist=True)
+        self.log("val/loss", self.loss_fn(out, y), on_epoch=True, sync_dist=True, batch_size=len(x))
         self.update_metrics("val", out, y)
         if batch_idx == 0 and self.log_images > 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.log_side_by_side(x, out, y)
