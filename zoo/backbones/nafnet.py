@@ -180,7 +180,10 @@ class NAFNetBackbone(Backbone):
 
     def __init__(self, width: int = 32, layout: str = "sidd", enc_blk_nums: list[int] | None = None,
                  middle_blk_num: int | None = None, dec_blk_nums: list[int] | None = None, img_channel: int = 3,
-                 drop_out_rate: float = 0.0, weights: str | None = None, pretrained: bool = False):
+                 drop_out_rate: float = 0.0, weights: str | None = None, pretrained: bool = False,
+                 model: str | None = None, img_size: int | None = None):
+        """``model``: the name recorded in artifacts (default ``nafnet_w<width>_<layout>``); ``img_size``:
+        the nominal input size of ``data_config`` (NAFNet takes any size)."""
         if layout not in (*LAYOUTS, "custom"):
             raise ValueError(f"unknown NAFNet layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}, custom")
         if pretrained and not weights:
@@ -201,10 +204,11 @@ class NAFNetBackbone(Backbone):
         build = dict(width=int(width), layout=layout, enc_blk_nums=enc, middle_blk_num=mid, dec_blk_nums=dec,
                      img_channel=img_channel, drop_out_rate=float(drop_out_rate))
         tag = f"file:{Path(weights).name}" if weights else None
-        super().__init__(net, f"nafnet_w{int(width)}_{layout}", tag, build)
+        super().__init__(net, model or f"nafnet_w{int(width)}_{layout}", tag, build)
         self.feature_dim = img_channel
         self.img_channel = img_channel
-        self.data_config = dict(input_size=(img_channel, 256, 256), mean=(0.0,) * img_channel,
+        size = int(img_size or 256)
+        self.data_config = dict(input_size=(img_channel, size, size), mean=(0.0,) * img_channel,
                                 std=(1.0,) * img_channel)
         self._paths = block_paths(net)
 

@@ -43,7 +43,8 @@ class UNetBackbone(Backbone):
 
     def __init__(self, encoder: str = "resnet18", encoder_depth: int = 5,
                  decoder_channels: list[int] | None = None, img_channel: int = 3, residual: bool = True,
-                 weights: str | None = None, pretrained: bool = False):
+                 weights: str | None = None, pretrained: bool = False, model: str | None = None,
+                 img_size: int | None = None):
         import segmentation_models_pytorch as smp
 
         if pretrained and not weights:
@@ -67,10 +68,11 @@ class UNetBackbone(Backbone):
                                               f"unexpected {unexpected[:5]}")
         build = dict(encoder=encoder, encoder_depth=depth, decoder_channels=decoder_channels,
                      img_channel=img_channel, residual=bool(residual))
-        super().__init__(net, f"unet_{encoder}", f"file:{Path(weights).name}" if weights else None, build)
+        super().__init__(net, model or f"unet_{encoder}", f"file:{Path(weights).name}" if weights else None, build)
         self.feature_dim = self.img_channel = img_channel
         self.residual, self.multiple = bool(residual), 2 ** depth
-        self.data_config = dict(input_size=(img_channel, 256, 256), mean=(0.0,) * img_channel, std=(1.0,) * img_channel)
+        size = int(img_size or 256)
+        self.data_config = dict(input_size=(img_channel, size, size), mean=(0.0,) * img_channel, std=(1.0,) * img_channel)
         # encoder stages the forward uses: layer1 .. layer{depth-1} (the stem is stage 1)
         used = {f"encoder.layer{k}" for k in range(1, depth)}
         self._paths = [n for n, m in net.named_modules()
