@@ -155,8 +155,12 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     (base / "target" / "002.png").unlink()
     with pytest.raises(FileNotFoundError, match="002.png has no pair"):
         R.find_pairs("derain", tmp_path, "train")
-    with pytest.raises(FileExistsError, match="not written by this generator"):
-        R.generate("derain", tmp_path, num_train=5, num_test=2, size=16)
+    # other settings replace our embedded data; data we did not write is never touched
+    R.generate("derain", tmp_path, num_train=5, num_test=2, size=16)
+    assert len(R.find_pairs("derain", tmp_path, "train")) == 5
+    (tmp_path / "rain100l" / ".embedded").unlink()  # now it looks like a user's real data
+    R.generate("derain", tmp_path, num_train=7, num_test=2, size=16)
+    assert len(R.find_pairs("derain", tmp_path, "train")) == 5
 
 
 def test_prod_dataset_is_reproducible_and_varies_by_epoch():

@@ -14,7 +14,7 @@ import zoo
 from tasks.restoration_ops import psnr, ssim
 from tests.helpers import compose_config, run_train
 
-TINY = ["experiment=tiny_restore", "data.generate_test=2", "trainer.limit_train_batches=2"]
+TINY = ["experiment=tiny_restore", "trainer.limit_train_batches=2"]
 
 
 def rebuild(overrides: list[str], out_dir: str):
@@ -83,7 +83,8 @@ def test_config_errors_are_one_line(tmp_path):
 
     with pytest.raises(SystemExit, match="error: task=restoration needs an image-to-image backbone"):
         with user_errors():
-            build_task(compose_config(["experiment=tiny_restore", "backbone=vit", "adapter=full"]))
+            build_task(compose_config(["task=restoration", "backbone=vit", "backbone.model=vit_tiny_patch16_224",
+                                       "backbone.pretrained=false", "backbone.img_size=32", "adapter=full"]))
     with pytest.raises(SystemExit, match="error: backbone 'nafnet' .* has no site 'q'"):
         with user_errors():
             build_task(compose_config(["experiment=tiny_restore", "adapter=lora"]))

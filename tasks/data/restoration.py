@@ -268,20 +268,21 @@ def _layout_paths(task: str, split: str, i: int, jpeg_quality: int) -> tuple[str
 
 def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 16, size: int = 64, seed: int = 0,
              jpeg_quality: int = 20, cfg: D.DegradationConfig | None = None) -> Path:
-    """Write the embedded ``task`` into its layout under ``root`` (atomically; a no-op if present).
+    """Write the embedded ``task`` into its layout under ``root``, atomically.
 
+    A no-op when the folder holds the embedded data with these settings, or data that this
+    generator did not write (real data: read as is). Embedded data with other settings is replaced.
     Clean images: train ``seed·10⁶ + i``, test ``seed·10⁶ + 500 000 + i`` (disjoint).
     """
     if task not in TASKS:
         raise ValueError(f"unknown restoration task {task!r}; valid: {', '.join(TASKS)}")
     root = Path(root)
     top = _layout_paths(task, "train", 0, jpeg_quality)[0].split("/")[0]
-    stamp = root / top / f".embedded_{task}_{num_train}_{num_test}_{size}_{seed}"
-    if stamp.is_file():
-        return root
+    settings = f"{task} train={num_train} test={num_test} size={size} seed={seed} jpeg_quality={jpeg_quality}\n"
+    stamp = root / top / ".embedded"
     if (root / top).exists():
-        raise FileExistsError(f"{root / top} exists but was not written by this generator with these settings "
-                              f"({stamp.name}); delete it or set data.generate=false to read it as is")
+        if not stamp.is_file() or stamp.read_text() == settings:
+            return root  # real data (never overwritten), or ours already
     cfg = cfg or D.DegradationConfig()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_{top}_"))
@@ -300,7 +301,11 @@ def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 
                         pil.save(p, format="JPEG", quality=jpeg_quality if task == "jpeg" else 95)
                     else:
                         pil.save(p, format="PNG")
-        (tmp / top / stamp.name).write_text("embedded procedural data (tasks/data/restoration.py)\n")
+        (tmp / top / stamp.name).write_text(settings)
+        if (root / top).exists():  # our embedded data with other settings: swap it out
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".old_{top}_"))
+            os.replace(root / top, old / top)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp / top, root / top)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
