@@ -37,7 +37,7 @@ class RestorationTask(ZooTask):
     columns = (Column("val/psnr", "val PSNR", "float"), Column("val/ssim", "val SSIM", "float"),
                Column("test/psnr", "test PSNR", "float"), Column("test/ssim", "test SSIM", "float"))
     predict_output = "images"
-    tiny_overrides = ("experiment=tiny_restore",)
+    tiny_overrides = ("experiment=tiny_restore", "adapter=lora_conv")  # conv LoRA: NAFNet has no q/v
 
     def __init__(self, backbone: dict, adapter: dict, loss: str = "psnr", metric: dict | None = None,
                  tile: int | None = None, tile_overlap: int = 32, log_images: int = 4, predict_dir: str | None = None,
