@@ -13,6 +13,17 @@ A backbone describes each transformer block with the same names (see DESIGN.md):
 ``tokens``  the token sequence entering the block (prompts, query tokens)
 ==========  ===============================================================
 
+Convolutional blocks (NAFNet) add three kinds for convolutions without a transformer
+counterpart, and map their 1×1 output projection / per-pixel MLP convs to ``o``/``fc1``/``fc2``:
+
+============  =============================================================
+``conv_pw``   the pointwise (1×1) conv that feeds a depthwise conv
+``conv_dw``   the depthwise (grouped) spatial conv
+``conv_sca``  the 1×1 conv of a channel-attention (squeeze) branch
+``conv1``     the first dense spatial (k×k) conv of a residual / decoder block (U-Net)
+``conv2``     the second one
+============  =============================================================
+
 Adapters ask for sites by these names and a layer selection, never by module path. A block may
 hold several sites of one kind (MORPH: ``q`` of each axial attention), and a backbone may add
 model-level kinds of its own (``extra_site_kinds``, resolved by ``backbone.extra_sites(kind)``). A site
@@ -25,8 +36,10 @@ from typing import Iterable, Sequence, Union
 
 from torch import nn
 
-SITE_KINDS = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "attn", "mlp", "norm1", "norm2", "tokens")
+SITE_KINDS = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "attn", "mlp", "norm1", "norm2", "tokens",
+              "conv_pw", "conv_dw", "conv_sca", "conv1", "conv2")
 LINEAR_SITES = ("q", "k", "v", "qkv", "o", "fc1", "fc2")
+CONV_SITES = ("conv_pw", "conv_dw", "conv_sca", "conv1", "conv2")  # sites that are only ever convolutions
 
 Layers = Union[str, int, Sequence[int], None]
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, float_option, int_option, rank_fits
-from zoo.sites import LINEAR_SITES, SITE_KINDS, SiteError, unwrap
+from zoo.sites import CONV_SITES, LINEAR_SITES, SITE_KINDS, SiteError, unwrap
 
 
 class LoRALinear(WrappedLayer):
@@ -118,16 +118,21 @@ class LoRAConv2d(WrappedLayer):
         y = conv(x; W0) + b + (alpha / r) · B ⊛ conv(x; A),   ΔW = (alpha/r) · (B · A.flatten(1)).view_as(W0).
 
     Kaiming-uniform ``A`` (as nn.Conv2d initialises its kernel) and zero ``B``: unchanged at init.
-    Grouped convolutions are not supported (their kernel is not one ``C_out × C_in·k²`` matrix).
+
+    Grouped (e.g. depthwise) convolutions: the kernel ``(C_out, C_in/g, kh, kw)`` is factored as a
+    ``C_out × (C_in/g·kh·kw)`` matrix (for a depthwise 3×3: ``C × 9``, so r ≤ 9 is meaningful) and the
+    delta runs as ``conv(x; ΔW, groups=g)``. This materialises ΔW, which for a grouped conv is
+    cheaper than the activation path (that would need g·r intermediate maps; ΔW has only C_out·C_in/g·k²
+    entries). A reconstruction (LoRA papers do not treat grouped convs); ``grouped=False`` refuses them.
     """
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0, grouped: bool = True):
         super().__init__(base)
         conv = unwrap(base)
         if not isinstance(conv, nn.Conv2d):
             raise SiteError(f"LoRAConv2d needs an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise SiteError(f"LoRAConv2d supports groups=1 only, got a Conv2d with groups={conv.groups}")
+        if conv.groups != 1 and not grouped:
+            raise SiteError(f"LoRAConv2d: a Conv2d with groups={conv.groups} (grouped/depthwise) is refused here")
         w = conv.weight
         rank_fits(type(self).__name__, "rank", rank, w[0].numel(), w.shape[0], "conv")
         self.rank, self.scaling = rank, alpha / rank
@@ -143,8 +148,11 @@ class LoRAConv2d(WrappedLayer):
         out = self.base(x)
         if self.merged:
             return out
+        conv = self.conv()
+        if conv.groups != 1:  # see the class docstring: a small kernel, cheaper than g·r maps
+            return out + conv._conv_forward(self.dropout(x), self.delta_weight(), None)
         # the base conv's own _conv_forward applies its padding mode, stride and dilation to A
-        h = self.conv()._conv_forward(self.dropout(x), self.lora_A, None)
+        h = conv._conv_forward(self.dropout(x), self.lora_A, None)
         return out + F.conv2d(h, self.lora_B[:, :, None, None]) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
@@ -181,7 +189,11 @@ def group_by_module(sites):
 
 @register_adapter("lora")
 class LoRA(Adapter):
-    """LoRA on any Linear site (default q and v of every block, as in the paper)."""
+    """LoRA on any Linear site (default q and v of every block, as in the paper).
+
+    On a convolutional backbone (NAFNet) the sites are Conv2d layers and get :class:`LoRAConv2d`,
+    e.g. ``targets=[conv_pw, o, fc1, fc2]`` (the 1×1 convs) or with ``conv_dw`` (depthwise 3×3).
+    """
 
     mergeable = True
     supports_slices = True
@@ -207,10 +219,17 @@ class LoRA(Adapter):
 
     def attach(self, backbone) -> None:
         sites = self.sites(self.targets, self.layers)
-        bad = [t for t in self.targets if t in SITE_KINDS and t not in LINEAR_SITES]  # backbone kinds: checked per layer
+        valid = LINEAR_SITES + CONV_SITES
+        bad = [t for t in self.targets if t in SITE_KINDS and t not in valid]  # backbone kinds: checked per layer
         if bad:
-            raise SiteError(f"LoRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
+            raise SiteError(f"LoRA attaches to Linear and convolution sites {valid}, not {bad}")
         for group in group_by_module(sites):
+            base = unwrap(group[0].module)
+            if isinstance(base, nn.Conv2d):  # a CNN's site (NAFNet): conv LoRA on the whole kernel
+                self.replace(group[0], LoRAConv2d(group[0].module, self.rank, self.alpha, self.dropout))
+                continue
+            if not isinstance(base, nn.Linear):
+                raise SiteError(f"LoRA adapts Linear and Conv2d layers; {group[0].path} is a {type(base).__name__}")
             slices = {s.kind: s.out_slice for s in group}
             rank = self.rank
             if self.reduction_rate is not None:  # PETL-AST: r = round(d_in / RR), scaling alpha / RR

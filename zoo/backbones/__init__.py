@@ -38,16 +38,30 @@ def _morph(**kw: Any) -> Backbone:
     return MORPHBackbone(**kw)
 
 
-
 def _ast(**kw: Any) -> Backbone:
     from zoo.backbones.ast import ASTBackbone
 
     return ASTBackbone(**kw)
 
 
+
+def _nafnet(**kw: Any) -> Backbone:
+    from zoo.backbones.nafnet import NAFNetBackbone
+
+    return NAFNetBackbone(**kw)
+
+
+def _unet(**kw: Any) -> Backbone:
+    from zoo.backbones.unet import UNetBackbone
+
+    return UNetBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
 register_backbone("morph")(_morph)
 register_backbone("ast")(_ast)
+register_backbone("unet")(_unet)
+register_backbone("nafnet")(_nafnet)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
 

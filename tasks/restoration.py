@@ -1,0 +1,129 @@
+"""Image restoration (``task=restoration``): an image-to-image backbone (NAFNet) restores degraded images.
+
+The task kind CoLoRA (Park et al., ECCV 2024, arXiv 2408.01099) was proposed for: PROD
+pre-training (``data.dataset=prod``) and few-image fine-tuning on one real degradation
+(``data.dataset=denoise|deblur|derain|dehaze|lowlight|jpeg`` with ``task.num_train=16|32|64|128``).
+
+* model: the backbone itself (no head); it must be image-to-image (``backbone.image_to_image``);
+* loss: ``psnr`` (NAFNet's PSNRLoss, default) | ``l1`` | ``mse`` (:mod:`tasks.restoration_ops`);
+* metrics: PSNR and SSIM per image, averaged over the split (``val/psnr`` selects the checkpoint,
+  higher is better), with the convention of ``task.metric`` (``crop_border``, ``y_channel``,
+  ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD);
+* evaluation runs tiled when ``task.tile`` is set (``tile_overlap`` pixels of context per tile);
+* validation writes ``input | output | target`` strips of the first ``log_images`` images to
+  ``<run>/val_images/epoch<E>.png`` (and to TensorBoard when that logger is on);
+* ``predict_step`` returns ``{"images": restored}`` and, with ``task.predict_dir``, writes each as
+  ``<predict_dir>/<input name>.png``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+
+import zoo
+from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
+from tasks.restoration_ops import LOSSES, psnr, restoration_loss, save_png, side_by_side, ssim, tiled_forward
+
+STAGES = ("train", "val", "test")
+
+
+@register_task("restoration")
+class RestorationTask(ZooTask):
+    monitor_default = "val/psnr"
+    mode_default = "max"
+    columns = (Column("val/psnr", "val PSNR", "float"), Column("val/ssim", "val SSIM", "float"),
+               Column("test/psnr", "test PSNR", "float"), Column("test/ssim", "test SSIM", "float"))
+    predict_output = "images"
+    tiny_overrides = ("experiment=tiny_restore", "adapter=lora_conv")  # conv LoRA: NAFNet has no q/v
+
+    def __init__(self, backbone: dict, adapter: dict, loss: str = "psnr", metric: dict | None = None,
+                 tile: int | None = None, tile_overlap: int = 32, log_images: int = 4, predict_dir: str | None = None,
+                 optimizer: dict | None = None, scheduler: dict | None = None, monitor: str | None = None,
+                 monitor_mode: str | None = None, **meta: Any):
+        super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
+        if loss not in LOSSES:
+            raise ValueError(f"task.loss={loss!r}; valid: {', '.join(LOSSES)}")
+        metric = {"crop_border": 0, "y_channel": False, "quantize": True, **(metric or {})}
+        unknown = sorted(set(metric) - {"crop_border", "y_channel", "quantize"})
+        if unknown:
+            raise ValueError(f"unknown task.metric option(s) {unknown}; valid: crop_border, y_channel, quantize")
+        self.save_hyperparameters()
+        bb = create_backbone(backbone)
+        if not getattr(bb, "image_to_image", False):
+            raise ValueError(f"task=restoration needs an image-to-image backbone (backbone=nafnet); "
+                             f"backbone={bb.family} outputs features")
+        self.model = attach_adapter(bb, adapter)
+        self.loss_name, self.metric_cfg = loss, metric
+        self.tile, self.tile_overlap = tile, int(tile_overlap)
+        self.log_images, self.predict_dir = int(log_images), predict_dir
+        self.means = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in STAGES for m in ("psnr", "ssim")})
+
+    # ------------------------------------------------------------------ the problem
+    def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return restoration_loss(self.loss_name, pred, target)
+
+    def update_metrics(self, stage: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        names = ("psnr",) if stage == "train" else ("psnr", "ssim")  # SSIM per training step is not worth it
+        for name in names:
+            fn = psnr if name == "psnr" else ssim
+            values = fn(pred.detach(), target, **self.metric_cfg)
+            m = self.means[f"{stage}_{name}"]
+            m.update(values)
+            self.log(f"{stage}/{name}", m, on_step=False, on_epoch=True, prog_bar=stage == "val" and name == "psnr",
+                     batch_size=len(pred))
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward: tiled when ``task.tile`` is set."""
+        return tiled_forward(self.model, x, self.tile, self.tile_overlap) if self.tile else self.model(x)
+
+    # ------------------------------------------------------------------ steps
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        ds = getattr(dm, "train_set", None)
+        if ds is not None and hasattr(ds, "epoch"):
+            ds.epoch = self.current_epoch  # fresh crops / PROD draws per epoch, reproducibly
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = self.split_batch(batch)
+        out = self.restore(x)
+        self.log("val/loss", self.loss_fn(out, y), on_epoch=True, sync_dist=True, batch_size=len(x))
+        self.update_metrics("val", out, y)
+        if batch_idx == 0 and self.log_images > 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.log_side_by_side(x, out, y)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = self.split_batch(batch)
+        self.update_metrics("test", self.restore(x), y)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        out = self.restore(x).clamp(0, 1)
+        if self.predict_dir:
+            names = batch[2] if isinstance(batch, (list, tuple)) and len(batch) > 2 else \
+                [f"{batch_idx:05d}_{i}" for i in range(len(out))]
+            for img, name in zip(out, names):
+                save_png(img, Path(self.predict_dir) / f"{name}.png")
+        return {self.predict_output: out}
+
+    # ------------------------------------------------------------------ images
+    def log_side_by_side(self, x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> Path:
+        """``input | output | target`` of the first images, one row each, as a PNG (and to TensorBoard)."""
+        n = min(self.log_images, len(x))
+        rows = [side_by_side(x[i], out[i], y[i]) for i in range(n)]
+        gap = torch.ones(rows[0].shape[0], 2, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
+        grid = torch.cat([t for r in rows for t in (r, gap)][:-1], dim=1)
+        path = save_png(grid, Path(self.trainer.default_root_dir) / "val_images" / f"epoch{self.current_epoch:03d}.png")
+        for lg in self.trainer.loggers:
+            exp = getattr(lg, "experiment", None)
+            if hasattr(exp, "add_image"):
+                exp.add_image("val/input_output_target", grid.clamp(0, 1).cpu(), self.global_step)
+        return path
+
+
+def trainable_percent(model: torch.nn.Module) -> float:
+    """Trainable parameters as a % of the backbone's (the number CoLoRA's ~7% refers to)."""
+    trainable, _ = zoo.count_parameters(model)
+    return 100.0 * trainable / max(1, zoo.count_parameters(zoo.find_backbone(model))[1])
