@@ -58,7 +58,7 @@ class VPT(Adapter):
         if backbone.token_layout != "nld":
             raise SiteError(f"backbone {backbone.family!r} has no site 'tokens' (its tokens are {backbone.token_layout}); VPT needs it")
         sites = self.sites("tokens", self.layers)
-        dim = backbone.feature_dim if backbone.family != "clip" else backbone.model.transformer.width
+        dim = getattr(backbone, "token_dim", None) or (backbone.feature_dim if backbone.family != "clip" else backbone.model.transformer.width)
         patch = getattr(backbone, "patch_size", 16)
         bound = math.sqrt(6.0 / float(3 * patch * patch + dim))
         ref = next(backbone.parameters())

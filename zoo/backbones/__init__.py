@@ -32,9 +32,16 @@ def _clip(**kw: Any) -> Backbone:
     return CLIPBackbone(**kw)
 
 
+def _coca(**kw: Any) -> Backbone:
+    from zoo.backbones.coca import CoCaBackbone
+
+    return CoCaBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
+register_backbone("coca")(_coca)
 
 
 def create_backbone(name: str, **options: Any) -> Backbone:
