@@ -228,9 +228,13 @@ SHAPES = ("square", "circle", "triangle")
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 TEMPLATES = ("a {c} {s} moves {d}", "a {c} {s} is moving {d}", "the {c} {s} slides {d}")
 SHAPES_SPLIT = (96, 24, 24)
+# palette=swapped: each colour *name* is drawn with another colour's RGB (a derangement), a
+# controlled domain shift for adaptation (the words are known, what they look like changed)
+PALETTES = {"standard": {c: c for c in COLOURS}, "swapped": {"red": "blue", "green": "red", "blue": "yellow", "yellow": "green"}}
 
 
-def render_clip(colour: str, shape: str, motion: str, rng: np.random.Generator, frames: int = 16) -> np.ndarray:
+def render_clip(colour: str, shape: str, motion: str, rng: np.random.Generator, frames: int = 16,
+                palette: str = "standard") -> np.ndarray:
     """(frames, 32, 32, 3) uint8: one shape crossing a noisy grey background in direction ``motion``."""
     from tasks.data.synthetic import _finish, shape_mask
 
@@ -244,7 +248,7 @@ def render_clip(colour: str, shape: str, motion: str, rng: np.random.Generator, 
     for t in range(frames):
         cx, cy = start + 0.6 * (t / max(frames - 1, 1)) * np.array([dx, dy])
         img = np.broadcast_to(bg, (64, 64, 3)).copy() + rng.normal(0, 0.03, (64, 64, 3))
-        img[shape_mask(kind, cx, cy, size, angle)] = COLOURS[colour]
+        img[shape_mask(kind, cx, cy, size, angle)] = COLOURS[PALETTES[palette][colour]]
         out.append(_finish(img))
     return np.stack(out)
 
@@ -265,8 +269,11 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
             c.mux(pkt)
 
 
-def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, seed: int = 0, frames: int = 16) -> Path:
+def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, seed: int = 0, frames: int = 16,
+                 palette: str = "standard") -> Path:
     """Write the moving-shapes set in the MSR-VTT layout (``msrvtt.json`` + ``videos/``) once, atomically."""
+    if palette not in PALETTES:
+        raise ValueError(f"unknown palette {palette!r}; valid: {', '.join(PALETTES)}")
     root = Path(root)
     final = root / "shapes"
     if (final / "msrvtt.json").is_file():
@@ -282,7 +289,7 @@ def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, s
         for i, name in enumerate(names):
             c, s, d = combos[int(rng.integers(len(combos)))] if name == "train" else combos[i % len(combos)]
             vid = f"video{i}"
-            write_video(tmp / "videos" / f"{vid}.mp4", render_clip(c, s, d, rng, frames))
+            write_video(tmp / "videos" / f"{vid}.mp4", render_clip(c, s, d, rng, frames, palette))
             videos.append({"video_id": vid, "split": name, "category": 0})
             sentences += [{"video_id": vid, "caption": t.format(c=c, s=s, d=d), "sen_id": len(sentences)} for t in TEMPLATES]
         (tmp / "msrvtt.json").write_text(json.dumps({"info": {"source": "adapter-zoo moving shapes"}, "videos": videos,
@@ -306,7 +313,8 @@ class CaptionDataModule(L.LightningDataModule):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, batch_size: int = 16,
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  max_train: int | None = None, max_eval: int | None = None,
-                 shapes_split: Sequence[int] = SHAPES_SPLIT, **_: object):
+                 shapes_split: Sequence[int] = SHAPES_SPLIT, palette: str = "standard", shapes_seed: int = 0,
+                 **_: object):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown captioning dataset {dataset!r}; valid: {', '.join(DATASETS)}")
@@ -316,12 +324,14 @@ class CaptionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.max_train, self.max_eval = num_workers, max_train, max_eval
         self.shapes_split = tuple(int(n) for n in shapes_split)
+        self.palette, self.shapes_seed = palette, int(shapes_seed)
         self.transform = frame_transform(img_size, mean, std)
         self.has_val = True
 
     def load_annotations(self) -> Annotations:
         if self.dataset == "shapes":
-            folder = write_shapes(self.root / "x".join(map(str, self.shapes_split)), self.shapes_split)
+            name = f"{self.palette}-{'x'.join(map(str, self.shapes_split))}-s{self.shapes_seed}"
+            folder = write_shapes(self.root / name, self.shapes_split, self.shapes_seed, palette=self.palette)
             return load_msrvtt(folder / "msrvtt.json", folder / "videos")
         if self.dataset == "msrvtt":
             return load_msrvtt(self.root / (self.annotations or "MSRVTT_data.json"), self.root / (self.video_dir or "videos"))

@@ -64,8 +64,12 @@ class CoCaBackbone(Backbone):
     token_layout = "nld"
 
     def __init__(self, model: str = "coca_ViT-B-32", pretrained: str | None = "mscoco_finetuned_laion2b_s13b_b90k",
-                 weights: str | None = None, fusion: str = "flatten", freeze_text: bool = True, **kwargs: Any):
+                 weights: str | None = None, fusion: str = "flatten", freeze_text: bool = True,
+                 img_size: int | None = None, **kwargs: Any):
         import open_clip
+
+        if img_size is not None and "vision_cfg" not in kwargs:
+            kwargs["force_image_size"] = int(img_size)
 
         coca_names = [m for m in open_clip.list_models() if m.startswith("coca")]
         if model not in coca_names:
@@ -298,3 +302,32 @@ def _transformers_version() -> str:
         return version("transformers")
     except Exception:
         return "none"
+
+
+class CoCaCaptioner(nn.Module):
+    """A :class:`CoCaBackbone` as a captioner (the "head" of the captioning task; it adds no weights).
+
+    ``forward({"frames", "text"})`` -> teacher-forced logits (B, L-1, V) (labels are ``text[:, 1:]``);
+    ``forward(frames)`` -> the image/video latent; ``generate(frames, **options)`` -> token ids.
+    """
+
+    def __init__(self, backbone: CoCaBackbone):
+        super().__init__()
+        if not isinstance(backbone, CoCaBackbone):
+            raise ValueError(f"the captioner needs backbone=coca, got {type(backbone).__name__}")
+        self.backbone = backbone
+
+    def head_spec(self) -> dict:
+        return {"type": "coca_captioner"}
+
+    @classmethod
+    def from_spec(cls, backbone: CoCaBackbone, spec: dict) -> "CoCaCaptioner":
+        return cls(backbone)
+
+    def forward(self, x):
+        if isinstance(x, dict):
+            return self.backbone.caption_logits(x["frames"], x["text"])[0]
+        return self.backbone(x)
+
+    def generate(self, frames: torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.backbone.generate(frames, **options)
