@@ -1,4 +1,9 @@
-"""Evaluate a saved adapter: ``python eval.py artifact=logs/runs/<run>/adapter [split=val]``."""
+"""Evaluate a saved adapter: ``python eval.py artifact=logs/runs/<run>/adapter [split=val]``.
+
+The task kind, its task and data configs, the backbone and the head come from the artifact's
+``adapter.json``; ``task.*`` / ``data.*`` on the command line override the recorded values
+(e.g. ``data.root=/elsewhere``).
+"""
 import os
 import sys
 from pathlib import Path
@@ -17,8 +22,10 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     with user_errors():
-        evaluate(cfg)
+        evaluate(cfg, overrides=list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

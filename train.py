@@ -22,7 +22,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         metrics = train(cfg)
-    return metrics.get("val/acc") or metrics.get("test/acc")  # the value a sweeper optimises
+    return (metrics.get("monitor") or {}).get("value")  # the value a sweeper optimises (the task's monitor)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 # The canonical 19 VTAB-1k tasks (folder names of get_vtab1k.py) by group, in the papers' column
 # order, from the task table of the data module (tasks/data/vtab.py).
+from tasks.base import read_metrics  # noqa: E402
 from tasks.data.vtab import VTAB_TASKS as _TASK_TABLE  # noqa: E402
 
 VTAB_TASKS: dict[str, tuple[str, ...]] = {
@@ -85,11 +86,11 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
     runs, warnings = [], []
     for p in paths:
         try:
-            m = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            m = read_metrics(p)
+        except (OSError, ValueError) as e:
             warnings.append(f"{p}: unreadable ({e})")
             continue
-        if m.get("task") != "vtab":
+        if m.get("task") != "vtab" or m.get("kind") != "classification":
             continue
         ds = m.get("dataset")
         if ds not in TASK_GROUP:
@@ -99,7 +100,7 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
         if protocol not in ("final", "tune"):
             warnings.append(f"{p}: protocol {protocol!r} is neither 'final' nor 'tune'")
             continue
-        key = "test/acc" if protocol == "final" else "val/acc"
+        key = "test/acc" if protocol == "final" else m["monitor"]["name"]
         acc = m.get(key)
         if acc is None or (isinstance(acc, float) and math.isnan(acc)):
             warnings.append(f"{p}: no {key} (protocol {protocol}); run unfinished?")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,52 +30,24 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
+from zoo.heads import MultiHeadClassifier
+from tasks.base import attach_adapter, create_backbone, register_task
 from tasks.classification import ClassificationTask
 from tasks.data.vtab import VTABDataModule, num_classes
 
 
 # ---------------------------------------------------------------------- model
-class MultiHeadClassifier(nn.Module):
-    """``backbone`` + one Linear head per task; ``forward(x, task_ids)`` returns per-sample logits.
-
-    Tasks have different numbers of classes, so logits are padded with ``-inf`` to the largest
-    head (cross-entropy and argmax then only see the sample's own classes).
-    """
-
-    def __init__(self, backbone: zoo.Backbone, num_classes: Sequence[int]):
-        super().__init__()
-        self.backbone = backbone
-        self.num_classes = [int(c) for c in num_classes]
-        self.head = nn.ModuleList(nn.Linear(backbone.feature_dim, c) for c in self.num_classes)
-
-    def head_spec(self) -> dict:
-        return {"type": "linear_per_task", "in_features": self.backbone.feature_dim, "num_classes": self.num_classes}
-
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        zoo.set_task(self, task_ids)
-        feats = self.backbone(x)
-        out = feats.new_full((x.shape[0], max(self.num_classes)), float("-inf"))
-        for t in task_ids.unique().tolist():
-            rows = task_ids == t
-            out[rows, : self.num_classes[t]] = self.head[t](feats[rows])
-        return out
-
-
 def build_multitask_model(backbone: dict, adapter: dict, num_classes: Sequence[int]) -> MultiHeadClassifier:
-    backbone = dict(backbone)
-    family = backbone.pop("name")
-    kwargs = dict(backbone.pop("kwargs", None) or {})
-    model = MultiHeadClassifier(zoo.create_backbone(family, **backbone, **kwargs), num_classes)
+    model = MultiHeadClassifier(create_backbone(backbone), num_classes)
     adapter = dict(adapter)
-    name = adapter.pop("name")
     # task-routed adapters (MHR) need one routing row per task
-    if "n_tasks" in inspect.signature(zoo.ADAPTERS.get(name).__init__).parameters:
+    if "n_tasks" in inspect.signature(zoo.ADAPTERS.get(adapter["name"]).__init__).parameters:
         adapter["n_tasks"] = len(num_classes)
-    zoo.apply_adapter(model, name, **adapter)
-    return model
+    return attach_adapter(model, adapter)
 
 
 # ---------------------------------------------------------------------- stage 1
+@register_task("multitask_classification")
 class MultiTaskClassificationTask(ClassificationTask):
     """Classification on several tasks at once; batches are ``(x, y, task_id)``.
 
@@ -84,6 +55,8 @@ class MultiTaskClassificationTask(ClassificationTask):
     hooks and adapter-only checkpoints; only the model, the loss over per-task heads and the
     per-task metrics differ. ``val/acc`` is the mean of the tasks' accuracies.
     """
+
+    tiny_overrides = ("experiment=multitask_tiny",)
 
     def __init__(self, backbone: dict, adapter: dict, datasets: Sequence[str], optimizer: dict | None = None,
                  scheduler: dict | None = None, label_smoothing: float = 0.0, **meta: Any):
@@ -239,7 +212,7 @@ def _stage(cfg: DictConfig, out_dir: Path, task: dict, data: dict, adapter: dict
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage 1 (multi-task) then stage 2 (few-shot on ``task.heldout``); see the module docstring."""
-    from tasks.runner import train
+    from tasks.runner import train, write_metrics
 
     out = Path(cfg.paths.output_dir)
     t = OmegaConf.to_container(cfg.task, resolve=True)
@@ -265,9 +238,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           {**data, "_target_": "tasks.multitask.FewShotDataModule", "dataset": heldout, "shots": shots},
                           adapter))
 
-    metrics = {**stage2, **{f"multitask/{k}": v for k, v in stage1.items() if k != "out_dir"}}
+    schema = ("out_dir", "schema_version", "kind", "columns")  # the run's own, from stage 2
+    metrics = {**stage2, **{f"multitask/{k}": v for k, v in stage1.items() if k not in schema}}
     metrics["task"], metrics["out_dir"] = "multitask", str(out)
     if rank_zero_only.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
+        write_metrics(out / "metrics.json", metrics)
     return metrics

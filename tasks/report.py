@@ -1,4 +1,9 @@
-"""Result tables over finished runs: a Hydra callback for sweeps and ``python -m tasks.report DIR``."""
+"""Result tables over finished runs: a Hydra callback for sweeps and ``python -m tasks.report DIR``.
+
+Task-agnostic: the metric columns are the ones each run's ``metrics.json`` declares (its task
+kind's :class:`~tasks.base.Column` list); runs of different kinds in one table show the union,
+with ``–`` where a run has no such metric. Pre-contract files read as classification.
+"""
 from __future__ import annotations
 
 import json
@@ -8,35 +13,50 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from tasks.base import Column, columns_of, read_metrics
+
 
 def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Every run's ``metrics.json`` under ``root`` (recursively), with its folder."""
+    """Every run's ``metrics.json`` under ``root`` (recursively), upgraded to the current schema
+    (:func:`tasks.base.read_metrics`), with its folder."""
     rows = []
     for f in sorted(Path(root).rglob("metrics.json")):
-        m = json.loads(f.read_text())
+        m = read_metrics(f)
         m["run_dir"] = str(f.parent)
         rows.append(m)
     return rows
 
 
-def _fmt_acc(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("trainable params", None), ("% of backbone", None)]
+SUFFIX = ["artifact KiB"]
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """The union of the runs' declared columns, in order of first appearance (one per key)."""
+    seen: dict[str, Column] = {}
+    for m in rows:
+        for c in columns_of(m):
+            seen.setdefault(c.key, c)
+    return list(seen.values())
+
+
+def header(rows: list[dict[str, Any]]) -> list[str]:
+    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    cols = metric_columns(rows)
     out = []
     for m in rows:
         p, bb = m.get("trainable_params", 0), max(1, m.get("backbone_params", 1))
         out.append([m.get("adapter", "?"), m.get("dataset", "?"), f"{p:,}", f"{100 * p / bb:.2f}%",
-                    _fmt_acc(m.get("val/acc")), _fmt_acc(m.get("test/acc")), f"{m.get('artifact_bytes', 0) / 1024:.1f}"])
+                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}"])
     return out
 
 
-HEADER = ["adapter", "dataset", "trainable params", "% of backbone", "val acc", "test acc", "artifact KiB"]
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    head = header(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
     return "\n".join(lines) + "\n"
 
@@ -46,7 +66,7 @@ def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for h in HEADER:
+    for h in header(rows):
         t.add_column(h, justify="left" if h in ("adapter", "dataset") else "right")
     for r in table_rows(rows):
         t.add_row(*r)

@@ -1,11 +1,17 @@
 """Build everything a Hydra config names, train, evaluate, and write the run's outputs.
 
-A run's output directory holds ``checkpoints/`` (adapter-only Lightning checkpoints, ``last.ckpt``),
-``csv/metrics.csv`` (or TensorBoard logs), ``adapter/`` (the artifact: adapter.safetensors +
-adapter.json) and ``metrics.json``::
+Task-agnostic: what differs between kinds of problem comes from the task's declaration
+(:mod:`tasks.base`). A run's output directory holds ``checkpoints/`` (adapter-only Lightning
+checkpoints, ``last.ckpt``), ``csv/metrics.csv`` (or TensorBoard logs), ``adapter/`` (the artifact:
+adapter.safetensors + adapter.json, which records the task kind and its configs) and
+``metrics.json`` (schema 2)::
 
-    {"adapter", "backbone", "task", "dataset", "protocol", "seed", "trainable_params",
-     "backbone_params", "artifact_bytes", "val/acc", "test/acc", "train_loss_first", "train_loss_last"}
+    {"schema_version": 2, "kind": "classification",
+     "monitor": {"name": "val/acc", "mode": "max", "value": 0.41},
+     "columns": [{"key": "val/acc", "header": "val acc", "fmt": "pct"}, ...],
+     "adapter", "adapter_config", "backbone", "task", "dataset", "protocol", "seed",
+     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes",
+     <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
 from __future__ import annotations
 
@@ -15,16 +21,16 @@ from contextlib import contextmanager
 import csv
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import zoo
+from tasks.base import METRICS_SCHEMA_VERSION, number
 
 log = logging.getLogger("adapter_zoo")
 
@@ -65,8 +71,12 @@ def build_task(cfg: DictConfig) -> L.LightningModule:
 
 
 def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDataModule:
+    """The DataModule of ``cfg.data`` with the run's seed; image DataModules (a ``normalize`` key)
+    also get the normalisation's mean and std."""
     data_cfg = _plain(cfg.data)
-    norm = data_cfg.pop("normalize", "backbone")
+    if "normalize" not in data_cfg:
+        return instantiate(data_cfg, seed=cfg.seed, _convert_="all")
+    norm = data_cfg.pop("normalize")
     if norm == "backbone":
         dc = zoo.find_backbone(task.model).data_config
         mean, std = dc.get("mean"), dc.get("std")
@@ -79,15 +89,22 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
     return instantiate(data_cfg, mean=mean, std=std, seed=cfg.seed, _convert_="all")
 
 
-def build_trainer(cfg: DictConfig, has_val: bool, **overrides: Any) -> L.Trainer:
+def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None = None, **overrides: Any) -> L.Trainer:
+    """The Lightning Trainer of ``cfg.trainer`` with the configured callbacks and loggers.
+
+    The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``).
+    """
     callbacks = []
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
-        if name == "model_checkpoint" and not has_val:
-            cb["monitor"] = None
+        if name == "model_checkpoint":
+            if not has_val:
+                cb["monitor"] = None
+            elif task is not None:
+                cb["monitor"], cb["mode"] = task.monitor, task.monitor_mode
         callbacks.append(instantiate(cb))
     loggers = [instantiate(lg) for lg in (_plain(cfg.get("logger")) or {}).values() if lg]
     if not has_val:
@@ -134,15 +151,15 @@ def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
     return (vals[0], vals[-1]) if vals else (None, None)
 
 
-def _num(x) -> float | None:
-    if x is None:
-        return None
-    v = float(x.item() if hasattr(x, "item") else x)
-    return None if math.isnan(v) else v
+_num = number
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """The whole job for one config; returns the metrics also written to ``metrics.json``."""
+    """The whole job for one config; returns the metrics also written to ``metrics.json``.
+
+    Everything task-specific comes from the task's declaration (:class:`tasks.base.ZooTask`):
+    the monitor and its mode select the checkpoint, the declared columns fill ``metrics.json``.
+    """
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 
@@ -152,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
     has_val = getattr(dm, "has_val", True)
-    trainer = build_trainer(cfg, has_val)
+    trainer = build_trainer(cfg, has_val, task=task)
     if cfg.get("train", True):
         # Data-driven adapter stages (CoLoRA) add parameters, so they run here, in the main
         # process, before fit builds the optimizer and wraps DDP (ddp_spawn children receive
@@ -160,15 +177,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         dm.prepare_data()
         dm.setup("fit")
         zoo.prepare_adapters(task.model, dm.train_dataloader())
+    bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
-    bb_params = zoo.count_parameters(zoo.find_backbone(task.model))[1]
+    bb_trainable, bb_params = zoo.count_parameters(bb)
     log.info("adapter %s: %s trainable of %s parameters (%.3f%% of the backbone)",
-             cfg.adapter.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, bb_params))
+             cfg.adapter.name, f"{trainable:,}", f"{total:,}", 100 * bb_trainable / max(1, bb_params))
 
     if cfg.get("train", True):
         trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt(cfg.get("ckpt_path"), out_dir))
 
+    decl = task.declaration()
     metrics: dict[str, Any] = {
+        "schema_version": METRICS_SCHEMA_VERSION,
+        "kind": decl["kind"],
+        "monitor": {**decl["monitor"], "value": None},
+        "columns": decl["columns"],
         "adapter": cfg.adapter.name,
         "adapter_config": _plain(cfg.adapter),
         "backbone": cfg.backbone.model,
@@ -176,39 +199,57 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.task.get("dataset"),
         "protocol": cfg.task.get("protocol"),
         "seed": cfg.seed,
-        "trainable_params": trainable - sum(p.numel() for p in task.model.head.parameters() if p.requires_grad) if hasattr(task.model, "head") else trainable,
+        "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
-        "val/acc": None,
-        "test/acc": None,
+        **{c["key"]: None for c in decl["columns"]},
     }
     ckpt_cb = trainer.checkpoint_callback
     if has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
         # select on validation, never on test
         score = load_adapter_checkpoint(task, ckpt_cb.best_model_path)
-        metrics["val/acc"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
+        metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
+        others = [c["key"] for c in decl["columns"] if c["key"].startswith("val/") and c["key"] != task.monitor]
+        if others:  # the selected weights' other validation metrics
+            res = trainer.validate(task, datamodule=dm, verbose=False)
+            metrics.update({k: _num(res[0].get(k)) for k in others} if res else {})
     elif has_val:
-        metrics["val/acc"] = _num(trainer.callback_metrics.get("val/acc"))
+        metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
+    metrics[task.monitor] = metrics["monitor"]["value"]
 
     run_test = cfg.get("test", "auto")
     if run_test is True or (run_test == "auto" and getattr(dm, "test_set", None) is not None) or \
             (run_test == "auto" and cfg.task.get("protocol") == "final"):
         res = trainer.test(task, datamodule=dm, verbose=False)
-        metrics["test/acc"] = _num(res[0].get("test/acc")) if res else None
+        for c in decl["columns"]:
+            if c["key"].startswith("test/"):
+                metrics[c["key"]] = _num(res[0].get(c["key"])) if res else None
+    metrics.update(task.run_metrics(trainer, dm))
 
     if trainer.is_global_zero:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
-        art = zoo.save_adapter(task.model, out_dir / "adapter", metrics={k: metrics[k] for k in ("val/acc", "test/acc")},
-                               extra={"task": {"name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"]}})
+        record = {**decl, "name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"],
+                  "config": _plain(cfg.task), "data": _plain(cfg.data)}
+        art = zoo.save_adapter(task.model, out_dir / "adapter",
+                               metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]},
+                               extra={"task": record, "preprocessing": task.preprocessing()})
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_metrics(out_dir / "metrics.json", metrics)
         if cfg.get("export_backbone"):
             export_backbone(task.model, Path(cfg.export_backbone))
         if cfg.get("publish"):
             publish(cfg, task.model, out_dir)
-        log.info("metrics: %s", json.dumps({k: metrics[k] for k in ("adapter", "dataset", "val/acc", "test/acc")}))
+        log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json``, written atomically (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def publish(cfg: DictConfig, model: torch.nn.Module, out_dir: Path) -> None:
@@ -241,12 +282,20 @@ def export_backbone(model: torch.nn.Module, path: Path) -> None:
     log.info("backbone weights written to %s", path)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate a saved adapter artifact on a split (``test`` or ``val``) of its task."""
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate a saved adapter artifact on a split (``val`` or ``test``) of its task.
+
+    The artifact records the run's task kind with its task and data configs; they are used as
+    recorded, with the command line's ``task.*`` / ``data.*`` overrides (``overrides``) on top,
+    and the task kind's ``eval_overrides`` selecting the split. Artifacts written before the task
+    contract (no recorded config) use the composed ``task`` group (VTAB classification).
+    """
     from omegaconf import open_dict
 
     from zoo.checkpoint import read_adapter_config
 
+    if cfg.split not in ("val", "test"):
+        raise ValueError(f"split={cfg.split!r}; valid: val, test")
     artifact = Path(cfg.artifact)
     meta = read_adapter_config(artifact)
     bmeta = meta["backbone"]
@@ -254,6 +303,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if tag.startswith("file:") and not cfg.backbone.get("weights"):
         raise ValueError(f"the artifact was trained on base weights from a local file ({tag[5:]}); "
                          f"pass backbone.weights=/path/to/{tag[5:]} (e.g. backbone=vit_demo)")
+    record = meta.get("task") or {}
+    if record.get("config") is not None:
+        task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
+        task_cfg.pop("runner", None)
+        _apply_overrides(task_cfg, data_cfg, overrides or [])
+    else:  # a pre-contract artifact: VTAB classification
+        task_cfg, data_cfg = _plain(cfg.task), _plain(cfg.data)
+        if task_cfg.get("dataset") == "auto":
+            task_cfg["dataset"] = data_cfg["dataset"] = record.get("dataset") or "cifar"
+        task_cfg["num_classes"] = meta["head"]["num_classes"]
+    get_class(task_cfg["_target_"]).eval_overrides(task_cfg, data_cfg, cfg.split)
     with open_dict(cfg):
         cfg.backbone.name = bmeta["family"]
         cfg.backbone.model = bmeta["model"]
@@ -263,10 +323,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.backbone.pop("img_size", None)
         cfg.backbone.img_size = (bmeta.get("kwargs") or {}).get("img_size", meta["preprocessing"]["input_size"][-1])
         cfg.backbone.kwargs.pop("img_size", None)
-        if cfg.task.dataset == "auto":
-            cfg.task.dataset = (meta.get("task") or {}).get("dataset") or "cifar"
-        cfg.task.protocol = "final" if cfg.split == "test" else "tune"
-        cfg.task.num_classes = meta["head"]["num_classes"]
+        cfg.task = OmegaConf.create(task_cfg)
+        cfg.data = OmegaConf.create(data_cfg)
         cfg.adapter = {"name": meta["methods"][0]["name"], "init_from": str(artifact)}
         cfg.logger = None
         cfg.callbacks = None
@@ -276,10 +334,39 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
     if cfg.split == "test":
         res = trainer.test(task, datamodule=dm, verbose=False)[0]
-        metrics = {"test/acc": _num(res.get("test/acc"))}
     else:
         res = trainer.validate(task, datamodule=dm, verbose=False)[0]
-        metrics = {"val/acc": _num(res.get("val/acc"))}
-    out = {"artifact": str(artifact), "dataset": cfg.task.dataset, **metrics}
+    prefix = f"{cfg.split}/"
+    metrics = {k: _num(v) for k, v in sorted(res.items()) if k.startswith(prefix)}
+    out = {"artifact": str(artifact), "kind": task.kind, "dataset": task_cfg.get("dataset"), "split": cfg.split,
+           **({"monitor": {"name": task.monitor, "mode": task.monitor_mode, "value": metrics.get(task.monitor)}}
+              if cfg.split == "val" else {}),
+           **metrics}
     print(json.dumps(out, indent=2))
     return out
+
+
+def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str]) -> None:
+    """Apply ``task.K=V`` / ``data.K=V`` command-line overrides to the recorded configs.
+
+    A ``task.K`` that the data config also has (``dataset``, ``protocol``: the configs link them by
+    interpolation) is applied to both.
+    """
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        group, _, rest = key.partition(".")
+        if group not in ("task", "data") or not rest:
+            continue
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"{rest}={value}"]), resolve=True)
+        targets = [task_cfg, data_cfg] if group == "task" and rest.split(".")[0] in data_cfg else \
+            [task_cfg if group == "task" else data_cfg]
+        for t in targets:
+            _merge_into(t, parsed)
+
+
+def _merge_into(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge_into(dst[k], v)
+        else:
+            dst[k] = v

@@ -31,7 +31,7 @@ from zoo.api import (  # noqa: E402
 )
 from zoo.backbones import BACKBONES, Backbone, WeightsUnavailableError, create_backbone, list_backbones, register_backbone  # noqa: E402
 from zoo.checkpoint import AdapterMismatchError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from zoo.heads import ImageClassifier  # noqa: E402
+from zoo.heads import HEADS, DenseRegressor, ImageClassifier, MultiHeadClassifier, build_head_model, register_head  # noqa: E402
 from zoo.hub import from_zoo  # noqa: E402
 from zoo.registry import UnknownNameError  # noqa: E402
 from zoo.sites import SITE_KINDS, Site, SiteError, find_sites  # noqa: E402

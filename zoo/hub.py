@@ -604,12 +604,14 @@ def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = Non
 
 
 def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerprint: bool = True):
-    """Build backbone + adapter (+ ``zoo.ImageClassifier`` head) from a zoo entry, in eval mode.
+    """Build backbone + adapter + the recorded head (:func:`zoo.heads.build_head_model`: any
+    registered head type) from a zoo entry, in eval mode.
 
     A ``backbone`` entry gives the plain backbone with its weights.
     """
-    import zoo
+    import zoo  # noqa: F401
     from zoo.checkpoint import read_adapter_config
+    from zoo.heads import build_head_model
 
     s = str(name)
     local = Path(s).expanduser()
@@ -623,13 +625,10 @@ def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerpr
         folder = download(entry)
     meta = read_adapter_config(folder)
     bb = build_backbone(meta["backbone"], weights)
-    head = meta.get("head")
-    if head is None:
-        model = bb
-    elif head.get("type") == "linear":
-        model = zoo.ImageClassifier(bb, head["num_classes"])
-    else:
-        raise HubError(f"{name}: head type {head.get('type')!r} is not known to from_zoo (known: linear)")
+    try:
+        model = build_head_model(bb, meta.get("head"))  # the head the task kind recorded
+    except KeyError as e:
+        raise HubError(f"{name}: {e}") from None
     zoo.load_adapter(model, folder, check_fingerprint=check_fingerprint)
     return model.eval()
 
@@ -711,9 +710,10 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     metrics = {}
     if (run_dir / "metrics.json").is_file():
         run_metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics = _numbers(run_metrics)
+        metrics = {k: v for k, v in _numbers(run_metrics).items() if k != "schema_version"}
         if task is None and (run_metrics.get("task") or run_metrics.get("dataset")):
-            task = {k: run_metrics[k] for k in ("name", "task", "dataset", "protocol") if run_metrics.get(k) is not None}
+            task = {k: run_metrics[k] for k in ("name", "task", "kind", "dataset", "protocol", "monitor")
+                    if run_metrics.get(k) is not None}
             if "task" in task:
                 task["name"] = task.pop("task")
     metrics = {**_numbers(meta.get("metrics") or {}), **metrics}

@@ -41,6 +41,11 @@ class Backbone(nn.Module):
     feature_dim: int = 0
     num_prefix_tokens: int = 0
     data_config: dict[str, Any] = {}
+    feature_stride: int = 0  # input pixels per cell of ``feature_map`` (0: no dense map)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense features ``(B, feature_dim, h, w)`` with ``h = H / feature_stride`` (for dense heads)."""
+        raise NotImplementedError(f"backbone {self.family!r} gives no dense feature map; dense heads need one")
 
     def blocks_container(self) -> nn.Module:
         raise NotImplementedError

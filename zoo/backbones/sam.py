@@ -36,3 +36,6 @@ class SAMBackbone(TimmBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x).mean(dim=(2, 3))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)

@@ -86,6 +86,7 @@ class TimmBackbone(Backbone):
         super().__init__(net, model, weights_tag(model, pretrained, weights), build)
         self.feature_dim = net.num_features
         self.patch_size = net.patch_embed.patch_size[0]
+        self.feature_stride = self.patch_size
 
     def blocks_container(self) -> nn.Module:
         return self.model.blocks
@@ -117,3 +118,9 @@ class ViTBackbone(TimmBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens after the final norm, as a grid ``(B, D, H/p, W/p)``."""
+        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens:]
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)

@@ -1,0 +1,285 @@
+"""The task contract: what a kind of problem declares, so that one runner serves them all.
+
+A **task kind** is one LightningModule subclass of :class:`ZooTask` (plus its DataModule and a
+``conf/task/<name>.yaml``), registered with :func:`register_task`. It declares:
+
+========================  ====================================================================
+``kind``                  its registered name; recorded in ``metrics.json`` and ``adapter.json``
+``monitor``, ``mode``     the validation metric that selects the checkpoint and whether lower
+                          or higher is better (``val/acc`` max, ``val/mse`` min, ...);
+                          ``task.monitor`` / ``task.monitor_mode`` in the config override them
+``columns``               the metrics written to ``metrics.json``, as :class:`Column` (key,
+                          header, format): they are also the summary table's columns
+``build_model``           backbone + head + adapter; the head is a :mod:`zoo.heads` head, so
+                          its ``head_spec()`` goes to ``adapter.json`` and ``from_spec`` rebuilds
+                          it on load (``zoo.from_zoo``, ``eval.py``)
+``preprocessing()``       the input preprocessing record of the artifact
+``predict_output``        what ``predict_step`` returns under that key (``logits``, ``masks``,
+                          ``fields``, ``images``, ``captions``, ...)
+``eval_overrides``        how ``eval.py`` selects a split (``val`` / ``test``) in the recorded
+                          task and data configs
+``tiny_overrides``        the overrides of a seconds-long run (the conformance tests use them)
+========================  ====================================================================
+
+and implements the problem itself: :meth:`loss_fn`, :meth:`update_metrics` (and, when the
+batch is not ``(inputs, targets, ...)``, :meth:`split_batch`). Everything else every kind shares
+lives here: the training step with the adapter hooks (``extra_loss``, ``before_optimizer_step``),
+AdamW over the adapters' parameter groups with linear warm-up then cosine decay per step, and
+adapter-only checkpoints.
+
+The runner (``tasks/runner.py``), ``eval.py``, ``tasks.report``, ``bench.vtab`` and the model zoo
+read only these declarations and the ``metrics.json`` they produce (:func:`read_metrics`).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+import zoo
+from zoo.registry import Registry
+
+METRICS_SCHEMA_VERSION = 2
+
+TASK_KINDS: Registry = Registry("task kind")
+
+# Modules that define task kinds; :func:`task_kinds` imports them all (a new kind adds its module).
+TASK_MODULES: list[str] = ["tasks.classification", "tasks.multitask", "tasks.regression"]
+
+
+def register_task(name: str):
+    """Class decorator: ``@register_task("dense_regression")`` on a :class:`ZooTask` subclass."""
+
+    def deco(cls):
+        cls.kind = name
+        return TASK_KINDS.register(name)(cls)
+
+    return deco
+
+
+def task_kinds() -> dict[str, type["ZooTask"]]:
+    """Every registered task kind (imports :data:`TASK_MODULES`)."""
+    for mod in TASK_MODULES:
+        importlib.import_module(mod)
+    return {n: TASK_KINDS.get(n) for n in TASK_KINDS.names()}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric a task writes to ``metrics.json`` and shows in the summary table.
+
+    ``fmt``: ``pct`` (a fraction shown ×100 with one decimal), ``float`` (4 significant digits)
+    or ``int``.
+    """
+
+    key: str
+    header: str
+    fmt: str = "float"
+
+    def format(self, v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        if self.fmt == "pct":
+            return f"{100 * float(v):.1f}"
+        if self.fmt == "int":
+            return f"{int(v):,}"
+        return f"{float(v):.4g}"
+
+
+MODES = ("min", "max")
+
+
+class ZooTask(L.LightningModule):
+    """Base class of every task kind; see the module docstring for what a subclass declares."""
+
+    kind: ClassVar[str] = ""
+    monitor_default: ClassVar[str] = "val/acc"
+    mode_default: ClassVar[str] = "max"
+    columns: ClassVar[tuple[Column, ...]] = ()
+    predict_output: ClassVar[str] = "outputs"
+    tiny_overrides: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: dict, adapter: dict, optimizer: dict | None = None, scheduler: dict | None = None,
+                 monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
+        super().__init__()
+        self.monitor = monitor or self.monitor_default
+        self.monitor_mode = monitor_mode or self.mode_default
+        if self.monitor_mode not in MODES:
+            raise ValueError(f"task.monitor_mode={self.monitor_mode!r}; valid: {', '.join(MODES)}")
+        if not self.monitor.startswith("val/"):
+            raise ValueError(f"task.monitor={self.monitor!r}: the monitor must be a validation metric (val/...)")
+        self.optim_cfg = {"lr": 1e-3, "weight_decay": 1e-4, "betas": (0.9, 0.999), **(optimizer or {})}
+        self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, **(scheduler or {})}
+        self.meta = meta
+        self.strict_loading = False  # checkpoints hold adapter + head only
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def metric_columns(cls) -> tuple[Column, ...]:
+        return cls.columns
+
+    def declaration(self) -> dict[str, Any]:
+        """What ``metrics.json`` and ``adapter.json`` record about the task kind."""
+        return {"kind": self.kind, "target": f"{type(self).__module__}.{type(self).__qualname__}",
+                "monitor": {"name": self.monitor, "mode": self.monitor_mode},
+                "columns": [asdict(c) for c in self.metric_columns()], "predict_output": self.predict_output}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The input preprocessing record of the artifact (default: the backbone's data config)."""
+        bb = zoo.find_backbone(self.model)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in bb.data_config.items()
+                if k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+
+    @classmethod
+    def eval_overrides(cls, task_cfg: dict, data_cfg: dict, split: str) -> None:
+        """Adjust the run's recorded task/data configs (in place) so that ``split`` is evaluated."""
+
+    def run_metrics(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """Metrics computed once after training and testing (e.g. retention); default none."""
+        return {}
+
+    # ------------------------------------------------------------------ the problem (subclasses)
+    def split_batch(self, batch) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of a batch; the default reads ``batch[0], batch[1]``."""
+        return batch[0], batch[1]
+
+    def forward(self, x):
+        return self.model(x)
+
+    def loss_fn(self, outputs, targets) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_metrics(self, stage: str, outputs, targets) -> None:
+        """Update and log the ``stage`` (``train`` | ``val`` | ``test``) metrics of one batch."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = self.split_batch(batch)
+        outputs = self(x)
+        loss = self.loss_fn(outputs, y)
+        ctx = zoo.StepContext(model=self.model, inputs=x, targets=y, outputs=outputs, loss=loss,
+                              loss_fn=self.loss_fn, forward=self.model, batch=batch)
+        extra = zoo.extra_loss(self.model, ctx)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        if extra is not None:
+            self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
+        self.update_metrics("train", outputs.detach() if torch.is_tensor(outputs) else outputs, y)
+        return loss if extra is None else loss + extra
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        zoo.before_optimizer_step(self.model)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = self.split_batch(batch)
+        outputs = self(x)
+        self.log("val/loss", self.loss_fn(outputs, y), on_epoch=True, sync_dist=True)
+        self.update_metrics("val", outputs, y)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = self.split_batch(batch)
+        self.update_metrics("test", self(x), y)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        x = self.split_batch(batch)[0] if isinstance(batch, (list, tuple)) else batch
+        return {self.predict_output: self(x)}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = min(total - 1, int(round(self.sched_cfg["warmup_epochs"] * total / epochs)))
+        cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=self.sched_cfg["min_lr"])
+        sched = cosine if warmup <= 0 else SequentialLR(
+            opt, [LinearLR(opt, start_factor=1e-3, total_iters=warmup), cosine], milestones=[warmup])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ adapter-only checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"model.{k}" for k in zoo.adapter_state_dict(self.model, export=False)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+# ---------------------------------------------------------------------- building the model
+def create_backbone(backbone: dict) -> zoo.Backbone:
+    """A backbone from its config group (``name``, ``model``, ..., ``kwargs``)."""
+    backbone = dict(backbone)
+    family = backbone.pop("name")
+    kwargs = dict(backbone.pop("kwargs", None) or {})
+    return zoo.create_backbone(family, **backbone, **kwargs)
+
+
+def attach_adapter(model: torch.nn.Module, adapter: dict) -> torch.nn.Module:
+    """Apply the adapter config (``name`` + options) to ``model``, or load ``init_from``
+    (``zoo:NAME`` or an artifact folder) when given."""
+    adapter = dict(adapter)
+    name = adapter.pop("name")
+    init_from = adapter.pop("init_from", None)
+    if init_from:
+        from zoo import hub
+        from zoo.checkpoint import load_adapter, read_adapter_config
+
+        path = str(hub.resolve_init(init_from))
+        methods = [m["name"] for m in read_adapter_config(path)["methods"]]
+        if methods[:1] != [name] and name != "from-artifact":
+            raise ValueError(f"adapter.init_from={init_from} holds {methods}, but adapter={name}; use adapter={methods[0]}")
+        load_adapter(model, path)
+    else:
+        zoo.apply_adapter(model, name, **adapter)
+    return model
+
+
+# ---------------------------------------------------------------------- metrics.json
+LEGACY_COLUMNS = (Column("val/acc", "val acc", "pct"), Column("test/acc", "test acc", "pct"))
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A run's ``metrics.json``, upgraded to the current schema.
+
+    Files written before the contract (no ``schema_version``) were image classification
+    selected on ``val/acc``; they read as such.
+    """
+    m = json.loads(Path(path).read_text())
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return upgrade_metrics(m)
+
+
+def upgrade_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    if m.get("schema_version") is None:
+        m = {**m, "schema_version": 1}
+        m.setdefault("kind", "classification")
+        m.setdefault("monitor", {"name": "val/acc", "mode": "max", "value": m.get("val/acc")})
+        m.setdefault("columns", [asdict(c) for c in LEGACY_COLUMNS])
+    return m
+
+
+def columns_of(m: dict[str, Any]) -> list[Column]:
+    return [Column(**c) for c in (m.get("columns") or [])]
+
+
+def monitor_value(m: dict[str, Any]) -> float | None:
+    return (m.get("monitor") or {}).get("value")
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    """``a`` is better than ``b`` under ``mode`` (``min`` | ``max``)."""
+    return a < b if mode == "min" else a > b
+
+
+def number(x) -> float | None:
+    """A plain float from a tensor / number; ``None`` for missing or NaN."""
+    if x is None:
+        return None
+    v = float(x.item() if hasattr(x, "item") else x)
+    return None if math.isnan(v) else v
