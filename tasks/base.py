@@ -51,7 +51,7 @@ METRICS_SCHEMA_VERSION = 2
 TASK_KINDS: Registry = Registry("task kind")
 
 # Modules that define task kinds; :func:`task_kinds` imports them all (a new kind adds its module).
-TASK_MODULES: list[str] = ["tasks.classification", "tasks.multitask", "tasks.regression"]
+TASK_MODULES: list[str] = ["tasks.classification", "tasks.multitask", "tasks.regression", "tasks.captioning"]
 
 
 def register_task(name: str):

@@ -42,6 +42,7 @@ from torch import nn
 from zoo.backbones.base import Backbone
 from zoo.backbones.clip import CLIPBackbone, replace_multihead_attention
 from zoo.backbones.weights import hub_errors, load_state_dict_file
+from zoo.heads import register_head
 
 FUSIONS = ("flatten", "pool", "concat")
 DECODING = ("greedy", "top_k", "top_p", "beam_search")
@@ -304,6 +305,7 @@ def _transformers_version() -> str:
         return "none"
 
 
+@register_head("coca_captioner")
 class CoCaCaptioner(nn.Module):
     """A :class:`CoCaBackbone` as a captioner (the "head" of the captioning task; it adds no weights).
 
@@ -313,9 +315,7 @@ class CoCaCaptioner(nn.Module):
 
     def __init__(self, backbone: CoCaBackbone):
         super().__init__()
-        if not isinstance(backbone, CoCaBackbone):
-            raise ValueError(f"the captioner needs backbone=coca, got {type(backbone).__name__}")
-        self.backbone = backbone
+        self.backbone = backbone  # a CoCaBackbone (the captioning task checks backbone=coca)
 
     def head_spec(self) -> dict:
         return {"type": "coca_captioner"}
