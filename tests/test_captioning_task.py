@@ -59,3 +59,13 @@ def test_frozen_baseline_trains_nothing_and_still_scores(tmp_path):
 def test_captioning_needs_coca(tmp_path):
     with pytest.raises(Exception, match="task=captioning needs backbone=coca"):  # Hydra wraps the ValueError
         build(["backbone=vit", "backbone.pretrained=false"], tmp_path)
+
+
+def test_caption_experiments_compose_and_chain():
+    up = compose_config(["experiment=caption_upstream"])
+    assert up.adapter.name == "full" and up.task.train_decoder and up.backbone.weights is None
+    for adapter in ("linear", "q_adapter", "lora"):
+        qs = compose_config(["experiment=caption_quickstart", f"adapter={adapter}"])
+        assert qs.backbone.weights == up.export_backbone  # the quickstart adapts what upstream wrote
+        assert qs.data.palette == "swapped" and up.data.palette == "standard"
+        assert not qs.task.train_decoder and qs.task.optimizer.lr > 0
