@@ -6,14 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow venv clean-runs
+.PHONY: demo caption-demo test test-slow venv clean-runs
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,bench,seg,pde,audio,audio-test]"
+	$(PY) -m pip install -q -e ".[test,bench,seg,pde,audio,audio-test,caption]"
 	touch $(STAMP)
 
 checkpoints/upstream/vit_demo.safetensors: | $(STAMP)
@@ -21,6 +21,12 @@ checkpoints/upstream/vit_demo.safetensors: | $(STAMP)
 
 demo: $(STAMP) checkpoints/upstream/vit_demo.safetensors
 	$(PY) train.py experiment=quickstart
+
+checkpoints/captioning/coca_tiny.safetensors: | $(STAMP)
+	$(PY) train.py experiment=caption_upstream
+
+caption-demo: $(STAMP) checkpoints/captioning/coca_tiny.safetensors
+	$(PY) train.py experiment=caption_quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest

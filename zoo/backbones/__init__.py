@@ -44,7 +44,6 @@ def _ast(**kw: Any) -> Backbone:
     return ASTBackbone(**kw)
 
 
-
 def _nafnet(**kw: Any) -> Backbone:
     from zoo.backbones.nafnet import NAFNetBackbone
 
@@ -57,6 +56,12 @@ def _unet(**kw: Any) -> Backbone:
     return UNetBackbone(**kw)
 
 
+def _coca(**kw: Any) -> Backbone:
+    from zoo.backbones.coca import CoCaBackbone
+
+    return CoCaBackbone(**kw)
+
+
 register_backbone("vit")(_vit)
 register_backbone("morph")(_morph)
 register_backbone("ast")(_ast)
@@ -64,6 +69,7 @@ register_backbone("unet")(_unet)
 register_backbone("nafnet")(_nafnet)
 register_backbone("sam")(_sam)
 register_backbone("clip")(_clip)
+register_backbone("coca")(_coca)
 
 
 def create_backbone(name: str, **options: Any) -> Backbone:

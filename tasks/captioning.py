@@ -1,0 +1,141 @@
+"""Video captioning (``task=captioning``): an open_clip CoCa whose vision tower is adapted.
+
+The setting of Q-Adapter (Chen et al., ACM MM Asia 2025, arXiv 2510.10022): a frozen captioner,
+adapters in its vision encoder, trained with the captioning loss (token cross-entropy, CoCa's
+``caption_loss_weight=1, clip_loss_weight=0``), evaluated by generating one caption per video and
+scoring it against all references with BLEU-4, METEOR, ROUGE-L and CIDEr-D
+(:mod:`tasks.metrics.captioning`). The checkpoint is selected on ``val/cider_d`` (max).
+
+* model: :class:`zoo.backbones.coca.CoCaCaptioner` around ``backbone=coca``; the text tower and
+  decoder stay frozen whatever the adapter (``task.train_decoder=true`` trains them, e.g. to
+  pretrain the embedded tiny CoCa);
+* training batches: one (video, caption) pair per sample; validation/test: one video with all its
+  references (:mod:`tasks.data.captioning`);
+* ``predict_step`` returns ``{"captions": [str], "video_id": [str]}``;
+* an adapter with nothing to train (``adapter=linear``: there is no head) is the frozen baseline:
+  the run trains nothing and only evaluates.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
+from tasks.metrics.captioning import caption_scores, resolve_backend
+from zoo.backbones.coca import CoCaCaptioner
+
+GENERATION_DEFAULTS = {"method": "greedy", "seq_len": 20, "min_seq_len": 2}
+
+
+@register_task("captioning")
+class CaptioningTask(ZooTask):
+    monitor_default = "val/cider_d"
+    mode_default = "max"
+    columns = (
+        Column("val/cider_d", "val CIDEr-D", "float"),
+        Column("val/bleu4", "val BLEU-4", "pct"),
+        Column("test/cider_d", "test CIDEr-D", "float"),
+        Column("test/bleu4", "test BLEU-4", "pct"),
+        Column("test/meteor", "test METEOR", "pct"),
+        Column("test/rouge_l", "test ROUGE-L", "pct"),
+    )
+    predict_output = "captions"
+    tiny_overrides = ("experiment=tiny_caption",)
+
+    def __init__(self, backbone: dict, adapter: dict, train_decoder: bool = False, generation: dict | None = None,
+                 metrics: dict | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
+                 monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
+        super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
+        self.save_hyperparameters()
+        if backbone.get("name") != "coca":
+            raise ValueError(f"task=captioning needs backbone=coca (or coca_tiny), got backbone={backbone.get('name')}")
+        bb = create_backbone(backbone)
+        self.model = attach_adapter(CoCaCaptioner(bb), adapter)
+        for p in bb.text_parameters():  # frozen decoder by default, whatever the adapter marked
+            p.requires_grad_(bool(train_decoder))
+        self.generation = {**GENERATION_DEFAULTS, **(generation or {})}
+        self.metric_cfg = {"backend": "auto", "meteor_val": False, "meteor_test": True, **(metrics or {})}
+        resolve_backend(self.metric_cfg["backend"])  # a bad backend name fails before training
+        self._hyps: dict[str, str] = {}
+        self._refs: dict[str, list[str]] = {}
+
+    @property
+    def coca(self):
+        return self.model.backbone
+
+    # ------------------------------------------------------------------ the problem
+    def split_batch(self, batch) -> tuple[dict, torch.Tensor]:
+        text = self.coca.tokenize(batch["caption"]).to(batch["frames"].device)
+        return {"frames": batch["frames"], "text": text}, text[:, 1:]
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.coca.pad_id)
+
+    def update_metrics(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if stage == "train":  # next-token accuracy on real tokens (captions are scored at val/test)
+            mask = labels != self.coca.pad_id
+            acc = (logits.argmax(-1)[mask] == labels[mask]).float().mean()
+            self.log("train/token_acc", acc, on_step=False, on_epoch=True)
+
+    def captions(self, frames: torch.Tensor) -> list[str]:
+        return self.coca.decode(self.model.generate(frames, **self.generation))
+
+    def _eval_step(self, stage: str, batch) -> None:
+        x, y = self.split_batch(batch)
+        self.log(f"{stage}/loss", self.loss_fn(self(x), y), on_epoch=True, sync_dist=True,
+                 batch_size=len(batch["caption"]))
+        for vid, cap, refs in zip(batch["video_id"], self.captions(batch["frames"]), batch["refs"]):
+            self._hyps[vid], self._refs[vid] = cap, list(refs)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _score(self, stage: str) -> None:
+        hyps, refs = _gather(self._hyps), _gather(self._refs)
+        self._hyps, self._refs = {}, {}
+        if not hyps:
+            return
+        meteor = self.metric_cfg["meteor_val" if stage == "val" else "meteor_test"]
+        scores = caption_scores(refs, hyps, backend=self.metric_cfg["backend"], meteor=bool(meteor))
+        for k in ("cider_d", "bleu4", "rouge_l", "meteor"):
+            if scores[k] is not None:
+                self.log(f"{stage}/{k}", float(scores[k]), prog_bar=k == "cider_d")
+        self.last_captions = dict(sorted(hyps.items()))
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        frames = batch["frames"] if isinstance(batch, dict) else batch
+        out = {self.predict_output: self.captions(frames)}
+        if isinstance(batch, dict):
+            out["video_id"] = list(batch["video_id"])
+        return out
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return None  # the frozen baseline (adapter=linear): evaluate only
+        return super().configure_optimizers()
+
+    def training_step(self, batch, batch_idx: int):
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return None  # nothing to train: Lightning skips the step
+        return super().training_step(batch, batch_idx)
+
+
+def _gather(d: dict) -> dict:
+    """Merge per-rank dicts (DDP); a no-op in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return d
+    parts: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(parts, d)
+    return {k: v for p in parts for k, v in p.items()}

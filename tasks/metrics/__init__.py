@@ -1,0 +1,1 @@
+"""Task metrics that torchmetrics does not provide (caption metrics: tasks.metrics.captioning)."""

@@ -1,0 +1,71 @@
+"""task=captioning on the task contract: metric wiring, frozen decoder, frozen baseline, predictions."""
+import json
+
+import pytest
+import torch
+
+import zoo
+from tasks.metrics.captioning import caption_scores
+from tests.helpers import compose_config, run_train
+
+torch.set_num_threads(1)
+
+
+def build(overrides, tmp_path):
+    from tasks.runner import build_datamodule, build_task, build_trainer
+
+    cfg = compose_config(["experiment=tiny_caption", f"paths.data_dir={tmp_path}/data", *overrides], tmp_path / "out")
+    task = build_task(cfg)
+    dm = build_datamodule(cfg, task)
+    return cfg, task, dm, build_trainer(cfg, True, task=task, logger=False)
+
+
+def test_validation_scores_every_video_against_all_its_references(tmp_path):
+    cfg, task, dm, trainer = build(["adapter=q_adapter"], tmp_path)
+    res = trainer.validate(task, datamodule=dm, verbose=False)[0]
+    bb = zoo.find_backbone(task.model).eval()
+    hyps, refs = {}, {}
+    for item in dm.val_set:  # independent pass: greedy captions scored by the pure backend
+        ids = bb.generate(item["frames"][None], seq_len=cfg.task.generation.seq_len,
+                          min_seq_len=cfg.task.generation.min_seq_len)
+        hyps[item["video_id"]], refs[item["video_id"]] = bb.decode(ids)[0], item["refs"]
+    assert task.last_captions == hyps and all(len(r) == 3 for r in refs.values())
+    expected = caption_scores(refs, hyps, backend="pure")
+    assert res["val/cider_d"] == pytest.approx(expected["cider_d"], abs=1e-6)
+    assert res["val/bleu4"] == pytest.approx(expected["bleu4"], abs=1e-6)
+    out = trainer.predict(task, dataloaders=dm.val_dataloader())
+    assert [c for b in out for c in b["captions"]] == [hyps[v] for b in out for v in b["video_id"]]
+
+
+@pytest.mark.parametrize("adapter,train_decoder", [("full", False), ("full", True), ("lora", False)])
+def test_text_decoder_frozen_unless_asked(tmp_path, adapter, train_decoder):
+    _, task, _, _ = build([f"adapter={adapter}", f"task.train_decoder={str(train_decoder).lower()}"], tmp_path)
+    bb = task.model.backbone
+    text = {id(p) for p in bb.text_parameters()}
+    assert all(p.requires_grad == train_decoder for p in bb.text_parameters())
+    vision = [p for p in bb.parameters() if id(p) not in text]
+    assert any(p.requires_grad for p in vision)
+
+
+def test_frozen_baseline_trains_nothing_and_still_scores(tmp_path):
+    m = run_train(["experiment=tiny_caption", "adapter=linear", f"paths.data_dir={tmp_path}/data"], tmp_path)
+    assert m["trainable_params_with_head"] == 0 and m["kind"] == "captioning"
+    assert m["monitor"]["name"] == "val/cider_d" and m["monitor"]["value"] is not None
+    assert m["test/cider_d"] is not None and m["test/bleu4"] is not None
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    assert meta["head"] == {"type": "coca_captioner"}
+
+
+def test_captioning_needs_coca(tmp_path):
+    with pytest.raises(Exception, match="task=captioning needs backbone=coca"):  # Hydra wraps the ValueError
+        build(["backbone=vit", "backbone.pretrained=false"], tmp_path)
+
+
+def test_caption_experiments_compose_and_chain():
+    up = compose_config(["experiment=caption_upstream"])
+    assert up.adapter.name == "full" and up.task.train_decoder and up.backbone.weights is None
+    for adapter in ("linear", "q_adapter", "lora"):
+        qs = compose_config(["experiment=caption_quickstart", f"adapter={adapter}"])
+        assert qs.backbone.weights == up.export_backbone  # the quickstart adapts what upstream wrote
+        assert qs.data.palette == "swapped" and up.data.palette == "standard"
+        assert not qs.task.train_decoder and qs.task.optimizer.lr > 0

@@ -1,0 +1,333 @@
+"""open_clip CoCa as a zoo backbone for (video) captioning.
+
+CoCa: Yu et al., "CoCa: Contrastive Captioners are Image-Text Foundation Models", TMLR 2022
+(arXiv 2205.01917), in open_clip's implementation (``coca_ViT-B-32`` / ``coca_ViT-L-14``, tags
+``laion2b_s13b_b90k`` and ``mscoco_finetuned_laion2b_s13b_b90k``).
+
+The zoo's sites are those of the CLIP visual tower (:class:`zoo.backbones.clip.CLIPBackbone`,
+same vocabulary: q,k,v,qkv,o,fc1,fc2,attn,mlp,norm1,norm2,tokens,patch_embed), so every adapter
+attaches to ``model.visual.transformer.resblocks`` unchanged. The text tower and the multimodal
+text decoder are frozen by default (``freeze_text=True``): the paper setting of Q-Adapter is a
+frozen captioner whose *vision* encoder is adapted.
+
+Video (``encode_video``; ``frames`` is (B, T, 3, H, W)), three frame-fusion choices following the
+reference notes (``shared/reference/clip_fewshot_captioning.md`` §2.3):
+
+* ``flatten`` (default; VideoCoCa, Yan et al., arXiv 2212.04979): every frame goes through the
+  ViT, the T·(1+HW) tokens are concatenated and CoCa's *pretrained* attentional pooler reads
+  them all, giving the usual (latent, image_embs) with 255 tokens (B-32) whatever T is;
+* ``pool``: per-frame (latent, image_embs), averaged over T;
+* ``concat``: per-frame image_embs concatenated to T·255 cross-attention tokens (latent
+  averaged). The decoder's cross-attention has no positional encoding, so frame order is not
+  visible in ``concat``/``flatten``; no temporal embedding is added (no new weights).
+
+Generation: greedy / top-k / top-p decoding is the loop of open_clip's ``CoCa.generate`` written
+out in plain torch (same min-length, repetition-penalty and warper semantics, same sampling
+calls; a test checks token-for-token equality with open_clip's ``generate`` where it can run),
+because open_clip 3.3's ``generate`` asserts on any transformers outside 4.41–4.56 (the
+``caption`` extra pins ``transformers>=4.41,<4.57``). Beam search is open_clip's own diverse
+beam search (``transformers.BeamSearchScorer``); without that transformers window it refuses
+with one line naming the pin.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.backbones.base import Backbone
+from zoo.backbones.clip import CLIPBackbone, replace_multihead_attention
+from zoo.backbones.weights import hub_errors, load_state_dict_file
+from zoo.heads import register_head
+
+FUSIONS = ("flatten", "pool", "concat")
+DECODING = ("greedy", "top_k", "top_p", "beam_search")
+COCA_MODELS = ("coca_ViT-B-32", "coca_ViT-L-14")
+SOT, EOT = 49406, 49407
+
+
+class CoCaBackbone(Backbone):
+    """open_clip ``CoCa`` (whole model in ``self.model``); sites on ``model.visual``.
+
+    ``forward(x)`` gives the normalised contrastive image latent (``feature_dim = embed_dim``);
+    ``forward_features(x)`` gives ``image_embs`` (the attentional pooler's caption tokens).
+    Both accept images (B, 3, H, W) or videos (B, T, 3, H, W).
+    """
+
+    family = "coca"
+    site_map = CLIPBackbone.site_map
+    fused_qkv = CLIPBackbone.fused_qkv
+    patch_embed_path = "model.visual.conv1"
+    token_layout = "nld"
+
+    def __init__(self, model: str = "coca_ViT-B-32", pretrained: str | None = "mscoco_finetuned_laion2b_s13b_b90k",
+                 weights: str | None = None, fusion: str = "flatten", freeze_text: bool = True,
+                 img_size: int | None = None, **kwargs: Any):
+        import open_clip
+
+        if img_size is not None and "vision_cfg" not in kwargs:
+            kwargs["force_image_size"] = int(img_size)
+
+        coca_names = [m for m in open_clip.list_models() if m.startswith("coca")]
+        if model not in coca_names:
+            raise ValueError(f"unknown CoCa model {model!r}; valid models: {', '.join(coca_names)}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown frame fusion {fusion!r}; valid fusions: {', '.join(FUSIONS)}")
+        if pretrained and not weights:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            if pretrained not in tags:
+                raise ValueError(f"unknown pretrained tag {pretrained!r} for {model}; valid tags: {', '.join(tags) or 'none'}")
+            hint = (
+                "Use a local checkpoint with backbone.weights=/path/to/coca.safetensors, "
+                "or random weights with backbone.pretrained=null."
+            )
+            with hub_errors(f"open_clip {model}/{pretrained}", hint):
+                coca = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+        else:
+            coca = open_clip.create_model(model, pretrained=None, **kwargs)
+            if weights:
+                sd = load_state_dict_file(weights)
+                missing, unexpected = coca.load_state_dict(sd, strict=False)
+                if unexpected or len(missing) == len(coca.state_dict()):
+                    raise ValueError(f"{weights} is not a CoCa {model} state dict "
+                                     f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        if type(coca).__name__ != "CoCa":
+            raise ValueError(f"{model} did not build an open_clip CoCa (got {type(coca).__name__})")
+        if not (pretrained or weights):
+            # open_clip 3.3 never runs MultimodalTransformer.init_parameters (it reads a missing
+            # ``self.transformer``), leaving the decoder's output projection as torch.empty memory:
+            # give it the init that method intends, so random models are seed-deterministic
+            dec = coca.text_decoder
+            nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+        visual = coca.visual
+        if not hasattr(visual, "transformer") or not visual.transformer.batch_first:
+            raise ValueError(f"{model}: only batch-first ViT vision towers are supported")
+        # the explicit MHA only inside the ViT blocks (the sites); the attentional pooler's MHA has
+        # kdim != embed_dim and the decoder stays open_clip's own
+        replace_multihead_attention(visual.transformer)
+        tag = f"file:{Path(weights).name}" if weights else (pretrained or None)
+        super().__init__(coca, model, tag, dict(kwargs, fusion=fusion))
+        self.fusion = fusion
+        self.feature_dim = visual.output_dim
+        self.token_dim = visual.transformer.width  # width of the tokens the block sites see
+        self.num_prefix_tokens = 1
+        self.patch_size = visual.conv1.kernel_size[0]
+        self.context_length = coca.context_length
+        self.pad_id = coca.pad_id
+        size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        self.data_config = dict(
+            input_size=(3, size, size),
+            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        )
+        if freeze_text:
+            for p in self.text_parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ structure
+    def blocks_container(self) -> nn.Module:
+        return self.model.visual.transformer.resblocks
+
+    def blocks_path(self) -> str:
+        return "model.visual.transformer.resblocks"
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        """The text tower, the multimodal decoder and the logit scale (frozen by default)."""
+        for mod in (self.model.text, self.model.text_decoder):
+            yield from mod.parameters()
+        yield self.model.logit_scale
+
+    # ------------------------------------------------------------------ vision
+    def encode_video(self, frames: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent (B, E), image_embs (B, N, E)) for images (B,3,H,W) or videos (B,T,3,H,W)."""
+        v = self.model.visual
+        if frames.dim() == 4:
+            frames = frames.unsqueeze(1)
+        if frames.dim() != 5:
+            raise ValueError(f"expected images (B,3,H,W) or videos (B,T,3,H,W), got shape {tuple(frames.shape)}")
+        b, t = frames.shape[:2]
+        x = v.transformer(v._embeds(frames.flatten(0, 1)))  # (B·T, 1+HW, width)
+        if self.fusion == "flatten":
+            pooled, tokens = v._pool(x.reshape(b, t * x.shape[1], x.shape[2]))
+        else:
+            pooled, tokens = v._pool(x)
+            pooled = pooled.reshape(b, t, -1).mean(1)
+            tokens = tokens.reshape(b, t, *tokens.shape[1:])
+            tokens = tokens.mean(1) if self.fusion == "pool" else tokens.flatten(1, 2)
+        latent = pooled @ v.proj if v.proj is not None else pooled
+        return (F.normalize(latent, dim=-1) if normalize else latent), tokens
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_video(x)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_video(x)[0]
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        import open_clip
+
+        return open_clip.tokenize(list(texts), context_length=self.context_length)
+
+    @staticmethod
+    def decode(ids: torch.Tensor) -> list[str]:
+        """Token ids -> strings: drop ``<start_of_text>``, cut at ``<end_of_text>`` (open_clip README)."""
+        import open_clip
+
+        out = []
+        for row in ids.tolist():
+            row = [i for i in row if i != 0]
+            text = open_clip.decode(torch.tensor(row, dtype=torch.long)) if row else ""
+            out.append(text.split("<end_of_text>")[0].replace("<start_of_text>", "").strip())
+        return out
+
+    def caption_logits(self, frames: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced decoder logits (B, L-1, V) and labels ``text[:, 1:]`` (open_clip CoCa.forward)."""
+        latent, embs = self.encode_video(frames)
+        out = self.model(None, text, image_latent=latent, image_embs=embs)
+        return out["logits"], out["labels"]
+
+    def caption_loss(self, frames: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CoCa's captioning loss: token cross-entropy, padding (id 0) ignored (open_clip CoCaLoss)."""
+        logits, labels = self.caption_logits(frames, text)
+        return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, frames: torch.Tensor, method: str = "greedy", seq_len: int = 30, max_seq_len: int = 77,
+                 temperature: float = 1.0, top_k: int = 1, top_p: float = 0.1, num_beams: int = 6,
+                 num_beam_groups: int = 3, min_seq_len: int = 5, repetition_penalty: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Caption token ids (B, ≤ seq_len), starting with SOT; finished rows are padded with 0.
+
+        ``method``: greedy (argmax; open_clip's ``top_k`` with k=1) | top_k | top_p | beam_search.
+        """
+        if method not in DECODING:
+            raise ValueError(f"unknown decoding method {method!r}; valid methods: {', '.join(DECODING)}")
+        if seq_len <= min_seq_len:
+            raise ValueError(f"seq_len ({seq_len}) must be larger than min_seq_len ({min_seq_len})")
+        was_training = self.training
+        self.eval()
+        try:
+            if method == "beam_search":
+                return self._beam_search(frames, seq_len=seq_len, num_beams=num_beams, num_beam_groups=num_beam_groups,
+                                         min_seq_len=min_seq_len, repetition_penalty=repetition_penalty)
+            return self._sample(frames, method, seq_len, max_seq_len, temperature, top_k, top_p, min_seq_len,
+                                repetition_penalty, generator)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, frames, method, seq_len, max_seq_len, temperature, top_k, top_p, min_seq_len,
+                repetition_penalty, generator) -> torch.Tensor:
+        """open_clip ``CoCa.generate``'s top-k/top-p loop, with transformers' processors in torch."""
+        latent, embs = self.encode_video(frames)
+        b, dev, pad = latent.shape[0], latent.device, self.pad_id
+        out = torch.full((b, 1), SOT, dtype=torch.long, device=dev)
+        while True:
+            x = out[:, -max_seq_len:]
+            cur_len = x.shape[1]
+            logits = self.model(None, x, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+            done = (out[:, -1] == EOT) | (out[:, -1] == pad)
+            sample = torch.full((b, 1), pad, dtype=torch.long, device=dev)
+            if done.all():
+                break
+            scores = logits[~done]
+            ids = x[~done]
+            if cur_len < min_seq_len:  # MinLengthLogitsProcessor
+                scores[:, EOT] = -float("inf")
+            if repetition_penalty != 1.0:  # RepetitionPenaltyLogitsProcessor
+                s = scores.gather(1, ids)
+                scores = scores.scatter(1, ids, torch.where(s < 0, s * repetition_penalty, s / repetition_penalty))
+            if method == "top_p":
+                scores = _top_p(scores, top_p)
+            else:
+                scores = _top_k(scores, 1 if method == "greedy" else top_k)
+            if cur_len + 1 == seq_len:
+                sample[~done] = EOT
+            elif method == "greedy":
+                sample[~done] = scores.argmax(-1, keepdim=True)
+            else:
+                probs = F.softmax(scores / temperature, dim=-1)
+                sample[~done] = torch.multinomial(probs, 1, generator=generator)
+            out = torch.cat([out, sample], dim=-1)
+            if out.shape[1] >= seq_len:  # MaxLengthCriteria
+                break
+        return out
+
+    def _beam_search(self, frames, **kw) -> torch.Tensor:
+        from open_clip import coca_model
+
+        if not coca_model._has_transformers:
+            raise RuntimeError(
+                "beam search runs open_clip's CoCa.generate, which needs transformers>=4.41,<4.57 "
+                f"(installed: {_transformers_version()}); install the 'caption' extra or use method=greedy|top_k|top_p"
+            )
+        with self._video_encoder():
+            return self.model.generate(frames, generation_type="beam_search", fixed_output_length=False, **kw)
+
+    @contextmanager
+    def _video_encoder(self):
+        """Let open_clip's own ``generate`` read videos: its ``_encode_image`` becomes ours."""
+        self.model._encode_image = lambda images, normalize=True: self.encode_video(images, normalize)
+        try:
+            yield
+        finally:
+            del self.model._encode_image
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """transformers ``TopKLogitsWarper`` (min_tokens_to_keep=1)."""
+    k = min(max(int(k), 1), scores.shape[-1])
+    kth = torch.topk(scores, k)[0][..., -1, None]
+    return scores.masked_fill(scores < kth, -float("inf"))
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers ``TopPLogitsWarper`` (min_tokens_to_keep=1): keep the smallest set with mass ≥ top_p."""
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+
+
+def _transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:
+        return "none"
+
+
+@register_head("coca_captioner")
+class CoCaCaptioner(nn.Module):
+    """A :class:`CoCaBackbone` as a captioner (the "head" of the captioning task; it adds no weights).
+
+    ``forward({"frames", "text"})`` -> teacher-forced logits (B, L-1, V) (labels are ``text[:, 1:]``);
+    ``forward(frames)`` -> the image/video latent; ``generate(frames, **options)`` -> token ids.
+    """
+
+    def __init__(self, backbone: CoCaBackbone):
+        super().__init__()
+        self.backbone = backbone  # a CoCaBackbone (the captioning task checks backbone=coca)
+
+    def head_spec(self) -> dict:
+        return {"type": "coca_captioner"}
+
+    @classmethod
+    def from_spec(cls, backbone: CoCaBackbone, spec: dict) -> "CoCaCaptioner":
+        return cls(backbone)
+
+    def forward(self, x):
+        if isinstance(x, dict):
+            return self.backbone.caption_logits(x["frames"], x["text"])[0]
+        return self.backbone(x)
+
+    def generate(self, frames: torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.backbone.generate(frames, **options)
