@@ -80,9 +80,11 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
 
 
 def build_trainer(cfg: DictConfig, has_val: bool, **overrides: Any) -> L.Trainer:
-    callbacks = []
+    from tasks.perf import perf_callbacks
+
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
+    callbacks = perf_callbacks(trainer_cfg)  # trainer.compile / trainer.checkpoint_blocks
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue

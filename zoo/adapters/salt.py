@@ -97,6 +97,8 @@ class SALTLinear(WrappedLayer):
         self.Y = nn.Parameter(torch.zeros(self.r_lora, k - r, **kw))
         # SAM2 reference init (a=√20 is ignored by torch for nonlinearity='relu'; kept as written)
         nn.init.kaiming_uniform_(self.X, a=math.sqrt(20), mode="fan_in", nonlinearity="relu")
+        self.fast_path = True  # False: always the factored training forward (see forward)
+        self._w_cache: tuple | None = None  # (key, W') for eval, see cached_weight
 
     @torch.no_grad()
     def recompute_svd(self) -> None:
@@ -105,6 +107,7 @@ class SALTLinear(WrappedLayer):
         U, S, Vh = canonical_svd(lin.weight)
         dt = lin.weight.dtype
         self.U, self.S, self.Vh = U.to(dt), S.to(dt), Vh.to(dt)
+        self._w_cache = None
 
     # --------------------------------------------------------------- the singular-value map
     def top_delta(self) -> torch.Tensor:
@@ -118,15 +121,74 @@ class SALTLinear(WrappedLayer):
         return F.relu(d + self.X @ self.Y) - d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        lin = self.base if isinstance(self.base, nn.Linear) else None  # W' paths need W itself
+        if lin is not None and not self.training and not self._needs_grad():
+            return F.linear(x, self.cached_weight(), lin.bias)  # eval: the floor's cost
+        if lin is not None and self.fast_path and self.weight_path_cheaper(x.numel() // x.shape[-1]):
+            return F.linear(x, lin.weight + self.delta_weight(), lin.bias)
+        return self.factored_forward(x)
+
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + ((x V) Δ) Uᵀ``: the correction on activations, W' never formed."""
+        y = self.base(x)
         r = self.rank
         h = F.linear(x, self.Vh)  # (..., k): coordinates in the right singular basis
         g = h[..., :r] * self.top_delta()
         if self.k > r:
             g = torch.cat([g, h[..., r:] @ self.residual_delta().t()], dim=-1)
         return y + F.linear(g, self.U)
+
+    # --------------------------------------------------------------- cost model and caches
+    def step_macs(self, tokens: int) -> tuple[int, int]:
+        """Extra multiply-adds of one training step (forward + backward) over the frozen layer:
+        ``(factored, weight)`` for ``tokens`` rows of input.
+
+        factored: per token ``k·d_in + (k−r)² + k·d_out`` forward, the same again for the input
+        gradient, ``(k−r)²`` for the gradient of the residual block.
+        weight: forming ``W + U Δ Vᵀ`` (``k·d_out·d_in + (k−r)²·d_in``) and its backward (×2), plus
+        the weight-sized gradient ``tokens·d_out·d_in`` that the frozen layer does not need.
+        """
+        lin = _inner_linear(self.base)
+        d_in, d_out, k, res = lin.in_features, lin.out_features, self.k, self.k - self.rank
+        factored = tokens * (2 * k * (d_in + d_out) + 3 * res * res)
+        weight = tokens * d_in * d_out + 3 * (k * d_out * d_in + res * res * d_in)
+        return factored, weight
+
+    def weight_path_cheaper(self, tokens: int) -> bool:
+        factored, weight = self.step_macs(tokens)
+        return weight < factored
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._cache_inputs()
+                                               if isinstance(p, nn.Parameter))
+
+    def _cache_inputs(self) -> list[torch.Tensor]:
+        lin = _inner_linear(self.base)
+        return [self.scale, self.shift, self.X, self.Y, self.U, self.S, self.Vh, lin.weight]
+
+    def _cache_key(self) -> tuple:
+        # identity + in-place version counter of every tensor W' depends on: an optimizer step,
+        # load_state_dict, copy_ or re-assignment changes the key
+        return tuple((id(t), t._version, t.dtype, t.device) for t in self._cache_inputs())
+
+    def cached_weight(self) -> torch.Tensor:
+        """``W' = W + U Δ Vᵀ`` for eval, formed once and reused until a parameter changes or
+        the module goes back to ``.train()``."""
+        key = self._cache_key()
+        if self._w_cache is None or self._w_cache[0] != key:
+            with torch.no_grad():
+                w = _inner_linear(self.base).weight
+                self._w_cache = (key, (w + self.delta_weight()).detach())
+        return self._w_cache[1]
+
+    def clear_cache(self) -> None:
+        self._w_cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()  # also on .eval(): the next eval forward forms W' from the current weights
+        return super().train(mode)
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = W' − W = U Δ Vᵀ`` (materialises d_out×d_in: merge / inspection only)."""
