@@ -412,7 +412,7 @@ def run(args) -> dict:
                         "inference")
     merged_models: dict[str, nn.Module] = {}
     for b in built:
-        if not b.row.timed_inference:
+        if not b.row.timed_inference or args.skip_merged:
             continue
         m = merge(b)
         if m is not None:
@@ -488,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--memory", choices=["subprocess", "skip"], default="subprocess",
                    help="peak memory per row in a fresh subprocess (or skip it)")
     p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
+    p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
     p.add_argument("--_memory-row", dest="memory_row", default=None, help=argparse.SUPPRESS)

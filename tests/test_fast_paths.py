@@ -213,3 +213,140 @@ def test_salt_model_eval_equals_merged():
     merged = zoo.merge_adapters(copy.deepcopy(model), unload=True).eval()
     with torch.inference_mode():
         torch.testing.assert_close(cached, merged(x), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- activation checkpointing
+def tiny_with(adapter: str | None, drop: float = 0.1, seed: int = 0) -> zoo.ImageClassifier:
+    torch.manual_seed(seed)
+    bb = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             depth=2, embed_dim=64, num_heads=2, drop_rate=drop, proj_drop_rate=drop,
+                             drop_path_rate=drop)
+    model = zoo.ImageClassifier(bb, 3)
+    if adapter is not None:
+        zoo.apply_adapter(model, adapter)
+        randomise_adapter(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "vpt", None])
+def test_checkpoint_blocks_gives_the_same_gradients(adapter):
+    """Dropout and drop-path active (RNG state is replayed in the recomputation); VPT's prompted
+    blocks are wrappers in the block list, checkpointed with their prompts."""
+    plain = tiny_with(adapter)
+    ckpt = copy.deepcopy(plain)
+    assert zoo.checkpoint_blocks(ckpt) == 2
+    x, y = batch(2)
+    torch.manual_seed(5)
+    want = loss_and_grads(plain, x, y)
+    torch.manual_seed(5)
+    got = loss_and_grads(ckpt, x, y)
+    assert_same(got, want, rtol=0, atol=0)  # same kernels in the same order: bitwise equal
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_checkpoint_blocks_recomputes_in_training_only_and_can_be_undone():
+    model = tiny_with("lora", drop=0.0)
+    zoo.checkpoint_blocks(model)
+    calls = []
+    # the block's first layer: the recomputation stops early, after the last tensor backward needs
+    zoo.find_backbone(model).blocks()[0].norm1.register_forward_pre_hook(lambda *a: calls.append(1))
+    x, y = batch(2)
+    F.cross_entropy(model(x), y).backward()
+    assert len(calls) == 2  # forward, then recomputed in backward
+    calls.clear()
+    copy.deepcopy(model)(x).sum().backward()  # a copy (hooks included) stays checkpointed
+    assert len(calls) == 2
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 1
+    calls.clear()
+    zoo.checkpoint_blocks(model, enabled=False)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    assert len(calls) == 1
+
+
+def test_checkpoint_blocks_with_lightning_and_pickle(tmp_path):
+    import pickle
+
+    from tasks.perf import PerfOptions, perf_callbacks
+
+    cfg = {"max_epochs": 1, "compile": False, "checkpoint_blocks": True}
+    (cb,) = perf_callbacks(cfg)
+    assert cfg == {"max_epochs": 1}  # Lightning's Trainer never sees the options
+    assert perf_callbacks({"compile": False}) == []
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_with("lora")
+
+    holder = Holder()
+    cb.setup(None, holder, "fit")
+    blocks = zoo.find_backbone(holder.model).blocks_container()
+    assert all(isinstance(b, zoo.activation_checkpoint.CheckpointedBlock) for b in blocks)
+    back = pickle.loads(pickle.dumps(holder.model))  # ddp_spawn pickles the model
+    x, _ = batch(2)
+    torch.testing.assert_close(back.eval()(x), holder.model.eval()(x))
+    with pytest.raises(ValueError, match="trainer.compile"):
+        PerfOptions(compile="yes")
+
+
+# ------------------------------------------------------------------- torch.compile
+@pytest.mark.slow  # inductor compiles C++ for a few minutes on a loaded CPU
+def test_compile_matches_eager_forward_and_gradients():
+    """``trainer.compile=true`` compiles the task's model in place (``nn.Module.compile``):
+    same outputs and gradients as eager within float tolerance, same state_dict keys."""
+    from tasks.perf import PerfOptions
+
+    eager = tiny_with("lora", drop=0.0)
+    compiled = copy.deepcopy(eager)
+
+    class Holder(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    PerfOptions(compile=True).setup(None, Holder(compiled), "fit")
+    x, y = batch(2)
+    assert_same(loss_and_grads(compiled, x, y), loss_and_grads(eager, x, y), rtol=1e-4, atol=1e-5)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+# ----------------------------------------------------------------------------------- CoLoRA
+class MatmulCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_colora_per_layer_ranks_run_as_one_matmul_pair_per_layer():
+    """Different ranks per layer (CoLoRA's allocation) cost two matmuls per adapted layer (x·Aᵀ, then
+    ·Bᵀ), whatever the rank, and compute the LoRA delta of each layer at its own rank."""
+    probe = tiny_classifier()
+    zoo.apply_adapter(probe, "colora")  # no ranks: attaches nothing, resolves the target layers
+    paths = [s.path for s in zoo.api.adapters_of(probe)[0].targets_found]
+    ranks = {p: 1 + (7 * i) % 13 for i, p in enumerate(paths)}  # 1..13, uneven
+    plain, model = tiny_classifier(), tiny_classifier()
+    zoo.apply_adapter(model, "colora", ranks=ranks)
+    adapter = zoo.api.adapters_of(model)[0]
+    randomise_adapter(model)
+    x, _ = batch(2)
+    with torch.no_grad(), MatmulCounter() as base_count:
+        want = plain(x)
+    with torch.no_grad(), MatmulCounter() as count:
+        got = model(x)
+    assert count.n - base_count.n == 2 * len(paths)
+    assert sorted({m.rank for m in adapter.modules}) == sorted(set(ranks.values()))
+    # the same function as the merged weights W + (alpha/r) B A per layer, each at its rank
+    zoo.merge_adapters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, want)

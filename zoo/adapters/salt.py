@@ -27,22 +27,35 @@ recomputes the SVD from the base weights. Singular vectors are defined up to a s
 magnitude entry of u_i positive) to make the basis the same on every LAPACK backend. Call
 :meth:`SALTLinear.recompute_svd` if you change the base weights after attaching.
 
-**Training forward (factored, never forms W').** Because ``U diag(σ) Vᵀ = W`` exactly, we run::
+**Training forward: two exact forms, the cheaper one per call.** Because ``U diag(σ) Vᵀ = W``
+exactly, the adapted layer is ``W' = W + U Δ Vᵀ`` with::
 
-    y = base(x) + ((x V) · Δ) Uᵀ,   Δ = blockdiag(diag(ReLU(σ'_top) − σ_top),  ReLU(Σ'_res) − diag(σ_res))
+    Δ = blockdiag(diag(ReLU(σ'_top) − σ_top),  ReLU(Σ'_res) − diag(σ_res))
 
-i.e. the frozen layer as it is plus a correction computed on activations: ``x → Vᵀ`` (k values
-per token), an elementwise product for the top block, a (k−r)×(k−r) matmul for the residual block,
-then ``U``. The d_out×d_in matrix W' (and ΔW) is only formed by :meth:`SALTLinear.merge` /
-:meth:`SALTLinear.delta_weight`. Why this form: (1) the output is bit-identical to the frozen layer
-at init (Δ is exactly zero, whereas ``U diag(σ) Vᵀ x`` differs from ``W x`` by the SVD's round-off),
-and the frozen W keeps its precision under low-precision factors; (2) it keeps per-step memory at
-the activation scale and follows the library rule that deltas run on activations. The one k-sized
-square that exists per step is ``ReLU(Σ'_res)`` itself: the ReLU acts elementwise on
-``diag + XY``, so that block has no low-rank factorisation. Cost per token is about
-``d_in·d_out + k·(d_in + d_out) + (k−r)²`` multiply-adds; materialising W' instead would cost
-``≈ 2·k·d_out·d_in`` per step plus ``d_in·d_out`` per token, which is cheaper in FLOPs only when a
-step has more tokens than roughly k (large-batch training): a trade-off we take for exactness.
+* *factored* (:meth:`SALTLinear.factored_forward`): ``y = base(x) + ((x V) · Δ) Uᵀ``, the
+  correction computed on activations (``x → Vᵀ``, k values per token, an elementwise product for
+  the top block, a (k−r)×(k−r) matmul for the residual block, then ``U``); W' is never formed.
+  Extra multiply-adds per step ≈ ``T·(2k(d_in + d_out) + 3(k−r)²)`` for T tokens.
+* *weight*: ``y = x (W + U Δ Vᵀ)ᵀ + b``. Extra ≈ ``T·d_in·d_out`` (the gradient of W', which a
+  frozen layer does not need) ``+ 3(k·d_out·d_in + (k−r)²·d_in)`` (forming ``U Δ Vᵀ`` and its
+  backward), independent of T beyond the first term.
+
+:meth:`SALTLinear.weight_path_cheaper` compares the two counts for the call's token count
+(weight wins when T is larger than about k: a ViT-S/16 batch of 8 at 224 px has T = 1576 > k = 384;
+the 64 px quick bench at batch 32 has T = 544). Both are exact at init (Δ is exactly zero, so
+the output is bit-identical to the frozen layer; ``U diag(σ) Vᵀ x`` would differ from ``W x`` by
+the SVD's round-off) and keep the frozen W at its own precision. Either way a SALT step costs
+more than the frozen floor by the method's own arithmetic: the gradient of Σ' needs either the
+projections of every token onto the singular bases or a weight-sized gradient (as full
+fine-tuning has), and ``ReLU(Σ'_res)`` has no low-rank form (the ReLU acts elementwise on
+``diag + XY``). ``python -m bench.adapters`` prints the counted FLOPs next to the times.
+
+**Eval forward: the floor's cost.** In eval mode without gradients (``model.eval()`` + ``no_grad``
+or ``inference_mode``) the layer runs ``F.linear(x, W')`` with W' formed once and cached
+(:meth:`SALTLinear.cached_weight`; one extra d_out×d_in copy per layer). The cache is dropped by
+``.train()``/``.eval()`` and re-formed when any tensor it depends on changes: a, b, X, Y, the
+SVD buffers or the base weight (checked by identity and in-place version counter, so optimizer
+steps, ``load_state_dict`` and in-place edits all invalidate it).
 
 Differences from the reference, by choice: the reference also trains every LayerNorm, the
 positional embedding and its text-prompt affine (combine SALT with those yourself); only Linear
