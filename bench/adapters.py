@@ -62,8 +62,19 @@ class Row:
     kind: str  # "floor" | "zoo" | "peft"
     adapter: str | None = None
     config: dict = field(default_factory=dict)
+    compile: bool = False  # nn.Module.compile() of the trained model (training step timed only)
+    checkpoint: bool = False  # zoo.checkpoint_blocks: activation checkpointing of every block
+
+    @property
+    def timed_inference(self) -> bool:
+        return not (self.compile or self.checkpoint)  # same model as the plain row at inference
 
     def describe_config(self) -> str:
+        extra = ([f"torch.compile"] if self.compile else []) + (["checkpoint_blocks"] if self.checkpoint else [])
+        base = self._describe()
+        return ", ".join([base, *extra]) if extra else base
+
+    def _describe(self) -> str:
         if self.kind == "floor":
             return "input bias only"
         if self.kind == "peft":
@@ -88,15 +99,34 @@ def lora_defaults() -> dict:
     return zoo.ADAPTERS.get("lora").from_config().config
 
 
-def default_rows(adapters: list[str]) -> list[Row]:
+# Options the bench changes from a method's defaults, only to keep the bench's own runtime
+# bounded; they do not change the trained function's cost (CoLoRA's ranks still meet the 7%
+# budget, allocated from a shorter fine-tune).
+BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches": 1}}
+
+EXTRA_ROWS = ("compile", "ckpt")
+
+
+def default_rows(adapters: list[str], extras: list[str] = ()) -> list[Row]:
+    """One row per adapter, the references, and ``extras`` like ``lora+compile`` / ``floor+ckpt``."""
     rows = [Row(FLOOR, "floor")]
     for name in adapters:
-        rows.append(Row(name, "zoo", name))
+        rows.append(Row(name, "zoo", name, dict(BENCH_CONFIG.get(name, {}))))
         if name == "lora":
             rows.append(Row(LORA_QKV, "zoo", "lora", {"targets": ["qkv"]}))
     d = lora_defaults()
     rows.append(Row(PEFT_ROW, "peft", None, {"r": int(d["rank"]), "lora_alpha": d["alpha"],
                                              "lora_dropout": d["dropout"], "target_modules": ["qkv"]}))
+    for spec in extras:
+        name, _, what = spec.partition("+")
+        if what not in EXTRA_ROWS or (name != "floor" and name not in zoo.ADAPTERS):
+            raise SystemExit(f"--extra {spec!r}: use ADAPTER+compile or ADAPTER+ckpt (ADAPTER: floor or one of "
+                             f"{', '.join(zoo.list_adapters())})")
+        flags = {"compile": what == "compile", "checkpoint": what == "ckpt"}
+        if name == "floor":
+            rows.append(Row(f"{FLOOR}+{what}", "floor", **flags))
+        else:
+            rows.append(Row(spec, "zoo", name, dict(BENCH_CONFIG.get(name, {})), **flags))
     return rows
 
 
@@ -111,6 +141,7 @@ class Built:
     step: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     trainable: int = 0
     artifact: int | None = None
+    flops: int | None = None
 
 
 def synthetic_batches(args, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -147,6 +178,10 @@ def build(args, row: Row) -> Built:
         model = plain = get_peft_model(clf, cfg)
     else:
         raise ValueError(f"unknown row kind {row.kind!r}")
+    if row.checkpoint:
+        zoo.checkpoint_blocks(clf)
+    if row.compile:
+        model.compile()  # in place, as trainer.compile=true does (tasks/perf.py)
     b = Built(row, model, plain, bb, base_params)
     b.step = make_step(b, args)
     return b
@@ -199,6 +234,38 @@ def artifact_bytes(b: Built) -> int | None:
         return sum(f.stat().st_size for f in files)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def _register_cpu_attention_flops() -> None:
+    """torch's FLOP counter knows the CUDA attention kernels but not CPU flash attention (what
+    timm's fused attention runs here): count it with the same formulas."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is None or bwd is None or fwd in fc.flop_registry or fwd.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(fwd)
+    def _fwd(query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query, key, value)
+
+    @fc.register_flop_formula(bwd)
+    def _bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def step_flops(b: Built, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one training step: matmuls, convolutions and attention of
+    forward + backward, as torch's FlopCounterMode counts them (elementwise ops not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_attention_flops()
+    with FlopCounterMode(display=False) as counter:
+        b.step(x, y)
+    return int(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------- timing
@@ -314,7 +381,7 @@ def run(args) -> dict:
     unknown = [n for n in names if n not in zoo.ADAPTERS]
     if unknown:
         raise SystemExit(f"unknown adapter(s) {unknown}; registered: {', '.join(zoo.list_adapters())}")
-    rows = default_rows(names)
+    rows = default_rows(names, args.extra or [])
     x, y = synthetic_batches(args, 1)[0]
     built: list[Built] = []
     skipped: dict[str, str] = {}
@@ -323,6 +390,7 @@ def run(args) -> dict:
             b = build(args, row)
             b.step(x, y)  # one step must work with defaults, else the method needs more than we give it
             b.trainable, b.artifact = trainable_in_backbone(b), artifact_bytes(b)  # before any merge
+            b.flops = None if row.compile else step_flops(b, x, y)  # compiled: same arithmetic as eager
             built.append(b)
         except Exception as e:  # noqa: BLE001 - report and go on with the other methods
             skipped[row.label] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -345,9 +413,12 @@ def run(args) -> dict:
 
     for b in built:
         b.plain.eval()
-    infer = interleaved(built, infer_fns({b.row.label: b.plain for b in built}), args, "inference")
+    infer = interleaved(built, infer_fns({b.row.label: b.plain for b in built if b.row.timed_inference}), args,
+                        "inference")
     merged_models: dict[str, nn.Module] = {}
     for b in built:
+        if not b.row.timed_inference or args.skip_merged:
+            continue
         m = merge(b)
         if m is not None:
             merged_models[b.row.label] = m.eval()
@@ -365,6 +436,7 @@ def run(args) -> dict:
     # merged rows compare to the plain backbone and to peft's *unmerged* inference of the same round
     r_merged = {k: {lab: statistics.median(t / r for t, r in zip(ts, infer[v])) if v in infer else None
                     for lab, ts in merged.items()} for k, v in refs.items()}
+    floor_flops = next((b.flops for b in built if b.row.label == FLOOR), None)
     for b in built:
         lab = b.row.label
         tr = b.trainable
@@ -376,40 +448,65 @@ def run(args) -> dict:
             "artifact_bytes": b.artifact,
             "train_s": statistics.median(train[lab]),
             "train_x_floor": r_train["floor"][lab], "train_x_peft": r_train["peft"][lab],
-            "infer_s": statistics.median(infer[lab]),
-            "infer_x_floor": r_infer["floor"][lab], "infer_x_peft": r_infer["peft"][lab],
+            "step_flops": b.flops,
+            "flops_x_floor": b.flops / floor_flops if b.flops and floor_flops else None,
+            "infer_s": statistics.median(infer[lab]) if lab in infer else None,
+            "infer_x_floor": r_infer["floor"].get(lab), "infer_x_peft": r_infer["peft"].get(lab),
             "merged_s": statistics.median(merged[lab]) if lab in merged else None,
             "merged_x_floor": r_merged["floor"].get(lab), "merged_x_peft": r_merged["peft"].get(lab),
         })
     return {"rows": results, "skipped": skipped, "summary": summary, "built": built}
 
 
+DEFAULTS = {"model": "vit_small_patch16_224", "img_size": 224, "batch_size": 32, "steps": 3, "repeats": 3,
+            "warmup": 1}
+PRESETS = {
+    # the realistic CPU profile: 197 tokens per image, as a 224 px ViT sees at fine-tuning time
+    "realistic": {"model": "vit_small_patch16_224", "img_size": 224, "batch_size": 8, "steps": 1, "repeats": 5,
+                  "warmup": 2, "extra": ["lora+compile", "hydra+compile", "salt+compile", "floor+ckpt",
+                                         "lora+ckpt"]},
+    # the quick table: 17 tokens per image, which overstates token methods (VPT, Q-Adapter)
+    "quick": {"model": "vit_small_patch16_224", "img_size": 64, "batch_size": 32, "steps": 1, "repeats": 3,
+              "warmup": 1},
+}
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="realistic: ViT-S/16 at 224 px, batch 8, 5 rounds, + compile / checkpointing rows; "
+                        "quick: 64 px, batch 32, 3 rounds. Options given explicitly override the preset.")
     p.add_argument("--backbone", choices=["vit", "ast"], default="vit",
                    help="vit (images) or ast (Audio Spectrogram Transformer on [B, max_length, 128] fbanks)")
     p.add_argument("--max-length", type=int, default=1024, help="AST input frames (--backbone ast)")
     p.add_argument("--model", default=None,
                    help="any timm ViT name (default vit_small_patch16_224; deit_small_distilled_patch16_224 for ast)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=None, help="default 224")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (tiny test models)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed calls per row per round")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row before timing")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32")
+    p.add_argument("--steps", type=int, default=None, help="timed calls per row per round (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per row before timing (default 1)")
     p.add_argument("--adapters", nargs="*", default=None, help="default: every registered adapter")
+    p.add_argument("--extra", nargs="*", default=None,
+                   help="extra rows ADAPTER+compile (nn.Module.compile, training step only) or ADAPTER+ckpt "
+                        "(activation checkpointing of blocks); ADAPTER may be 'floor'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--memory", choices=["subprocess", "skip"], default="subprocess",
                    help="peak memory per row in a fresh subprocess (or skip it)")
     p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
+    p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
     p.add_argument("--_memory-row", dest="memory_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.model is None:
-        args.model = "deit_small_distilled_patch16_224" if args.backbone == "ast" else "vit_small_patch16_224"
+    if args.model is None and args.backbone == "ast":
+        args.model = "deit_small_distilled_patch16_224"
+    for k, v in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -422,11 +519,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     res = run(args)
     if args.memory == "subprocess":
         log(args, "measuring peak memory (one fresh process per row)")
-        for r, b in zip(res["rows"], res["built"]):
-            r["peak_bytes"] = peak_memory(args, b.row)
+        for r, b in zip(res["rows"], res["built"]):  # a compiled row would compile again: not measured
+            r["peak_bytes"] = None if b.row.compile else peak_memory(args, b.row)
     else:
         for r in res["rows"]:
             r["peak_bytes"] = None
+    floor_mem = next((r["peak_bytes"] for r in res["rows"] if r["label"] == FLOOR), None)
+    for r in res["rows"]:
+        r["mem_x_floor"] = r["peak_bytes"] / floor_mem if r["peak_bytes"] and floor_mem else None
     del res["built"]
 
     out = Path(args.out)
@@ -443,12 +543,16 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- output
-COLUMNS = ["method", "config", "trainable", "%", "artifact", "step ms", "×floor", "×peft", "peak mem",
-           "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
+COLUMNS = ["method", "config", "trainable", "%", "artifact", "step ms", "×floor", "×peft", "step GFLOP",
+           "FLOP ×floor", "peak mem", "mem ×floor", "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
 
 
 def _fmt_ratio(v) -> str:
     return "—" if v is None else f"{v:.2f}"
+
+
+def _fmt_gflop(v) -> str:
+    return "—" if v is None else f"{v / 1e9:.3g}"
 
 
 def _fmt_ms(v) -> str:
@@ -471,7 +575,8 @@ def _fmt_count(n: int) -> str:
 def table_cells(r: dict) -> list[str]:
     return [r["label"], r["config"], _fmt_count(r["trainable"]), f"{r['trainable_pct']:.3f}",
             _fmt_bytes(r["artifact_bytes"]), _fmt_ms(r["train_s"]), _fmt_ratio(r["train_x_floor"]),
-            _fmt_ratio(r["train_x_peft"]), _fmt_bytes(r.get("peak_bytes")), _fmt_ms(r["infer_s"]),
+            _fmt_ratio(r["train_x_peft"]), _fmt_gflop(r.get("step_flops")), _fmt_ratio(r.get("flops_x_floor")),
+            _fmt_bytes(r.get("peak_bytes")), _fmt_ratio(r.get("mem_x_floor")), _fmt_ms(r["infer_s"]),
             _fmt_ratio(r["infer_x_floor"]), _fmt_ratio(r["infer_x_peft"]), _fmt_ms(r["merged_s"]),
             _fmt_ratio(r["merged_x_floor"]), _fmt_ratio(r["merged_x_peft"])]
 
@@ -525,6 +630,15 @@ def markdown(res: dict, args, cmd: str) -> str:
         f"(`target_modules=[\"qkv\"]`), same rank and alpha. `lora` is our default (q and v slices).",
         "- **merged**: after `zoo.merge_adapters(model, unload=True)` (peft: `merge_and_unload()`); "
         "— = not mergeable.",
+        "- **step GFLOP / FLOP ×floor**: the arithmetic of one training step (forward + backward; matmuls, "
+        "convolutions and attention as torch's `FlopCounterMode` counts them, 2 FLOPs per multiply-add; "
+        "elementwise ops and the optimizer are not counted). `FLOP ×floor − 1` is the method's own "
+        "arithmetic relative to the frozen backbone's: where it is well above 1.15 the method is costlier by "
+        "its mathematics, not by our implementation; where the time ratio is well above the FLOP ratio the "
+        "difference is memory traffic or kernel overhead.",
+        "- **+compile** rows: `model.compile()` (torch.compile in place, what `trainer.compile=true` does), "
+        "training step only, compile time excluded (warm-up); **+ckpt** rows: `zoo.checkpoint_blocks` "
+        "(`trainer.checkpoint_blocks=true`), memory and time against the same method without it.",
         f"- VPT's extra cost is its prompt tokens relative to the image tokens ((img_size/patch)² + prefix; "
         f"{args.img_size} px here): small images overstate it compared with 224 px (197 tokens).",
         "- Timings on a shared CPU are noisy: read the ratios, not the milliseconds.",

@@ -142,10 +142,12 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
 
     The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``).
     """
+    from tasks.perf import perf_callbacks
+
     quiet_logs()
-    callbacks = []
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
+    callbacks = perf_callbacks(trainer_cfg)  # trainer.compile / trainer.checkpoint_blocks
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue

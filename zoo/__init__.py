@@ -12,6 +12,7 @@ A plain PyTorch library (no Lightning, no Hydra)::
 """
 __version__ = "0.1.0"
 
+from zoo.activation_checkpoint import checkpoint_blocks  # noqa: E402
 from zoo.adapters import ADAPTERS, register_adapter  # noqa: E402
 from zoo.adapters.base import Adapter, AdapterModule, NotMergeableError, StepContext, WrappedLayer  # noqa: E402
 from zoo.api import (  # noqa: E402

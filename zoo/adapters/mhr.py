@@ -169,34 +169,43 @@ class MHRLinear(WrappedLayer):
             return out
         # One adapter for the whole batch when every row has the same task and no per-sample
         # Gumbel noise is drawn; otherwise one (A_t, B_t) per row and batched matmuls.
-        shared = self.task.single is not None and not (self.gumbel and self.training)
-        repeat = 1
-        if shared:
-            task = self.task.single
+        if self.task.single is not None and not (self.gumbel and self.training):
+            return out + self.shared_delta(x, self.task.single)
+        # per image, not per row: windowed backbones (SAM) run each image as several rows
+        rows = x.shape[0]
+        if self.task.ids is not None:
+            task = self.task.ids
+            if rows % task.numel():
+                raise ValueError(f"MHR: {task.numel()} task ids set but the layer input has {rows} rows (not a multiple)")
         else:
-            # per image, not per row: windowed backbones (SAM) run each image as several rows
-            rows = x.shape[0]
-            if self.task.ids is not None:
-                task = self.task.ids
-                if rows % task.numel():
-                    raise ValueError(f"MHR: {task.numel()} task ids set but the layer input has {rows} rows (not a multiple)")
-            else:
-                b = self.task.batch
-                task = x.new_zeros(b if b and rows % b == 0 else rows, dtype=torch.long)
-            repeat = rows // task.numel()
-            xb = x.reshape(x.shape[0], -1, x.shape[-1])
+            b = self.task.batch
+            task = x.new_zeros(b if b and rows % b == 0 else rows, dtype=torch.long)
+        repeat = rows // task.numel()
+        xb = x.reshape(x.shape[0], -1, x.shape[-1])
         for key, s in self.slices.items():
             A_t, B_t = self.task_adapter(key, task, repeat)
-            if shared:
-                delta = (x @ A_t) @ B_t
-            else:
-                delta = torch.bmm(torch.bmm(xb, A_t), B_t).reshape(*x.shape[:-1], B_t.shape[-1])
-            delta = delta * self.scaling
+            delta = torch.bmm(torch.bmm(xb, A_t), B_t).reshape(*x.shape[:-1], B_t.shape[-1]) * self.scaling
             if s is None:
                 out = out + delta
             else:
                 out[..., s] = out[..., s] + delta
         return out
+
+    def shared_delta(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """The delta of every slice for one task: mixed (A_t, B_t) formed once per layer, all
+        slices' A_t side by side ``(d_in, n·r)`` and their B_t in one ``(n·r, d_out)`` matrix that
+        is zero off each slice's rows, so the layer does two matmuls and no in-place slice writes
+        (as :meth:`~zoo.adapters.lora.LoRALinear.stacked_B_t`)."""
+        mixed = [self.task_adapter(key, task) for key in self.slices]
+        if list(self.slices.values()) == [None]:
+            A_t, B_t = mixed[0]
+            return ((x @ A_t) * self.scaling) @ B_t
+        r, d_out = self.rank, self.linear().out_features
+        A_cat = torch.cat([a for a, _ in mixed], dim=1)
+        B_cat = A_cat.new_zeros(len(mixed) * r, d_out)
+        for i, ((_, b), s) in enumerate(zip(mixed, self.slices.values())):
+            B_cat[i * r:(i + 1) * r, slice(None) if s is None else s] = b
+        return ((x @ A_cat) * self.scaling) @ B_cat
 
     def delta_weight(self, task: int) -> torch.Tensor:
         """``ΔW_t = (alpha/r) (A_t B_t)ᵀ`` scattered into the fused weight's rows (sigmoid routing)."""

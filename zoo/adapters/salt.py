@@ -27,22 +27,35 @@ recomputes the SVD from the base weights. Singular vectors are defined up to a s
 magnitude entry of u_i positive) to make the basis the same on every LAPACK backend. Call
 :meth:`SALTLinear.recompute_svd` if you change the base weights after attaching.
 
-**Training forward (factored, never forms W').** Because ``U diag(σ) Vᵀ = W`` exactly, we run::
+**Training forward: two exact forms, the cheaper one per call.** Because ``U diag(σ) Vᵀ = W``
+exactly, the adapted layer is ``W' = W + U Δ Vᵀ`` with::
 
-    y = base(x) + ((x V) · Δ) Uᵀ,   Δ = blockdiag(diag(ReLU(σ'_top) − σ_top),  ReLU(Σ'_res) − diag(σ_res))
+    Δ = blockdiag(diag(ReLU(σ'_top) − σ_top),  ReLU(Σ'_res) − diag(σ_res))
 
-i.e. the frozen layer as it is plus a correction computed on activations: ``x → Vᵀ`` (k values
-per token), an elementwise product for the top block, a (k−r)×(k−r) matmul for the residual block,
-then ``U``. The d_out×d_in matrix W' (and ΔW) is only formed by :meth:`SALTLinear.merge` /
-:meth:`SALTLinear.delta_weight`. Why this form: (1) the output is bit-identical to the frozen layer
-at init (Δ is exactly zero, whereas ``U diag(σ) Vᵀ x`` differs from ``W x`` by the SVD's round-off),
-and the frozen W keeps its precision under low-precision factors; (2) it keeps per-step memory at
-the activation scale and follows the library rule that deltas run on activations. The one k-sized
-square that exists per step is ``ReLU(Σ'_res)`` itself: the ReLU acts elementwise on
-``diag + XY``, so that block has no low-rank factorisation. Cost per token is about
-``d_in·d_out + k·(d_in + d_out) + (k−r)²`` multiply-adds; materialising W' instead would cost
-``≈ 2·k·d_out·d_in`` per step plus ``d_in·d_out`` per token, which is cheaper in FLOPs only when a
-step has more tokens than roughly k (large-batch training): a trade-off we take for exactness.
+* *factored* (:meth:`SALTLinear.factored_forward`): ``y = base(x) + ((x V) · Δ) Uᵀ``, the
+  correction computed on activations (``x → Vᵀ``, k values per token, an elementwise product for
+  the top block, a (k−r)×(k−r) matmul for the residual block, then ``U``); W' is never formed.
+  Extra multiply-adds per step ≈ ``T·(2k(d_in + d_out) + 3(k−r)²)`` for T tokens.
+* *weight*: ``y = x (W + U Δ Vᵀ)ᵀ + b``. Extra ≈ ``T·d_in·d_out`` (the gradient of W', which a
+  frozen layer does not need) ``+ 3(k·d_out·d_in + (k−r)²·d_in)`` (forming ``U Δ Vᵀ`` and its
+  backward), independent of T beyond the first term.
+
+:meth:`SALTLinear.weight_path_cheaper` compares the two counts for the call's token count
+(weight wins when T is larger than about k: a ViT-S/16 batch of 8 at 224 px has T = 1576 > k = 384;
+the 64 px quick bench at batch 32 has T = 544). Both are exact at init (Δ is exactly zero, so
+the output is bit-identical to the frozen layer; ``U diag(σ) Vᵀ x`` would differ from ``W x`` by
+the SVD's round-off) and keep the frozen W at its own precision. Either way a SALT step costs
+more than the frozen floor by the method's own arithmetic: the gradient of Σ' needs either the
+projections of every token onto the singular bases or a weight-sized gradient (as full
+fine-tuning has), and ``ReLU(Σ'_res)`` has no low-rank form (the ReLU acts elementwise on
+``diag + XY``). ``python -m bench.adapters`` prints the counted FLOPs next to the times.
+
+**Eval forward: the floor's cost.** In eval mode without gradients (``model.eval()`` + ``no_grad``
+or ``inference_mode``) the layer runs ``F.linear(x, W')`` with W' formed once and cached
+(:meth:`SALTLinear.cached_weight`; one extra d_out×d_in copy per layer). The cache is dropped by
+``.train()``/``.eval()`` and re-formed when any tensor it depends on changes: a, b, X, Y, the
+SVD buffers or the base weight (checked by identity and in-place version counter, so optimizer
+steps, ``load_state_dict`` and in-place edits all invalidate it).
 
 Differences from the reference, by choice: the reference also trains every LayerNorm, the
 positional embedding and its text-prompt affine (combine SALT with those yourself); only Linear
@@ -97,6 +110,8 @@ class SALTLinear(WrappedLayer):
         self.Y = nn.Parameter(torch.zeros(self.r_lora, k - r, **kw))
         # SAM2 reference init (a=√20 is ignored by torch for nonlinearity='relu'; kept as written)
         nn.init.kaiming_uniform_(self.X, a=math.sqrt(20), mode="fan_in", nonlinearity="relu")
+        self.fast_path = True  # False: always the factored training forward (see forward)
+        self._w_cache: tuple | None = None  # (key, W') for eval, see cached_weight
 
     @torch.no_grad()
     def recompute_svd(self) -> None:
@@ -105,6 +120,7 @@ class SALTLinear(WrappedLayer):
         U, S, Vh = canonical_svd(lin.weight)
         dt = lin.weight.dtype
         self.U, self.S, self.Vh = U.to(dt), S.to(dt), Vh.to(dt)
+        self._w_cache = None
 
     # --------------------------------------------------------------- the singular-value map
     def top_delta(self) -> torch.Tensor:
@@ -118,15 +134,74 @@ class SALTLinear(WrappedLayer):
         return F.relu(d + self.X @ self.Y) - d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        lin = self.base if isinstance(self.base, nn.Linear) else None  # W' paths need W itself
+        if lin is not None and not self.training and not self._needs_grad():
+            return F.linear(x, self.cached_weight(), lin.bias)  # eval: the floor's cost
+        if lin is not None and self.fast_path and self.weight_path_cheaper(x.numel() // x.shape[-1]):
+            return F.linear(x, lin.weight + self.delta_weight(), lin.bias)
+        return self.factored_forward(x)
+
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + ((x V) Δ) Uᵀ``: the correction on activations, W' never formed."""
+        y = self.base(x)
         r = self.rank
         h = F.linear(x, self.Vh)  # (..., k): coordinates in the right singular basis
         g = h[..., :r] * self.top_delta()
         if self.k > r:
             g = torch.cat([g, h[..., r:] @ self.residual_delta().t()], dim=-1)
         return y + F.linear(g, self.U)
+
+    # --------------------------------------------------------------- cost model and caches
+    def step_macs(self, tokens: int) -> tuple[int, int]:
+        """Extra multiply-adds of one training step (forward + backward) over the frozen layer:
+        ``(factored, weight)`` for ``tokens`` rows of input.
+
+        factored: per token ``k·d_in + (k−r)² + k·d_out`` forward, the same again for the input
+        gradient, ``(k−r)²`` for the gradient of the residual block.
+        weight: forming ``W + U Δ Vᵀ`` (``k·d_out·d_in + (k−r)²·d_in``) and its backward (×2), plus
+        the weight-sized gradient ``tokens·d_out·d_in`` that the frozen layer does not need.
+        """
+        lin = _inner_linear(self.base)
+        d_in, d_out, k, res = lin.in_features, lin.out_features, self.k, self.k - self.rank
+        factored = tokens * (2 * k * (d_in + d_out) + 3 * res * res)
+        weight = tokens * d_in * d_out + 3 * (k * d_out * d_in + res * res * d_in)
+        return factored, weight
+
+    def weight_path_cheaper(self, tokens: int) -> bool:
+        factored, weight = self.step_macs(tokens)
+        return weight < factored
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._cache_inputs()
+                                               if isinstance(p, nn.Parameter))
+
+    def _cache_inputs(self) -> list[torch.Tensor]:
+        lin = _inner_linear(self.base)
+        return [self.scale, self.shift, self.X, self.Y, self.U, self.S, self.Vh, lin.weight]
+
+    def _cache_key(self) -> tuple:
+        # identity + in-place version counter of every tensor W' depends on: an optimizer step,
+        # load_state_dict, copy_ or re-assignment changes the key
+        return tuple((id(t), t._version, t.dtype, t.device) for t in self._cache_inputs())
+
+    def cached_weight(self) -> torch.Tensor:
+        """``W' = W + U Δ Vᵀ`` for eval, formed once and reused until a parameter changes or
+        the module goes back to ``.train()``."""
+        key = self._cache_key()
+        if self._w_cache is None or self._w_cache[0] != key:
+            with torch.no_grad():
+                w = _inner_linear(self.base).weight
+                self._w_cache = (key, (w + self.delta_weight()).detach())
+        return self._w_cache[1]
+
+    def clear_cache(self) -> None:
+        self._w_cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()  # also on .eval(): the next eval forward forms W' from the current weights
+        return super().train(mode)
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = W' − W = U Δ Vᵀ`` (materialises d_out×d_in: merge / inspection only)."""

@@ -1,0 +1,56 @@
+"""Speed / memory options of the trainer config: ``trainer.compile`` and ``trainer.checkpoint_blocks``.
+
+Both are applied by one Lightning callback at ``setup`` (in every process, after the adapter and
+any data-driven ``prepare`` have built the model), so they work for every task kind without the
+task knowing:
+
+* ``compile=true``: ``torch.compile`` of the task's model in place (``nn.Module.compile``: the
+  module's call is compiled, its ``state_dict`` keys, artifact and checkpoints are unchanged).
+  ``compile`` may also be a dict of ``torch.compile`` keyword arguments (e.g. ``{mode: max-autotune}``).
+* ``checkpoint_blocks=true``: activation checkpointing of the backbone's blocks
+  (:func:`zoo.checkpoint_blocks`): less memory, one more forward of each block per step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+import zoo
+
+OPTIONS = ("compile", "checkpoint_blocks")
+
+
+def _model(pl_module: L.LightningModule) -> nn.Module:
+    m = getattr(pl_module, "model", None)
+    return m if isinstance(m, nn.Module) else pl_module
+
+
+class PerfOptions(L.Callback):
+    def __init__(self, compile: bool | dict = False, checkpoint_blocks: bool = False):
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"trainer.compile must be true, false or a dict of torch.compile options, got {compile!r}")
+        if not isinstance(checkpoint_blocks, bool):
+            raise ValueError(f"trainer.checkpoint_blocks must be true or false, got {checkpoint_blocks!r}")
+        self.compile, self.checkpoint_blocks = compile, checkpoint_blocks
+        self._done = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._done:
+            return
+        model = _model(pl_module)
+        if self.checkpoint_blocks:  # before compiling, so the compiled graph sees the checkpoints
+            zoo.checkpoint_blocks(model)
+        if self.compile:
+            model.compile(**(self.compile if isinstance(self.compile, dict) else {}))
+        self._done = True
+
+
+def perf_callbacks(trainer_cfg: dict[str, Any]) -> list[L.Callback]:
+    """Pop the perf options from the trainer config (Lightning's Trainer does not know them) and
+    return the callback that applies them (none when both are off)."""
+    opts = {k: trainer_cfg.pop(k) for k in OPTIONS if k in trainer_cfg}
+    if not any(opts.values()):
+        return []
+    return [PerfOptions(**opts)]

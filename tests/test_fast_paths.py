@@ -1,0 +1,352 @@
+"""Every fast path equals the straightforward computation it replaces: forward and gradients.
+
+No timing here (the speed-ups are measured by ``python -m bench.adapters``); these tests pin that
+the faster arithmetic computes the same function, and that caches are dropped when they go stale.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import zoo
+from zoo.adapters.mhr import MHRLinear
+from zoo.adapters.salt import SALTLinear
+
+torch.set_num_threads(1)
+
+
+def tiny_classifier(depth: int = 2, seed: int = 0) -> zoo.ImageClassifier:
+    torch.manual_seed(seed)
+    bb = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             depth=depth, embed_dim=64, num_heads=2)
+    return zoo.ImageClassifier(bb, 3)
+
+
+def randomise_adapter(model: nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """Move every adapter tensor away from its init (zero B etc.) so the deltas are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in zoo.api.iter_adapter_modules(model):
+            for name, p in m.named_parameters():
+                if not name.startswith("base."):
+                    p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), grads, x.grad.clone()
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6):
+    out_a, g_a, xg_a = a
+    out_b, g_b, xg_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=rtol, atol=atol)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+    torch.testing.assert_close(xg_a, xg_b, rtol=rtol, atol=atol)
+
+
+def batch(n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------------------- MHR
+@pytest.mark.parametrize("targets", [["q", "k", "v", "o", "fc1", "fc2"], ["qkv", "fc2"]])
+def test_mhr_one_task_batch_equals_per_sample_path(targets):
+    """One task in the batch: (A_t, B_t) mixed once per layer and all slices in two matmuls,
+    against the per-sample path (one mixed adapter per row, batched matmuls, per-slice writes)."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "mhr", n_tasks=3, n_skills=3, n_splits=4, rank=2, alpha=2.0, targets=targets)
+    randomise_adapter(model)
+    model.train()
+    adapter = zoo.api.adapters_of(model)[0]
+    x, y = batch(3)
+    zoo.set_task(model, 2)
+    assert adapter.task.single == 2  # the fast path is the one taken
+    fast = loss_and_grads(model, x, y)
+    adapter.task.single = None  # same ids (2, 2, 2), but per sample
+    slow = loss_and_grads(model, x, y)
+    assert_same(fast, slow)
+
+
+# ----------------------------------------------------------------------------------- SALT
+def salt_layer(d_in=24, d_out=40, seed=0, **kw) -> SALTLinear:
+    torch.manual_seed(seed)
+    m = SALTLinear(nn.Linear(d_in, d_out).requires_grad_(False), ratio=kw.pop("ratio", 0.25), r_lora=kw.pop("r_lora", 3))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # far enough from init that both ReLUs clip something
+        m.scale.add_(torch.randn(m.scale.shape, generator=g) * 0.5)
+        m.shift.copy_(torch.randn(m.shift.shape, generator=g) * m.S[: m.rank].max())
+        m.X.add_(torch.randn(m.X.shape, generator=g) * 0.1)
+        m.Y.copy_(torch.randn(m.Y.shape, generator=g) * 0.1)
+    return m
+
+
+def salt_grads(m: SALTLinear, x: torch.Tensor):
+    for p in m.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_(True)
+    out = m(x)
+    (out.square().mean() + out.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    return out.detach(), grads, x.grad.clone()
+
+
+def test_salt_weight_path_equals_factored_path():
+    m = salt_layer()
+    x = torch.randn(3, 5, 24)
+    m.weight_path_cheaper = lambda tokens: True
+    fast = salt_grads(m, x)
+    m.fast_path = False  # always the factored forward
+    slow = salt_grads(m, x)
+    assert_same(fast, slow, rtol=1e-4, atol=1e-5)
+    # both are the paper's W' = U ReLU(Σ') Vᵀ
+    torch.testing.assert_close(fast[0], x @ m.adapted_weight().T + m.base.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_salt_path_choice_follows_counted_flops():
+    """The cost model picks the path with fewer counted multiply-adds (forward + backward)."""
+    m = salt_layer(d_in=48, d_out=96, ratio=0.1, r_lora=16)
+
+    def counted(tokens: int, weight: bool) -> int:
+        m.weight_path_cheaper = lambda t: weight
+        x = torch.randn(tokens, 48)
+        with FlopCounterMode(display=False) as fc:
+            m(x).sum().backward()
+        return fc.get_total_flops()
+
+    for tokens in (4, 2000):
+        factored, weight = counted(tokens, False), counted(tokens, True)
+        del m.weight_path_cheaper  # the real rule
+        assert m.weight_path_cheaper(tokens) == (weight < factored), (tokens, factored, weight)
+    assert not m.weight_path_cheaper(4) and m.weight_path_cheaper(2000)
+
+
+def test_salt_eval_uses_cached_weight_equal_to_unmerged():
+    m = salt_layer()
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        want = m.factored_forward(x)
+    m.eval()
+    with torch.inference_mode():
+        out = m(x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    cached = m._w_cache[1]
+    torch.testing.assert_close(cached, m.adapted_weight().detach(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        m(x)
+    assert m._w_cache[1] is cached  # reused, not re-formed
+
+
+def test_salt_cache_invalidated_by_train_mode():
+    m = salt_layer().eval()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        m(x)
+    assert m._w_cache is not None
+    m.train()
+    assert m._w_cache is None
+    # a training step changes the parameters; the next eval forward sees them
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().sum().backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.factored_forward(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["in_place", "load_state_dict", "optimizer_in_eval", "base_weight"])
+def test_salt_cache_invalidated_by_parameter_change(change):
+    m = salt_layer().eval()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        before = m(x)
+    if change == "in_place":
+        with torch.no_grad():
+            m.Y.mul_(3.0)
+    elif change == "load_state_dict":
+        sd = copy.deepcopy(m.state_dict())
+        sd["X"] = sd["X"] * 2
+        m.load_state_dict(sd)
+    elif change == "optimizer_in_eval":  # still in eval mode: only the version counters move
+        opt = torch.optim.SGD([m.scale, m.shift, m.X, m.Y], lr=0.5)
+        m.factored_forward(x).square().sum().backward()
+        opt.step()
+    else:  # the frozen base weight changes (and the SVD with it)
+        with torch.no_grad():
+            m.base.weight.mul_(1.5)
+        m.recompute_svd()
+    with torch.no_grad():
+        after = m(x)
+        want = m.factored_forward(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
+
+
+def test_salt_eval_with_gradients_does_not_use_the_cache():
+    m = salt_layer().eval()
+    x = torch.randn(4, 24)
+    m(x).sum().backward()  # eval mode, grad enabled: gradients must still reach SALT's parameters
+    assert m.Y.grad is not None and m.Y.grad.abs().sum() > 0
+    assert m._w_cache is None
+
+
+def test_salt_model_eval_equals_merged():
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "salt", r_lora=4)
+    randomise_adapter(model, scale=0.05)
+    model.eval()
+    x, _ = batch(2)
+    with torch.inference_mode():
+        cached = model(x)
+    merged = zoo.merge_adapters(copy.deepcopy(model), unload=True).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(cached, merged(x), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- activation checkpointing
+def tiny_with(adapter: str | None, drop: float = 0.1, seed: int = 0) -> zoo.ImageClassifier:
+    torch.manual_seed(seed)
+    bb = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             depth=2, embed_dim=64, num_heads=2, drop_rate=drop, proj_drop_rate=drop,
+                             drop_path_rate=drop)
+    model = zoo.ImageClassifier(bb, 3)
+    if adapter is not None:
+        zoo.apply_adapter(model, adapter)
+        randomise_adapter(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "vpt", None])
+def test_checkpoint_blocks_gives_the_same_gradients(adapter):
+    """Dropout and drop-path active (RNG state is replayed in the recomputation); VPT's prompted
+    blocks are wrappers in the block list, checkpointed with their prompts."""
+    plain = tiny_with(adapter)
+    ckpt = copy.deepcopy(plain)
+    assert zoo.checkpoint_blocks(ckpt) == 2
+    x, y = batch(2)
+    torch.manual_seed(5)
+    want = loss_and_grads(plain, x, y)
+    torch.manual_seed(5)
+    got = loss_and_grads(ckpt, x, y)
+    assert_same(got, want, rtol=0, atol=0)  # same kernels in the same order: bitwise equal
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_checkpoint_blocks_recomputes_in_training_only_and_can_be_undone():
+    model = tiny_with("lora", drop=0.0)
+    zoo.checkpoint_blocks(model)
+    calls = []
+    # the block's first layer: the recomputation stops early, after the last tensor backward needs
+    zoo.find_backbone(model).blocks()[0].norm1.register_forward_pre_hook(lambda *a: calls.append(1))
+    x, y = batch(2)
+    F.cross_entropy(model(x), y).backward()
+    assert len(calls) == 2  # forward, then recomputed in backward
+    calls.clear()
+    copy.deepcopy(model)(x).sum().backward()  # a copy (hooks included) stays checkpointed
+    assert len(calls) == 2
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 1
+    calls.clear()
+    zoo.checkpoint_blocks(model, enabled=False)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    assert len(calls) == 1
+
+
+def test_checkpoint_blocks_with_lightning_and_pickle(tmp_path):
+    import pickle
+
+    from tasks.perf import PerfOptions, perf_callbacks
+
+    cfg = {"max_epochs": 1, "compile": False, "checkpoint_blocks": True}
+    (cb,) = perf_callbacks(cfg)
+    assert cfg == {"max_epochs": 1}  # Lightning's Trainer never sees the options
+    assert perf_callbacks({"compile": False}) == []
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_with("lora")
+
+    holder = Holder()
+    cb.setup(None, holder, "fit")
+    blocks = zoo.find_backbone(holder.model).blocks_container()
+    assert all(isinstance(b, zoo.activation_checkpoint.CheckpointedBlock) for b in blocks)
+    back = pickle.loads(pickle.dumps(holder.model))  # ddp_spawn pickles the model
+    x, _ = batch(2)
+    torch.testing.assert_close(back.eval()(x), holder.model.eval()(x))
+    with pytest.raises(ValueError, match="trainer.compile"):
+        PerfOptions(compile="yes")
+
+
+# ------------------------------------------------------------------- torch.compile
+@pytest.mark.slow  # inductor compiles C++ for a few minutes on a loaded CPU
+def test_compile_matches_eager_forward_and_gradients():
+    """``trainer.compile=true`` compiles the task's model in place (``nn.Module.compile``):
+    same outputs and gradients as eager within float tolerance, same state_dict keys."""
+    from tasks.perf import PerfOptions
+
+    eager = tiny_with("lora", drop=0.0)
+    compiled = copy.deepcopy(eager)
+
+    class Holder(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    PerfOptions(compile=True).setup(None, Holder(compiled), "fit")
+    x, y = batch(2)
+    assert_same(loss_and_grads(compiled, x, y), loss_and_grads(eager, x, y), rtol=1e-4, atol=1e-5)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+# ----------------------------------------------------------------------------------- CoLoRA
+class MatmulCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_colora_per_layer_ranks_run_as_one_matmul_pair_per_layer():
+    """Different ranks per layer (CoLoRA's allocation) cost two matmuls per adapted layer (x·Aᵀ, then
+    ·Bᵀ), whatever the rank, and compute the LoRA delta of each layer at its own rank."""
+    probe = tiny_classifier()
+    zoo.apply_adapter(probe, "colora")  # no ranks: attaches nothing, resolves the target layers
+    paths = [s.path for s in zoo.api.adapters_of(probe)[0].targets_found]
+    ranks = {p: 1 + (7 * i) % 13 for i, p in enumerate(paths)}  # 1..13, uneven
+    plain, model = tiny_classifier(), tiny_classifier()
+    zoo.apply_adapter(model, "colora", ranks=ranks)
+    adapter = zoo.api.adapters_of(model)[0]
+    randomise_adapter(model)
+    x, _ = batch(2)
+    with torch.no_grad(), MatmulCounter() as base_count:
+        want = plain(x)
+    with torch.no_grad(), MatmulCounter() as count:
+        got = model(x)
+    assert count.n - base_count.n == 2 * len(paths)
+    assert sorted({m.rank for m in adapter.modules}) == sorted(set(ranks.values()))
+    # the same function as the merged weights W + (alpha/r) B A per layer, each at its rank
+    zoo.merge_adapters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, want)
