@@ -67,3 +67,34 @@ class StopAfterEpochs:
                     trainer.should_stop = True
 
         return _Stop()
+
+
+# Adapters made for one kind of backbone: on any other they refuse with a SiteError naming why
+# (MORPH's levels and F-Adapter need MORPH's groups / token grid, CoOp needs CLIP's text tower,
+# prefix tuning needs timm's fused-qkv attention on [B, N, d] tokens). The "every registered
+# adapter on backbone X" tests use this to expect that refusal instead of a run.
+BACKBONE_SPECIFIC = {
+    "f_adapter": ("morph",),
+    "morph_ft": ("morph",),
+    "coop": ("clip",),
+    "prefix": ("vit", "ast"),
+}
+
+
+def refuses(adapter: str, family: str) -> bool:
+    """``adapter`` is made for other backbone families than ``family`` (it must refuse clearly)."""
+    families = BACKBONE_SPECIFIC.get(adapter)
+    return families is not None and family not in families
+
+
+def assert_refuses(model, adapter: str, **options) -> None:
+    """``apply_adapter`` refuses with one clear SiteError naming the backbone, and leaves no adapter."""
+    import pytest
+
+    import zoo
+
+    family = zoo.find_backbone(model).family
+    with pytest.raises(zoo.SiteError, match=rf"(?s).*({family}|backbone).*") as e:
+        zoo.apply_adapter(model, adapter, **options)
+    assert "\n" not in str(e.value).strip(), str(e.value)
+    assert not zoo.adapters_of(model)

@@ -424,20 +424,28 @@ def test_run_dir_resolves_without_an_explicit_hydra_run_dir(exp, suffix):
 
 def readme_train_commands() -> list[list[str]]:
     """Every ``python train.py ...`` line of the README's code blocks, as override lists
-    (placeholders ``<...>`` skipped; ``-m a,b`` sweeps composed with their first value)."""
+    (continued lines joined; placeholders ``<...>`` / ``...`` skipped; ``-m a,b`` sweeps composed with
+    their first value)."""
     import re
     import shlex
 
-    out, in_code = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    out, in_code, lines = [], False, []
+    for line in (ROOT / "README.md").read_text().splitlines():  # join continued lines
+        if lines and lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1] + " " + line.strip()
+        else:
+            lines.append(line)
+    for line in lines:
         if line.startswith("```"):
             in_code = not in_code
             continue
-        if not in_code or not line.startswith("python train.py") or "<" in line:
+        if not in_code or "<" in line or "..." in line:
             continue
-        args = shlex.split(line.split("#", 1)[0])[2:]
-        args = [a for a in args if a != "-m"]
-        out.append([re.sub(r"=([^,]*),.*$", r"=\1", a) if "," in a and "[" not in a else a for a in args])
+        for cmd in line.split("#", 1)[0].split("&&"):
+            if not cmd.strip().startswith("python train.py"):
+                continue
+            args = [a for a in shlex.split(cmd)[2:] if a != "-m"]
+            out.append([re.sub(r"=([^,]*),.*$", r"=\1", a) if "," in a and "[" not in a else a for a in args])
     return out
 
 

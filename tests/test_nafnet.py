@@ -136,6 +136,10 @@ REFUSAL = {  # why each other method cannot attach to a CNN without attention / 
     "adapter": "no site 'attn'", "comp_lora": "no site 'q'", "hydra": "wraps Linear layers, got Conv2d",
     "mask_tuning": "no site 'patch_embed'", "mhr": "no site 'q'", "mosa": "no site 'mlp'", "onebit": "no site 'mlp'",
     "q_adapter": "no site 'tokens'", "salt": "no site 'qkv'", "ssf": "no site 'qkv'", "vpt": "no site 'tokens'",
+    "conformer": "no site 'mlp'", "prefix": "no site 'attn'",
+    # made for other backbones (tests/helpers.BACKBONE_SPECIFIC)
+    "coop": "backbone 'nafnet' has none .use backbone=clip", "f_adapter": "use backbone=morph",
+    "morph_ft": "backbone 'nafnet' does not describe them",
 }
 
 

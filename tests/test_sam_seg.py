@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
+from tests.helpers import assert_refuses, refuses
 from tests.seg_helpers import DECODER, IMG, build_reference_sam, save_reference_sam, tiny_sam_backbone, tiny_segmenter
 from zoo.backbones.sam import resample_rel_pos
 from zoo.seg import SamSegmenter, prompts_from_mask
@@ -189,6 +190,8 @@ def test_every_adapter_on_sam_segmenter(name):
         with pytest.raises(zoo.SiteError, match="tokens"):
             zoo.apply_adapter(model, name)
         return
+    if refuses(name, "sam"):
+        return assert_refuses(model, name)
     opts = {"mask_tuning": {"targets": ["q", "v"]}, "mhr": {"n_splits": 4},
             "colora": {"finetune_steps": 1, "faig_steps": 2, "faig_batches": 1}}.get(name, {})
     zoo.apply_adapter(model, name, **opts)

@@ -9,6 +9,7 @@ from torch import nn
 from zoo.adapters import ADAPTERS
 from zoo.adapters.base import Adapter, NotMergeableError, StepContext
 from zoo.backbones.base import Backbone
+from zoo.sites import SiteError
 
 
 def find_backbone(model: nn.Module) -> Backbone:
@@ -55,7 +56,9 @@ def apply_adapter(model: nn.Module, name: str, **config: Any) -> nn.Module:
             bb.fingerprint()  # of the base weights, before anything changes
             for p in bb.parameters():
                 p.requires_grad_(False)
-        attach_adapter(adapter, resolve_tower(model, bb, adapter.tower), model)
+        target = resolve_tower(model, bb, adapter.tower)
+        adapter.tower_view = target is not bb  # the tower was resolved to its own site provider
+        attach_adapter(adapter, target, model)
     except BaseException:
         snap.restore(model)  # a failed attach leaves no parameter frozen that was not before
         raise
@@ -91,22 +94,26 @@ class ModelState:
                 m.training = model.training
 
 
-def resolve_tower(model: nn.Module, bb: Backbone, tower: str | None) -> nn.Module:
-    """The site provider an adapter attaches to: the backbone, or ``model.tower(name)``.
+def resolve_tower(model: nn.Module, bb: Backbone, tower) -> nn.Module:
+    """The site provider an adapter with the ``tower`` option attaches to.
 
-    Models with more than one transformer (``zoo.seg.SamSegmenter``: the image encoder and the
-    mask decoder's two-way transformer) expose the others as :class:`Backbone` views.
+    * a model with towers of its own (``zoo.seg.SamSegmenter``: ``encoder`` | ``decoder``, the
+      mask decoder's two-way transformer) gives them as :class:`Backbone` views (``model.tower``);
+    * a backbone with several towers (CLIP: ``visual`` | ``text`` | ``both``) is its own provider:
+      ``Adapter.sites`` selects its towers (:func:`zoo.sites.find_sites`);
+    * anything else has one tower and refuses the option.
     """
-    own = tuple(getattr(bb, "towers", ()) or ())  # towers of the backbone itself (CLIP): sites() selects them
-    if tower in (None, "encoder") or own:
+    if tower is None:
         return bb
-    towers = getattr(model, "towers", None)
-    if towers is None:
-        raise ValueError(
-            f"tower={tower!r}: {type(model).__name__} has only its backbone's blocks; other towers "
-            f"exist on zoo.seg.SamSegmenter (tower=decoder) and on clip (visual | text | both). Leave tower unset for the backbone"
-        )
-    return model.tower(tower)
+    if not isinstance(model, Backbone) and callable(getattr(model, "tower", None)):
+        return model.tower(tower)
+    if getattr(bb, "towers", ()):
+        return bb
+    raise SiteError(
+        f"tower={tower!r}: backbone {bb.family!r} has a single tower and {type(model).__name__} has only its "
+        f"backbone's blocks; towers exist on clip (visual | text | both) and on SAM's segmenter (encoder | decoder). "
+        f"Leave tower unset"
+    )
 
 
 def attach_adapter(adapter: Adapter, target: nn.Module, model: nn.Module | None = None) -> Adapter:

@@ -130,14 +130,13 @@ class Adapter:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, **config: Any) -> "Adapter":
-        # ``tower`` is common to every method: which of the model's towers it attaches to
-        # (``None``: the backbone's blocks; ``"decoder"``: SAM's mask-decoder transformer).
-        tower = config.pop("tower", None)
         sig = inspect.signature(cls.__init__)
         params = [k for k, p in sig.parameters.items()
                   if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        # ``tower`` is a site-selection option every adapter has (zoo.sites.find_sites): it goes to
-        # ``self.sites``, not to the method's constructor, and is recorded only when given.
+        # ``tower`` is a site-selection option every adapter has: which towers of a multi-tower
+        # backbone (clip: visual | text | both; zoo.sites.find_sites) or which of the model's towers
+        # (SAM: encoder | decoder; zoo.api.resolve_tower). It goes to ``self.sites``, not to the
+        # method's constructor, and is recorded only when given.
         tower = config.pop("tower", None)
         unknown = [k for k in config if k not in params]
         if unknown:
@@ -160,7 +159,7 @@ class Adapter:
         assert self.backbone is not None
         # towers of the backbone itself (CLIP) are selected here; a model's other towers (SAM's
         # decoder) were resolved to their own site provider by zoo.api.resolve_tower
-        tower = self.tower if getattr(self.backbone, "towers", None) else None
+        tower = None if getattr(self, "tower_view", False) else self.tower
         sites = find_sites(self.backbone, targets, layers, tower)
         sliced = sorted({s.kind for s in sites if s.out_slice is not None})
         if sliced and not self.supports_slices:

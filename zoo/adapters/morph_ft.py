@@ -41,6 +41,7 @@ class MorphFineTune(Adapter):
     """MORPH fine-tuning ``level`` 1-4 (``adapter=morph_level1..4``)."""
 
     mergeable = True
+    supports_slices = True  # LoRALinear handles q/k/v row slices of the fused qkv
     paper = "Rautela et al., MORPH, arXiv 2509.21670 (SelectFineTuningParameters)"
 
     def __init__(self, level: int = 1, rank_attn: int = 16, rank_mlp: int = 12, alpha_attn: float | None = None,
