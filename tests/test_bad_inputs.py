@@ -644,6 +644,13 @@ def test_bench_vtab_bad_path_and_wide_table_to_file(tmp_path):
     out = tmp_path / "out"
     vtab.main(["--reference", str(tmp_path), "--out", str(out)])
     assert (out / "vtab.md").is_file() and "| method |" in (out / "vtab.md").read_text()
+
+
+@pytest.mark.slow  # a subprocess (~30 s on 2 busy cores): `make test-slow`
+def test_bench_vtab_command_line_bad_path(tmp_path):
+    import subprocess
+    import sys
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "bench.vtab", str(tmp_path / "nowhere")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
