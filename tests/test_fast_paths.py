@@ -350,3 +350,16 @@ def test_colora_per_layer_ranks_run_as_one_matmul_pair_per_layer():
     with torch.no_grad():
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, want)
+
+
+def test_trainer_options_reach_the_callback_through_hydra(tmp_path):
+    from tasks.perf import PerfOptions
+    from tasks.runner import build_trainer
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["experiment=tiny", "trainer.checkpoint_blocks=true"], tmp_path)
+    trainer = build_trainer(cfg, has_val=True)  # Lightning's Trainer rejects unknown keys: they were popped
+    (cb,) = [c for c in trainer.callbacks if isinstance(c, PerfOptions)]
+    assert cb.checkpoint_blocks is True and cb.compile is False
+    plain = build_trainer(compose_config(["experiment=tiny"], tmp_path), has_val=True)
+    assert not [c for c in plain.callbacks if isinstance(c, PerfOptions)]
