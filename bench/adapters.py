@@ -146,7 +146,7 @@ class Built:
 
 def synthetic_batches(args, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    shape = (args.batch_size, args.max_length, 128) if args.backbone == "ast" else (args.batch_size, 3, args.img_size, args.img_size)
+    shape = (args.batch_size, args.max_length, 128) if getattr(args, "backbone", "vit") == "ast" else (args.batch_size, 3, args.img_size, args.img_size)
     return [(torch.randn(*shape, generator=g).to(args.device),
              torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(args.device)) for _ in range(n)]
 
@@ -156,7 +156,7 @@ def build(args, row: Row) -> Built:
     kw: dict[str, Any] = {}
     if args.depth is not None:
         kw["depth"] = args.depth
-    if args.backbone == "ast":  # fbank input [B, max_length, 128]
+    if getattr(args, "backbone", "vit") == "ast":  # fbank input [B, max_length, 128]
         bb = zoo.create_backbone("ast", model=args.model, pretrained=False, max_length=args.max_length, **kw)
     else:
         bb = zoo.create_backbone("vit", model=args.model, pretrained=False, img_size=args.img_size, **kw)
@@ -165,7 +165,7 @@ def build(args, row: Row) -> Built:
     if row.kind == "floor":
         for p in clf.parameters():
             p.requires_grad_(False)
-        model: nn.Module = InputBias(clf, (1, 1, 1) if args.backbone == "ast" else (1, 3, 1, 1)).to(args.device)
+        model: nn.Module = InputBias(clf, (1, 1, 1) if getattr(args, "backbone", "vit") == "ast" else (1, 3, 1, 1)).to(args.device)
         plain = clf
     elif row.kind == "zoo":
         zoo.apply_adapter(clf, row.adapter, **row.config)
@@ -362,7 +362,7 @@ def peak_memory(args, row: Row) -> int | None:
 
 
 def child_argv(args) -> list[str]:
-    a = ["--backbone", args.backbone, "--max-length", str(args.max_length),
+    a = ["--backbone", getattr(args, "backbone", "vit"), "--max-length", str(getattr(args, "max_length", 1024)),
          "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
          "--device", args.device, "--num-classes", str(args.num_classes), "--threads", str(args.threads)]
     if args.depth is not None:
@@ -582,7 +582,7 @@ def table_cells(r: dict) -> list[str]:
 
 
 def input_desc(args) -> str:
-    return f"{args.max_length} frames (AST)" if args.backbone == "ast" else f"{args.img_size}px"
+    return f"{args.max_length} frames (AST)" if getattr(args, "backbone", "vit") == "ast" else f"{args.img_size}px"
 
 
 def environment(args) -> str:

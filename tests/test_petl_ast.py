@@ -201,3 +201,23 @@ def test_bench_has_ast_rows(tmp_path):
     assert rows["lora"]["trainable"] == 2 * r * (d + d)  # q and v slices of one block
     assert rows["conformer"]["trainable"] == (d * 4 + 4) + (2 * 31 + 2) + 2 * 2 + (2 * d + d)  # b = round(192/96) = 2
     assert "40 frames (AST)" in (tmp_path / "results.md").read_text()
+
+
+def test_conformer_artifact_keeps_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.ImageClassifier(tiny(), 5)
+    zoo.apply_adapter(model, "conformer", reduction_rate=8, zero_init=False)
+    model.train()
+    for x, _ in batches(3):
+        model(x)  # BatchNorm running statistics move away from (0, 1)
+    model.eval()
+    x = batches(1)[0][0]
+    with torch.no_grad():
+        want = model(x)
+    zoo.save_adapter(model, tmp_path / "art")
+    torch.manual_seed(0)
+    fresh = zoo.ImageClassifier(tiny(), 5)  # the same random base weights
+    zoo.load_adapter(fresh, tmp_path / "art")
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), want, atol=1e-6)
