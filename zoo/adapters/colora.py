@@ -135,6 +135,9 @@ def task_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor, reduction
     if kind == "auto":
         kind = "ce" if not targets.is_floating_point() else "mse"
     if kind == "ce":
+        if outputs.ndim == 4 and targets.ndim == 3 and tuple(targets.shape[-2:]) != tuple(outputs.shape[-2:]):
+            # dense labels vs lower-resolution logits (SAM's mask decoder): nearest-resize the labels
+            targets = F.interpolate(targets[:, None].float(), size=tuple(outputs.shape[-2:]), mode="nearest")[:, 0].long()
         return F.cross_entropy(outputs, targets, reduction=reduction)
     if outputs.shape != targets.shape:
         raise ValueError(f"loss=mse needs targets shaped like the outputs, got {tuple(targets.shape)} vs {tuple(outputs.shape)}")
