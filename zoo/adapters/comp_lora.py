@@ -38,8 +38,7 @@ artifact holds only A and B; the projectors ``U_k U_kᵀ`` are unique whenever �
 they do not depend on the SVD's sign conventions.
 
 Defaults follow the likely baseline, CLIP-LoRA (Zanella & Ben Ayed, 2024): q, k, v of every
-block, r=2, α=1, dropout 0.25 (CLIP-LoRA also adapts the text encoder; our CLIP backbone is the
-visual tower). ``k=8`` is a guess (the spec suggests a sweep over {8, 16, 32, 64}).
+block, r=2, α=1, dropout 0.25 (CLIP-LoRA adapts both encoders: ``tower=both`` on ``backbone=clip``). ``k=8`` is a guess (the spec suggests a sweep over {8, 16, 32, 64}).
 """
 from __future__ import annotations
 
