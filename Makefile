@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo caption-demo test test-slow venv clean-runs
+.PHONY: demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow venv clean-runs
 
 venv: $(STAMP)
 
@@ -37,8 +37,36 @@ test-slow: $(STAMP)
 clean-runs:
 	rm -rf logs
 
+# One offline quickstart per modality (a few minutes each; not part of `make demo`): a tiny
+# backbone pretrained once on a different generated task, then adapters compared on the embedded one.
 checkpoints/clip/tiny_shapes.safetensors: | $(STAMP)
 	$(PY) -m tasks.clip_pretrain
 
-clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes.safetensors
+clip-demo clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes.safetensors
 	$(PY) train.py experiment=clip_quickstart
+
+checkpoints/audio/ast_demo.safetensors: | $(STAMP)
+	$(PY) train.py experiment=audio_upstream
+
+audio-demo: $(STAMP) checkpoints/audio/ast_demo.safetensors
+	$(PY) train.py experiment=audio_quickstart
+
+checkpoints/seg/tiny_sam.pth: | $(STAMP)
+	$(PY) train.py experiment=seg_upstream
+
+seg-demo: $(STAMP) checkpoints/seg/tiny_sam.pth
+	$(PY) train.py experiment=seg_quickstart
+
+checkpoints/pde/morph_tiny_pretrained.safetensors: | $(STAMP)
+	$(PY) train.py experiment=pde_pretrain
+
+pde-demo: $(STAMP) checkpoints/pde/morph_tiny_pretrained.safetensors
+	$(PY) train.py experiment=pde_quickstart adapter=lora
+	$(PY) train.py experiment=pde_quickstart adapter=morph_level2
+	$(PY) train.py experiment=pde_quickstart adapter=full backbone.weights=null
+
+checkpoints/restoration/nafnet_w16_prod.safetensors: | $(STAMP)
+	$(PY) train.py experiment=restore_pretrain
+
+restore-demo: $(STAMP) checkpoints/restoration/nafnet_w16_prod.safetensors
+	$(PY) train.py experiment=restore_quickstart
