@@ -132,7 +132,7 @@ def test_bad_tower_requests_are_one_clear_line():
         zoo.apply_adapter(tiny_clip(), "vpt", tower="text")
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
         zoo.create_backbone("clip", model="ViT-Q-99")
-    with pytest.raises(ValueError, match="no pretrained tag 'nope'; valid: .*openai"):
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'; valid tags: .*openai"):
         zoo.create_backbone("clip", model="ViT-B-16", pretrained="nope")
 
 

@@ -127,6 +127,20 @@ def _is_path(s: str | None) -> bool:
     return bool(s) and (Path(str(s)).expanduser().is_file() or str(s).endswith((".safetensors", ".pt", ".pth", ".bin")))
 
 
+def create_pretrained_open_clip(model: str, pretrained: str, file_hint: str, **kwargs: Any):
+    """``open_clip.create_model`` with hub weights: the tag checked against open_clip's list, and
+    the usual one-line message (local weights or random weights) when the hub is out of reach."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise ValueError(f"open_clip {model} has no pretrained tag {pretrained!r}; valid tags: {', '.join(tags) or 'none'}")
+    hint = (f"Use a local checkpoint with backbone.weights=/path/to/{file_hint}.safetensors, "
+            "or random weights with backbone.pretrained=null.")
+    with hub_errors(f"open_clip {model}/{pretrained}", hint):
+        return open_clip.create_model(model, pretrained=pretrained, **kwargs)
+
+
 class CLIPBackbone(Backbone):
     """A whole open_clip CLIP model (``self.model``); ``forward(x)`` gives the image embedding.
 
@@ -171,15 +185,7 @@ class CLIPBackbone(Backbone):
         if pretrained == "openai" and not weights:
             kwargs.setdefault("force_quick_gelu", True)  # the OpenAI weights were trained with QuickGELU
         if pretrained and not weights:
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            if tags and pretrained not in tags:
-                raise ValueError(f"open_clip {model} has no pretrained tag {pretrained!r}; valid: {', '.join(tags)}")
-            hint = (
-                "Use a local checkpoint with backbone.weights=/path/to/open_clip_model.safetensors, "
-                "or random weights with backbone.pretrained=null."
-            )
-            with hub_errors(f"open_clip {model}/{pretrained}", hint):
-                clip = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+            clip = create_pretrained_open_clip(model, pretrained, "open_clip_model", **kwargs)
         else:
             clip = open_clip.create_model(model, pretrained=None, **kwargs)
             if weights:

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.backbones.base import Backbone
-from zoo.backbones.clip import CLIPBackbone, replace_multihead_attention
-from zoo.backbones.weights import hub_errors, load_state_dict_file
+from zoo.backbones.clip import CLIPBackbone, create_pretrained_open_clip, replace_multihead_attention
+from zoo.backbones.weights import load_state_dict_file
 from zoo.heads import register_head
 
 FUSIONS = ("flatten", "pool", "concat")
@@ -78,15 +78,7 @@ class CoCaBackbone(Backbone):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown frame fusion {fusion!r}; valid fusions: {', '.join(FUSIONS)}")
         if pretrained and not weights:
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            if pretrained not in tags:
-                raise ValueError(f"unknown pretrained tag {pretrained!r} for {model}; valid tags: {', '.join(tags) or 'none'}")
-            hint = (
-                "Use a local checkpoint with backbone.weights=/path/to/coca.safetensors, "
-                "or random weights with backbone.pretrained=null."
-            )
-            with hub_errors(f"open_clip {model}/{pretrained}", hint):
-                coca = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+            coca = create_pretrained_open_clip(model, pretrained, "coca", **kwargs)
         else:
             coca = open_clip.create_model(model, pretrained=None, **kwargs)
             if weights:
