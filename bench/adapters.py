@@ -27,7 +27,6 @@ need task ids) are skipped with the reason printed and listed under the table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -70,7 +69,7 @@ class Row:
         return not (self.compile or self.checkpoint)  # same model as the plain row at inference
 
     def describe_config(self) -> str:
-        extra = ([f"torch.compile"] if self.compile else []) + (["checkpoint_blocks"] if self.checkpoint else [])
+        extra = (["torch.compile"] if self.compile else []) + (["checkpoint_blocks"] if self.checkpoint else [])
         base = self._describe()
         return ", ".join([base, *extra]) if extra else base
 

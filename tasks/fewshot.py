@@ -15,7 +15,6 @@ Retention (:mod:`tasks.retention`), computed after the test and written to ``met
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L

@@ -6,7 +6,6 @@ with ``–`` where a run has no such metric. Pre-contract files read as classifi
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any

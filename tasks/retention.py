@@ -11,7 +11,7 @@ Two measures (reference doc §1.6), computed on every CLIP run:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 

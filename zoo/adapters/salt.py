@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import inner_layer, Adapter, StepContext, WrappedLayer, float_option, int_option
+from zoo.adapters.base import inner_layer, Adapter, StepContext, WrappedLayer, int_option
 from zoo.sites import SiteError
 
 

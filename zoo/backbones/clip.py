@@ -127,6 +127,26 @@ def _is_path(s: str | None) -> bool:
     return bool(s) and (Path(str(s)).expanduser().is_file() or str(s).endswith((".safetensors", ".pt", ".pth", ".bin")))
 
 
+def visual_tower_layout(visual: nn.Module) -> dict[str, Any]:
+    """What a zoo backbone records about an open_clip ViT visual tower (CLIP's, CoCa's): pooled
+    feature size, token width (VPT prompts), prefix tokens, patch size and the data config from
+    open_clip's preprocessing."""
+    import open_clip
+
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    return {
+        "feature_dim": visual.output_dim,
+        "token_dim": visual.transformer.width,
+        "num_prefix_tokens": 1,
+        "patch_size": visual.conv1.kernel_size[0],
+        "data_config": dict(input_size=(3, size, size),
+                            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+                            interpolation=cfg.get("interpolation", "bicubic")),
+    }
+
+
 def create_pretrained_open_clip(model: str, pretrained: str, file_hint: str, **kwargs: Any):
     """``open_clip.create_model`` with hub weights: the tag checked against open_clip's list, and
     the usual one-line message (local weights or random weights) when the hub is out of reach."""
@@ -215,18 +235,8 @@ class CLIPBackbone(Backbone):
         super().__init__(clip, model, tag, build)
         self._text_owner_name = text_owner_name
         self.built_towers = tuple(towers)
-        self.feature_dim = visual.output_dim
-        self.token_dim = visual.transformer.width  # width of the visual tokens (VPT prompts)
-        self.num_prefix_tokens = 1
-        self.patch_size = visual.conv1.kernel_size[0]
-        size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-        cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        self.data_config = dict(
-            input_size=(3, size, size),
-            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-            interpolation=cfg.get("interpolation", "bicubic"),
-        )
+        for k, v in visual_tower_layout(visual).items():
+            setattr(self, k, v)
         self.__dict__["_tokenizer"] = None
 
     # ------------------------------------------------------------------ towers and sites

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.backbones.base import Backbone
-from zoo.backbones.clip import CLIPBackbone, create_pretrained_open_clip, replace_multihead_attention
+from zoo.backbones.clip import CLIPBackbone, create_pretrained_open_clip, replace_multihead_attention, visual_tower_layout
 from zoo.backbones.weights import load_state_dict_file
 from zoo.heads import register_head
 
@@ -104,19 +104,10 @@ class CoCaBackbone(Backbone):
         tag = f"file:{Path(weights).name}" if weights else (pretrained or None)
         super().__init__(coca, model, tag, dict(kwargs, fusion=fusion))
         self.fusion = fusion
-        self.feature_dim = visual.output_dim
-        self.token_dim = visual.transformer.width  # width of the tokens the block sites see
-        self.num_prefix_tokens = 1
-        self.patch_size = visual.conv1.kernel_size[0]
+        for k, v in visual_tower_layout(visual).items():
+            setattr(self, k, v)
         self.context_length = coca.context_length
         self.pad_id = coca.pad_id
-        size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-        cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        self.data_config = dict(
-            input_size=(3, size, size),
-            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-        )
         if freeze_text:
             for p in self.text_parameters():
                 p.requires_grad_(False)
