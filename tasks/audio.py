@@ -1,7 +1,8 @@
 """Audio classification with AST: a :class:`~tasks.classification.ClassificationTask` on fbanks.
 
 ``task=audio`` with ``task.dataset=generated | esc50 | speechcommands | speechcommands12 | folder``
-(:mod:`tasks.data.audio`). The model is the classification one (backbone + linear head + adapter); what
+(:mod:`tasks.data.audio`); ``task=audio_multilabel`` with ``task.dataset=multilabel | generated_multilabel``
+(:class:`AudioMultiLabelTask`: BCE with logits, macro mAP, as AST's AudioSet recipe). The model is the classification one (backbone + linear head + adapter); what
 differs is the data (the AST front end in the DataModule's workers), soft targets under mixup
 (cross-entropy against λ-mixed label vectors, accuracy against their argmax, as AST's ESC-50 recipe),
 and the artifact's preprocessing record (the fbank arguments instead of image mean/std).
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from hydra.experimental.callback import Callback
 
-from tasks.base import read_metrics, register_task
+from torchmetrics.classification import MultilabelAveragePrecision
+
+from tasks.base import Column, read_metrics, register_task
 from tasks.classification import ClassificationTask
 
 
@@ -33,7 +36,8 @@ class AudioTask(ClassificationTask):
 
     def __init__(self, backbone: dict, adapter: dict, num_classes: int | None, **kw: Any):
         if num_classes is None:
-            raise ValueError("task.num_classes is needed for task.dataset=folder: set it to the number of class folders")
+            raise ValueError(f"task.num_classes is needed for task.dataset={kw.get('dataset', 'folder')}: set it to the number "
+                             f"of classes (class folders, or the class names in labels.csv)")
         if backbone.get("name") != "ast":
             raise ValueError(f"task=audio reads fbanks: use backbone=ast (or ast_demo), not backbone={backbone.get('name')}")
         super().__init__(backbone, adapter, num_classes, **kw)
@@ -51,6 +55,44 @@ class AudioTask(ClassificationTask):
         bb = find_backbone(self.model)
         front = {k: v for k, v in self.meta.items() if k in ("fbank", "dataset", "fold")}
         return {"input_size": [bb.max_length, bb.num_mel_bins], "layout": "fbank [T, F]", **front}
+
+
+@register_task("audio_multilabel")
+class AudioMultiLabelTask(AudioTask):
+    """Multi-label audio tagging on fbanks (selection: ``val/mAP``, max).
+
+    Targets are multi-hot vectors (soft under mixup: λ on clip 1's classes, 1 − λ on clip 2's). Loss:
+    binary cross-entropy with logits, the mean over classes and clips (AST's AudioSet recipe, ``BCE / mAP``).
+    Metric: torchmetrics ``MultilabelAveragePrecision(average="macro")``, exact (no thresholds):
+    per class ``AP_c = Σ_n (R_n − R_{n−1}) P_n`` over the clips ranked by score, then the mean over
+    classes. A class with no positive clip in the split counts as AP 0 (torchmetrics warns; sklearn's
+    ``average_precision_score`` does the same), so keep every class present in val and test.
+    """
+
+    columns = (Column("val/mAP", "val mAP", "pct"), Column("test/mAP", "test mAP", "pct"))
+    monitor_default = "val/mAP"
+    mode_default = "max"
+    tiny_overrides = ("experiment=tiny_audio_multilabel",)
+
+    def __init__(self, backbone: dict, adapter: dict, num_classes: int | None, **kw: Any):
+        if kw.get("label_smoothing"):
+            raise ValueError("task.label_smoothing is for single-label tasks; task=audio_multilabel takes 0")
+        super().__init__(backbone, adapter, num_classes, **kw)
+        self.val_map = MultilabelAveragePrecision(num_classes, average="macro", thresholds=None)
+        self.test_map = MultilabelAveragePrecision(num_classes, average="macro", thresholds=None)
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not y.is_floating_point():  # class indices (a single-label set): one-hot
+            y = F.one_hot(y, logits.shape[-1]).float()
+        return F.binary_cross_entropy_with_logits(logits, y)
+
+    def update_metrics(self, stage: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if stage == "train":  # mixup's targets are soft; mAP is measured on val / test only
+            return
+        target = y.round().long() if y.is_floating_point() else F.one_hot(y, logits.shape[-1])
+        metric = self.val_map if stage == "val" else self.test_map
+        metric.update(logits, target)
+        self.log(f"{stage}/mAP", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
 
 class FoldSummary(Callback):

@@ -13,7 +13,9 @@ Follows the original AST data loader (Gong et al., Interspeech 2021; ``YuanGongN
 * SpecAugment (training): ``torchaudio.transforms.FrequencyMasking(freqm)`` then ``TimeMasking(timem)``
   on the ``[1, F, T]`` view, *before* normalisation as in the reference loader;
 * normalisation ``(x − mean) / (2 · std)`` with per-dataset statistics (:data:`NORM_STATS`);
-* mixup (:func:`mixup_waveforms`): at waveform level, λ ~ Beta(10, 10), both clips mean-centred.
+* mixup (:func:`mixup_waveforms`): at waveform level, λ ~ Beta(10, 10), both clips mean-centred;
+* AST's Speech-Commands noise augmentation (:func:`add_noise_and_shift`, training, ``noise=True``), after
+  normalisation as in the reference loader.
 
 :class:`FbankCache` stores the raw (unpadded, unnormalised) fbank of a file on disk keyed by the file's
 path, size, mtime and the fbank arguments, so epoch 2 reads instead of recomputing. Plain PyTorch.
@@ -145,6 +147,17 @@ def mixup_waveforms(w1: torch.Tensor, w2: torch.Tensor, lam: float) -> torch.Ten
     return mix - mix.mean()
 
 
+def add_noise_and_shift(fb: torch.Tensor, max_noise: float = 0.1, max_shift: int = 10,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """AST's ``noise`` augmentation (its Speech Commands recipe; ``YuanGongND/ast`` src/dataloader.py):
+    ``x + U[0,1)^{T×F} · a`` with ``a ~ U[0, max_noise)``, then ``roll`` along time by ``s ~ U{−max_shift, …,
+    max_shift − 1}`` frames (wrapping around), on the normalised ``[T, F]`` fbank."""
+    a = torch.rand((), generator=generator) * max_noise
+    x = fb + torch.rand(fb.shape, generator=generator) * a
+    s = int(torch.randint(-max_shift, max_shift, (), generator=generator))
+    return torch.roll(x, s, dims=0)
+
+
 class FbankCache:
     """Raw fbanks on disk, one safetensors file per (file, size, mtime, :class:`FbankArgs`)."""
 
@@ -186,15 +199,18 @@ class FrontEnd:
 
     ``load(path)`` returns the raw fbank (cached); ``__call__(path, train)`` the model input.
     ``notes`` counts what was changed per kind (e.g. resampling) and logs the first file of each kind.
+    ``noise``: AST's Speech-Commands noise + time shift (:func:`add_noise_and_shift`) on training inputs.
     """
 
     def __init__(self, max_length: int = 1024, mean: float = NORM_STATS["audioset"][0],
                  std: float = NORM_STATS["audioset"][1], args: FbankArgs = FbankArgs(), freqm: int = 0,
-                 timem: int = 0, cache_dir: str | os.PathLike | None = None, normalize: bool = True):
+                 timem: int = 0, cache_dir: str | os.PathLike | None = None, normalize: bool = True,
+                 noise: bool = False):
         self.max_length, self.mean, self.std, self.args = int(max_length), float(mean), float(std), args
         self.specaug = SpecAugment(freqm, timem)
         self.cache = FbankCache(cache_dir) if cache_dir else None
         self.do_normalize = normalize
+        self.noise = bool(noise)
         self.notes: dict[str, int] = {}
 
     def _note(self, path, notes: list[str]) -> None:
@@ -225,7 +241,9 @@ class FrontEnd:
         fb = pad_or_cut(fb, self.max_length)
         if train:
             fb = self.specaug(fb)
-        return normalize(fb, self.mean, self.std) if self.do_normalize else fb
+        if self.do_normalize:
+            fb = normalize(fb, self.mean, self.std)
+        return add_noise_and_shift(fb) if train and self.noise else fb
 
     def __call__(self, path, train: bool = False) -> torch.Tensor:
         return self.finish(self.load(path), train)

@@ -11,12 +11,17 @@ Protocols:
   name the val/test files, train is every other word file; ``_background_noise_`` is excluded. Classes are
   the word folders in sorted order (AST's own index order differs, which only permutes the labels).
   ``speechcommands12``: yes no up down left right on off stop go + ``_unknown_`` (all other words) +
-  ``_silence_`` (1 s pieces cut from ``_background_noise_``, as many as an average word has in that split,
-  assigned to splits by piece index: a reconstruction, the sources do not fix it; the official separate
-  12-class test archive is not read).
+  ``_silence_`` (1 s pieces cut from ``_background_noise_``; see :func:`silence_split`). With
+  ``test_root`` the test split is the official separate 12-class archive (``speech_commands_test_set_v0.02``:
+  one folder per class including ``_silence_`` and ``_unknown_``, 4,890 clips) and ``testing_list.txt``
+  clips are used nowhere (as TFDS ``speech_commands``); without it, the v2 testing list + silence pieces.
 * **folder**: ``root/<class>/*.wav``, or ``root/{train,val,test}/<class>/*.wav``.
+* **multilabel**: ``root/labels.csv`` (or ``labels.tsv``) with columns ``file,labels[,split]``: ``file``
+  relative to ``root``, ``labels`` the clip's class names separated by ``;`` (an AudioSet-style label
+  list), ``split`` train / val / test (without it, a fixed 80/10/10 shuffle); ``root/classes.txt`` (one
+  name a line) fixes the class order, else the sorted names. Targets are multi-hot vectors.
 
-Every reader gives ``(path, label)`` lists; :class:`AudioClips` turns them into fbanks through
+Every reader gives ``(path, label)`` lists (label: a class index, or a tuple of indices for multi-label); :class:`AudioClips` turns them into fbanks through
 :class:`zoo.audio.FrontEnd`. A bad file raises an error naming its path (``bad_files=raise``), or is
 reported and replaced by the next clip (``bad_files=skip``).
 """
@@ -100,11 +105,27 @@ def _read_list(path: Path) -> set[str]:
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
-def read_speechcommands(root: str | os.PathLike, classes: str = "35") -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
-    """Train/val/test ``(path, label)`` lists by the official lists, and the class names."""
+SC12_CLASSES = (*SC12_WORDS, "_unknown_", "_silence_")
+SILENCE_MODES = ("balanced", "tfds")
+
+
+def read_speechcommands(root: str | os.PathLike, classes: str = "35", test_root: str | os.PathLike | None = None,
+                        silence: str = "balanced") -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """Train/val/test ``(path, label)`` lists by the official lists, and the class names.
+
+    ``classes='12'``: the ten command words, ``_unknown_`` (every other word) and ``_silence_`` pieces of
+    ``_background_noise_`` chosen by ``silence`` (:func:`silence_split`). ``test_root``: the official
+    12-class test archive replaces the test split (:func:`read_sc12_test_archive`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Speech Commands folder not found: {root}")
+    if classes not in ("35", "12"):
+        raise ValueError(f"Speech Commands classes={classes!r}; valid: 35, 12")
+    if test_root and classes != "12":
+        raise ValueError("task.test_root is the separate 12-class test archive: use it with task.dataset=speechcommands12")
+    if silence not in SILENCE_MODES:
+        raise ValueError(f"data.silence={silence!r}; valid: {', '.join(SILENCE_MODES)}")
     val, test = _read_list(root / "validation_list.txt"), _read_list(root / "testing_list.txt")
     words = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     if not words:
@@ -112,11 +133,9 @@ def read_speechcommands(root: str | os.PathLike, classes: str = "35") -> tuple[d
     if classes == "35":
         names = words
         label = {w: i for i, w in enumerate(words)}.__getitem__
-    elif classes == "12":
-        names = list(SC12_WORDS) + ["_unknown_", "_silence_"]
-        label = lambda w: SC12_WORDS.index(w) if w in SC12_WORDS else 10  # noqa: E731
     else:
-        raise ValueError(f"Speech Commands classes={classes!r}; valid: 35, 12")
+        names = list(SC12_CLASSES)
+        label = lambda w: SC12_WORDS.index(w) if w in SC12_WORDS else 10  # noqa: E731
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
     for w in words:
         for f in sorted((root / w).iterdir()):
@@ -126,26 +145,81 @@ def read_speechcommands(root: str | os.PathLike, classes: str = "35") -> tuple[d
             split = "val" if rel in val else "test" if rel in test else "train"
             splits[split].append((str(f), label(w)))
     if classes == "12":
-        pieces = silence_pieces(root)
-        for i, split in enumerate(("train", "val", "test")):
-            n = max(1, len(splits[split]) // max(len(words), 1))
-            chosen = [p for j, p in enumerate(pieces) if j % 10 in ((0, 1, 2, 3, 4, 5, 6, 7), (8,), (9,))[i]][:n]
-            splits[split] += [(p, 11) for p in chosen]
+        per_word = {k: len(v) // len(words) for k, v in splits.items()}
+        for split, pieces in silence_split(root, silence, per_word).items():
+            splits[split] += [(p, 11) for p in pieces]
+        if test_root:
+            train_rel = {"/".join(Path(p).parts[-2:]) for p, _ in splits["train"] + splits["val"]}
+            archive = read_sc12_test_archive(test_root)
+            shared = [p for p, _ in archive if "/".join(Path(p).parts[-2:]) in train_rel]
+            if shared:
+                raise ValueError(f"{test_root}: {len(shared)} test clip(s) (e.g. {shared[0]}) are also training or validation "
+                                 f"clips of {root}; task.test_root must be speech_commands_test_set_v0.02, not the training archive")
+            splits["test"] = archive
     return splits, names
 
 
-def silence_pieces(root: Path) -> list[str]:
-    """``<file>#<start>`` references to the 1 s pieces of ``_background_noise_`` (read by :class:`AudioClips`)."""
+def read_sc12_test_archive(root: str | os.PathLike) -> list[tuple[str, int]]:
+    """The official 12-class test set (``speech_commands_test_set_v0.02``): ``<class>/*.wav`` with the
+    folders yes no up down left right on off stop go ``_unknown_`` ``_silence_`` (1 s clips, 16 kHz)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"task.test_root={root} not found: expected speech_commands_test_set_v0.02 (class folders)")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [f for f in folders if f not in SC12_CLASSES]
+    if unknown:
+        raise ValueError(f"{root}: folder(s) {unknown} are not 12-class labels; valid: {', '.join(SC12_CLASSES)}")
+    missing = [c for c in SC12_CLASSES if c not in folders]
+    if missing:
+        raise ValueError(f"{root}: class folder(s) {missing} missing; the 12-class test archive has all of {', '.join(SC12_CLASSES)}")
+    items = [(str(f), SC12_CLASSES.index(c)) for c in SC12_CLASSES for f in sorted((root / c).iterdir())
+             if f.suffix.lower() in AUDIO_EXT]
+    if not items:
+        raise ValueError(f"{root}: no audio clips in the class folders")
+    return items
+
+
+def silence_pieces(root: Path, hop: float = 1.0) -> dict[str, list[str]]:
+    """``{noise file name: ["<file>#<start s>", ...]}``: every 1 s piece of each ``_background_noise_`` clip,
+    starting every ``hop`` seconds (read by :class:`AudioClips`)."""
     noise = root / "_background_noise_"
     if not noise.is_dir():
         raise FileNotFoundError(f"{noise} not found: the 12-class variant cuts _silence_ clips from it")
     import soundfile as sf
 
-    out = []
+    out = {}
     for f in sorted(noise.glob("*.wav")):
         info = sf.info(str(f))
-        for k in range(int(info.frames // info.samplerate)):
-            out.append(f"{f}#{k}")
+        seconds = info.frames / info.samplerate
+        n = int(math.floor((seconds - 1.0) / hop + 1e-9)) + 1 if seconds >= 1.0 else 0
+        out[f.name] = [f"{f}#{k * hop:g}" for k in range(n)]
+    if not any(out.values()):
+        raise ValueError(f"{noise}: no clip of at least 1 s to cut _silence_ pieces from")
+    return out
+
+
+def silence_split(root: Path, mode: str = "balanced", per_word: dict[str, int] | None = None) -> dict[str, list[str]]:
+    """The ``_silence_`` pieces of each split; deterministic (no random draw), disjoint between splits.
+
+    * ``balanced`` (a reconstruction, the sources do not fix it): non-overlapping 1 s pieces, piece
+      ``j`` (over all noise files in name order) goes to train if ``j mod 10 < 8``, val if 8, test if 9;
+      each split keeps its first ``per_word[split]`` pieces (as many as an average word has there).
+    * ``tfds`` (TFDS ``speech_commands``, reconstructed from its split sizes 85,511 / 10,102): 1 s pieces
+      every 0.5 s, ``running_tap.wav`` to validation, the other noise files to train, none to test
+      (the official test archive brings its own ``_silence_`` clips). Pieces overlap within a split only.
+    """
+    if mode == "tfds":
+        files = silence_pieces(root, hop=0.5)
+        val = files.get("running_tap.wav", [])
+        return {"train": [p for n, ps in files.items() if n != "running_tap.wav" for p in ps], "val": val, "test": []}
+    if mode != "balanced":
+        raise ValueError(f"data.silence={mode!r}; valid: {', '.join(SILENCE_MODES)}")
+    pieces = [p for ps in silence_pieces(root).values() for p in ps]
+    per_word = per_word or {}
+    out = {}
+    for split, keep in (("train", range(8)), ("val", (8,)), ("test", (9,))):
+        n = max(1, per_word.get(split, 1))
+        out[split] = [p for j, p in enumerate(pieces) if j % 10 in keep][:n]
     return out
 
 
@@ -181,23 +255,93 @@ def read_folder(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, int]
     return {"train": items[:a], "val": items[a:b], "test": items[b:]}, classes
 
 
+# ------------------------------------------------------------------------------ multi-label list
+MULTILABEL_FILES = ("labels.csv", "labels.tsv")
+
+
+def parse_labels(text: str, sep: str = ";") -> list[str]:
+    """``"dog; bark;;"`` → ``["dog", "bark"]`` (order kept, blanks and duplicates dropped)."""
+    out: list[str] = []
+    for name in (t.strip() for t in text.split(sep)):
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def multi_hot(labels, num_classes: int) -> torch.Tensor:
+    """A float ``[num_classes]`` vector with 1 at each class index of ``labels`` (an int or indices)."""
+    t = torch.zeros(num_classes)
+    t[list(labels) if isinstance(labels, (tuple, list)) else [labels]] = 1.0
+    return t
+
+
+def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, tuple[int, ...]]]], list[str]]:
+    """Splits of ``(path, class indices)`` and the class names from ``root/labels.csv`` (see the module doc)."""
+    root = Path(root)
+    found = [root / n for n in MULTILABEL_FILES if (root / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{root / MULTILABEL_FILES[0]} not found: task.dataset=multilabel needs a list with "
+                                f"the columns file,labels[,split] (labels separated by ';'), e.g. 'a.wav,dog;bark,train'")
+    meta = found[0]
+    with open(meta, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if meta.suffix == ".tsv" else ",")
+        cols = reader.fieldnames or []
+        if "file" not in cols or "labels" not in cols:
+            raise ValueError(f"{meta}: columns {cols}; expected file,labels[,split]")
+        rows = []
+        for i, r in enumerate(reader, start=2):
+            names = parse_labels(r["labels"] or "")
+            if not names:
+                raise ValueError(f"{meta}, line {i}: {r['file']!r} has no labels; give at least one class name")
+            split = (r.get("split") or "").strip()
+            if "split" in cols and split not in ("train", "val", "test"):
+                raise ValueError(f"{meta}, line {i}: split {split!r}; valid: train, val, test")
+            path = Path(r["file"].strip())
+            rows.append((str(path if path.is_absolute() else root / path), names, split, i))
+    if not rows:
+        raise ValueError(f"{meta} lists no clips")
+    class_file = root / "classes.txt"
+    if class_file.is_file():
+        classes = [c.strip() for c in class_file.read_text().splitlines() if c.strip()]
+        for path, names, _, i in rows:
+            bad = [n for n in names if n not in classes]
+            if bad:
+                raise ValueError(f"{meta}, line {i}: label(s) {bad} are not in {class_file} ({', '.join(classes[:8])}"
+                                 f"{', ...' if len(classes) > 8 else ''}); add them there or fix the line")
+    else:
+        classes = sorted({n for _, names, _, _ in rows for n in names})
+    index = {c: k for k, c in enumerate(classes)}
+    items = [(path, tuple(index[n] for n in names), split) for path, names, split, _ in rows]
+    if "split" in cols:
+        splits = {k: [(p, y) for p, y, s in items if s == k] for k in ("train", "val", "test")}
+    else:
+        pairs = [(p, y) for p, y, _ in items]
+        random.Random(0).shuffle(pairs)
+        a, b = int(0.8 * len(pairs)), int(0.9 * len(pairs))
+        splits = {"train": pairs[:a], "val": pairs[a:b], "test": pairs[b:]}
+    if not splits["val"]:
+        splits["val"] = splits["test"]
+    return splits, classes
+
+
 # ------------------------------------------------------------------------------ dataset
 class AudioClips(Dataset):
-    """``(fbank [T, F], label)`` from ``(path, label)`` pairs; ``path#k`` reads the k-th 1 s piece.
+    """``(fbank [T, F], label)`` from ``(path, label)`` pairs; ``path#s`` reads the 1 s piece starting at s seconds.
 
     ``mixup`` (training): with that probability a random second clip is mixed in at waveform level
-    (λ ~ Beta(10, 10)) and the label becomes a soft vector (AST's dataloader). With mixup on, every
-    label is a ``num_classes`` vector.
+    (λ ~ Beta(10, 10)) and the label becomes a soft vector, λ on clip 1's classes and 1 − λ on clip 2's
+    (summed where they share one; AST's dataloader, which serves its multi-label AudioSet recipe too).
+    With mixup on, or ``multilabel``, every label is a ``num_classes`` float vector (multi-hot without mixup).
     """
 
-    def __init__(self, items: list[tuple[str, int]], front: FrontEnd, num_classes: int, train: bool = False,
-                 mixup: float = 0.0, bad_files: str = "raise"):
+    def __init__(self, items: list[tuple[str, int | tuple[int, ...]]], front: FrontEnd, num_classes: int,
+                 train: bool = False, mixup: float = 0.0, bad_files: str = "raise", multilabel: bool = False):
         if bad_files not in ("raise", "skip"):
             raise ValueError(f"bad_files={bad_files!r}; valid: raise, skip")
         if not items:
             raise ValueError("no audio clips in this split")
         self.items, self.front, self.num_classes = list(items), front, num_classes
-        self.train, self.mixup, self.bad_files = train, float(mixup), bad_files
+        self.train, self.mixup, self.bad_files, self.multilabel = train, float(mixup), bad_files, multilabel
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -205,10 +349,11 @@ class AudioClips(Dataset):
 
     def _wave(self, path: str) -> torch.Tensor:
         if "#" in path:
-            f, k = path.rsplit("#", 1)
+            f, start = path.rsplit("#", 1)
             w = self.front.wave(f)
             sr = self.front.args.sample_rate
-            return w[:, int(k) * sr:(int(k) + 1) * sr]
+            a = int(round(float(start) * sr))
+            return w[:, a:a + sr]
         return self.front.wave(path)
 
     def _raw(self, path: str) -> torch.Tensor:
@@ -227,13 +372,10 @@ class AudioClips(Dataset):
             lam = float(np.random.beta(10, 10))
             mix = mixup_waveforms(self._wave(path), self._wave(self.items[j][0]), lam)
             x = self.front.finish(fbank(mix, self.front.args, source=path), train=True)
-            t = torch.zeros(self.num_classes)
-            t[y] += lam
-            t[self.items[j][1]] += 1 - lam
-            return x, t
+            return x, lam * multi_hot(y, self.num_classes) + (1 - lam) * multi_hot(self.items[j][1], self.num_classes)
         x = self.front.finish(self._raw(path), train=self.train)
-        if self.train and self.mixup > 0:
-            return x, torch.nn.functional.one_hot(torch.tensor(y), self.num_classes).float()
+        if self.multilabel or (self.train and self.mixup > 0):
+            return x, multi_hot(y, self.num_classes)
         return x, y
 
     def __getitem__(self, i: int):
@@ -366,22 +508,76 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
     return root
 
 
+def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, seconds: float = 1.0, sample_rate: int = 16000,
+                               classes: tuple[str, ...] = GENERATED_CLASSES, seed: int = 2, two_share: float = 0.7) -> Path:
+    """Write a generated multi-label set in the ``multilabel`` layout: ``audio/<n>.wav`` and ``labels.csv``
+    (``file,labels,split``; 60/20/20 by clip index) plus ``classes.txt``. Each clip is the sum of two sounds
+    of different :data:`GENERATED_CLASSES` kinds (probability ``two_share``) or one sound, so its labels
+    are one or two class names. Written once, atomically; an existing set is reused."""
+    import soundfile as sf
+
+    root = Path(root)
+    if (root / "labels.csv").is_file():
+        return root
+    if clips < 5:
+        raise ValueError(f"clips={clips}: need at least 5 (3 train / 1 val / 1 test)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        (tmp / "audio").mkdir()
+        rng = np.random.default_rng(seed)
+        n = int(seconds * sample_rate)
+        rows = []
+        for c in range(clips):
+            k = 2 if rng.random() < two_share else 1
+            kinds = sorted(rng.choice(len(classes), size=k, replace=False).tolist())
+            x = sum(_synth(classes[t], sample_rate, n, rng) for t in kinds)
+            x = (x / max(1.0, float(np.abs(x).max()) / 0.9)).astype(np.float32)
+            name = f"audio/{c:05d}.wav"
+            sf.write(str(tmp / name), x, sample_rate, subtype="PCM_16")
+            split = ("train", "train", "train", "val", "test")[c % 5]
+            rows.append([name, ";".join(classes[t] for t in kinds), split])
+        (tmp / "classes.txt").write_text("\n".join(classes) + "\n")
+        with open(tmp / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "labels", "split"])
+            w.writerows(rows)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first
+            if not (root / "labels.csv").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 def seconds_to_frames(seconds: float, frame_shift_ms: float = 10.0, frame_length_ms: float = 25.0) -> int:
     """Kaldi frames (snip_edges) in a clip of ``seconds``."""
     return 1 + int(math.floor((seconds * 1000 - frame_length_ms) / frame_shift_ms))
 
 
 # ------------------------------------------------------------------------------ Lightning DataModule
-DATASETS = ("generated", "generated_upstream", "esc50", "speechcommands", "speechcommands12", "folder")
+DATASETS = ("generated", "generated_upstream", "generated_multilabel", "esc50", "speechcommands", "speechcommands12",
+            "folder", "multilabel")
+MULTILABEL_DATASETS = ("generated_multilabel", "multilabel")
 # the fbank statistics the AST recipes use; others are computed from the training split
 PUBLISHED_STATS = {"esc50": "esc50", "speechcommands": "speechcommands", "speechcommands12": "speechcommands"}
 
 
 def read_dataset(dataset: str, root: str | os.PathLike, fold: int = 1, val_fold: str = "none",
-                 generate: bool = True, clips_per_class: int = 20) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+                 generate: bool = True, clips_per_class: int = 20, test_root: str | os.PathLike | None = None,
+                 silence: str = "balanced") -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
     """``(splits, class names)`` of ``dataset`` at ``root`` (for ESC-50-layout sets: test fold ``fold``)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown audio dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    if test_root and dataset != "speechcommands12":
+        raise ValueError(f"task.test_root is the separate 12-class Speech Commands test archive; task.dataset={dataset} "
+                         f"does not read it (use task.dataset=speechcommands12, or task.test_root=null)")
+    if dataset in MULTILABEL_DATASETS:
+        if dataset == "generated_multilabel" and generate:
+            write_generated_multilabel(root, clips=clips_per_class * len(GENERATED_CLASSES))
+        return read_multilabel(root)
     if dataset in ("generated", "generated_upstream", "esc50"):
         if dataset != "esc50" and generate:
             classes = UPSTREAM_CLASSES if dataset == "generated_upstream" else GENERATED_CLASSES
@@ -389,7 +585,7 @@ def read_dataset(dataset: str, root: str | os.PathLike, fold: int = 1, val_fold:
         rows = read_esc50(root)
         return esc50_split(rows, int(fold), val_fold), esc50_classes(rows)
     if dataset.startswith("speechcommands"):
-        return read_speechcommands(root, "12" if dataset.endswith("12") else "35")
+        return read_speechcommands(root, "12" if dataset.endswith("12") else "35", test_root, silence)
     return read_folder(root)
 
 
@@ -402,10 +598,15 @@ class AudioDataModule(L.LightningDataModule):
                  freqm: int = 0, timem: int = 0, mixup: float = 0.0, batch_size: int = 32,
                  eval_batch_size: int = 64, num_workers: int = 0, cache_dir: str | None = None,
                  bad_files: str = "raise", generate: bool = True, generate_clips: int = 20, seed: int = 0,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, multilabel: bool = False, noise: bool = False,
+                 test_root: str | None = None, silence: str = "balanced"):
         super().__init__()
         self.seed = seed
-        self.splits, self.classes = read_dataset(dataset, root, fold, val_fold, generate, generate_clips)
+        if dataset in MULTILABEL_DATASETS and not multilabel:
+            raise ValueError(f"task.dataset={dataset} has multi-label targets: use task=audio_multilabel "
+                             f"(BCE loss, mAP), not task=audio")
+        self.multilabel = bool(multilabel)
+        self.splits, self.classes = read_dataset(dataset, root, fold, val_fold, generate, generate_clips, test_root, silence)
         self.num_classes = len(self.classes)
         if num_classes is not None and int(num_classes) != self.num_classes:
             raise ValueError(f"task.num_classes={num_classes}, but {dataset} at {root} has {self.num_classes} classes "
@@ -422,14 +623,14 @@ class AudioDataModule(L.LightningDataModule):
                 mean, std = dataset_stats(probe.load(p) for p, _ in self.splits["train"] if "#" not in p)
         self.mean, self.std = float(mean), float(std)
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
-                                            timem if train else 0, cache_dir)
+                                            timem if train else 0, cache_dir, noise=noise and train)
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
 
     def dataset_for(self, split: str, train: bool = False) -> AudioClips:
         return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,
-                          mixup=self.mixup if train else 0.0, bad_files=self.bad_files)
+                          mixup=self.mixup if train else 0.0, bad_files=self.bad_files, multilabel=self.multilabel)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(self.dataset_for(split, train), batch_size=self.batch_size if train else self.eval_batch_size,
