@@ -558,8 +558,8 @@ def seconds_to_frames(seconds: float, frame_shift_ms: float = 10.0, frame_length
 
 
 # ------------------------------------------------------------------------------ Lightning DataModule
-DATASETS = ("generated", "generated_upstream", "generated_multilabel", "esc50", "speechcommands", "speechcommands12",
-            "folder", "multilabel")
+DATASETS = ("generated", "generated_upstream", "esc50", "speechcommands", "speechcommands12", "folder",
+            "generated_multilabel", "multilabel")
 MULTILABEL_DATASETS = ("generated_multilabel", "multilabel")
 # the fbank statistics the AST recipes use; others are computed from the training split
 PUBLISHED_STATS = {"esc50": "esc50", "speechcommands": "speechcommands", "speechcommands12": "speechcommands"}
