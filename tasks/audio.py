@@ -134,7 +134,8 @@ class FrontEndThroughput(Callback):
 
 
 def summarize_folds(sweep_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{method: {"folds": {k: acc}, "mean": ..., "metric": key}}`` from the runs' metrics.json."""
+    """``{method: {"folds": {k: score}, "mean": ..., "metric": key}}`` from the runs' metrics.json: the test
+    value of each run's monitored metric (``test/acc``, ``test/mAP``), else the validation one."""
     out: dict[str, dict[str, Any]] = {}
     for f in sorted(Path(sweep_dir).glob("**/metrics.json")):
         m = read_metrics(f)
@@ -144,7 +145,9 @@ def summarize_folds(sweep_dir: str | Path) -> dict[str, dict[str, Any]]:
             from omegaconf import OmegaConf
 
             fold = OmegaConf.select(OmegaConf.load(hydra_cfg), "task.fold")
-        key = "test/acc" if m.get("test/acc") is not None else "val/acc"
+        val_key = (m.get("monitor") or {}).get("name") or "val/acc"  # val/acc, or val/mAP (audio_multilabel)
+        test_key = "test/" + val_key.split("/", 1)[1]
+        key = test_key if m.get(test_key) is not None else val_key
         if fold is None or m.get(key) is None:
             continue
         method = m.get("adapter") or "run"

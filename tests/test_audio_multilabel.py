@@ -154,3 +154,17 @@ def test_tiny_multilabel_run(tmp_path):
     assert m["kind"] == "audio_multilabel" and m["monitor"]["name"] == "val/mAP" and m["monitor"]["mode"] == "max"
     assert 0.0 < m["val/mAP"] <= 1.0 and 0.0 < m["test/mAP"] <= 1.0
     assert [c["key"] for c in m["columns"]] == ["val/mAP", "test/mAP"]
+
+
+def test_fold_summary_reads_map_runs(tmp_path):
+    import json
+
+    from tasks.audio import summarize_folds
+
+    for k, v in [(1, 0.4), (2, 0.6)]:
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "metrics.json").write_text(json.dumps({
+            "schema_version": 2, "kind": "audio_multilabel", "adapter": "lora", "fold": k,
+            "monitor": {"name": "val/mAP", "mode": "max", "value": 0.9}, "val/mAP": 0.9, "test/mAP": v}))
+    table = summarize_folds(tmp_path)
+    assert table["lora"]["metric"] == "test/mAP" and table["lora"]["mean"] == pytest.approx(0.5)
