@@ -27,7 +27,7 @@ from tasks.base import Column, ZooTask, attach_adapter, create_backbone, registe
 from zoo.seg.data import predict_volume, resize_labels, save_mask_png, save_overlay_png
 from zoo.seg.losses import SegLoss
 from zoo.seg.metrics import per_class_scores, summarize
-from zoo.seg.sam import logits_to_labels, prompts_from_mask, upsample
+from zoo.seg.sam import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
 
 HEADS = ("sam", "smp_dpt", "smp_fpn")
 
@@ -67,6 +67,12 @@ class SegmentationTask(ZooTask):
         self.num_classes = int(num_classes)
         sam = dict(sam or {})
         self.mode = sam.get("mode", "semantic") if head == "sam" else "semantic"
+        names = list(class_names) if class_names else None
+        if self.mode == "text":  # S-SAM / SALT text prompts embed the class names
+            if not names:
+                raise ValueError("task.sam.mode=text embeds the class names: set task.class_names=[...] "
+                                 f"({self.num_classes} names)")
+            sam["text"] = {**dict(sam.get("text") or {}), "class_names": names}
         bb = create_backbone(backbone)
         if grad_checkpointing:
             bb.model.set_grad_checkpointing(True)  # timm's checkpoint_seq over the encoder blocks
@@ -75,7 +81,7 @@ class SegmentationTask(ZooTask):
             d = dict(decoder_adapter)
             zoo.apply_adapter(model, d.pop("name"), tower="decoder", **d)
         self.model = model
-        self.criterion = SegLoss(**{**(loss or {}), "prompted": self.mode == "prompted"})
+        self.criterion = SegLoss(**{**(loss or {}), "prompted": self.mode in BINARY_MODES})
         self.prompt, self.prompt_jitter = prompt, int(prompt_jitter)
         self.convention, self.val_hd95 = metric_convention, bool(val_hd95)
         self.class_names = list(class_names) if class_names else [str(k) for k in range(1, self.num_classes + 1)]
@@ -234,11 +240,30 @@ class SegmentationTask(ZooTask):
         return {"predictions_dir": str(out), "predictions": n}
 
     # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """``task.optimizer.encoder_lr`` (default: ``lr``) for the trainable parameters inside the image
+        encoder (its adapters), ``lr`` for the rest (decoder, head). The papers use one lr for all."""
+        groups = super().param_groups(lr, weight_decay)
+        enc_lr = self.optim_cfg.get("encoder_lr")
+        if enc_lr is None or float(enc_lr) == float(lr):
+            return groups
+        enc = {id(p) for p in self.model.backbone.parameters()}
+        out = []
+        for g in groups:
+            inside = [p for p in g["params"] if id(p) in enc]
+            outside = [p for p in g["params"] if id(p) not in enc]
+            scale = float(enc_lr) / float(lr)
+            if inside:
+                out.append({**g, "params": inside, "lr": g["lr"] * scale})
+            if outside:
+                out.append({**g, "params": outside})
+        return out
+
     def configure_optimizers(self):
         if self.sched_cfg.get("name", "cosine") != "poly":
             return super().configure_optimizers()
         c = self.optim_cfg
-        groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        groups = self.param_groups(c["lr"], c["weight_decay"])
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(int(self.sched_cfg.get("warmup_iters", 0)), total,
