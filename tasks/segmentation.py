@@ -7,7 +7,7 @@ split's predictions as PNG masks + overlays under ``<output_dir>/predictions/<sp
 validation epoch writes a few overlays under ``<output_dir>/overlays/epoch_<n>/``.
 
 Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam_mode`` semantic | prompted)
-or ``smp_dpt`` / ``smp_fpn`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
+or ``smp_dpt`` / ``smp_fpn`` / ``smp_unet`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
 logits' resolution with the label resized by nearest sampling (SAMed's low-res label for SAM);
 metrics at the label's resolution (logits upsampled bilinearly). ``task.decoder_adapter`` adds a
 second adapter on ``tower=decoder`` (SAMed_s). ``task.scheduler.name: poly`` is SAMed's schedule:
@@ -29,7 +29,7 @@ from zoo.seg.losses import SegLoss
 from zoo.seg.metrics import per_class_scores, summarize
 from zoo.seg.sam import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
 
-HEADS = ("sam", "smp_dpt", "smp_fpn")
+HEADS = ("sam", "smp_dpt", "smp_fpn", "smp_unet")
 
 
 def build_seg_model(backbone: zoo.Backbone, head: str, num_classes: int, sam: dict | None = None,
@@ -133,12 +133,9 @@ class SegmentationTask(ZooTask):
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         hd = stage == "test" or self.val_hd95
         if isinstance(batch, dict):  # a Synapse volume
-            vol, lab, norm = batch["volume"], batch["label"], batch["norm"]
-            pred = predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None),
-                                  vol.numpy(), self.model.backbone.img_size)
+            lab = batch["label"]
+            pred = self._predict_volume(batch)
             scores = per_class_scores(torch.from_numpy(pred)[None], lab[None], self.num_classes, self.convention, hd)
-            if self.mode == "prompted":
-                raise ValueError("volume evaluation with sam.mode=prompted is not built; use sam.mode=semantic")
         else:
             x, y = batch
             logits = self(x, y)
@@ -152,6 +149,16 @@ class SegmentationTask(ZooTask):
 
     def _predict_slices(self, x: torch.Tensor, y) -> torch.Tensor:
         return self.labels(self(x, y), tuple(x.shape[-2:]))
+
+    def _predict_volume(self, batch: dict) -> np.ndarray:
+        """Slice by slice (SAMed); prompted mode builds each slice's prompts from its ground truth
+        (resized to the input size), as for 2-D images."""
+        norm = batch["norm"]
+        if self.mode == "prompted":
+            return predict_volume(lambda x, y: self._predict_slices(norm(x.to(self.device)), y.to(self.device)),
+                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy())
+        return predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), batch["volume"].numpy(),
+                              self.model.backbone.img_size)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -180,10 +187,7 @@ class SegmentationTask(ZooTask):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if isinstance(batch, dict):
-            vol, norm = batch["volume"], batch["norm"]
-            pred = predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), vol.numpy(),
-                                  self.model.backbone.img_size)
-            return {self.predict_output: torch.from_numpy(pred), "case": batch["case"]}
+            return {self.predict_output: torch.from_numpy(self._predict_volume(batch)), "case": batch["case"]}
         x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
         return {self.predict_output: self.labels(self(x, y), tuple(x.shape[-2:]))}
 

@@ -63,6 +63,15 @@ def test_synapse_volume_eval_and_samed_s(tmp_path):
     assert any("mask_tokens" in n for n in names)  # the rest of the decoder trains (SAMed_s)
 
 
+def test_synapse_volumes_in_prompted_mode(tmp_path):
+    """Volume evaluation with prompts from each slice's ground truth (box per present class)."""
+    m = _run(tmp_path, "adapter=lora", "data.layout=synapse", "task.sam.mode=prompted", "task.prompt=box",
+             "task.loss.kind=focal_dice")
+    out = Path(m["out_dir"])
+    assert m["dataset"] == "synapse" and m["test/dice"] is not None and 0.0 <= m["test/dice"] <= 1.0
+    assert len(sorted((out / "predictions" / "test").glob("case*_slice*.png"))) == 12
+
+
 def test_recipes_compose():
     samed = compose_config(["experiment=samed_synapse"])
     assert samed.adapter.name == "lora" and samed.adapter.rank == 4 and samed.adapter.alpha == 4
@@ -89,7 +98,7 @@ def test_samed_recipe_runs_tiny(tmp_path):
 
 
 @pytest.mark.parametrize("override,msg", [
-    (["task.head=unet"], "task.head='unet'; valid: sam, smp_dpt, smp_fpn"),
+    (["task.head=unet"], "task.head='unet'; valid: sam, smp_dpt, smp_fpn, smp_unet"),
     (["task.sam.mode=interactive"], "unknown SAM mode 'interactive'"),
     (["data.layout=coco"], "data.layout='coco'; valid"),
     (["task.loss.kind=bce"], "unknown segmentation loss 'bce'"),
