@@ -4,7 +4,8 @@ HD95 (:mod:`zoo.seg.metrics`), smp losses (:mod:`zoo.seg.losses`), the SAMed and
 Declares ``val/dice`` (max) as monitor, the columns ``val/dice, test/dice, test/iou, test/hd95``, and
 ``predict_output = "masks"`` (class-index maps). After testing, ``run_metrics`` writes the chosen
 split's predictions as PNG masks + overlays under ``<output_dir>/predictions/<split>/``; each
-validation epoch writes a few overlays under ``<output_dir>/overlays/epoch_<n>/``.
+validation epoch logs a few overlays to TensorBoard (``logger=tensorboard``: ``val/overlay/<i>``) or
+else writes them under ``<output_dir>/overlays/epoch_<n>/``.
 
 Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam_mode`` semantic | prompted)
 or ``smp_dpt`` / ``smp_fpn`` / ``smp_unet`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
@@ -24,7 +25,7 @@ import torch
 
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
-from zoo.seg.data import predict_volume, resize_labels, save_mask_png, save_overlay_png
+from zoo.seg.data import overlay, predict_volume, resize_labels, save_mask_png, save_overlay_png
 from zoo.seg.losses import SegLoss
 from zoo.seg.metrics import per_class_scores, summarize
 from zoo.seg.sam import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
@@ -196,11 +197,18 @@ class SegmentationTask(ZooTask):
         return Path(self.trainer.default_root_dir) if self.trainer is not None else Path(".")
 
     def _write_overlays(self, x: torch.Tensor, pred: torch.Tensor, sub: str) -> None:
+        """A few validation overlays: to TensorBoard (``val/overlay/<i>``, one image per epoch step)
+        when a TensorBoard logger is attached, else as PNG files under ``<output_dir>/<sub>/``."""
         if not self.trainer.is_global_zero:
             return
         img = _display(x[: self.n_overlays])
+        tb = _tensorboard(self.trainer)
         for i in range(img.shape[0]):
-            save_overlay_png(self._out_dir() / sub / f"{i:02d}.png", img[i], pred[i].cpu().numpy())
+            if tb is not None:
+                tb.add_image(f"val/overlay/{i:02d}", overlay(img[i], pred[i].cpu().numpy()), self.global_step,
+                             dataformats="HWC")
+            else:
+                save_overlay_png(self._out_dir() / sub / f"{i:02d}.png", img[i], pred[i].cpu().numpy())
 
     def run_metrics(self, trainer, datamodule) -> dict[str, Any]:
         """Write ``predict_split``'s predictions as PNG masks (+ overlays), and with ``export_sam``
@@ -283,6 +291,16 @@ def poly_lambda(warmup: int, max_iters: int, power: float):
             return (it + 1) / warmup
         return max(0.0, 1.0 - (it - warmup) / max_iters) ** power
     return f
+
+
+def _tensorboard(trainer):
+    """The ``SummaryWriter`` of the trainer's TensorBoard logger, or None."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
 
 
 def _display(x: torch.Tensor) -> np.ndarray:

@@ -72,6 +72,40 @@ def test_synapse_volumes_in_prompted_mode(tmp_path):
     assert len(sorted((out / "predictions" / "test").glob("case*_slice*.png"))) == 12
 
 
+def test_text_prompted_salt_runs_from_an_embeddings_file(tmp_path):
+    """sam.mode=text end to end with precomputed class-name embeddings (no CLIP at train time)."""
+    import torch
+
+    from zoo.seg.text_prompt import save_text_embeddings
+
+    names = ["vessel", "organ_a", "organ_b"]
+    emb = save_text_embeddings(tmp_path / "names.safetensors", names, torch.randn(3, 16))
+    m = _run(tmp_path, "adapter=salt", "adapter.rank=2", "adapter.r_lora=2", "adapter.train_norms=true",
+             "task.sam.mode=text", "task.sam.train_decoder=norms", f"task.class_names=[{','.join(names)}]",
+             f"task.sam.text.embeddings={emb}", "task.loss.kind=focal_dice")
+    meta = json.loads((Path(m["out_dir"]) / "adapter" / "adapter.json").read_text())
+    assert meta["head"]["mode"] == "text" and meta["head"]["text"] == {"dim": 16, "learned": False}
+    assert "text.text_embeddings" in meta["tensors"] and "text.affine.0.weight" in meta["tensors"]
+    assert any(".norm1.weight" in n for n in meta["tensors"]) and m["test/dice"] is not None
+    with pytest.raises(Exception, match="embeds the class names"):
+        _run(tmp_path, "adapter=linear", "task.sam.mode=text")
+
+
+def test_validation_overlays_go_to_tensorboard(tmp_path):
+    """logger=tensorboard: the overlays are TensorBoard images (one per validation epoch), no PNG files."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    m = _run(tmp_path, "adapter=lora", "logger=tensorboard", "task.predict_split=null")
+    out = Path(m["out_dir"])
+    assert not (out / "overlays").exists()
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={IMAGES: 0}).Reload()
+    assert sorted(acc.Tags()["images"]) == ["val/overlay/00", "val/overlay/01"]  # task.overlays=2 (tiny_seg)
+    imgs = acc.Images("val/overlay/00")
+    assert len(imgs) >= 2 and imgs[0].width == imgs[0].height == 64  # sanity check + 2 epochs
+
+
 def test_recipes_compose():
     samed = compose_config(["experiment=samed_synapse"])
     assert samed.adapter.name == "lora" and samed.adapter.rank == 4 and samed.adapter.alpha == 4
@@ -84,6 +118,8 @@ def test_recipes_compose():
     assert salt.adapter.name == "salt" and list(salt.adapter.targets) == ["qkv", "o", "fc1", "fc2"]
     assert (salt.task.optimizer.lr, salt.task.optimizer.weight_decay) == (1e-4, 1e-2)
     assert salt.task.loss.kind == "focal_dice"
+    assert salt.task.sam.mode == "text" and salt.task.sam.train_decoder == "norms" and salt.adapter.train_norms
+    assert dict(salt.task.sam.text.clip) == {"model": "ViT-B-32", "pretrained": "openai"}  # the reference's CLIP
 
 
 def test_samed_recipe_runs_tiny(tmp_path):

@@ -314,14 +314,18 @@ def save_mask_png(path: str | os.PathLike, labels: np.ndarray, palette=None) -> 
 
 def save_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
                      palette=None) -> None:
-    """Image ``(H, W, 3)`` in [0, 1] with the classes blended in colour."""
+    """Image ``(H, W, 3)`` in [0, 1] with the classes blended in colour (:func:`overlay`)."""
     from PIL import Image
 
+    _save_atomic(Image.fromarray((overlay(image, labels, alpha, palette) * 255).astype(np.uint8)), Path(path))
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45, palette=None) -> np.ndarray:
+    """``(H, W, 3)`` in [0, 1]: the image with each class ``k > 0`` blended in ``palette[k]``."""
     pal = np.array(palette or DEFAULT_PALETTE, dtype=np.float32) / 255.0
     col = pal[labels % len(pal)]
     a = np.where(labels[..., None] > 0, alpha, 0.0)
-    out = (image * (1 - a) + col * a).clip(0, 1)
-    _save_atomic(Image.fromarray((out * 255).astype(np.uint8)), Path(path))
+    return (image * (1 - a) + col * a).clip(0, 1)
 
 
 def _save_atomic(img, path: Path) -> None:
