@@ -91,6 +91,32 @@ def test_text_prompted_salt_runs_from_an_embeddings_file(tmp_path):
         _run(tmp_path, "adapter=linear", "task.sam.mode=text")
 
 
+def test_samed_lora_b_moves_with_its_own_encoder_lr(tmp_path):
+    """The quickstart's diagnostic: LoRA's B (zero at init) leaves zero during task=segmentation
+    training, and task.optimizer.encoder_lr puts exactly the encoder's trainable tensors in groups
+    with that lr (the decoder keeps task.optimizer.lr)."""
+    from safetensors.torch import load_file
+
+    from tasks.runner import build_task
+
+    m = _run(tmp_path, "adapter=samed_lora", "task.optimizer.encoder_lr=0.01")
+    state = load_file(str(Path(m["out_dir"]) / "adapter" / "adapter.safetensors"))
+    bs = {k: v for k, v in state.items() if "lora_B" in k}
+    assert len(bs) == 2 * 2 and all(v.abs().max() > 0 for v in bs.values())  # q and v of both blocks
+    cfg = compose_config(["experiment=tiny_seg", "adapter=samed_lora", "task.optimizer.lr=0.002",
+                          "task.optimizer.encoder_lr=0.01", f"paths.data_dir={tmp_path / 'data'}"])
+    task = build_task(cfg)
+    groups = task.param_groups(0.002, 1e-4)
+    enc = {id(p) for p in task.model.backbone.parameters()}
+    seen = 0
+    for g in groups:
+        for p in g["params"]:
+            assert g["lr"] == (0.01 if id(p) in enc else 0.002)
+            seen += 1
+    assert seen == sum(p.requires_grad for p in task.model.parameters())
+    assert sum(len(g["params"]) for g in groups if g["lr"] == 0.01) == 2 * 3  # lora_A + B_q + B_v per block
+
+
 def test_validation_overlays_go_to_tensorboard(tmp_path):
     """logger=tensorboard: the overlays are TensorBoard images (one per validation epoch), no PNG files."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
