@@ -31,6 +31,13 @@ def emb():
     return class_text_embeddings(NAMES, CLIP)
 
 
+@pytest.fixture(scope="module")
+def text(emb, tmp_path_factory):
+    """The segmenters' text config: the tiny CLIP's embeddings, precomputed once (CLIP is frozen)."""
+    path = save_text_embeddings(tmp_path_factory.mktemp("text") / "names.safetensors", NAMES, emb)
+    return {"class_names": NAMES, "embeddings": str(path)}
+
+
 def test_embeddings_are_the_clip_text_tower_of_the_names(emb):
     torch.manual_seed(0)  # the same random tiny CLIP
     bb = zoo.create_backbone("clip", **CLIP).eval()
@@ -80,11 +87,11 @@ def test_affine_token_formula(emb):
         one(1)
 
 
-def test_text_token_reaches_sam_mask_decoder(ref, emb):
+def test_text_token_reaches_sam_mask_decoder(ref, text):
     """mode=text = segment_anything's MaskDecoder with the token as the only sparse prompt,
     multimask_output=False, SAM's own (loaded) mask tokens; one token changes only its class."""
     sam, path = ref
-    model = tiny_segmenter(num_classes=2, weights=str(path), mode="text", text={"class_names": NAMES, "clip": CLIP})
+    model = tiny_segmenter(num_classes=2, weights=str(path), mode="text", text=text)
     assert model.decoder.mask_decoder.num_mask_tokens == 4  # SAM's 3 multimask outputs + 1, loaded
     torch.testing.assert_close(model.decoder.mask_decoder.mask_tokens.weight, sam.mask_decoder.mask_tokens.weight)
     model.eval()
@@ -108,13 +115,13 @@ def test_text_token_reaches_sam_mask_decoder(ref, emb):
     assert not torch.allclose(again[:, 1], out[:, 1])
 
 
-def test_salt_trains_salt_norms_and_text_affine_only(ref, emb):
+def test_salt_trains_salt_norms_and_text_affine_only(ref, text):
     """experiment=salt_seg's trainable set (the reference main.py, strategy "salt", decoder "none"):
     SALT's scale/shift/X/Y, every LayerNorm named norm* (encoder blocks, decoder transformer) and the
     text affine; the rest of the encoder, the prompt encoder and the decoder stay frozen."""
     sam, path = ref
     model = tiny_segmenter(num_classes=2, weights=str(path), mode="text", train_decoder="norms",
-                           text={"class_names": NAMES, "clip": CLIP})
+                           text=text)
     zoo.apply_adapter(model, "salt", rank=2, r_lora=2, train_norms=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for n, p in model.named_parameters():
@@ -134,11 +141,11 @@ def test_salt_trains_salt_norms_and_text_affine_only(ref, emb):
     assert sum(".norm1." in n or ".norm2." in n for n in trainable if n.startswith("backbone.")) == 2 * 2 * 2
 
 
-def test_text_mode_artifact_round_trip(tmp_path, ref, emb):
+def test_text_mode_artifact_round_trip(tmp_path, ref, text):
     """The artifact holds the embeddings and the BatchNorm statistics (no CLIP needed to reload)."""
     sam, path = ref
     model = tiny_segmenter(num_classes=2, weights=str(path), mode="text", train_decoder="norms",
-                           text={"class_names": NAMES, "clip": CLIP})
+                           text=text)
     zoo.apply_adapter(model, "salt", rank=2, r_lora=2, train_norms=True)
     x = torch.randn(2, 3, IMG, IMG)
     model(x)  # one training forward: BatchNorm running statistics move
