@@ -61,6 +61,7 @@ class SegmentationTask(ZooTask):
                  sam: dict | None = None, smp: dict | None = None, prompt: str = "point", prompt_jitter: int = 0, decoder_adapter: dict | None = None,
                  loss: dict | None = None, metric_convention: str = "standard", val_hd95: bool = False,
                  class_names: list[str] | None = None, grad_checkpointing: bool = False, overlays: int = 4,
+                 train_encoder: list[str] | None = None,
                  predict_split: str | None = "test", export_sam: str | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
                  monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
@@ -81,6 +82,13 @@ class SegmentationTask(ZooTask):
         if decoder_adapter:
             d = dict(decoder_adapter)
             zoo.apply_adapter(model, d.pop("name"), tower="decoder", **d)
+        for pattern in train_encoder or []:  # e.g. SALT's reference also trains pos_embed
+            hits = [p for n, p in model.backbone.named_parameters() if pattern in n]
+            if not hits:
+                raise ValueError(f"task.train_encoder: no encoder parameter name contains {pattern!r} "
+                                 f"(e.g. pos_embed, patch_embed, neck)")
+            for p in hits:
+                p.requires_grad_(True)
         self.model = model
         self.criterion = SegLoss(**{**(loss or {}), "prompted": self.mode in BINARY_MODES})
         self.prompt, self.prompt_jitter = prompt, int(prompt_jitter)

@@ -82,11 +82,12 @@ def test_text_prompted_salt_runs_from_an_embeddings_file(tmp_path):
     emb = save_text_embeddings(tmp_path / "names.safetensors", names, torch.randn(3, 16))
     m = _run(tmp_path, "adapter=salt", "adapter.rank=2", "adapter.r_lora=2", "adapter.train_norms=true",
              "task.sam.mode=text", "task.sam.train_decoder=norms", f"task.class_names=[{','.join(names)}]",
-             f"task.sam.text.embeddings={emb}", "task.loss.kind=focal_dice")
+             f"task.sam.text.embeddings={emb}", "task.loss.kind=focal_dice", "task.train_encoder=[pos_embed]")
     meta = json.loads((Path(m["out_dir"]) / "adapter" / "adapter.json").read_text())
     assert meta["head"]["mode"] == "text" and meta["head"]["text"] == {"dim": 16, "learned": False}
     assert "text.text_embeddings" in meta["tensors"] and "text.affine.0.weight" in meta["tensors"]
     assert any(".norm1.weight" in n for n in meta["tensors"]) and m["test/dice"] is not None
+    assert "backbone.model.pos_embed" in meta["tensors"]
     with pytest.raises(Exception, match="embeds the class names"):
         _run(tmp_path, "adapter=linear", "task.sam.mode=text")
 
@@ -146,6 +147,7 @@ def test_recipes_compose():
     assert salt.task.loss.kind == "focal_dice"
     assert salt.task.sam.mode == "text" and salt.task.sam.train_decoder == "norms" and salt.adapter.train_norms
     assert dict(salt.task.sam.text.clip) == {"model": "ViT-B-32", "pretrained": "openai"}  # the reference's CLIP
+    assert list(salt.task.train_encoder) == ["pos_embed"]
 
 
 def test_samed_recipe_runs_tiny(tmp_path):
@@ -164,6 +166,7 @@ def test_samed_recipe_runs_tiny(tmp_path):
     (["task.sam.mode=interactive"], "unknown SAM mode 'interactive'"),
     (["data.layout=coco"], "data.layout='coco'; valid"),
     (["task.loss.kind=bce"], "unknown segmentation loss 'bce'"),
+    (["task.train_encoder=[posembed]"], "no encoder parameter name contains 'posembed'"),
 ])
 def test_bad_config_lines(tmp_path, override, msg):
     with pytest.raises(Exception) as info:
