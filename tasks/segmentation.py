@@ -7,7 +7,7 @@ split's predictions as PNG masks + overlays under ``<output_dir>/predictions/<sp
 validation epoch logs a few overlays to TensorBoard (``logger=tensorboard``: ``val/overlay/<i>``) or
 else writes them under ``<output_dir>/overlays/epoch_<n>/``.
 
-Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam_mode`` semantic | prompted)
+Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam.mode`` semantic | prompted | text)
 or ``smp_dpt`` / ``smp_fpn`` / ``smp_unet`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
 logits' resolution with the label resized by nearest sampling (SAMed's low-res label for SAM);
 metrics at the label's resolution (logits upsampled bilinearly). ``task.decoder_adapter`` adds a
