@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import zoo
-from tests.helpers import compose_config, run_train
+from tests.helpers import CONF, compose_config, refuses, run_train
 
 pytest.importorskip("segment_anything")
 pytest.importorskip("tasks.base", reason="task=segmentation is built on the task contract (issue 9)")
@@ -178,16 +178,18 @@ def test_bad_config_lines(tmp_path, override, msg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", zoo.list_adapters())
+@pytest.mark.parametrize("name", [n for n in zoo.list_adapters() if (Path(CONF) / "adapter" / f"{n}.yaml").is_file()])
 def test_every_adapter_trains_on_task_segmentation(tmp_path, name):
+    """Every adapter selectable as adapter=<name> (morph_ft has no config: MORPH's own recipes set it)."""
     opts = {"mhr": ["adapter.n_splits=4"], "colora": ["adapter.finetune_steps=1", "adapter.faig_steps=2"]}.get(name, [])
-    if name in ("vpt", "q_adapter"):
+    if name in ("vpt", "q_adapter") or refuses(name, "sam"):  # token methods; adapters for other backbones
         with pytest.raises(Exception) as info:
             _run(tmp_path, f"adapter={name}")
         cause = info.value  # under Hydra's InstantiationException: the adapter's SiteError
         while not isinstance(cause, zoo.SiteError) and (cause.__cause__ or cause.__context__):
             cause = cause.__cause__ or cause.__context__
-        assert isinstance(cause, zoo.SiteError) and "tokens" in str(cause)
+        assert isinstance(cause, zoo.SiteError)
+        assert "tokens" in str(cause) if name in ("vpt", "q_adapter") else "sam" in str(cause)
         return
     m = _run(tmp_path, f"adapter={name}", *opts)
     assert m["val/dice"] is not None
