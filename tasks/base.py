@@ -206,9 +206,13 @@ class ZooTask(L.LightningModule):
         return {self.predict_output: self(x)}
 
     # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """The optimizer's groups (a task may give some parameters their own learning rate)."""
+        return zoo.param_groups(self.model, lr, weight_decay)
+
     def configure_optimizers(self):
         c = self.optim_cfg
-        groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        groups = self.param_groups(c["lr"], c["weight_decay"])
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]),
                                 eps=float(c.get("eps", 1e-8)))
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -4,10 +4,11 @@ HD95 (:mod:`zoo.seg.metrics`), smp losses (:mod:`zoo.seg.losses`), the SAMed and
 Declares ``val/dice`` (max) as monitor, the columns ``val/dice, test/dice, test/iou, test/hd95``, and
 ``predict_output = "masks"`` (class-index maps). After testing, ``run_metrics`` writes the chosen
 split's predictions as PNG masks + overlays under ``<output_dir>/predictions/<split>/``; each
-validation epoch writes a few overlays under ``<output_dir>/overlays/epoch_<n>/``.
+validation epoch logs a few overlays to TensorBoard (``logger=tensorboard``: ``val/overlay/<i>``) or
+else writes them under ``<output_dir>/overlays/epoch_<n>/``.
 
-Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam_mode`` semantic | prompted)
-or ``smp_dpt`` / ``smp_fpn`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
+Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam.mode`` semantic | prompted | text)
+or ``smp_dpt`` / ``smp_fpn`` / ``smp_unet`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
 logits' resolution with the label resized by nearest sampling (SAMed's low-res label for SAM);
 metrics at the label's resolution (logits upsampled bilinearly). ``task.decoder_adapter`` adds a
 second adapter on ``tower=decoder`` (SAMed_s). ``task.scheduler.name: poly`` is SAMed's schedule:
@@ -24,12 +25,12 @@ import torch
 
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
-from zoo.seg.data import predict_volume, resize_labels, save_mask_png, save_overlay_png
+from zoo.seg.data import overlay, predict_volume, resize_labels, save_mask_png, save_overlay_png
 from zoo.seg.losses import SegLoss
 from zoo.seg.metrics import per_class_scores, summarize
-from zoo.seg.sam import logits_to_labels, prompts_from_mask, upsample
+from zoo.seg.sam import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
 
-HEADS = ("sam", "smp_dpt", "smp_fpn")
+HEADS = ("sam", "smp_dpt", "smp_fpn", "smp_unet")
 
 
 def build_seg_model(backbone: zoo.Backbone, head: str, num_classes: int, sam: dict | None = None,
@@ -60,6 +61,7 @@ class SegmentationTask(ZooTask):
                  sam: dict | None = None, smp: dict | None = None, prompt: str = "point", prompt_jitter: int = 0, decoder_adapter: dict | None = None,
                  loss: dict | None = None, metric_convention: str = "standard", val_hd95: bool = False,
                  class_names: list[str] | None = None, grad_checkpointing: bool = False, overlays: int = 4,
+                 train_encoder: list[str] | None = None,
                  predict_split: str | None = "test", export_sam: str | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
                  monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
@@ -67,6 +69,12 @@ class SegmentationTask(ZooTask):
         self.num_classes = int(num_classes)
         sam = dict(sam or {})
         self.mode = sam.get("mode", "semantic") if head == "sam" else "semantic"
+        names = list(class_names) if class_names else None
+        if self.mode == "text":  # S-SAM / SALT text prompts embed the class names
+            if not names:
+                raise ValueError("task.sam.mode=text embeds the class names: set task.class_names=[...] "
+                                 f"({self.num_classes} names)")
+            sam["text"] = {**dict(sam.get("text") or {}), "class_names": names}
         bb = create_backbone(backbone)
         if grad_checkpointing:
             bb.model.set_grad_checkpointing(True)  # timm's checkpoint_seq over the encoder blocks
@@ -74,8 +82,15 @@ class SegmentationTask(ZooTask):
         if decoder_adapter:
             d = dict(decoder_adapter)
             zoo.apply_adapter(model, d.pop("name"), tower="decoder", **d)
+        for pattern in train_encoder or []:  # e.g. SALT's reference also trains pos_embed
+            hits = [p for n, p in model.backbone.named_parameters() if pattern in n]
+            if not hits:
+                raise ValueError(f"task.train_encoder: no encoder parameter name contains {pattern!r} "
+                                 f"(e.g. pos_embed, patch_embed, neck)")
+            for p in hits:
+                p.requires_grad_(True)
         self.model = model
-        self.criterion = SegLoss(**{**(loss or {}), "prompted": self.mode == "prompted"})
+        self.criterion = SegLoss(**{**(loss or {}), "prompted": self.mode in BINARY_MODES})
         self.prompt, self.prompt_jitter = prompt, int(prompt_jitter)
         self.convention, self.val_hd95 = metric_convention, bool(val_hd95)
         self.class_names = list(class_names) if class_names else [str(k) for k in range(1, self.num_classes + 1)]
@@ -127,12 +142,9 @@ class SegmentationTask(ZooTask):
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         hd = stage == "test" or self.val_hd95
         if isinstance(batch, dict):  # a Synapse volume
-            vol, lab, norm = batch["volume"], batch["label"], batch["norm"]
-            pred = predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None),
-                                  vol.numpy(), self.model.backbone.img_size)
+            lab = batch["label"]
+            pred = self._predict_volume(batch)
             scores = per_class_scores(torch.from_numpy(pred)[None], lab[None], self.num_classes, self.convention, hd)
-            if self.mode == "prompted":
-                raise ValueError("volume evaluation with sam.mode=prompted is not built; use sam.mode=semantic")
         else:
             x, y = batch
             logits = self(x, y)
@@ -146,6 +158,16 @@ class SegmentationTask(ZooTask):
 
     def _predict_slices(self, x: torch.Tensor, y) -> torch.Tensor:
         return self.labels(self(x, y), tuple(x.shape[-2:]))
+
+    def _predict_volume(self, batch: dict) -> np.ndarray:
+        """Slice by slice (SAMed); prompted mode builds each slice's prompts from its ground truth
+        (resized to the input size), as for 2-D images."""
+        norm = batch["norm"]
+        if self.mode == "prompted":
+            return predict_volume(lambda x, y: self._predict_slices(norm(x.to(self.device)), y.to(self.device)),
+                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy())
+        return predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), batch["volume"].numpy(),
+                              self.model.backbone.img_size)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -174,10 +196,7 @@ class SegmentationTask(ZooTask):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if isinstance(batch, dict):
-            vol, norm = batch["volume"], batch["norm"]
-            pred = predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), vol.numpy(),
-                                  self.model.backbone.img_size)
-            return {self.predict_output: torch.from_numpy(pred), "case": batch["case"]}
+            return {self.predict_output: torch.from_numpy(self._predict_volume(batch)), "case": batch["case"]}
         x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
         return {self.predict_output: self.labels(self(x, y), tuple(x.shape[-2:]))}
 
@@ -186,11 +205,18 @@ class SegmentationTask(ZooTask):
         return Path(self.trainer.default_root_dir) if self.trainer is not None else Path(".")
 
     def _write_overlays(self, x: torch.Tensor, pred: torch.Tensor, sub: str) -> None:
+        """A few validation overlays: to TensorBoard (``val/overlay/<i>``, one image per epoch step)
+        when a TensorBoard logger is attached, else as PNG files under ``<output_dir>/<sub>/``."""
         if not self.trainer.is_global_zero:
             return
         img = _display(x[: self.n_overlays])
+        tb = _tensorboard(self.trainer)
         for i in range(img.shape[0]):
-            save_overlay_png(self._out_dir() / sub / f"{i:02d}.png", img[i], pred[i].cpu().numpy())
+            if tb is not None:
+                tb.add_image(f"val/overlay/{i:02d}", overlay(img[i], pred[i].cpu().numpy()), self.global_step,
+                             dataformats="HWC")
+            else:
+                save_overlay_png(self._out_dir() / sub / f"{i:02d}.png", img[i], pred[i].cpu().numpy())
 
     def run_metrics(self, trainer, datamodule) -> dict[str, Any]:
         """Write ``predict_split``'s predictions as PNG masks (+ overlays), and with ``export_sam``
@@ -234,11 +260,30 @@ class SegmentationTask(ZooTask):
         return {"predictions_dir": str(out), "predictions": n}
 
     # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """``task.optimizer.encoder_lr`` (default: ``lr``) for the trainable parameters inside the image
+        encoder (its adapters), ``lr`` for the rest (decoder, head). The papers use one lr for all."""
+        groups = super().param_groups(lr, weight_decay)
+        enc_lr = self.optim_cfg.get("encoder_lr")
+        if enc_lr is None or float(enc_lr) == float(lr):
+            return groups
+        enc = {id(p) for p in self.model.backbone.parameters()}
+        out = []
+        for g in groups:
+            inside = [p for p in g["params"] if id(p) in enc]
+            outside = [p for p in g["params"] if id(p) not in enc]
+            scale = float(enc_lr) / float(lr)
+            if inside:
+                out.append({**g, "params": inside, "lr": g["lr"] * scale})
+            if outside:
+                out.append({**g, "params": outside})
+        return out
+
     def configure_optimizers(self):
         if self.sched_cfg.get("name", "cosine") != "poly":
             return super().configure_optimizers()
         c = self.optim_cfg
-        groups = zoo.param_groups(self.model, c["lr"], c["weight_decay"])
+        groups = self.param_groups(c["lr"], c["weight_decay"])
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(int(self.sched_cfg.get("warmup_iters", 0)), total,
@@ -254,6 +299,16 @@ def poly_lambda(warmup: int, max_iters: int, power: float):
             return (it + 1) / warmup
         return max(0.0, 1.0 - (it - warmup) / max_iters) ** power
     return f
+
+
+def _tensorboard(trainer):
+    """The ``SummaryWriter`` of the trainer's TensorBoard logger, or None."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
 
 
 def _display(x: torch.Tensor) -> np.ndarray:

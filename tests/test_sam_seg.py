@@ -256,7 +256,41 @@ def test_activation_checkpointing_keeps_results():
         torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("head", ["sam", "smp_dpt"])
+def test_smp_unet_head_on_a_simple_feature_pyramid(ref):
+    """head=smp_unet: ViTDet's simple feature pyramid from the last block (strides 2..32) feeding
+    smp's UnetDecoder; full-resolution logits; gradients reach the encoder adapter."""
+    from timm.layers import LayerNorm2d
+
+    from zoo.seg.smp_head import SimpleFeaturePyramid, SmpSegmenter
+
+    torch.manual_seed(0)
+    fpn = SimpleFeaturePyramid(32, 16)
+    f = torch.randn(2, 32, 4, 4)
+    levels = fpn(f)
+    assert [tuple(t.shape) for t in levels] == [(2, 16, 32, 32), (2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
+    # stride 16 is the map itself and stride 32 its 2x2 max-pool, each through 1x1 conv+LN, 3x3 conv+LN
+    assert [type(m) for m in fpn.stages[3]] == [torch.nn.Conv2d, LayerNorm2d, torch.nn.Conv2d, LayerNorm2d]
+    torch.testing.assert_close(levels[4], fpn.stages[4][1:](F.max_pool2d(f, 2)))
+    assert [type(m) for m in fpn.stages[1]] == [torch.nn.ConvTranspose2d, LayerNorm2d, torch.nn.GELU, torch.nn.ConvTranspose2d,
+                                               torch.nn.Conv2d, LayerNorm2d, torch.nn.Conv2d, LayerNorm2d]
+    _, path = ref
+    bb = tiny_sam_backbone(str(path))
+    model = SmpSegmenter(bb, 2, decoder="unet", channels=16)
+    assert model.indices == [bb.depth - 1]
+    zoo.apply_adapter(model, "lora", rank=2)
+    x = torch.randn(2, 3, IMG, IMG)
+    out = model(x)
+    assert out.shape == (2, 3, IMG, IMG)
+    out.square().mean().backward()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    assert head and all(p.requires_grad and p.grad is not None for p in head)
+    with pytest.raises(ValueError, match="reads 1 block output"):
+        SmpSegmenter(tiny_sam_backbone(str(path)), 2, decoder="unet", indices=[0, 1])
+
+
+@pytest.mark.parametrize("head", ["sam", "smp_dpt", "smp_unet"])
 def test_head_from_spec_rebuilds_the_same_shapes(ref, head):
     from zoo.seg.smp_head import SmpSegmenter
 
@@ -265,7 +299,7 @@ def test_head_from_spec_rebuilds_the_same_shapes(ref, head):
         model = tiny_segmenter(num_classes=2, weights=str(path), train_decoder="no_transformer")
         again = SamSegmenter.from_spec(tiny_sam_backbone(str(path)), model.head_spec())
     else:
-        model = SmpSegmenter(tiny_sam_backbone(str(path)), 2, decoder="dpt", channels=64)
+        model = SmpSegmenter(tiny_sam_backbone(str(path)), 2, decoder=head.split("_")[1], channels=64)
         again = SmpSegmenter.from_spec(tiny_sam_backbone(str(path)), model.head_spec())
     assert again.head_spec() == model.head_spec()
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

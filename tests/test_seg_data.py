@@ -102,6 +102,28 @@ def test_synapse_layout_and_volume_eval(tmp_path):
         read_volume(root, "case9999", 3)
 
 
+def test_prompted_volume_prediction_gets_each_slices_labels():
+    """Prompted mode on a volume: predict_slices(x, y) receives the same slices' ground truth at the
+    input size (nearest), so prompts are built per slice as for 2-D images."""
+    rng = np.random.default_rng(0)
+    vol = rng.random((5, 32, 32), dtype=np.float32)
+    lab = np.zeros((5, 32, 32), dtype=np.int64)
+    for z in range(5):
+        lab[z, 4 + z:20, 6:10 + 3 * z] = 1 + z % 3
+    seen = []
+
+    def oracle(x, y):
+        assert x.shape[-2:] == y.shape[-2:] == (64, 64) and x.shape[0] == y.shape[0]
+        seen.append(y)
+        return y  # a perfect prompted model: the mask its prompts came from
+
+    pred = predict_volume(oracle, vol, img_size=64, batch=2, label=lab)
+    assert [len(y) for y in seen] == [2, 2, 1] and np.array_equal(pred, lab)
+    assert torch.equal(seen[1][1], torch.from_numpy(lab[3]).repeat_interleave(2, 0).repeat_interleave(2, 1))
+    with pytest.raises(ValueError, match="volume label .* and image .* differ in shape"):
+        predict_volume(oracle, vol, img_size=64, label=lab[:3])
+
+
 def test_png_mask_round_trip(tmp_path):
     lab = np.random.default_rng(0).integers(0, 4, (10, 12))
     save_mask_png(tmp_path / "m.png", lab)

@@ -108,5 +108,5 @@ def test_smp_head(decoder):
     SegLoss()(out, torch.randint(0, 3, (2, 64, 64))).backward()
     assert all(p.grad is not None for p in zoo.adapters_of(model)[0].adapter_parameters())
     assert all(p.grad is not None for p in model.head.parameters())
-    with pytest.raises(ValueError, match="valid: dpt, fpn"):
-        SmpSegmenter(bb, 2, decoder="unet")
+    with pytest.raises(ValueError, match="valid: dpt, fpn, unet"):
+        SmpSegmenter(bb, 2, decoder="deeplab")

@@ -246,8 +246,12 @@ class SALT(Adapter):
     paper = "Elsayed et al., SALT: Singular Value Adaptation with Low-Rank Transformation, arXiv 2503.16055"
 
     def __init__(self, ratio: float = 0.1, rank: int | None = None, r_lora: int = 256,
-                 reg_multiplier: float = 0.0, targets: list[str] = ("qkv", "o", "fc1", "fc2"), layers="all"):
+                 reg_multiplier: float = 0.0, targets: list[str] = ("qkv", "o", "fc1", "fc2"), layers="all",
+                 train_norms: bool = False):
         super().__init__()
+        # the reference (main.py) also trains every parameter whose name has "norm": the blocks'
+        # LayerNorms norm1 / norm2 of the adapted layers here (the decoder's: task.sam.train_decoder=norms)
+        self.train_norms = bool(train_norms)
         if rank is None and not 0 < float(ratio) <= 1:
             raise ValueError(f"SALT ratio must be in (0, 1], got {ratio}")
         int_option("salt", "r_lora", r_lora)
@@ -263,6 +267,13 @@ class SALT(Adapter):
             raise SiteError(f"SALT attaches to whole Linear sites (qkv, o, fc1, fc2), not {bad}")
         for site in self.sites(self.targets, self.layers):
             self.replace(site, SALTLinear(site.module, self.rank, self.ratio, self.r_lora))
+
+    def mark_trainable(self) -> None:
+        super().mark_trainable()
+        if self.train_norms:
+            for s in self.sites(["norm1", "norm2"], self.layers):
+                for p in s.base_module.parameters():
+                    p.requires_grad_(True)
 
     def regulariser(self) -> torch.Tensor:
         """Σ over layers of each layer's R (unweighted)."""

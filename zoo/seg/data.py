@@ -272,15 +272,26 @@ def read_volume(root: str | os.PathLike, case: str, num_classes: int) -> tuple[n
 
 
 @torch.no_grad()
-def predict_volume(predict_slices, image: np.ndarray, img_size: int, batch: int = 8) -> np.ndarray:
+def predict_volume(predict_slices, image: np.ndarray, img_size: int, batch: int = 8,
+                   label: np.ndarray | None = None) -> np.ndarray:
     """SAMed ``test_single_volume``: each slice resized to ``img_size`` (bicubic), repeated to 3
-    channels, ``predict_slices(x) -> (b, h, w)`` labels, resized back (nearest) and stacked ``(D, H, W)``."""
+    channels, ``predict_slices(x) -> (b, h, w)`` labels, resized back (nearest) and stacked ``(D, H, W)``.
+
+    With ``label`` (the volume's ground truth, for prompted mode) it is ``predict_slices(x, y)``, ``y``
+    the same slices' labels resized to ``img_size`` (nearest), as the 2-D path builds its prompts
+    from the mask at the input size."""
     D, H, W = image.shape
+    if label is not None and label.shape != image.shape:
+        raise ValueError(f"volume label {label.shape} and image {image.shape} differ in shape")
     out = np.zeros((D, H, W), dtype=np.int64)
     for s in range(0, D, batch):
         x = torch.from_numpy(image[s:s + batch])[:, None].repeat(1, 3, 1, 1)
         x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False) if H != img_size or W != img_size else x
-        lab = predict_slices(x)
+        if label is None:
+            lab = predict_slices(x)
+        else:
+            lab = predict_slices(x, resize_labels(torch.from_numpy(np.asarray(label[s:s + batch])).long(),
+                                                  (img_size, img_size)))
         lab = resize_labels(lab.cpu(), (H, W))
         out[s:s + batch] = lab.numpy()
     return out
@@ -303,14 +314,18 @@ def save_mask_png(path: str | os.PathLike, labels: np.ndarray, palette=None) -> 
 
 def save_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
                      palette=None) -> None:
-    """Image ``(H, W, 3)`` in [0, 1] with the classes blended in colour."""
+    """Image ``(H, W, 3)`` in [0, 1] with the classes blended in colour (:func:`overlay`)."""
     from PIL import Image
 
+    _save_atomic(Image.fromarray((overlay(image, labels, alpha, palette) * 255).astype(np.uint8)), Path(path))
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45, palette=None) -> np.ndarray:
+    """``(H, W, 3)`` in [0, 1]: the image with each class ``k > 0`` blended in ``palette[k]``."""
     pal = np.array(palette or DEFAULT_PALETTE, dtype=np.float32) / 255.0
     col = pal[labels % len(pal)]
     a = np.where(labels[..., None] > 0, alpha, 0.0)
-    out = (image * (1 - a) + col * a).clip(0, 1)
-    _save_atomic(Image.fromarray((out * 255).astype(np.uint8)), Path(path))
+    return (image * (1 - a) + col * a).clip(0, 1)
 
 
 def _save_atomic(img, path: Path) -> None:

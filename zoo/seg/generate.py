@@ -3,6 +3,11 @@
 Each image is a smooth textured background (low-pass noise + vignette, like a CT/endoscopy field)
 with K structures: class 1 a vessel-like tree of thin curves (as in DRIVE), classes >= 2 organ-like
 blobs (ellipses with a noisy boundary and their own intensity and texture); then blur and noise.
+``style="texture"`` (the quickstart's downstream task) instead draws organ blobs that differ from
+the background only by their *texture* (oriented stripes, one orientation per class), at the
+background's own mean intensity: a tiny SAM pretrained on the intensity-defined structures of the
+default style has not learned to look for that, so the task needs the encoder to adapt.
+
 Nothing here is real patient data; it only has the *shape* of the real layouts.
 """
 from __future__ import annotations
@@ -33,8 +38,16 @@ def _blur(a: np.ndarray, k: int = 3) -> np.ndarray:
     return F.avg_pool2d(F.pad(t, (k // 2,) * 4, mode="replicate"), k, stride=1)[0, 0].numpy()
 
 
-def medical_sample(rng: np.random.Generator, size: int, num_classes: int, vessels: bool = True):
+STYLES = ("intensity", "texture")
+
+
+def medical_sample(rng: np.random.Generator, size: int, num_classes: int, vessels: bool = True,
+                   style: str = "intensity"):
     """``(image (H, W, 3) float in [0, 1], mask (H, W) int)``."""
+    if style not in STYLES:
+        raise ValueError(f"unknown generated-data style {style!r}; valid: {', '.join(STYLES)}")
+    if style == "texture":
+        return texture_sample(rng, size, num_classes)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     bg = 0.25 + 0.35 * _smooth_noise(rng, (size, size), 8) - 0.2 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
     mask = np.zeros((size, size), dtype=np.int64)
@@ -69,6 +82,31 @@ def medical_sample(rng: np.random.Generator, size: int, num_classes: int, vessel
     return np.clip(img[..., None] * tint, 0, 1), mask
 
 
+def texture_sample(rng: np.random.Generator, size: int, num_classes: int, period: float = 8.0,
+                   amplitude: float = 0.18):
+    """Organ blobs defined by texture alone: class k is filled with stripes of orientation
+    ``k·180°/K`` (period ``period`` px, random phase) around the local background level, so the
+    mean intensity inside and outside a blob is the same. Blobs may overlap (later ones on top)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    bg = 0.35 + 0.3 * _smooth_noise(rng, (size, size), 8) - 0.2 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
+    img, mask = bg.copy(), np.zeros((size, size), dtype=np.int64)
+    py, px = np.mgrid[0:size, 0:size].astype(np.float32)
+    for k in range(1, num_classes + 1):
+        if rng.random() < 0.15:
+            continue
+        cy, cx = rng.uniform(0.25, 0.75, 2)
+        ry, rx = rng.uniform(0.12, 0.25, 2)
+        wobble = 0.25 * (_smooth_noise(rng, (size, size), 6) - 0.5)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1 + wobble
+        ang = np.pi * (k - 1) / num_classes + rng.normal(0, 0.1)
+        wave = np.sin(2 * np.pi * (px * np.cos(ang) + py * np.sin(ang)) / period + rng.random() * 2 * np.pi)
+        mask[inside] = k
+        img[inside] = bg[inside] + amplitude * wave[inside]
+    img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
+    tint = np.array([1.0, 0.85, 0.8], dtype=np.float32)
+    return np.clip(img[..., None] * tint, 0, 1), mask
+
+
 def _save_rgb(path: Path, image: np.ndarray, fmt: str | None = None) -> None:
     from PIL import Image
 
@@ -80,12 +118,13 @@ def _save_rgb(path: Path, image: np.ndarray, fmt: str | None = None) -> None:
 
 def make_folder_dataset(root: str | os.PathLike, layout: str = "folder", n: int = 24, size: int = 64,
                         num_classes: int = 3, mask_format: str = "index", seed: int = 0,
-                        splits: dict[str, int] | None = None) -> Path:
+                        splits: dict[str, int] | None = None, style: str = "intensity") -> Path:
     """Write a generated dataset in ``layout`` (folder | kvasir | isic | drive) under ``root``.
 
     ``folder``: ``splits`` (e.g. ``{"train": 16, "val": 8}``) makes ``root/<split>/{images,masks}``;
     without it, one flat ``root/{images,masks}`` of ``n``. ``mask_format=color`` writes RGB masks with
     :data:`DEFAULT_PALETTE` colours. kvasir / isic / drive are binary (one foreground class).
+    ``style``: see :func:`medical_sample` (``folder`` only).
     """
     from PIL import Image
 
@@ -95,7 +134,7 @@ def make_folder_dataset(root: str | os.PathLike, layout: str = "folder", n: int 
         for split, count in (splits or {"": n}).items():
             base = root / split if split else root
             for i in range(count):
-                img, mask = medical_sample(rng, size, num_classes)
+                img, mask = medical_sample(rng, size, num_classes, style=style)
                 _save_rgb(base / "images" / f"img_{i:03d}.png", img)
                 if mask_format == "color":
                     _save_rgb(base / "masks" / f"img_{i:03d}.png",

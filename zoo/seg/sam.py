@@ -31,7 +31,8 @@ from zoo.backbones.sam import SAMBackbone, SamDecoderTower, is_sam_checkpoint
 from zoo.backbones.weights import WeightsUnavailableError, load_state_dict_file
 from zoo.heads import register_head
 
-MODES = ("semantic", "prompted")
+MODES = ("semantic", "prompted", "text")
+BINARY_MODES = ("prompted", "text")  # per-class binary logits (K channels), not K+1 softmax
 TRAIN_DECODER = ("all", "no_transformer", "norms", "none")
 PROMPTS = ("point", "box")
 REINIT_KEYS = ("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head")
@@ -108,7 +109,7 @@ class SamSegmenter(nn.Module):
 
     def __init__(self, backbone: SAMBackbone, num_classes: int, mode: str = "semantic",
                  decoder_weights: str | None = "auto", train_decoder: str = "all", reinit_heads: bool | None = None,
-                 decoder: dict | None = None):
+                 decoder: dict | None = None, text: dict | None = None):
         super().__init__()
         if not isinstance(backbone, SAMBackbone):
             raise ValueError(f"SamSegmenter needs backbone=sam, got {getattr(backbone, 'family', type(backbone).__name__)!r}")
@@ -130,6 +131,7 @@ class SamSegmenter(nn.Module):
                 decoder_weights = None  # a timm encoder file: the decoder starts fresh unless given
         self.decoder_weights = str(decoder_weights) if decoder_weights else None
         self.reinit_heads = (mode == "semantic") if reinit_heads is None else bool(reinit_heads)
+        self.text = self._text_prompts(text) if mode == "text" else None
         if self.decoder_weights:
             if not Path(self.decoder_weights).is_file():
                 raise FileNotFoundError(f"decoder_weights file not found: {self.decoder_weights}")
@@ -140,7 +142,25 @@ class SamSegmenter(nn.Module):
             pe = self.decoder.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
             pe.copy_(torch.randn(pe.shape, generator=torch.Generator().manual_seed(0)))
         self._mark_decoder()
+        if self.text is not None:
+            self.text.requires_grad_(True)  # SALT trains the text affine layer ("Text_Embedding_Affine")
         self.__dict__["_towers"] = {}
+
+    def _text_prompts(self, text: dict | None):
+        """The :class:`~zoo.seg.text_prompt.TextPromptEncoder` of ``text`` = ``{class_names, clip |
+        embeddings, learned}`` (or ``{dim}`` when rebuilding from an artifact, which holds the embeddings)."""
+        from zoo.seg.text_prompt import TextPromptEncoder, class_text_embeddings
+
+        t = dict(text or {})
+        if t.get("dim") is not None and not t.get("class_names"):
+            emb = torch.zeros(self.num_classes, int(t["dim"]))  # filled by load_adapter
+        else:
+            names = t.get("class_names")
+            if not names or len(names) != self.num_classes:
+                raise ValueError(f"sam.mode=text needs the {self.num_classes} class names (task.class_names), "
+                                 f"got {names}")
+            emb = class_text_embeddings(names, t.get("clip"), t.get("embeddings"))
+        return TextPromptEncoder(emb, self.backbone.out_chans, bool(t.get("learned", False)))
 
     # ------------------------------------------------------------------ training / towers
     def _mark_decoder(self) -> None:
@@ -168,8 +188,11 @@ class SamSegmenter(nn.Module):
         return self._towers["decoder"]
 
     def head_spec(self) -> dict[str, Any]:
-        return {"type": "sam_mask_decoder", "mode": self.mode, "num_classes": self.num_classes,
+        spec = {"type": "sam_mask_decoder", "mode": self.mode, "num_classes": self.num_classes,
                 "train_decoder": self.train_decoder, "reinit_heads": self.reinit_heads, **self.decoder.config}
+        if self.text is not None:
+            spec["text"] = {"dim": int(self.text.text_embeddings.shape[1]), "learned": self.text.learned is not None}
+        return spec
 
     @classmethod
     def from_spec(cls, backbone: SAMBackbone, spec: dict[str, Any]) -> "SamSegmenter":
@@ -181,7 +204,8 @@ class SamSegmenter(nn.Module):
         params = inspect.signature(SamPromptDecoder.__init__).parameters
         dec = {k: v for k, v in spec.items() if k in params and k not in derived}
         return cls(backbone, int(spec["num_classes"]), mode=spec.get("mode", "semantic"),
-                   train_decoder=spec.get("train_decoder", "all"), reinit_heads=spec.get("reinit_heads"), decoder=dec)
+                   train_decoder=spec.get("train_decoder", "all"), reinit_heads=spec.get("reinit_heads"), decoder=dec,
+                   text=spec.get("text"))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -189,6 +213,8 @@ class SamSegmenter(nn.Module):
         emb = self.backbone.forward_features(x)
         if self.mode == "semantic":
             return self.decode_semantic(emb)
+        if self.mode == "text":
+            return self.decode_text(emb)
         return self.decode_prompted(emb, points, boxes, present)
 
     def decode_semantic(self, emb: torch.Tensor) -> torch.Tensor:
@@ -198,6 +224,21 @@ class SamSegmenter(nn.Module):
         masks, _ = md.predict_masks(image_embeddings=emb, image_pe=pe.get_dense_pe(),
                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
         return masks
+
+    def decode_text(self, emb: torch.Tensor) -> torch.Tensor:
+        """One text token per class (S-SAM / SALT ``Prompt_Adapted_SAM.forward``): sparse = [no-prompt
+        sparse (empty); affine(CLIP(name))], dense = ``no_mask_embed``, mask token 0 per class."""
+        B, K = emb.shape[0], self.num_classes
+        pe, md = self.decoder.prompt_encoder, self.decoder.mask_decoder
+        sparse, dense = pe(points=None, boxes=None, masks=None)  # (1, 0, C), (1, C, h, w)
+        tokens = self.text(B)  # (B·K, 1, C), image-major
+        out = []
+        for i in range(B):
+            sp = torch.cat([sparse.expand(K, -1, -1), tokens[i * K:(i + 1) * K]], dim=1)
+            masks, _ = md.predict_masks(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(),
+                                        sparse_prompt_embeddings=sp, dense_prompt_embeddings=dense)
+            out.append(masks[:, 0])  # multimask_output=False
+        return torch.stack(out)
 
     def decode_prompted(self, emb: torch.Tensor, points, boxes, present) -> torch.Tensor:
         """Per image, one prompt per present class -> that class's single-mask logit."""
@@ -235,7 +276,7 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def logits_to_labels(logits: torch.Tensor, mode: str = "semantic") -> torch.Tensor:
-    """semantic: argmax over K+1 channels; prompted: the best class whose logit is > 0, else 0."""
+    """semantic: argmax over K+1 channels; prompted / text: the best class whose logit is > 0, else 0."""
     if mode == "semantic":
         return logits.argmax(1)
     best, idx = logits.max(1)
