@@ -5,7 +5,7 @@ both RevIN-normalised, over windows of ``context`` frames sliding along every tr
 Evaluation: from the first ``context`` frames of each validation / test trajectory the model rolls out
 ``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.pde_metrics.rollout`); predictions and
 targets are de-normalised, cropped to the original spatial region and scored per field and per step
-(MSE, RMSE, nRMSE, VRMSE; :mod:`tasks.pde_metrics`). ``val/nrmse`` (mean over steps and fields) is the
+(MSE, RMSE, nRMSE, VRMSE and PDEBench's cRMSE, bRMSE, fRMSE low/mid/high; :mod:`tasks.pde_metrics`). ``val/nrmse`` (mean over steps and fields) is the
 monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
 ``rollout_error.png`` (error vs rollout step) to the run directory.
 
@@ -42,7 +42,11 @@ class PDEForecastTask(ZooTask):
     mode_default = "min"
     columns = (Column("val/nrmse", "val nRMSE"), Column("val/vrmse", "val VRMSE"),
                Column("test/nrmse", "test nRMSE"), Column("test/vrmse", "test VRMSE"),
-               Column("test/nrmse_last_step", "test nRMSE (last step)"))
+               Column("test/nrmse_last_step", "test nRMSE (last step)"),
+               # PDEBench's conserved-quantity, boundary and Fourier-band errors (tasks/pde_metrics.py)
+               Column("test/crmse", "test cRMSE"), Column("test/brmse", "test bRMSE"),
+               Column("test/frmse_low", "test fRMSE low"), Column("test/frmse_mid", "test fRMSE mid"),
+               Column("test/frmse_high", "test fRMSE high"))
     predict_output = "fields"
     tiny_overrides = ("experiment=tiny_pde",)
 
@@ -115,7 +119,7 @@ class PDEForecastTask(ZooTask):
                 sums[k] = self.trainer.strategy.reduce(sums[k], reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         total = RolloutMetrics()
-        total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()))
+        total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()), m.spatial)
         tables = total.tables()
         for k, v in total.summary().items():
             self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=False)
