@@ -66,3 +66,25 @@ def test_without_slurm_one_process_is_rank_zero_of_one(monkeypatch, tmp_path):
         monkeypatch.delenv(k, raising=False)
     trainer = _trainer([], tmp_path)
     assert (trainer.world_size, trainer.global_rank, trainer.num_nodes) == (1, 0, 1) and trainer.is_global_zero
+
+
+def test_csv_history_survives_a_ddp_spawn_test_call(tmp_path):
+    # ddp_spawn's trainer.test runs a fresh copy of the CSV logger, which rewrites metrics.csv with its own
+    # rows only; in-process strategies append (then the file is left alone)
+    from types import SimpleNamespace
+
+    from tasks.runner import keep_csv_history, train_losses
+
+    f = tmp_path / "csv" / "metrics.csv"
+    f.parent.mkdir()
+    fit_rows = "epoch,step,train/loss_step\n0,0,1.5\n0,1,0.75\n"
+    f.write_text(fit_rows)
+    zero = SimpleNamespace(is_global_zero=True)
+    with keep_csv_history(zero, tmp_path):
+        f.write_text("epoch,step,test/nrmse\n0,0,0.25\n")  # what the spawned test process leaves
+    assert train_losses(tmp_path) == (1.5, 0.75)
+    assert f.read_text().splitlines()[-1].endswith("0.25")
+    appended = f.read_text()
+    with keep_csv_history(zero, tmp_path):
+        f.write_text(appended + "0,2,,,\n")  # an in-process logger appends: nothing to restore
+    assert f.read_text() == appended + "0,2,,,\n"

@@ -74,6 +74,9 @@ def test_rollout_eval_report_and_horizon_errors(data_root, tmp_path):
     assert nrmse.shape == (4, 1)  # steps x fields
     assert res["test/nrmse"] == pytest.approx(float(nrmse.mean()), rel=1e-5)
     assert res["test/nrmse_last_step"] == pytest.approx(float(nrmse[-1].mean()), rel=1e-5)
+    for k in ("crmse", "brmse", "frmse_low", "frmse_mid", "frmse_high"):  # PDEBench's, in the report and the columns
+        assert res[f"test/{k}"] == pytest.approx(float(torch.tensor(report["metrics"][k]).mean()), rel=1e-5)
+        assert f"### {k} per rollout step" in (tmp_path / "rollout_metrics.md").read_text()
     assert (tmp_path / "rollout_error.png").stat().st_size > 0
     assert "| step | u | mean |" in (tmp_path / "rollout_metrics.md").read_text()
     # the test rollout equals a hand rollout of the model on the test trajectories (first 10%, from frame 0)
@@ -86,6 +89,7 @@ def test_rollout_eval_report_and_horizon_errors(data_root, tmp_path):
         hand.update(revin_denorm(rollout(task.model, ctx, 4), mu, sigma), revin_denorm(tgt, mu, sigma))
     assert dm._sets["test"].indices == [0, 1]
     assert hand.summary()["nrmse"] == pytest.approx(res["test/nrmse"], rel=1e-5)
+    assert hand.summary()["crmse"] == pytest.approx(res["test/crmse"], rel=1e-5)
     with pytest.raises(ValueError, match="exceed the trajectories' 9 frames"):
         _dm(data_root, rollout_horizon=9).setup("fit")
     with pytest.raises(ValueError, match="max_ar"):
@@ -166,8 +170,8 @@ def test_ddp_two_cpu_processes_reduce_rollout_metrics_over_ranks(tmp_path):
 # One process with global batch 16 vs P processes with batch 16 / P: the same steps (tasks/data/sampling.py), so
 # the same adapter and metrics up to float reduction order. Dropout off: its masks are drawn per rank.
 EQUAL_RUN = ["experiment=tiny_pde", "adapter=lora", "task.max_epochs=2", "backbone.dropout=0", "backbone.emb_dropout=0"]
-EQUAL_KEYS = ("val/nrmse", "val/vrmse", "test/nrmse", "test/vrmse", "test/nrmse_last_step", "train_loss_first",
-              "train_loss_last")
+EQUAL_KEYS = ("val/nrmse", "val/vrmse", "test/nrmse", "test/vrmse", "test/nrmse_last_step", "test/crmse", "test/brmse",
+              "test/frmse_low", "test/frmse_mid", "test/frmse_high", "train_loss_first", "train_loss_last")
 
 
 @pytest.fixture(scope="module")
