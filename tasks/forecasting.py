@@ -5,8 +5,8 @@ both RevIN-normalised, over windows of ``context`` frames sliding along every tr
 Evaluation: from the first ``context`` frames of each validation / test trajectory the model rolls out
 ``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.pde_metrics.rollout`); predictions and
 targets are de-normalised, cropped to the original spatial region and scored per field and per step
-(MSE, RMSE, nRMSE, VRMSE and PDEBench's cRMSE, bRMSE, fRMSE low/mid/high; :mod:`tasks.pde_metrics`). ``val/nrmse`` (mean over steps and fields) is the
-monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
+(MSE, RMSE, nRMSE, VRMSE and PDEBench's cRMSE, bRMSE, fRMSE low/mid/high; :mod:`tasks.pde_metrics`).
+``val/nrmse`` (mean over steps and fields) is the monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
 ``rollout_error.png`` (error vs rollout step) to the run directory.
 
 The model is the backbone in a layer-less ``backbone_output`` head (MORPH's decoder is its prediction head);
