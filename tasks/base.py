@@ -175,7 +175,9 @@ class ZooTask(L.LightningModule):
         ctx = zoo.StepContext(model=self.model, inputs=x, targets=y, outputs=outputs, loss=loss,
                               loss_fn=self.loss_fn, forward=self.model, batch=batch)
         extra = zoo.extra_loss(self.model, ctx)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP the logged step loss is the mean over ranks, i.e. the global batch's loss
+        # (what one process with the global batch logs), not rank 0's share
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         if extra is not None:
             self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
         self.update_metrics("train", outputs.detach() if torch.is_tensor(outputs) else outputs, y)

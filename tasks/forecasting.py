@@ -5,8 +5,8 @@ both RevIN-normalised, over windows of ``context`` frames sliding along every tr
 Evaluation: from the first ``context`` frames of each validation / test trajectory the model rolls out
 ``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.pde_metrics.rollout`); predictions and
 targets are de-normalised, cropped to the original spatial region and scored per field and per step
-(MSE, RMSE, nRMSE, VRMSE; :mod:`tasks.pde_metrics`). ``val/nrmse`` (mean over steps and fields) is the
-monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
+(MSE, RMSE, nRMSE, VRMSE and PDEBench's cRMSE, bRMSE, fRMSE low/mid/high; :mod:`tasks.pde_metrics`).
+``val/nrmse`` (mean over steps and fields) is the monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
 ``rollout_error.png`` (error vs rollout step) to the run directory.
 
 The model is the backbone in a layer-less ``backbone_output`` head (MORPH's decoder is its prediction head);
@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
+from tasks.data.sampling import make_loader
 from tasks.pde_metrics import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
 from zoo.heads import BackboneOutput
 
@@ -41,7 +42,11 @@ class PDEForecastTask(ZooTask):
     mode_default = "min"
     columns = (Column("val/nrmse", "val nRMSE"), Column("val/vrmse", "val VRMSE"),
                Column("test/nrmse", "test nRMSE"), Column("test/vrmse", "test VRMSE"),
-               Column("test/nrmse_last_step", "test nRMSE (last step)"))
+               Column("test/nrmse_last_step", "test nRMSE (last step)"),
+               # PDEBench's conserved-quantity, boundary and Fourier-band errors (tasks/pde_metrics.py)
+               Column("test/crmse", "test cRMSE"), Column("test/brmse", "test bRMSE"),
+               Column("test/frmse_low", "test fRMSE low"), Column("test/frmse_mid", "test fRMSE mid"),
+               Column("test/frmse_high", "test fRMSE high"))
     predict_output = "fields"
     tiny_overrides = ("experiment=tiny_pde",)
 
@@ -114,7 +119,7 @@ class PDEForecastTask(ZooTask):
                 sums[k] = self.trainer.strategy.reduce(sums[k], reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         total = RolloutMetrics()
-        total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()))
+        total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()), m.spatial)
         tables = total.tables()
         for k, v in total.summary().items():
             self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=False)
@@ -184,7 +189,7 @@ class PDEDataModule(L.LightningDataModule):
                  generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
                  rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, seed: int = 0, **unused: Any):
+                 shuffle: bool = True, drop_last: bool = False, seed: int = 0, **unused: Any):
         super().__init__()
         if path is None and generate is None:
             raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
@@ -195,6 +200,7 @@ class PDEDataModule(L.LightningDataModule):
         self.revin, self.on_nan, self.fit, self.stride = revin, on_nan, fit, int(stride)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
+        self.drop_last = bool(drop_last)
         self.spatial = None
         self.field_names: list[str] | None = None
         self.test_set = "test"  # PDEBench files and The Well folders always hold a test split: the runner tests it
@@ -271,13 +277,15 @@ class PDEDataModule(L.LightningDataModule):
         if stage == "validate":
             self._sets["val"] = self._datasets("val", self.horizon, [0])
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=g if shuffle else None, persistent_workers=self.num_workers > 0)
+    def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
+        # the sampler is built here from the trainer's world size: one process and P processes with the
+        # same global batch take the same steps (tasks/data/sampling.py)
+        return make_loader(self._sets[split], batch_size, train=train, seed=self.seed, trainer=self.trainer,
+                           shuffle=self.shuffle, drop_last=self.drop_last, split=split, num_workers=self.num_workers,
+                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.shuffle, self.batch_size)
+        return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.eval_batch_size)

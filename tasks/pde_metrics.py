@@ -12,15 +12,39 @@ de-normalisation, on the original spatial region), then averaged over samples (e
 
 MORPH's own scripts pool time, fields and components per trajectory before the ratio; the per-field,
 per-step tables here are PDEBench's / The Well's convention. ``summary`` averages the tables over steps and fields.
+
+PDEBench's further metrics (Takamoto et al., *PDEBench*, NeurIPS 2022 Datasets & Benchmarks;
+``pdebench/models/metrics.py`` ``metric_func``, reimplemented from its definitions), per PDEBench channel,
+i.e. per (field, component), then averaged over the field's components. ``N`` is the number of grid points
+of the n non-singleton spatial axes (sizes ``n_1..n_n``), ``e = p − y``, ``E`` the plain (unscaled) DFT of
+``e`` over space, ``L_a = 1`` the domain lengths (PDEBench's scripts always pass 1):
+
+* cRMSE (conserved quantity): ``√(mean_samples((Σ_x p − Σ_x y)²)) / N``, the RMS over samples of the error
+  of the spatial mean.
+* bRMSE (boundary): per sample ``√(Σ_faces e² / Σ_a 2·Π_{b≠a} n_b)``, averaged over samples: the squared
+  error summed over both end faces of every axis (edges and corners counted once per face they lie on)
+  over the number of face points; 1-D ``√((e_0² + e_last²)/2)``, 2-D denominator ``2n_x + 2n_y``.
+* fRMSE (Fourier bands): a spectrum ``S(κ) = √(mean_samples(Σ_{k ∈ bin κ} |E_k|²)) · Π L_a / N``, then its
+  mean over ``κ < 4`` (low), ``4 ≤ κ < 12`` (mid), ``κ ≥ 12`` (high). 1-D: ``E`` is the ``rfft`` and every
+  wavenumber ``0..n//2`` is its own bin. 2-D / 3-D: only the indices ``0 ≤ k_a < n_a // 2`` enter,
+  binned by ``⌊|k|⌋``, bins ``κ < min_a(n_a // 2)``. An empty band (grid too small) is NaN, as in PDEBench.
+
+cRMSE and fRMSE are RMS over samples, so they are pooled over the whole split here (error sums reduced
+over DDP ranks); PDEBench computes them per batch and averages over batches, which equals this when the
+split is one batch. PDEBench's 3-D bRMSE code flattens channels into its face sum; here it is per channel,
+as its 1-D and 2-D versions (identical for one channel).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-METRICS = ("mse", "rmse", "nrmse", "vrmse")
+METRICS = ("mse", "rmse", "nrmse", "vrmse", "crmse", "brmse", "frmse_low", "frmse_mid", "frmse_high")
+PER_SAMPLE = ("mse", "rmse", "nrmse", "vrmse", "brmse")  # per-sample values averaged over samples
 EPS = 1e-7
+I_LOW, I_HIGH = 4, 12  # PDEBench's iLow, iHigh
 
 
 @torch.no_grad()
@@ -34,39 +58,115 @@ def rollout(step: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
     return torch.stack(preds, dim=1)
 
 
+def _space(x: torch.Tensor) -> torch.Tensor:
+    """``(B, K, F, C, D, H, W)`` -> ``(B, K, F, C, *n)`` with only the non-singleton spatial axes (PDEBench's
+    1-D / 2-D / 3-D layout; a single point stays 1-D)."""
+    keep = [n for n in x.shape[4:] if n > 1] or [1]
+    return x.reshape(*x.shape[:4], *keep)
+
+
+def boundary_rmse(err: torch.Tensor, n: int) -> torch.Tensor:
+    """PDEBench bRMSE per sample and channel: ``err (..., *sizes)`` over its last ``n`` (spatial) axes -> ``(...)``."""
+    sizes = err.shape[err.ndim - n:]
+    e2 = err.pow(2)
+    total, points = 0.0, 0
+    for a in range(n):
+        face = e2.select(e2.ndim - n + a, 0) + e2.select(e2.ndim - n + a, -1)  # the two end faces of axis a
+        if n > 1:
+            face = face.sum(dim=tuple(range(face.ndim - (n - 1), face.ndim)))
+        total = total + face
+        points += 2 * math.prod(s for b, s in enumerate(sizes) if b != a)
+    return (total / points).sqrt()
+
+
+def binned_spectrum(err: torch.Tensor) -> torch.Tensor:
+    """Per sample and channel, PDEBench's ``Σ_{k in bin κ} |E_k|²`` of ``err (B, K, F, C, *n)`` ->
+    ``(B, K, F, C, bins)`` (see the module docstring for the bins)."""
+    sizes = err.shape[4:]
+    n = len(sizes)
+    if n == 1:
+        return torch.fft.rfft(err, dim=-1).abs().pow(2)
+    spec = torch.fft.fftn(err, dim=tuple(range(4, 4 + n))).abs().pow(2)
+    half = [s // 2 for s in sizes]
+    spec = spec[(Ellipsis, *[slice(0, h) for h in half])]  # 0 <= k_a < n_a // 2
+    bins = min(half)
+    grids = torch.meshgrid(*[torch.arange(h, dtype=torch.float64) for h in half], indexing="ij")
+    kappa = torch.floor(torch.sqrt(sum(g ** 2 for g in grids))).long().reshape(-1)
+    keep = kappa < bins
+    flat = spec.reshape(*spec.shape[:4], -1)[..., keep]
+    out = flat.new_zeros(*flat.shape[:4], bins)
+    return out.index_add_(-1, kappa[keep].to(flat.device), flat)
+
+
 def per_sample_errors(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``pred``, ``true`` ``(B, K, F, C, D, H, W)`` -> each metric ``(B, K, F)``."""
+    """``pred``, ``true`` ``(B, K, F, C, D, H, W)`` -> each per-sample metric ``(B, K, F)``."""
     dims = (3, 4, 5, 6)
     pred, true = pred.double(), true.double()
     mse = (pred - true).pow(2).mean(dim=dims)
     energy = true.pow(2).mean(dim=dims)
     var = true.var(dim=dims, unbiased=False)
-    return {"mse": mse, "rmse": mse.sqrt(), "nrmse": (mse / (energy + EPS)).sqrt(), "vrmse": (mse / (var + EPS)).sqrt()}
+    err = _space(pred - true)
+    brmse = boundary_rmse(err, err.ndim - 4).mean(dim=3)  # per channel, then over the field's components
+    return {"mse": mse, "rmse": mse.sqrt(), "nrmse": (mse / (energy + EPS)).sqrt(), "vrmse": (mse / (var + EPS)).sqrt(),
+            "brmse": brmse}
+
+
+def pooled_sums(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over the batch of the squares behind cRMSE and fRMSE (RMS over samples, taken at the end):
+    ``_cons`` ``(K, F, C)`` of ``((Σ_x p − Σ_x y) / N)²``; ``_spec`` ``(K, F, C, bins)`` of the binned spectrum."""
+    err = _space(pred.double() - true.double())
+    points = math.prod(err.shape[4:])
+    cons = (err.sum(dim=tuple(range(4, err.ndim))) / points).pow(2).sum(0)
+    return {"_cons": cons, "_spec": binned_spectrum(err).sum(0)}
+
+
+def _from_pooled(sums: dict[str, torch.Tensor], count: int, spatial: tuple[int, ...],
+                 lengths: tuple[float, ...] | None) -> dict[str, torch.Tensor]:
+    points = math.prod(spatial)
+    scale = math.prod(lengths) if lengths else 1.0
+    out = {"crmse": (sums["_cons"] / count).sqrt().mean(dim=-1)}
+    spectrum = (sums["_spec"] / count).sqrt() / points * scale  # (K, F, C, bins)
+    for name, band in (("frmse_low", slice(0, I_LOW)), ("frmse_mid", slice(I_LOW, I_HIGH)),
+                       ("frmse_high", slice(I_HIGH, None))):
+        part = spectrum[..., band]
+        out[name] = (part.mean(dim=-1) if part.shape[-1] else torch.full(part.shape[:-1], float("nan"),
+                                                                         dtype=part.dtype)).mean(dim=-1)
+    return out
 
 
 class RolloutMetrics:
-    """Accumulates per-sample errors; ``tables()`` gives each metric as a ``(K, F)`` mean over samples."""
+    """Accumulates error sums; ``tables()`` gives each metric as a ``(K, F)`` table (see the module docstring).
 
-    def __init__(self):
+    ``sums`` holds only sums over samples (per-sample metrics and the pooled squares), so the sums of
+    several accumulators (DDP ranks) merge by addition. ``lengths``: the domain lengths L_a for fRMSE."""
+
+    def __init__(self, lengths: tuple[float, ...] | None = None):
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.spatial: tuple[int, ...] | None = None
+        self.lengths = lengths
 
     def update(self, pred: torch.Tensor, true: torch.Tensor) -> None:
-        errs = per_sample_errors(pred, true)
+        errs = {k: v.sum(0) for k, v in per_sample_errors(pred, true).items()}
+        errs.update(pooled_sums(pred, true))
         for k, v in errs.items():
-            s = v.sum(0).cpu()
+            s = v.cpu()
             self.sums[k] = s if k not in self.sums else self.sums[k] + s
         self.count += pred.shape[0]
+        self.spatial = tuple(_space(pred[:1]).shape[4:])
 
-    def merge_counts(self, sums: dict[str, torch.Tensor], count: int) -> None:
+    def merge_counts(self, sums: dict[str, torch.Tensor], count: int, spatial: tuple[int, ...] | None = None) -> None:
         for k, v in sums.items():
             self.sums[k] = v if k not in self.sums else self.sums[k] + v
         self.count += count
+        self.spatial = spatial or self.spatial
 
     def tables(self) -> dict[str, torch.Tensor]:
         if not self.count:
             raise ValueError("no rollout samples were evaluated")
-        return {k: v / self.count for k, v in self.sums.items()}
+        out = {k: self.sums[k] / self.count for k in PER_SAMPLE}
+        out.update(_from_pooled(self.sums, self.count, self.spatial, self.lengths))
+        return {k: out[k] for k in METRICS}
 
     def summary(self) -> dict[str, float]:
         return {k: float(v.mean()) for k, v in self.tables().items()}

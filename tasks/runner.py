@@ -245,6 +245,27 @@ def restore_csv_history(out_dir: Path, rows: list[dict], step: int) -> None:
     atomic_write_text(f, buf.getvalue())
 
 
+@contextmanager
+def keep_csv_history(trainer: L.Trainer, out_dir: Path):
+    """Keep ``csv/metrics.csv``'s rows across a ``trainer.validate`` / ``trainer.test`` call.
+
+    Under ``ddp_spawn`` every call runs in fresh processes with a fresh copy of the CSV logger, which
+    rewrites the file with only its own rows (the training curve, and ``train_loss_first/last`` read
+    from it, would be lost); in-process strategies append, and the file is left as it is.
+    """
+    f = out_dir / "csv" / "metrics.csv"
+    before = list(csv.DictReader(f.open())) if trainer.is_global_zero and f.is_file() else []
+    try:
+        yield
+    finally:
+        if before and f.is_file():
+            now = list(csv.DictReader(f.open()))
+            kept = len(now) >= len(before) and all(all(n.get(k, "") == v for k, v in b.items())
+                                                   for n, b in zip(now, before))
+            if not kept:
+                restore_csv_history(out_dir, before, 0)
+
+
 def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
     """First and last logged per-step training loss, from the CSV log."""
     f = out_dir / "csv" / "metrics.csv"
@@ -320,7 +341,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
         others = [c["key"] for c in decl["columns"] if c["key"].startswith("val/") and c["key"] != task.monitor]
         if others:  # the selected weights' other validation metrics
-            res = trainer.validate(task, datamodule=dm, verbose=False)
+            with keep_csv_history(trainer, out_dir):
+                res = trainer.validate(task, datamodule=dm, verbose=False)
             metrics.update({k: _num(res[0].get(k)) for k in others} if res else {})
     elif has_val:
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
@@ -329,7 +351,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_test = cfg.get("test", "auto")
     if run_test is True or (run_test == "auto" and getattr(dm, "test_set", None) is not None) or \
             (run_test == "auto" and cfg.task.get("protocol") == "final"):
-        res = trainer.test(task, datamodule=dm, verbose=False)
+        with keep_csv_history(trainer, out_dir):
+            res = trainer.test(task, datamodule=dm, verbose=False)
         for c in decl["columns"]:
             if c["key"].startswith("test/"):
                 metrics[c["key"]] = _num(res[0].get(c["key"])) if res else None

@@ -74,6 +74,9 @@ def test_rollout_eval_report_and_horizon_errors(data_root, tmp_path):
     assert nrmse.shape == (4, 1)  # steps x fields
     assert res["test/nrmse"] == pytest.approx(float(nrmse.mean()), rel=1e-5)
     assert res["test/nrmse_last_step"] == pytest.approx(float(nrmse[-1].mean()), rel=1e-5)
+    for k in ("crmse", "brmse", "frmse_low", "frmse_mid", "frmse_high"):  # PDEBench's, in the report and the columns
+        assert res[f"test/{k}"] == pytest.approx(float(torch.tensor(report["metrics"][k]).mean()), rel=1e-5)
+        assert f"### {k} per rollout step" in (tmp_path / "rollout_metrics.md").read_text()
     assert (tmp_path / "rollout_error.png").stat().st_size > 0
     assert "| step | u | mean |" in (tmp_path / "rollout_metrics.md").read_text()
     # the test rollout equals a hand rollout of the model on the test trajectories (first 10%, from frame 0)
@@ -86,6 +89,7 @@ def test_rollout_eval_report_and_horizon_errors(data_root, tmp_path):
         hand.update(revin_denorm(rollout(task.model, ctx, 4), mu, sigma), revin_denorm(tgt, mu, sigma))
     assert dm._sets["test"].indices == [0, 1]
     assert hand.summary()["nrmse"] == pytest.approx(res["test/nrmse"], rel=1e-5)
+    assert hand.summary()["crmse"] == pytest.approx(res["test/crmse"], rel=1e-5)
     with pytest.raises(ValueError, match="exceed the trajectories' 9 frames"):
         _dm(data_root, rollout_horizon=9).setup("fit")
     with pytest.raises(ValueError, match="max_ar"):
@@ -163,27 +167,77 @@ def test_ddp_two_cpu_processes_reduce_rollout_metrics_over_ranks(tmp_path):
     assert ev["val/nrmse"] == pytest.approx(m["val/nrmse"], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_two_node_torchrun_rendezvous_trains_and_rank0_writes_once(tmp_path):
-    # torchrun rendezvous on localhost, 2 "nodes" x 1 CPU process (gloo): one metrics.json and one artifact
-    # (rank 0). NOT checked: equality with a one-process run at the same global batch (see the README).
+# One process with global batch 16 vs P processes with batch 16 / P: the same steps (tasks/data/sampling.py), so
+# the same adapter and metrics up to float reduction order. Dropout off: its masks are drawn per rank.
+EQUAL_RUN = ["experiment=tiny_pde", "adapter=lora", "task.max_epochs=2", "backbone.dropout=0", "backbone.emb_dropout=0"]
+EQUAL_KEYS = ("val/nrmse", "val/vrmse", "test/nrmse", "test/vrmse", "test/nrmse_last_step", "test/crmse", "test/brmse",
+              "test/frmse_low", "test/frmse_mid", "test/frmse_high", "train_loss_first", "train_loss_last")
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
     import os
     import subprocess
     import sys
 
     from tests.helpers import ROOT
 
+    out = tmp_path_factory.mktemp("single") / "run"
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *EQUAL_RUN, "data.batch_size=16", f"hydra.run.dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    for k in EQUAL_KEYS:
+        assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-7), k
+    ta, tb = load_file(a / "adapter" / "adapter.safetensors"), load_file(b / "adapter" / "adapter.safetensors")
+    assert set(ta) == set(tb) and ta
+    moved = max(float(v.abs().max()) for k, v in ta.items() if "lora_B" in k)
+    assert moved > 1e-3  # LoRA's B starts at 0: the runs trained, and a 1e-6 tolerance is far below the updates
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_equal_one_process_with_the_same_global_batch(single_process_run, tmp_path):
+    from tests.helpers import run_train_ddp
+
+    m = run_train_ddp([*EQUAL_RUN, "data.batch_size=8"], tmp_path)
+    _assert_same_run(single_process_run, Path(m["out_dir"]))
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_equals_one_process_and_rank0_writes_once(single_process_run, tmp_path):
+    # torchrun rendezvous on localhost, 2 "nodes" x 1 CPU process (gloo), per-process batch 8: the same
+    # adapter and metrics as one process with batch 16; one metrics.json and one artifact (rank 0)
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     out = tmp_path / "nodes"
     env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     procs = [subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}", "--master_addr=127.0.0.1",
-                               "--master_port=29541", str(ROOT / "train.py"), "experiment=tiny_pde", "adapter=lora",
-                               "task.max_epochs=1", "trainer=ddp_nodes_cpu", f"hydra.run.dir={out}"],
+                               f"--master_port={port}", str(ROOT / "train.py"), *EQUAL_RUN, "data.batch_size=8",
+                               "trainer=ddp_nodes_cpu", f"hydra.run.dir={out}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
     assert len(list(out.rglob("metrics.json"))) == 1 and len(list(out.rglob("adapter.safetensors"))) == 1
     m = json.loads((out / "metrics.json").read_text())
-    assert m["kind"] == "pde" and m["monitor"]["value"] is not None and m["test/nrmse"] is not None
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
+    assert m["kind"] == "pde" and m["monitor"]["value"] is not None
+    _assert_same_run(single_process_run, out)
