@@ -8,7 +8,8 @@ pre-training (``data.dataset=prod``) and few-image fine-tuning on one real degra
 * loss: ``psnr`` (NAFNet's PSNRLoss, default) | ``l1`` | ``mse`` (:mod:`tasks.restoration_ops`);
 * metrics: PSNR and SSIM per image, averaged over the split (``val/psnr`` selects the checkpoint,
   higher is better), with the convention of ``task.metric`` (``crop_border``, ``y_channel``,
-  ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD);
+  ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD; for ``dataset=sr``
+  the Y channel with ``crop_border = task.scale``, the SR convention);
 * evaluation runs tiled when ``task.tile`` is set (``tile_overlap`` pixels of context per tile);
 * validation writes ``input | output | target`` strips of the first ``log_images`` images to
   ``<run>/val_images/epoch<E>.png`` (and to TensorBoard when that logger is on);
@@ -46,10 +47,11 @@ class RestorationTask(ZooTask):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
         if loss not in LOSSES:
             raise ValueError(f"task.loss={loss!r}; valid: {', '.join(LOSSES)}")
-        metric = {"crop_border": 0, "y_channel": False, "quantize": True, **(metric or {})}
+        metric = {"crop_border": None, "y_channel": None, "quantize": True, **(metric or {})}
         unknown = sorted(set(metric) - {"crop_border", "y_channel", "quantize"})
         if unknown:
             raise ValueError(f"unknown task.metric option(s) {unknown}; valid: crop_border, y_channel, quantize")
+        metric = metric_convention(metric, meta.get("dataset"), meta.get("scale", 2))
         self.save_hyperparameters()
         bb = create_backbone(backbone)
         if not getattr(bb, "image_to_image", False):
@@ -121,6 +123,19 @@ class RestorationTask(ZooTask):
             if hasattr(exp, "add_image"):
                 exp.add_image("val/input_output_target", grid.clamp(0, 1).cpu(), self.global_step)
         return path
+
+
+def metric_convention(metric: dict, dataset: str | None, scale: int) -> dict:
+    """Fill ``null`` ``crop_border`` / ``y_channel`` with the task's convention: super-resolution
+    (``dataset=sr``) is measured on Y with ``crop_border = scale`` (the SR papers'); the other tasks
+    on RGB without a crop (NAFNet's GoPro/SIDD numbers)."""
+    sr = dataset == "sr"
+    out = dict(metric)
+    if out["crop_border"] is None:
+        out["crop_border"] = int(scale) if sr else 0
+    if out["y_channel"] is None:
+        out["y_channel"] = sr
+    return out
 
 
 def trainable_percent(model: torch.nn.Module) -> float:

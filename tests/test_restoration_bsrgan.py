@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tasks.data import degradations as D
 from tasks.data.procedural import clean_image
@@ -103,3 +104,17 @@ def test_shift_kernel_and_bicubic_resize():
     np.testing.assert_allclose(small, 0.3, atol=1e-6)
     with pytest.raises(ValueError, match="cannot resize"):
         D.resize(flat, (0, 8))
+
+
+def test_prod_dataset_with_the_bsrgan_pipeline():
+    from tasks.data import restoration as R
+
+    cfg = D.DegradationConfig.from_dict({"pipeline": "bsrgan", "sf": 4})
+    ds = R.ProdDataset(3, size=32, cfg=cfg, seed=1)
+    x, y, ops = ds[0]
+    assert x.shape == y.shape == (3, 32, 32) and ops.endswith("jpeg")  # the LQ image upsampled back to 32 px
+    assert torch.equal(x, ds[0][0])  # reproducible
+    with pytest.raises(ValueError, match="integer sf dividing data.image_size"):
+        R.ProdDataset(1, size=30, cfg=cfg)[0]
+    with pytest.raises(ValueError, match="valid: prod, bsrgan"):
+        D.DegradationConfig.from_dict({"pipeline": "realesrgan"})
