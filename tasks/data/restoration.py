@@ -98,8 +98,11 @@ def load_mat_blocks(path: str | Path, key: str) -> np.ndarray:
     ck = (str(path.resolve()), key, path.stat().st_mtime_ns)
     if ck in _MAT_CACHE:
         return _MAT_CACHE[ck]
-    import h5py
-    from scipy.io.matlab import MatReadError
+    try:
+        import h5py
+        from scipy.io.matlab import MatReadError
+    except ImportError as e:
+        raise ImportError(f"reading SIDD's .mat blocks needs scipy and h5py ({e}); pip install -e '.[restore]'") from None
 
     try:
         if h5py.is_hdf5(path):
