@@ -26,6 +26,13 @@ Sources (``/work/shared/reference/audio_seg_restoration.md`` §3.1–3.2):
     OpenCV's area), then back to the original size with bicubic: a same-size restoration
     pipeline (BSRGAN's SR setting, which keeps the small image, is not what PROD restores).
 
+  - ``camera`` (BSRGAN's op 6, processed camera sensor noise): BSRGAN's ``isp_model`` is not in its
+    public code; :func:`camera` follows the paper's description with Brooks et al.'s unprocessing
+    pipeline (see the comment above :data:`XYZ2CAMS`).
+  - :func:`bsrgan`: BSRGAN's whole ``degradation_bsrgan`` sequence (sf=4 two-stage downsample, the 7
+    ops shuffled with op 2 before op 3, final JPEG, paired LR/HR crop), the SR setting that keeps
+    the small image; ``pipeline=bsrgan`` uses it for PROD with the LR image upsampled back.
+
 * **Not in BSRGAN; reconstructions, every range an option** (the reference doc says the PROD
   list, probabilities and ranges were not found):
 
