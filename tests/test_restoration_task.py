@@ -166,3 +166,18 @@ def test_eval_writes_one_png_per_test_input_at_its_size_with_tiles(tmp_path):
     assert [f.stem for f in files] == sorted(SIZES)
     for f in files:
         assert np.asarray(Image.open(f)).shape == (*SIZES[f.stem], 3)
+
+
+def test_super_resolution_runs_with_the_sr_metric_convention(tmp_path):
+    """task.dataset=sr: bicubic-upsampled LR in, HR out; val PSNR/SSIM on Y with crop_border = scale."""
+    ov = [*TINY, "adapter=lora_conv", "task.dataset=sr", "task.scale=2"]
+    m = run_train(ov, tmp_path)
+    assert m["dataset"] == "sr" and m["val/psnr"] is not None
+    task, dm = rebuild(ov, m["out_dir"])
+    assert task.metric_cfg == {"crop_border": 2, "y_channel": True, "quantize": True}
+    x, y, _ = next(iter(dm.val_dataloader()))
+    assert x.shape == y.shape  # the network input is at the HR size
+    with torch.no_grad():
+        out = task.model(x)
+    assert psnr(out, y, crop_border=2, y_channel=True).mean().item() == pytest.approx(m["val/psnr"], abs=1e-4)
+    assert psnr(out, y).mean().item() != pytest.approx(m["val/psnr"], abs=1e-3)  # not the RGB number
