@@ -142,6 +142,10 @@ def test_testing_with_write_predictions_writes_one_png_per_input_at_its_size(tmp
         ref = tiled_forward(task.model.eval(), x[None], 16, 8)[0].clamp(0, 1)
     back = torch.from_numpy(np.asarray(Image.open(tmp_path / "pred" / f"{name}.png"))).permute(2, 0, 1) / 255
     assert (back - ref).abs().max() <= 0.5 / 255 + 1e-6
+    # eval.py split=val: validate() writes too, by default under <run dir>/predictions/val
+    task.predict_dir = None
+    trainer.validate(task, dataloaders=DataLoader(PairedDataset(pairs), batch_size=1), verbose=False)
+    assert sorted(f.stem for f in (tmp_path / "predictions" / "val").glob("*.png")) == sorted(SIZES)
 
 
 @pytest.mark.slow
