@@ -8,12 +8,16 @@ pre-training (``data.dataset=prod``) and few-image fine-tuning on one real degra
 * loss: ``psnr`` (NAFNet's PSNRLoss, default) | ``l1`` | ``mse`` (:mod:`tasks.restoration_ops`);
 * metrics: PSNR and SSIM per image, averaged over the split (``val/psnr`` selects the checkpoint,
   higher is better), with the convention of ``task.metric`` (``crop_border``, ``y_channel``,
-  ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD);
+  ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD; for ``dataset=sr``
+  the Y channel with ``crop_border = task.scale``, the SR convention);
 * evaluation runs tiled when ``task.tile`` is set (``tile_overlap`` pixels of context per tile);
 * validation writes ``input | output | target`` strips of the first ``log_images`` images to
   ``<run>/val_images/epoch<E>.png`` (and to TensorBoard when that logger is on);
 * ``predict_step`` returns ``{"images": restored}`` and, with ``task.predict_dir``, writes each as
-  ``<predict_dir>/<input name>.png``.
+  ``<predict_dir>/<input name>.png``; ``task.write_predictions=true`` also writes the test split's
+  restored images while testing (``python eval.py artifact=<run>/adapter split=test
+  task.write_predictions=true [task.tile=256] [task.predict_dir=...]``; default folder
+  ``<run dir>/predictions/test``), one PNG per input at the input's size.
 """
 from __future__ import annotations
 
@@ -41,15 +45,17 @@ class RestorationTask(ZooTask):
 
     def __init__(self, backbone: dict, adapter: dict, loss: str = "psnr", metric: dict | None = None,
                  tile: int | None = None, tile_overlap: int = 32, log_images: int = 4, predict_dir: str | None = None,
+                 write_predictions: bool = False,
                  optimizer: dict | None = None, scheduler: dict | None = None, monitor: str | None = None,
                  monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
         if loss not in LOSSES:
             raise ValueError(f"task.loss={loss!r}; valid: {', '.join(LOSSES)}")
-        metric = {"crop_border": 0, "y_channel": False, "quantize": True, **(metric or {})}
+        metric = {"crop_border": None, "y_channel": None, "quantize": True, **(metric or {})}
         unknown = sorted(set(metric) - {"crop_border", "y_channel", "quantize"})
         if unknown:
             raise ValueError(f"unknown task.metric option(s) {unknown}; valid: crop_border, y_channel, quantize")
+        metric = metric_convention(metric, meta.get("dataset"), meta.get("scale", 2))
         self.save_hyperparameters()
         bb = create_backbone(backbone)
         if not getattr(bb, "image_to_image", False):
@@ -58,7 +64,7 @@ class RestorationTask(ZooTask):
         self.model = attach_adapter(bb, adapter)
         self.loss_name, self.metric_cfg = loss, metric
         self.tile, self.tile_overlap = tile, int(tile_overlap)
-        self.log_images, self.predict_dir = int(log_images), predict_dir
+        self.log_images, self.predict_dir, self.write_predictions = int(log_images), predict_dir, bool(write_predictions)
         self.means = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in STAGES for m in ("psnr", "ssim")})
 
     # ------------------------------------------------------------------ the problem
@@ -91,22 +97,44 @@ class RestorationTask(ZooTask):
         out = self.restore(x)
         self.log("val/loss", self.loss_fn(out, y), on_epoch=True, sync_dist=True, batch_size=len(x))
         self.update_metrics("val", out, y)
+        if self.write_predictions and self.trainer.state.fn == "validate":  # eval.py split=val, not fit's validations
+            self.save_predictions(out, batch, batch_idx, self.prediction_dir("val"))
         if batch_idx == 0 and self.log_images > 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.log_side_by_side(x, out, y)
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = self.split_batch(batch)
-        self.update_metrics("test", self.restore(x), y)
+        out = self.restore(x)
+        self.update_metrics("test", out, y)
+        if self.write_predictions:
+            self.save_predictions(out, batch, batch_idx, self.prediction_dir("test"))
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         out = self.restore(x).clamp(0, 1)
-        if self.predict_dir:
-            names = batch[2] if isinstance(batch, (list, tuple)) and len(batch) > 2 else \
-                [f"{batch_idx:05d}_{i}" for i in range(len(out))]
-            for img, name in zip(out, names):
-                save_png(img, Path(self.predict_dir) / f"{name}.png")
+        if self.predict_dir or self.write_predictions:
+            self.save_predictions(out, batch, batch_idx, self.prediction_dir("predict"))
         return {self.predict_output: out}
+
+    # ------------------------------------------------------------------ predictions
+    def prediction_dir(self, stage: str) -> Path:
+        """``task.predict_dir``, or ``<run dir>/predictions/<stage>`` (``task.write_predictions=true`` alone)."""
+        if self.predict_dir:
+            return Path(self.predict_dir)
+        return Path(self.trainer.default_root_dir) / "predictions" / stage
+
+    def save_predictions(self, out: torch.Tensor, batch, batch_idx: int, folder: Path) -> None:
+        """One 8-bit PNG per image, ``<folder>/<input name>.png``, at the input's size."""
+        names = batch[2] if isinstance(batch, (list, tuple)) and len(batch) > 2 else \
+            [f"{batch_idx:05d}_{i}" for i in range(len(out))]
+        for img, name in zip(out, names):
+            save_png(img, folder / f"{name}.png")
+
+    def on_test_epoch_end(self) -> None:
+        if self.write_predictions and self.trainer.is_global_zero:
+            import logging
+
+            logging.getLogger("adapter_zoo").info("restored test images written to %s", self.prediction_dir("test"))
 
     # ------------------------------------------------------------------ images
     def log_side_by_side(self, x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> Path:
@@ -121,6 +149,19 @@ class RestorationTask(ZooTask):
             if hasattr(exp, "add_image"):
                 exp.add_image("val/input_output_target", grid.clamp(0, 1).cpu(), self.global_step)
         return path
+
+
+def metric_convention(metric: dict, dataset: str | None, scale: int) -> dict:
+    """Fill ``null`` ``crop_border`` / ``y_channel`` with the task's convention: super-resolution
+    (``dataset=sr``) is measured on Y with ``crop_border = scale`` (the SR papers'); the other tasks
+    on RGB without a crop (NAFNet's GoPro/SIDD numbers)."""
+    sr = dataset == "sr"
+    out = dict(metric)
+    if out["crop_border"] is None:
+        out["crop_border"] = int(scale) if sr else 0
+    if out["y_channel"] is None:
+        out["y_channel"] = sr
+    return out
 
 
 def trainable_percent(model: torch.nn.Module) -> float:

@@ -104,6 +104,7 @@ EXPECTED = {
     "dehaze": "sots/train/hazy/0000_0.8_0.2.jpg",
     "lowlight": "lol/our485/low/0.png",
     "jpeg": "jpeg_q20/train/input/0000.jpg",
+    "sr": "sr/train/lr_x2/0000.png",
 }
 
 
@@ -114,7 +115,9 @@ def test_six_tasks_are_written_in_their_layouts_and_read_back(tmp_path):
         train, test = R.find_pairs(task, tmp_path, "train"), R.find_pairs(task, tmp_path, "test")
         assert (len(train), len(test)) == (10, 3)
         assert str(train[0][0].relative_to(tmp_path)) == EXPECTED[task]
-        x, y, name = R.PairedDataset(train, patch_size=16, augment=True)[0]
+        ds = R.SRDataset(train, 2, patch_size=16, augment=True) if task == "sr" else \
+            R.PairedDataset(train, patch_size=16, augment=True)
+        x, y, name = ds[0]
         assert x.shape == y.shape == (3, 16, 16) and x.dtype == torch.float32
         assert (x - y).abs().mean() > 0  # degraded
         clean_test = {R.read_image(t).tobytes() for _, t in test}
@@ -141,8 +144,8 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     base = tmp_path / "rain100l" / "train"
     with pytest.raises(FileNotFoundError, match="data.generate=true"):
         R.find_pairs("lowlight", tmp_path, "train")
-    with pytest.raises(ValueError, match="valid: denoise, deblur, derain, dehaze, lowlight, jpeg"):
-        R.find_pairs("sr", tmp_path, "train")
+    with pytest.raises(ValueError, match="valid: denoise, deblur, derain, dehaze, lowlight, jpeg, sr"):
+        R.find_pairs("snow", tmp_path, "train")
     (base / "input" / "000.png").write_bytes(b"not a png")
     pairs = R.find_pairs("derain", tmp_path, "train")
     with pytest.raises(ValueError, match="cannot read image .*000.png"):

@@ -12,10 +12,25 @@ task            dataset     layout (``split`` = train | test)
 ``dehaze``      SOTS        ``sots/<split>/{hazy/<id>_<A>_<β>.jpg, clear/<id>.png}`` (pairs by id)
 ``lowlight``    LOL v1      ``lol/{our485,eval15}/{low,high}/<name>`` (train = our485, test = eval15)
 ``jpeg``        JPEG AR     ``jpeg_q<Q>/<split>/{input/<name>.jpg, target/<name>.png}``
+``sr``          SR ×s       ``sr/<split>/hr/<name>.png`` + ``sr/<split>/lr_x<s>/<name>.png`` (or DIV2K's
+                            ``<name>x<s>.png``); without ``lr_x<s>/`` the LR image is the HR one
+                            bicubic-downsampled on the fly (mod-cropped to a multiple of s)
 ==============  ==========  ====================================================================
 
-Not read: SIDD's validation ``.mat`` blocks (the embedded SIDD has a ``test/Data`` folder instead),
-RESIDE's training sets (ITS/OTS), Rain100L's PromptIR ``rainy/``/``gt/`` naming. There is no
+**Super-resolution** (``dataset=sr``, ``scale`` 2 or 4): "bicubic" is MATLAB-style ``imresize``
+(Keys a = −0.5, antialiased when shrinking; :func:`tasks.data.degradations.resize`). NAFNet is a
+same-size network, so the network input is the LR image **bicubic-upsampled to the HR size** (the
+SRCNN/VDSR convention; the CoLoRA and NAFNet references give no SR tail, and a PixelShuffle tail would
+change the pretrained architecture). The metric convention for SR is PSNR/SSIM on the Y channel with
+``crop_border = scale`` (the task sets it when ``task.metric`` leaves it ``null``).
+
+**SIDD validation blocks**: when ``sidd/test/ValidationNoisyBlocksSrgb.mat`` and
+``ValidationGtBlocksSrgb.mat`` exist (the NAFNet/Restormer evaluation files: 40 images × 32 blocks of
+256×256×3 uint8, variables named like the files), they are the test split, read with
+``scipy.io.loadmat`` (MAT v5; no pickle) or ``h5py`` (MAT v7.3 / HDF5, whose arrays come transposed);
+each block is named ``<image>_<block>``. Otherwise ``sidd/test/Data/`` is read like the training split.
+
+Not read: RESIDE's training sets (ITS/OTS), Rain100L's PromptIR ``rainy/``/``gt/`` naming. There is no
 validation split in these benchmarks; validation uses the test split, as the BasicSR/NAFNet
 training configs do.
 
@@ -47,13 +62,15 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.data import degradations as D
 from tasks.data.procedural import clean_image
 
-TASKS = ("denoise", "deblur", "derain", "dehaze", "lowlight", "jpeg")
+TASKS = ("denoise", "deblur", "derain", "dehaze", "lowlight", "jpeg", "sr")
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------------ reading
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: "str | Path | MatBlock") -> np.ndarray:
     """A float32 H×W×3 RGB array in [0, 1]; one clear line if the file is missing or unreadable."""
+    if isinstance(path, MatBlock):
+        return path.load()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
@@ -63,6 +80,80 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), np.float32) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); replace or delete the file") from None
+
+
+SIDD_MAT = ("ValidationNoisyBlocksSrgb", "ValidationGtBlocksSrgb")
+_MAT_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def load_mat_blocks(path: str | Path, key: str) -> np.ndarray:
+    """The array ``key`` of a MATLAB file as ``images × blocks × H × W × C`` (a 4-D array gets one image axis).
+
+    MAT v5 files through ``scipy.io.loadmat`` (which never unpickles), v7.3 (HDF5) through ``h5py``;
+    MATLAB stores column-major, so an HDF5 array reads with its axes reversed and is transposed back.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SIDD block file not found: {path}")
+    ck = (str(path.resolve()), key, path.stat().st_mtime_ns)
+    if ck in _MAT_CACHE:
+        return _MAT_CACHE[ck]
+    try:
+        import h5py
+        from scipy.io.matlab import MatReadError
+    except ImportError as e:
+        raise ImportError(f"reading SIDD's .mat blocks needs scipy and h5py ({e}); pip install -e '.[restore]'") from None
+
+    try:
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                if key not in f:
+                    raise ValueError(f"{path} has no variable {key!r}; it has {', '.join(sorted(f.keys())) or 'none'}")
+                arr = np.asarray(f[key][()])
+            arr = arr.transpose(tuple(range(arr.ndim))[::-1])
+        else:
+            from scipy.io import loadmat
+
+            mat = loadmat(path, variable_names=[key])
+            if key not in mat:
+                raise ValueError(f"{path} has no variable {key!r}; rename it or use the official SIDD file")
+            arr = np.asarray(mat[key])
+    except (OSError, NotImplementedError, TypeError, MatReadError) as e:  # corrupt / unsupported MAT file
+        raise ValueError(f"cannot read MAT file {path} ({type(e).__name__}: {e}); replace it") from None
+    if arr.ndim == 4:
+        arr = arr[None]
+    if arr.ndim != 5 or arr.shape[-1] != 3:
+        raise ValueError(f"{path}:{key} has shape {arr.shape}; expected images x blocks x H x W x 3")
+    _MAT_CACHE.clear()  # one array at a time: the real files are ~250 MB each
+    _MAT_CACHE[ck] = arr
+    return arr
+
+
+class MatBlock:
+    """One SIDD validation block: ``(file, variable, image, block)``; read by :func:`read_image`."""
+
+    def __init__(self, path: Path, key: str, image: int, block: int):
+        self.path, self.key, self.image, self.block = Path(path), key, int(image), int(block)
+
+    @property
+    def stem(self) -> str:
+        return f"{self.image:02d}_{self.block:02d}"
+
+    def load(self) -> np.ndarray:
+        a = load_mat_blocks(self.path, self.key)[self.image, self.block]
+        return (a.astype(np.float32) / 255.0) if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1)
+
+    def __repr__(self) -> str:
+        return f"{self.path}:{self.key}[{self.image},{self.block}]"
+
+
+def pairs_sidd_mat(folder: Path) -> list[tuple[MatBlock, MatBlock]]:
+    noisy, gt = (folder / f"{k}.mat" for k in SIDD_MAT)
+    a, b = load_mat_blocks(noisy, SIDD_MAT[0]), load_mat_blocks(gt, SIDD_MAT[1])
+    if a.shape != b.shape:
+        raise ValueError(f"{noisy.name} holds {a.shape} but {gt.name} holds {b.shape}; they must match")
+    return [(MatBlock(noisy, SIDD_MAT[0], i, j), MatBlock(gt, SIDD_MAT[1], i, j))
+            for i in range(a.shape[0]) for j in range(a.shape[1])]
 
 
 def _images(folder: Path) -> list[Path]:
@@ -94,6 +185,8 @@ def pairs_input_target(folder: Path, task: str, inp: str = "input", tgt: str = "
 
 
 def pairs_sidd(root: Path, split: str) -> list[tuple[Path, Path]]:
+    if split == "test" and any((root / "sidd" / split / f"{k}.mat").is_file() for k in SIDD_MAT):
+        return pairs_sidd_mat(root / "sidd" / split)
     data = _need_dir(root / "sidd" / split / "Data", "denoise")
     out = []
     for gt in sorted(data.glob("*/*_GT_SRGB_*")):
@@ -126,7 +219,28 @@ def pairs_sots(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs_input_target(root / "sots" / split, "dehaze", "hazy", "clear", match=lambda p: p.stem.split("_")[0])
 
 
-def find_pairs(task: str, root: str | Path, split: str, jpeg_quality: int = 20) -> list[tuple[Path, Path]]:
+def pairs_sr(root: Path, split: str, scale: int) -> list[tuple[Path | None, Path]]:
+    """``[(lr or None, hr), ...]``: ``None`` when there is no ``lr_x<scale>/`` folder (bicubic on the fly)."""
+    base = _need_dir(root / "sr" / split, "sr")
+    hrs = _images(_need_dir(base / "hr", "sr"))
+    if not hrs:
+        raise FileNotFoundError(f"sr: no images in {base / 'hr'}")
+    lr_dir = base / f"lr_x{scale}"
+    if not lr_dir.is_dir():
+        return [(None, p) for p in hrs]
+    lrs = {p.stem: p for p in _images(lr_dir)}
+    out = []
+    for hr in hrs:
+        lr = lrs.get(hr.stem) or lrs.get(f"{hr.stem}x{scale}")  # ours, or DIV2K's 0001x2.png
+        if lr is None:
+            raise FileNotFoundError(f"sr: {hr} has no LR image {hr.stem}.png or {hr.stem}x{scale}.png in {lr_dir}; "
+                                    f"add it, or remove {lr_dir} to downsample on the fly")
+        out.append((lr, hr))
+    return out
+
+
+def find_pairs(task: str, root: str | Path, split: str, jpeg_quality: int = 20,
+               scale: int = 2) -> list[tuple[Path, Path]]:
     """``[(degraded, clean), ...]`` for ``task`` in its layout under ``root``."""
     root = Path(root)
     if task not in TASKS:
@@ -143,6 +257,8 @@ def find_pairs(task: str, root: str | Path, split: str, jpeg_quality: int = 20) 
         return pairs_sots(root, split)
     if task == "lowlight":
         return pairs_lol(root, split)
+    if task == "sr":
+        return pairs_sr(root, split, scale)
     return pairs_input_target(root / f"jpeg_q{int(jpeg_quality)}" / split, task)
 
 
@@ -199,11 +315,61 @@ class PairedDataset(Dataset):
                                  f"lower data.patch_size")
             rng = np.random.default_rng([self.seed, self.epoch, i])
             inp, tgt = random_crop([inp, tgt], self.patch, rng, self.augment)
-        return to_tensor(inp), to_tensor(tgt), Path(inp_path).stem
+        return to_tensor(inp), to_tensor(tgt), getattr(inp_path, "stem", None) or Path(inp_path).stem
+
+
+def upsample_to(lq: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The network input of SR with a same-size restoration net: ``lq`` bicubic-upsampled to ``shape`` (H, W, ...)."""
+    return np.clip(D.resize(lq, (shape[1], shape[0])), 0.0, 1.0)
+
+
+def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    return img[:h - h % scale, :w - w % scale]
+
+
+class SRDataset(PairedDataset):
+    """``(bicubic-upsampled LR, HR, name)`` for super-resolution by ``scale``.
+
+    The HR image is mod-cropped to a multiple of ``scale``; the LR image is read (it must be exactly
+    HR/scale) or, when the pair has none, the HR image bicubic-downsampled. The network input is the
+    LR image bicubic-upsampled to the HR size.
+    """
+
+    def __init__(self, pairs, scale: int, patch_size: int | None = None, augment: bool = False, seed: int = 0):
+        super().__init__(pairs, patch_size, augment, seed)
+        self.scale = int(scale)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        lr_path, hr_path = self.pairs[i]
+        hr = mod_crop(read_image(hr_path), self.scale)
+        size = (hr.shape[1] // self.scale, hr.shape[0] // self.scale)
+        if min(size) < 1:
+            raise ValueError(f"{hr_path} is smaller than the scale {self.scale}")
+        if lr_path is None:
+            lr = np.clip(D.resize(hr, size), 0.0, 1.0)
+        else:
+            lr = read_image(lr_path)
+            if (lr.shape[1], lr.shape[0]) != size:
+                raise ValueError(f"{lr_path} is {lr.shape[1]}x{lr.shape[0]} but its HR image {hr_path} needs "
+                                 f"{size[0]}x{size[1]} at scale {self.scale}; check data.scale / task.scale")
+        return upsample_to(lr, hr.shape), hr, Path(hr_path).stem
+
+    def __getitem__(self, i: int):
+        inp, tgt, name = self.load(i)
+        if self.patch:
+            if min(inp.shape[:2]) < self.patch:
+                raise ValueError(f"{self.pairs[i][1]} is {inp.shape[1]}x{inp.shape[0]} after the mod-crop, smaller "
+                                 f"than patch_size={self.patch}; lower data.patch_size")
+            inp, tgt = random_crop([inp, tgt], self.patch, np.random.default_rng([self.seed, self.epoch, i]),
+                                   self.augment)
+        return to_tensor(inp), to_tensor(tgt), name
 
 
 class ProdDataset(Dataset):
-    """PROD pairs on the fly: clean procedural image ``i`` and its random-order degradation.
+    """PROD pairs on the fly: clean procedural image ``i`` and its random-order degradation
+    (``pipeline=prod``), or BSRGAN's full sequence at scale ``sf`` with the LQ image
+    bicubic-upsampled back to the clean size (``pipeline=bsrgan``: NAFNet is a same-size network).
 
     Sample ``i`` of epoch ``e`` uses seed ``(seed, e, i)``: reproducible, different every epoch.
     """
@@ -218,7 +384,15 @@ class ProdDataset(Dataset):
 
     def __getitem__(self, i: int):
         clean = clean_image(self.offset + i, self.size)
-        deg = D.prod(clean, np.random.default_rng([self.seed, self.epoch, i]), self.cfg)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if self.cfg.pipeline == "bsrgan":  # BSRGAN's sequence at sf; the LQ image bicubic-upsampled back
+            sf = int(self.cfg.sf)
+            if sf != self.cfg.sf or self.size % sf:
+                raise ValueError(f"degradation pipeline=bsrgan needs an integer sf dividing data.image_size; "
+                                 f"got sf={self.cfg.sf}, image_size={self.size}")
+            r = D.bsrgan(clean, rng, self.cfg, sf=sf)
+            return to_tensor(upsample_to(r.lq, r.hq.shape)), to_tensor(r.hq), "+".join(r.ops)
+        deg = D.prod(clean, rng, self.cfg)
         return to_tensor(deg.image), to_tensor(clean), "+".join(deg.ops)
 
 
@@ -235,6 +409,8 @@ def real_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def degrade_for(task: str, img: np.ndarray, rng: np.random.Generator, cfg: D.DegradationConfig) -> np.ndarray:
+    if task == "sr":
+        return img  # the LR images are written per scale by generate()
     if task == "denoise":
         return real_noise(img, rng)
     if task == "deblur":
@@ -260,6 +436,8 @@ def _layout_paths(task: str, split: str, i: int, jpeg_quality: int) -> tuple[str
         return f"rain100l/{split}/input/{i:03d}.png", f"rain100l/{split}/target/{i:03d}.png"
     if task == "dehaze":
         return f"sots/{split}/hazy/{i:04d}_0.8_0.2.jpg", f"sots/{split}/clear/{i:04d}.png"
+    if task == "sr":
+        return f"sr/{split}/lr_x2/{i:04d}.png", f"sr/{split}/hr/{i:04d}.png"
     if task == "lowlight":
         folder = "our485" if split == "train" else "eval15"
         return f"lol/{folder}/low/{i}.png", f"lol/{folder}/high/{i}.png"
@@ -293,7 +471,11 @@ def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 
                 rng = np.random.default_rng([seed, base + i, TASKS.index(task)])
                 bad = degrade_for(task, clean, rng, cfg)
                 inp_rel, tgt_rel = _layout_paths(task, split, i, jpeg_quality)
-                for rel, img in ((inp_rel, bad), (tgt_rel, clean)):
+                todo = [(inp_rel, bad), (tgt_rel, clean)]
+                if task == "sr":  # the paired layout: lr_x2/ and lr_x4/ by bicubic downsampling
+                    todo = [(tgt_rel, clean)] + [
+                        (inp_rel.replace("lr_x2", f"lr_x{s}"), D.resize(clean, (size // s, size // s))) for s in (2, 4)]
+                for rel, img in todo:
                     p = tmp / rel
                     p.parent.mkdir(parents=True, exist_ok=True)
                     pil = D.to_pil(img)
@@ -319,18 +501,21 @@ DATASETS = ("prod", *TASKS)
 
 class RestorationDataModule(L.LightningDataModule):
     """``task=restoration``'s data. ``dataset``: ``prod`` (PROD pairs on the fly from ``prod_train``
-    clean procedural images, validated and tested on ``prod_val`` fixed ones) or one of the six
-    single-degradation tasks read from its layout under ``root`` (``generate=true`` writes the
-    embedded one first). Images stay in [0, 1] (no normalisation, as NAFNet)."""
+    clean procedural images, validated and tested on ``prod_val`` fixed ones), one of the six
+    single-degradation tasks, or ``sr`` (×``scale``), read from its layout under ``root``
+    (``generate=true`` writes the embedded one first). Images stay in [0, 1] (no normalisation, as NAFNet)."""
 
     def __init__(self, root: str, dataset: str = "denoise", num_train: int | None = None, patch_size: int | None = 48,
                  augment: bool = True, batch_size: int = 8, eval_batch_size: int = 1, num_workers: int = 0,
                  generate: bool = False, generate_train: int = 128, generate_test: int = 16, image_size: int = 64,
                  jpeg_quality: int = 20, prod_train: int = 512, prod_val: int = 16,
-                 degradation: dict | None = None, seed: int = 0):
+                 degradation: dict | None = None, scale: int = 2, seed: int = 0):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown restoration dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        if isinstance(scale, bool) or int(scale) != scale or int(scale) < 2:
+            raise ValueError(f"task.scale={scale!r}: an integer super-resolution factor >= 2 (2 or 4)")
+        self.scale = int(scale)
         if num_train is not None and int(num_train) < 1:
             raise ValueError(f"task.num_train={num_train}: a positive number of training pairs (16, 32, 64, 128) or null")
         self.root, self.dataset, self.num_train = Path(root), dataset, num_train
@@ -361,8 +546,13 @@ class RestorationDataModule(L.LightningDataModule):
             self.val_set = self.test_set = ProdDataset(self.prod_val, self.image_size, self.deg_cfg, 1_000_000,
                                                        image_seed_offset=2_000_000)
             return
-        train = subset(find_pairs(self.dataset, self.root, "train", self.jpeg_quality), self.num_train, self.seed)
-        test = find_pairs(self.dataset, self.root, "test", self.jpeg_quality)
+        train = subset(find_pairs(self.dataset, self.root, "train", self.jpeg_quality, self.scale), self.num_train,
+                       self.seed)
+        test = find_pairs(self.dataset, self.root, "test", self.jpeg_quality, self.scale)
+        if self.dataset == "sr":
+            self.train_set = SRDataset(train, self.scale, self.patch, self.augment, self.seed)
+            self.val_set = self.test_set = SRDataset(test, self.scale)
+            return
         self.train_set = PairedDataset(train, self.patch, self.augment, self.seed)
         self.val_set = self.test_set = PairedDataset(test)  # these benchmarks have no separate val split
 
