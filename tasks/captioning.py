@@ -7,8 +7,10 @@ scoring it against all references with BLEU-4, METEOR, ROUGE-L and CIDEr-D
 (:mod:`tasks.metrics.captioning`). The checkpoint is selected on ``val/cider_d`` (max).
 
 * model: :class:`zoo.backbones.coca.CoCaCaptioner` around ``backbone=coca``; the text tower and
-  decoder stay frozen whatever the adapter (``task.train_decoder=true`` trains them, e.g. to
-  pretrain the embedded tiny CoCa);
+  decoder weights stay frozen (``task.train_decoder=true`` trains them, e.g. to pretrain the
+  embedded tiny CoCa); adapters go to the vision tower, or with ``adapter.tower=decoder`` to the
+  decoder's self/cross-attention blocks; a temporal embedding (``backbone.temporal_embedding``)
+  trains with any adapter;
 * training batches: one (video, caption) pair per sample; validation/test: one video with all its
   references (:mod:`tasks.data.captioning`);
 * ``predict_step`` returns ``{"captions": [str], "video_id": [str]}``;
@@ -53,8 +55,11 @@ class CaptioningTask(ZooTask):
             raise ValueError(f"task=captioning needs backbone=coca (or coca_tiny), got backbone={backbone.get('name')}")
         bb = create_backbone(backbone)
         self.model = attach_adapter(CoCaCaptioner(bb), adapter)
-        for p in bb.text_parameters():  # frozen decoder by default, whatever the adapter marked
-            p.requires_grad_(bool(train_decoder))
+        if train_decoder:  # else the decoder's own weights train only if an adapter marks them (tower=decoder)
+            for p in bb.text_parameters():
+                p.requires_grad_(True)
+        for p in bb.fusion_parameters():  # a new temporal embedding (zero-init) trains with any adapter
+            p.requires_grad_(True)
         self.generation = {**GENERATION_DEFAULTS, **(generation or {})}
         self.metric_cfg = {"backend": "auto", "meteor_val": False, "meteor_test": True, **(metrics or {})}
         resolve_backend(self.metric_cfg["backend"])  # a bad backend name fails before training
