@@ -64,8 +64,21 @@ def test_captioning_needs_coca(tmp_path):
 def test_caption_experiments_compose_and_chain():
     up = compose_config(["experiment=caption_upstream"])
     assert up.adapter.name == "full" and up.task.train_decoder and up.backbone.weights is None
-    for adapter in ("linear", "q_adapter", "lora"):
+    # upstream: first frames (the start position tells the direction), no trail; quickstart: trail videos
+    assert up.data.num_frames == 1 and up.data.sampling == "linspace" and not up.data.trail
+    for adapter in ("linear", "q_adapter", "lora", "coca_decoder_lora"):
         qs = compose_config(["experiment=caption_quickstart", f"adapter={adapter}"])
         assert qs.backbone.weights == up.export_backbone  # the quickstart adapts what upstream wrote
-        assert qs.data.palette == "swapped" and up.data.palette == "standard"
+        assert qs.data.trail and qs.data.num_frames > 1 and qs.backbone.kwargs == up.backbone.kwargs
         assert not qs.task.train_decoder and qs.task.optimizer.lr > 0
+    assert compose_config(["experiment=caption_quickstart", "adapter=coca_decoder_lora"]).adapter.tower == "decoder"
+
+
+def test_shapes_captions_fit_the_tiny_cocas_vocabulary():
+    import itertools
+
+    import tasks.data.captioning as cd
+
+    kw = compose_config(["experiment=caption_upstream"]).backbone.kwargs
+    caps = [t.format(c=c, s=s, d=d) for t, c, s, d in itertools.product(cd.TEMPLATES, cd.COLOURS, cd.SHAPES, cd.MOTIONS)]
+    assert {w for c in caps for w in c.split()} == set(kw.vocab)  # every caption word, nothing else

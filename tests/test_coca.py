@@ -378,6 +378,11 @@ def test_compact_vocab_round_trips_and_generates_in_it():
     out = bb.generate(video(), seq_len=8)
     assert out[:, 0].eq(bb.sot_id).all() and int(out.max()) < len(table)
     assert all(isinstance(s, str) for s in bb.decode(out))
+    from open_clip import coca_model
+
+    if coca_model._has_transformers:  # open_clip's beam search, told the compact SOT/EOT
+        beam = bb.generate(video(), "beam_search", seq_len=8, num_beams=2, num_beam_groups=1, min_seq_len=2)
+        assert beam[:, 0].eq(bb.sot_id).all() and int(beam.max()) < len(table)
     with pytest.raises(ValueError, match=r"caption word\(s\) \['green'\] are not in this CoCa's vocabulary"):
         bb.tokenize(["a green square"])
     again = zoo.create_backbone("coca", model="coca_ViT-B-32", pretrained=None, **bb.build_kwargs)
