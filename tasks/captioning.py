@@ -136,6 +136,12 @@ class CaptioningTask(ZooTask):
             return None  # nothing to train: Lightning skips the step
         return super().training_step(batch, batch_idx)
 
+    def on_train_epoch_end(self) -> None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            # the frozen baseline: one epoch's validation is the result (every further epoch would
+            # score the same model again)
+            self.trainer.should_stop = True
+
 
 def _gather(d: dict) -> dict:
     """Merge per-rank dicts (DDP); a no-op in one process."""

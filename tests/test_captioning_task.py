@@ -48,8 +48,14 @@ def test_text_decoder_frozen_unless_asked(tmp_path, adapter, train_decoder):
 
 
 def test_frozen_baseline_trains_nothing_and_still_scores(tmp_path):
-    m = run_train(["experiment=tiny_caption", "adapter=linear", f"paths.data_dir={tmp_path}/data"], tmp_path)
+    m = run_train(["experiment=tiny_caption", "adapter=linear", "task.max_epochs=3", f"paths.data_dir={tmp_path}/data"],
+                  tmp_path)
     assert m["trainable_params_with_head"] == 0 and m["kind"] == "captioning"
+    import csv
+
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    # scored once by fit (not once per epoch) and once by the runner's check of the selected weights
+    assert len([r for r in rows if r.get("val/cider_d")]) == 2
     assert m["monitor"]["name"] == "val/cider_d" and m["monitor"]["value"] is not None
     assert m["test/cider_d"] is not None and m["test/bleu4"] is not None
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
