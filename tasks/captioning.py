@@ -54,7 +54,7 @@ class CaptioningTask(ZooTask):
         if backbone.get("name") != "coca":
             raise ValueError(f"task=captioning needs backbone=coca (or coca_tiny), got backbone={backbone.get('name')}")
         bb = create_backbone(backbone)
-        self.model = attach_adapter(CoCaCaptioner(bb), adapter)
+        self.model = _attach(CoCaCaptioner(bb), adapter)
         if train_decoder:  # else the decoder's own weights train only if an adapter marks them (tower=decoder)
             for p in bb.text_parameters():
                 p.requires_grad_(True)
@@ -141,6 +141,30 @@ class CaptioningTask(ZooTask):
             # the frozen baseline: one epoch's validation is the result (every further epoch would
             # score the same model again)
             self.trainer.should_stop = True
+
+
+def _attach(model: CoCaCaptioner, adapter: dict) -> CoCaCaptioner:
+    """:func:`tasks.base.attach_adapter`, except that an artifact (``init_from``) saved with a
+    temporal embedding gets its methods attached and the embedding marked trainable *before* its
+    tensors load (attaching freezes every backbone weight, and an artifact holds the trainable ones)."""
+    bb = model.backbone
+    extra = list(bb.fusion_parameters())
+    if not (extra and adapter.get("init_from")):
+        return attach_adapter(model, adapter)
+    from zoo import apply_adapter, hub
+    from zoo.checkpoint import load_adapter, read_adapter_config
+
+    path = str(hub.resolve_init(adapter["init_from"]))
+    methods = read_adapter_config(path)["methods"]
+    if adapter.get("name") not in (methods[0]["name"], "from-artifact"):
+        raise ValueError(f"adapter.init_from={adapter['init_from']} holds {[m['name'] for m in methods]}, "
+                         f"but adapter={adapter.get('name')}; use adapter={methods[0]['name']}")
+    for m in methods:
+        apply_adapter(model, m["name"], **(m.get("config") or {}))
+    for p in extra:
+        p.requires_grad_(True)
+    load_adapter(model, path)
+    return model
 
 
 def _gather(d: dict) -> dict:

@@ -357,10 +357,19 @@ def test_temporal_embedding_trains_with_any_adapter_in_the_task(tmp_path):
     from tests.helpers import compose_config
     from tasks.runner import build_task
 
-    cfg = compose_config(["experiment=tiny_caption", "adapter=linear", "backbone.fusion=concat",
-                          "+backbone.temporal_embedding=2", f"paths.data_dir={tmp_path}/data"], tmp_path / "out")
+    cfg_overrides = ["experiment=tiny_caption", "adapter=linear", "backbone.fusion=concat",
+                     "+backbone.temporal_embedding=2", f"paths.data_dir={tmp_path}/data"]
+    cfg = compose_config(cfg_overrides, tmp_path / "out")
+    torch.manual_seed(0)  # a random tiny CoCa: the same base weights both times
     task = build_task(cfg)
     assert [n for n, p in task.model.named_parameters() if p.requires_grad] == ["backbone.temporal_embedding"]
+    # saved with the adapter's tensors, and loaded back into a fresh task (eval.py's init_from path)
+    with torch.no_grad():
+        task.model.backbone.temporal_embedding.normal_()
+    art = zoo.save_adapter(task.model, tmp_path / "art")
+    torch.manual_seed(0)
+    again = build_task(compose_config([*cfg_overrides, f"+adapter.init_from={art}"], tmp_path / "out2"))
+    assert torch.equal(again.model.backbone.temporal_embedding, task.model.backbone.temporal_embedding)
 
 
 def test_compact_vocab_round_trips_and_generates_in_it():

@@ -124,10 +124,11 @@ class CoCaBackbone(Backbone):
         visual = coca.visual
         if not hasattr(visual, "transformer") or not visual.transformer.batch_first:
             raise ValueError(f"{model}: only batch-first ViT vision towers are supported")
-        # the explicit MHA only inside the ViT blocks (the sites); the attentional pooler's MHA has
-        # kdim != embed_dim and the decoder stays open_clip's own
+        # the explicit MHA inside the ViT blocks and the decoder's self/cross-attention blocks (the
+        # two towers' sites; same outputs, tested against open_clip); the attentional pooler's MHA
+        # has kdim != embed_dim and stays open_clip's own
         replace_multihead_attention(visual.transformer)
-        replace_multihead_attention(coca.text_decoder)  # explicit q/k/v rows for the decoder tower's sites
+        replace_multihead_attention(coca.text_decoder)
         tag = f"file:{Path(weights).name}" if weights else (pretrained or None)
         build = dict(kwargs, fusion=fusion)
         if temporal_embedding:
