@@ -46,6 +46,9 @@ def test_vision_tower_matches_open_clip_and_keeps_its_names():
         lat, embs = ref._encode_image(x)
         lat2, embs2 = bb.encode_video(x)
     assert torch.allclose(lat, lat2, atol=1e-5) and torch.allclose(embs, embs2, atol=1e-5)
+    text = bb.tokenize(["a red square moves left", "a blue circle"])
+    with torch.no_grad():  # the decoder's explicit self/cross-attention gives open_clip's logits
+        assert torch.allclose(bb.model(x, text)["logits"], ref(x, text)["logits"], atol=1e-5)
     assert bb.block_sites(0).keys() >= {"q", "k", "v", "qkv", "o", "fc1", "fc2", "attn", "mlp", "norm1", "norm2", "tokens"}
     assert all(not p.requires_grad for p in bb.text_parameters())  # text decoder frozen by default
 
