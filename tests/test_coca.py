@@ -331,29 +331,38 @@ def test_decoder_lora_runs_in_the_captioning_task_with_a_frozen_decoder(tmp_path
     assert trainable and all(".text_decoder." in n for n in trainable)
 
 
-def test_temporal_embedding_starts_as_concat_and_learns_frame_order():
-    base, te = tiny(fusion="concat"), tiny(fusion="concat", temporal_embedding=4)
+@pytest.mark.parametrize("fusion", ["concat", "flatten"])
+def test_temporal_embedding_starts_as_before_and_learns_frame_order(fusion):
+    base, te = tiny(fusion=fusion), tiny(fusion=fusion, temporal_embedding=4)
     assert te.fingerprint() == base.fingerprint()  # same base weights; the embedding is new
     v, text = video(t=3), base.tokenize(["a red square moves left", "a blue circle moves up"])
     with torch.no_grad():
         assert torch.equal(te.encode_video(v)[1], base.encode_video(v)[1])  # zero-init: exactly the old model
         rev = v.flip(1)
-        # without it the decoder is blind to frame order (its cross-attention has no positions)
+        # without it the captioner is blind to frame order (no positions across frames)
         assert torch.allclose(te.caption_logits(rev, text)[0], te.caption_logits(v, text)[0], atol=1e-5)
     te.caption_loss(v, text).backward()
     assert te.temporal_embedding.grad is not None and te.temporal_embedding.grad[:3].abs().sum() > 0
     assert te.temporal_embedding.grad[3:].abs().sum() == 0  # slot 4 unused by a 3-frame video
     with torch.no_grad():
         te.temporal_embedding.normal_()
-        embs, embs_rev = te.encode_video(v)[1], te.encode_video(rev)[1]
-        n = embs.shape[1] // 3
-        per = base.encode_video(v[:, 1])[1]
-        assert torch.allclose(embs[:, n:2 * n], per + te.temporal_embedding[1], atol=1e-5)  # e_t on frame t's tokens
+        if fusion == "concat":  # e_t on frame t's caption tokens
+            n = base.encode_video(v[:, 1])[1].shape[1]
+            embs = te.encode_video(v)[1]
+            assert torch.allclose(embs[:, n:2 * n], base.encode_video(v[:, 1])[1] + te.temporal_embedding[1], atol=1e-5)
+        else:  # e_t on frame t's ViT tokens, before CoCa's attentional pooler
+            vis = base.model.visual
+            x = vis.transformer(vis._embeds(v.flatten(0, 1))).reshape(2, 3, -1, vis.transformer.width)
+            ref = vis._pool((x + te.temporal_embedding[:3, None, :]).flatten(1, 2))[1]
+            assert torch.allclose(te.encode_video(v)[1], ref, atol=1e-5)
         assert not torch.allclose(te.caption_logits(rev, text)[0], te.caption_logits(v, text)[0], atol=1e-3)
-    with pytest.raises(ValueError, match="temporal_embedding needs backbone.fusion=concat"):
-        tiny(fusion="flatten", temporal_embedding=4)
     with pytest.raises(ValueError, match="5 frames but backbone.temporal_embedding has 4 frame slots"):
         te.encode_video(video(t=5))
+
+
+def test_temporal_embedding_refused_with_pool():
+    with pytest.raises(ValueError, match="temporal_embedding needs backbone.fusion=flatten or concat"):
+        tiny(fusion="pool", temporal_embedding=4)
 
 
 def test_temporal_embedding_trains_with_any_adapter_in_the_task(tmp_path):

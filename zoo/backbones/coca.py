@@ -19,10 +19,12 @@ reference notes (``shared/reference/clip_fewshot_captioning.md`` §2.3):
 * ``pool``: per-frame (latent, image_embs), averaged over T;
 * ``concat``: per-frame image_embs concatenated to T·255 cross-attention tokens (latent
   averaged). The decoder's cross-attention has no positional encoding, so frame order is not
-  visible in ``concat``/``flatten``. ``temporal_embedding=N`` (``concat`` only) adds a learnable
-  embedding ``e_t`` (N frame slots × embed_dim) to frame t's tokens before concatenation, the
-  temporal embedding the reference notes suggest for (C); it is **zero-initialised**, so the
-  model starts exactly as without it, and the captioning task trains it whatever the adapter.
+  visible in ``concat``/``flatten``. ``temporal_embedding=N`` adds a learnable embedding ``e_t``
+  (N frame slots) to frame t's tokens, the option the reference notes give for (A) and (C): with
+  ``flatten`` to frame t's ViT tokens (width) before the attentional pooler (VideoCoCa's place),
+  with ``concat`` to frame t's caption tokens (embed_dim) before concatenation. It is
+  **zero-initialised**, so the model starts exactly as without it, and the captioning task trains
+  it whatever the adapter. ``pool`` refuses it (a per-frame constant averaged away).
 
 Towers (the zoo's ``tower`` option, :func:`zoo.sites.select_towers`): ``visual`` (the default:
 Q-Adapter's placement) and ``decoder``, the multimodal text decoder (``model.text_decoder``):
@@ -100,9 +102,9 @@ class CoCaBackbone(Backbone):
             raise ValueError(f"unknown CoCa model {model!r}; valid models: {', '.join(coca_names)}")
         if fusion not in FUSIONS:
             raise ValueError(f"unknown frame fusion {fusion!r}; valid fusions: {', '.join(FUSIONS)}")
-        if temporal_embedding and fusion != "concat":
-            raise ValueError(f"backbone.temporal_embedding needs backbone.fusion=concat (got fusion={fusion}): "
-                             "flatten and pool mix the frames' tokens before any per-frame embedding could tell them apart")
+        if temporal_embedding and fusion == "pool":
+            raise ValueError("backbone.temporal_embedding needs backbone.fusion=flatten or concat (got fusion=pool): "
+                             "averaging the frames leaves only the mean of the per-frame embeddings, a constant")
         if pretrained and not weights:
             coca = create_pretrained_open_clip(model, pretrained, "coca", **kwargs)
         else:
@@ -141,8 +143,8 @@ class CoCaBackbone(Backbone):
         self.fusion = fusion
         # e_t, zero-init: the backbone starts as the order-blind concat (a new weight, not in the
         # fingerprint of the base model, which covers self.model only)
-        self.temporal_embedding = (nn.Parameter(torch.zeros(int(temporal_embedding), coca.visual.output_dim))
-                                   if temporal_embedding else None)
+        dim = visual.transformer.width if fusion == "flatten" else visual.output_dim
+        self.temporal_embedding = nn.Parameter(torch.zeros(int(temporal_embedding), dim)) if temporal_embedding else None
         self.register_buffer("token_table", table, persistent=False)
         if table is not None:
             to_compact = torch.full((int(table.max()) + 1,), -1, dtype=torch.long)
@@ -218,19 +220,25 @@ class CoCaBackbone(Backbone):
         b, t = frames.shape[:2]
         x = v.transformer(v._embeds(frames.flatten(0, 1)))  # (B·T, 1+HW, width)
         if self.fusion == "flatten":
-            pooled, tokens = v._pool(x.reshape(b, t * x.shape[1], x.shape[2]))
+            x = x.reshape(b, t, *x.shape[1:])
+            if self.temporal_embedding is not None:
+                x = x + self._frame_embedding(t)[:, None, :]
+            pooled, tokens = v._pool(x.flatten(1, 2))
         else:
             pooled, tokens = v._pool(x)
             pooled = pooled.reshape(b, t, -1).mean(1)
             tokens = tokens.reshape(b, t, *tokens.shape[1:])
-            if self.temporal_embedding is not None:  # concat only (checked at construction)
-                if t > len(self.temporal_embedding):
-                    raise ValueError(f"{t} frames but backbone.temporal_embedding has {len(self.temporal_embedding)} "
-                                     "frame slots: raise it to at least data.num_frames")
-                tokens = tokens + self.temporal_embedding[:t, None, :]
+            if self.temporal_embedding is not None:  # concat (pool refuses it at construction)
+                tokens = tokens + self._frame_embedding(t)[:, None, :]
             tokens = tokens.mean(1) if self.fusion == "pool" else tokens.flatten(1, 2)
         latent = pooled @ v.proj if v.proj is not None else pooled
         return (F.normalize(latent, dim=-1) if normalize else latent), tokens
+
+    def _frame_embedding(self, t: int) -> torch.Tensor:
+        if t > len(self.temporal_embedding):
+            raise ValueError(f"{t} frames but backbone.temporal_embedding has {len(self.temporal_embedding)} "
+                             "frame slots: raise it to at least data.num_frames")
+        return self.temporal_embedding[:t]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_video(x)[1]
