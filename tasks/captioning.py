@@ -7,8 +7,10 @@ scoring it against all references with BLEU-4, METEOR, ROUGE-L and CIDEr-D
 (:mod:`tasks.metrics.captioning`). The checkpoint is selected on ``val/cider_d`` (max).
 
 * model: :class:`zoo.backbones.coca.CoCaCaptioner` around ``backbone=coca``; the text tower and
-  decoder stay frozen whatever the adapter (``task.train_decoder=true`` trains them, e.g. to
-  pretrain the embedded tiny CoCa);
+  decoder weights stay frozen (``task.train_decoder=true`` trains them, e.g. to pretrain the
+  embedded tiny CoCa); adapters go to the vision tower, or with ``adapter.tower=decoder`` to the
+  decoder's self/cross-attention blocks; a temporal embedding (``backbone.temporal_embedding``)
+  trains with any adapter;
 * training batches: one (video, caption) pair per sample; validation/test: one video with all its
   references (:mod:`tasks.data.captioning`);
 * ``predict_step`` returns ``{"captions": [str], "video_id": [str]}``;
@@ -52,9 +54,12 @@ class CaptioningTask(ZooTask):
         if backbone.get("name") != "coca":
             raise ValueError(f"task=captioning needs backbone=coca (or coca_tiny), got backbone={backbone.get('name')}")
         bb = create_backbone(backbone)
-        self.model = attach_adapter(CoCaCaptioner(bb), adapter)
-        for p in bb.text_parameters():  # frozen decoder by default, whatever the adapter marked
-            p.requires_grad_(bool(train_decoder))
+        self.model = _attach(CoCaCaptioner(bb), adapter)
+        if train_decoder:  # else the decoder's own weights train only if an adapter marks them (tower=decoder)
+            for p in bb.text_parameters():
+                p.requires_grad_(True)
+        for p in bb.fusion_parameters():  # a new temporal embedding (zero-init) trains with any adapter
+            p.requires_grad_(True)
         self.generation = {**GENERATION_DEFAULTS, **(generation or {})}
         self.metric_cfg = {"backend": "auto", "meteor_val": False, "meteor_test": True, **(metrics or {})}
         resolve_backend(self.metric_cfg["backend"])  # a bad backend name fails before training
@@ -130,6 +135,36 @@ class CaptioningTask(ZooTask):
         if not any(p.requires_grad for p in self.model.parameters()):
             return None  # nothing to train: Lightning skips the step
         return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            # the frozen baseline: one epoch's validation is the result (every further epoch would
+            # score the same model again)
+            self.trainer.should_stop = True
+
+
+def _attach(model: CoCaCaptioner, adapter: dict) -> CoCaCaptioner:
+    """:func:`tasks.base.attach_adapter`, except that an artifact (``init_from``) saved with a
+    temporal embedding gets its methods attached and the embedding marked trainable *before* its
+    tensors load (attaching freezes every backbone weight, and an artifact holds the trainable ones)."""
+    bb = model.backbone
+    extra = list(bb.fusion_parameters())
+    if not (extra and adapter.get("init_from")):
+        return attach_adapter(model, adapter)
+    from zoo import apply_adapter, hub
+    from zoo.checkpoint import load_adapter, read_adapter_config
+
+    path = str(hub.resolve_init(adapter["init_from"]))
+    methods = read_adapter_config(path)["methods"]
+    if adapter.get("name") not in (methods[0]["name"], "from-artifact"):
+        raise ValueError(f"adapter.init_from={adapter['init_from']} holds {[m['name'] for m in methods]}, "
+                         f"but adapter={adapter.get('name')}; use adapter={methods[0]['name']}")
+    for m in methods:
+        apply_adapter(model, m["name"], **(m.get("config") or {}))
+    for p in extra:
+        p.requires_grad_(True)
+    load_adapter(model, path)
+    return model
 
 
 def _gather(d: dict) -> dict:

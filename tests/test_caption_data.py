@@ -22,7 +22,7 @@ def test_frame_sampler_indices():
     with pytest.raises(ValueError, match="no frames"):
         cd.sample_indices(0, 8)
     with pytest.raises(ValueError, match="valid: center, linspace"):
-        cd.sample_indices(10, 4, "random")
+        cd.sample_indices(10, 4, "bogus")
 
 
 def _msrvtt_json(path, with_split: bool):
@@ -124,3 +124,35 @@ def test_shapes_datamodule(tmp_path):
     assert len(v["refs"][0]) == 3 and v["video_id"][0] == "video6"
     with pytest.raises(ValueError, match="valid: msrvtt, msvd, shapes"):
         cd.CaptionDataModule("youcook")
+
+
+def test_random_segment_sampling():
+    rng = np.random.default_rng(0)
+    draws = np.array([cd.sample_indices(16, 4, "random", rng) for _ in range(400)])
+    for i in range(4):  # one frame of each equal segment [4i, 4i+4), every frame of it reachable
+        assert set(draws[:, i]) == set(range(4 * i, 4 * i + 4))
+    assert cd.sample_indices(16, 4, "random", np.random.default_rng(5)) == cd.sample_indices(16, 4, "random", np.random.default_rng(5))
+    assert cd.sample_indices(3, 8, "random") == cd.sample_indices(3, 8)  # too short: the centres
+
+
+def test_motion_trail_shows_the_direction_in_one_frame():
+    def red_x(frame):  # column centroid of the reddish pixels (the shape and its paler trail copies)
+        f = frame.astype(int)
+        cols = (f[..., 0] - f[..., 2] > 60).sum(0)
+        return (np.arange(32) * cols).sum() / cols.sum()
+
+    for motion, sign in (("left", 1), ("right", -1)):
+        clip = cd.render_clip("red", "circle", motion, np.random.default_rng(1), frames=16, trail=True)
+        plain = cd.render_clip("red", "circle", motion, np.random.default_rng(1), frames=16)
+        # the same shape at the same place, plus a streak behind it: the red mass shifts against the motion
+        shifts = [sign * (red_x(clip[t]) - red_x(plain[t])) for t in (0, 8, 15)]
+        assert min(shifts) > 0.5, (motion, shifts)  # (at t=0 part of the streak is off the frame)
+
+
+def test_trail_sets_are_written_apart(tmp_path):
+    a = cd.CaptionDataModule("shapes", root=str(tmp_path), shapes_split=(2, 1, 1), img_size=32, num_frames=2)
+    b = cd.CaptionDataModule("shapes", root=str(tmp_path), shapes_split=(2, 1, 1), img_size=32, num_frames=2,
+                             trail=True, sampling="random")
+    a.setup(), b.setup()
+    assert a.load_annotations().video_dir != b.load_annotations().video_dir
+    assert b.train_set.sampling == "random" and b.val_set.sampling == b.test_set.sampling == "center"

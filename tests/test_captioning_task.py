@@ -48,8 +48,14 @@ def test_text_decoder_frozen_unless_asked(tmp_path, adapter, train_decoder):
 
 
 def test_frozen_baseline_trains_nothing_and_still_scores(tmp_path):
-    m = run_train(["experiment=tiny_caption", "adapter=linear", f"paths.data_dir={tmp_path}/data"], tmp_path)
+    m = run_train(["experiment=tiny_caption", "adapter=linear", "task.max_epochs=3", f"paths.data_dir={tmp_path}/data"],
+                  tmp_path)
     assert m["trainable_params_with_head"] == 0 and m["kind"] == "captioning"
+    import csv
+
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    # scored once by fit (not once per epoch) and once by the runner's check of the selected weights
+    assert len([r for r in rows if r.get("val/cider_d")]) == 2
     assert m["monitor"]["name"] == "val/cider_d" and m["monitor"]["value"] is not None
     assert m["test/cider_d"] is not None and m["test/bleu4"] is not None
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
@@ -64,8 +70,21 @@ def test_captioning_needs_coca(tmp_path):
 def test_caption_experiments_compose_and_chain():
     up = compose_config(["experiment=caption_upstream"])
     assert up.adapter.name == "full" and up.task.train_decoder and up.backbone.weights is None
-    for adapter in ("linear", "q_adapter", "lora"):
+    # upstream: first frames (the start position tells the direction), no trail; quickstart: trail videos
+    assert up.data.num_frames == 1 and up.data.sampling == "linspace" and not up.data.trail
+    for adapter in ("linear", "q_adapter", "lora", "coca_decoder_lora"):
         qs = compose_config(["experiment=caption_quickstart", f"adapter={adapter}"])
         assert qs.backbone.weights == up.export_backbone  # the quickstart adapts what upstream wrote
-        assert qs.data.palette == "swapped" and up.data.palette == "standard"
+        assert qs.data.trail and qs.data.num_frames > 1 and qs.backbone.kwargs == up.backbone.kwargs
         assert not qs.task.train_decoder and qs.task.optimizer.lr > 0
+    assert compose_config(["experiment=caption_quickstart", "adapter=coca_decoder_lora"]).adapter.tower == "decoder"
+
+
+def test_shapes_captions_fit_the_tiny_cocas_vocabulary():
+    import itertools
+
+    import tasks.data.captioning as cd
+
+    kw = compose_config(["experiment=caption_upstream"]).backbone.kwargs
+    caps = [t.format(c=c, s=s, d=d) for t, c, s, d in itertools.product(cd.TEMPLATES, cd.COLOURS, cd.SHAPES, cd.MOTIONS)]
+    assert {w for c in caps for w in c.split()} == set(kw.vocab)  # every caption word, nothing else

@@ -46,6 +46,9 @@ def test_vision_tower_matches_open_clip_and_keeps_its_names():
         lat, embs = ref._encode_image(x)
         lat2, embs2 = bb.encode_video(x)
     assert torch.allclose(lat, lat2, atol=1e-5) and torch.allclose(embs, embs2, atol=1e-5)
+    text = bb.tokenize(["a red square moves left", "a blue circle"])
+    with torch.no_grad():  # the decoder's explicit self/cross-attention gives open_clip's logits
+        assert torch.allclose(bb.model(x, text)["logits"], ref(x, text)["logits"], atol=1e-5)
     assert bb.block_sites(0).keys() >= {"q", "k", "v", "qkv", "o", "fc1", "fc2", "attn", "mlp", "norm1", "norm2", "tokens"}
     assert all(not p.requires_grad for p in bb.text_parameters())  # text decoder frozen by default
 
@@ -268,3 +271,140 @@ def test_beam_search_without_the_transformers_window_says_so(monkeypatch):
     monkeypatch.setattr(coca_model, "_has_transformers", False)
     with pytest.raises(RuntimeError, match=r"needs transformers>=4.41,<4.57 .*'caption' extra"):
         tiny().generate(video(), "beam_search")
+
+
+# ---------------------------------------------------------------- decoder tower, temporal embedding, vocab
+def test_decoder_tower_sites_are_self_and_cross_attention():
+    bb = tiny()
+    sites = zoo.sites.find_sites(bb, ["q", "k", "v", "o"], tower="decoder")
+    dec = bb.model.text_decoder
+    assert len(sites) == 2 * 4 * len(dec.resblocks)  # every layer: self- and cross-attention
+    paths = {s.path for s in sites}
+    for i in range(len(dec.resblocks)):
+        for part in ("resblocks", "cross_attn"):
+            assert f"model.text_decoder.{part}.{i}.attn.in_proj[k]" in paths
+            assert f"model.text_decoder.{part}.{i}.attn.out_proj" in paths
+    d = dec.width
+    q = [s for s in sites if s.kind == "v" and s.path.startswith("model.text_decoder.cross_attn.0.")][0]
+    assert q.base_module is dec.cross_attn[0].attn.in_proj and q.out_slice == slice(2 * d, 3 * d)
+    with pytest.raises(SiteError, match="unknown tower 'text' on backbone 'coca'; valid: visual | decoder | both"):
+        zoo.sites.find_sites(bb, ["q"], tower="text")
+
+
+def test_decoder_lora_is_identity_at_init_and_trains_only_its_factors():
+    bb = tiny()
+    v, text = video(), bb.tokenize(["a red square moves left", "a blue circle moves up"])
+    with torch.no_grad():
+        ref, _ = bb.caption_logits(v, text)
+    ref_ids = bb.generate(v, seq_len=12)
+    zoo.apply_adapter(bb, "lora", rank=2, targets=["q", "k", "v"], tower="decoder")
+    with torch.no_grad():
+        out, _ = bb.caption_logits(v, text)
+    assert torch.allclose(out, ref, atol=1e-6) and torch.equal(bb.generate(v, seq_len=12), ref_ids)
+    trainable = {n: p for n, p in bb.named_parameters() if p.requires_grad}
+    n_layers = len(bb.model.text_decoder.resblocks)
+    # per attention: one stacked A for q, k, v and a B per slice; self- and cross-attention of every layer
+    assert len(trainable) == 4 * 2 * n_layers
+    assert all(n.startswith("model.text_decoder.") and "lora" in n.lower() for n in trainable)
+    assert not any(p.requires_grad for p in bb.text_parameters())  # the decoder's own weights stay frozen
+    bb.train()
+    with torch.no_grad():  # open B: the deltas now change the logits, through self- *and* cross-attention
+        for n, p in trainable.items():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+    loss = bb.caption_loss(v, text)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert all(p.grad is None for n, p in bb.named_parameters() if n not in trainable)
+    cross_k = [n for n in trainable if ".cross_attn." in n]
+    assert cross_k  # the cross-attention's k/v rows read the image tokens
+
+
+def test_decoder_lora_runs_in_the_captioning_task_with_a_frozen_decoder(tmp_path):
+    from tests.helpers import compose_config
+    from tasks.runner import build_task
+
+    cfg = compose_config(["experiment=tiny_caption", "adapter=coca_decoder_lora", f"paths.data_dir={tmp_path}/data"],
+                         tmp_path / "out")
+    task = build_task(cfg)
+    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".text_decoder." in n for n in trainable)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "flatten"])
+def test_temporal_embedding_starts_as_before_and_learns_frame_order(fusion):
+    base, te = tiny(fusion=fusion), tiny(fusion=fusion, temporal_embedding=4)
+    assert te.fingerprint() == base.fingerprint()  # same base weights; the embedding is new
+    v, text = video(t=3), base.tokenize(["a red square moves left", "a blue circle moves up"])
+    with torch.no_grad():
+        assert torch.equal(te.encode_video(v)[1], base.encode_video(v)[1])  # zero-init: exactly the old model
+        rev = v.flip(1)
+        # without it the captioner is blind to frame order (no positions across frames)
+        assert torch.allclose(te.caption_logits(rev, text)[0], te.caption_logits(v, text)[0], atol=1e-5)
+    te.caption_loss(v, text).backward()
+    assert te.temporal_embedding.grad is not None and te.temporal_embedding.grad[:3].abs().sum() > 0
+    assert te.temporal_embedding.grad[3:].abs().sum() == 0  # slot 4 unused by a 3-frame video
+    with torch.no_grad():
+        te.temporal_embedding.normal_()
+        if fusion == "concat":  # e_t on frame t's caption tokens
+            n = base.encode_video(v[:, 1])[1].shape[1]
+            embs = te.encode_video(v)[1]
+            assert torch.allclose(embs[:, n:2 * n], base.encode_video(v[:, 1])[1] + te.temporal_embedding[1], atol=1e-5)
+        else:  # e_t on frame t's ViT tokens, before CoCa's attentional pooler
+            vis = base.model.visual
+            x = vis.transformer(vis._embeds(v.flatten(0, 1))).reshape(2, 3, -1, vis.transformer.width)
+            ref = vis._pool((x + te.temporal_embedding[:3, None, :]).flatten(1, 2))[1]
+            assert torch.allclose(te.encode_video(v)[1], ref, atol=1e-5)
+        assert not torch.allclose(te.caption_logits(rev, text)[0], te.caption_logits(v, text)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="5 frames but backbone.temporal_embedding has 4 frame slots"):
+        te.encode_video(video(t=5))
+
+
+def test_temporal_embedding_refused_with_pool():
+    with pytest.raises(ValueError, match="temporal_embedding needs backbone.fusion=flatten or concat"):
+        tiny(fusion="pool", temporal_embedding=4)
+
+
+def test_temporal_embedding_trains_with_any_adapter_in_the_task(tmp_path):
+    from tests.helpers import compose_config
+    from tasks.runner import build_task
+
+    cfg_overrides = ["experiment=tiny_caption", "adapter=linear", "backbone.fusion=concat",
+                     "+backbone.temporal_embedding=2", f"paths.data_dir={tmp_path}/data"]
+    cfg = compose_config(cfg_overrides, tmp_path / "out")
+    torch.manual_seed(0)  # a random tiny CoCa: the same base weights both times
+    task = build_task(cfg)
+    assert [n for n, p in task.model.named_parameters() if p.requires_grad] == ["backbone.temporal_embedding"]
+    # saved with the adapter's tensors, and loaded back into a fresh task (eval.py's init_from path)
+    with torch.no_grad():
+        task.model.backbone.temporal_embedding.normal_()
+    art = zoo.save_adapter(task.model, tmp_path / "art")
+    torch.manual_seed(0)
+    again = build_task(compose_config([*cfg_overrides, f"+adapter.init_from={art}"], tmp_path / "out2"))
+    assert torch.equal(again.model.backbone.temporal_embedding, task.model.backbone.temporal_embedding)
+
+
+def test_compact_vocab_round_trips_and_generates_in_it():
+    import open_clip
+
+    words = ["a", "red", "blue", "square", "moves", "left"]
+    bb = tiny(vocab=words)
+    table = bb.token_table.tolist()
+    assert table[0] == 0 and table[-2:] == [SOT, EOT] and len(table) == len(words) + 3
+    assert bb.model.text_decoder.text_projection.shape[1] == len(table) == bb.model.text.token_embedding.num_embeddings
+    ids = bb.tokenize(["a red square moves left", "a blue square"])
+    bpe = open_clip.tokenize(["a red square moves left", "a blue square"], context_length=bb.context_length)
+    assert torch.equal(bb.token_table[ids], bpe)  # compact ids map back to open_clip's exactly
+    assert bb.decode(ids) == ["a red square moves left", "a blue square"]
+    out = bb.generate(video(), seq_len=8)
+    assert out[:, 0].eq(bb.sot_id).all() and int(out.max()) < len(table)
+    assert all(isinstance(s, str) for s in bb.decode(out))
+    from open_clip import coca_model
+
+    if coca_model._has_transformers:  # open_clip's beam search, told the compact SOT/EOT
+        beam = bb.generate(video(), "beam_search", seq_len=8, num_beams=2, num_beam_groups=1, min_seq_len=2)
+        assert beam[:, 0].eq(bb.sot_id).all() and int(beam.max()) < len(table)
+    with pytest.raises(ValueError, match=r"caption word\(s\) \['green'\] are not in this CoCa's vocabulary"):
+        bb.tokenize(["a green square"])
+    again = zoo.create_backbone("coca", model="coca_ViT-B-32", pretrained=None, **bb.build_kwargs)
+    assert again.token_table.tolist() == table  # the vocab is part of what rebuilds the backbone

@@ -99,7 +99,8 @@ def resolve_tower(model: nn.Module, bb: Backbone, tower) -> nn.Module:
 
     * a model with towers of its own (``zoo.seg.SamSegmenter``: ``encoder`` | ``decoder``, the
       mask decoder's two-way transformer) gives them as :class:`Backbone` views (``model.tower``);
-    * a backbone with several towers (CLIP: ``visual`` | ``text`` | ``both``) is its own provider:
+    * a backbone with several towers (CLIP: ``visual`` | ``text`` | ``both``; CoCa: ``visual`` |
+      ``decoder``) is its own provider:
       ``Adapter.sites`` selects its towers (:func:`zoo.sites.find_sites`);
     * anything else has one tower and refuses the option.
     """
@@ -111,7 +112,7 @@ def resolve_tower(model: nn.Module, bb: Backbone, tower) -> nn.Module:
         return bb
     raise SiteError(
         f"tower={tower!r}: backbone {bb.family!r} has a single tower and {type(model).__name__} has only its "
-        f"backbone's blocks; towers exist on clip (visual | text | both) and on SAM's segmenter (encoder | decoder). "
+        f"backbone's blocks; towers exist on clip (visual | text | both), coca (visual | decoder) and on SAM's segmenter (encoder | decoder). "
         f"Leave tower unset"
     )
 

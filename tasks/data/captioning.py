@@ -19,7 +19,8 @@ Conventions (``shared/reference/clip_fewshot_captioning.md`` §2.1):
 
 The embedded dataset ``shapes`` renders short clips of one coloured shape moving in one direction,
 with templated captions ("a red square moves left"), written once as real ``.mp4`` files in the
-MSR-VTT layout so the same reader and decoder are exercised.
+MSR-VTT layout so the same reader and decoder are exercised. ``trail=True`` draws a motion streak
+behind the shape, so one frame shows the direction (plain clips show it only in frame order).
 """
 from __future__ import annotations
 
@@ -41,28 +42,34 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.data.vtab import EpochSeededSampler
 
 DATASETS = ("msrvtt", "msvd", "shapes")
-SAMPLINGS = ("center", "linspace")
+SAMPLINGS = ("center", "linspace", "random")
 MSRVTT_SPLIT = (6513, 497, 2990)
 MSVD_SPLIT = (1200, 100, 670)
 FRAME_EXT = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ------------------------------------------------------------------------------------ frames
-def sample_indices(n: int, k: int, sampling: str = "center") -> list[int]:
-    """``k`` frame indices out of ``n``: segment centres ``floor((i + ½) n / k)`` or CLIP4Clip's
-    ``round(linspace(0, n-1, k))``; fewer than ``k`` frames repeat some (the count stays ``k``)."""
+def sample_indices(n: int, k: int, sampling: str = "center", rng: np.random.Generator | None = None) -> list[int]:
+    """``k`` frame indices out of ``n``: segment centres ``floor((i + ½) n / k)``, CLIP4Clip's
+    ``round(linspace(0, n-1, k))``, or (``random``, TSN's training-time sampling) one uniformly
+    random frame of each of the ``k`` equal segments ``[floor(i n / k), floor((i+1) n / k))``;
+    fewer than ``k`` frames repeat some (the count stays ``k``)."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown frame sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
     if n < 1:
         raise ValueError("a video with no frames cannot be sampled")
     if k < 1:
         raise ValueError(f"num_frames must be >= 1, got {k}")
-    if sampling == "center":
+    if sampling == "center" or (sampling == "random" and n < k):
         return [min(n - 1, int(math.floor((i + 0.5) * n / k))) for i in range(k)]
+    if sampling == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        return [int(rng.integers(i * n // k, (i + 1) * n // k)) for i in range(k)]
     return [int(round(x)) for x in np.linspace(0, n - 1, k)]
 
 
-def read_frames(path: str | os.PathLike, k: int, sampling: str = "center") -> np.ndarray:
+def read_frames(path: str | os.PathLike, k: int, sampling: str = "center",
+                rng: np.random.Generator | None = None) -> np.ndarray:
     """(k, H, W, 3) uint8 frames of a video file (PyAV) or a folder of frame images."""
     path = Path(path)
     if path.is_dir():
@@ -71,7 +78,7 @@ def read_frames(path: str | os.PathLike, k: int, sampling: str = "center") -> np
             raise ValueError(f"frame folder {path} has no images ({', '.join(FRAME_EXT)})")
         from PIL import Image
 
-        return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in sample_indices(len(files), k, sampling)])
+        return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in sample_indices(len(files), k, sampling, rng)])
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path} (check data.root / data.video_dir)")
     try:
@@ -85,7 +92,7 @@ def read_frames(path: str | os.PathLike, k: int, sampling: str = "center") -> np
         raise ValueError(f"cannot decode video {path}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
     if not frames:
         raise ValueError(f"cannot decode video {path}: it has no frames")
-    return np.stack([frames[i] for i in sample_indices(len(frames), k, sampling)])
+    return np.stack([frames[i] for i in sample_indices(len(frames), k, sampling, rng)])
 
 
 # ------------------------------------------------------------------------------------ annotations
@@ -182,6 +189,8 @@ class CaptionDataset(Dataset):
     """``train``: one item per (video, caption); ``eval``: one item per video with all references.
 
     Items: ``{"frames": (K, 3, H, W) float, "caption": str, "refs": [str], "video_id": str}``.
+    ``sampling="random"`` draws from torch's global generator (seeded by the run), so a seeded run
+    repeats its frames.
     """
 
     def __init__(self, ann: Annotations, split: str, mode: str, num_frames: int = 8, sampling: str = "center",
@@ -199,7 +208,8 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         vid, cap = self.items[i]
-        frames = torch.from_numpy(read_frames(self.ann.video_path(vid), self.num_frames, self.sampling))
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, ()))) if self.sampling == "random" else None
+        frames = torch.from_numpy(read_frames(self.ann.video_path(vid), self.num_frames, self.sampling, rng))
         frames = frames.permute(0, 3, 1, 2).float().div(255)  # (K, 3, H, W) in [0, 1]
         if self.transform is not None:
             frames = self.transform(frames)
@@ -231,11 +241,16 @@ SHAPES_SPLIT = (96, 24, 24)
 # palette=swapped: each colour *name* is drawn with another colour's RGB (a derangement), a
 # controlled domain shift for adaptation (the words are known, what they look like changed)
 PALETTES = {"standard": {c: c for c in COLOURS}, "swapped": {"red": "blue", "green": "red", "blue": "yellow", "yellow": "green"}}
+# trail=True: a motion streak (what a long exposure shows) behind the shape, fading copies at these
+# distances behind it (fractions of the image) with these opacities; it makes the direction of
+# motion visible in every single frame, where plain clips show it only in the frames' order
+TRAIL = ((0.15, 0.15), (0.10, 0.3), (0.05, 0.5))
 
 
 def render_clip(colour: str, shape: str, motion: str, rng: np.random.Generator, frames: int = 16,
-                palette: str = "standard") -> np.ndarray:
-    """(frames, 32, 32, 3) uint8: one shape crossing a noisy grey background in direction ``motion``."""
+                palette: str = "standard", trail: bool = False) -> np.ndarray:
+    """(frames, 32, 32, 3) uint8: one shape crossing a noisy grey background in direction ``motion``
+    (with ``trail``: fading copies behind it, :data:`TRAIL`)."""
     from tasks.data.synthetic import _finish, shape_mask
 
     kind = {"triangle": "arrow"}.get(shape, shape)
@@ -248,7 +263,11 @@ def render_clip(colour: str, shape: str, motion: str, rng: np.random.Generator, 
     for t in range(frames):
         cx, cy = start + 0.6 * (t / max(frames - 1, 1)) * np.array([dx, dy])
         img = np.broadcast_to(bg, (64, 64, 3)).copy() + rng.normal(0, 0.03, (64, 64, 3))
-        img[shape_mask(kind, cx, cy, size, angle)] = COLOURS[PALETTES[palette][colour]]
+        rgb = np.array(COLOURS[PALETTES[palette][colour]])
+        for dist, alpha in TRAIL if trail else ():
+            m = shape_mask(kind, cx - dist * dx, cy - dist * dy, size, angle)
+            img[m] = (1 - alpha) * img[m] + alpha * rgb
+        img[shape_mask(kind, cx, cy, size, angle)] = rgb
         out.append(_finish(img))
     return np.stack(out)
 
@@ -270,7 +289,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
 
 
 def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, seed: int = 0, frames: int = 16,
-                 palette: str = "standard") -> Path:
+                 palette: str = "standard", trail: bool = False) -> Path:
     """Write the moving-shapes set in the MSR-VTT layout (``msrvtt.json`` + ``videos/``) once, atomically."""
     if palette not in PALETTES:
         raise ValueError(f"unknown palette {palette!r}; valid: {', '.join(PALETTES)}")
@@ -289,7 +308,7 @@ def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, s
         for i, name in enumerate(names):
             c, s, d = combos[int(rng.integers(len(combos)))] if name == "train" else combos[i % len(combos)]
             vid = f"video{i}"
-            write_video(tmp / "videos" / f"{vid}.mp4", render_clip(c, s, d, rng, frames, palette))
+            write_video(tmp / "videos" / f"{vid}.mp4", render_clip(c, s, d, rng, frames, palette, trail))
             videos.append({"video_id": vid, "split": name, "category": 0})
             sentences += [{"video_id": vid, "caption": t.format(c=c, s=s, d=d), "sen_id": len(sentences)} for t in TEMPLATES]
         (tmp / "msrvtt.json").write_text(json.dumps({"info": {"source": "adapter-zoo moving shapes"}, "videos": videos,
@@ -314,7 +333,7 @@ class CaptionDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  max_train: int | None = None, max_eval: int | None = None,
                  shapes_split: Sequence[int] = SHAPES_SPLIT, palette: str = "standard", shapes_seed: int = 0,
-                 **_: object):
+                 trail: bool = False, **_: object):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown captioning dataset {dataset!r}; valid: {', '.join(DATASETS)}")
@@ -324,14 +343,15 @@ class CaptionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.max_train, self.max_eval = num_workers, max_train, max_eval
         self.shapes_split = tuple(int(n) for n in shapes_split)
-        self.palette, self.shapes_seed = palette, int(shapes_seed)
+        self.palette, self.shapes_seed, self.trail = palette, int(shapes_seed), bool(trail)
         self.transform = frame_transform(img_size, mean, std)
         self.has_val = True
 
     def load_annotations(self) -> Annotations:
         if self.dataset == "shapes":
-            name = f"{self.palette}-{'x'.join(map(str, self.shapes_split))}-s{self.shapes_seed}"
-            folder = write_shapes(self.root / name, self.shapes_split, self.shapes_seed, palette=self.palette)
+            name = f"{self.palette}{'-trail' if self.trail else ''}-{'x'.join(map(str, self.shapes_split))}-s{self.shapes_seed}"
+            folder = write_shapes(self.root / name, self.shapes_split, self.shapes_seed, palette=self.palette,
+                                  trail=self.trail)
             return load_msrvtt(folder / "msrvtt.json", folder / "videos")
         if self.dataset == "msrvtt":
             return load_msrvtt(self.root / (self.annotations or "MSRVTT_data.json"), self.root / (self.video_dir or "videos"))
@@ -339,10 +359,12 @@ class CaptionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         ann = self.load_annotations()
-        kw = dict(num_frames=self.num_frames, sampling=self.sampling, transform=self.transform)
-        self.train_set = _subset(CaptionDataset(ann, "train", "train", **kw), self.max_train)
-        self.val_set = _subset(CaptionDataset(ann, "val", "eval", **kw), self.max_eval)
-        self.test_set = _subset(CaptionDataset(ann, "test", "eval", **kw), self.max_eval)
+        kw = dict(num_frames=self.num_frames, transform=self.transform)
+        # random (TSN) sampling is a training-time augmentation: evaluation reads segment centres
+        ev = "center" if self.sampling == "random" else self.sampling
+        self.train_set = _subset(CaptionDataset(ann, "train", "train", sampling=self.sampling, **kw), self.max_train)
+        self.val_set = _subset(CaptionDataset(ann, "val", "eval", sampling=ev, **kw), self.max_eval)
+        self.test_set = _subset(CaptionDataset(ann, "test", "eval", sampling=ev, **kw), self.max_eval)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
