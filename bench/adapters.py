@@ -1,28 +1,37 @@
-"""What each adapter costs: ``python -m bench.adapters [--model ... --img-size ... --device ...]``.
+"""What each adapter costs: ``python -m bench.adapters [--backbone vit|ast|clip|sam|morph|nafnet|coca] ...``.
 
-One row per registered adapter (``zoo.list_adapters()``, each with its default config), plus:
+One row per registered adapter (``zoo.list_adapters()``, each with its default config), on the
+model the backbone's task trains (``bench.profiles``: a timm classifier for vit/ast, CLIP with its
+text-derived head, the SAM segmenter with its mask decoder, MORPH's next-frame predictor, NAFNet,
+the CoCa captioner), plus:
 
-* ``frozen floor``: forward + backward through the frozen backbone with no weight gradient
-  (only a 3-value input bias trains, so gradients must flow through every block). No PEFT
-  method that trains something inside the first block can be cheaper than this;
-* ``lora[qkv]`` and ``peft-lora[qkv]``: our LoRA and peft's LoRA on the *same* targets, the
+* ``frozen floor``: forward + backward through the frozen model with no weight gradient (only an
+  input bias trains, so gradients must flow through every block). No PEFT method that trains
+  something inside the first block can be cheaper than this. CLIP adds ``frozen floor [text]``
+  (class prompts re-encoded through the frozen text tower every step) for its ``head=text`` rows;
+  every row's ratios are taken against its own floor;
+* the backbone's recipe rows (CLIP-LoRA, SAMed / SALT / decoder-only, MORPH's levels 1-4, conv
+  LoRA / CoLoRA on NAFNet), built from ``conf/adapter/*.yaml``;
+* vit/ast: ``lora[qkv]`` and ``peft-lora[qkv]``: our LoRA and peft's LoRA on the *same* targets, the
   whole fused ``qkv`` Linear (peft cannot target the q and v row slices of timm's fused
   projection), at the same rank and alpha: the fair speed comparison.
 
 For every row: trainable parameters in the backbone (count and % of the backbone; the task
 head trains in every row except the floor and is not counted), artifact size on disk
 (``zoo.save_adapter``; peft: the weights + config that ``save_pretrained`` writes, without its
-README card), training step time (forward, loss, backward, optimizer step), peak memory (a
-fresh subprocess per row: CUDA max allocated, or peak resident set size on CPU), and inference
-time unmerged and merged (``zoo.merge_adapters(unload=True)``; peft ``merge_and_unload``).
+README card), training step time (forward, the task's loss, backward, optimizer step), its FLOPs,
+peak memory (a fresh subprocess per row: CUDA max allocated, or peak resident set size on CPU;
+and the step's own share of it), and inference time unmerged and merged
+(``zoo.merge_adapters(unload=True)``; peft ``merge_and_unload``).
 
 Times are medians. Rows are timed in interleaved rounds (each round times every row once,
 after a warm-up), and each ratio is the median over rounds of the per-round ratio to the two
-references timed in the same round: the frozen floor (inference: the plain backbone) and
+references timed in the same round: the row's frozen floor (inference: the plain model) and
 peft's LoRA, so slow drifts of a shared machine cancel out.
 
-Methods whose ``apply_adapter``/``prepare``/training step fail with defaults (e.g. ones that
-need task ids) are skipped with the reason printed and listed under the table.
+Methods whose ``apply_adapter``/``prepare``/training step fail with defaults (a method that refuses
+the backbone with a SiteError, one that needs task ids) are skipped with the one-line reason printed
+and listed under the table.
 """
 from __future__ import annotations
 
@@ -67,7 +76,8 @@ EXTRA_ROWS = ("compile", "ckpt")
 
 
 def adapter_row(prof: BenchProfile, name: str) -> Row:
-    return Row(name, "zoo", name, dict(BENCH_CONFIG.get(name, {})), opts=prof.row_opts(name))
+    opts = prof.row_opts(name)
+    return Row(name, "zoo", name, dict(BENCH_CONFIG.get(name, {})), opts=opts, ref=prof.ref_for(opts))
 
 
 def default_rows(adapters: list[str] | None, extras: list[str] = (), prof: BenchProfile | None = None,
@@ -309,18 +319,33 @@ def ratios(times: dict[str, list[float]], ref: str) -> dict[str, float | None]:
 
 
 # ---------------------------------------------------------------------------- memory
-def peak_memory_child(args, row: Row) -> int:
-    """Run in a fresh process: build ``row``, do a few training steps, return the peak bytes."""
+def peak_memory_child(args, row: Row) -> tuple[int, int]:
+    """Run in a fresh process: build ``row``, do a few training steps; return the peak bytes and the
+    bytes in use once the model and the batch are built (CUDA allocated, or the resident set size)."""
     b = build(args, row)
     x, y = synthetic_batches(args, 1)[0]
+    sync(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        base = int(torch.cuda.memory_allocated())
+    else:
+        base = current_rss()
     for _ in range(2):
         b.step(x, y)
     sync(args.device)
     if args.device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    return peak_rss()
+        return int(torch.cuda.max_memory_allocated()), base
+    return peak_rss(), base
+
+
+def current_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss() -> int:
@@ -339,7 +364,9 @@ def peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def peak_memory(args, row: Row) -> int | None:
+def peak_memory(args, row: Row, with_base: bool = False):
+    """Peak bytes of ``row``'s training steps in a fresh process (``with_base``: and the bytes in use
+    before the first step, as a pair), or None when the child failed."""
     cmd = [sys.executable, "-m", "bench.adapters", *child_argv(args), "--_memory-row", json.dumps(asdict(row))]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
@@ -347,7 +374,8 @@ def peak_memory(args, row: Row) -> int | None:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     for line in res.stdout.splitlines()[::-1]:
         if line.startswith("PEAK_BYTES "):
-            return int(line.split()[1])
+            peak, base = (int(v) for v in line.split()[1:3])
+            return (peak, base) if with_base else peak
     log(args, f"  memory of {row.label!r} failed: {res.stderr.strip().splitlines()[-1:] }")
     return None
 
@@ -449,7 +477,7 @@ def run(args) -> dict:
             "merged_x_floor": r_merged["floor"].get(lab), "merged_x_peft": r_merged["peft"].get(lab),
         })
     by_label = {r["label"]: r for r in results}
-    summary["checks"] = prof.checks(by_label, train)
+    summary["checks"] = prof.checks(by_label, train, args)
     return {"rows": results, "skipped": skipped, "summary": summary, "built": built}
 
 
@@ -520,17 +548,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise SystemExit("--device cuda: no CUDA device available")
 
     if args.memory_row is not None:  # child process of peak_memory()
-        print(f"PEAK_BYTES {peak_memory_child(args, Row(**json.loads(args.memory_row)))}", flush=True)
+        print("PEAK_BYTES {} {}".format(*peak_memory_child(args, Row(**json.loads(args.memory_row)))), flush=True)
         return None
 
     res = run(args)
     if args.memory == "subprocess":
         log(args, "measuring peak memory (one fresh process per row)")
         for r, b in zip(res["rows"], res["built"]):  # a compiled row would compile again: not measured
-            r["peak_bytes"] = None if b.row.compile else peak_memory(args, b.row)
+            pb = None if b.row.compile else peak_memory(args, b.row, with_base=True)
+            r["peak_bytes"], r["step_mem_bytes"] = (pb[0], max(0, pb[0] - pb[1])) if pb else (None, None)
     else:
         for r in res["rows"]:
-            r["peak_bytes"] = None
+            r["peak_bytes"] = r["step_mem_bytes"] = None
     mem = {r["label"]: r["peak_bytes"] for r in res["rows"]}
     for r in res["rows"]:
         floor_mem = mem.get(r["ref"])
@@ -552,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 # ---------------------------------------------------------------------------- output
 COLUMNS = ["method", "config", "trainable", "%", "artifact", "step ms", "×floor", "×peft", "step GFLOP",
-           "FLOP ×floor", "peak mem", "mem ×floor", "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
+           "FLOP ×floor", "peak mem", "mem ×floor", "step mem", "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
 
 
 def _fmt_ratio(v) -> str:
@@ -584,7 +613,8 @@ def table_cells(r: dict) -> list[str]:
     return [r["label"], r["config"], _fmt_count(r["trainable"]), f"{r['trainable_pct']:.3f}",
             _fmt_bytes(r["artifact_bytes"]), _fmt_ms(r["train_s"]), _fmt_ratio(r["train_x_floor"]),
             _fmt_ratio(r["train_x_peft"]), _fmt_gflop(r.get("step_flops")), _fmt_ratio(r.get("flops_x_floor")),
-            _fmt_bytes(r.get("peak_bytes")), _fmt_ratio(r.get("mem_x_floor")), _fmt_ms(r["infer_s"]),
+            _fmt_bytes(r.get("peak_bytes")), _fmt_ratio(r.get("mem_x_floor")),
+            _fmt_bytes(r.get("step_mem_bytes")), _fmt_ms(r["infer_s"]),
             _fmt_ratio(r["infer_x_floor"]), _fmt_ratio(r["infer_x_peft"]), _fmt_ms(r["merged_s"]),
             _fmt_ratio(r["merged_x_floor"]), _fmt_ratio(r["merged_x_peft"])]
 
@@ -630,7 +660,9 @@ def markdown(res: dict, args, cmd: str) -> str:
         "for peft, `save_pretrained` (adapter_model.safetensors + adapter_config.json, head via "
         "`modules_to_save`, model-card README excluded).",
         f"- **step**: forward + cross-entropy + backward + AdamW step (zoo rows also run the adapter hooks "
-        f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row.",
+        f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row; "
+        f"**step mem**: that peak minus what the process held once the model and the batch were built (the "
+        f"training step's own working memory: activations, gradients, optimizer state).",
         f"- **×floor / ×peft**: median over rounds of the per-round ratio to the row's floor (training: "
         f"{prof.floor_note}; inference: the plain model)"
         + (f" and to `{PEFT_ROW}` (for merged inference: peft's *unmerged* inference)." if prof.peft else "."),

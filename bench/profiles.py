@@ -119,10 +119,11 @@ class BenchProfile:
     default_img_size: int = 224
     recipe_rows: Callable[[Any], list[Row]] = lambda a: []
     row_opts: Callable[[str], dict] = lambda name: {}  # the model options of a registered adapter's row
+    ref_for: Callable[[dict], str] = lambda opts: FLOOR  # the floor of a row with these model options
     after_attach: Callable[[nn.Module], None] = lambda m: None
     peft: bool = False  # timm's fused qkv: the lora[qkv] / peft rows
     notes: Callable[[Any], list[str]] = lambda a: []
-    checks: Callable[[dict, dict], list[str]] = lambda rows, train: []  # (rows by label, per-round times)
+    checks: Callable[[dict, dict, Any], list[str]] = lambda rows, train, args: []  # (rows by label, round times)
     extra_args: tuple[str, ...] = ()  # argparse dests forwarded to the memory subprocess
     skip_notes: dict = field(default_factory=dict)  # adapter -> why it fails here, added to its skip line
 
@@ -219,7 +220,26 @@ def _per_round(train: dict, a: str, b: str) -> float | None:
     return statistics.median(x / y for x, y in zip(train[a], train[b]))
 
 
-def _clip_checks(rows: dict, train: dict) -> list[str]:
+RECIPE_BATCH = 32  # CLIP-LoRA's batch
+CLASS_COUNTS = {"EuroSAT": 10, "DTD": 47, "Caltech101": 100, "SUN397": 397, "ImageNet": 1000}
+
+
+def clip_lora_flop_ratio(rows: dict, batch: int, classes: int, at_batch: int, at_classes: int) -> float | None:
+    """CLIP-LoRA's step FLOPs over the text floor's at another batch size / class count, from this run's
+    counts: the visual floor's FLOPs scale with the images, the text tower's forward (text floor − visual
+    floor) and CLIP-LoRA's extra (text backward + LoRA terms; the visual LoRA terms at r=2 are taken to
+    scale with the classes too, an over-estimate of < 1%) with the class prompts."""
+    try:
+        fv = rows[FLOOR]["step_flops"]
+        ft = rows[TEXT_FLOOR]["step_flops"] - fv
+        fl = rows["CLIP-LoRA"]["step_flops"] - rows[TEXT_FLOOR]["step_flops"]
+    except (KeyError, TypeError):
+        return None
+    v, t = fv * at_batch / batch, at_classes / classes
+    return (v + (ft + fl) * t) / (v + ft * t)
+
+
+def _clip_checks(rows: dict, train: dict, args) -> list[str]:
     out = []
     a = _per_round(train, "CLIP-LoRA", TEXT_FLOOR)
     if a is not None:
@@ -235,6 +255,12 @@ def _clip_checks(rows: dict, train: dict) -> list[str]:
                    f"{b:.2f}×" + (f"; the same LoRA re-encoding the frozen class prompts every step (head=text): "
                                   f"{d:.2f}×" if d is not None else "")
                    + (f"; the text floor / the visual floor: {c:.2f}×" if c is not None else ""))
+    preds = {k: clip_lora_flop_ratio(rows, args.batch_size, args.num_classes, RECIPE_BATCH, n)
+             for k, n in CLASS_COUNTS.items()}
+    if all(v is not None for v in preds.values()):
+        out.append(f"(a) at the recipe's batch {RECIPE_BATCH}, CLIP-LoRA FLOPs / text-floor FLOPs predicted from "
+                   "this run's counts (visual work ∝ images, text work ∝ classes): "
+                   + ", ".join(f"{k} ({CLASS_COUNTS[k]} classes) {v:.2f}×" for k, v in preds.items()))
     return out
 
 
@@ -246,11 +272,12 @@ CLIP = BenchProfile(
     "trains (the ViT-style floor); `frozen floor [text]`: head=text, both towers frozen, the class prompts "
     "encoded through the text tower at every step (no gradient needed there: autograd records nothing in the "
     "frozen text tower), gradients through the visual tower to the input only",
-    recipe_rows=_clip_rows, row_opts=lambda name: {"head": "linear"} if name == "linear" else {},
+    recipe_rows=_clip_rows, row_opts=lambda name: {"linear": {"head": "linear"}, "coop": {"head": "text"}}.get(name, {}),
+    ref_for=lambda opts: TEXT_FLOOR if opts.get("head") == "text" else FLOOR,
     checks=_clip_checks,
     notes=lambda a: [
         "Rows without `head=` use `head=zeroshot` (cached class text features; adapters on the visual tower, their "
-        "default) and compare to `frozen floor`; `head=text` rows (class prompts re-encoded through the text "
+        "default) and compare to `frozen floor`; `head=text` rows (CoOp's learned context needs them) (class prompts re-encoded through the text "
         f"tower every step) compare to `{TEXT_FLOOR}`. `CLIP-LoRA` is `conf/adapter/clip_lora.yaml` (q, k, v of "
         "both towers, r=2, alpha=1, rsLoRA scale, dropout 0.25); `linear` uses `head=linear` (the zero-shot "
         "weights as a trainable Linear).",
