@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--memory", choices=["subprocess", "skip"], default="subprocess",
                    help="peak memory per row in a fresh subprocess (or skip it)")
+    p.add_argument("--memory-jobs", type=int, default=1,
+                   help="memory subprocesses run at once (each row is still measured alone in its own process)")
     p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
     p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
@@ -554,8 +556,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     res = run(args)
     if args.memory == "subprocess":
         log(args, "measuring peak memory (one fresh process per row)")
-        for r, b in zip(res["rows"], res["built"]):  # a compiled row would compile again: not measured
-            pb = None if b.row.compile else peak_memory(args, b.row, with_base=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def measure(b):  # a compiled row would compile again: not measured
+            return None if b.row.compile else peak_memory(args, b.row, with_base=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.memory_jobs)) as pool:  # each row its own process
+            peaks = list(pool.map(measure, res["built"]))
+        for r, pb in zip(res["rows"], peaks):
             r["peak_bytes"], r["step_mem_bytes"] = (pb[0], max(0, pb[0] - pb[1])) if pb else (None, None)
     else:
         for r in res["rows"]:
