@@ -262,6 +262,17 @@ def step_flops(b: Built, x: torch.Tensor, y: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def flops_or_none(args, b: Built, x, y) -> int | None:
+    """The step's FLOPs, or None (logged) when counting fails while the step itself works (e.g. a
+    method that takes autograd.grad of a teacher pass inside torch's FlopCounterMode)."""
+    try:
+        return step_flops(b, x, y)
+    except Exception as e:  # noqa: BLE001 - the row is still timed, its FLOP cells stay empty
+        b.model.zero_grad(set_to_none=True)
+        log(args, f"  FLOPs of {b.row.label!r} not counted: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return None
+
+
 # ---------------------------------------------------------------------------- timing
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -407,7 +418,7 @@ def run(args) -> dict:
             b = build(args, row)
             b.step(x, y)  # one step must work with defaults, else the method needs more than we give it
             b.trainable, b.artifact = trainable_in_backbone(b), artifact_bytes(b)  # before any merge
-            b.flops = None if row.compile else step_flops(b, x, y)  # compiled: same arithmetic as eager
+            b.flops = None if row.compile else flops_or_none(args, b, x, y)  # compiled: same arithmetic as eager
             built.append(b)
         except Exception as e:  # noqa: BLE001 - report and go on with the other methods
             skipped[row.label] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
