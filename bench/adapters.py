@@ -1,28 +1,37 @@
-"""What each adapter costs: ``python -m bench.adapters [--model ... --img-size ... --device ...]``.
+"""What each adapter costs: ``python -m bench.adapters [--backbone vit|ast|clip|sam|morph|nafnet|coca] ...``.
 
-One row per registered adapter (``zoo.list_adapters()``, each with its default config), plus:
+One row per registered adapter (``zoo.list_adapters()``, each with its default config), on the
+model the backbone's task trains (``bench.profiles``: a timm classifier for vit/ast, CLIP with its
+text-derived head, the SAM segmenter with its mask decoder, MORPH's next-frame predictor, NAFNet,
+the CoCa captioner), plus:
 
-* ``frozen floor``: forward + backward through the frozen backbone with no weight gradient
-  (only a 3-value input bias trains, so gradients must flow through every block). No PEFT
-  method that trains something inside the first block can be cheaper than this;
-* ``lora[qkv]`` and ``peft-lora[qkv]``: our LoRA and peft's LoRA on the *same* targets, the
+* ``frozen floor``: forward + backward through the frozen model with no weight gradient (only an
+  input bias trains, so gradients must flow through every block). No PEFT method that trains
+  something inside the first block can be cheaper than this. CLIP adds ``frozen floor [text]``
+  (class prompts re-encoded through the frozen text tower every step) for its ``head=text`` rows;
+  every row's ratios are taken against its own floor;
+* the backbone's recipe rows (CLIP-LoRA, SAMed / SALT / decoder-only, MORPH's levels 1-4, conv
+  LoRA / CoLoRA on NAFNet), built from ``conf/adapter/*.yaml``;
+* vit/ast: ``lora[qkv]`` and ``peft-lora[qkv]``: our LoRA and peft's LoRA on the *same* targets, the
   whole fused ``qkv`` Linear (peft cannot target the q and v row slices of timm's fused
   projection), at the same rank and alpha: the fair speed comparison.
 
 For every row: trainable parameters in the backbone (count and % of the backbone; the task
 head trains in every row except the floor and is not counted), artifact size on disk
 (``zoo.save_adapter``; peft: the weights + config that ``save_pretrained`` writes, without its
-README card), training step time (forward, loss, backward, optimizer step), peak memory (a
-fresh subprocess per row: CUDA max allocated, or peak resident set size on CPU), and inference
-time unmerged and merged (``zoo.merge_adapters(unload=True)``; peft ``merge_and_unload``).
+README card), training step time (forward, the task's loss, backward, optimizer step), its FLOPs,
+peak memory (a fresh subprocess per row: CUDA max allocated, or peak resident set size on CPU;
+and the step's own share of it), and inference time unmerged and merged
+(``zoo.merge_adapters(unload=True)``; peft ``merge_and_unload``).
 
 Times are medians. Rows are timed in interleaved rounds (each round times every row once,
 after a warm-up), and each ratio is the median over rounds of the per-round ratio to the two
-references timed in the same round: the frozen floor (inference: the plain backbone) and
+references timed in the same round: the row's frozen floor (inference: the plain model) and
 peft's LoRA, so slow drifts of a shared machine cancel out.
 
-Methods whose ``apply_adapter``/``prepare``/training step fail with defaults (e.g. ones that
-need task ids) are skipped with the reason printed and listed under the table.
+Methods whose ``apply_adapter``/``prepare``/training step fail with defaults (a method that refuses
+the backbone with a SiteError, one that needs task ids) are skipped with the one-line reason printed
+and listed under the table.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -38,60 +48,20 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import zoo
 
-FLOOR = "frozen floor"
-PEFT_ROW = "peft-lora[qkv]"
-LORA_QKV = "lora[qkv]"
+from bench.profiles import FLOOR, LORA_QKV, PEFT_ROW, PROFILES, BenchProfile, InputBias, Row  # noqa: F401
 
 
-@dataclass
-class Row:
-    """One line of the table: what to build."""
-
-    label: str
-    kind: str  # "floor" | "zoo" | "peft"
-    adapter: str | None = None
-    config: dict = field(default_factory=dict)
-    compile: bool = False  # nn.Module.compile() of the trained model (training step timed only)
-    checkpoint: bool = False  # zoo.checkpoint_blocks: activation checkpointing of every block
-
-    @property
-    def timed_inference(self) -> bool:
-        return not (self.compile or self.checkpoint)  # same model as the plain row at inference
-
-    def describe_config(self) -> str:
-        extra = (["torch.compile"] if self.compile else []) + (["checkpoint_blocks"] if self.checkpoint else [])
-        base = self._describe()
-        return ", ".join([base, *extra]) if extra else base
-
-    def _describe(self) -> str:
-        if self.kind == "floor":
-            return "input bias only"
-        if self.kind == "peft":
-            c = self.config
-            return f"peft LoraConfig(r={c['r']}, alpha={c['lora_alpha']}, target_modules={c['target_modules']})"
-        return ", ".join(f"{k}={v}" for k, v in self.config.items()) or "defaults"
-
-
-class InputBias(nn.Module):
-    """The frozen floor: a trainable per-channel input bias in front of a frozen model."""
-
-    def __init__(self, model: nn.Module, shape: tuple[int, ...] = (1, 3, 1, 1)):
-        super().__init__()
-        self.model = model
-        self.bias = nn.Parameter(torch.zeros(*shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x + self.bias)
+def profile(args) -> BenchProfile:
+    return PROFILES[getattr(args, "backbone", "vit")]
 
 
 def lora_defaults() -> dict:
@@ -106,26 +76,45 @@ BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches":
 EXTRA_ROWS = ("compile", "ckpt")
 
 
-def default_rows(adapters: list[str], extras: list[str] = ()) -> list[Row]:
-    """One row per adapter, the references, and ``extras`` like ``lora+compile`` / ``floor+ckpt``."""
-    rows = [Row(FLOOR, "floor")]
-    for name in adapters:
-        rows.append(Row(name, "zoo", name, dict(BENCH_CONFIG.get(name, {}))))
-        if name == "lora":
+def adapter_row(prof: BenchProfile, name: str) -> Row:
+    opts = prof.row_opts(name)
+    return Row(name, "zoo", name, dict(BENCH_CONFIG.get(name, {})), opts=opts, ref=prof.ref_for(opts))
+
+
+def default_rows(adapters: list[str] | None, extras: list[str] = (), prof: BenchProfile | None = None,
+                 args=None) -> list[Row]:
+    """The floor(s), the profile's recipe rows, one row per adapter (default: every registered one),
+    the peft references where the profile has them, and ``extras`` like ``lora+compile`` / ``floor+ckpt``.
+    ``adapters`` may name registered adapters and the profile's recipe rows (by label)."""
+    prof = prof or PROFILES["vit"]
+    recipes = [r for r in prof.recipe_rows(args) if r.kind != "floor"]
+    floors = [Row(FLOOR, "floor")] + [r for r in prof.recipe_rows(args) if r.kind == "floor"]
+    by_label = {r.label: r for r in recipes}
+    names = list(adapters) if adapters else [*by_label, *zoo.list_adapters()]
+    unknown = [n for n in names if n not in zoo.ADAPTERS and n not in by_label]
+    if unknown:
+        raise SystemExit(f"unknown adapter(s) {unknown}; registered: {', '.join(zoo.list_adapters())}"
+                         + (f"; {prof.name} recipe rows: {', '.join(by_label)}" if by_label else ""))
+    rows = list(floors)
+    for name in names:
+        rows.append(by_label[name] if name in by_label else adapter_row(prof, name))
+        if name == "lora" and prof.peft:
             rows.append(Row(LORA_QKV, "zoo", "lora", {"targets": ["qkv"]}))
-    d = lora_defaults()
-    rows.append(Row(PEFT_ROW, "peft", None, {"r": int(d["rank"]), "lora_alpha": d["alpha"],
-                                             "lora_dropout": d["dropout"], "target_modules": ["qkv"]}))
+    if prof.peft:
+        d = lora_defaults()
+        rows.append(Row(PEFT_ROW, "peft", None, {"r": int(d["rank"]), "lora_alpha": d["alpha"],
+                                                 "lora_dropout": d["dropout"], "target_modules": ["qkv"]}))
     for spec in extras:
         name, _, what = spec.partition("+")
-        if what not in EXTRA_ROWS or (name != "floor" and name not in zoo.ADAPTERS):
-            raise SystemExit(f"--extra {spec!r}: use ADAPTER+compile or ADAPTER+ckpt (ADAPTER: floor or one of "
-                             f"{', '.join(zoo.list_adapters())})")
+        if what not in EXTRA_ROWS or (name != "floor" and name not in zoo.ADAPTERS and name not in by_label):
+            raise SystemExit(f"--extra {spec!r}: use ADAPTER+compile or ADAPTER+ckpt (ADAPTER: floor, one of "
+                             f"{', '.join(zoo.list_adapters())}" + (f" or {', '.join(by_label)}" if by_label else "") + ")")
         flags = {"compile": what == "compile", "checkpoint": what == "ckpt"}
         if name == "floor":
             rows.append(Row(f"{FLOOR}+{what}", "floor", **flags))
         else:
-            rows.append(Row(spec, "zoo", name, dict(BENCH_CONFIG.get(name, {})), **flags))
+            base = by_label[name] if name in by_label else adapter_row(prof, name)
+            rows.append(Row(spec, "zoo", base.adapter, dict(base.config), opts=dict(base.opts), ref=base.ref, source=base.source, **flags))
     return rows
 
 
@@ -143,32 +132,35 @@ class Built:
     flops: int | None = None
 
 
-def synthetic_batches(args, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def to_device(x, device: str):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def synthetic_batches(args, n: int = 2) -> list[tuple[Any, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    shape = (args.batch_size, args.max_length, 128) if getattr(args, "backbone", "vit") == "ast" else (args.batch_size, 3, args.img_size, args.img_size)
-    return [(torch.randn(*shape, generator=g).to(args.device),
-             torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(args.device)) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        x, y = profile(args).make_batch(args, g)
+        out.append((to_device(x, args.device), y.to(args.device)))
+    return out
 
 
 def build(args, row: Row) -> Built:
+    prof = profile(args)
     torch.manual_seed(0)
-    kw: dict[str, Any] = {}
-    if args.depth is not None:
-        kw["depth"] = args.depth
-    if getattr(args, "backbone", "vit") == "ast":  # fbank input [B, max_length, 128]
-        bb = zoo.create_backbone("ast", model=args.model, pretrained=False, max_length=args.max_length, **kw)
-    else:
-        bb = zoo.create_backbone("vit", model=args.model, pretrained=False, img_size=args.img_size, **kw)
+    clf, bb = prof.build(args, row.opts)  # the task's model (classifier, CLIP head, segmenter, ...)
+    clf = clf.to(args.device)
     base_params = sum(p.numel() for p in bb.parameters())
-    clf = zoo.ImageClassifier(bb, args.num_classes).to(args.device)
     if row.kind == "floor":
         for p in clf.parameters():
             p.requires_grad_(False)
-        model: nn.Module = InputBias(clf, (1, 1, 1) if getattr(args, "backbone", "vit") == "ast" else (1, 3, 1, 1)).to(args.device)
+        model: nn.Module = InputBias(clf, prof.floor_shape(args), prof.input_key).to(args.device)
         plain = clf
     elif row.kind == "zoo":
         zoo.apply_adapter(clf, row.adapter, **row.config)
+        prof.after_attach(clf)
         zoo.prepare_adapters(clf, synthetic_batches(args))  # no-op unless the method is data-driven
+        prof.after_attach(clf)
         model = plain = clf
     elif row.kind == "peft":
         from peft import LoraConfig, get_peft_model
@@ -192,15 +184,19 @@ def make_step(b: Built, args) -> Callable:
         groups = zoo.param_groups(model, lr=1e-3, weight_decay=1e-4)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing trains: with no task head of its own on this backbone this is the frozen model "
+                         "(evaluation only)")
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
     hooks = b.row.kind == "zoo"
+    loss_fn = profile(args).loss
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(x, y: torch.Tensor) -> None:
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = loss_fn(logits, y)
         if hooks:
             ctx = zoo.StepContext(model=model, inputs=x, targets=y, outputs=logits, loss=loss,
-                                  loss_fn=F.cross_entropy, forward=model)
+                                  loss_fn=loss_fn, forward=model)
             extra = zoo.extra_loss(model, ctx)
             if extra is not None:
                 loss = loss + extra
@@ -267,6 +263,17 @@ def step_flops(b: Built, x: torch.Tensor, y: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def flops_or_none(args, b: Built, x, y) -> int | None:
+    """The step's FLOPs, or None (logged) when counting fails while the step itself works (e.g. a
+    method that takes autograd.grad of a teacher pass inside torch's FlopCounterMode)."""
+    try:
+        return step_flops(b, x, y)
+    except Exception as e:  # noqa: BLE001 - the row is still timed, its FLOP cells stay empty
+        b.model.zero_grad(set_to_none=True)
+        log(args, f"  FLOPs of {b.row.label!r} not counted: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return None
+
+
 # ---------------------------------------------------------------------------- timing
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -310,6 +317,13 @@ def interleaved(built: list[Built], fns: dict[str, Callable[[], None]], args, wh
     return out
 
 
+def rel(times: dict[str, list[float]], ref_times: dict[str, list[float]], ref_of: dict[str, str]
+        ) -> dict[str, float | None]:
+    """Median over rounds of each row's time over its reference row's time in the same round."""
+    return {k: statistics.median(t / r for t, r in zip(v, ref_times[ref_of[k]])) if ref_of.get(k) in ref_times
+            else None for k, v in times.items()}
+
+
 def ratios(times: dict[str, list[float]], ref: str) -> dict[str, float | None]:
     if ref not in times:
         return {k: None for k in times}
@@ -317,18 +331,33 @@ def ratios(times: dict[str, list[float]], ref: str) -> dict[str, float | None]:
 
 
 # ---------------------------------------------------------------------------- memory
-def peak_memory_child(args, row: Row) -> int:
-    """Run in a fresh process: build ``row``, do a few training steps, return the peak bytes."""
+def peak_memory_child(args, row: Row) -> tuple[int, int]:
+    """Run in a fresh process: build ``row``, do a few training steps; return the peak bytes and the
+    bytes in use once the model and the batch are built (CUDA allocated, or the resident set size)."""
     b = build(args, row)
     x, y = synthetic_batches(args, 1)[0]
+    sync(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        base = int(torch.cuda.memory_allocated())
+    else:
+        base = current_rss()
     for _ in range(2):
         b.step(x, y)
     sync(args.device)
     if args.device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    return peak_rss()
+        return int(torch.cuda.max_memory_allocated()), base
+    return peak_rss(), base
+
+
+def current_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss() -> int:
@@ -347,7 +376,9 @@ def peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def peak_memory(args, row: Row) -> int | None:
+def peak_memory(args, row: Row, with_base: bool = False):
+    """Peak bytes of ``row``'s training steps in a fresh process (``with_base``: and the bytes in use
+    before the first step, as a pair), or None when the child failed."""
     cmd = [sys.executable, "-m", "bench.adapters", *child_argv(args), "--_memory-row", json.dumps(asdict(row))]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
@@ -355,17 +386,19 @@ def peak_memory(args, row: Row) -> int | None:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     for line in res.stdout.splitlines()[::-1]:
         if line.startswith("PEAK_BYTES "):
-            return int(line.split()[1])
+            peak, base = (int(v) for v in line.split()[1:3])
+            return (peak, base) if with_base else peak
     log(args, f"  memory of {row.label!r} failed: {res.stderr.strip().splitlines()[-1:] }")
     return None
 
 
 def child_argv(args) -> list[str]:
-    a = ["--backbone", getattr(args, "backbone", "vit"), "--max-length", str(getattr(args, "max_length", 1024)),
+    a = ["--backbone", getattr(args, "backbone", "vit"),
          "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
          "--device", args.device, "--num-classes", str(args.num_classes), "--threads", str(args.threads)]
-    if args.depth is not None:
-        a += ["--depth", str(args.depth)]
+    for dest in ("depth", "kwargs", *profile(args).extra_args):
+        if getattr(args, dest, None) is not None:
+            a += ["--" + dest.replace("_", "-"), str(getattr(args, dest))]
     return a
 
 
@@ -376,11 +409,8 @@ def log(args, msg: str) -> None:
 
 
 def run(args) -> dict:
-    names = args.adapters or zoo.list_adapters()
-    unknown = [n for n in names if n not in zoo.ADAPTERS]
-    if unknown:
-        raise SystemExit(f"unknown adapter(s) {unknown}; registered: {', '.join(zoo.list_adapters())}")
-    rows = default_rows(names, args.extra or [])
+    prof = profile(args)
+    rows = default_rows(args.adapters, args.extra or [], prof, args)
     x, y = synthetic_batches(args, 1)[0]
     built: list[Built] = []
     skipped: dict[str, str] = {}
@@ -389,10 +419,12 @@ def run(args) -> dict:
             b = build(args, row)
             b.step(x, y)  # one step must work with defaults, else the method needs more than we give it
             b.trainable, b.artifact = trainable_in_backbone(b), artifact_bytes(b)  # before any merge
-            b.flops = None if row.compile else step_flops(b, x, y)  # compiled: same arithmetic as eager
+            b.flops = None if row.compile else flops_or_none(args, b, x, y)  # compiled: same arithmetic as eager
             built.append(b)
         except Exception as e:  # noqa: BLE001 - report and go on with the other methods
             skipped[row.label] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            if row.adapter in prof.skip_notes:
+                skipped[row.label] += f" ({prof.skip_notes[row.adapter]})"
             log(args, f"skip {row.label}: {skipped[row.label]}")
             if args.verbose:
                 traceback.print_exc()
@@ -429,19 +461,21 @@ def run(args) -> dict:
         summary["lora_qkv_over_peft_rounds"] = per_round
         summary["lora_qkv_over_peft"] = statistics.median(per_round)
     results = []
-    refs = {"floor": FLOOR, "peft": PEFT_ROW}
-    r_train = {k: ratios(train, v) for k, v in refs.items()}
-    r_infer = {k: ratios(infer, v) for k, v in refs.items()}
-    # merged rows compare to the plain backbone and to peft's *unmerged* inference of the same round
-    r_merged = {k: {lab: statistics.median(t / r for t, r in zip(ts, infer[v])) if v in infer else None
-                    for lab, ts in merged.items()} for k, v in refs.items()}
-    floor_flops = next((b.flops for b in built if b.row.label == FLOOR), None)
+    # each row against its own floor (CLIP's head=text rows: the text floor) and against peft's LoRA;
+    # merged rows compare to the plain model and to peft's *unmerged* inference of the same round
+    ref_of = {b.row.label: b.row.ref if b.row.ref in train else FLOOR for b in built}
+    r_train = {"floor": rel(train, train, ref_of), "peft": ratios(train, PEFT_ROW)}
+    r_infer = {"floor": rel(infer, infer, ref_of), "peft": ratios(infer, PEFT_ROW)}
+    r_merged = {"floor": rel(merged, infer, ref_of), "peft": rel(merged, infer, {k: PEFT_ROW for k in merged})}
+    flops_of = {b.row.label: b.flops for b in built}
     for b in built:
         lab = b.row.label
         tr = b.trainable
+        floor_flops = flops_of.get(ref_of[lab])
         results.append({
             "label": lab,
             "config": b.row.describe_config(),
+            "ref": ref_of[lab],
             "trainable": tr,
             "trainable_pct": 100.0 * tr / b.base_params,
             "artifact_bytes": b.artifact,
@@ -454,10 +488,12 @@ def run(args) -> dict:
             "merged_s": statistics.median(merged[lab]) if lab in merged else None,
             "merged_x_floor": r_merged["floor"].get(lab), "merged_x_peft": r_merged["peft"].get(lab),
         })
+    by_label = {r["label"]: r for r in results}
+    summary["checks"] = prof.checks(by_label, train, args)
     return {"rows": results, "skipped": skipped, "summary": summary, "built": built}
 
 
-DEFAULTS = {"model": "vit_small_patch16_224", "img_size": 224, "batch_size": 32, "steps": 3, "repeats": 3,
+DEFAULTS = {"batch_size": 32, "steps": 3, "repeats": 3,
             "warmup": 1}
 PRESETS = {
     # the realistic CPU profile: 197 tokens per image, as a 224 px ViT sees at fine-tuning time
@@ -475,13 +511,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="realistic: ViT-S/16 at 224 px, batch 8, 5 rounds, + compile / checkpointing rows; "
                         "quick: 64 px, batch 32, 3 rounds. Options given explicitly override the preset.")
-    p.add_argument("--backbone", choices=["vit", "ast"], default="vit",
-                   help="vit (images) or ast (Audio Spectrogram Transformer on [B, max_length, 128] fbanks)")
+    p.add_argument("--backbone", choices=list(PROFILES), default="vit",
+                   help="; ".join(f"{k}: {v.help} (default model {v.default_model})" for k, v in PROFILES.items()))
     p.add_argument("--max-length", type=int, default=1024, help="AST input frames (--backbone ast)")
     p.add_argument("--model", default=None,
-                   help="any timm ViT name (default vit_small_patch16_224; deit_small_distilled_patch16_224 for ast)")
-    p.add_argument("--img-size", type=int, default=None, help="default 224")
-    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (tiny test models)")
+                   help="the backbone's model name (timm ViT / SAM, open_clip CLIP / CoCa, MORPH size, NAFNet layout)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="image size (default 224; sam 256; nafnet 64); morph: the sample's spatial size w")
+    p.add_argument("--depth", type=int, default=None,
+                   help="override the number of blocks (every tower of CLIP / CoCa; tiny test models)")
+    p.add_argument("--kwargs", default=None,
+                   help="JSON options for the backbone (e.g. '{\"dim\": 32}' for MORPH, '{\"width\": 32}' for "
+                        "NAFNet, '{\"text_cfg\": {\"width\": 256}}' merged into open_clip's tower configs)")
+    p.add_argument("--head-kwargs", default=None, help="JSON options for SAM's mask decoder (sam: SamSegmenter decoder=)")
+    p.add_argument("--morph-shape", choices=["1d", "2d"], default="1d",
+                   help="morph: 1-D sample (1, 1, 1, 1, 1, w) or 2-D sample (1, 2, 1, 1, w, w), w = --img-size")
+    p.add_argument("--frames", type=int, default=4, help="coca: frames per video sample")
     p.add_argument("--batch-size", type=int, default=None, help="default 32")
     p.add_argument("--steps", type=int, default=None, help="timed calls per row per round (default 3)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
@@ -495,14 +540,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--memory", choices=["subprocess", "skip"], default="subprocess",
                    help="peak memory per row in a fresh subprocess (or skip it)")
+    p.add_argument("--memory-jobs", type=int, default=1,
+                   help="memory subprocesses run at once (each row is still measured alone in its own process)")
     p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
     p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
     p.add_argument("--_memory-row", dest="memory_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.model is None and args.backbone == "ast":
-        args.model = "deit_small_distilled_patch16_224"
+    prof = PROFILES[args.backbone]
+    if args.model is None:
+        args.model = prof.default_model
+    if args.img_size is None:
+        args.img_size = prof.default_img_size
     for k, v in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -512,25 +562,33 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise SystemExit("--device cuda: no CUDA device available")
 
     if args.memory_row is not None:  # child process of peak_memory()
-        print(f"PEAK_BYTES {peak_memory_child(args, Row(**json.loads(args.memory_row)))}", flush=True)
+        print("PEAK_BYTES {} {}".format(*peak_memory_child(args, Row(**json.loads(args.memory_row)))), flush=True)
         return None
 
     res = run(args)
     if args.memory == "subprocess":
         log(args, "measuring peak memory (one fresh process per row)")
-        for r, b in zip(res["rows"], res["built"]):  # a compiled row would compile again: not measured
-            r["peak_bytes"] = None if b.row.compile else peak_memory(args, b.row)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def measure(b):  # a compiled row would compile again: not measured
+            return None if b.row.compile else peak_memory(args, b.row, with_base=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.memory_jobs)) as pool:  # each row its own process
+            peaks = list(pool.map(measure, res["built"]))
+        for r, pb in zip(res["rows"], peaks):
+            r["peak_bytes"], r["step_mem_bytes"] = (pb[0], max(0, pb[0] - pb[1])) if pb else (None, None)
     else:
         for r in res["rows"]:
-            r["peak_bytes"] = None
-    floor_mem = next((r["peak_bytes"] for r in res["rows"] if r["label"] == FLOOR), None)
+            r["peak_bytes"] = r["step_mem_bytes"] = None
+    mem = {r["label"]: r["peak_bytes"] for r in res["rows"]}
     for r in res["rows"]:
+        floor_mem = mem.get(r["ref"])
         r["mem_x_floor"] = r["peak_bytes"] / floor_mem if r["peak_bytes"] and floor_mem else None
     del res["built"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python -m bench.adapters " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m bench.adapters " + shlex.join(argv if argv is not None else sys.argv[1:])
     md = markdown(res, args, cmd)
     from zoo.io import atomic_write_text
 
@@ -543,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 # ---------------------------------------------------------------------------- output
 COLUMNS = ["method", "config", "trainable", "%", "artifact", "step ms", "×floor", "×peft", "step GFLOP",
-           "FLOP ×floor", "peak mem", "mem ×floor", "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
+           "FLOP ×floor", "peak mem", "mem ×floor", "step mem", "infer ms", "×floor", "×peft", "merged ms", "×floor", "×peft"]
 
 
 def _fmt_ratio(v) -> str:
@@ -575,13 +633,14 @@ def table_cells(r: dict) -> list[str]:
     return [r["label"], r["config"], _fmt_count(r["trainable"]), f"{r['trainable_pct']:.3f}",
             _fmt_bytes(r["artifact_bytes"]), _fmt_ms(r["train_s"]), _fmt_ratio(r["train_x_floor"]),
             _fmt_ratio(r["train_x_peft"]), _fmt_gflop(r.get("step_flops")), _fmt_ratio(r.get("flops_x_floor")),
-            _fmt_bytes(r.get("peak_bytes")), _fmt_ratio(r.get("mem_x_floor")), _fmt_ms(r["infer_s"]),
+            _fmt_bytes(r.get("peak_bytes")), _fmt_ratio(r.get("mem_x_floor")),
+            _fmt_bytes(r.get("step_mem_bytes")), _fmt_ms(r["infer_s"]),
             _fmt_ratio(r["infer_x_floor"]), _fmt_ratio(r["infer_x_peft"]), _fmt_ms(r["merged_s"]),
             _fmt_ratio(r["merged_x_floor"]), _fmt_ratio(r["merged_x_peft"])]
 
 
 def input_desc(args) -> str:
-    return f"{args.max_length} frames (AST)" if getattr(args, "backbone", "vit") == "ast" else f"{args.img_size}px"
+    return profile(args).describe_input(args)
 
 
 def environment(args) -> str:
@@ -590,9 +649,10 @@ def environment(args) -> str:
 
 
 def markdown(res: dict, args, cmd: str) -> str:
+    prof = profile(args)
     lines = [
-        f"# Adapter cost: {args.model} at "
-        f"{f'{args.max_length} frames (AST)' if args.backbone == 'ast' else f'{args.img_size} px'}, batch {args.batch_size}, {args.device}",
+        f"# Adapter cost ({args.backbone}): {args.model}{f' depth {args.depth}' if args.depth else ''} at "
+        f"{input_desc(args)}, batch {args.batch_size}, {args.device}",
         "",
         f"Command: `{cmd}`  ",
         f"Environment: {environment(args)}; {args.repeats} interleaved rounds × {args.steps} timed calls per row "
@@ -620,13 +680,12 @@ def markdown(res: dict, args, cmd: str) -> str:
         "for peft, `save_pretrained` (adapter_model.safetensors + adapter_config.json, head via "
         "`modules_to_save`, model-card README excluded).",
         f"- **step**: forward + cross-entropy + backward + AdamW step (zoo rows also run the adapter hooks "
-        f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row.",
-        f"- **×floor / ×peft**: median over rounds of the per-round ratio to `{FLOOR}` (training: forward and "
-        f"backward through the frozen backbone, only a 3-value input bias trains; inference: the plain backbone) "
-        f"and to `{PEFT_ROW}` (for merged inference: peft's *unmerged* inference).",
-        f"- peft cannot put LoRA on the q and v row slices of timm's fused `qkv` Linear, so the like-for-like "
-        f"speed comparison is `{LORA_QKV}` (zoo LoRA, `targets=[qkv]`) against `{PEFT_ROW}` "
-        f"(`target_modules=[\"qkv\"]`), same rank and alpha. `lora` is our default (q and v slices).",
+        f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row; "
+        f"**step mem**: that peak minus what the process held once the model and the batch were built (the "
+        f"training step's own working memory: activations, gradients, optimizer state).",
+        f"- **×floor / ×peft**: median over rounds of the per-round ratio to the row's floor (training: "
+        f"{prof.floor_note}; inference: the plain model)"
+        + (f" and to `{PEFT_ROW}` (for merged inference: peft's *unmerged* inference)." if prof.peft else "."),
         "- **merged**: after `zoo.merge_adapters(model, unload=True)` (peft: `merge_and_unload()`); "
         "— = not mergeable.",
         "- **step GFLOP / FLOP ×floor**: the arithmetic of one training step (forward + backward; matmuls, "
@@ -638,12 +697,13 @@ def markdown(res: dict, args, cmd: str) -> str:
         "- **+compile** rows: `model.compile()` (torch.compile in place, what `trainer.compile=true` does), "
         "training step only, compile time excluded (warm-up); **+ckpt** rows: `zoo.checkpoint_blocks` "
         "(`trainer.checkpoint_blocks=true`), memory and time against the same method without it.",
-        f"- VPT's extra cost is its prompt tokens relative to the image tokens ((img_size/patch)² + prefix; "
-        f"{args.img_size} px here): small images overstate it compared with 224 px (197 tokens).",
         "- Timings on a shared CPU are noisy: read the ratios, not the milliseconds.",
     ]
+    lines += [f"- {n}" for n in prof.notes(args)]
+    if sm.get("checks"):
+        lines += ["", "Checks:"] + [f"- {c}" for c in sm["checks"]]
     if res["skipped"]:
-        lines += ["", "Skipped (failed with default config on a synthetic batch):"]
+        lines += ["", f"Skipped (refused {args.backbone} or failed with the default config on a synthetic batch):"]
         lines += [f"- `{k}`: {v}" for k, v in res["skipped"].items()]
     return "\n".join(lines) + "\n"
 
@@ -663,6 +723,8 @@ def print_rich(res: dict, args) -> None:
         print(f"skipped {k}: {v}")
     if "lora_qkv_over_peft" in res.get("summary", {}):
         print(f"zoo LoRA / peft LoRA (same targets, training step): {res['summary']['lora_qkv_over_peft']:.2f}")
+    for c in res.get("summary", {}).get("checks", []):
+        print(c)
 
 
 def plot(rows: list[dict], path: Path, args) -> None:
@@ -687,7 +749,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
     ax.set_xscale("log")
     ax.axhline(1.0, color="grey", lw=0.7, ls="--")
     ax.set_xlabel("trainable parameters (% of backbone, log scale)")
-    ax.set_ylabel(f"training step time / {FLOOR}")
+    ax.set_ylabel("training step time / the row's frozen floor")
     ax.set_title(f"{args.model} @ {input_desc(args)}, batch {args.batch_size}, {args.device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

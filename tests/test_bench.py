@@ -172,3 +172,61 @@ def test_vtab_aggregates_a_real_tiny_run(tmp_path):
     assert row["adapter"] == "lora" and row["metric"] == "test/acc"
     assert row["tasks"] == pytest.approx({"dsprites_loc": 100 * m["test/acc"]})
     assert row["trainable_params"] == m["trainable_params"] and row["artifact_bytes"] == m["artifact_bytes"]
+
+
+# ------------------------------------------------------------------------ bench.adapters: every backbone
+ONE_STEP = ["--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0", "--memory", "skip",
+            "--threads", "1", "--skip-merged", "--quiet"]
+OPEN_CLIP_TINY = {"embed_dim": 32, "vision_cfg": {"width": 64, "patch_size": 8, "head_width": 32}}
+PROFILE_SMOKE = {
+    # backbone: (tiny-model options, rows to build, a method that must refuse the backbone, a row that must train)
+    "clip": (["--img-size", "32", "--depth", "1", "--kwargs", json.dumps(
+        {**OPEN_CLIP_TINY, "text_cfg": {"context_length": 16, "width": 32, "heads": 2}})],
+        ["CLIP-LoRA", "morph_ft"], "morph_ft", "CLIP-LoRA"),
+    "sam": (["--img-size", "64", "--num-classes", "2", "--kwargs", json.dumps(
+        {"embed_dim": 32, "depth": 1, "num_heads": 2, "window_size": 2, "global_attn_indexes": [0], "neck_chans": 32}),
+        "--head-kwargs", json.dumps({"decoder": {"mlp_dim": 64, "num_heads": 2, "iou_head_hidden_dim": 32}})],
+        ["SAMed", "vpt"], "vpt", "SAMed"),
+    "morph": (["--img-size", "16", "--morph-shape", "2d", "--kwargs", json.dumps(
+        {"dim": 32, "depth": 1, "heads": 4, "heads_xa": 4, "mlp_dim": 64, "max_patches": 64, "max_ar": 2})],
+        ["morph_level1", "vpt"], "vpt", "morph_level1"),
+    "nafnet": (["--model", "tiny", "--img-size", "16", "--kwargs", json.dumps({"width": 8})],
+               ["lora conv", "lora"], "lora", "lora conv"),
+    "coca": (["--img-size", "32", "--depth", "1", "--frames", "2", "--kwargs", json.dumps(
+        {**OPEN_CLIP_TINY, "vision_cfg": {**OPEN_CLIP_TINY["vision_cfg"], "attn_pooler_heads": 2,
+                                          "attn_pooler_queries": 8},
+         "text_cfg": {"context_length": 8, "width": 32, "heads": 2},
+         "multimodal_cfg": {"context_length": 8, "width": 32, "heads": 2, "attn_pooler_heads": 2}})],
+        ["q_adapter", "morph_ft"], "morph_ft", "q_adapter"),
+}
+
+
+@pytest.mark.parametrize("backbone", list(PROFILE_SMOKE))
+def test_adapters_table_per_backbone(backbone, tmp_path):
+    opts, rows, refused, trained = PROFILE_SMOKE[backbone]
+    res = bench_adapters.main(["--backbone", backbone, *opts, *ONE_STEP, "--out", str(tmp_path), "--adapters", *rows])
+    by = {r["label"]: r for r in res["rows"]}
+    assert by[bench_adapters.FLOOR]["train_x_floor"] == pytest.approx(1.0)
+    assert by[trained]["trainable"] > 0 and 0 < by[trained]["train_x_floor"] < float("inf")
+    assert by[trained]["step_flops"] > 0
+    assert refused in res["skipped"] and refused not in by  # a refusing method is listed, with its reason
+    md = (tmp_path / "results.md").read_text()
+    assert f"- `{refused}`: " in md and f"| {trained} |" in md
+    if backbone == "clip":  # the text floor and the issue-10 checks
+        assert by["CLIP-LoRA"]["ref"] == "frozen floor [text]"
+        assert by["frozen floor [text]"]["train_x_floor"] == pytest.approx(1.0)
+        assert any(c.startswith("(a) CLIP-LoRA step") for c in res["summary"]["checks"])
+
+
+def test_recipe_rows_come_from_the_adapter_configs():
+    from bench.profiles import PROFILES
+
+    sam = {r.label: r for r in PROFILES["sam"].recipe_rows(None)}
+    assert sam["SAMed"].adapter == "lora" and sam["SAMed"].config["rank"] == 4 and sam["SAMed"].config["targets"] == ["q", "v"]
+    clip = {r.label: r for r in PROFILES["clip"].recipe_rows(None)}
+    c = clip["CLIP-LoRA"].config
+    assert (c["rank"], c["alpha"], c["targets"], c["tower"], c["scaling"]) == (2, 1.0, ["q", "k", "v"], "both", "rslora")
+    assert clip["CLIP-LoRA"].opts == {"head": "text"} and clip["CLIP-LoRA"].ref == "frozen floor [text]"
+    naf = {r.label: r for r in PROFILES["nafnet"].recipe_rows(None)}
+    assert naf["colora conv"].config["targets"] == ["conv_pw", "conv_sca", "o", "fc1", "fc2"]  # defaults merged
+    assert "budget" in naf["colora conv"].config

@@ -127,7 +127,7 @@ def test_bench_morph_rows(tmp_path):
 
     kw = '{"dim": 32, "depth": 1, "heads": 4, "heads_xa": 4, "mlp_dim": 64, "max_patches": 64}'
     res = bench_morph.main(["--kwargs", kw, "--w1d", "64", "--hw2d", "16", "--batch-size", "2", "--steps", "1",
-                            "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
+                            "--warmup", "0", "--device", "cpu", "--memory", "skip", "--out", str(tmp_path)])
     rows = {(r["sample"], r["row"]): r for r in res}
     assert len(rows) == 2 * len(bench_morph.ROWS)
     assert rows[("1-D", "lora")]["tokens"] == 8 and rows[("2-D", "lora")]["tokens"] == 4
