@@ -7,9 +7,26 @@ coloured shapes (:mod:`tasks.data.fewshot_shapes`) with captions drawn from seve
 classification of the embedded datasets (``Shapes``, ``ShapeColors``, ``ShapeForms``) is clearly
 above chance and tuning can lose it. The result is cached as safetensors::
 
-    python -m tasks.clip_pretrain            # -> checkpoints/clip/tiny_shapes.safetensors (a few minutes on 2 cores)
+    python -m tasks.clip_pretrain            # -> checkpoints/clip/tiny_shapes_p4.safetensors (a few minutes on 2 cores)
 
 and used by ``backbone=clip_tiny`` (``conf/backbone/clip_tiny.yaml``).
+
+Toy scale, measured (zero-shot top-1 on the Shapes base-class test split / on ShapeForms; colours are
+always 100 %: forms are what the model must learn; 2 shared CPU cores, heavily loaded):
+
+=====================================================  ===========  ==========
+vision tower, pretraining                              Shapes base  ShapeForms
+=====================================================  ===========  ==========
+8-px patches (4×4 tokens), 2 blocks, 500 steps (old)   46.7 %       48.4 %
+same, 1200 steps                                       51.7 %       50.0 %
+same, 1200 steps, lr 5e-3                              49.2 %       45.3 %
+4-px patches (8×8 tokens), 2 blocks, 1000 steps        60.8 %       59.4 %
+4-px patches, 3 blocks, 1000 steps                     71.7 %       68.8 %
+4-px patches, 3 blocks, 2000 steps (the default)       80.8 %       73.4 %
+batches of 34 never-repeated captions, 2 / 3 blocks    50.8 / 63.3  51.6 / 59.4
+=====================================================  ===========  ==========
+
+The 2-block, 8-px ViT barely tells a star from a square; finer patches and one more block do.
 """
 from __future__ import annotations
 
@@ -29,10 +46,10 @@ log = logging.getLogger(__name__)
 TINY_CLIP = dict(
     model="ViT-B-16",
     embed_dim=64,
-    vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+    vision_cfg=dict(image_size=32, layers=3, width=64, patch_size=4, head_width=32),
     text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2),
 )
-DEFAULT_PATH = Path(os.environ.get("PROJECT_ROOT", ".")) / "checkpoints" / "clip" / "tiny_shapes.safetensors"
+DEFAULT_PATH = Path(os.environ.get("PROJECT_ROOT", ".")) / "checkpoints" / "clip" / "tiny_shapes_p4.safetensors"
 CAPTIONS = ("a photo of a {c} {f}.", "a {c} {f}", "a {f} that is {c}", "a photo of a {c} shape.",
             "a photo of a {f}.", "{c} {f}")
 
@@ -45,7 +62,7 @@ def build_tiny(**overrides):
     return open_clip.create_model(name, pretrained=None, **cfg)
 
 
-def pretrain(path: str | Path = DEFAULT_PATH, steps: int = 500, batch_size: int = 64, pool: int = 4000,
+def pretrain(path: str | Path = DEFAULT_PATH, steps: int = 2000, batch_size: int = 64, pool: int = 4000,
              lr: float = 2e-3, seed: int = 0) -> Path:
     """Train and save (atomically) the tiny CLIP; returns the path."""
     import open_clip
@@ -62,7 +79,8 @@ def pretrain(path: str | Path = DEFAULT_PATH, steps: int = 500, batch_size: int 
     images = torch.from_numpy(np.stack([np.asarray(render(c, f, rng)) for c, f in pairs])).permute(0, 3, 1, 2)
     images = (images.float() / 255 - mean) / std
     loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    # fused: one kernel over all tensors (the 49408-row token embedding makes the unfused step ~40 % of the time)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     t0 = time.time()
@@ -91,7 +109,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(DEFAULT_PATH))
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=2000)
     a = ap.parse_args()
     print(pretrain(a.out, steps=a.steps))
 

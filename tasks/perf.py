@@ -9,9 +9,14 @@ task knowing:
   ``compile`` may also be a dict of ``torch.compile`` keyword arguments (e.g. ``{mode: max-autotune}``).
 * ``checkpoint_blocks=true``: activation checkpointing of the backbone's blocks
   (:func:`zoo.checkpoint_blocks`): less memory, one more forward of each block per step.
+
+:func:`mixed_precision` is the config resolver ``${mixed_precision:<precision>,${trainer.accelerator}}``:
+a recipe that trains in mixed precision on a GPU (CLIP-LoRA: fp16 autocast + GradScaler, which is
+Lightning's ``16-mixed``) and falls back to ``32-true`` elsewhere, saying so once in the log.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -20,6 +25,25 @@ from torch import nn
 import zoo
 
 OPTIONS = ("compile", "checkpoint_blocks")
+log = logging.getLogger(__name__)
+GPU_ACCELERATORS = ("gpu", "cuda")
+_said: set[tuple[str, str]] = set()
+
+
+def mixed_precision(precision: str, accelerator: str = "auto") -> str:
+    """``precision`` (e.g. ``16-mixed``) when the run's accelerator is a CUDA GPU (``gpu``/``cuda``,
+    or ``auto`` with one visible), else ``32-true`` with one log line: autocast fp16 and its
+    GradScaler are a GPU feature (Lightning refuses ``16-mixed`` on CPU)."""
+    import torch
+
+    accelerator = str(accelerator).lower()
+    gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
+    if gpu:
+        return str(precision)
+    if (precision, accelerator) not in _said:
+        _said.add((precision, accelerator))
+        log.info("trainer.precision: %s needs a CUDA GPU (accelerator=%s); training in 32-true", precision, accelerator)
+    return "32-true"
 
 
 def _model(pl_module: L.LightningModule) -> nn.Module:

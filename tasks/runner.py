@@ -107,6 +107,9 @@ def register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("vtab_classes", num_classes, replace=True)
     OmegaConf.register_new_resolver("multiply", lambda a, b: int(a) * int(b), replace=True)  # e.g. 500 x K steps
+    from tasks.perf import mixed_precision
+
+    OmegaConf.register_new_resolver("mixed_precision", mixed_precision, replace=True)  # 16-mixed on a GPU, else 32
 
 
 def _plain(node) -> Any:

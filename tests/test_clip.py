@@ -180,3 +180,22 @@ def test_preprocess_and_tokenizer_come_from_open_clip():
     names = [type(t).__name__ for t in bb.preprocess(is_train=True).transforms]
     assert names[0] == "RandomResizedCrop" and "Normalize" in names
     assert [type(t).__name__ for t in bb.preprocess().transforms][:2] == ["Resize", "CenterCrop"]
+
+
+def test_openai_torchscript_archive_is_refused_without_loading_it(tmp_path):
+    """OpenAI's clip.load .pt files are TorchScript archives: torch.jit.load would run their code, so
+    the backbone refuses them with one line naming the safe routes (never reaching a loader)."""
+    import warnings
+
+    from zoo.backbones.clip import is_torchscript_archive
+
+    path = tmp_path / "ViT-B-16.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script/save deprecation notices
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 3)), str(path))
+    plain = tmp_path / "plain.pt"
+    torch.save(tiny_open_clip().state_dict(), plain)
+    assert is_torchscript_archive(path) and not is_torchscript_archive(plain)
+    with pytest.raises(ValueError, match=r"TorchScript archive .*refused. Use backbone.pretrained=openai"):
+        tiny_clip(weights=str(path))
+    tiny_clip(weights=str(plain))  # a weights-only torch state dict still loads

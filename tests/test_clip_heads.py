@@ -86,11 +86,11 @@ def test_coop_context_equals_the_words_it_replaces_and_only_it_trains():
     model = CLIPClassifier(bb, NAMES, head="text")
     zoo.apply_adapter(model, "coop", n_ctx=4)
     coop = bb.adapters[0]
-    assert coop.class_prompts(["red circle"]) == ["X X X X red circle."]
+    assert coop.class_prompts(["red circle"]) == [["X X X X red circle."]]
     words = bb.tokenize(["a photo of a"])[0, 1:5]
     with torch.no_grad():
         coop.modules[0].ctx.copy_(bb.model.token_embedding.base.weight[words])
-        ours = bb.encode_text(bb.tokenize(coop.class_prompts(["red circle"])))
+        ours = bb.encode_text(bb.tokenize(coop.class_prompts(["red circle"])[0]))
         plain = bb.encode_text(bb.tokenize(["a photo of a red circle."]))
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
     x, y = torch.randn(4, 3, IMG, IMG), torch.tensor([0, 1, 2, 0])

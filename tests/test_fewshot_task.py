@@ -83,3 +83,26 @@ def test_bad_task_configs_are_one_line(tmp_path):
         run_train(["experiment=fewshot_tiny", "adapter=lora", "+adapter.tower=text", "task.head=zeroshot"], tmp_path)
     with pytest.raises(Exception, match="unknown few-shot dataset 'mnist'"):
         run_train(["experiment=fewshot_tiny", "task.dataset=mnist"], tmp_path)
+
+
+def test_clip_lora_recipe_selects_fp16_autocast_on_a_gpu_and_fp32_on_cpu(monkeypatch, caplog):
+    """CLIP-LoRA trains under fp16 autocast with a GradScaler (Lightning's 16-mixed) on a GPU; the
+    recipe resolves trainer.precision from the accelerator at compose time."""
+    import logging
+
+    import torch
+
+    from tests.helpers import compose_config
+
+    def precision(overrides, cuda):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        cfg = compose_config(["experiment=clip_lora", *overrides])
+        return cfg.trainer.precision  # resolved on access
+
+    assert precision([], cuda=True) == "16-mixed"            # accelerator=auto with a GPU
+    assert precision(["trainer=gpu"], cuda=True) == "16-mixed"
+    with caplog.at_level(logging.INFO, logger="tasks.perf"):
+        assert precision([], cuda=False) == "32-true"        # auto without a GPU
+        assert precision(["trainer.accelerator=cpu"], cuda=True) == "32-true"
+    assert "16-mixed needs a CUDA GPU" in caplog.text
+    assert precision(["trainer.precision=bf16-mixed"], cuda=False) == "bf16-mixed"  # an explicit choice wins

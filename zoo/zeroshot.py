@@ -20,7 +20,8 @@ Heads (:class:`CLIPClassifier` ``head=``):
   at every forward, so text-side adapters (LoRA / Comp-LoRA on ``tower=text|both``, CoOp) train,
   as CLIP-LoRA does ("text features recomputed at every step").
 
-Adapters that own the prompt (CoOp) expose ``class_prompts(classnames)``; every prompt built here
+Adapters that own the prompt (CoOp) expose ``class_prompts(classnames, templates)`` (``[class][prompt]``,
+the same number of prompts per class); every prompt built here
 goes through :func:`class_prompts`, so zero-shot evaluation with such an adapter uses its prompts.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def class_prompts(backbone, classnames: Sequence[str], templates: Sequence[str])
     names = [clean_prompt_name(c) for c in classnames]
     for a in getattr(backbone, "adapters", []):
         if hasattr(a, "class_prompts"):
-            return [[p] for p in a.class_prompts(names)]
+            return a.class_prompts(names, list(templates or []))
     if not templates:
         raise ValueError("zero-shot prompts need at least one template (e.g. 'a photo of a {}.')")
     return [[t.format(c) for t in templates] for c in names]

@@ -209,7 +209,7 @@ class CLIPBackbone(Backbone):
         else:
             clip = open_clip.create_model(model, pretrained=None, **kwargs)
             if weights:
-                _load_weights(clip, weights)
+                _load_weights(clip, weights, model)
         visual = clip.visual
         if not hasattr(visual, "transformer"):
             raise ValueError(f"{model}: only ViT visual towers are supported (got {type(visual).__name__})")
@@ -351,10 +351,33 @@ def _drop_text_tower(clip: nn.Module) -> None:
             delattr(clip, name)
 
 
-def _load_weights(clip: nn.Module, weights: str) -> None:
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with ``code/`` and ``constants.pkl``), e.g.
+    OpenAI's ``ViT-B-16.pt`` from ``clip.load``."""
+    import zipfile
+
+    path = Path(path).expanduser()
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+TORCHSCRIPT_REFUSAL = (
+    "{path} is a TorchScript archive (OpenAI's clip.load .pt); reading it needs torch.jit.load, which "
+    "deserializes and runs the archive's own code (and open_clip's loader falls back to an unrestricted "
+    "pickle), so it is refused. Use backbone.pretrained=openai (the same weights through open_clip), or "
+    "convert it once where you trust the file: save_file(open_clip.load_openai_model('{path}', device='cpu')"
+    ".state_dict(), 'clip.safetensors'), then backbone.weights=clip.safetensors backbone.kwargs.force_quick_gelu=true")
+
+
+def _load_weights(clip: nn.Module, weights: str, model: str = "ViT-B-16") -> None:
     """A local whole-model (or visual-tower-only) state dict into ``clip``, checking the names."""
     import logging
 
+    if is_torchscript_archive(weights):
+        raise ValueError(TORCHSCRIPT_REFUSAL.format(path=weights, model=model))
     sd = load_state_dict_file(weights)
     if not any(k.startswith("visual.") for k in sd):  # a visual tower on its own
         sd = {f"visual.{k}": v for k, v in sd.items()}
