@@ -13,6 +13,13 @@ SLURM_TASK_3 = {"SLURM_JOB_ID": "734242", "SLURM_JOB_NAME": "zoo-pde", "SLURM_NT
 
 @pytest.fixture
 def slurm_env(monkeypatch):
+    # Lightning's process-wide rank_zero_only.rank is read from SLURM_PROCID when lightning is first imported
+    # and set to the trainer's global rank (3 here) when a DDP trainer is built: pin it to its value from
+    # before this test, or every rank-zero write (metrics.json, artifacts) of the later tests is silenced
+    import lightning.pytorch  # noqa: F401  (import before SLURM_PROCID is set)
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     for k, v in SLURM_TASK_3.items():
         monkeypatch.setenv(k, v)
     for k in ("MASTER_ADDR", "MASTER_PORT"):  # SLURMEnvironment writes these: restore them afterwards
