@@ -80,6 +80,128 @@ def test_mhr_one_task_batch_equals_per_sample_path(targets):
     assert_same(fast, slow)
 
 
+def fused_ops(model: nn.Module, x: torch.Tensor) -> int:
+    """How many fused low-rank ops (their in-place ``addmm_``) a forward runs: the fast path is taken."""
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.overloadpacket is torch.ops.aten.addmm_
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(x)
+    return Count.n
+
+
+def set_flags(model: nn.Module, **flags) -> None:
+    for m in zoo.api.iter_adapter_modules(model):
+        for k, v in flags.items():
+            if hasattr(m, k):
+                setattr(m, k, v)
+
+
+@pytest.mark.parametrize("targets", [["q", "k", "v", "o", "fc1", "fc2"], ["qkv", "fc2"], ["v"]])
+def test_mhr_batched_mix_and_fused_op_equal_the_per_slice_composition(targets):
+    """All slices and heads mixed by one batched einsum, and base + delta as one fused op, against
+    mixing slice by slice with ``mix`` and composing ``base(x) + delta``: forward and gradients."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "mhr", n_tasks=2, n_skills=3, n_splits=4, rank=2, alpha=2.0, targets=targets)
+    randomise_adapter(model)
+    model.train()
+    zoo.set_task(model, 1)
+    x, y = batch(3)
+    n_layers = len(list(zoo.api.iter_adapter_modules(model)))
+    assert fused_ops(model, x) == n_layers
+    fast = loss_and_grads(model, x, y)
+    set_flags(model, batched_mix=False, fused=False)
+    assert fused_ops(model, x) == 0
+    slow = loss_and_grads(model, x, y)
+    assert_same(fast, slow)
+    set_flags(model, batched_mix=True, fused=False)  # each change alone
+    assert_same(loss_and_grads(model, x, y), slow)
+    set_flags(model, batched_mix=False, fused=True)
+    assert_same(loss_and_grads(model, x, y), slow)
+
+
+def test_mhr_eval_cache_is_reused_and_dropped_when_stale():
+    """Eval without gradients forms the mixed adapters once per task and reuses them; a parameter
+    change (optimizer step, copy_), another task or .train() gives a fresh one."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "mhr", n_tasks=2, n_skills=3, n_splits=4, rank=2, targets=["qkv", "fc1"])
+    randomise_adapter(model)
+    layer = next(m for m in zoo.api.iter_adapter_modules(model) if isinstance(m, MHRLinear))
+    x, _ = batch(2)
+
+    def reference():  # the uncached computation (eval mode, gradients enabled)
+        with torch.enable_grad():
+            return model(x).detach()
+
+    model.eval()
+    zoo.set_task(model, 1)
+    with torch.no_grad():
+        first = model(x)
+        cached = layer._cache
+        assert cached is not None and cached[0][0] == 1
+        torch.testing.assert_close(first, reference(), rtol=1e-5, atol=1e-6)
+        model(x)
+        assert layer._cache is cached  # reused, not re-formed
+        layer.mhr_B["qkv"].add_(0.5)  # an in-place change (as an optimizer step) invalidates it
+        changed = model(x)
+        assert layer._cache is not cached
+        assert not torch.allclose(changed, first)
+        torch.testing.assert_close(changed, reference(), rtol=1e-5, atol=1e-6)
+        zoo.set_task(model, 0)
+        torch.testing.assert_close(model(x), reference(), rtol=1e-5, atol=1e-6)
+        assert layer._cache[0][0] == 0
+    model.train()
+    assert layer._cache is None
+
+
+# ----------------------------------------------------------------------------------- fused low-rank op
+def test_lowrank_op_gradients_match_finite_differences():
+    """The fused op's hand-written backward against torch's numerical gradients (float64), with every
+    input requiring grad, with and without bias, scaling != 1."""
+    from zoo.adapters.lowrank import _LowRankLinear
+
+    g = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+        a = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        bt = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *t: _LowRankLinear.apply(*t, 0.7), (x, w, b, a, bt))
+        want = x @ w.t() + (0 if b is None else b) + ((x @ a.t()) * 0.7) @ bt
+        torch.testing.assert_close(_LowRankLinear.apply(x, w, b, a, bt, 0.7), want)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("lora", {}),
+    ("lora", {"targets": ["qkv", "o", "fc1", "fc2"], "rank": 3, "alpha": 6.0}),
+    ("comp_lora", {"dropout": 0.0}),  # with dropout > 0 the composition runs (the branch sees dropout(x))
+    ("colora", {"ranks": "uneven"}),
+])
+def test_lora_fused_op_equals_composition(name, config):
+    """LoRALinear's fused path (LoRA, Comp-LoRA, CoLoRA's per-layer ranks) against ``base(x) + delta``
+    composed by autograd: forward and gradients of every trainable tensor and of the input."""
+    if config.get("ranks") == "uneven":
+        probe = tiny_classifier()
+        zoo.apply_adapter(probe, "colora")
+        paths = [s.path for s in zoo.api.adapters_of(probe)[0].targets_found]
+        config = {"ranks": {p: 1 + (5 * i) % 11 for i, p in enumerate(paths)}}
+    model = tiny_classifier()
+    zoo.apply_adapter(model, name, **config)
+    randomise_adapter(model)
+    model.train()
+    x, y = batch(3)
+    assert fused_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    fast = loss_and_grads(model, x, y)
+    set_flags(model, fused=False)
+    assert fused_ops(model, x) == 0
+    assert_same(fast, loss_and_grads(model, x, y))
+
+
 # ----------------------------------------------------------------------------------- SALT
 def salt_layer(d_in=24, d_out=40, seed=0, **kw) -> SALTLinear:
     torch.manual_seed(seed)
@@ -322,7 +444,7 @@ class MatmulCounter(torch.utils._python_dispatch.TorchDispatchMode):
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
             self.n += 1
         return func(*args, **(kwargs or {}))
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from zoo.adapters.base import AdapterModule
-from zoo.io import atomic_path, check_finite
+from zoo.io import atomic_path, check_finite, safetensors_bytes
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -82,7 +82,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metrics: dict | None
     # leaves the previous artifact intact), then renamed into place. The json records the
     # weights' sha256, so a pair torn by a crash between the two renames is detected on load.
     with atomic_path(path / WEIGHTS_NAME) as wtmp:
-        save_file(state, str(wtmp), metadata={"format": "pt", "adapter_zoo": str(FORMAT_VERSION)})
+        # sorted metadata: equal tensors give byte-identical files (see zoo.io.safetensors_bytes)
+        wtmp.write_bytes(safetensors_bytes(state, {"format": "pt", "adapter_zoo": str(FORMAT_VERSION)}))
         meta["weights_sha256"] = _sha256(wtmp)
         with atomic_path(path / CONFIG_NAME) as ctmp:
             ctmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")

@@ -59,3 +59,28 @@ def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> No
     if bad:
         raise ValueError(f"{where}: {len(bad)} tensor(s) contain NaN or inf, e.g. {bad[:5]} "
                          f"(the run that wrote it diverged, or the file is corrupt); refusing to load it")
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with the ``__metadata__`` entries in sorted order.
+
+    safetensors keeps the metadata in a Rust ``HashMap``, so with two or more entries their order
+    in the header (and so the file's bytes and sha256) changes from one save to the next even for
+    equal tensors. The header is rewritten with the entries sorted (same length, same tensors), so
+    equal states give byte-identical files (``make demo`` twice gives the same artifacts).
+    """
+    import json
+
+    from safetensors.torch import save
+
+    data = save(state, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return data
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen for the same entries; keep safetensors' own bytes then
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]

@@ -30,6 +30,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, float_option, int_option, rank_fits
+from zoo.adapters.lowrank import fusable, lowrank_linear
 from zoo.sites import CONV_SITES, LINEAR_SITES, SITE_KINDS, SiteError, unwrap
 
 
@@ -46,6 +47,7 @@ class LoRALinear(WrappedLayer):
         self.slices = dict(slices or {"all": None})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         n = len(self.slices)
+        self.fused = True  # use zoo.adapters.lowrank when it applies (False: the plain composition)
         self.lora_A = nn.Parameter(torch.empty(n * rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
         self.lora_B = nn.ParameterDict({
             k: nn.Parameter(torch.zeros(_rows(s, linear.out_features), rank, device=linear.weight.device, dtype=linear.weight.dtype))
@@ -64,9 +66,12 @@ class LoRALinear(WrappedLayer):
         return self.lora_B[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
+        if self.fused and isinstance(self.dropout, nn.Identity) and fusable(self.base, x):
+            # the same function in one autograd op: no full-width add forward or backward
+            return lowrank_linear(x, self.base, self.effective_A(), self.stacked_B_t(), self.scaling)
+        out = self.base(x)
         # (..., n*r): every slice's A in one matmul; the scaling goes on these r-wide activations
         # rather than on the d_out-wide delta. Then one matmul with all slices' B^T stacked into
         # an (n*r, d_out) matrix that is zero outside each slice's rows: no in-place slice writes

@@ -66,6 +66,7 @@ from torch.distributions import RelaxedBernoulli
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, int_option
 from zoo.adapters.lora import LoRALinear, _rows, group_by_module
+from zoo.adapters.lowrank import fusable, lowrank_linear
 from zoo.sites import LINEAR_SITES, SiteError
 
 VARIANTS = ("poly", "mhr", "mhr_z", "mhr_mu")
@@ -154,6 +155,9 @@ class MHRLinear(WrappedLayer):
             self.mhr_B[k] = nn.Parameter(torch.zeros(n_splits, n_skills, rank, d_out // n_splits, **kw))
             self.routing[k] = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills, **kw).uniform_(-1e-3, 1e-3))
         self._merged_task: int | None = None
+        self.batched_mix = True  # False: mix slice by slice (see task_adapters)
+        self.fused = True  # False: base(x) + delta composed (see zoo.adapters.lowrank)
+        self._cache: tuple | None = None  # (key, A, Bt) in eval, see cached_adapters
 
     def task_adapter(self, key: str, task: int | torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_t, B_t)`` of slice ``key`` for one task id (an int) or per-image ids (a tensor),
@@ -164,13 +168,13 @@ class MHRLinear(WrappedLayer):
         return mix(w, self.mhr_A[key], self.mhr_B[key])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
         # One adapter for the whole batch when every row has the same task and no per-sample
         # Gumbel noise is drawn; otherwise one (A_t, B_t) per row and batched matmuls.
         if self.task.single is not None and not (self.gumbel and self.training):
-            return out + self.shared_delta(x, self.task.single)
+            return self.shared_forward(x, self.task.single)
+        out = self.base(x)
         # per image, not per row: windowed backbones (SAM) run each image as several rows
         rows = x.shape[0]
         if self.task.ids is not None:
@@ -191,21 +195,66 @@ class MHRLinear(WrappedLayer):
                 out[..., s] = out[..., s] + delta
         return out
 
-    def shared_delta(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        """The delta of every slice for one task: mixed (A_t, B_t) formed once per layer, all
-        slices' A_t side by side ``(d_in, n·r)`` and their B_t in one ``(n·r, d_out)`` matrix that
-        is zero off each slice's rows, so the layer does two matmuls and no in-place slice writes
-        (as :meth:`~zoo.adapters.lora.LoRALinear.stacked_B_t`)."""
-        mixed = [self.task_adapter(key, task) for key in self.slices]
+    def shared_forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """``base(x)`` plus the delta of every slice for one task: the mixed adapters of all slices
+        as one ``(n·r, d_in)`` A and one ``(n·r, d_out)`` Bᵀ that is zero off each slice's rows
+        (:meth:`task_adapters`), so the layer does two thin matmuls and no in-place slice writes,
+        fused with the base Linear (:mod:`zoo.adapters.lowrank`) when that applies."""
+        A, Bt = self.cached_adapters(task) if self._use_cache() else self.task_adapters(task)
+        if self.fused and fusable(self.base, x):
+            return lowrank_linear(x, self.base, A, Bt, self.scaling)
+        return self.base(x) + ((x @ A.t()) * self.scaling) @ Bt
+
+    def task_adapters(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, Bᵀ)`` of all slices for one task id: ``A (n·r, d_in)`` (slice i's ``A_tᵀ`` in rows
+        ``i·r..``), ``Bᵀ (n·r, d_out)`` (slice i's ``B_t`` on its output columns, zeros elsewhere).
+
+        The routing of every slice and head is normalised at once and the inventory mixed by one
+        batched einsum over (slice, head) for A and one for B (instead of two per slice);
+        ``batched_mix=False`` mixes slice by slice with :func:`mix` (the reference for the tests).
+        """
+        keys, r, d_out = list(self.slices), self.rank, self.linear().out_features
+        n = len(keys)
+        if self.batched_mix and len({tuple(self.mhr_B[k].shape) for k in keys}) == 1:
+            logits = torch.stack([self.routing[k][task] for k in keys]) if n > 1 else self.routing[keys[0]][task][None]
+            w = routing_weights(logits, self.heads, self.skills, self.gumbel and self.training)  # (n, h, m)
+            A = torch.stack([self.mhr_A[k] for k in keys]) if n > 1 else self.mhr_A[keys[0]][None]
+            B = torch.stack([self.mhr_B[k] for k in keys]) if n > 1 else self.mhr_B[keys[0]][None]
+            A_all = torch.einsum("nqs,nqsdr->nrqd", w, A).reshape(n * r, -1)
+            B_t = torch.einsum("nqs,nqsrd->nrqd", w, B).reshape(n, r, -1)  # slice i's B_t (r, d_out_i)
+        else:
+            mixed = [self.task_adapter(key, task) for key in keys]
+            A_all = torch.cat([a.t() for a, _ in mixed], dim=0)
+            B_t = [b for _, b in mixed]
         if list(self.slices.values()) == [None]:
-            A_t, B_t = mixed[0]
-            return ((x @ A_t) * self.scaling) @ B_t
-        r, d_out = self.rank, self.linear().out_features
-        A_cat = torch.cat([a for a, _ in mixed], dim=1)
-        B_cat = A_cat.new_zeros(len(mixed) * r, d_out)
-        for i, ((_, b), s) in enumerate(zip(mixed, self.slices.values())):
-            B_cat[i * r:(i + 1) * r, slice(None) if s is None else s] = b
-        return ((x @ A_cat) * self.scaling) @ B_cat
+            return A_all, B_t[0]
+        Bt = A_all.new_zeros(n * r, d_out)
+        for i, s in enumerate(self.slices.values()):
+            Bt[i * r:(i + 1) * r, slice(None) if s is None else s] = B_t[i]
+        return A_all, Bt
+
+    # ------------------------------------------------------------------ eval cache
+    def _use_cache(self) -> bool:
+        """Eval mode without gradients to the adapter: the mixed adapters are constant."""
+        return not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._cache_inputs()))
+
+    def _cache_inputs(self) -> list[torch.Tensor]:
+        return [*self.mhr_A.values(), *self.mhr_B.values(), *self.routing.values()]
+
+    def cached_adapters(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`task_adapters` formed once per task and reused until a parameter changes (identity
+        and in-place version counter: optimizer steps, ``load_state_dict``, ``copy_``) or the module
+        changes mode (``.train()`` / ``.eval()``), as SALT's cached W′."""
+        key = (task, tuple((id(t), t._version, t.dtype, t.device) for t in self._cache_inputs()))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                A, Bt = self.task_adapters(task)
+            self._cache = (key, A.detach(), Bt.detach())
+        return self._cache[1], self._cache[2]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
 
     def delta_weight(self, task: int) -> torch.Tensor:
         """``ΔW_t = (alpha/r) (A_t B_t)ᵀ`` scattered into the fused weight's rows (sigmoid routing)."""
