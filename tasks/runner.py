@@ -85,8 +85,10 @@ def user_errors():
 
 
 class _DropAdverts(logging.Filter):
+    # Lightning's "💡 Tip: ... try installing [litmodels] / [litlogger]" lines (one per fit)
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litmodels" not in str(record.msg)
+        msg = str(record.msg)
+        return not (msg.startswith("💡 Tip") or "litmodels" in msg or "litlogger" in msg)
 
 
 def quiet_logs() -> None:

@@ -713,6 +713,7 @@ def test_quiet_logs(caplog):
     quiet_logs()
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)")
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)")
         rank_zero_info("a real message")
     assert [r.getMessage() for r in caplog.records] == ["a real message"]
     with w.catch_warnings(record=True) as got:

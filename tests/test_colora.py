@@ -342,3 +342,15 @@ def test_faig_matches_an_independent_one_layer_computation():
     assert got["0"] == pytest.approx(want, rel=1e-4)
     for wrong in (no_delta, abs_after_sum):  # the two mistakes would be caught
         assert got["0"] != pytest.approx(wrong, rel=1e-2)
+
+
+def test_prepare_refuses_dict_batches_in_one_line():
+    # captioning batches are {frames, caption}: FAIG needs (inputs, targets) and a loss on the output
+    import torch
+
+    from zoo.adapters.colora import split_batch
+
+    x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    assert split_batch((x, y, "extra")) == (x, y)
+    with pytest.raises(TypeError, match=r"got dict batches .*not supported on this task"):
+        split_batch({"frames": x, "caption": ["a", "b"]})

@@ -147,7 +147,9 @@ def task_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor, reduction
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError(f"CoLoRA.prepare expects batches (inputs, targets, ...); got {type(batch).__name__}")
+    raise TypeError(f"CoLoRA.prepare expects batches (inputs, targets, ...) and a loss on the model's output "
+                    f"(its FAIG fine-tune); got {type(batch).__name__} batches (e.g. captioning's "
+                    f"{{frames, caption}}): CoLoRA is not supported on this task")
 
 
 def cycle(dataloader) -> Iterator[Any]:
