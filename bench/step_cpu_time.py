@@ -1,6 +1,7 @@
 """CPU time of one training step per row, old vs fused low-rank paths, interleaved (a loaded machine's helper).
 
 ``python -m bench.step_cpu_time --depth 12 --reps 4 --rows floor mhr mhr_old colora colora_old lora --prof mhr``
+(``--rows`` takes any registered adapter name, e.g. ``hydra ssf comp_lora``)
 
 Builds the rows as ``bench.adapters`` does (ViT-S/16, 224 px, batch 8) and times each step with
 ``time.thread_time`` (CPU time of this thread, one torch thread), which a machine shared with other
@@ -29,9 +30,12 @@ def main() -> None:
     torch.set_num_threads(1)
     args = argparse.Namespace(model="vit_small_patch16_224", img_size=224, batch_size=8, depth=a.depth,
                               device="cpu", num_classes=10, backbone="vit")
-    rows = {"floor": B.Row(B.FLOOR, "floor"), "mhr": B.Row("mhr", "zoo", "mhr", {}), "lora": B.Row("lora", "zoo", "lora", {}),
-            "colora": B.Row("colora", "zoo", "colora", dict(B.BENCH_CONFIG["colora"]))}
-    rows.update({f"{k}_old": v for k, v in list(rows.items())})
+    # any registered adapter by name, with bench.adapters' config for it; NAME_old: the composed path
+    rows = {"floor": B.Row(B.FLOOR, "floor")}
+    for n in a.rows:
+        base = n.removesuffix("_old")
+        if base != "floor":
+            rows[n] = B.Row(base, "zoo", base, dict(B.BENCH_CONFIG.get(base, {})))
     built = {n: B.build(args, rows[n]) for n in a.rows}
     for n, b in built.items():
         if n.endswith("_old"):
