@@ -189,7 +189,7 @@ class PDEDataModule(L.LightningDataModule):
                  generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
                  rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, seed: int = 0, **unused: Any):
+                 shuffle: bool = True, drop_last: bool = False, seed: int = 0):
         super().__init__()
         if path is None and generate is None:
             raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
@@ -200,7 +200,10 @@ class PDEDataModule(L.LightningDataModule):
         self.revin, self.on_nan, self.fit, self.stride = revin, on_nan, fit, int(stride)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
-        self.drop_last = bool(drop_last)
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"data.{name}={flag!r}; valid: true, false")
+        self.drop_last = drop_last
         self.spatial = None
         self.field_names: list[str] | None = None
         self.test_set = "test"  # PDEBench files and The Well folders always hold a test split: the runner tests it

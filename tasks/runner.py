@@ -227,9 +227,16 @@ def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict],
     if not f.is_file():
         return None
     step = int(state.get("global_step") or 0)
-    with f.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("step") not in (None, "") and int(float(r["step"])) < step]
+    rows = [r for r in _csv_rows(f) if r.get("step") not in (None, "") and int(float(r["step"])) < step]
     return rows, step
+
+
+def _csv_rows(f: Path) -> list[dict]:
+    """The rows of a CSV log (the file closed again; [] when it does not exist)."""
+    if not f.is_file():
+        return []
+    with f.open() as fh:
+        return list(csv.DictReader(fh))
 
 
 def restore_csv_history(out_dir: Path, rows: list[dict], step: int) -> None:
@@ -240,7 +247,7 @@ def restore_csv_history(out_dir: Path, rows: list[dict], step: int) -> None:
     from zoo.io import atomic_write_text
 
     f = out_dir / "csv" / "metrics.csv"
-    new = list(csv.DictReader(f.open())) if f.is_file() else []
+    new = _csv_rows(f)
     allrows = rows + new
     fields = list(dict.fromkeys(k for r in allrows for k in r))
     buf = io.StringIO()
@@ -259,12 +266,12 @@ def keep_csv_history(trainer: L.Trainer, out_dir: Path):
     from it, would be lost); in-process strategies append, and the file is left as it is.
     """
     f = out_dir / "csv" / "metrics.csv"
-    before = list(csv.DictReader(f.open())) if trainer.is_global_zero and f.is_file() else []
+    before = _csv_rows(f) if trainer.is_global_zero else []
     try:
         yield
     finally:
         if before and f.is_file():
-            now = list(csv.DictReader(f.open()))
+            now = _csv_rows(f)
             kept = len(now) >= len(before) and all(all(n.get(k, "") == v for k, v in b.items())
                                                    for n, b in zip(now, before))
             if not kept:
@@ -276,7 +283,7 @@ def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
     f = out_dir / "csv" / "metrics.csv"
     if not f.is_file():
         return None, None
-    vals = [float(r["train/loss_step"]) for r in csv.DictReader(f.open()) if r.get("train/loss_step")]
+    vals = [float(r["train/loss_step"]) for r in _csv_rows(f) if r.get("train/loss_step")]
     return (vals[0], vals[-1]) if vals else (None, None)
 
 

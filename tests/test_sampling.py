@@ -62,3 +62,15 @@ def test_eval_shards_cover_each_sample_once_in_order():
     assert sum(_batches(make_loader(list(range(n)), 2, train=False)), []) == list(range(n))
     with pytest.raises(ValueError, match="val split has 2 samples for 3 processes"):
         make_loader([0, 1], 2, train=False, split="val", trainer=SimpleNamespace(world_size=3, global_rank=0))
+
+
+def test_pde_datamodule_refuses_non_boolean_flags_and_unknown_keys():
+    # a string such as "maybe" would be truthy; an unknown key used to be swallowed by **kwargs
+    from tasks.forecasting import PDEDataModule
+
+    with pytest.raises(ValueError, match=r"data.drop_last='maybe'; valid: true, false"):
+        PDEDataModule(generate="advection", drop_last="maybe")
+    with pytest.raises(ValueError, match=r"data.shuffle='no'"):
+        PDEDataModule(generate="advection", shuffle="no")
+    with pytest.raises(TypeError, match="shufle"):
+        PDEDataModule(generate="advection", shufle=False)
