@@ -506,7 +506,8 @@ PRESETS = {
 }
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with the backbone's and the preset's defaults filled in."""
     p = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="realistic: ViT-S/16 at 224 px, batch 8, 5 rounds, + compile / checkpointing rows; "
@@ -537,6 +538,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "(activation checkpointing of blocks); ADAPTER may be 'floor'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--class-counts", type=int, nargs="*", default=None,
+                   help="clip: also count CLIP-LoRA's and the text floor's step FLOPs with this many class prompts "
+                        "(e.g. 10 47 100 397 1000: EuroSAT ... ImageNet)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--memory", choices=["subprocess", "skip"], default="subprocess",
                    help="peak memory per row in a fresh subprocess (or skip it)")
@@ -556,6 +560,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     for k, v in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

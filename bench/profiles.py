@@ -220,23 +220,25 @@ def _per_round(train: dict, a: str, b: str) -> float | None:
     return statistics.median(x / y for x, y in zip(train[a], train[b]))
 
 
-RECIPE_BATCH = 32  # CLIP-LoRA's batch
-CLASS_COUNTS = {"EuroSAT": 10, "DTD": 47, "Caltech101": 100, "SUN397": 397, "ImageNet": 1000}
+DATASET_CLASSES = {10: "EuroSAT", 47: "DTD", 100: "Caltech101", 397: "SUN397", 1000: "ImageNet"}
 
 
-def clip_lora_flop_ratio(rows: dict, batch: int, classes: int, at_batch: int, at_classes: int) -> float | None:
-    """CLIP-LoRA's step FLOPs over the text floor's at another batch size / class count, from this run's
-    counts: the visual floor's FLOPs scale with the images, the text tower's forward (text floor − visual
-    floor) and CLIP-LoRA's extra (text backward + LoRA terms; the visual LoRA terms at r=2 are taken to
-    scale with the classes too, an over-estimate of < 1%) with the class prompts."""
-    try:
-        fv = rows[FLOOR]["step_flops"]
-        ft = rows[TEXT_FLOOR]["step_flops"] - fv
-        fl = rows["CLIP-LoRA"]["step_flops"] - rows[TEXT_FLOOR]["step_flops"]
-    except (KeyError, TypeError):
-        return None
-    v, t = fv * at_batch / batch, at_classes / classes
-    return (v + (ft + fl) * t) / (v + ft * t)
+def clip_flops_at_class_counts(args, counts) -> dict[int, float | None]:
+    """CLIP-LoRA's step FLOPs over the text floor's, counted (not predicted) at each class count on this
+    run's batch: both rows rebuilt with ``num_classes = n`` (the text tower's work grows with the prompts)."""
+    import copy
+
+    from bench.adapters import build, flops_or_none, synthetic_batches
+
+    rows = {r.label: r for r in _clip_rows(args)}
+    out = {}
+    for n in counts:
+        a = copy.copy(args)
+        a.num_classes = int(n)
+        x, y = synthetic_batches(a, 1)[0]
+        f = {lab: flops_or_none(a, build(a, rows[lab]), x, y) for lab in (TEXT_FLOOR, "CLIP-LoRA")}
+        out[int(n)] = f["CLIP-LoRA"] / f[TEXT_FLOOR] if all(f.values()) else None
+    return out
 
 
 def _clip_checks(rows: dict, train: dict, args) -> list[str]:
@@ -255,12 +257,12 @@ def _clip_checks(rows: dict, train: dict, args) -> list[str]:
                    f"{b:.2f}×" + (f"; the same LoRA re-encoding the frozen class prompts every step (head=text): "
                                   f"{d:.2f}×" if d is not None else "")
                    + (f"; the text floor / the visual floor: {c:.2f}×" if c is not None else ""))
-    preds = {k: clip_lora_flop_ratio(rows, args.batch_size, args.num_classes, RECIPE_BATCH, n)
-             for k, n in CLASS_COUNTS.items()}
-    if all(v is not None for v in preds.values()):
-        out.append(f"(a) at the recipe's batch {RECIPE_BATCH}, CLIP-LoRA FLOPs / text-floor FLOPs predicted from "
-                   "this run's counts (visual work ∝ images, text work ∝ classes): "
-                   + ", ".join(f"{k} ({CLASS_COUNTS[k]} classes) {v:.2f}×" for k, v in preds.items()))
+    counts = getattr(args, "class_counts", None)
+    if counts:
+        ratios = clip_flops_at_class_counts(args, counts)
+        out.append(f"(a) CLIP-LoRA FLOPs / text-floor FLOPs at batch {args.batch_size}, counted at each class count: "
+                   + ", ".join(f"{n} classes ({DATASET_CLASSES[n]}) {v:.2f}×" if n in DATASET_CLASSES else
+                               f"{n} classes {v:.2f}×" for n, v in ratios.items() if v is not None))
     return out
 
 

@@ -199,3 +199,62 @@ def test_openai_torchscript_archive_is_refused_without_loading_it(tmp_path):
     with pytest.raises(ValueError, match=r"TorchScript archive .*refused. Use backbone.pretrained=openai"):
         tiny_clip(weights=str(path))
     tiny_clip(weights=str(plain))  # a weights-only torch state dict still loads
+
+
+def _lora_text(bb):
+    zoo.apply_adapter(bb, "lora", rank=2, targets=["q", "v"], tower="text")
+    _perturb(bb)  # non-zero B: the adapter changes the features
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_encode_text_cuts_padding_exactly(custom, monkeypatch):
+    """Causal mask + EOT pooling: encode_text runs on max(eot)+1 tokens and equals open_clip's full forward,
+    features and gradients (with a text LoRA), on CLIP and on a CustomTextCLIP text tower."""
+    import zoo.backbones.clip as clip_mod
+
+    torch.manual_seed(0)
+    bb = tiny_clip(**({"force_custom_text": True} if custom else {}))
+    _lora_text(bb)
+    tokens = bb.tokenize(["a photo of a red circle.", "blue star"])
+    n = int(tokens.argmax(-1).max()) + 1
+    assert n < tokens.shape[1]
+    seen = []
+    real = clip_mod._encode_text_prefix
+    monkeypatch.setattr(clip_mod, "_encode_text_prefix", lambda o, t, nz: seen.append(t.shape[1]) or real(o, t, nz))
+    cut = bb.encode_text(tokens, normalize=True)
+    assert seen == [n]
+    full = bb.model.encode_text(tokens, normalize=True)  # open_clip's own forward over all 16 positions
+    torch.testing.assert_close(cut, full, atol=1e-6, rtol=1e-5)
+    params = [p for p in bb.parameters() if p.requires_grad]
+    g_cut = torch.autograd.grad(cut.square().sum(), params)
+    g_full = torch.autograd.grad(full.square().sum(), params)
+    for a, b in zip(g_cut, g_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_encode_text_keeps_full_length_when_cutting_would_not_be_exact(monkeypatch):
+    import zoo.backbones.clip as clip_mod
+
+    calls = []
+    monkeypatch.setattr(clip_mod, "_encode_text_prefix", lambda *a: calls.append(a))
+    # no causal mask: every position sees the padding
+    bb = tiny_clip()
+    tokens = bb.tokenize(["a red circle."])
+    bb.model.attn_mask = None
+    bb.encode_text(tokens)
+    # a text tower with an appended CLS embedding pools the last position
+    text_cfg = {**TINY["text_cfg"], "embed_cls": True, "pad_id": 0}
+    bb = tiny_clip(text_cfg=text_cfg, force_custom_text=True)
+    bb.encode_text(tokens)
+    # 'last' pooling reads the final (padding) position
+    bb = tiny_clip()
+    bb.model.text_pool_type = "last"
+    bb.encode_text(tokens)
+    # a mask that is not exactly causal
+    bb = tiny_clip()
+    bb.model.attn_mask = bb.model.attn_mask.clone()
+    bb.model.attn_mask[3, 1] = float("-inf")
+    bb.encode_text(tokens)
+    assert calls == []
+    assert clip_mod._is_causal(torch.ones(4, 4, dtype=torch.bool).triu(1))
+    assert not clip_mod._is_causal(torch.ones(4, 4, dtype=torch.bool).triu(2))

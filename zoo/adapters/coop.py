@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,8 +134,10 @@ class ContextEmbedding(WrappedLayer):
 
 
 def _keys(tokens: torch.Tensor) -> list[bytes]:
+    """One key per prompt row: its tokens without the trailing padding, so a row registered at the
+    full context length is found in the text tower's shortened batch (``encode_text`` cuts padding)."""
     t = tokens.detach().to("cpu", torch.int64).numpy()  # one transfer for the batch
-    return [row.tobytes() for row in t]
+    return [np.trim_zeros(row, "b").tobytes() for row in t]
 
 
 @register_adapter("coop")

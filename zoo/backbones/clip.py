@@ -299,8 +299,20 @@ class CLIPBackbone(Backbone):
         return self.model.encode_image(x, normalize=normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's ``encode_text``, run on the shortest prefix that holds every prompt's pooled token.
+
+        With a causal mask and end-of-text pooling, position p sees only tokens 0..p, so the padding
+        after the last end-of-text token never reaches the pooled feature: cutting the sequence to
+        ``n = max(eot) + 1`` gives the same features (tested to float tolerance) at n/77 of the
+        text tower's cost (~15 tokens for "a photo of a {}." instead of 77). Falls back to open_clip's
+        own forward when the text tower is not causal with argmax/eos pooling (or has a CLS embedding).
+        """
         self.require_text("encode_text")
-        return self.model.encode_text(tokens, normalize=normalize)
+        owner = self.text_owner()
+        n = _pooled_prefix_length(owner, tokens)
+        if n is None or n >= tokens.shape[1]:
+            return self.model.encode_text(tokens, normalize=normalize)
+        return _encode_text_prefix(owner, tokens[:, :n], normalize)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -333,6 +345,62 @@ class CLIPBackbone(Backbone):
         cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         cfg.setdefault("size", self.data_config["input_size"][1:])
         return image_transform_v2(PreprocessCfg(**cfg), is_train=is_train)
+
+
+def _pool_type(owner: nn.Module) -> tuple[str | None, int | None]:
+    """(pool type, eos id) of a CLIP (``text_pool_type``) or a TextTransformer (``pool_type``)."""
+    if hasattr(owner, "text_pool_type"):
+        return owner.text_pool_type, getattr(owner, "text_eos_id", None)
+    return getattr(owner, "pool_type", None), getattr(owner, "eos_id", None)
+
+
+def _is_causal(mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` is exactly the causal mask (bool: True above the diagonal; float: -inf there, 0 elsewhere)."""
+    if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, upper))
+    return bool(torch.equal(torch.isneginf(mask), upper)) and not bool(mask[~upper].any())
+
+
+def _pooled_prefix_length(owner: nn.Module, tokens: torch.Tensor) -> int | None:
+    """``max(pooled position) + 1`` when truncating the text is exact (causal mask, argmax/eos pooling,
+    no appended CLS embedding); ``None`` otherwise."""
+    pool, eos = _pool_type(owner)
+    if getattr(owner, "cls_emb", None) is not None or tokens.ndim != 2 or tokens.shape[0] == 0:
+        return None
+    if pool == "argmax":
+        pos = tokens.argmax(dim=-1)
+    elif pool == "eos" and eos is not None:
+        hit = tokens == eos
+        if not bool(hit.any(dim=-1).all()):
+            return None
+        pos = hit.int().argmax(dim=-1)
+    else:
+        return None
+    mask = getattr(owner, "attn_mask", None)
+    if not _is_causal(mask):
+        return None
+    return int(pos.max()) + 1
+
+
+def _encode_text_prefix(owner: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """open_clip's text forward (CLIP.encode_text / TextTransformer.forward without a CLS embedding)
+    on a prefix of length n: positional embedding and causal mask cut to n."""
+    from open_clip.transformer import text_global_pool
+
+    n = tokens.shape[1]
+    cast = owner.transformer.get_cast_dtype()
+    x = owner.token_embedding(tokens).to(cast) + owner.positional_embedding[:n].to(cast)
+    x = owner.transformer(x, attn_mask=owner.attn_mask[:n, :n])
+    x = owner.ln_final(x)
+    pool, eos = _pool_type(owner)
+    x = text_global_pool(x, tokens, pool, eos_token_id=eos)
+    proj = owner.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1) if normalize else x
 
 
 def _param_dtype(module: nn.Module):
