@@ -190,7 +190,13 @@ CLIP_CLASSES = ["red circle", "blue star", "green square", "yellow triangle", "p
 TEXT_FLOOR = "frozen floor [text]"
 
 
-def _clip_classnames(n: int) -> list[str]:
+def _clip_classnames(n: int, source: str = "shapes") -> list[str]:
+    """``n`` class names: the bench's shapes, or ImageNet's (open_clip's list: real prompt lengths, which
+    set the text tower's work since ``encode_text`` stops at the longest prompt's end-of-text token)."""
+    if source == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return [IMAGENET_CLASSNAMES[i % len(IMAGENET_CLASSNAMES)] for i in range(n)]
     return [CLIP_CLASSES[i] if i < len(CLIP_CLASSES) else f"shape number {i}" for i in range(n)]
 
 
@@ -200,7 +206,8 @@ def _clip_build(args, opts):
     bb = zoo.create_backbone("clip", model=args.model, pretrained=None,
                              **_open_clip_cfg(args, args.model, ("vision_cfg", "text_cfg")))
     # the few-shot task's model (tasks/fewshot.py): CLIP-LoRA's single template and fixed logit scale 100
-    model = CLIPClassifier(bb, _clip_classnames(args.num_classes), ["a photo of a {}."],
+    model = CLIPClassifier(bb, _clip_classnames(args.num_classes, getattr(args, "class_names", "shapes")),
+                           ["a photo of a {}."],
                            head=opts.get("head", "zeroshot"), logit_scale=100.0)
     return model, bb
 
@@ -225,7 +232,8 @@ DATASET_CLASSES = {10: "EuroSAT", 47: "DTD", 100: "Caltech101", 397: "SUN397", 1
 
 def clip_flops_at_class_counts(args, counts) -> dict[int, float | None]:
     """CLIP-LoRA's step FLOPs over the text floor's, counted (not predicted) at each class count on this
-    run's batch: both rows rebuilt with ``num_classes = n`` (the text tower's work grows with the prompts)."""
+    run's batch: both rows rebuilt with ImageNet's first ``n`` class names (the text tower's work grows
+    with the prompts and with the longest one's length)."""
     import copy
 
     from bench.adapters import build, flops_or_none, synthetic_batches
@@ -234,7 +242,7 @@ def clip_flops_at_class_counts(args, counts) -> dict[int, float | None]:
     out = {}
     for n in counts:
         a = copy.copy(args)
-        a.num_classes = int(n)
+        a.num_classes, a.class_names = int(n), "imagenet"
         x, y = synthetic_batches(a, 1)[0]
         f = {lab: flops_or_none(a, build(a, rows[lab]), x, y) for lab in (TEXT_FLOOR, "CLIP-LoRA")}
         out[int(n)] = f["CLIP-LoRA"] / f[TEXT_FLOOR] if all(f.values()) else None
@@ -260,8 +268,9 @@ def _clip_checks(rows: dict, train: dict, args) -> list[str]:
     counts = getattr(args, "class_counts", None)
     if counts:
         ratios = clip_flops_at_class_counts(args, counts)
-        out.append(f"(a) CLIP-LoRA FLOPs / text-floor FLOPs at batch {args.batch_size}, counted at each class count: "
-                   + ", ".join(f"{n} classes ({DATASET_CLASSES[n]}) {v:.2f}×" if n in DATASET_CLASSES else
+        out.append(f"(a) CLIP-LoRA FLOPs / text-floor FLOPs at batch {args.batch_size}, counted at each class count "
+                   "(ImageNet's first n class names): "
+                   + ", ".join(f"{n} classes (as {DATASET_CLASSES[n]}) {v:.2f}×" if n in DATASET_CLASSES else
                                f"{n} classes {v:.2f}×" for n, v in ratios.items() if v is not None))
     return out
 

@@ -225,7 +225,7 @@ def test_clip_flop_ratio_is_counted_at_each_class_count(tmp_path):
     args = bench_adapters.main(["--backbone", "clip", *opts, *ONE_STEP, "--out", str(tmp_path), "--adapters",
                                 "CLIP-LoRA", "--class-counts", "2", "10"])["summary"]["checks"]
     line = [c for c in args if "counted at each class count" in c]
-    assert len(line) == 1 and "2 classes" in line[0] and "10 classes (EuroSAT)" in line[0]
+    assert len(line) == 1 and "2 classes" in line[0] and "10 classes (as EuroSAT)" in line[0]
     r = clip_flops_at_class_counts(bench_adapters.parse_args(["--backbone", "clip", *opts, *ONE_STEP]), [2, 10])
     # CLIP-LoRA adds the text tower's backward, which grows with the prompts while the images stay fixed
     assert r[10] > r[2] > 0
