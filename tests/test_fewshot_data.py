@@ -161,3 +161,38 @@ def test_embedded_shapes_dataset_in_coop_layout():
     assert (s.image_root / s.train[0][0]).is_file()
     assert len(load_fewshot(root, "shapes", 16, 1, subsample="new").classnames) == 12
     assert load_fewshot(root, "shapecolors", 1, 1).classnames == ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+def test_shape_sketches_are_the_shapes_classes_in_another_domain(tmp_path):
+    """ShapeSketches (the quickstart's downstream set): Shapes' classes and order, a 40-image-per-class test
+    split, the same bytes from the same seed, and images that really differ from the pretraining renderer."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from tasks.data.fewshot_shapes import render_shifted, write_dataset
+
+    root = ROOT / "data" / "fewshot"
+    s = load_fewshot(root, "shapesketches", 16, 1, subsample="all")
+    shapes = load_fewshot(root, "shapes", 16, 1, subsample="all")
+    assert s.classnames == shapes.classnames and s.template == shapes.template
+    assert len(s.train) == 24 * 16 and len(s.val) == 24 * 4 and len(s.test) == 24 * 40
+    base = load_fewshot(root, "shapesketches", 16, 1, subsample="base")
+    assert base.classnames == shapes.classnames[:12] and len(base.test) == 12 * 40
+
+    def digest(folder):
+        files = sorted((folder / "images").iterdir()) + [folder / "split_zhou_ShapeSketches.json"]
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
+
+    assert digest(write_dataset(tmp_path, "ShapeSketches")) == digest(s.image_root.parent)
+
+    # the shift, measured: pretraining images sit on dark grey (border mean < 128), the sketches on light
+    # striped paper; and their class colour covers far fewer pixels (outlines, smaller shapes)
+    def border_mean(split):
+        arr = [np.asarray(Image.open(split.image_root / p), dtype=np.float32) for p, _, _ in split.test[:200]]
+        return np.array([np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).mean() for a in arr])
+
+    assert border_mean(shapes).max() < 128 < border_mean(s).min()
+    with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]; valid: outline, texture"):
+        render_shifted("red", "star", np.random.default_rng(0), shift=("outline", "fog"))

@@ -19,15 +19,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
 FORMS = ("circle", "square", "triangle", "star")
 RES = 32
-SIZES = {"Shapes": (16, 4, 10), "ShapeColors": (8, 4, 12), "ShapeForms": (8, 4, 16)}
-FOLDERS = {"Shapes": "shapes", "ShapeColors": "shape_colors", "ShapeForms": "shape_forms"}
-SEEDS = {"Shapes": 10, "ShapeColors": 11, "ShapeForms": 12}
+SIZES = {"Shapes": (16, 4, 10), "ShapeColors": (8, 4, 12), "ShapeForms": (8, 4, 16), "ShapeSketches": (16, 4, 40)}
+FOLDERS = {"Shapes": "shapes", "ShapeColors": "shape_colors", "ShapeForms": "shape_forms",
+           "ShapeSketches": "shape_sketches"}
+SEEDS = {"Shapes": 10, "ShapeColors": 11, "ShapeForms": 12, "ShapeSketches": 13}
 
 
 def _polygon(form: str, cx: float, cy: float, r: float, a: float) -> list[tuple[float, float]]:
@@ -58,9 +59,64 @@ def render(color: str, form: str, rng: np.random.Generator, res: int = RES) -> I
     return img.resize((res, res), Image.LANCZOS)
 
 
+# The domain shift of ``ShapeSketches`` (the quickstart's downstream set): each component can be
+# switched off for measurements (``render_shifted(..., shift=...)``); the README tables what each does.
+SHIFT = ("outline", "texture", "small", "blur", "noise")
+
+
+def _texture(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A light, low-saturation striped background (pretraining backgrounds are dark, flat grey)."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    t = rng.uniform(0, math.pi)
+    period = rng.uniform(0.15, 0.35) * n
+    wave = np.sin(2 * math.pi * (xx * math.cos(t) + yy * math.sin(t)) / period + rng.uniform(0, 2 * math.pi))
+    tint = rng.uniform(150, 215) + rng.normal(0, 12, 3)            # light paper, slightly tinted
+    img = tint[None, None, :] + 25 * wave[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_shifted(color: str, form: str, rng: np.random.Generator, res: int = RES,
+                   shift: tuple[str, ...] = SHIFT) -> Image.Image:
+    """``color`` ``form`` drawn unlike :func:`render`: ``outline`` (a coloured contour, no fill),
+    ``texture`` (light striped background), ``small`` (half the radius), ``blur`` (Gaussian blur),
+    ``noise`` (additive Gaussian pixel noise) -- any subset of :data:`SHIFT`."""
+    unknown = set(shift) - set(SHIFT)
+    if unknown:
+        raise ValueError(f"unknown shift components {sorted(unknown)}; valid: {', '.join(SHIFT)}")
+    ss = 4
+    n = res * ss
+    if "texture" in shift:
+        img = Image.fromarray(_texture(rng, res)).resize((n, n), Image.BILINEAR)
+    else:
+        bg = rng.uniform(40, 110)
+        base = np.clip(bg + rng.normal(0, 12, (res, res, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
+        img = Image.fromarray(base).resize((n, n), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.12, 0.2) * n if "small" in shift else rng.uniform(0.22, 0.36) * n
+    cx, cy = rng.uniform(r * 1.2, n - r * 1.2), rng.uniform(r * 1.2, n - r * 1.2)
+    rgb = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in COLORS[color])
+    width = int(rng.integers(ss * 1, ss * 2 + 1)) if "outline" in shift else 0
+    style = dict(outline=rgb, width=width) if width else dict(fill=rgb)
+    if form == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
+    else:
+        pts = _polygon(form, cx, cy, r, rng.uniform(0, 2 * math.pi))
+        if width:  # PIL's polygon outline ignores width on older Pillows: close the contour with a line
+            draw.line(pts + pts[:1], fill=rgb, width=width, joint="curve")
+        else:
+            draw.polygon(pts, fill=rgb)
+    img = img.resize((res, res), Image.LANCZOS)
+    if "blur" in shift:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 0.9)))
+    if "noise" in shift:
+        arr = np.asarray(img).astype(np.float32) + rng.normal(0, 18, (res, res, 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return img
+
+
 def _classes(name: str) -> list[tuple[str, list[tuple[str, str]]]]:
     """``[(class name, [(colour, form) choices])]``."""
-    if name == "Shapes":
+    if name in ("Shapes", "ShapeSketches"):
         return [(f"{c} {f}", [(c, f)]) for c in COLORS for f in FORMS]
     if name == "ShapeColors":
         return [(c, [(c, f) for f in FORMS]) for c in COLORS]
@@ -75,13 +131,14 @@ def write_dataset(root: str | Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[name]}-", dir=root))
     (tmp / "images").mkdir()
     rng = np.random.default_rng(SEEDS[name])
+    draw = render_shifted if name == "ShapeSketches" else render
     split = {"train": [], "val": [], "test": []}
     for label, (cname, choices) in enumerate(_classes(name)):
         for s, n in zip(("train", "val", "test"), SIZES[name]):
             for i in range(n):
                 c, f = choices[rng.integers(len(choices))]
                 rel = f"{cname.replace(' ', '_')}_{s}_{i}.png"
-                render(c, f, rng).save(tmp / "images" / rel)
+                draw(c, f, rng).save(tmp / "images" / rel)
                 split[s].append([rel, label, cname])
     (tmp / f"split_zhou_{name}.json").write_text(json.dumps(split))
     try:
@@ -92,7 +149,7 @@ def write_dataset(root: str | Path, name: str) -> Path:
 
 
 def ensure_shapes(root: str | Path) -> None:
-    """Write the three embedded datasets under ``root`` if they are missing."""
+    """Write the four embedded datasets under ``root`` if they are missing."""
     for name, folder in FOLDERS.items():
         if not (Path(root) / folder / f"split_zhou_{name}.json").is_file():
             write_dataset(root, name)
