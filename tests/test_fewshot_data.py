@@ -163,8 +163,8 @@ def test_embedded_shapes_dataset_in_coop_layout():
     assert load_fewshot(root, "shapecolors", 1, 1).classnames == ["red", "green", "blue", "yellow", "purple", "orange"]
 
 
-def test_shape_sketches_are_the_shapes_classes_in_another_domain(tmp_path):
-    """ShapeSketches (the quickstart's downstream set): Shapes' classes and order, a 40-image-per-class test
+def test_shapes_grainy_are_the_shapes_classes_in_another_domain(tmp_path):
+    """ShapesGrainy (the quickstart's downstream set): Shapes' classes and order, a 40-image-per-class test
     split, the same bytes from the same seed, and images that really differ from the pretraining renderer."""
     import hashlib
 
@@ -174,25 +174,31 @@ def test_shape_sketches_are_the_shapes_classes_in_another_domain(tmp_path):
     from tasks.data.fewshot_shapes import render_shifted, write_dataset
 
     root = ROOT / "data" / "fewshot"
-    s = load_fewshot(root, "shapesketches", 16, 1, subsample="all")
+    s = load_fewshot(root, "shapesgrainy", 16, 1, subsample="all")
     shapes = load_fewshot(root, "shapes", 16, 1, subsample="all")
     assert s.classnames == shapes.classnames and s.template == shapes.template
     assert len(s.train) == 24 * 16 and len(s.val) == 24 * 4 and len(s.test) == 24 * 40
-    base = load_fewshot(root, "shapesketches", 16, 1, subsample="base")
+    base = load_fewshot(root, "shapesgrainy", 16, 1, subsample="base")
     assert base.classnames == shapes.classnames[:12] and len(base.test) == 12 * 40
 
     def digest(folder):
-        files = sorted((folder / "images").iterdir()) + [folder / "split_zhou_ShapeSketches.json"]
+        files = sorted((folder / "images").iterdir()) + [folder / "split_zhou_ShapesGrainy.json"]
         return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
 
-    assert digest(write_dataset(tmp_path, "ShapeSketches")) == digest(s.image_root.parent)
+    assert digest(write_dataset(tmp_path, "ShapesGrainy")) == digest(s.image_root.parent)
 
-    # the shift, measured: pretraining images sit on dark grey (border mean < 128), the sketches on light
-    # striped paper; and their class colour covers far fewer pixels (outlines, smaller shapes)
-    def border_mean(split):
-        arr = [np.asarray(Image.open(split.image_root / p), dtype=np.float32) for p, _, _ in split.test[:200]]
-        return np.array([np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).mean() for a in arr])
+    # the shift, measured on the background (the image border): pretraining backgrounds are flat grey
+    # (R = G = B), ShapesGrainy's are warm (R - B > 0, the colour cast) and grainy (|R - G| > 0: the noise)
+    def border_stats(split):
+        out = []
+        for p, _, _ in split.test[:200]:
+            a = np.asarray(Image.open(split.image_root / p), dtype=np.float32)
+            b = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+            out.append((np.median(b[:, 0] - b[:, 2]), np.median(np.abs(b[:, 0] - b[:, 1]))))  # medians: a shape may touch the border
+        return np.array(out)
 
-    assert border_mean(shapes).max() < 128 < border_mean(s).min()
-    with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]; valid: outline, texture"):
+    orig, grainy = border_stats(shapes), border_stats(s)
+    assert np.abs(orig[:, 0]).max() < 1 and grainy[:, 0].min() > 15   # the warm cast
+    assert orig[:, 1].max() < 1 and grainy[:, 1].min() > 5            # the grain
+    with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]; valid: outline, texture, small"):
         render_shifted("red", "star", np.random.default_rng(0), shift=("outline", "fog"))

@@ -108,18 +108,18 @@ def test_clip_lora_recipe_selects_fp16_autocast_on_a_gpu_and_fp32_on_cpu(monkeyp
     assert precision(["trainer.precision=bf16-mixed"], cuda=False) == "bf16-mixed"  # an explicit choice wins
 
 
-def test_clip_quickstart_tunes_on_shape_sketches_and_measures_retention_on_the_pretraining_domain(tmp_path):
+def test_clip_quickstart_tunes_on_shapes_grainy_and_measures_retention_on_the_pretraining_domain(tmp_path):
     """experiment=clip_quickstart composes and runs (random tiny CLIP, 2 steps): base classes of the shifted
-    ShapeSketches set, new classes of the same set, held-out zero-shot on the original-domain sets."""
+    ShapesGrainy set, new classes of the same set, held-out zero-shot on the original-domain sets."""
     from tasks.data.fewshot import dataset_info
     from tests.helpers import compose_config, run_train
 
     cfg = compose_config(["experiment=clip_quickstart"])
-    assert dataset_info(cfg.data.dataset).name == "ShapeSketches" and cfg.data.subsample == "base"
+    assert dataset_info(cfg.data.dataset).name == "ShapesGrainy" and cfg.data.subsample == "base"
     assert [dataset_info(d).name for d in cfg.task.heldout] == ["ShapeColors", "ShapeForms"]
     assert cfg.adapter.tower == "both" and cfg.task.head == "text"  # the CLIP-LoRA recipe's adapter and head
 
     m = run_train(["experiment=clip_quickstart", "backbone.weights=null", "task.max_steps=2"], tmp_path)
-    assert m["dataset"] == "shapesketches" and m["protocol"] == "16shot-seed1"
+    assert m["dataset"] == "shapesgrainy" and m["protocol"] == "16shot-seed1"
     assert m["b2n/h"] == pytest.approx(harmonic_mean(m["b2n/base"], m["b2n/new"]))
     assert {"zs0/shapecolors", "zs0/shapeforms"} <= set(m)
