@@ -12,6 +12,7 @@ logit scale 100) trained on the 16 shots -- a quick proxy of what few-shot tunin
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,7 +70,13 @@ def main() -> None:
                     help=f"'none' or '+'-joined components of: {', '.join(SHIFT)}")
     ap.add_argument("--weights", default=str(DEFAULT_PATH))
     a = ap.parse_args()
-    measure(a.shifts, a.weights)
+    if not Path(a.weights).is_file():
+        raise SystemExit(f"error: tiny CLIP weights {a.weights} not found; run `python -m tasks.clip_pretrain` "
+                         f"first or pass --weights")
+    try:
+        measure(a.shifts, a.weights)
+    except ValueError as e:  # an unknown shift component: one line naming the valid ones
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
