@@ -2,6 +2,8 @@
 
 * ``Shapes`` (24 classes, "red circle", "blue star", ...: 6 colours × 4 forms; base/new = 12/12):
   16 train, 4 val, 10 test images per class;
+* ``ShapesGrainy``: the same 24 classes as grainy photos under warm light (:func:`render_shifted` with
+  :data:`DOMAIN`), a domain shift from the pretraining renderer; 16 train, 4 val, 40 test per class;
 * ``ShapeColors`` (6 classes, "red", ...; template "a photo of a {} shape.") and ``ShapeForms``
   (4 classes, "circle", ...): held-out sets for zero-shot retention.
 
@@ -59,13 +61,13 @@ def render(color: str, form: str, rng: np.random.Generator, res: int = RES) -> I
     return img.resize((res, res), Image.LANCZOS)
 
 
-# Components of a domain shift from :func:`render` (``render_shifted(..., shift=...)``); the README and
-# tasks/clip_pretrain.py table what each does to the tiny CLIP. ``ShapesGrainy`` (the quickstart's downstream
+# Components of a domain shift from :func:`render` (``render_shifted(..., shift=...)``);
+# ``python -m tasks.clip_shift`` measures what each does to the tiny CLIP (tabled in the README). ``ShapesGrainy`` (the quickstart's downstream
 # set) uses DOMAIN: warm, dim light and sensor noise -- zero-shot drops, 16 shots recover much of it.
 SHIFT = ("outline", "texture", "small", "blur", "noise", "cast")
 DOMAIN = ("cast", "noise")
-# warm, dim light (an old photo): red and orange, yellow and orange, blue and purple move closer
 NOISE_STD = 12.0  # σ of the additive pixel noise, in 0-255 units
+# warm, dim light (an old photo): red and orange, yellow and orange, blue and purple move closer
 CAST = np.array([1.1, 0.9, 0.55], dtype=np.float32)
 
 
@@ -107,7 +109,7 @@ def render_shifted(color: str, form: str, rng: np.random.Generator, res: int = R
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
     else:
         pts = _polygon(form, cx, cy, r, rng.uniform(0, 2 * math.pi))
-        if width:  # PIL's polygon outline ignores width on older Pillows: close the contour with a line
+        if width:  # a closed polyline with round joints: the contour of the filled polygon
             draw.line(pts + pts[:1], fill=rgb, width=width, joint="curve")
         else:
             draw.polygon(pts, fill=rgb)
