@@ -26,6 +26,9 @@ from zoo.zeroshot import CLIPClassifier
 
 
 def measure(shifts: list[str], weights: str = str(DEFAULT_PATH), shots: int = 16, test: int = 40, seed: int = 5):
+    unknown = sorted({p for name in shifts if name != "none" for p in name.split("+")} - set(SHIFT))
+    if unknown:  # before loading anything
+        raise ValueError(f"unknown shift components {unknown}; valid: {', '.join(SHIFT)}")
     torch.manual_seed(0)
     cfg = {k: v for k, v in TINY_CLIP.items() if k != "model"}
     bb = create_backbone(dict(name="clip", model=TINY_CLIP["model"], pretrained=None, weights=weights,
@@ -59,7 +62,7 @@ def measure(shifts: list[str], weights: str = str(DEFAULT_PATH), shots: int = 16
             opt.step()
         probe = ((feats[is_test] @ w.t()).argmax(1) == yt).float().mean().item()
         rows.append((name, zs, colour, form, probe))
-        print(f"{name:20s} zero-shot {zs:6.1%}  (colour {colour:6.1%}, form {form:6.1%})  16-shot probe {probe:6.1%}",
+        print(f"{name:20s} zero-shot {zs:6.1%}  (colour {colour:6.1%}, form {form:6.1%})  {shots}-shot probe {probe:6.1%}",
               flush=True)
     return rows
 

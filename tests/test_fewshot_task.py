@@ -123,3 +123,23 @@ def test_clip_quickstart_tunes_on_shapes_grainy_and_measures_retention_on_the_pr
     assert m["dataset"] == "shapesgrainy" and m["protocol"] == "16shot-seed1"
     assert m["b2n/h"] == pytest.approx(harmonic_mean(m["b2n/base"], m["b2n/new"]))
     assert {"zs0/shapecolors", "zs0/shapeforms"} <= set(m)
+
+
+def test_clip_shift_measurement_is_consistent(tmp_path):
+    """tasks.clip_shift (how ShapesGrainy's shift was picked) on a random tiny CLIP: a zero-shot hit has
+    both the colour and the form right, so zero-shot <= min(colour, form); unknown components refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.clip_pretrain import build_tiny
+    from tasks.clip_shift import measure
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny().state_dict().items()}, str(path))
+    rows = measure(["none", "cast+noise"], str(path), shots=2, test=4)
+    assert [r[0] for r in rows] == ["none", "cast+noise"]
+    for _, zs, colour, form, probe in rows:
+        assert 0 <= zs <= min(colour, form) <= 1 and 0 <= probe <= 1
+    with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]"):
+        measure(["fog"], str(path), shots=1, test=1)
