@@ -62,8 +62,8 @@ def measure(shifts: list[str], weights: str = str(DEFAULT_PATH), shots: int = 16
             opt.step()
         probe = ((feats[is_test] @ w.t()).argmax(1) == yt).float().mean().item()
         rows.append((name, zs, colour, form, probe))
-        print(f"{name:20s} zero-shot {zs:6.1%}  (colour {colour:6.1%}, form {form:6.1%})  {shots}-shot probe {probe:6.1%}",
-              flush=True)
+        print(f"{name:20s} zero-shot {zs:6.1%}  (colour {colour:6.1%}, form {form:6.1%})  "
+              f"{shots}-shot probe {probe:6.1%}", flush=True)
     return rows
 
 

@@ -194,7 +194,8 @@ def test_shapes_grainy_are_the_shapes_classes_in_another_domain(tmp_path):
         for p, _, _ in split.test[:200]:
             a = np.asarray(Image.open(split.image_root / p), dtype=np.float32)
             b = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-            out.append((np.median(b[:, 0] - b[:, 2]), np.median(np.abs(b[:, 0] - b[:, 1]))))  # medians: a shape may touch the border
+            # medians: a shape may touch the border
+            out.append((np.median(b[:, 0] - b[:, 2]), np.median(np.abs(b[:, 0] - b[:, 1]))))
         return np.array(out)
 
     orig, grainy = border_stats(shapes), border_stats(s)

@@ -61,9 +61,10 @@ def render(color: str, form: str, rng: np.random.Generator, res: int = RES) -> I
     return img.resize((res, res), Image.LANCZOS)
 
 
-# Components of a domain shift from :func:`render` (``render_shifted(..., shift=...)``);
-# ``python -m tasks.clip_shift`` measures what each does to the tiny CLIP (tabled in the README). ``ShapesGrainy`` (the quickstart's downstream
-# set) uses DOMAIN: warm, dim light and sensor noise -- zero-shot drops, 16 shots recover much of it.
+# Components of a domain shift from :func:`render` (``render_shifted(..., shift=...)``); ``python -m
+# tasks.clip_shift`` measures what each does to the tiny CLIP (tabled in the README). ``ShapesGrainy``
+# (the quickstart's downstream set) uses DOMAIN: warm, dim light and sensor noise -- zero-shot drops,
+# 16 shots recover much of it.
 SHIFT = ("outline", "texture", "small", "blur", "noise", "cast")
 DOMAIN = ("cast", "noise")
 NOISE_STD = 12.0  # σ of the additive pixel noise, in 0-255 units
