@@ -161,3 +161,45 @@ def test_embedded_shapes_dataset_in_coop_layout():
     assert (s.image_root / s.train[0][0]).is_file()
     assert len(load_fewshot(root, "shapes", 16, 1, subsample="new").classnames) == 12
     assert load_fewshot(root, "shapecolors", 1, 1).classnames == ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+def test_shapes_grainy_are_the_shapes_classes_in_another_domain(tmp_path):
+    """ShapesGrainy (the quickstart's downstream set): Shapes' classes and order, a 40-image-per-class test
+    split, the same bytes from the same seed, and images that really differ from the pretraining renderer."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from tasks.data.fewshot_shapes import render_shifted, write_dataset
+
+    root = ROOT / "data" / "fewshot"
+    s = load_fewshot(root, "shapesgrainy", 16, 1, subsample="all")
+    shapes = load_fewshot(root, "shapes", 16, 1, subsample="all")
+    assert s.classnames == shapes.classnames and s.template == shapes.template
+    assert len(s.train) == 24 * 16 and len(s.val) == 24 * 4 and len(s.test) == 24 * 40
+    base = load_fewshot(root, "shapesgrainy", 16, 1, subsample="base")
+    assert base.classnames == shapes.classnames[:12] and len(base.test) == 12 * 40
+
+    def digest(folder):
+        files = sorted((folder / "images").iterdir()) + [folder / "split_zhou_ShapesGrainy.json"]
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
+
+    assert digest(write_dataset(tmp_path, "ShapesGrainy")) == digest(s.image_root.parent)
+
+    # the shift, measured on the background (the image border): pretraining backgrounds are flat grey
+    # (R = G = B), ShapesGrainy's are warm (R - B > 0, the colour cast) and grainy (|R - G| > 0: the noise)
+    def border_stats(split):
+        out = []
+        for p, _, _ in split.test[:200]:
+            a = np.asarray(Image.open(split.image_root / p), dtype=np.float32)
+            b = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+            # medians: a shape may touch the border
+            out.append((np.median(b[:, 0] - b[:, 2]), np.median(np.abs(b[:, 0] - b[:, 1]))))
+        return np.array(out)
+
+    orig, grainy = border_stats(shapes), border_stats(s)
+    assert np.abs(orig[:, 0]).max() < 1 and grainy[:, 0].min() > 15   # the warm cast
+    assert orig[:, 1].max() < 1 and grainy[:, 1].min() > 5            # the grain
+    with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]; valid: outline, texture, small"):
+        render_shifted("red", "star", np.random.default_rng(0), shift=("outline", "fog"))

@@ -106,3 +106,40 @@ def test_clip_lora_recipe_selects_fp16_autocast_on_a_gpu_and_fp32_on_cpu(monkeyp
         assert precision(["trainer.accelerator=cpu"], cuda=True) == "32-true"
     assert "16-mixed needs a CUDA GPU" in caplog.text
     assert precision(["trainer.precision=bf16-mixed"], cuda=False) == "bf16-mixed"  # an explicit choice wins
+
+
+def test_clip_quickstart_tunes_on_shapes_grainy_and_measures_retention_on_the_pretraining_domain(tmp_path):
+    """experiment=clip_quickstart composes and runs (random tiny CLIP, 2 steps): base classes of the shifted
+    ShapesGrainy set, new classes of the same set, held-out zero-shot on the original-domain sets."""
+    from tasks.data.fewshot import dataset_info
+    from tests.helpers import compose_config, run_train
+
+    cfg = compose_config(["experiment=clip_quickstart"])
+    assert dataset_info(cfg.data.dataset).name == "ShapesGrainy" and cfg.data.subsample == "base"
+    assert [dataset_info(d).name for d in cfg.task.heldout] == ["ShapeColors", "ShapeForms"]
+    assert cfg.adapter.tower == "both" and cfg.task.head == "text"  # the CLIP-LoRA recipe's adapter and head
+
+    m = run_train(["experiment=clip_quickstart", "backbone.weights=null", "task.max_steps=2"], tmp_path)
+    assert m["dataset"] == "shapesgrainy" and m["protocol"] == "16shot-seed1"
+    assert m["b2n/h"] == pytest.approx(harmonic_mean(m["b2n/base"], m["b2n/new"]))
+    assert {"zs0/shapecolors", "zs0/shapeforms"} <= set(m)
+
+
+def test_clip_shift_measurement_is_consistent(tmp_path):
+    """tasks.clip_shift (how ShapesGrainy's shift was picked) on a random tiny CLIP: a zero-shot hit has
+    both the colour and the form right, so zero-shot <= min(colour, form); unknown components refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.clip_pretrain import build_tiny
+    from tasks.clip_shift import measure
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny().state_dict().items()}, str(path))
+    rows = measure(["none", "cast+noise"], str(path), shots=2, test=4)
+    assert [r[0] for r in rows] == ["none", "cast+noise"]
+    for _, zs, colour, form, probe in rows:
+        assert 0 <= zs <= min(colour, form) <= 1 and 0 <= probe <= 1
+    with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]"):
+        measure(["fog"], str(path), shots=1, test=1)
