@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tasks.base import create_backbone
 from tasks.clip_pretrain import DEFAULT_PATH, TINY_CLIP
-from tasks.data.fewshot_shapes import COLORS, FORMS, SHIFT, render, render_shifted
+from tasks.data.fewshot_shapes import COLORS, FORMS, SHIFT, render
 from tasks.fewshot import make_transforms
 from zoo.zeroshot import CLIPClassifier
 
@@ -43,7 +43,7 @@ def measure(shifts: list[str], weights: str = str(DEFAULT_PATH), shots: int = 16
         imgs, ys = [], []
         for y, (c, f) in enumerate(classes):
             for _ in range(shots + test):
-                imgs.append(render(c, f, rng) if name == "none" else render_shifted(c, f, rng, shift=parts))
+                imgs.append(render(c, f, rng, shift=parts))
                 ys.append(y)
         ys = torch.tensor(ys)
         is_test = torch.arange(len(ys)) % (shots + test) >= shots

@@ -171,7 +171,7 @@ def test_shapes_grainy_are_the_shapes_classes_in_another_domain(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tasks.data.fewshot_shapes import render_shifted, write_dataset
+    from tasks.data.fewshot_shapes import render, write_dataset
 
     root = ROOT / "data" / "fewshot"
     s = load_fewshot(root, "shapesgrainy", 16, 1, subsample="all")
@@ -202,4 +202,4 @@ def test_shapes_grainy_are_the_shapes_classes_in_another_domain(tmp_path):
     assert np.abs(orig[:, 0]).max() < 1 and grainy[:, 0].min() > 15   # the warm cast
     assert orig[:, 1].max() < 1 and grainy[:, 1].min() > 5            # the grain
     with pytest.raises(ValueError, match="unknown shift components \\['fog'\\]; valid: outline, texture, small"):
-        render_shifted("red", "star", np.random.default_rng(0), shift=("outline", "fog"))
+        render("red", "star", np.random.default_rng(0), shift=("outline", "fog"))

@@ -67,7 +67,7 @@ DATASETS: dict[str, FewShotDataset] = {d.name.lower(): d for d in [
     FewShotDataset("Shapes", "shapes", "shapes", "images", "split_zhou_Shapes.json", "a photo of a {}."),
     FewShotDataset("ShapeColors", "shape_colors", "shape_colors", "images", "split_zhou_ShapeColors.json", "a photo of a {} shape."),
     FewShotDataset("ShapeForms", "shape_forms", "shape_forms", "images", "split_zhou_ShapeForms.json", "a photo of a {}."),
-    # the Shapes classes drawn unlike the tiny CLIP's pretraining (outlines on striped paper, ...): a domain shift
+    # the Shapes classes as grainy photos under warm light: a domain shift from the tiny CLIP's pretraining
     FewShotDataset("ShapesGrainy", "shapes_grainy", "shapes_grainy", "images", "split_zhou_ShapesGrainy.json",
                    "a photo of a {}."),
 ]}

@@ -2,8 +2,8 @@
 
 * ``Shapes`` (24 classes, "red circle", "blue star", ...: 6 colours × 4 forms; base/new = 12/12):
   16 train, 4 val, 10 test images per class;
-* ``ShapesGrainy``: the same 24 classes as grainy photos under warm light (:func:`render_shifted` with
-  :data:`DOMAIN`), a domain shift from the pretraining renderer; 16 train, 4 val, 40 test per class;
+* ``ShapesGrainy``: the same 24 classes as grainy photos under warm light (:func:`render` with
+  ``shift=DOMAIN``), a domain shift from the pretraining renderer; 16 train, 4 val, 40 test per class;
 * ``ShapeColors`` (6 classes, "red", ...; template "a photo of a {} shape.") and ``ShapeForms``
   (4 classes, "circle", ...): held-out sets for zero-shot retention.
 
@@ -43,25 +43,7 @@ def _polygon(form: str, cx: float, cy: float, r: float, a: float) -> list[tuple[
     return [(cx + rr * math.cos(t), cy + rr * math.sin(t)) for t, rr in pts]
 
 
-def render(color: str, form: str, rng: np.random.Generator, res: int = RES) -> Image.Image:
-    """One ``color`` ``form`` on a noisy grey background (random position, size, rotation, tint)."""
-    ss = 4
-    n = res * ss
-    bg = rng.uniform(40, 110)
-    base = np.clip(bg + rng.normal(0, 12, (res, res, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
-    img = Image.fromarray(base).resize((n, n), Image.NEAREST)
-    draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.22, 0.36) * n
-    cx, cy = rng.uniform(r, n - r), rng.uniform(r, n - r)
-    rgb = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in COLORS[color])
-    if form == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
-    else:
-        draw.polygon(_polygon(form, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=rgb)
-    return img.resize((res, res), Image.LANCZOS)
-
-
-# Components of a domain shift from :func:`render` (``render_shifted(..., shift=...)``); ``python -m
+# Components of a domain shift from :func:`render` (``render(..., shift=...)``); ``python -m
 # tasks.clip_shift`` measures what each does to the tiny CLIP (tabled in the README). ``ShapesGrainy``
 # (the quickstart's downstream set) uses DOMAIN: warm, dim light and sensor noise -- zero-shot drops,
 # 16 shots recover much of it.
@@ -83,12 +65,12 @@ def _texture(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render_shifted(color: str, form: str, rng: np.random.Generator, res: int = RES,
-                   shift: tuple[str, ...] = DOMAIN) -> Image.Image:
-    """``color`` ``form`` drawn unlike :func:`render`: ``outline`` (a coloured contour, no fill),
-    ``texture`` (light striped background), ``small`` (half the radius), ``blur`` (Gaussian blur),
-    ``noise`` (additive Gaussian pixel noise, σ :data:`NOISE_STD`), ``cast`` (a warm colour cast,
-    :data:`CAST`) -- any subset of :data:`SHIFT`; the default is ``ShapesGrainy``'s :data:`DOMAIN`."""
+def render(color: str, form: str, rng: np.random.Generator, res: int = RES, shift: tuple[str, ...] = ()) -> Image.Image:
+    """One ``color`` ``form`` on a noisy grey background (random position, size, rotation, tint): the
+    pretraining renderer. ``shift`` draws it unlike that (any subset of :data:`SHIFT`): ``outline`` (a
+    coloured contour, no fill), ``texture`` (light striped background), ``small`` (half the radius),
+    ``blur`` (Gaussian blur), ``noise`` (additive Gaussian pixel noise, σ :data:`NOISE_STD`), ``cast`` (a
+    warm colour cast, :data:`CAST`); ``ShapesGrainy`` uses :data:`DOMAIN`."""
     unknown = set(shift) - set(SHIFT)
     if unknown:
         raise ValueError(f"unknown shift components {sorted(unknown)}; valid: {', '.join(SHIFT)}")
@@ -102,7 +84,8 @@ def render_shifted(color: str, form: str, rng: np.random.Generator, res: int = R
         img = Image.fromarray(base).resize((n, n), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     r = rng.uniform(0.12, 0.2) * n if "small" in shift else rng.uniform(0.22, 0.36) * n
-    cx, cy = rng.uniform(r * 1.2, n - r * 1.2), rng.uniform(r * 1.2, n - r * 1.2)
+    m = r * 1.2 if shift else r  # shifted renderings keep a margin (outlines stay inside the frame)
+    cx, cy = rng.uniform(m, n - m), rng.uniform(m, n - m)
     rgb = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in COLORS[color])
     width = int(rng.integers(ss * 1, ss * 2 + 1)) if "outline" in shift else 0
     style = dict(outline=rgb, width=width) if width else dict(fill=rgb)
@@ -117,6 +100,8 @@ def render_shifted(color: str, form: str, rng: np.random.Generator, res: int = R
     img = img.resize((res, res), Image.LANCZOS)
     if "blur" in shift:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 0.9)))
+    if "cast" not in shift and "noise" not in shift:
+        return img
     arr = np.asarray(img).astype(np.float32)
     if "cast" in shift:
         arr = arr * CAST + 20
@@ -142,14 +127,14 @@ def write_dataset(root: str | Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[name]}-", dir=root))
     (tmp / "images").mkdir()
     rng = np.random.default_rng(SEEDS[name])
-    draw = render_shifted if name == "ShapesGrainy" else render
+    shift = DOMAIN if name == "ShapesGrainy" else ()
     split = {"train": [], "val": [], "test": []}
     for label, (cname, choices) in enumerate(_classes(name)):
         for s, n in zip(("train", "val", "test"), SIZES[name]):
             for i in range(n):
                 c, f = choices[rng.integers(len(choices))]
                 rel = f"{cname.replace(' ', '_')}_{s}_{i}.png"
-                draw(c, f, rng).save(tmp / "images" / rel)
+                render(c, f, rng, shift=shift).save(tmp / "images" / rel)
                 split[s].append([rel, label, cname])
     (tmp / f"split_zhou_{name}.json").write_text(json.dumps(split))
     try:
