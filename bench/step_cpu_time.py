@@ -5,14 +5,18 @@
 
 Builds the rows as ``bench.adapters`` does (ViT-S/16, 224 px, batch 8) and times each step with
 ``time.thread_time`` (CPU time of this thread, one torch thread), which a machine shared with other
-jobs inflates much less than wall time. ``NAME_old`` is the row with ``fused=False`` and
-``batched_mix=False`` on every adapter module (the composed path); ``NAME_factored`` keeps the fused
-low-rank op but with ``form_weight=False`` (its factored form, see ``zoo.adapters.lowrank``). ``--prof`` prints torch.profiler's
+jobs inflates much less than wall time. Printed per row: the ratio of medians, of minima, and the
+median (and range) of the per-round ratios to the first row (the most robust to load that changes
+between rounds). ``NAME_old`` is the row with ``fused=False`` and
+``batched_mix=False`` on every adapter module (the composed path: ``fused`` is the flag of the fused
+ops of ``zoo.adapters.lowrank`` and of SSF's fast paths). ``--prof`` prints torch.profiler's
 table of one step for the named rows. ``--breakdown`` profiles ``--breakdown-steps`` steps of every row
 and prints each row's self CPU time per op category (backbone-sized GEMMs, thin GEMMs with a dimension
 under 128 — the low-rank factors —, attention, the patch-embedding convolution, everything else:
 elementwise ops, norms, reductions, copies) next to the first row's, so the extra time of a method is
-located by kind of work rather than read off one noisy total.
+located by kind of work rather than read off one noisy total. The profiler times each op by the wall
+clock, and the rows are profiled one after another, not interleaved: use ``--breakdown`` on a quiet
+machine only (under load ≈ 4 on 2 cores, rows with the same GEMMs differed by ±25% in that column).
 """
 from __future__ import annotations
 
@@ -40,12 +44,12 @@ def main() -> None:
     # any registered adapter by name, with bench.adapters' config for it; NAME_old: the composed path
     rows = {"floor": B.Row(B.FLOOR, "floor")}
     for n in a.rows:
-        base = n.removesuffix("_old").removesuffix("_factored")
+        base = n.removesuffix("_old")
         if base != "floor":
             rows[n] = B.Row(base, "zoo", base, dict(B.BENCH_CONFIG.get(base, {})))
     built = {n: B.build(args, rows[n]) for n in a.rows}
     for n, b in built.items():
-        flags = ("fused", "batched_mix") if n.endswith("_old") else ("form_weight",) if n.endswith("_factored") else ()
+        flags = ("fused", "batched_mix") if n.endswith("_old") else ()
         for m in b.model.modules():
             for flag in flags:
                 if hasattr(m, flag):
@@ -64,7 +68,11 @@ def main() -> None:
     for n in built:
         med = statistics.median(ts[n])
         lo = min(ts[n])
-        print(f"{n:12s} {1000 * med:8.1f} ms  x{med / ref:.3f} of {a.rows[0]}  (min x{lo / min(ts[a.rows[0]]):.3f})"
+        # per-round ratios: each round times every row within seconds, so a load change between
+        # rounds cancels in the ratio; their median and range are the row's estimate and spread
+        per = sorted(t / f for t, f in zip(ts[n], ts[a.rows[0]]))
+        print(f"{n:12s} {1000 * med:8.1f} ms  x{med / ref:.3f} of {a.rows[0]}  (min x{lo / min(ts[a.rows[0]]):.3f};"
+              f" per-round x{statistics.median(per):.3f} [{per[0]:.2f}-{per[-1]:.2f}])"
               f"  rounds {[round(1000 * t) for t in ts[n]]}")
     if a.breakdown:
         cats = {n: breakdown(b, x, y, a.breakdown_steps) for n, b in built.items()}

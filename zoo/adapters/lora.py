@@ -48,7 +48,6 @@ class LoRALinear(WrappedLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         n = len(self.slices)
         self.fused = True  # use zoo.adapters.lowrank when it applies (False: the plain composition)
-        self.form_weight = None  # the fused op's weight form: None = by its token-count rule, or forced
         self.lora_A = nn.Parameter(torch.empty(n * rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
         self.lora_B = nn.ParameterDict({
             k: nn.Parameter(torch.zeros(_rows(s, linear.out_features), rank, device=linear.weight.device, dtype=linear.weight.dtype))
@@ -73,8 +72,7 @@ class LoRALinear(WrappedLayer):
             # the same function in one autograd op: no full-width add forward (nor backward without
             # dropout); with dropout the branch reads dropout(x) and the base x, as in the composition
             xb = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-            return lowrank_linear(x, self.base, self.effective_A(), self.stacked_B_t(), self.scaling, xb,
-                                  self.form_weight)
+            return lowrank_linear(x, self.base, self.effective_A(), self.stacked_B_t(), self.scaling, xb)
         out = self.base(x)
         # (..., n*r): every slice's A in one matmul; the scaling goes on these r-wide activations
         # rather than on the d_out-wide delta. Then one matmul with all slices' B^T stacked into

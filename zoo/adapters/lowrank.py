@@ -19,14 +19,6 @@ On the realistic bench profile (ViT-S/16, 224 px) these adds are ``T × 1536`` t
 when the wrapped layer is a plain ``nn.Linear`` without hooks (otherwise the composition runs, so
 stacked wrappers and hooked layers keep their behaviour).
 
-**Weight form** (``form_weight``, without dropout): ``y = x W′ᵀ + b`` with ``W′ = W + γ Btᵀ A`` formed
-per call (one ``d_out × d_in`` ``addmm``, again in backward instead of saving it) and ``dx = g W′``;
-``h = γ x Aᵀ`` is still computed for ``dBt``. Same function, two thin passes over ``T × d``
-activations fewer (the ``addmm_`` accumulations forward and backward) for two weight-sized
-formations; :func:`weight_form_cheaper` picks it when ``T (d_in + d_out) > 2 d_in d_out`` (the
-multiply-adds saved, ``T r (d_in + d_out)``, exceed the formation's ``2 r d_in d_out``), e.g. from
-``T`` ≈ 615 tokens on ``fc1``/``fc2`` of a ViT-S and always at the realistic bench's ``T = 1576``.
-
 ``A``: ``(r, d_in)``, ``Bt``: ``(r, d_out)`` (contiguous, see ``LoRALinear.stacked_B_t``), γ a float.
 Gradients: ``gh = γ · g B`` (``T × r``), ``dA = ghᵀ x_b``, ``dBt = (γ x_b Aᵀ)ᵀ g``, ``dx = g W (+ gh A
 when x_b = x)``, ``dx_b = gh A``, ``dW = gᵀ x``, ``db = Σ g`` (each only when required).
@@ -54,20 +46,15 @@ from torch import nn
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, Bt, scaling: float, xb=None, form_weight: bool = False):
+    def forward(ctx, x, weight, bias, A, Bt, scaling: float, xb=None):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xb2 = x2 if xb is None else xb.reshape(-1, xb.shape[-1])
         h = xb2 @ A.t()
         if scaling != 1.0:
             h = h * scaling
-        ctx.form_weight = form_weight = form_weight and xb is None
-        if form_weight:
-            w = torch.addmm(weight, Bt.t(), A, alpha=scaling)
-            y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
-        else:
-            y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-            y.addmm_(h, Bt)
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(h, Bt)
         need_w, need_a = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         # keep only what backward reads: x for dW (and dA without dropout), the dropped input for dA
         ctx.save_for_backward(x2 if need_w or (need_a and xb is None) else None,
@@ -81,23 +68,20 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, xb2, weight, A, Bt, h = ctx.saved_tensors
-        nig = ctx.needs_input_grad  # as many entries as forward's arguments (6 to 8)
+        nig = ctx.needs_input_grad  # 6 entries when called without x_b
         need_x, need_w, need_b, need_a, need_bt = nig[:5]
         need_xb = len(nig) > 6 and nig[6]
         g2 = g.reshape(-1, g.shape[-1])
         gx = gw = gb = ga = gbt = gxb = None
         gh = None
-        if (need_x and not ctx.separate and not ctx.form_weight) or need_xb or need_a:
+        if (need_x and not ctx.separate) or need_xb or need_a:
             gh = g2 @ Bt.t()
             if ctx.scaling != 1.0:
                 gh = gh * ctx.scaling
         if need_x:
-            if ctx.form_weight:
-                gx = g2 @ torch.addmm(weight, Bt.t(), A, alpha=ctx.scaling)
-            else:
-                gx = g2 @ weight
-                if not ctx.separate:
-                    gx.addmm_(gh, A)
+            gx = g2 @ weight
+            if not ctx.separate:
+                gx.addmm_(gh, A)
             gx = gx.view(ctx.x_shape)
         if need_xb:
             gxb = (gh @ A).view(ctx.x_shape)
@@ -109,7 +93,7 @@ class _LowRankLinear(torch.autograd.Function):
             gw = g2.t() @ x2
         if need_b and ctx.has_bias:
             gb = g2.sum(0)
-        return (gx, gw, gb, ga, gbt, None, gxb, None)[:len(nig)]
+        return (gx, gw, gb, ga, gbt, None, gxb)[:len(nig)]
 
 
 def fusable(base: nn.Module, x: torch.Tensor) -> bool:
@@ -120,19 +104,11 @@ def fusable(base: nn.Module, x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled(x.device.type) and x.dtype == base.weight.dtype)
 
 
-def weight_form_cheaper(tokens: int, d_in: int, d_out: int) -> bool:
-    """The weight form's rule (module docstring): ``T (d_in + d_out) > 2 d_in d_out``."""
-    return tokens * (d_in + d_out) > 2 * d_in * d_out
-
-
 def lowrank_linear(x: torch.Tensor, linear: nn.Linear, A: torch.Tensor, Bt: torch.Tensor, scaling: float,
-                   x_branch: torch.Tensor | None = None, form_weight: bool | None = None) -> torch.Tensor:
+                   x_branch: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(x) + ((x_branch @ A.t()) * scaling) @ Bt`` as one fused autograd op (see the module
-    docstring); ``x_branch`` defaults to ``x`` (pass ``dropout(x)`` for LoRA dropout). ``form_weight``:
-    run the weight form (ignored with ``x_branch``); None picks it by :func:`weight_form_cheaper`."""
-    if form_weight is None:
-        form_weight = weight_form_cheaper(x.numel() // x.shape[-1], linear.in_features, linear.out_features)
-    return _LowRankLinear.apply(x, linear.weight, linear.bias, A, Bt, float(scaling), x_branch, bool(form_weight))
+    docstring); ``x_branch`` defaults to ``x`` (pass ``dropout(x)`` for LoRA dropout)."""
+    return _LowRankLinear.apply(x, linear.weight, linear.bias, A, Bt, float(scaling), x_branch)
 
 
 class _HydraLinear(torch.autograd.Function):

@@ -157,7 +157,6 @@ class MHRLinear(WrappedLayer):
         self._merged_task: int | None = None
         self.batched_mix = True  # False: mix slice by slice (see task_adapters)
         self.fused = True  # False: base(x) + delta composed (see zoo.adapters.lowrank)
-        self.form_weight = None  # the fused op's weight form: None = by its token-count rule, or forced
         self._cache: tuple | None = None  # (key, A, Bt) in eval, see cached_adapters
 
     def task_adapter(self, key: str, task: int | torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +202,7 @@ class MHRLinear(WrappedLayer):
         fused with the base Linear (:mod:`zoo.adapters.lowrank`) when that applies."""
         A, Bt = self.cached_adapters(task) if self._use_cache() else self.task_adapters(task)
         if self.fused and fusable(self.base, x):
-            return lowrank_linear(x, self.base, A, Bt, self.scaling, form_weight=self.form_weight)
+            return lowrank_linear(x, self.base, A, Bt, self.scaling)
         return self.base(x) + ((x @ A.t()) * self.scaling) @ Bt
 
     def task_adapters(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
