@@ -27,6 +27,10 @@ scale ``s`` is a fixed float shared by both branches (1.0 in the module's signat
 per-dataset values live in ``conf/experiment/hydra_vtab/``). Other settings of the paper:
 ``init=normal`` (N(0, 0.02) down, the CLIP/ELEVATER code), ``init=kaiming`` with ``bias=false``
 and ``par_rank=4, seq_rank=8`` (the RoBERTa NLU code). Nothing here is a reconstruction.
+
+Training runs the layer as one fused autograd op (``zoo.adapters.lowrank.hydra_linear``: the same
+function and dropout masks, fewer full-width passes, ``y0`` not saved) when the base is a plain frozen
+``nn.Linear``; ``fused=False`` on a :class:`HydraLinear` forces the composition above.
 """
 from __future__ import annotations
 
