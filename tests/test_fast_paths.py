@@ -174,12 +174,18 @@ def test_lowrank_op_gradients_match_finite_differences():
         assert torch.autograd.gradcheck(lambda *t: _LowRankLinear.apply(*t, 0.7), (x, w, b, a, bt))
         want = x @ w.t() + (0 if b is None else b) + ((x @ a.t()) * 0.7) @ bt
         torch.testing.assert_close(_LowRankLinear.apply(x, w, b, a, bt, 0.7), want)
+        # a separate branch input (LoRA dropout: x_b = dropout(x)), every input requiring grad
+        xb = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x_, w_, b_, a_, bt_, xb_: _LowRankLinear.apply(x_, w_, b_, a_, bt_, 0.7, xb_),
+                                        (x, w, b, a, bt, xb))
+        want = x @ w.t() + (0 if b is None else b) + ((xb @ a.t()) * 0.7) @ bt
+        torch.testing.assert_close(_LowRankLinear.apply(x, w, b, a, bt, 0.7, xb), want)
 
 
 @pytest.mark.parametrize("name,config", [
     ("lora", {}),
     ("lora", {"targets": ["qkv", "o", "fc1", "fc2"], "rank": 3, "alpha": 6.0}),
-    ("comp_lora", {"dropout": 0.0}),  # with dropout > 0 the composition runs (the branch sees dropout(x))
+    ("comp_lora", {"dropout": 0.0}),  # dropout > 0: test_lora_dropout_fused_op_equals_composition
     ("colora", {"ranks": "uneven"}),
 ])
 def test_lora_fused_op_equals_composition(name, config):
@@ -199,6 +205,125 @@ def test_lora_fused_op_equals_composition(name, config):
     fast = loss_and_grads(model, x, y)
     set_flags(model, fused=False)
     assert fused_ops(model, x) == 0
+    assert_same(fast, loss_and_grads(model, x, y))
+
+
+@pytest.mark.parametrize("name,config", [
+    ("lora", {"dropout": 0.25, "targets": ["qkv", "fc1"]}),
+    ("comp_lora", {}),  # its default dropout 0.25 (CLIP-LoRA's)
+])
+def test_lora_dropout_fused_op_equals_composition(name, config):
+    """With dropout the fused op takes dropout(x) as the branch input and x for the base: the same
+    function as ``base(x) + γ (dropout(x) Aᵀ) Bᵀ`` under the same RNG state, forward and gradients."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, name, **config)
+    randomise_adapter(model)
+    model.train()
+    x, y = batch(3)
+    assert fused_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    torch.manual_seed(7)
+    fast = loss_and_grads(model, x, y)
+    set_flags(model, fused=False)
+    assert fused_ops(model, x) == 0
+    torch.manual_seed(7)
+    slow = loss_and_grads(model, x, y)
+    assert_same(fast, slow)
+    torch.manual_seed(8)  # the dropout is live: another draw gives another output
+    assert not torch.allclose(loss_and_grads(model, x, y)[0], slow[0])
+
+
+# ----------------------------------------------------------------------------------- Hydra, SSF
+def test_hydra_op_gradients_match_finite_differences():
+    """The fused Hydra op's backward (dA_s from x without y0, dx through [A_p; A_s W]) against numerical
+    gradients in float64, with biases and dropout masks, and its forward against the formula."""
+    from zoo.adapters.lowrank import _HydraLinear
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=grad)
+
+    x, w, b = r(2, 3, 5), r(4, 5, grad=False), r(4, grad=False)
+    ap, dp, bp, up = r(2, 5), r(2), r(4, 2), r(4)
+    as_, ds, bs, us = r(3, 4), r(3), r(4, 3), r(4)
+    mp = (torch.rand(2, 3, 2, generator=g, dtype=torch.float64) > 0.3).double() / 0.7
+    ms = (torch.rand(2, 3, 3, generator=g, dtype=torch.float64) > 0.3).double() / 0.7
+    for masks in ((None, None), (mp, ms)):
+        def f(x_, ap_, dp_, bp_, up_, as_a, ds_, bs_, us_):
+            return _HydraLinear.apply(x_, w, b, ap_, dp_, bp_, up_, as_a, ds_, bs_, us_, *masks, 0.6)
+        args = (x, ap, dp, bp, up, as_, ds, bs, us)
+        assert torch.autograd.gradcheck(f, args)
+        y0 = x @ w.t() + b
+        hp, hs = x @ ap.t() + dp, y0 @ as_.t() + ds
+        if masks[0] is not None:
+            hp, hs = hp * mp, hs * ms
+        want = y0 + 0.6 * (hp @ bp.t() + up + hs @ bs.t() + us)
+        torch.testing.assert_close(f(*args), want)
+
+
+@pytest.mark.parametrize("config", [
+    {},  # o, fc2, rank 2, biases
+    {"targets": ["qkv", "o", "fc1", "fc2"], "dropout": 0.2},  # the VTAB configs' dropout
+    {"bias": False, "par_rank": 3, "seq_rank": 5, "scale": 0.7},
+])
+def test_hydra_fused_op_equals_composition(config):
+    """HydraLinear's fused op against ``y0 + s·(par(x) + seq(y0))`` composed by autograd, under the same
+    RNG state (the dropout masks are drawn in the composition's order): forward and gradients."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "hydra", **config)
+    randomise_adapter(model)
+    with torch.no_grad():  # timm initialises Linear biases to zero; A_s's gradient has a term in b
+        for m in zoo.api.iter_adapter_modules(model):
+            m.base.bias.normal_(0, 0.5)
+    model.train()
+    x, y = batch(3)
+    assert fused_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    torch.manual_seed(3)
+    fast = loss_and_grads(model, x, y)
+    set_flags(model, fused=False)
+    assert fused_ops(model, x) == 0
+    torch.manual_seed(3)
+    assert_same(fast, loss_and_grads(model, x, y))
+
+
+def test_hydra_fused_op_not_used_on_a_trainable_base():
+    """The fused op forms no weight gradient: a trainable base Linear takes the composition."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "hydra")
+    x, _ = batch(2)
+    n = len(list(zoo.api.iter_adapter_modules(model)))
+    assert fused_ops(model, x) == n
+    for m in zoo.api.iter_adapter_modules(model):
+        m.base.weight.requires_grad_(True)
+    assert fused_ops(model, x) == 0
+
+
+@pytest.mark.parametrize("config", [{}, {"init": "identity", "targets": ["norm1", "fc1", "norm2"]}])
+def test_ssf_fast_paths_equal_composition(config):
+    """SSF with the LayerNorm-affine fold and the fused scale-shift op against ``y * γ + β`` after the
+    unchanged layer: forward and gradients (γ, β and the input)."""
+    model = tiny_classifier()
+    zoo.apply_adapter(model, "ssf", **config)
+    randomise_adapter(model)
+    model.train()
+    x, y = batch(3)
+
+    def fast_ops():  # each fast path runs one addcmul (the folded LN bias, or the op)
+        class Count(torch.utils._python_dispatch.TorchDispatchMode):
+            affine = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.affine += func.overloadpacket is torch.ops.aten.addcmul
+                return func(*args, **(kwargs or {}))
+
+        with torch.no_grad(), Count():
+            model(x)
+        return Count.affine
+
+    assert fast_ops() == len(list(zoo.api.iter_adapter_modules(model)))  # every site fast
+    fast = loss_and_grads(model, x, y)
+    set_flags(model, fused=False)
+    assert fast_ops() == 0
     assert_same(fast, loss_and_grads(model, x, y))
 
 
@@ -435,6 +560,21 @@ def test_compile_matches_eager_forward_and_gradients():
     x, y = batch(2)
     assert_same(loss_and_grads(compiled, x, y), loss_and_grads(eager, x, y), rtol=1e-4, atol=1e-5)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+@pytest.mark.parametrize("name,config", [("hydra", {}), ("ssf", {}), ("lora", {"dropout": 0.25})])
+def test_fused_ops_trace_under_torch_compile(name, config):
+    """Dynamo traces the hand-written autograd ops (Hydra's, SSF's, the low-rank op with a separate
+    branch input): compiled with the ``aot_eager`` backend (no C++ compile) the model gives eager's
+    outputs and gradients. Eval mode for the dropout row: the same function without RNG."""
+    eager = tiny_classifier()
+    zoo.apply_adapter(eager, name, **config)
+    randomise_adapter(eager)
+    eager.train(not config.get("dropout"))
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    x, y = batch(3)
+    assert_same(loss_and_grads(compiled, x, y), loss_and_grads(eager, x, y), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- CoLoRA

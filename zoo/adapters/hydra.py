@@ -27,6 +27,10 @@ scale ``s`` is a fixed float shared by both branches (1.0 in the module's signat
 per-dataset values live in ``conf/experiment/hydra_vtab/``). Other settings of the paper:
 ``init=normal`` (N(0, 0.02) down, the CLIP/ELEVATER code), ``init=kaiming`` with ``bias=false``
 and ``par_rank=4, seq_rank=8`` (the RoBERTa NLU code). Nothing here is a reconstruction.
+
+Training runs the layer as one fused autograd op (``zoo.adapters.lowrank.hydra_linear``: the same
+function and dropout masks, fewer full-width passes, ``y0`` not saved) when the base is a plain frozen
+``nn.Linear``; ``fused=False`` on a :class:`HydraLinear` forces the composition above.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import inner_layer, Adapter, WrappedLayer, dropout_option, int_option
+from zoo.adapters.lowrank import fusable, hydra_linear
 from zoo.sites import LINEAR_SITES, SiteError
 
 INITS = ("xavier", "normal", "kaiming")
@@ -87,12 +92,33 @@ class HydraLinear(WrappedLayer):
         self.scale = float(scale)
         self.par = LowRankBranch(lin.in_features, lin.out_features, par_rank, dropout, bias, init, **kw)
         self.seq = LowRankBranch(lin.out_features, lin.out_features, seq_rank, dropout, bias, init, **kw)
+        self.fused = True  # zoo.adapters.lowrank.hydra_linear when it applies (False: the composition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self.fused and self._fusable(x):
+            return hydra_linear(x, self.base, self.par, self.seq, self.scale, self._masks(x))
         y0 = self.base(x)
         if self.merged:
             return y0
         return y0 + self.scale * (self.par(x) + self.seq(y0))
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """A plain frozen Linear (the fused op does not form its weight gradient), no hooks on the
+        branches' Linears (they would be skipped)."""
+        lin = self.base
+        return (fusable(lin, x) and not lin.weight.requires_grad and (lin.bias is None or not lin.bias.requires_grad)
+                and all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                        for m in (self.par.down, self.par.up, self.seq.down, self.seq.up)))
+
+    def _masks(self, x: torch.Tensor):
+        """The branches' dropout masks (scaled by 1/(1-p)), drawn par then seq on the ``(..., r)``
+        shapes the composition drops, so a fixed RNG gives the same masks on both paths."""
+        drop = self.par.dropout
+        if not isinstance(drop, nn.Dropout) or not drop.training or drop.p == 0:
+            return None
+        lead = x.shape[:-1]
+        ones = x.new_ones(*lead, self.par.down.out_features), x.new_ones(*lead, self.seq.down.out_features)
+        return tuple(torch.nn.functional.dropout(o, drop.p, True) for o in ones)
 
     def merged_weight_and_bias(self, w0: torch.Tensor, b0: torch.Tensor | None):
         """The merge formulas of the module docstring, in float32 or wider."""

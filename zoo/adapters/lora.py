@@ -68,9 +68,11 @@ class LoRALinear(WrappedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.fused and isinstance(self.dropout, nn.Identity) and fusable(self.base, x):
-            # the same function in one autograd op: no full-width add forward or backward
-            return lowrank_linear(x, self.base, self.effective_A(), self.stacked_B_t(), self.scaling)
+        if self.fused and fusable(self.base, x):
+            # the same function in one autograd op: no full-width add forward (nor backward without
+            # dropout); with dropout the branch reads dropout(x) and the base x, as in the composition
+            xb = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+            return lowrank_linear(x, self.base, self.effective_A(), self.stacked_B_t(), self.scaling, xb)
         out = self.base(x)
         # (..., n*r): every slice's A in one matmul; the scaling goes on these r-wide activations
         # rather than on the d_out-wide delta. Then one matmul with all slices' B^T stacked into

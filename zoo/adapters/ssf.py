@@ -8,10 +8,24 @@ weight and bias fold the same way. The reference code initialises γ ~ N(1, 0.02
 β ~ N(0, 0.02) (``init=paper``, not exactly identity at init); ``init=identity`` starts at γ=1,
 β=0. The reference also scales after the patch embedding and the final norm; we cover the
 block sites (qkv, o, fc1, fc2, norm1, norm2 by default).
+
+Training cost: SSF adds no matmul, only elementwise passes over every adapted layer's output
+(the FLOP counter does not count them). Two fast paths keep those passes few, each equal to the
+composition ``y * γ + β`` (forward and gradients, ``tests/test_fast_paths.py``):
+
+* after a plain ``nn.LayerNorm``: ``γ ⊙ (x̂ w + b) + β = x̂ (γ ⊙ w) + (γ ⊙ b + β)``, so the LayerNorm
+  runs with the folded affine and its own backward kernel forms the gradients of ``γ ⊙ w`` and
+  ``γ ⊙ b + β`` (``Σ g x̂`` and ``Σ g``) in its pass: no extra pass over the activations;
+* after any other layer (the Linears): one autograd op, forward ``addcmul(β, y, γ)`` (one pass
+  instead of a multiply and an add), backward ``dy = g γ``, ``dγ = Σ g ⊙ y``, ``dβ = Σ g``.
+
+Folding γ into a Linear's weight instead would need ``Σ_t g_t ⊙ y_t`` from ``gᵀ x``, a weight-gradient
+GEMM the frozen floor does not pay, so the Linear sites keep the elementwise op.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zoo.adapters import register_adapter
@@ -28,10 +42,21 @@ class ScaleShift(WrappedLayer):
         if init == "paper":
             nn.init.normal_(self.scale, mean=1.0, std=0.02)
             nn.init.normal_(self.shift, std=0.02)
+        self.fused = True  # the fast paths of the module docstring (False: the composition)
 
     def forward(self, x, *args, **kwargs):
+        if self.merged:
+            return self.base(x, *args, **kwargs)
+        fast = self.fused and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.scale.dtype
+        if fast and not args and not kwargs and _plain_layer_norm(self.base):
+            ln = self.base
+            w = self.scale if ln.weight is None else ln.weight * self.scale
+            b = self.shift if ln.bias is None else torch.addcmul(self.shift, ln.bias, self.scale)
+            return F.layer_norm(x, ln.normalized_shape, w, b, ln.eps)
         y = self.base(x, *args, **kwargs)
-        return y if self.merged else y * self.scale + self.shift
+        if fast and y.dtype == self.scale.dtype:
+            return _ScaleShiftOp.apply(y, self.scale, self.shift)
+        return y * self.scale + self.shift
 
     def merge_into_base(self) -> None:
         m = unwrap(self.base)
@@ -51,6 +76,34 @@ class ScaleShift(WrappedLayer):
             m.bias = None
             self._added_bias = False
         del self._orig
+
+
+def _plain_layer_norm(m: nn.Module) -> bool:
+    """An ``nn.LayerNorm`` (or a subclass keeping its forward) without hooks: its affine can be folded."""
+    return (isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward
+            and not m._forward_hooks and not m._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
+class _ScaleShiftOp(torch.autograd.Function):
+    """``y γ + β`` (γ, β over the last dim) with one forward pass and the reductions of the docstring."""
+
+    @staticmethod
+    def forward(ctx, y, scale, shift):
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, scale)
+        return torch.addcmul(shift, y, scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, scale = ctx.saved_tensors
+        gy = gs = gb = None
+        if ctx.needs_input_grad[0]:
+            gy = g * scale
+        if ctx.needs_input_grad[1]:
+            gs = (g * y).reshape(-1, g.shape[-1]).sum(0)
+        if ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
+        return gy, gs, gb
 
 
 def out_dim(module: nn.Module) -> int:
