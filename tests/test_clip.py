@@ -215,14 +215,15 @@ def test_encode_text_cuts_padding_exactly(custom, monkeypatch):
     torch.manual_seed(0)
     bb = tiny_clip(**({"force_custom_text": True} if custom else {}))
     _lora_text(bb)
-    tokens = bb.tokenize(["a photo of a red circle.", "blue star"])
-    n = int(tokens.argmax(-1).max()) + 1
-    assert n < tokens.shape[1]
+    tokens = bb.tokenize(["a photo of a red circle.", "blue star", "a green square", "red star"])
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    assert max(lengths) < tokens.shape[1] and len(set(lengths)) == 3
     seen = []
     real = clip_mod._encode_text_prefix
-    monkeypatch.setattr(clip_mod, "_encode_text_prefix", lambda o, t, nz: seen.append(t.shape[1]) or real(o, t, nz))
+    monkeypatch.setattr(clip_mod, "_encode_text_prefix", lambda o, t, nz: seen.append(t.shape) or real(o, t, nz))
     cut = bb.encode_text(tokens, normalize=True)
-    assert seen == [n]
+    # one run per prompt length, each on its own prompts only
+    assert sorted(seen) == sorted((lengths.count(n), n) for n in set(lengths))
     full = bb.model.encode_text(tokens, normalize=True)  # open_clip's own forward over all 16 positions
     torch.testing.assert_close(cut, full, atol=1e-6, rtol=1e-5)
     params = [p for p in bb.parameters() if p.requires_grad]

@@ -299,20 +299,26 @@ class CLIPBackbone(Backbone):
         return self.model.encode_image(x, normalize=normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """open_clip's ``encode_text``, run on the shortest prefix that holds every prompt's pooled token.
+        """open_clip's ``encode_text``, each prompt run only up to its pooled (end-of-text) token.
 
         With a causal mask and end-of-text pooling, position p sees only tokens 0..p, so the padding
-        after the last end-of-text token never reaches the pooled feature: cutting the sequence to
-        ``n = max(eot) + 1`` gives the same features (tested to float tolerance) at n/77 of the
-        text tower's cost (~15 tokens for "a photo of a {}." instead of 77). Falls back to open_clip's
-        own forward when the text tower is not causal with argmax/eos pooling (or has a CLS embedding).
+        after a prompt's end-of-text token never reaches its pooled feature: prompts are grouped by
+        that length n and each group runs on its first n tokens, which gives the same features (tested
+        to float tolerance) for Σ n_i token positions instead of 77 per prompt ("a photo of a {}."
+        prompts: 7–20 tokens). Falls back to open_clip's own forward when the text tower is not causal
+        with argmax/eos pooling (or has a CLS embedding).
         """
         self.require_text("encode_text")
         owner = self.text_owner()
-        n = _pooled_prefix_length(owner, tokens)
-        if n is None or n >= tokens.shape[1]:
+        lengths = _pooled_lengths(owner, tokens)
+        if lengths is None:
             return self.model.encode_text(tokens, normalize=normalize)
-        return _encode_text_prefix(owner, tokens[:, :n], normalize)
+        groups = lengths.unique()  # sorted
+        if len(groups) == 1:
+            return _encode_text_prefix(owner, tokens[:, :int(groups[0])], normalize)
+        order = torch.argsort(lengths, stable=True)
+        parts = [_encode_text_prefix(owner, tokens[order[lengths[order] == n], :int(n)], normalize) for n in groups]
+        return torch.cat(parts)[torch.argsort(order)]  # back to the prompts' order
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -364,9 +370,9 @@ def _is_causal(mask: torch.Tensor | None) -> bool:
     return bool(torch.equal(torch.isneginf(mask), upper)) and not bool(mask[~upper].any())
 
 
-def _pooled_prefix_length(owner: nn.Module, tokens: torch.Tensor) -> int | None:
-    """``max(pooled position) + 1`` when truncating the text is exact (causal mask, argmax/eos pooling,
-    no appended CLS embedding); ``None`` otherwise."""
+def _pooled_lengths(owner: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Per prompt, its pooled position + 1, when cutting the text there is exact (causal mask,
+    argmax/eos pooling, no appended CLS embedding); ``None`` otherwise."""
     pool, eos = _pool_type(owner)
     if getattr(owner, "cls_emb", None) is not None or tokens.ndim != 2 or tokens.shape[0] == 0:
         return None
@@ -379,10 +385,9 @@ def _pooled_prefix_length(owner: nn.Module, tokens: torch.Tensor) -> int | None:
         pos = hit.int().argmax(dim=-1)
     else:
         return None
-    mask = getattr(owner, "attn_mask", None)
-    if not _is_causal(mask):
+    if not _is_causal(getattr(owner, "attn_mask", None)):
         return None
-    return int(pos.max()) + 1
+    return pos + 1
 
 
 def _encode_text_prefix(owner: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
