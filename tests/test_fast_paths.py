@@ -80,13 +80,14 @@ def test_mhr_one_task_batch_equals_per_sample_path(targets):
     assert_same(fast, slow)
 
 
-def fused_ops(model: nn.Module, x: torch.Tensor) -> int:
-    """How many fused low-rank ops (their in-place ``addmm_``) a forward runs: the fast path is taken."""
+def count_ops(model: nn.Module, x: torch.Tensor, op=torch.ops.aten.addmm_) -> int:
+    """How many calls of ``op`` a no-grad forward runs (default: the fused low-rank ops' in-place
+    ``addmm_``): which path is taken."""
     class Count(torch.utils._python_dispatch.TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func.overloadpacket is torch.ops.aten.addmm_
+            Count.n += func.overloadpacket is op
             return func(*args, **(kwargs or {}))
 
     with torch.no_grad(), Count():
@@ -112,10 +113,10 @@ def test_mhr_batched_mix_and_fused_op_equal_the_per_slice_composition(targets):
     zoo.set_task(model, 1)
     x, y = batch(3)
     n_layers = len(list(zoo.api.iter_adapter_modules(model)))
-    assert fused_ops(model, x) == n_layers
+    assert count_ops(model, x) == n_layers
     fast = loss_and_grads(model, x, y)
     set_flags(model, batched_mix=False, fused=False)
-    assert fused_ops(model, x) == 0
+    assert count_ops(model, x) == 0
     slow = loss_and_grads(model, x, y)
     assert_same(fast, slow)
     set_flags(model, batched_mix=True, fused=False)  # each change alone
@@ -201,10 +202,10 @@ def test_lora_fused_op_equals_composition(name, config):
     randomise_adapter(model)
     model.train()
     x, y = batch(3)
-    assert fused_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    assert count_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
     fast = loss_and_grads(model, x, y)
     set_flags(model, fused=False)
-    assert fused_ops(model, x) == 0
+    assert count_ops(model, x) == 0
     assert_same(fast, loss_and_grads(model, x, y))
 
 
@@ -220,11 +221,11 @@ def test_lora_dropout_fused_op_equals_composition(name, config):
     randomise_adapter(model)
     model.train()
     x, y = batch(3)
-    assert fused_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    assert count_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
     torch.manual_seed(7)
     fast = loss_and_grads(model, x, y)
     set_flags(model, fused=False)
-    assert fused_ops(model, x) == 0
+    assert count_ops(model, x) == 0
     torch.manual_seed(7)
     slow = loss_and_grads(model, x, y)
     assert_same(fast, slow)
@@ -277,11 +278,11 @@ def test_hydra_fused_op_equals_composition(config):
             m.base.bias.normal_(0, 0.5)
     model.train()
     x, y = batch(3)
-    assert fused_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    assert count_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
     torch.manual_seed(3)
     fast = loss_and_grads(model, x, y)
     set_flags(model, fused=False)
-    assert fused_ops(model, x) == 0
+    assert count_ops(model, x) == 0
     torch.manual_seed(3)
     assert_same(fast, loss_and_grads(model, x, y))
 
@@ -292,10 +293,10 @@ def test_hydra_fused_op_not_used_on_a_trainable_base():
     zoo.apply_adapter(model, "hydra")
     x, _ = batch(2)
     n = len(list(zoo.api.iter_adapter_modules(model)))
-    assert fused_ops(model, x) == n
+    assert count_ops(model, x) == n
     for m in zoo.api.iter_adapter_modules(model):
         m.base.weight.requires_grad_(True)
-    assert fused_ops(model, x) == 0
+    assert count_ops(model, x) == 0
 
 
 @pytest.mark.parametrize("config", [{}, {"init": "identity", "targets": ["norm1", "fc1", "norm2"]}])
@@ -309,16 +310,7 @@ def test_ssf_fast_paths_equal_composition(config):
     x, y = batch(3)
 
     def fast_ops():  # each fast path runs one addcmul (the folded LN bias, or the op)
-        class Count(torch.utils._python_dispatch.TorchDispatchMode):
-            affine = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                Count.affine += func.overloadpacket is torch.ops.aten.addcmul
-                return func(*args, **(kwargs or {}))
-
-        with torch.no_grad(), Count():
-            model(x)
-        return Count.affine
+        return count_ops(model, x, torch.ops.aten.addcmul)
 
     assert fast_ops() == len(list(zoo.api.iter_adapter_modules(model)))  # every site fast
     fast = loss_and_grads(model, x, y)
