@@ -209,6 +209,18 @@ def test_lora_fused_op_equals_composition(name, config):
     assert_same(fast, loss_and_grads(model, x, y))
 
 
+def fused_then_composed(model: nn.Module, x, y, seed: int):
+    """Loss and gradients with every adapter layer on its fused op, then with ``fused=False`` (the
+    composition), each from the same RNG state (dropout masks drawn alike)."""
+    assert count_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
+    torch.manual_seed(seed)
+    fast = loss_and_grads(model, x, y)
+    set_flags(model, fused=False)
+    assert count_ops(model, x) == 0
+    torch.manual_seed(seed)
+    return fast, loss_and_grads(model, x, y)
+
+
 @pytest.mark.parametrize("name,config", [
     ("lora", {"dropout": 0.25, "targets": ["qkv", "fc1"]}),
     ("comp_lora", {}),  # its default dropout 0.25 (CLIP-LoRA's)
@@ -221,13 +233,7 @@ def test_lora_dropout_fused_op_equals_composition(name, config):
     randomise_adapter(model)
     model.train()
     x, y = batch(3)
-    assert count_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
-    torch.manual_seed(7)
-    fast = loss_and_grads(model, x, y)
-    set_flags(model, fused=False)
-    assert count_ops(model, x) == 0
-    torch.manual_seed(7)
-    slow = loss_and_grads(model, x, y)
+    fast, slow = fused_then_composed(model, x, y, seed=7)
     assert_same(fast, slow)
     torch.manual_seed(8)  # the dropout is live: another draw gives another output
     assert not torch.allclose(loss_and_grads(model, x, y)[0], slow[0])
@@ -278,13 +284,7 @@ def test_hydra_fused_op_equals_composition(config):
             m.base.bias.normal_(0, 0.5)
     model.train()
     x, y = batch(3)
-    assert count_ops(model, x) == len(list(zoo.api.iter_adapter_modules(model)))
-    torch.manual_seed(3)
-    fast = loss_and_grads(model, x, y)
-    set_flags(model, fused=False)
-    assert count_ops(model, x) == 0
-    torch.manual_seed(3)
-    assert_same(fast, loss_and_grads(model, x, y))
+    assert_same(*fused_then_composed(model, x, y, seed=3))
 
 
 def test_hydra_fused_op_not_used_on_a_trainable_base():
