@@ -39,14 +39,14 @@ def main() -> None:
     p.add_argument("--breakdown-steps", type=int, default=3)
     a = p.parse_args()
     torch.set_num_threads(1)
-    args = argparse.Namespace(model="vit_small_patch16_224", img_size=224, batch_size=8, depth=a.depth,
-                              device="cpu", num_classes=10, backbone="vit")
+    # bench.adapters' realistic profile (ViT-S/16, 224 px, batch 8) at --depth, on the CPU
+    args = B.parse_args(["--preset", "realistic", "--depth", str(a.depth), "--device", "cpu"])
     # any registered adapter by name, with bench.adapters' config for it; NAME_old: the composed path
     rows = {"floor": B.Row(B.FLOOR, "floor")}
     for n in a.rows:
         base = n.removesuffix("_old")
         if base != "floor":
-            rows[n] = B.Row(base, "zoo", base, dict(B.BENCH_CONFIG.get(base, {})))
+            rows[n] = B.adapter_row(B.profile(args), base)
     built = {n: B.build(args, rows[n]) for n in a.rows}
     for n, b in built.items():
         flags = ("fused", "batched_mix") if n.endswith("_old") else ()
