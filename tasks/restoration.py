@@ -97,7 +97,7 @@ class RestorationTask(ZooTask):
         out = self.restore(x)
         self.log("val/loss", self.loss_fn(out, y), on_epoch=True, sync_dist=True, batch_size=len(x))
         self.update_metrics("val", out, y)
-        if self.write_predictions and self.trainer.state.fn == "validate":  # eval.py split=val, not fit's validations
+        if self.write_predictions and self.trainer.state.fn == "validate":  # trainer.validate (eval.py split=val, and the run's final validation), not fit's
             self.save_predictions(out, batch, batch_idx, self.prediction_dir("val"))
         if batch_idx == 0 and self.log_images > 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.log_side_by_side(x, out, y)

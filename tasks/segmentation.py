@@ -97,6 +97,14 @@ class SegmentationTask(ZooTask):
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"task.class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
         self.n_overlays, self.predict_split, self.export_sam = int(overlays), predict_split, export_sam
+        if export_sam and head != "sam":
+            raise ValueError(f"task.export_sam needs task.head=sam (got head={head!r})")
+        if export_sam and self.mode == "text":  # segment_anything's Sam has no place for the text prompt path
+            raise ValueError("task.export_sam with task.sam.mode=text would drop the trained text-prompt path "
+                             "(a segment_anything checkpoint cannot hold it); use the run's adapter artifact")
+        enc_lr = (optimizer or {}).get("encoder_lr")
+        if enc_lr is not None and not float(enc_lr) > 0:
+            raise ValueError(f"task.optimizer.encoder_lr must be > 0 (got {enc_lr}); leave it unset for one lr")
         self._scores: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------ forward / loss
@@ -267,6 +275,8 @@ class SegmentationTask(ZooTask):
         enc_lr = self.optim_cfg.get("encoder_lr")
         if enc_lr is None or float(enc_lr) == float(lr):
             return groups
+        if not float(lr) > 0:
+            raise ValueError(f"task.optimizer.lr must be > 0 with encoder_lr set (got {lr})")
         enc = {id(p) for p in self.model.backbone.parameters()}
         out = []
         for g in groups:

@@ -81,6 +81,12 @@ def test_samed_loss_weighting_hand_computed():
     assert SegLoss("samed", dice="smp")(logits, target).item() == pytest.approx(0.2 * math.log(2) + 0.8 * 0.5, abs=1e-5)
     focal = SegLoss("focal_dice")(logits, target)  # focal: (1-0.5)^2 * ln 2 per pixel; + smp Dice 0.5
     assert focal.item() == pytest.approx(0.25 * math.log(2) + 0.5, abs=1e-5)
+    # SALT's focal (α 0.75, γ 3): positives weigh α, negatives 1 − α; all-positive binary target at p = 0.5
+    salt = SegLoss("focal_dice", dice_weight=0.0, prompted=True, focal_alpha=0.75, focal_gamma=3.0)
+    assert salt(torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 2, dtype=torch.long)).item() == pytest.approx(
+        0.75 * 0.5 ** 3 * math.log(2), abs=1e-6)
+    with pytest.raises(ValueError, match="focal_alpha"):
+        SegLoss("focal_dice", focal_alpha=1.5)
     with pytest.raises(ValueError, match="valid: samed, focal_dice, ce"):
         SegLoss("bce")
     with pytest.raises(ValueError, match="differ in size"):

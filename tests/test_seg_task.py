@@ -145,6 +145,7 @@ def test_recipes_compose():
     assert salt.adapter.name == "salt" and list(salt.adapter.targets) == ["qkv", "o", "fc1", "fc2"]
     assert (salt.task.optimizer.lr, salt.task.optimizer.weight_decay) == (1e-4, 1e-2)
     assert salt.task.loss.kind == "focal_dice"
+    assert (salt.task.loss.focal_alpha, salt.task.loss.focal_gamma) == (0.75, 3.0)  # SALT's utils.py
     assert salt.task.sam.mode == "text" and salt.task.sam.train_decoder == "norms" and salt.adapter.train_norms
     assert dict(salt.task.sam.text.clip) == {"model": "ViT-B-32", "pretrained": "openai"}  # the reference's CLIP
     assert list(salt.task.train_encoder) == ["pos_embed"]

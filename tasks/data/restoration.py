@@ -124,7 +124,10 @@ def load_mat_blocks(path: str | Path, key: str) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 5 or arr.shape[-1] != 3:
         raise ValueError(f"{path}:{key} has shape {arr.shape}; expected images x blocks x H x W x 3")
-    _MAT_CACHE.clear()  # one array at a time: the real files are ~250 MB each
+    # a pair reads the noisy and the clean file alternately: keep the last two arrays (the real files
+    # are ~250 MB each; keeping one reloaded both for every block)
+    while len(_MAT_CACHE) >= 2:
+        _MAT_CACHE.pop(next(iter(_MAT_CACHE)))
     _MAT_CACHE[ck] = arr
     return arr
 
@@ -391,9 +394,10 @@ class ProdDataset(Dataset):
                 raise ValueError(f"degradation pipeline=bsrgan needs an integer sf dividing data.image_size; "
                                  f"got sf={self.cfg.sf}, image_size={self.size}")
             r = D.bsrgan(clean, rng, self.cfg, sf=sf)
-            return to_tensor(upsample_to(r.lq, r.hq.shape)), to_tensor(r.hq), "+".join(r.ops)
+            return to_tensor(upsample_to(r.lq, r.hq.shape)), to_tensor(r.hq), f"{i:05d}_{'+'.join(r.ops)}"
         deg = D.prod(clean, rng, self.cfg)
-        return to_tensor(deg.image), to_tensor(clean), "+".join(deg.ops)
+        # the name (a written prediction's file name) is unique per image: ops alone repeat across images
+        return to_tensor(deg.image), to_tensor(clean), f"{i:05d}_{'+'.join(deg.ops)}"
 
 
 # ------------------------------------------------------------------------------------ generation

@@ -38,7 +38,8 @@ class SegLoss(nn.Module):
     """``loss(logits (B, C, h, w), target (B, h, w))``; ``C`` = K+1 (semantic) or K (``prompted``)."""
 
     def __init__(self, kind: str = "samed", dice_weight: float | None = None, focal_weight: float = 1.0,
-                 dice: str = "smp", prompted: bool = False, focal_gamma: float = 2.0):
+                 dice: str = "smp", prompted: bool = False, focal_gamma: float = 2.0,
+                 focal_alpha: float | None = None):
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"unknown segmentation loss {kind!r}; valid: {', '.join(LOSSES)}")
@@ -48,13 +49,16 @@ class SegLoss(nn.Module):
             dice_weight = 0.8 if kind == "samed" else 1.0
         if not 0.0 <= float(dice_weight):
             raise ValueError(f"dice_weight must be >= 0 (got {dice_weight})")
+        if focal_alpha is not None and not 0.0 <= float(focal_alpha) <= 1.0:
+            raise ValueError(f"focal_alpha must be in [0, 1] or null (got {focal_alpha})")
         import segmentation_models_pytorch as smp
 
         self.kind, self.dice_kind, self.prompted = kind, dice, bool(prompted)
         self.dice_weight, self.focal_weight = float(dice_weight), float(focal_weight)
         mode = smp.losses.MULTILABEL_MODE if prompted else smp.losses.MULTICLASS_MODE
         self.dice = smp.losses.DiceLoss(mode, from_logits=True)
-        self.focal = smp.losses.FocalLoss(mode, gamma=focal_gamma)
+        # focal_alpha weighs the positive term α, the negative 1 − α (SALT's reference: α 0.75, γ 3)
+        self.focal = smp.losses.FocalLoss(mode, alpha=focal_alpha, gamma=focal_gamma)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != target.shape[-2:]:

@@ -19,7 +19,7 @@ datasets). CLIP is frozen in the reference (``requires_grad=False`` for every ``
 so the K text embeddings are computed once here (:func:`class_text_embeddings`) and kept as a buffer.
 
 The embeddings come from the zoo's CLIP backbone (``zoo.create_backbone("clip", ...)``, open_clip;
-the name itself is the text, as ``clip.tokenize(x_text)`` in the reference) or from a precomputed
+the name is the text, with `_` read as a space, as ``clip.tokenize(x_text)`` in the reference) or from a precomputed
 safetensors file (:func:`save_text_embeddings`; tensor ``embeddings`` (K, D), metadata ``names``).
 """
 from __future__ import annotations
@@ -64,17 +64,15 @@ def class_text_embeddings(class_names: Sequence[str], clip: dict | None = None,
 
 def save_text_embeddings(path: str | os.PathLike, class_names: Sequence[str], emb: torch.Tensor) -> Path:
     """Write ``emb (K, D)`` with the class names (safetensors metadata), atomically."""
-    from safetensors.torch import save_file
+    from zoo.io import atomic_write_bytes, safetensors_bytes
 
     if emb.ndim != 2 or emb.shape[0] != len(class_names):
         raise ValueError(f"embeddings {tuple(emb.shape)} do not match {len(class_names)} class names")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"embeddings": emb.detach().float().cpu().contiguous()}, str(tmp),
-              metadata={"names": json.dumps([str(n) for n in class_names])})
-    os.replace(tmp, path)
-    return path
+    data = safetensors_bytes({"embeddings": emb.detach().float().cpu().contiguous()},
+                             {"names": json.dumps([str(n) for n in class_names])})
+    return atomic_write_bytes(path, data)
 
 
 def load_text_embeddings(path: str | os.PathLike, class_names: Sequence[str]) -> torch.Tensor:
