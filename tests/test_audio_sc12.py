@@ -67,7 +67,7 @@ def test_twelve_classes_with_the_official_test_archive(layout):
 
 @pytest.mark.parametrize("mode", ["balanced", "tfds"])
 def test_silence_pieces_are_reproducible_and_disjoint(layout, mode):
-    v2, _ = layout
+    v2, test = layout
     a = A.silence_split(v2, mode, {"train": 3, "val": 1, "test": 1})
     assert a == A.silence_split(v2, mode, {"train": 3, "val": 1, "test": 1})  # no random draw
     assert not set(a["train"]) & set(a["val"]) and not set(a["train"]) & set(a["test"]) and not set(a["val"]) & set(a["test"])
@@ -78,7 +78,10 @@ def test_silence_pieces_are_reproducible_and_disjoint(layout, mode):
     else:  # 1 s pieces every 0.5 s: 20 s -> 39, 5 s -> 9; running_tap.wav to validation only, none to test
         assert len(a["train"]) == 39 and len(a["val"]) == 9 and a["test"] == []
         assert all("running_tap.wav" in p for p in a["val"]) and not any("running_tap.wav" in p for p in a["train"])
-    splits, _ = A.read_speechcommands(v2, "12", silence=mode)
+    if mode == "tfds":  # its test _silence_ clips come from the official test archive only
+        with pytest.raises(ValueError, match="data.silence=tfds leaves the test split without _silence_"):
+            A.read_speechcommands(v2, "12", silence=mode)
+    splits, _ = A.read_speechcommands(v2, "12", silence=mode, test_root=test if mode == "tfds" else None)
     # balanced: as many as an average word has in train (15 files / 5 words = 3); tfds: all 39
     assert sum(y == 11 for _, y in splits["train"]) == (3 if mode == "balanced" else 39)
 

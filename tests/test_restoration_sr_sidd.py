@@ -99,6 +99,12 @@ def test_sidd_mat_validation_blocks(tmp_path, fmt):
     assert name == "01_01" and x.shape == (3, 16, 16)
     np.testing.assert_array_equal((x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8), noisy[1, 1])
     np.testing.assert_array_equal((y.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8), gt[1, 1])
+    # a pair reads the noisy and the clean file alternately: both stay cached (no reload per block)
+    assert {k[1] for k in R._MAT_CACHE} == set(R.SIDD_MAT)
+    cached = {k: id(v) for k, v in R._MAT_CACHE.items()}
+    for i in range(len(ds)):
+        ds[i]
+    assert {k: id(v) for k, v in R._MAT_CACHE.items()} == cached
 
 
 def test_sidd_mat_bad_input(tmp_path):

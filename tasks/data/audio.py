@@ -145,6 +145,10 @@ def read_speechcommands(root: str | os.PathLike, classes: str = "35", test_root:
             split = "val" if rel in val else "test" if rel in test else "train"
             splits[split].append((str(f), label(w)))
     if classes == "12":
+        if silence == "tfds" and not test_root:  # its test split would have no _silence_ clip: class 11 untested
+            raise ValueError("data.silence=tfds leaves the test split without _silence_ clips (TFDS takes them from "
+                             "the official test archive): set task.test_root=<speech_commands_test_set_v0.02> or "
+                             "use data.silence=balanced")
         per_word = {k: len(v) // len(words) for k, v in splits.items()}
         for split, pieces in silence_split(root, silence, per_word).items():
             splits[split] += [(p, 11) for p in pieces]

@@ -50,6 +50,7 @@ with one line naming the pin.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,6 +96,10 @@ class CoCaBackbone(Backbone):
         table = _vocab_table(vocab) if vocab else None
         if table is not None:  # the compact token table sets both text vocab sizes
             for cfg in ("text_cfg", "multimodal_cfg"):
+                given = (kwargs.get(cfg) or {}).get("vocab_size")
+                if given not in (None, len(table)):
+                    logging.getLogger(__name__).info("CoCa %s.vocab_size=%s replaced by the compact vocabulary's %d "
+                                                     "tokens (backbone.vocab)", cfg, given, len(table))
                 kwargs[cfg] = dict(kwargs.get(cfg) or {}, vocab_size=len(table))
 
         coca_names = [m for m in open_clip.list_models() if m.startswith("coca")]
