@@ -129,3 +129,9 @@ def test_png_mask_round_trip(tmp_path):
     save_mask_png(tmp_path / "m.png", lab)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), lab)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_generated_style_on_a_layout_without_it_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="style='texture' applies to layout=folder only"):
+        make_folder_dataset(tmp_path, layout="kvasir", n=2, size=16, style="texture")
+    assert not any(tmp_path.iterdir())  # nothing written

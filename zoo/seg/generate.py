@@ -129,6 +129,8 @@ def make_folder_dataset(root: str | os.PathLike, layout: str = "folder", n: int 
     from PIL import Image
 
     root = Path(root)
+    if style != "intensity" and layout != "folder":  # the other layouts draw their own kind of sample
+        raise ValueError(f"generated-data style={style!r} applies to layout=folder only (got layout={layout!r})")
     rng = np.random.default_rng(seed)
     if layout == "folder":
         for split, count in (splits or {"": n}).items():
