@@ -100,9 +100,9 @@ class SmpSegmenter(nn.Module):
                 raise ValueError(f"the smp UNet head reads 1 block output (its pyramid is built from it); got {self.indices}")
         else:
             self.indices = list(indices) if indices is not None else default_indices(backbone)
-        if decoder != "unet" and len(self.indices) != 4:
-            raise ValueError(f"the smp head reads 4 block outputs; got indices {self.indices} "
-                             f"(the encoder has {backbone.depth} blocks)")
+            if len(self.indices) != 4:
+                raise ValueError(f"the smp head reads 4 block outputs; got indices {self.indices} "
+                                 f"(the encoder has {backbone.depth} blocks)")
         dim = backbone.model.embed_dim
         out = self.num_classes + 1
         if decoder == "dpt":
