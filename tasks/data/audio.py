@@ -253,10 +253,15 @@ def read_folder(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, int]
     if not classes:
         raise ValueError(f"{root} has no class folders; expected <root>/<class>/*.wav")
     items = [(str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in AUDIO_EXT]
+    return split_80_10_10(items), classes
+
+
+def split_80_10_10(items: list) -> dict[str, list]:
+    """A fixed shuffle (seed 0) cut 80 / 10 / 10 into train / val / test, for data without splits."""
+    items = list(items)
     random.Random(0).shuffle(items)
-    n = len(items)
-    a, b = int(0.8 * n), int(0.9 * n)
-    return {"train": items[:a], "val": items[a:b], "test": items[b:]}, classes
+    a, b = int(0.8 * len(items)), int(0.9 * len(items))
+    return {"train": items[:a], "val": items[a:b], "test": items[b:]}
 
 
 # ------------------------------------------------------------------------------ multi-label list
@@ -319,10 +324,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
     if "split" in cols:
         splits = {k: [(p, y) for p, y, s in items if s == k] for k in ("train", "val", "test")}
     else:
-        pairs = [(p, y) for p, y, _ in items]
-        random.Random(0).shuffle(pairs)
-        a, b = int(0.8 * len(pairs)), int(0.9 * len(pairs))
-        splits = {"train": pairs[:a], "val": pairs[a:b], "test": pairs[b:]}
+        splits = split_80_10_10([(p, y) for p, y, _ in items])
     if not splits["val"]:
         splits["val"] = splits["test"]
     return splits, classes
