@@ -105,9 +105,12 @@ def quiet_logs() -> None:
 
 
 def register_resolvers() -> None:
-    from tasks.data.vtab import num_classes
+    from tasks.data.imagefolder import dataset_name, num_classes
+    from tasks.data.vtab import num_classes as vtab_classes
 
-    OmegaConf.register_new_resolver("vtab_classes", num_classes, replace=True)
+    OmegaConf.register_new_resolver("vtab_classes", vtab_classes, replace=True)
+    OmegaConf.register_new_resolver("image_classes", num_classes, replace=True)
+    OmegaConf.register_new_resolver("image_dataset", dataset_name, replace=True)
     OmegaConf.register_new_resolver("multiply", lambda a, b: int(a) * int(b), replace=True)  # e.g. 500 x K steps
     from tasks.trainer.perf import mixed_precision
 
@@ -123,15 +126,40 @@ def build_task(cfg: DictConfig) -> L.LightningModule:
     return instantiate(task_cfg, backbone=_plain(cfg.backbone), adapter=_plain(cfg.adapter), _convert_="all", _recursive_=False)
 
 
+def check_data(cfg: DictConfig) -> None:
+    """Check the data on disk before the task builds (or downloads) any weights.
+
+    The DataModule's ``check_data`` (a function attribute of its ``_target_``), called with the data
+    config's keys it takes, looks only at folders and list files: a missing dataset fails in a second,
+    naming where to get it and the layout expected, not after a weights download.
+    """
+    from hydra.utils import get_method
+
+    data_cfg = _plain(cfg.data)
+    target = data_cfg.pop("_target_", None)
+    check = getattr(get_method(target), "check_data", None) if target else None
+    if check is None:
+        return
+    import inspect
+
+    params = inspect.signature(check).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        data_cfg = {k: v for k, v in data_cfg.items() if k in params}
+    check(**data_cfg)
+
+
 def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDataModule:
     """The DataModule of ``cfg.data`` with the run's seed; image DataModules (a ``normalize`` key)
-    also get the normalisation's mean and std."""
+    also get the normalisation's mean and std, and the backbone's data config (timm's input size,
+    interpolation, crop) when they take one (``data_config``, the image-folder layout)."""
     data_cfg = _plain(cfg.data)
     if "normalize" not in data_cfg:
         return instantiate(data_cfg, seed=cfg.seed, _convert_="all")
     norm = data_cfg.pop("normalize")
+    dc = dict(zoo.find_backbone(task.model).data_config)
+    if data_cfg.get("layout") == "imagefolder":
+        data_cfg["data_config"] = dc
     if norm == "backbone":
-        dc = zoo.find_backbone(task.model).data_config
         mean, std = dc.get("mean"), dc.get("std")
     elif norm == "imagenet":
         mean, std = IMAGENET
@@ -302,6 +330,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return get_method(cfg.task.runner)(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    check_data(cfg)  # cheap, before the task builds or downloads weights
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
     has_val = getattr(dm, "has_val", True)
@@ -338,7 +367,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "adapter_config": _plain(cfg.adapter),
         "backbone": cfg.backbone.model,
         "task": cfg.task.get("name"),
-        "dataset": cfg.task.get("dataset"),
+        "dataset": getattr(dm, "dataset_name", None) or cfg.task.get("dataset"),  # an image folder: its name
         "protocol": cfg.task.get("protocol"),
         "seed": cfg.seed,
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
@@ -374,9 +403,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
         record = {**decl, "name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"],
                   "config": _plain(cfg.task), "data": _plain(cfg.data)}
+        classes = class_names(dm)
+        if classes is not None:
+            record["class_names"] = classes  # python -m zoo predict labels with them
         art = zoo.save_adapter(task.model, out_dir / "adapter",
                                metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]},
-                               extra={"task": record, "preprocessing": task.preprocessing()})
+                               extra={"task": record, "preprocessing": {**task.preprocessing(), **data_preprocessing(dm)}})
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
         write_metrics(out_dir / "metrics.json", metrics)
         if cfg.get("export_backbone"):
@@ -386,6 +418,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def class_names(dm: L.LightningDataModule) -> list[str] | None:
+    """The DataModule's class names (``class_names``, or the audio sets' ``classes``), if it has them."""
+    names = getattr(dm, "class_names", None) or getattr(dm, "classes", None)
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def data_preprocessing(dm: L.LightningDataModule) -> dict[str, Any]:
+    """What the DataModule adds to the artifact's preprocessing record (e.g. audio: the fbank
+    normalisation), so that inference outside Lightning (``python -m zoo predict``) reproduces it."""
+    rec = getattr(dm, "preprocessing", None)
+    return dict(rec()) if callable(rec) else {}
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -48,12 +48,15 @@ SPLIT_FILES = {"tune": ("train800", "val200", None), "final": ("train800val200",
 
 
 def canonical_task(name: str) -> str:
-    """Map any folder alias to the canonical VTAB task name."""
-    key = name.lower()
-    for canon, (_, _, aliases) in VTAB_TASKS.items():
-        if key == canon or key in aliases:
-            return canon
-    raise ValueError(f"unknown VTAB task {name!r}; valid tasks: {', '.join(VTAB_TASKS)} (aliases accepted)")
+    """``name`` if it is one of the 19 canonical VTAB task names, exactly.
+
+    Never a substring or an alias: a folder of your own called ``pets`` is not Oxford-IIIT Pet (the
+    aliases only find the canonical task's folder on disk, :func:`find_task_dir`).
+    """
+    if name in VTAB_TASKS:
+        return name
+    raise ValueError(f"unknown VTAB task {name!r}; valid tasks: {', '.join(VTAB_TASKS)}. For a folder of your own "
+                     f"images use data.layout=imagefolder data.root=DIR (DIR/[train|val|test]/<class>/*)")
 
 
 def num_classes(name: str) -> int:
@@ -78,6 +81,18 @@ def find_task_dir(root: Path, task: str) -> Path | None:
         if (root / name / "train800.txt").is_file():
             return root / name
     return None
+
+
+def check_data(root: str | Path, dataset: str, generate: bool = False) -> None:
+    """The task's folder and list files exist (or will be generated): cheap, before any weights are built."""
+    from tasks.data.synthetic import DOWNSTREAM
+
+    task, root = canonical_task(dataset), Path(root).expanduser()
+    if generate and task in DOWNSTREAM:
+        return
+    folder = find_task_dir(root, task)
+    if folder is None:
+        raise FileNotFoundError(layout_help(root, task))
 
 
 def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
