@@ -406,9 +406,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         classes = class_names(dm)
         if classes is not None:
             record["class_names"] = classes  # python -m zoo predict labels with them
+        extra = {"task": record, "preprocessing": {**task.preprocessing(), **data_preprocessing(dm)},
+                 "seed": cfg.seed}  # rebuilds randomly initialised base weights (pretrained=false)
+        if cfg.backbone.get("weights"):  # local base weights: where they were, and the backbone config that named them
+            extra["base_weights"] = {"path": str(Path(cfg.backbone.weights).expanduser().resolve()),
+                                     "config": hydra_choice("backbone")}
         art = zoo.save_adapter(task.model, out_dir / "adapter",
-                               metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]},
-                               extra={"task": record, "preprocessing": {**task.preprocessing(), **data_preprocessing(dm)}})
+                               metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]}, extra=extra)
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
         write_metrics(out_dir / "metrics.json", metrics)
         if cfg.get("export_backbone"):
@@ -418,6 +422,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def hydra_choice(group: str) -> str | None:
+    """The config group option this run composed (``backbone=ast_demo`` -> ``ast_demo``); None outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group)
+    except Exception:  # composed without a Hydra run (tests, notebooks)
+        return None
 
 
 def class_names(dm: L.LightningDataModule) -> list[str] | None:
@@ -489,8 +503,14 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     bmeta = meta["backbone"]
     tag = bmeta.get("weights_tag") or ""
     if tag.startswith("file:") and not cfg.backbone.get("weights"):
-        raise ValueError(f"the artifact was trained on base weights from a local file ({tag[5:]}); "
-                         f"pass backbone.weights=/path/to/{tag[5:]} (e.g. backbone=vit_demo)")
+        from zoo.hub.load import local_weights_hint, recorded_weights
+
+        found = recorded_weights(meta.get("base_weights"))
+        if found is None:
+            raise ValueError(local_weights_hint(bmeta, meta.get("base_weights")))
+        with open_dict(cfg):
+            cfg.backbone.weights = str(found)  # the file the run read (the fingerprint check guards it)
+        log.info("base weights: %s (recorded by the run)", found)
     record = meta.get("task") or {}
     if record.get("config") is not None:
         task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
@@ -520,6 +540,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.logger = None
         cfg.callbacks = None
     L.seed_everything(cfg.seed)
+    check_data(cfg)  # cheap, before the base weights are built
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
     trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
@@ -529,6 +550,14 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         res = trainer.validate(task, datamodule=dm, verbose=False)[0]
     prefix = f"{cfg.split}/"
     metrics = {k: _num(v) for k, v in sorted(res.items()) if k.startswith(prefix)}
+    if cfg.get("predict"):  # +predict=DIR: the split's files through python -m zoo predict's code path
+        from zoo.predict import predict
+
+        if not callable(getattr(dm, "split_files", None)):
+            raise ValueError(f"+predict: the {task.kind} data has no per-file inputs to predict on "
+                             f"(it writes CSVs for images and audio clips, mask PNGs for segmentation)")
+        dest = predict(artifact, dm.split_files(cfg.split), cfg.predict, weights=cfg.backbone.get("weights"))
+        log.info("predictions: %s", dest)
     out = {"artifact": str(artifact), "kind": task.kind, "dataset": task_cfg.get("dataset"), "split": cfg.split,
            **({"monitor": {"name": task.monitor, "mode": task.monitor_mode, "value": metrics.get(task.monitor)}}
               if cfg.split == "val" else {}),

@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--force", action="store_true", help="download again even if cached")
     vf = sub.add_parser("verify", help="re-hash cached files (deleting corrupt ones) and check the registries")
     vf.add_argument("names", nargs="*")
+    pr = sub.add_parser("predict", help="predict files with a trained adapter: a CSV (file,label,score) for images and "
+                                         "audio clips, mask PNGs for segmentation")
+    pr.add_argument("artifact", help="an artifact folder (<run>/adapter) or a zoo entry name")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="files, or folders (searched recursively)")
+    pr.add_argument("--out", default="predictions", help="output folder (default: ./predictions): predictions.csv, masks/")
+    pr.add_argument("--weights", help="base weights file, for an artifact trained on local base weights that are "
+                                      "not where the run read them")
+    pr.add_argument("--batch-size", type=int, default=16)
     pb = sub.add_parser("publish", help="package a finished run as a zoo artifact and print its registry entry")
     pb.add_argument("run_dir")
     pb.add_argument("--name", required=True)
@@ -92,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             if not rows:
                 console.print("nothing cached to verify")
             return 1 if bad or hub.registry_errors or hub.entry_errors else 0
+        elif args.cmd == "predict":
+            from zoo.predict import predict
+
+            dest = predict(args.artifact, args.paths, args.out, weights=args.weights, batch_size=args.batch_size)
+            err.print(f"wrote {dest}", highlight=False)
         elif args.cmd == "publish":
             reg = None if args.no_register else (args.registry_file or hub.registry.LOCAL_REGISTRY)
             entry = hub.publish_run(args.run_dir, args.name, registry=reg, out_dir=args.out,

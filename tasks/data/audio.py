@@ -651,6 +651,10 @@ class AudioDataModule(L.LightningDataModule):
 
         return {"fbank": {**asdict(self.args), "max_length": self.max_length, "mean": self.mean, "std": self.std}}
 
+    def split_files(self, split: str) -> list[str]:
+        """The clip files of ``split`` (``eval.py +predict=DIR``; pieces cut from a longer file are left out)."""
+        return [p for p, _ in self.splits[split] if "#" not in p]
+
     def dataset_for(self, split: str, train: bool = False) -> AudioClips:
         return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,
                           mixup=self.mixup if train else 0.0, bad_files=self.bad_files, multilabel=self.multilabel)

@@ -199,6 +199,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         """The eval transform's resolved timm config (recorded in the artifact for ``zoo predict``)."""
         return dict(self.transform_config)
 
+    def split_files(self, split: str) -> list[str]:
+        """The image files of ``split`` (``eval.py +predict=DIR``)."""
+        return [p for p, _ in self.splits[split]]
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=EpochSeededSampler(len(ds), self.seed) if train else None,

@@ -215,6 +215,14 @@ class VTABDataModule(L.LightningDataModule):
         self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
         self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
 
+    def split_files(self, split: str) -> list[str]:
+        """The image files of ``split`` (``eval.py +predict=DIR``)."""
+        self.setup()
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if ds is None:
+            raise ValueError(f"protocol={self.protocol} has no {split} split")
+        return [str(ds.folder / rel) for rel, _ in ds.items]
+
     def _loader(self, ds, train: bool) -> DataLoader:
         return DataLoader(
             ds,
