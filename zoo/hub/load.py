@@ -87,7 +87,7 @@ def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = Non
             try:
                 weights = weights_file(download(find_backbone_entry(spec)))
             except EntryNotFoundError as e:
-                raise EntryNotFoundError(f"{e}\n{local_weights_hint(spec, base)}") from None
+                raise EntryNotFoundError(local_weights_hint(spec, base) if base else str(e)) from None
     if weights is not None:
         return zoo.create_backbone(family, model=model, pretrained=None, weights=str(weights), **kw)
     if tag is None:
