@@ -37,51 +37,7 @@ log = logging.getLogger("adapter_zoo")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-# Errors that mean "the config or the data is wrong", each raised with a message that says what
-# to change: the command line shows that message, not a stack trace (ZOO_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, zoo.WeightsUnavailableError, zoo.hub.HubError)
-
-
-def _wrappers() -> tuple[type, ...]:
-    """Exceptions that only wrap the real one (Hydra's "Error in call to target ...")."""
-    from hydra.errors import HydraException
-
-    return (HydraException,)
-
-
-def user_error_of(e: BaseException) -> BaseException | None:
-    """The user error ``e`` reports: ``e`` itself, or what a wrapper (Hydra) was raised from.
-
-    Only wrappers are looked through: an exception raised *while handling* a user error (a real
-    bug in an ``except`` block) is not a user error and must surface with its traceback.
-    """
-    wrappers, seen = _wrappers(), set()
-    while not isinstance(e, USER_ERRORS):
-        nxt = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-        if not isinstance(e, wrappers) or nxt is None or id(nxt) in seen:
-            return None
-        seen.add(id(e))
-        e = nxt
-    return e
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the worker's own message
-        lines = [ln for ln in msg.splitlines() if ln.strip()]
-        msg = lines[-1].split(": ", 1)[-1] if lines else msg
-    return msg
-
-
-@contextmanager
-def user_errors():
-    try:
-        yield
-    except Exception as e:
-        cause = user_error_of(e)
-        if os.environ.get("ZOO_DEBUG") or cause is None:
-            raise
-        raise SystemExit(f"error: {_one_line(cause)}") from None
+from tasks.errors import USER_ERRORS, user_error_of, user_errors  # noqa: E402,F401 (re-exported)
 
 
 class _DropAdverts(logging.Filter):
@@ -105,16 +61,9 @@ def quiet_logs() -> None:
 
 
 def register_resolvers() -> None:
-    from tasks.data.imagefolder import dataset_name, num_classes
-    from tasks.data.vtab import num_classes as vtab_classes
+    from tasks.resolvers import register_resolvers as register
 
-    OmegaConf.register_new_resolver("vtab_classes", vtab_classes, replace=True)
-    OmegaConf.register_new_resolver("image_classes", num_classes, replace=True)
-    OmegaConf.register_new_resolver("image_dataset", dataset_name, replace=True)
-    OmegaConf.register_new_resolver("multiply", lambda a, b: int(a) * int(b), replace=True)  # e.g. 500 x K steps
-    from tasks.trainer.perf import mixed_precision
-
-    OmegaConf.register_new_resolver("mixed_precision", mixed_precision, replace=True)  # 16-mixed on a GPU, else 32
+    register()
 
 
 def _plain(node) -> Any:

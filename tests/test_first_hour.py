@@ -59,3 +59,75 @@ def test_eval_of_an_artifact_on_local_base_weights_names_its_config_and_path(tmp
     with pytest.raises(ValueError, match=rf"ast_demo.safetensors; the run read {gone} \(not on this machine\): pass "
                                          rf"weights=/path/to/ast_demo.safetensors \(backbone=ast_demo backbone.weights="):
         evaluate(cfg)
+
+
+def _modules_after(script: str, args: list[str]) -> tuple[int, set[str], str]:
+    """Run ``script args`` in a fresh interpreter; its exit code, the heavy modules it imported, stderr."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    probe = ("import runpy, sys, io, contextlib\n"
+             f"sys.argv = {[script, *args]!r}\n"
+             "rc = 0\n"
+             "try:\n"
+             f"    runpy.run_{'module' if script == 'zoo' else 'path'}({script!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    rc = e.code if isinstance(e.code, int) else 1\n"
+             "    print(e.code if isinstance(e.code, str) else '', file=sys.stderr)\n"
+             "heavy = [m for m in ('lightning', 'torch', 'timm', 'torchvision') if m in sys.modules]\n"
+             "print('HEAVY=' + ','.join(heavy) + f' RC={rc}', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PROJECT_ROOT": str(ROOT)})
+    last = [ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY=")][-1]
+    heavy, rc = last[6:].split(" RC=")
+    return int(rc), set(filter(None, heavy.split(","))), proc.stderr
+
+
+@pytest.mark.parametrize("script,args,fails", [
+    ("train.py", ["--help"], False),
+    ("train.py", ["adapter=nope"], True),                    # Hydra: an unknown config choice
+    ("train.py", ["task.dataset=mycats"], True),             # a resolver: not a VTAB task
+    ("eval.py", ["--help"], False),
+    ("zoo", ["--help"], False),
+    ("zoo", ["list"], False),
+])
+def test_help_and_config_errors_answer_without_the_training_stack(script, args, fails, tmp_path):
+    """--help and config mistakes never import Lightning / torch / timm (seconds of CPU before any answer)."""
+    rc, heavy, err = _modules_after(script, [*args, f"hydra.run.dir={tmp_path}/run"] if script.endswith(".py")
+                                    and args != ["--help"] else args)
+    assert heavy == set(), f"{script} {args} imported {heavy}"
+    assert (rc != 0) == fails, err[-2000:]
+    if args == ["task.dataset=mycats"]:
+        assert "unknown VTAB task 'mycats'" in err and "data.layout=imagefolder" in err
+
+
+def test_a_failed_multirun_leaves_no_empty_sweep_folder(tmp_path):
+    rc, _, err = _modules_after("train.py", ["-m", "adapter=nope,lora", f"paths.log_dir={tmp_path}/logs"])
+    assert rc != 0 and "removed the empty sweep folder" in err
+    assert not [p for p in (tmp_path / "logs" / "multiruns").iterdir()]
+
+
+def test_the_empty_zoo_says_what_it_holds_and_how_to_fill_it(tmp_path, monkeypatch, capsys):
+    from zoo import hub
+    from zoo.__main__ import main as cli
+
+    monkeypatch.setattr(hub.registry, "PROJECT_REGISTRY", tmp_path / "registry.json")
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", tmp_path / "local_registry.json")
+    monkeypatch.setattr(hub.registry, "_EXTRA_REGISTRIES", [])
+    monkeypatch.delenv(hub.ENV_REGISTRY, raising=False)
+    assert cli(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "the model zoo is empty" in out and "make demo" in out and "python -m zoo publish" in out
+
+
+@pytest.mark.parametrize("module", ["zoo.checkpoint", "zoo.predict"])
+def test_each_zoo_entry_module_imports_first(module):
+    """``zoo`` imports its public names lazily: any module imported first (no ``import zoo`` before it)
+    must not meet an import cycle."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]

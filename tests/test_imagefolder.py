@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.data.imagefolder import ImageFiles, ImageFolderDataModule, num_classes, read_imagefolder
+from tasks.data.imagefolder import ImageFiles, ImageFolderDataModule, read_imagefolder
+from tasks.data.imagefolder_scan import num_classes
 from tests.image_folder_helpers import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,6 +24,17 @@ def _table(rows: list[hub.Entry]):
     return t
 
 
+def empty_zoo_note() -> str:
+    """What ``list`` says when no registry holds an entry (a fresh clone)."""
+    return (f"the model zoo is empty: the project's registry ships no entries yet, and nothing was published on this "
+            f"machine (registries read: {', '.join(hub.registry_locations())}).\n"
+            f"  make demo      adds vit-demo (the demo backbone) and vit-demo-<linear|lora|full>-dsprites_ori to "
+            f"{hub.registry.LOCAL_REGISTRY}\n"
+            f"  python -m zoo publish RUN_DIR --name NAME --out DIR [--url-base URL | --hf-repo ORG/REPO]   publishes "
+            f"a finished run (a lab serves the folder and its registry.json)\n"
+            f"  --registry PATH_OR_URL or ${hub.ENV_REGISTRY}   reads another registry (a lab's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zoo", description="Adapter Zoo model zoo")
     p.add_argument("--registry", action="append", default=[], metavar="PATH_OR_URL",
@@ -78,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({e.name: e.raw for e in rows}, indent=2))
             elif rows:
                 console.print(_table(rows))
+            elif hub.entries():
+                console.print("no zoo entries match")
             else:
-                console.print("no zoo entries match" + ("" if hub.entries() else
-                              f" (registries read: {', '.join(hub.registry_locations())}; run `make demo` "
-                              f"or set {hub.ENV_REGISTRY})"))
+                console.print(empty_zoo_note(), highlight=False)
             for loc, why in {**hub.registry_errors, **hub.entry_errors}.items():
                 err.print(f"[yellow]skipped {loc}: {why}[/yellow]", highlight=False)
         elif args.cmd == "info":
