@@ -328,12 +328,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
         # select on validation, never on test
         score = load_adapter_checkpoint(task, ckpt_cb.best_model_path)
-        metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
-        others = [c["key"] for c in decl["columns"] if c["key"].startswith("val/") and c["key"] != task.monitor]
+        if ckpt_cb.monitor == task.monitor:
+            metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
+        # Without a checkpoint callback that monitors the task's metric (callbacks=none: Lightning's default one
+        # keeps the last weights), the selection metric is measured on the kept weights with the others.
+        selected = metrics["monitor"]["value"] is not None
+        others = [c["key"] for c in decl["columns"] if c["key"].startswith("val/") and (c["key"] != task.monitor or not selected)]
+        if not selected and task.monitor not in others:
+            others.append(task.monitor)
         if others:  # the selected weights' other validation metrics
             with keep_csv_history(trainer, out_dir):
                 res = trainer.validate(task, datamodule=dm, verbose=False)
             metrics.update({k: _num(res[0].get(k)) for k in others} if res else {})
+        if not selected:
+            metrics["monitor"]["value"] = metrics.get(task.monitor)
     elif has_val:
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
     metrics[task.monitor] = metrics["monitor"]["value"]

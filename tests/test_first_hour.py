@@ -131,3 +131,15 @@ def test_each_zoo_entry_module_imports_first(module):
 
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def test_the_selection_metric_is_in_metrics_json_without_a_checkpoint_callback(tmp_path):
+    """callbacks=none (the PDE quickstart): Lightning's default checkpoint keeps the last weights and monitors
+    nothing; the task's monitor (val/nrmse) must still be measured and written, equal to the CSV's last value."""
+    import csv
+
+    m = run_train(["experiment=tiny_pde", "callbacks.model_checkpoint=null", "adapter=lora", "task.scheduler.name=none"], tmp_path)
+    assert m["monitor"]["name"] == "val/nrmse" and m["monitor"]["value"] is not None
+    assert m["val/nrmse"] == m["monitor"]["value"] and m["val/vrmse"] is not None
+    rows = [r for r in csv.DictReader(open(Path(m["out_dir"]) / "csv" / "metrics.csv")) if r.get("val/nrmse")]
+    assert float(rows[-1]["val/nrmse"]) == pytest.approx(m["val/nrmse"], rel=1e-5)
