@@ -26,7 +26,9 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("trainable params", None), ("% of backbone", None)]
+PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("adapter params", None), ("% of backbone", None)]
+# How every parameter count of the project is meant (the run log, metrics.json's trainable_params, this table):
+PARAMS_NOTE = "Adapter params: trainable parameters inside the backbone, task head excluded (as the papers count)."
 SUFFIX = ["artifact KiB"]
 
 
@@ -57,14 +59,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = header(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + PARAMS_NOTE + "\n"
 
 
 def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=title, caption=PARAMS_NOTE)
     for h in header(rows):
         t.add_column(h, justify="left" if h in ("adapter", "dataset") else "right")
     for r in table_rows(rows):

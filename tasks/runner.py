@@ -294,8 +294,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
     bb_trainable, bb_params = zoo.count_parameters(bb)
-    log.info("adapter %s: %s trainable of %s parameters (%.3f%% of the backbone)",
-             cfg.adapter.name, f"{trainable:,}", f"{total:,}", 100 * bb_trainable / max(1, bb_params))
+    log.info("adapter %s: %s", cfg.adapter.name, describe_params(bb_trainable, bb_params, trainable - bb_trainable))
 
     if cfg.get("train", True):
         ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir)
@@ -379,6 +378,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def describe_params(adapter: int, backbone: int, head: int) -> str:
+    """The one wording of parameter counts (run log; the summary table's columns are the same numbers):
+    the adapter's trainable parameters inside the backbone, head excluded, as a share of the backbone."""
+    from tasks.report import PARAMS_NOTE
+
+    return (f"{adapter:,} trainable parameters ({100 * adapter / max(1, backbone):.2f}% of the backbone's {backbone:,}); "
+            f"+ {head:,} in the task head. {PARAMS_NOTE}")
 
 
 def hydra_choice(group: str) -> str | None:

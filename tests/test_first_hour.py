@@ -143,3 +143,21 @@ def test_the_selection_metric_is_in_metrics_json_without_a_checkpoint_callback(t
     assert m["val/nrmse"] == m["monitor"]["value"] and m["val/vrmse"] is not None
     rows = [r for r in csv.DictReader(open(Path(m["out_dir"]) / "csv" / "metrics.csv")) if r.get("val/nrmse")]
     assert float(rows[-1]["val/nrmse"]) == pytest.approx(m["val/nrmse"], rel=1e-5)
+
+
+def test_parameter_counts_agree_between_run_log_metrics_and_table(tmp_path, caplog):
+    """One meaning everywhere: the adapter's trainable parameters inside the backbone, head excluded."""
+    import logging
+
+    from tasks.report import PARAMS_NOTE, markdown
+
+    caplog.set_level(logging.INFO, logger="adapter_zoo")
+    m = run_train(["experiment=tiny", "adapter=lora", "adapter.rank=2", "trainer.max_epochs=1"], tmp_path)
+    # LoRA rank 2 on q and v of 2 blocks of width 64: 2 blocks x 2 targets x r (64 + 64)
+    assert m["trainable_params"] == 2 * 2 * 2 * (64 + 64)
+    head = m["trainable_params_with_head"] - m["trainable_params"]
+    assert head == 64 * 16 + 16  # the linear head of dsprites_loc (16 classes)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("adapter lora:"))
+    assert f"{m['trainable_params']:,} trainable parameters" in line and f"+ {head:,} in the task head" in line
+    md = markdown([m])
+    assert f"| {m['trainable_params']:,} |" in md and md.count(PARAMS_NOTE) == 1 and PARAMS_NOTE in line

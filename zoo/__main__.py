@@ -11,9 +11,9 @@ from zoo import hub
 def _table(rows: list[hub.Entry]):
     from rich.table import Table
 
-    t = Table(title="Adapter Zoo")
+    t = Table(title="Adapter Zoo", caption="stored params: the artifact's tensors (adapter and task head)")
     t.add_column("name", no_wrap=True)
-    for col in ("kind", "backbone", "weights", "method", "task", "metrics", "params", "licence", "cached"):
+    for col in ("kind", "backbone", "weights", "method", "task", "metrics", "stored params", "licence", "cached"):
         t.add_column(col, overflow="fold")
     for e in rows:
         metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(e.metrics.items())[:3])
