@@ -58,6 +58,12 @@ def quiet_logs() -> None:
         lg.addFilter(_DropAdverts())
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # ddp_spawn's processes start a fresh interpreter: they inherit filters only through the environment
+    # (PYTHONWARNINGS: comma-separated, the message a literal prefix, so it stops before the message's comma)
+    leaf = "ignore:`isinstance(treespec:FutureWarning"
+    have = os.environ.get("PYTHONWARNINGS", "")
+    if leaf not in have.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [have, leaf]))
 
 
 def register_resolvers() -> None:
