@@ -161,3 +161,19 @@ def test_parameter_counts_agree_between_run_log_metrics_and_table(tmp_path, capl
     assert f"{m['trainable_params']:,} trainable parameters" in line and f"+ {head:,} in the task head" in line
     md = markdown([m])
     assert f"| {m['trainable_params']:,} |" in md and md.count(PARAMS_NOTE) == 1 and PARAMS_NOTE in line
+
+
+def test_pyproject_installs_without_a_setuptools_licence_banner():
+    """``make`` installs the project with pip: the licence as a TOML table printed a deprecation banner."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    from tests.helpers import ROOT
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert [str(w.message) for w in caught] == []
+    assert dist.metadata.license_expression == "Apache-2.0"
