@@ -77,12 +77,22 @@ def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
 class SummaryTable(Callback):
     """Hydra callback: at the end of a multirun, print and save the table of its runs."""
 
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        import time
+
+        self._t0 = time.monotonic()
+
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        import time
+
+        from tasks.trainer.progress import fmt_seconds
+
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect(sweep_dir)
         if not rows:
             return
-        print_table(rows, title=f"results in {sweep_dir}")
+        wall = time.monotonic() - getattr(self, "_t0", time.monotonic())
+        print_table(rows, title=f"results in {sweep_dir} ({len(rows)} runs, {fmt_seconds(wall)} wall time)")
         from zoo.io import atomic_write_text
 
         atomic_write_text(sweep_dir / "summary.md", markdown(rows))

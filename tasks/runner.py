@@ -135,7 +135,10 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
     quiet_logs()
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
+    from tasks.trainer.progress import ProgressLines
+
     callbacks = perf_callbacks(trainer_cfg)  # trainer.compile / trainer.checkpoint_blocks
+    callbacks.append(ProgressLines(trainer_cfg.pop("progress_every_s", None) or 30))  # a line every 30 s, any output mode
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
@@ -283,6 +286,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from hydra.utils import get_method
 
         return get_method(cfg.task.runner)(cfg)
+    import time
+
+    t0 = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     check_data(cfg)  # cheap, before the task builds or downloads weights
@@ -363,6 +369,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if trainer.is_global_zero:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
+        metrics["wall_time_s"] = round(time.monotonic() - t0, 1)  # this run, weights and data included
         record = {**decl, "name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"],
                   "config": _plain(cfg.task), "data": _plain(cfg.data)}
         classes = class_names(dm)
@@ -382,6 +389,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("publish"):
             publish(cfg, task.model, out_dir)
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
+        from tasks.trainer.progress import fmt_seconds
+
+        log.info("wall time: %s", fmt_seconds(metrics["wall_time_s"]))
     metrics["out_dir"] = str(out_dir)
     return metrics
 
