@@ -4,7 +4,7 @@ A run without a terminal (piped, logged to a file, a job scheduler) or with the 
 to print nothing between Lightning's start and end messages, for up to minutes on a busy machine. A
 background timer prints one line on rank 0's stdout every ``every_s`` seconds, whatever the stage::
 
-    [progress] fit: epoch 3/20, batch 40/125, train/loss 0.512, 1m30s elapsed, ~2m10s left in fit
+    [progress] fit: epoch 3/20, batch 40/125, train/loss 0.512, 1m30s elapsed
 
 and one line at the end of each stage with its wall time. The timer is a thread (not a batch hook), so
 a single long step, a slow validation or a data-module setup still get their line. It is started in
@@ -60,10 +60,8 @@ class ProgressLines(L.Callback):
             parts.append(f"batch {st.get('batch', 0)}/{st['batches']},")
         if st.get("loss") is not None:
             parts.append(f"train/loss {st['loss']:.4g},")
+        # no time-left estimate: validation inside fit (PDE rollouts, ...) makes batch counts a poor clock
         parts.append(f"{fmt_seconds(elapsed)} elapsed")
-        done, total = st.get("done", 0), st.get("total", 0)
-        if stage == "fit" and total and done:
-            parts[-1] += f", ~{fmt_seconds(elapsed * (total - done) / done)} left in fit"
         return " ".join(parts)
 
     # ------------------------------------------------------------------ the timer
@@ -95,12 +93,10 @@ class ProgressLines(L.Callback):
         batches = trainer.num_training_batches
         self._state.update(stage="fit", epoch=trainer.current_epoch, max_epochs=trainer.max_epochs, batch=0,
                            batches=batches if isinstance(batches, int) else None)
-        if isinstance(batches, int) and trainer.max_epochs and trainer.max_epochs > 0:
-            self._state["total"] = batches * trainer.max_epochs
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._state.update(batch=batch_idx + 1, done=self._state.get("done", 0) + 1,
+        self._state.update(batch=batch_idx + 1,
                            loss=float(loss.detach()) if hasattr(loss, "detach") else self._state.get("loss"))
 
     def on_validation_start(self, trainer, pl_module) -> None:
