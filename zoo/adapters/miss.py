@@ -43,6 +43,16 @@ VARIANTS = ("balance", "mini", "bat")
 SUBBLOCK_SITES = ("attn", "mlp", "norm1", "norm2", "tokens")  # not Linear layers
 
 
+def slices_of(group, who: str) -> dict[str, slice | None]:
+    """``{kind: out_slice}`` of the sites on one Linear; the whole fused projection (``qkv``) and its
+    q/k/v slices overlap, so asking for both is refused."""
+    slices = {s.kind: s.out_slice for s in group}
+    if len(slices) > 1 and None in slices.values():
+        raise SiteError(f"{who}: targets {sorted(slices)} overlap on {group[0].path} (qkv is the whole fused "
+                        "projection, q/k/v its row slices); target either qkv or the slices")
+    return slices
+
+
 class MiSSLinear(WrappedLayer):
     """A frozen Linear plus one MiSS shard per output row slice (``None`` = all rows)."""
 
@@ -89,7 +99,7 @@ class MiSSLinear(WrappedLayer):
         lin = self.linear()
         out = self.miss_block[next(iter(self.slices))].new_zeros(self.rank, lin.out_features)
         for k, s in self.slices.items():
-            out[:, s] = self._shard(k)
+            out[:, slice(None) if s is None else s] += self._shard(k)
         return out
 
     def _bat_delta(self, w0: torch.Tensor) -> torch.Tensor:
@@ -101,9 +111,9 @@ class MiSSLinear(WrappedLayer):
             blocks = ws.reshape(ws.shape[0] // r, r, ws.shape[1] // r, r).permute(2, 0, 1, 3)  # (j, i, r, r)
             delta = (blocks @ d + d).permute(1, 2, 0, 3).reshape(ws.shape)
             if s is None:
-                dw = delta
+                dw = dw + delta
             else:
-                dw = dw.index_put((torch.arange(w0.shape[0], device=w0.device)[s],), delta)
+                dw = dw.index_put((torch.arange(w0.shape[0], device=w0.device)[s],), delta, accumulate=True)
         return dw
 
     def delta_weight(self) -> torch.Tensor:
@@ -185,7 +195,7 @@ class MiSS(Adapter):
             if not isinstance(base, nn.Linear):
                 raise SiteError(f"MiSS wraps Linear layers, got {type(base).__name__} at {group[0].path} "
                                 f"(MiSS shards a weight matrix's columns; convolutions are not supported)")
-            slices = {s.kind: s.out_slice for s in group}
+            slices = slices_of(group, "MiSS")
             self.replace(group[0], MiSSLinear(group[0].module, self.rank, self.variant, self.mini_r, self.dropout,
                                               slices, self.init, group[0].path))
 

@@ -35,7 +35,7 @@ from torch import nn
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, float_option, int_option
 from zoo.adapters.lora import _rows, group_by_module
-from zoo.adapters.miss import SUBBLOCK_SITES
+from zoo.adapters.miss import SUBBLOCK_SITES, slices_of
 from zoo.sites import LINEAR_SITES, SiteError, unwrap
 
 MASKS = ("random", "weight")
@@ -138,6 +138,6 @@ class SHiRA(Adapter):
             base = unwrap(group[0].module)
             if not isinstance(base, nn.Linear):
                 raise SiteError(f"SHiRA wraps Linear layers, got {type(base).__name__} at {group[0].path}")
-            slices = {s.kind: s.out_slice for s in group}
+            slices = slices_of(group, "SHiRA")
             self.replace(group[0], SHiRALinear(group[0].module, self.rank, self.mask, self.seed, slices,
                                                self.scale, self.init, group[0].path))
