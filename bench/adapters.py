@@ -57,7 +57,8 @@ from torch import nn
 
 import zoo
 
-from bench.profiles import FLOOR, LORA_QKV, PEFT_ROW, PROFILES, BenchProfile, InputBias, Row  # noqa: F401
+from bench.profiles import (FLOOR, LORA_QKV, PEFT_PAIRS, PEFT_ROW, PROFILES, BenchProfile, InputBias,  # noqa: F401
+                            Row, peft_config, peft_head_direct, peft_pair_rows)
 
 
 def profile(args) -> BenchProfile:
@@ -100,6 +101,8 @@ def default_rows(adapters: list[str] | None, extras: list[str] = (), prof: Bench
         rows.append(by_label[name] if name in by_label else adapter_row(prof, name))
         if name == "lora" and prof.peft:
             rows.append(Row(LORA_QKV, "zoo", "lora", {"targets": ["qkv"]}))
+        if name in PEFT_PAIRS and prof.peft:
+            rows += peft_pair_rows(name)
     if prof.peft:
         d = lora_defaults()
         rows.append(Row(PEFT_ROW, "peft", None, {"r": int(d["rank"]), "lora_alpha": d["alpha"],
@@ -163,10 +166,11 @@ def build(args, row: Row) -> Built:
         prof.after_attach(clf)
         model = plain = clf
     elif row.kind == "peft":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        cfg = LoraConfig(**row.config, modules_to_save=["head"])
-        model = plain = get_peft_model(clf, cfg)
+        model = plain = get_peft_model(clf, peft_config(row.config))
+        if peft_head_direct(row):
+            clf.head.requires_grad_(True)
     else:
         raise ValueError(f"unknown row kind {row.kind!r}")
     if row.checkpoint:
@@ -226,6 +230,12 @@ def artifact_bytes(b: Built) -> int | None:
         else:
             b.model.save_pretrained(str(d))
             files = [d / "adapter_model.safetensors", d / "adapter_config.json"]
+            if peft_head_direct(b.row):  # the head that LoRA rows save through modules_to_save
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous() for k, v in b.plain.base_model.model.head.state_dict().items()},
+                          str(d / "head.safetensors"))
+                files.append(d / "head.safetensors")
         return sum(f.stat().st_size for f in files)
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -460,6 +470,11 @@ def run(args) -> dict:
         per_round = [a / b for a, b in zip(train[LORA_QKV], train[PEFT_ROW])]
         summary["lora_qkv_over_peft_rounds"] = per_round
         summary["lora_qkv_over_peft"] = statistics.median(per_round)
+    for name, (ours, theirs) in PEFT_PAIRS.items():  # zoo / peft of the same method, same targets
+        if ours in train and theirs in train:
+            per_round = [a / b for a, b in zip(train[ours], train[theirs])]
+            summary[f"{name}_qkv_over_peft_rounds"] = per_round
+            summary[f"{name}_qkv_over_peft"] = statistics.median(per_round)
     results = []
     # each row against its own floor (CLIP's head=text rows: the text floor) and against peft's LoRA;
     # merged rows compare to the plain model and to peft's *unmerged* inference of the same round
@@ -677,6 +692,11 @@ def markdown(res: dict, args, cmd: str) -> str:
         rounds = ", ".join(f"{v:.2f}" for v in sm["lora_qkv_over_peft_rounds"])
         lines += ["", f"**zoo LoRA / peft LoRA, same targets (qkv), training step: {sm['lora_qkv_over_peft']:.2f}** "
                       f"(median of interleaved rounds: {rounds})."]
+    for name, (ours, theirs) in PEFT_PAIRS.items():
+        if f"{name}_qkv_over_peft" in sm:
+            rounds = ", ".join(f"{v:.2f}" for v in sm[f"{name}_qkv_over_peft_rounds"])
+            lines += ["", f"**zoo {name} / peft {name}, same targets (qkv), training step: "
+                          f"{sm[f'{name}_qkv_over_peft']:.2f}** (`{ours}` / `{theirs}`; rounds: {rounds})."]
     mem = ("CUDA max allocated" if args.device.startswith("cuda")
            else "peak resident set size of the whole process (Python, torch, model and data included)")
     lines += [

@@ -33,6 +33,11 @@ def test_adapters_table_has_every_adapter_and_peft(tmp_path):
     d, r, depth = 192, 8, 2
     assert rows[bench_adapters.LORA_QKV]["trainable"] == rows[bench_adapters.PEFT_ROW]["trainable"] == depth * r * (d + 3 * d)
     assert rows["lora"]["trainable"] == depth * 2 * r * (d + d)  # q and v slices
+    # MiSS and SHiRA against peft's on the same whole qkv: equal counts, from the formulas (r·d_out; r·(d_in + d_out))
+    assert rows["miss[qkv]"]["trainable"] == rows["peft-miss[qkv]"]["trainable"] == depth * 64 * 3 * d
+    assert rows["shira[qkv]"]["trainable"] == rows["peft-shira[qkv]"]["trainable"] == depth * 32 * (d + 3 * d)
+    assert res["summary"]["miss_qkv_over_peft"] > 0 and res["summary"]["shira_qkv_over_peft"] > 0
+    assert rows["peft-shira[qkv]"]["merged_s"] is not None
     assert rows["linear"]["trainable"] == 0 and rows["full"]["trainable_pct"] == pytest.approx(100.0)
     assert rows[bench_adapters.FLOOR]["trainable"] == 3
     # the references are ratio 1 to themselves; a mergeable method has a merged time, a non-mergeable one not

@@ -32,7 +32,7 @@ def test_mask_forward_merge_unmerge_equal_peft(d_in, d_out, r, seed):
     pm = get_peft_model(ref, ShiraConfig(r=r, random_seed=seed, init_weights=False, target_modules=["lin"]))
     layer = pm.base_model.model.lin
     ours = SHiRALinear(base, r, seed=seed)
-    assert torch.equal(ours.indices_all, layer.shira_indices["default"].long())  # same Ω, same order
+    assert torch.equal(ours.indices_all, layer.shira_indices["default"])  # same Ω, same order, same dtype
     assert ours.shira_weight["all"].numel() == r * (d_in + d_out)
     with torch.no_grad():
         ours.shira_weight["all"].copy_(layer.shira_weight["default"])

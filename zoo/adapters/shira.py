@@ -81,7 +81,8 @@ class SHiRALinear(WrappedLayer):
             idx = shira_mask(w if s is None else w[s], rank, mask, seed)
             if s is not None:
                 idx[0] += s.indices(lin.out_features)[0]  # rows of the fused weight
-            self.register_buffer(f"indices_{k}", idx.to(w.device))
+            # int32 as peft stores them (a third of the artifact at 4 + 4 + 4 bytes per entry); int64 at use
+            self.register_buffer(f"indices_{k}", idx.to(w.device, torch.int32))
             vals = torch.zeros(n, device=w.device, dtype=w.dtype)
             if init == "random":
                 vals.normal_()
@@ -90,7 +91,7 @@ class SHiRALinear(WrappedLayer):
     def delta_weight(self) -> torch.Tensor:
         """``s · S(θ, Ω)`` as a dense ``d_out × d_in`` matrix (differentiable in θ)."""
         w = self.linear().weight
-        idx = torch.cat([getattr(self, f"indices_{k}") for k in self.slices], 1)
+        idx = torch.cat([getattr(self, f"indices_{k}") for k in self.slices], 1).long()
         vals = torch.cat([self.shira_weight[k] for k in self.slices]) * self.scale
         return w.new_zeros(w.shape).index_put((idx[0], idx[1]), vals.to(w.dtype))
 
