@@ -97,3 +97,17 @@ def test_inits_rank_and_train_scale():
         zoo.apply_adapter(tiny_vit(), "loldu", init="svd")
     with pytest.raises(ValueError, match=r"rank=65 exceeds min\(d_out, d_in\)"):
         zoo.apply_adapter(tiny_vit(), "loldu", rank=65)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_separate_projection_keyed_by_its_site_kind(dense):
+    """On backbones with separate q/v Linears (SAM's decoder) the one slice is keyed 'q', not 'all'."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    m = LoLDULinear(lin, slices={"q": None})
+    m.dense = dense
+    with torch.no_grad():
+        m.vector_z["q"].mul_(2.0)
+    x = torch.randn(3, 6)
+    want = x @ reference_weight(lin.weight.detach(), m.vector_z["q"].detach(), 6, 1.0).t() + lin.bias
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)

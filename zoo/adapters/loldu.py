@@ -148,7 +148,7 @@ class LoLDULinear(WrappedLayer):
             return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
         out = self.base(x)
         if list(self.slices.values()) == [None]:
-            pl, u, dz = self._factors("all")
+            pl, u, dz = self._factors(next(iter(self.slices)))  # 'all', or the kind of a separate q/v Linear
             return out + ((x @ u.t()) * dz) @ pl.t()
         # every slice's U_r in one matmul, then one matmul with the stacked (P L_r)ᵀ, zero off-slice
         lin = self.linear()
