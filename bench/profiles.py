@@ -88,12 +88,12 @@ def peft_config(config: dict):
     return getattr(peft, PEFT_CONFIGS[kind])(**c, **({"modules_to_save": ["head"]} if kind == "lora" else {}))
 
 
-def peft_head_direct(row: "Row") -> bool:
+def peft_head_direct(row: Row) -> bool:
     """A peft row whose task head trains outside peft (see :func:`peft_config`)."""
     return row.kind == "peft" and row.config.get("peft_type", "lora") != "lora"
 
 
-def peft_pair_rows(name: str) -> list["Row"]:
+def peft_pair_rows(name: str) -> list[Row]:
     """``<name>[qkv]`` (zoo, the method's defaults on the whole fused qkv) and peft's same method there."""
     d = zoo.ADAPTERS.get(name).from_config().config
     ours, theirs = PEFT_PAIRS[name]

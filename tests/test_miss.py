@@ -10,15 +10,7 @@ import zoo
 from zoo.adapters.miss import MiSSLinear
 
 from .conftest import tiny_vit
-
-
-class One(nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.lin(x)
+from .helpers import OneLinear as One
 
 
 def peft_pair(d_in, d_out, r, variant, mini_r=1):

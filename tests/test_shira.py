@@ -10,15 +10,7 @@ import zoo
 from zoo.adapters.shira import SHiRALinear, shira_mask
 
 from .conftest import tiny_vit
-
-
-class One(nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.lin(x)
+from .helpers import OneLinear as One
 
 
 @pytest.mark.parametrize("d_in,d_out,r,seed", [(16, 24, 2, 7), (20, 12, 3, 123)])

@@ -40,9 +40,8 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, float_option, int_option
-from zoo.adapters.lora import _rows, group_by_module
-from zoo.adapters.miss import SUBBLOCK_SITES, slices_of
-from zoo.sites import LINEAR_SITES, SiteError, unwrap
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import _rows
 
 INITS = ("lu", "uniform", "normal", "constant", "ones", "zeros", "s_uniform", "s_normal")
 
@@ -187,13 +186,6 @@ class LoLDU(Adapter):
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
-        bad = [t for t in self.targets if t in SUBBLOCK_SITES]
-        if bad:
-            raise SiteError(f"LoLDU attaches to Linear sites {LINEAR_SITES}, not {bad}")
-        for group in group_by_module(self.sites(self.targets, self.layers)):
-            base = unwrap(group[0].module)
-            if not isinstance(base, nn.Linear):
-                raise SiteError(f"LoLDU wraps Linear layers, got {type(base).__name__} at {group[0].path}")
-            slices = slices_of(group, "LoLDU")
-            self.replace(group[0], LoLDULinear(group[0].module, self.rank, self.alpha, self.init, slices,
-                                               self.train_scale, group[0].path))
+        for site, slices in linear_site_groups(self, "LoLDU"):
+            self.replace(site, LoLDULinear(site.module, self.rank, self.alpha, self.init, slices, self.train_scale,
+                                           site.path))

@@ -36,21 +36,10 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, dropout_option, int_option
-from zoo.adapters.lora import _rows, group_by_module
-from zoo.sites import LINEAR_SITES, SiteError, unwrap
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import _rows
 
 VARIANTS = ("balance", "mini", "bat")
-SUBBLOCK_SITES = ("attn", "mlp", "norm1", "norm2", "tokens")  # not Linear layers
-
-
-def slices_of(group, who: str) -> dict[str, slice | None]:
-    """``{kind: out_slice}`` of the sites on one Linear; the whole fused projection (``qkv``) and its
-    q/k/v slices overlap, so asking for both is refused."""
-    slices = {s.kind: s.out_slice for s in group}
-    if len(slices) > 1 and None in slices.values():
-        raise SiteError(f"{who}: targets {sorted(slices)} overlap on {group[0].path} (qkv is the whole fused "
-                        "projection, q/k/v its row slices); target either qkv or the slices")
-    return slices
 
 
 class MiSSLinear(WrappedLayer):
@@ -187,15 +176,7 @@ class MiSS(Adapter):
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
-        bad = [t for t in self.targets if t in SUBBLOCK_SITES]
-        if bad:
-            raise SiteError(f"MiSS attaches to Linear sites {LINEAR_SITES}, not {bad}")
-        for group in group_by_module(self.sites(self.targets, self.layers)):
-            base = unwrap(group[0].module)
-            if not isinstance(base, nn.Linear):
-                raise SiteError(f"MiSS wraps Linear layers, got {type(base).__name__} at {group[0].path} "
-                                f"(MiSS shards a weight matrix's columns; convolutions are not supported)")
-            slices = slices_of(group, "MiSS")
-            self.replace(group[0], MiSSLinear(group[0].module, self.rank, self.variant, self.mini_r, self.dropout,
-                                              slices, self.init, group[0].path))
+        for site, slices in linear_site_groups(self, "MiSS"):
+            self.replace(site, MiSSLinear(site.module, self.rank, self.variant, self.mini_r, self.dropout, slices,
+                                          self.init, site.path))
 

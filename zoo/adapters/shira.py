@@ -34,9 +34,8 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, WrappedLayer, float_option, int_option
-from zoo.adapters.lora import _rows, group_by_module
-from zoo.adapters.miss import SUBBLOCK_SITES, slices_of
-from zoo.sites import LINEAR_SITES, SiteError, unwrap
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import _rows
 
 MASKS = ("random", "weight")
 
@@ -132,13 +131,6 @@ class SHiRA(Adapter):
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
-        bad = [t for t in self.targets if t in SUBBLOCK_SITES]
-        if bad:
-            raise SiteError(f"SHiRA attaches to Linear sites {LINEAR_SITES}, not {bad}")
-        for group in group_by_module(self.sites(self.targets, self.layers)):
-            base = unwrap(group[0].module)
-            if not isinstance(base, nn.Linear):
-                raise SiteError(f"SHiRA wraps Linear layers, got {type(base).__name__} at {group[0].path}")
-            slices = slices_of(group, "SHiRA")
-            self.replace(group[0], SHiRALinear(group[0].module, self.rank, self.mask, self.seed, slices,
-                                               self.scale, self.init, group[0].path))
+        for site, slices in linear_site_groups(self, "SHiRA"):
+            self.replace(site, SHiRALinear(site.module, self.rank, self.mask, self.seed, slices, self.scale, self.init,
+                                           site.path))
