@@ -55,6 +55,28 @@ def test_forward_merge_unmerge_equal_peft(variant, d_in, d_out, r, mini_r):
         torch.testing.assert_close(ours.base.weight, layer.base_layer.weight, rtol=1e-5, atol=1e-5)
 
 
+def test_dropout_in_training_equals_peft():
+    from peft import MissConfig, get_peft_model
+
+    torch.manual_seed(0)
+    ref = One(18, 12)
+    base = nn.Linear(18, 12)
+    base.load_state_dict(ref.lin.state_dict())
+    layer = get_peft_model(ref, MissConfig(r=4, miss_dropout=0.3, init_weights=False, target_modules=["lin"])).base_model.model.lin
+    ours = MiSSLinear(base, 4, dropout=0.3)
+    with torch.no_grad():
+        ours.miss_block["all"].copy_(layer.miss_block["default"])
+    layer.train()
+    ours.train()
+    x = torch.randn(6, 18)
+    torch.manual_seed(1)
+    want = layer(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(x), want)
+    torch.manual_seed(2)
+    assert not torch.allclose(ours(x), want)  # another mask: dropout does act
+
+
 def test_balance_delta_is_the_tiled_shard_with_a_truncated_last_block():
     torch.manual_seed(0)
     d_in, d_out, r = 10, 6, 4
@@ -99,19 +121,20 @@ def test_identity_at_init_count_and_gradients(variant):
     assert all(p.grad is None for p in bb.parameters() if not p.requires_grad)
 
 
-def test_slices_of_fused_qkv_equal_separate_projections():
+@pytest.mark.parametrize("variant", ["balance", "mini", "bat"])
+def test_slices_of_fused_qkv_equal_separate_projections(variant):
     """MiSS on the q and v slices of a fused qkv is MiSS on separate q / v projections (peft's HF ViT
     targets): k's rows are untouched, q's and v's get their own shard."""
     torch.manual_seed(0)
     d, r = 12, 4
     qkv = nn.Linear(d, 3 * d)
-    m = MiSSLinear(qkv, r, slices={"q": slice(0, d), "v": slice(2 * d, 3 * d)}, init="random")
+    m = MiSSLinear(qkv, r, variant, mini_r=3, slices={"q": slice(0, d), "v": slice(2 * d, 3 * d)}, init="random")
     x = torch.randn(5, d)
     out = m(x)
     for key, rows in (("q", slice(0, d)), ("v", slice(2 * d, 3 * d))):
         sep = nn.Linear(d, d)
         sep.load_state_dict({"weight": qkv.weight[rows], "bias": qkv.bias[rows]})
-        one = MiSSLinear(sep, r)
+        one = MiSSLinear(sep, r, variant, mini_r=3)
         with torch.no_grad():
             one.miss_block["all"].copy_(m.miss_block[key])
         torch.testing.assert_close(out[:, rows], one(x))

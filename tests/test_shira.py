@@ -41,6 +41,22 @@ def test_mask_forward_merge_unmerge_equal_peft(d_in, d_out, r, seed):
         torch.testing.assert_close(ours.base.weight, layer.base_layer.weight)
 
 
+def test_a_qkv_slice_gets_peft_s_mask_of_a_separate_projection():
+    """SHiRA on the q / v slices of a fused qkv draws each slice's mask as peft does on a separate
+    query / value Linear (HF ViT): the same entries, offset to the slice's rows."""
+    from peft import ShiraConfig, get_peft_model
+
+    d, r = 16, 2
+    qkv = nn.Linear(d, 3 * d)
+    m = SHiRALinear(qkv, r, seed=3, slices={"q": slice(0, d), "v": slice(2 * d, 3 * d)})
+    for key, start in (("q", 0), ("v", 2 * d)):
+        sep = One(d, d)
+        layer = get_peft_model(sep, ShiraConfig(r=r, random_seed=3, target_modules=["lin"])).base_model.model.lin
+        want = layer.shira_indices["default"].clone()
+        want[0] += start
+        assert torch.equal(getattr(m, f"indices_{key}"), want)
+
+
 def test_update_is_sparse_and_high_rank_and_theta_gets_the_gradient():
     torch.manual_seed(0)
     lin = nn.Linear(32, 32)

@@ -125,10 +125,10 @@ class MiSSLinear(WrappedLayer):
                 return F.linear(x, lin.weight + dw, lin.bias)
             return self.base(x) + F.linear(x, dw)
         out = self.base(x)
-        h = self.dropout(x)
-        r = self.rank
+        r, h = self.rank, x
         if h.shape[-1] % r:
             h = F.pad(h, (0, r - h.shape[-1] % r))
+        h = self.dropout(h)  # after the padding, as peft (the same mask under the same RNG state)
         xbar = h.reshape(*h.shape[:-1], h.shape[-1] // r, r).sum(-2)
         return out + xbar @ self._shard_full().to(x.dtype)
 
