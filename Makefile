@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow venv clean-runs
+.PHONY: demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow docs venv clean-runs
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or API reference fails
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean-runs:
 	rm -rf logs
