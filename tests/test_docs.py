@@ -28,10 +28,11 @@ CONF = ROOT / "conf"
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
 PLACEHOLDER = "@PLACEHOLDER@"
-# overrides that another branch adds: a command using one is expected to fail to compose until that
-# branch is merged, and then must compose (strict xfail: the entry has to be removed at the merge)
-PENDING = {"data.layout=imagefolder": "the image-folder layout lands with its own branch (issue 21's README)"}
-PENDING_ZOO_COMMANDS = {"predict": "`python -m zoo predict` lands with its own branch (issue 21's README)"}
+# what another branch adds (s4/firsthour: the image-folder layout and `python -m zoo predict`): a line
+# using it is expected to fail until that branch is merged, and then must work (strict xfail: delete
+# these entries at that merge)
+PENDING = {"data.layout=imagefolder": "data.layout=imagefolder lands with s4/firsthour"}
+PENDING_ZOO_COMMANDS = {"predict": "`python -m zoo predict` lands with s4/firsthour"}
 OUTSIDE = re.compile(r"/work/|\.\./shared|shared/reference|/home/|~/(?!\.cache/adapterzoo)")
 REPO_PATH = re.compile(r"^(?:zoo|tasks|bench|conf|tests|notebooks|docs)/(?:[\w.-]+/)*(?:[\w-]+\.(?:py|yaml|md|ipynb|json|txt|png|toml))?$")
 
