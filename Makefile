@@ -36,7 +36,7 @@ test-slow: $(STAMP)
 
 # the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or API reference fails
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean-runs:
 	rm -rf logs
