@@ -1,5 +1,7 @@
 """What each adapter costs: ``python -m bench.adapters [--backbone vit|ast|clip|sam|morph|nafnet|coca] ...``.
 
+(``--serving``: the serving table of :mod:`bench.serving` instead, K adapters in one mixed batch.)
+
 One row per registered adapter (``zoo.list_adapters()``, each with its default config), on the
 model the backbone's task trains (``bench.profiles``: a timm classifier for vit/ast, CLIP with its
 text-derived head, the SAM segmenter with its mask decoder, MORPH's next-frame predictor, NAFNet,
@@ -546,7 +548,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="peak memory per row in a fresh subprocess (or skip it)")
     p.add_argument("--memory-jobs", type=int, default=1,
                    help="memory subprocesses run at once (each row is still measured alone in its own process)")
-    p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
+    p.add_argument("--out", default=None, help="folder for results.md and results.png (default bench/results; "
+                                               "--serving: bench/results/serving)")
+    p.add_argument("--serving", action="store_true",
+                   help="the serving table instead (bench.serving): a mixed batch of K adapters in one "
+                        "zoo.MultiAdapter against K separate forwards and one merged adapter, time and memory")
+    p.add_argument("--serving-k", type=int, nargs="+", default=[1, 4, 16], help="--serving: numbers of adapters")
+    p.add_argument("--serving-methods", nargs="+", default=["lora"],
+                   help="--serving: the adapters' methods (default configs), cycled over the K adapters")
     p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
@@ -560,6 +569,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.out is None:
+        args.out = "bench/results/serving" if args.serving else "bench/results"
+    if args.serving and args.backbone != "vit":
+        p.error("--serving runs on --backbone vit (timm ViT classifiers)")
     return args
 
 
@@ -569,6 +582,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+
+    if args.serving:
+        from bench.serving import run_serving
+
+        return run_serving(args, argv)
 
     if args.memory_row is not None:  # child process of peak_memory()
         print("PEAK_BYTES {} {}".format(*peak_memory_child(args, Row(**json.loads(args.memory_row)))), flush=True)

@@ -627,7 +627,8 @@ class MultiAdapter(nn.Module):
         if run is not None and slot in run.inputs and x is run.inputs[slot]:
             key = (method, repr(args), repr(sorted(kwargs.items())))
             if key not in run.cache:  # one pass over every batched sample, per backbone method
-                with self.route.using(ids=run.ids):
+                # (one adapter in the batch: its plain matmuls, no per-sample gather)
+                with self.route.using(ids=run.ids) if len(run.rows) > 1 else self.route.using(single=slot):
                     run.cache[key] = self._shared_method(method)(run.x, *args, **kwargs)
             return _take(run.cache[key], run.rows[slot])
         with self.route.using(single=slot):  # the head transformed its input, or called outside forward
