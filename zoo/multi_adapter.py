@@ -170,21 +170,24 @@ class Route:
     """Which adapter slot each row of the current batched pass uses, shared by every batched layer.
 
     ``ids``: one slot per sample (a layer seeing ``k·B`` rows, e.g. SAM's windows folded into the
-    batch sample-major, repeats each id ``k`` times); ``single``: one slot for every row.
+    batch sample-major, repeats each id ``k`` times); ``spans``: ``(slot, start, end)`` of each slot's
+    contiguous samples (the batched pass orders samples by adapter); ``single``: one slot for every row.
     """
 
     def __init__(self):
         self.ids: torch.Tensor | None = None
+        self.spans: list[tuple[int, int, int]] = []
         self.single: int | None = None
 
     @contextlib.contextmanager
-    def using(self, ids: torch.Tensor | None = None, single: int | None = None) -> Iterator[None]:
-        prev = self.ids, self.single
-        self.ids, self.single = ids, single
+    def using(self, ids: torch.Tensor | None = None, spans: list | None = None, single: int | None = None
+              ) -> Iterator[None]:
+        prev = self.ids, self.spans, self.single
+        self.ids, self.spans, self.single = ids, list(spans or []), single
         try:
             yield
         finally:
-            self.ids, self.single = prev
+            self.ids, self.spans, self.single = prev
 
     def rows(self, n: int) -> torch.Tensor | int:
         if self.single is not None:
@@ -246,8 +249,9 @@ class BatchedLinear(nn.Module):
             self.register_buffer("U", U.detach().clone())
             self.register_buffer("Vh", Vh.detach().clone())
             self.register_buffer("Dt", Dt)
+            self.has_core = [t is not None and t.D is not None for t in terms]
         else:
-            self.U = self.Vh = self.Dt = None
+            self.U = self.Vh = self.Dt = self.has_core = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y0 = self.base(x)
@@ -263,13 +267,27 @@ class BatchedLinear(nn.Module):
         if self.At_out is not None:  # Hydra's sequential branch reads the frozen layer's output
             d = mm(mm(ys, self.At_out[ids]), self.Bt_out[ids])
             delta = d if delta is None else delta + d
-        if self.Dt is not None:  # SALT: shared singular bases, per-sample k×k core
-            d = F.linear(mm(F.linear(xs, self.Vh), self.Dt[ids]), self.U)
-            delta = d if delta is None else delta + d
+        if self.Dt is not None and (not single or self.has_core[ids]):
+            delta = self._core(xs, ids, single, delta, ys.shape)
         if self.bias is not None:
             d = self.bias[ids] if single else self.bias[ids][:, None, :]
             delta = d if delta is None else delta + d
         return y0 if delta is None else y0 + delta.reshape(y0.shape)
+
+    def _core(self, xs, ids, single: bool, delta, shape):
+        """SALT's ``((x V) Dᵀ) Uᵀ`` (shared singular bases, k×k core per adapter). It costs about three
+        Linears per row, so it runs only on the rows of adapters that have one: per such adapter on its
+        contiguous span of rows (a loop over SALT adapters, not samples; no k×k gather per sample)."""
+        if single:
+            d = F.linear(F.linear(xs, self.Vh) @ self.Dt[ids], self.U)
+            return d if delta is None else delta + d
+        out = delta if delta is not None else xs.new_zeros(shape)  # a fresh tensor of ours: add in place
+        rep = xs.shape[0] // self.route.ids.numel()
+        for slot, a, b in self.route.spans:
+            if self.has_core[slot]:
+                rows = slice(a * rep, b * rep)
+                out[rows] += F.linear(F.linear(xs[rows], self.Vh) @ self.Dt[slot], self.U)
+        return out
 
 
 class BatchedConv2d(nn.Module):
@@ -385,6 +403,7 @@ class _Run:
     ids: torch.Tensor  # their slots
     rows: dict[int, torch.Tensor]  # slot -> positions in x
     inputs: dict[int, torch.Tensor]  # slot -> x[rows] (the object handed to that slot's head)
+    spans: list[tuple[int, int, int]]  # (slot, start, end): x is ordered by adapter
     cache: dict
 
 
@@ -628,7 +647,8 @@ class MultiAdapter(nn.Module):
             key = (method, repr(args), repr(sorted(kwargs.items())))
             if key not in run.cache:  # one pass over every batched sample, per backbone method
                 # (one adapter in the batch: its plain matmuls, no per-sample gather)
-                with self.route.using(ids=run.ids) if len(run.rows) > 1 else self.route.using(single=slot):
+                with self.route.using(ids=run.ids, spans=run.spans) if len(run.rows) > 1 \
+                        else self.route.using(single=slot):
                     run.cache[key] = self._shared_method(method)(run.x, *args, **kwargs)
             return _take(run.cache[key], run.rows[slot])
         with self.route.using(single=slot):  # the head transformed its input, or called outside forward
@@ -656,12 +676,13 @@ class MultiAdapter(nn.Module):
             order = [i for _, p in batched for i in p]
             xb = x[torch.tensor(order, device=dev)]
             ids = torch.cat([torch.full((len(p),), e.slot, dtype=torch.long) for e, p in batched]).to(dev)
-            rows, inputs, r0 = {}, {}, 0
+            rows, inputs, spans, r0 = {}, {}, [], 0
             for e, p in batched:
                 rows[e.slot] = torch.arange(r0, r0 + len(p), device=dev)
                 inputs[e.slot] = xb[r0:r0 + len(p)]
+                spans.append((e.slot, r0, r0 + len(p)))
                 r0 += len(p)
-            self._run = _Run(xb, ids, rows, inputs, {})
+            self._run = _Run(xb, ids, rows, inputs, spans, {})
             try:
                 for e, p in batched:
                     res = e.view(inputs[e.slot])
