@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -48,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +58,7 @@ from torch import nn
 import zoo
 
 from bench.profiles import FLOOR, LORA_QKV, PEFT_ROW, PROFILES, BenchProfile, InputBias, Row  # noqa: F401
+from bench.timing import environment, interleaved, log, sync, time_calls  # noqa: F401
 from bench.profiles import TEXT_FLOOR as CLIP_TEXT_FLOOR
 from bench.profiles import clip_rows
 
@@ -279,23 +278,6 @@ def flops_or_none(args, b: Built, x, y) -> int | None:
 
 
 # ---------------------------------------------------------------------------- timing
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_calls(fn: Callable[[], None], n: int, device: str) -> float:
-    """Median seconds of ``n`` calls of ``fn``."""
-    ts = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def merge(b: Built) -> nn.Module | None:
     """The merged model (unloaded wrappers), or None when the method is not mergeable."""
     if b.row.kind == "floor":
@@ -306,19 +288,6 @@ def merge(b: Built) -> nn.Module | None:
         return zoo.merge_adapters(b.model, unload=True)
     except zoo.NotMergeableError:
         return None
-
-
-def interleaved(built: list[Built], fns: dict[str, Callable[[], None]], args, what: str) -> dict[str, list[float]]:
-    """``args.repeats`` rounds; in each, every row's median over ``args.steps`` calls."""
-    for label, fn in fns.items():  # warm-up (allocator, lazy init, first-call overheads)
-        for _ in range(args.warmup):
-            fn()
-    out: dict[str, list[float]] = {label: [] for label in fns}
-    for r in range(args.repeats):
-        for label, fn in fns.items():
-            out[label].append(time_calls(fn, args.steps, args.device))
-        log(args, f"  {what}: round {r + 1}/{args.repeats} done")
-    return out
 
 
 def rel(times: dict[str, list[float]], ref_times: dict[str, list[float]], ref_of: dict[str, str]
@@ -407,11 +376,6 @@ def child_argv(args) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- run
-def log(args, msg: str) -> None:
-    if not args.quiet:
-        print(msg, flush=True)
-
-
 def run(args) -> dict:
     prof = profile(args)
     rows = default_rows(args.adapters, args.extra or [], prof, args)
@@ -701,11 +665,6 @@ def table_cells(r: dict) -> list[str]:
 
 def input_desc(args) -> str:
     return profile(args).describe_input(args)
-
-
-def environment(args) -> str:
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
-    return f"torch {torch.__version__}, {dev}"
 
 
 def markdown(res: dict, args, cmd: str) -> str:

@@ -68,7 +68,7 @@ def adapter_models(base, k: int, methods: list[str], num_classes: int) -> dict[s
 
 @torch.no_grad()
 def run_serving(args, argv: list[str] | None) -> dict:
-    from bench.adapters import environment, interleaved, log
+    from bench.timing import environment, interleaved, log
 
     methods = args.serving_methods
     n = args.batch_size
@@ -108,7 +108,6 @@ def run_serving(args, argv: list[str] | None) -> dict:
                 "x_merged": statistics.median(t / m for t, m in zip(ts, times["merged"])),
                 "bytes": mem[label], "bytes_x_merged": mem[label] / mem["merged"],
             })
-        del multi, models, merged
     cmd = "python -m bench.adapters " + shlex.join(argv if argv is not None else sys.argv[1:])
     res = {"command": cmd, "environment": environment(args), "methods": methods, "batch_size": n, "rows": results,
            "checks": checks}

@@ -14,7 +14,7 @@ from torch import nn
 import zoo
 from tests.clip_helpers import IMG as CLIP_IMG, tiny_clip
 from tests.conftest import tiny_vit
-from tests.seg_helpers import IMG as SAM_IMG, tiny_sam_backbone, tiny_segmenter
+from tests.seg_helpers import IMG as SAM_IMG, tiny_sam_backbone
 from zoo.multi_adapter import BatchedConv2d, BatchedLinear
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -64,7 +64,7 @@ def batched_layers(ma):
 
 def test_vit_mixed_methods_and_heads(tmp_path):
     base = tiny_vit()
-    clf = lambda c: (lambda bb: zoo.ImageClassifier(bb, c))  # noqa: E731
+    clf = lambda c: (lambda bb: zoo.ImageClassifier(bb, c))
     models = {
         "lora": adapted(base, clf(3), [("lora", dict(rank=4))], 1),
         "lora.r2": adapted(base, clf(7), [("lora", dict(rank=2, targets=["q", "k", "v", "o", "fc1"]))], 2),
@@ -101,7 +101,7 @@ def test_vit_mixed_methods_and_heads(tmp_path):
 def test_one_backbone_pass_for_all_batched_samples_and_shared_weights():
     base = tiny_vit()
     fp = base.fingerprint()
-    clf = lambda bb: zoo.ImageClassifier(bb, 3)  # noqa: E731
+    clf = lambda bb: zoo.ImageClassifier(bb, 3)
     models = {f"a{i}": adapted(base, clf, [("lora", dict(rank=2 + i))], i) for i in range(3)}
     models["bitfit"] = adapted(base, clf, [("bitfit", {})], 9)
     ma = zoo.MultiAdapter(base, models)
@@ -146,7 +146,7 @@ def test_ast_mixed(tmp_path):
     from tests.test_ast import tiny_ast
 
     base = tiny_ast()
-    clf = lambda c: (lambda bb: zoo.ImageClassifier(bb, c))  # noqa: E731
+    clf = lambda c: (lambda bb: zoo.ImageClassifier(bb, c))
     models = {"lora": adapted(base, clf(3), [("lora", dict(rank=2))], 1),
               "hydra": adapted(base, clf(6), [("hydra", {})], 2),
               "prefix": adapted(base, clf(3), [("prefix", {})], 3)}
@@ -170,7 +170,7 @@ def test_sam_encoder_windowed_attention_and_segmenter_heads():
 @pytest.mark.slow
 def test_sam_segmenters_with_decoder_tower_adapters():
     base = tiny_sam_backbone()
-    seg = lambda c: (lambda bb: _segmenter(bb, c))  # noqa: E731
+    seg = lambda c: (lambda bb: _segmenter(bb, c))
     models = {"two": adapted(base, seg(2), [("lora", dict(rank=2)), ("lora", dict(rank=2, tower="decoder"))], 1),
               "three": adapted(base, seg(3), [("hydra", {})], 2)}
     names = ["two", "three", "two"]
@@ -179,7 +179,7 @@ def test_sam_segmenters_with_decoder_tower_adapters():
 
 def _segmenter(bb, classes):
     from tests.seg_helpers import DECODER
-    from zoo.seg import SamSegmenter
+    from zoo.backbones.sam_decoder import SamSegmenter
 
     return SamSegmenter(bb, classes, decoder=dict(DECODER))
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.adapters.base import AdapterModule, WrappedLayer
+from zoo.adapters.base import WrappedLayer
 from zoo.backbones.base import Backbone
 from zoo.checkpoint import AdapterMismatchError
 from zoo.registry import UnknownNameError
