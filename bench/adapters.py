@@ -58,7 +58,7 @@ from torch import nn
 import zoo
 
 from bench.profiles import FLOOR, LORA_QKV, PEFT_ROW, PROFILES, BenchProfile, InputBias, Row  # noqa: F401
-from bench.timing import environment, interleaved, log, sync, time_calls  # noqa: F401
+from bench.timing import environment, interleaved, log, sync
 from bench.profiles import TEXT_FLOOR as CLIP_TEXT_FLOOR
 from bench.profiles import clip_rows
 
