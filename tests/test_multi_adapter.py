@@ -267,3 +267,32 @@ def test_bad_inputs_are_one_clear_line():
     multi = adapted(base, None, [("mhr", dict(n_splits=2, n_skills=2, n_tasks=3))], 2)
     with pytest.raises(ValueError, match=r"MHR adapter over 3 tasks: give its task id"):
         zoo.MultiAdapter(base, {"m": multi})
+
+
+def test_a_registered_low_rank_form_is_batched(monkeypatch):
+    """A new method's wrapper joins the shared pass once it registers its form (before: grouped), and
+    registering it keeps the built-in forms."""
+    from zoo.adapters.lora import LoRA, LoRALinear
+    from zoo.multi_adapter import LOW_RANK_FORMS, LinearTerms, register_low_rank
+
+    class ScaledLoRALinear(LoRALinear):  # a 'new method': LoRA with its delta doubled
+        def forward(self, x):
+            return self.base(x) + 2 * self.scaling * (x @ self.effective_A().t()) @ self.stacked_B_t()
+
+    monkeypatch.setattr(zoo.ADAPTERS, "_entries", dict(zoo.ADAPTERS._entries))  # registrations end with the test
+    monkeypatch.setattr("zoo.multi_adapter.LOW_RANK_FORMS", dict(LOW_RANK_FORMS))
+
+    @zoo.register_adapter("scaled_lora")
+    class ScaledLoRA(LoRA):
+        def attach(self, backbone):
+            super().attach(backbone)
+            for m in self.modules:
+                m.__class__ = ScaledLoRALinear
+
+    base = tiny_vit()
+    models = {"new": adapted(base, None, [("scaled_lora", dict(rank=2))], 1),
+              "lora": adapted(base, None, [("lora", dict(rank=2))], 2)}
+    assert zoo.MultiAdapter(base, models).routing()["new"] == "grouped: scaled_lora: ScaledLoRALinear has no batched low-rank form"
+    register_low_rank(ScaledLoRALinear)(lambda m, task: LinearTerms(A=m.effective_A(), Bt=2 * m.scaling * m.stacked_B_t()))
+    ma, _ = check(base, models, torch.randn(3, 3, 32, 32), ["new", "lora", "new"])
+    assert ma.routing() == {"new": "batched", "lora": "batched"}

@@ -5,7 +5,7 @@ weights and, per adapter, its adapter tensors and its task head. ``forward(x, ad
 routes each sample to its adapter:
 
 * **batched** adapters (every module they put in the backbone has a low-rank form, see
-  :data:`LOW_RANK_FORMS`) share ONE backbone pass. At every adapted layer a :class:`BatchedLinear`
+  :func:`low_rank_form`) share ONE backbone pass. At every adapted layer a :class:`BatchedLinear`
   (or :class:`BatchedConv2d`) holds the stacked factors of all batched adapters and gathers each
   sample's own (S-LoRA / Punica style, "gather, then batched matmul", no Python loop over samples)::
 
@@ -144,13 +144,16 @@ def _forms() -> dict[type, Callable]:
             HydraLinear: _hydra, BinaryLoRALinear: _binary_lora, SALTLinear: _salt}
 
 
-#: wrapper class -> ``fn(module, task_id) -> LinearTerms | ConvTerms``. Exact classes only (a subclass
-#: may change the forward). A new low-rank method registers its wrapper with :func:`register_low_rank`.
+#: forms registered with :func:`register_low_rank` (wrapper class -> ``fn(module, task_id) -> LinearTerms |
+#: ConvTerms``); they take precedence over the built-in ones of :func:`_forms`. Exact classes only (a subclass
+#: may change the forward).
 LOW_RANK_FORMS: dict[type, Callable] = {}
+_BUILTIN_FORMS: dict[type, Callable] | None = None
 
 
 def register_low_rank(cls: type):
-    """Decorator: ``@register_low_rank(MyLinear)`` on ``fn(module, task) -> LinearTerms | ConvTerms``."""
+    """Decorator: ``@register_low_rank(MyLinear)`` on ``fn(module, task) -> LinearTerms | ConvTerms``
+    makes a new method's wrapper run in the shared batched pass (until then it runs grouped)."""
     def deco(fn):
         LOW_RANK_FORMS[cls] = fn
         return fn
@@ -158,9 +161,11 @@ def register_low_rank(cls: type):
 
 
 def low_rank_form(module: nn.Module) -> Callable | None:
-    if not LOW_RANK_FORMS:
-        LOW_RANK_FORMS.update(_forms())
-    return LOW_RANK_FORMS.get(type(module))
+    """The function giving ``module``'s batched terms, or None (then its adapter runs grouped)."""
+    global _BUILTIN_FORMS
+    if _BUILTIN_FORMS is None:  # lazily: the adapter modules import zoo
+        _BUILTIN_FORMS = _forms()
+    return LOW_RANK_FORMS.get(type(module)) or _BUILTIN_FORMS.get(type(module))
 
 
 # ---------------------------------------------------------------------------- routing state
