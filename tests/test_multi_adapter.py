@@ -264,6 +264,13 @@ def test_bad_inputs_are_one_clear_line():
         ma.train()
     with pytest.raises(ValueError, match="has adapters"):
         zoo.MultiAdapter(m, {"a": m})
+    # logits of different class counts are padded; a classifier's logits and a backbone's features are not
+    clf = adapted(base, lambda bb: zoo.ImageClassifier(bb, 3), [("lora", {})], 3)
+    mixed = zoo.MultiAdapter(base, {"a": m, "clf": clf})
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"different shapes \[\(3,\), \(64,\)\]; use .outputs"):
+        mixed(x, ["a", "clf"])
+    assert [tuple(o.shape) for o in mixed.outputs(x, ["a", "clf"])] == [(64,), (3,)]
     multi = adapted(base, None, [("mhr", dict(n_splits=2, n_skills=2, n_tasks=3))], 2)
     with pytest.raises(ValueError, match=r"MHR adapter over 3 tasks: give its task id"):
         zoo.MultiAdapter(base, {"m": multi})

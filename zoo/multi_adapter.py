@@ -423,6 +423,7 @@ class _Entry:
     reason: str  # why it is grouped ('' when batched)
     slot: int = -1  # index among the batched adapters
     view: nn.Module | None = None  # the head model around a _BackboneView (batched adapters)
+    classifier: bool = False  # its head records a class count (its outputs are logits)
 
 
 def share_copy(backbone: Backbone) -> Backbone:
@@ -535,7 +536,8 @@ class MultiAdapter(nn.Module):
         model.eval()
         self._set_task(name, model, task)
         reason = "trains base weights" if trains_base else self._grouping_reason(model, bb)
-        return _Entry(name, model, batched=not reason, reason=reason)
+        head = meta.get("head") or {}
+        return _Entry(name, model, batched=not reason, reason=reason, classifier="num_classes" in head)
 
     @staticmethod
     def _unshare_trained(bb: Backbone, shared: set[int]) -> bool:
@@ -707,7 +709,7 @@ class MultiAdapter(nn.Module):
     def forward(self, x: torch.Tensor, adapter: str | Sequence[str]) -> torch.Tensor:
         """Route sample ``i`` to adapter ``adapter[i]`` (one name: the whole batch) and stack the outputs.
 
-        Classifier logits of different class counts are padded with ``-inf`` to the largest (as
+        Classifier logits (heads that record a class count) of different class counts are padded with ``-inf`` to the largest (as
         :class:`zoo.MultiHeadClassifier` does: argmax and softmax see only the sample's own classes);
         other outputs must have one shape (else use :meth:`outputs`, a list per sample).
         """
@@ -717,7 +719,8 @@ class MultiAdapter(nn.Module):
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) == 1:
             return torch.stack(outs)
-        if all(o.dim() == 1 for o in outs):
+        names = [adapter] if isinstance(adapter, str) else set(adapter)
+        if all(o.dim() == 1 for o in outs) and all(self.entries[a].classifier for a in names):
             width = max(o.shape[0] for o in outs)
             return torch.stack([F.pad(o, (0, width - o.shape[0]), value=float("-inf")) for o in outs])
         raise ValueError(f"MultiAdapter.forward: the adapters' outputs have different shapes {sorted(shapes)}; "
