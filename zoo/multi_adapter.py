@@ -709,9 +709,9 @@ class MultiAdapter(nn.Module):
     def forward(self, x: torch.Tensor, adapter: str | Sequence[str]) -> torch.Tensor:
         """Route sample ``i`` to adapter ``adapter[i]`` (one name: the whole batch) and stack the outputs.
 
-        Classifier logits (heads that record a class count) of different class counts are padded with ``-inf`` to the largest (as
-        :class:`zoo.MultiHeadClassifier` does: argmax and softmax see only the sample's own classes);
-        other outputs must have one shape (else use :meth:`outputs`, a list per sample).
+        Classifier logits (heads that record a class count) of different class counts are padded with
+        ``-inf`` to the largest (as :class:`zoo.MultiHeadClassifier` does: argmax and softmax see only the
+        sample's own classes); other outputs must have one shape (else use :meth:`outputs`, one per sample).
         """
         outs = self.outputs(x, adapter)
         if not all(isinstance(o, torch.Tensor) for o in outs):
