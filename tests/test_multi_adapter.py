@@ -104,6 +104,7 @@ def test_one_backbone_pass_for_all_batched_samples_and_shared_weights():
     clf = lambda bb: zoo.ImageClassifier(bb, 3)
     models = {f"a{i}": adapted(base, clf, [("lora", dict(rank=2 + i))], i) for i in range(3)}
     models["bitfit"] = adapted(base, clf, [("bitfit", {})], 9)
+    models["full"] = adapted(base, clf, [("full", {})], 10)  # trains (and stores) every base weight
     ma = zoo.MultiAdapter(base, models)
     calls = []
     ma.shared.register_forward_hook(lambda *a: calls.append(1))
@@ -121,6 +122,9 @@ def test_one_backbone_pass_for_all_batched_samples_and_shared_weights():
     assert own and all(n.endswith("bias") for n in own)  # BitFit's trained biases are its own copies
     base.reset_fingerprint()
     assert base.fingerprint() == fp
+    with torch.no_grad():  # and the full fine-tune still serves its own weights
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ma(x, ["full", "a1"])[0], models["full"](x)[0], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.slow
@@ -227,6 +231,8 @@ def test_from_artifacts_and_predict_batch(tmp_path):
         folders[f"task{i}"] = (zoo.save_adapter(m, tmp_path / f"task{i}"), m)
     with pytest.raises(zoo.hub.EntryNotFoundError, match="pass weights="):  # a local base file is not in the zoo
         zoo.MultiAdapter.from_artifacts([f for f, _ in folders.values()])
+    with pytest.raises(ValueError, match="under one name"):
+        zoo.MultiAdapter.from_artifacts([folders["task0"][0]] * 2, weights=weights)
     ma = zoo.MultiAdapter.from_artifacts([f for f, _ in folders.values()], weights=weights)
     assert ma.names() == ["task0", "task1"]
     x = torch.randn(5, 3, 32, 32)

@@ -497,8 +497,12 @@ class MultiAdapter(nn.Module):
         from zoo.hub import build_backbone, resolve
 
         if not isinstance(artifacts, Mapping):
+            items = list(artifacts)
             artifacts = {Path(str(a)).name if Path(str(a)).expanduser().is_dir() else str(a).split(":")[-1]: a
-                         for a in artifacts}
+                         for a in items}
+            if len(artifacts) != len(items):
+                raise ValueError(f"from_artifacts: two artifacts would be served under one name ({items}); "
+                                 "pass {name: artifact} instead")
         if not artifacts:
             raise ValueError("MultiAdapter.from_artifacts needs at least one artifact")
         first = next(iter(artifacts.values()))
@@ -514,9 +518,9 @@ class MultiAdapter(nn.Module):
         from zoo.hub import resolve
 
         with contextlib.ExitStack() as stack:
-            if isinstance(spec, nn.Module):  # an adapted model: through an in-memory artifact
+            if isinstance(spec, nn.Module):  # an adapted model: through a temporary artifact (the same checks)
                 src = zoo.find_backbone(spec)
-                if src._fingerprint is None:
+                if src._fingerprint is None and src.adapters:
                     raise AdapterMismatchError(f"adapter {name!r}: its backbone has no base-weight fingerprint "
                                                "(adapters attached without zoo.apply_adapter)")
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -543,14 +547,15 @@ class MultiAdapter(nn.Module):
     def _unshare_trained(bb: Backbone, shared: set[int]) -> bool:
         """Give every shared base tensor the adapter trains (BitFit, full, SALT's norms...) a copy of its
         own before loading, so no artifact writes into the shared weights. True if there was one."""
-        found = False
-        for mod in bb.modules():
-            for pname, p in list(mod._parameters.items()):
-                if p is not None and p.requires_grad and id(p) in shared:
-                    mod._parameters[pname] = nn.Parameter(p.detach().clone(), requires_grad=True)
-                    p.requires_grad_(False)
-                    found = True
-        return found
+        slots = [(mod, pname, p) for mod in bb.modules() for pname, p in mod._parameters.items()
+                 if p is not None and id(p) in shared]
+        own = {id(p): (p, nn.Parameter(p.detach().clone())) for _, _, p in slots if p.requires_grad}
+        for mod, pname, p in slots:  # every place a trained tensor sits (tied weights too) gets the copy
+            if id(p) in own:
+                mod._parameters[pname] = own[id(p)][1]
+        for p, _ in own.values():
+            p.requires_grad_(False)
+        return bool(own)
 
     @staticmethod
     def _set_task(name: str, model: nn.Module, task: int | None) -> None:
