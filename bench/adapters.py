@@ -1,5 +1,7 @@
 """What each adapter costs: ``python -m bench.adapters [--backbone vit|ast|clip|sam|morph|nafnet|coca] ...``.
 
+(``--serving``: the serving table of :mod:`bench.serving` instead, K adapters in one mixed batch.)
+
 One row per registered adapter (``zoo.list_adapters()``, each with its default config), on the
 model the backbone's task trains (``bench.profiles``: a timm classifier for vit/ast, CLIP with its
 text-derived head, the SAM segmenter with its mask decoder, MORPH's next-frame predictor, NAFNet,
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -46,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +59,7 @@ import zoo
 
 from bench.profiles import (FLOOR, LORA_QKV, PEFT_PAIRS, PEFT_ROW, PROFILES, BenchProfile, InputBias,  # noqa: F401
                             Row, peft_config, peft_head_direct, peft_pair_rows)
+from bench.timing import environment, interleaved, log, sync
 from bench.profiles import TEXT_FLOOR as CLIP_TEXT_FLOOR
 from bench.profiles import clip_rows
 
@@ -287,23 +288,6 @@ def flops_or_none(args, b: Built, x, y) -> int | None:
 
 
 # ---------------------------------------------------------------------------- timing
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_calls(fn: Callable[[], None], n: int, device: str) -> float:
-    """Median seconds of ``n`` calls of ``fn``."""
-    ts = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def merge(b: Built) -> nn.Module | None:
     """The merged model (unloaded wrappers), or None when the method is not mergeable."""
     if b.row.kind == "floor":
@@ -314,19 +298,6 @@ def merge(b: Built) -> nn.Module | None:
         return zoo.merge_adapters(b.model, unload=True)
     except zoo.NotMergeableError:
         return None
-
-
-def interleaved(built: list[Built], fns: dict[str, Callable[[], None]], args, what: str) -> dict[str, list[float]]:
-    """``args.repeats`` rounds; in each, every row's median over ``args.steps`` calls."""
-    for label, fn in fns.items():  # warm-up (allocator, lazy init, first-call overheads)
-        for _ in range(args.warmup):
-            fn()
-    out: dict[str, list[float]] = {label: [] for label in fns}
-    for r in range(args.repeats):
-        for label, fn in fns.items():
-            out[label].append(time_calls(fn, args.steps, args.device))
-        log(args, f"  {what}: round {r + 1}/{args.repeats} done")
-    return out
 
 
 def rel(times: dict[str, list[float]], ref_times: dict[str, list[float]], ref_of: dict[str, str]
@@ -415,11 +386,6 @@ def child_argv(args) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- run
-def log(args, msg: str) -> None:
-    if not args.quiet:
-        print(msg, flush=True)
-
-
 def run(args) -> dict:
     prof = profile(args)
     rows = default_rows(args.adapters, args.extra or [], prof, args)
@@ -565,7 +531,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="peak memory per row in a fresh subprocess (or skip it)")
     p.add_argument("--memory-jobs", type=int, default=1,
                    help="memory subprocesses run at once (each row is still measured alone in its own process)")
-    p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
+    p.add_argument("--out", default=None, help="folder for results.md and results.png (default bench/results; "
+                                               "--serving: bench/results/serving)")
+    p.add_argument("--serving", action="store_true",
+                   help="the serving table instead (bench.serving): a mixed batch of K adapters in one "
+                        "zoo.MultiAdapter against K separate forwards and one merged adapter, time and memory")
+    p.add_argument("--serving-k", type=int, nargs="+", default=[1, 4, 16], help="--serving: numbers of adapters")
+    p.add_argument("--serving-methods", nargs="+", default=["lora"],
+                   help="--serving: the adapters' methods (default configs), cycled over the K adapters")
     p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
@@ -579,6 +552,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.out is None:
+        args.out = "bench/results/serving" if args.serving else "bench/results"
+    if args.serving and args.backbone != "vit":
+        p.error("--serving runs on --backbone vit (timm ViT classifiers)")
     return args
 
 
@@ -617,6 +594,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+
+    if args.serving:
+        from bench.serving import run_serving
+
+        return run_serving(args, argv)
 
     if args.memory_row is not None:  # child process of peak_memory()
         print("PEAK_BYTES {} {}".format(*peak_memory_child(args, Row(**json.loads(args.memory_row)))), flush=True)
@@ -698,11 +680,6 @@ def table_cells(r: dict) -> list[str]:
 
 def input_desc(args) -> str:
     return profile(args).describe_input(args)
-
-
-def environment(args) -> str:
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
-    return f"torch {torch.__version__}, {dev}"
 
 
 def markdown(res: dict, args, cmd: str) -> str:
