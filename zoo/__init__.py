@@ -9,6 +9,7 @@ A plain PyTorch library (no Lightning, no Hydra)::
     zoo.save_adapter(bb, "out/dir"); zoo.load_adapter(other_bb, "out/dir")
     zoo.merge_adapters(bb, unload=True)
     model = zoo.from_zoo("vit-demo-lora")  # a published adapter, ready for inference
+    served = zoo.MultiAdapter.from_artifacts({"cats": "runs/cats", "cars": "runs/cars"})  # adapters share a batch
 """
 __version__ = "0.1.0"
 
@@ -27,12 +28,13 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "zoo.checkpoint": ("AdapterMismatchError", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"),
     "zoo.heads": ("HEADS", "DenseRegressor", "ImageClassifier", "MultiHeadClassifier", "build_head_model", "register_head"),
     "zoo.hub": ("from_zoo",),
+    "zoo.multi_adapter": ("MultiAdapter",),
     "zoo.registry": ("UnknownNameError",),
     "zoo.sites": ("SITE_KINDS", "Site", "SiteError", "find_sites"),
 }
 _WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
 _SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "heads", "hub", "io",
-               "predict", "registry", "sites", "zeroshot")
+               "multi_adapter", "predict", "registry", "sites", "zeroshot")
 __all__ = sorted(_WHERE)
 
 
