@@ -2,7 +2,8 @@
 
 A run without a terminal (piped, logged to a file, a job scheduler) or with the progress bar off used
 to print nothing between Lightning's start and end messages, for up to minutes on a busy machine. A
-background timer prints one line on rank 0's stdout every ``every_s`` seconds, whatever the stage::
+background timer prints one line on rank 0's stderr every ``every_s`` seconds, whatever the stage (stderr:
+``eval.py``'s stdout stays its JSON)::
 
     [progress] fit: epoch 3/20, batch 40/125, train/loss 0.512, 1m30s elapsed
 
@@ -44,10 +45,10 @@ class ProgressLines(L.Callback):
 
     # ------------------------------------------------------------------ output
     def _print(self, line: str) -> None:
-        print(f"[progress] {line}", file=self.stream or sys.stdout, flush=True)
+        print(f"[progress] {line}", file=self.stream or sys.stderr, flush=True)
 
     def _bar_is_live(self, trainer: L.Trainer) -> bool:
-        return trainer.progress_bar_callback is not None and sys.stdout.isatty()
+        return trainer.progress_bar_callback is not None and (sys.stdout.isatty() or sys.stderr.isatty())
 
     def line(self) -> str:
         st = dict(self._state)
