@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -491,7 +492,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
             raise ValueError(local_weights_hint(bmeta, meta.get("base_weights")))
         with open_dict(cfg):
             cfg.backbone.weights = str(found)  # the file the run read (the fingerprint check guards it)
-        log.info("base weights: %s (recorded by the run)", found)
+        print(f"base weights: {found} (recorded by the run)", file=sys.stderr)
     record = meta.get("task") or {}
     if record.get("config") is not None:
         task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
@@ -538,7 +539,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
             raise ValueError(f"+predict: the {task.kind} data has no per-file inputs to predict on "
                              f"(it writes CSVs for images and audio clips, mask PNGs for segmentation)")
         dest = predict(artifact, dm.split_files(cfg.split), cfg.predict, weights=cfg.backbone.get("weights"))
-        log.info("predictions: %s", dest)
+        print(f"predictions: {dest}", file=sys.stderr)
     out = {"artifact": str(artifact), "kind": task.kind, "dataset": task_cfg.get("dataset"), "split": cfg.split,
            **({"monitor": {"name": task.monitor, "mode": task.monitor_mode, "value": metrics.get(task.monitor)}}
               if cfg.split == "val" else {}),
