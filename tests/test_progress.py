@@ -6,6 +6,7 @@ import re
 import time
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,6 +28,7 @@ class _Slow(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")  # Lightning's own deprecated torch call (quiet_logs silences it in runs)
 def test_a_line_every_period_without_a_terminal_and_the_wall_time():
     out = io.StringIO()  # not a terminal: the mode that printed nothing before
     cb = ProgressLines(every_s=0.25, stream=out)
