@@ -177,3 +177,14 @@ def test_pyproject_installs_without_a_setuptools_licence_banner():
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert [str(w.message) for w in caught] == []
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+def test_an_audio_folder_needs_no_class_count(tmp_path):
+    """task.dataset=folder counts its class folders (as the image folder does); named sets keep theirs."""
+    for c in ("dog", "rain", "bell"):
+        (tmp_path / "sounds" / c).mkdir(parents=True)
+    cfg = compose_config(["task=audio", "backbone=ast_demo", "task.dataset=folder", f"task.data_dir={tmp_path}/sounds"])
+    assert cfg.task.num_classes == 3 and cfg.data.num_classes == 3
+    assert compose_config(["task=audio", "backbone=ast_demo", "task.dataset=esc50"]).task.num_classes == 50
+    assert compose_config(["task=audio", "backbone=ast_demo", "task.dataset=folder", "task.num_classes=7",
+                           f"task.data_dir={tmp_path}/sounds"]).task.num_classes == 7
