@@ -144,7 +144,7 @@ class PDEForecastTask(ZooTask):
             raise ValueError(f"adapter {names} leaves nothing to train on this backbone (MORPH's prediction head is its "
                              "decoder, part of the backbone): use e.g. adapter=morph_level3, or adapter=lora "
                              "'adapter.targets=[q,v,decoder]'")
-        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        opt = zoo.build_optimizer(self.model, groups, c["lr"], c["weight_decay"], tuple(c["betas"]))
         name = self.sched_cfg["name"]
         if name == "cosine":  # the zoo's shared warm-up + cosine schedule
             return super().configure_optimizers()

@@ -312,7 +312,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # this model). Also on resume, so the checkpoint's tensors have a place (prepare is seeded).
         dm.prepare_data()
         dm.setup("fit")
-        zoo.prepare_adapters(task.model, dm.train_dataloader())
+        zoo.prepare_adapters(task.model, dm.train_dataloader(), loss_fn=task.batch_loss)
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
     bb_trainable, bb_params = zoo.count_parameters(bb)

@@ -137,6 +137,10 @@ class SegmentationTask(ZooTask):
             self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
         return loss if extra is None else loss + extra
 
+    def batch_loss(self, batch) -> torch.Tensor:
+        x, y = (t.to(next(self.model.parameters()).device) for t in batch)
+        return self.loss_fn(self(x, y), y)
+
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         ds = getattr(dm, "train_set", None)
@@ -292,9 +296,7 @@ class SegmentationTask(ZooTask):
     def configure_optimizers(self):
         if self.sched_cfg.get("name", "cosine") != "poly":
             return super().configure_optimizers()
-        c = self.optim_cfg
-        groups = self.param_groups(c["lr"], c["weight_decay"])
-        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(int(self.sched_cfg.get("warmup_iters", 0)), total,
                                                                    float(self.sched_cfg.get("power", 0.9))))
