@@ -128,7 +128,7 @@ def test_lora_on_nafnet_identity_at_init_and_merges_exactly():
 
 
 # ---------------------------------------------------------------------------- every adapter
-WORKS = {"full", "bitfit", "linear", "lora", "colora"}
+WORKS = {"full", "bitfit", "linear", "lora", "colora", "galore"}  # galore: its default o/fc1/fc2 are NAFNet's 1×1 convs
 CONFIG = {"lora": dict(rank=2, targets=CONV_TARGETS),
           "colora": dict(targets=["conv_pw", "conv_sca", "o", "fc1", "fc2"], finetune_steps=2, faig_steps=2,
                          faig_batches=1, budget=0.2)}
@@ -137,6 +137,7 @@ REFUSAL = {  # why each other method cannot attach to a CNN without attention / 
     "mask_tuning": "no site 'patch_embed'", "mhr": "no site 'q'", "mosa": "no site 'mlp'", "onebit": "no site 'mlp'",
     "q_adapter": "no site 'tokens'", "salt": "no site 'qkv'", "ssf": "no site 'qkv'", "vpt": "no site 'tokens'",
     "conformer": "no site 'mlp'", "prefix": "no site 'attn'",
+    "dylora": "no site 'q'", "eva": "no site 'q'", "lora_ga": "no site 'q'", "lora_pro": "no site 'q'",
     # made for other backbones (tests/helpers.BACKBONE_SPECIFIC)
     "coop": "backbone 'nafnet' has none .use backbone=clip", "f_adapter": "use backbone=morph",
     "morph_ft": "backbone 'nafnet' does not describe them",
