@@ -71,7 +71,8 @@ def lora_defaults() -> dict:
 # Options the bench changes from a method's defaults, only to keep the bench's own runtime
 # bounded; they do not change the trained function's cost (CoLoRA's ranks still meet the 7%
 # budget, allocated from a shorter fine-tune).
-BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches": 1}}
+BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches": 1},
+                "lora_ga": {"batches": 2}, "eva": {"max_batches": 4}}
 
 EXTRA_ROWS = ("compile", "ckpt")
 
@@ -159,7 +160,9 @@ def build(args, row: Row) -> Built:
     elif row.kind == "zoo":
         zoo.apply_adapter(clf, row.adapter, **row.config)
         prof.after_attach(clf)
-        zoo.prepare_adapters(clf, synthetic_batches(args))  # no-op unless the method is data-driven
+        loss = prof.loss
+        # no-op unless the method is data-driven; LoRA-GA's gradient pass uses the task's loss
+        zoo.prepare_adapters(clf, synthetic_batches(args), loss_fn=lambda batch: loss(clf(batch[0]), batch[1]))
         prof.after_attach(clf)
         model = plain = clf
     elif row.kind == "peft":
@@ -187,11 +190,17 @@ def make_step(b: Built, args) -> Callable:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing trains: with no task head of its own on this backbone this is the frozen model "
                          "(evaluation only)")
-    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
     hooks = b.row.kind == "zoo"
+    # zoo rows get the optimizer an adapter supplies (GaLore, LoRA-Pro: their cost is optimizer state,
+    # compare them with the ``full`` row), AdamW otherwise
+    opt = zoo.build_optimizer(model, groups, 1e-3, 1e-4) if hooks else torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
     loss_fn = profile(args).loss
+    steps = [0]
 
     def step(x, y: torch.Tensor) -> None:
+        if hooks:
+            zoo.on_train_step(model, steps[0])  # DyLoRA's rank sampler
+            steps[0] += 1
         logits = model(x)
         loss = loss_fn(logits, y)
         if hooks:
@@ -688,7 +697,7 @@ def markdown(res: dict, args, cmd: str) -> str:
         "- **artifact**: bytes on disk of `zoo.save_adapter` (adapter.safetensors + adapter.json, head included); "
         "for peft, `save_pretrained` (adapter_model.safetensors + adapter_config.json, head via "
         "`modules_to_save`, model-card README excluded).",
-        f"- **step**: forward + cross-entropy + backward + AdamW step (zoo rows also run the adapter hooks "
+        f"- **step**: forward + cross-entropy + backward + optimizer step (AdamW, or the method's own optimizer: GaLore, LoRA-Pro, whose cost is optimizer state, to be read against the `full` row; zoo rows also run the adapter hooks "
         f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row; "
         f"**step mem**: that peak minus what the process held once the model and the batch were built (the "
         f"training step's own working memory: activations, gradients, optimizer state).",

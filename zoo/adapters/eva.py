@@ -18,7 +18,8 @@ Step 1 is a reconstruction of peft's: peft runs incremental PCA with a randomise
 42) per batch; here the exact running mean and scatter matrix are accumulated (float64) and
 eigendecomposed after each batch, so the estimate is the exact PCA of the data seen so far (the limit
 peft's estimate converges to) and is deterministic. Convergence uses ``|cos|`` (eigenvectors have no
-sign); ``max_batches`` bounds the pass. Layers with identical inputs (q and v slices of one fused qkv)
+sign); ``max_batches`` bounds the pass; batches with fewer rows than components are pooled until
+there are enough (peft skips them). Layers with identical inputs (q and v slices of one fused qkv)
 share one decomposition, as peft's input hashing does. Steps 2–4 are peft's (``_get_rank_distribution``,
 ``_load_eva_state_dict``); :meth:`EVA.load_eva_state_dict` takes peft's ``eva_state_dict`` format.
 
@@ -152,6 +153,7 @@ class EVA(Adapter):
         budget = self.rank * len(keys)
         rank_dist = dict(n_comp)
         prev: dict[int, torch.Tensor] = {}
+        pending: dict[int, torch.Tensor] = {}
         converged: dict[int, bool] = {i: False for i in pcas}
         was_training = model.training
         model.eval()
@@ -162,9 +164,11 @@ class EVA(Adapter):
                 for i, p in pcas.items():
                     if converged[i] or i not in seen:
                         continue
-                    if seen[i].shape[0] < p.k:
-                        continue  # fewer rows than components (peft skips such batches too)
-                    p.update(seen[i])
+                    rows = torch.cat([pending.pop(i), seen[i]]) if i in pending else seen[i]
+                    if p.components is None and rows.shape[0] < p.k:
+                        pending[i] = rows  # fewer rows than components: wait for the next batch (peft skips it)
+                        continue
+                    p.update(rows)
                 rank_dist = self._rank_distribution(pca_of, n_comp, budget)
                 for i, p in pcas.items():
                     need = max((rank_dist[k] for k in keys if pca_of[k] is p), default=0)
@@ -183,7 +187,8 @@ class EVA(Adapter):
                 h.remove()
             model.train(was_training)
         if any(p.components is None for p in pcas.values()):
-            raise ValueError("EVA: a target layer saw fewer input rows than components; use larger batches")
+            raise ValueError(f"EVA: a target layer saw fewer input rows than its {round(self.rho * self.rank)} components in "
+                             f"{self.max_batches} batches; use larger batches, more max_batches or a smaller rho * rank")
         out = {}
         for k in keys:
             p, r = pca_of[k], rank_dist[k]
