@@ -141,3 +141,11 @@ def test_artifact_rebuilds_the_redistributed_ranks(tmp_path):
     other.eval()
     assert zoo.adapters_of(other)[0].ranks == zoo.adapters_of(model)[0].ranks
     torch.testing.assert_close(other(x), want)
+
+
+def test_train_biases_trains_the_backbone_biases_too():
+    model = zoo.ImageClassifier(tiny_vit(), 3)
+    zoo.apply_adapter(model, "eva", rank=2, train_biases=True)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    biases = {n for n, _ in model.backbone.named_parameters() if n.endswith(".bias")}
+    assert biases <= trainable and all(n.endswith(".bias") or "lora_" in n for n in trainable)

@@ -28,7 +28,8 @@ The training-loop hook: ``prepare(model, dataloader, loss_fn)`` — a forward-on
 config (``ranks``), so loading an artifact rebuilds the same shapes without data; a resumed run re-runs
 the (deterministic) pass. Trainable parameters: ``Σ_l r_l (d_in + d_out)`` (= LoRA's total when every
 layer has the same shape). Defaults (peft ``EvaConfig``): rho 2, tau 0.99, whiten off (peft notes whitening
-helps in vision), adjust_scaling_factors on; r = 8, α = 8 on q and v.
+helps in vision), adjust_scaling_factors on; r = 8, α = 8 on q and v. ``train_biases`` also trains the
+backbone's biases, as the paper's VTAB-1k code does (``BenediktAlkin/vtab1k-pytorch`` ``EvaLoraTrainer``).
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ class EVA(Adapter):
 
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0, targets: list[str] = ("q", "v"),
                  layers="all", rho: float = 2.0, tau: float = 0.99, whiten: bool = False,
-                 adjust_scaling_factors: bool = True, max_batches: int = 100, ranks: dict | None = None):
+                 adjust_scaling_factors: bool = True, max_batches: int = 100, train_biases: bool = False,
+                 ranks: dict | None = None):
         super().__init__()
         self.rank = int_option("eva", "rank", rank)
         self.alpha = float_option("eva", "alpha", alpha)
@@ -95,10 +97,11 @@ class EVA(Adapter):
         self.rho = float_option("eva", "rho", rho, lo=1.0)
         self.tau = float_option("eva", "tau", tau, 0.0, 1.0)
         self.max_batches = int_option("eva", "max_batches", max_batches)
-        for name, v in (("whiten", whiten), ("adjust_scaling_factors", adjust_scaling_factors)):
+        for name, v in (("whiten", whiten), ("adjust_scaling_factors", adjust_scaling_factors),
+                        ("train_biases", train_biases)):
             if not isinstance(v, bool):
                 raise ValueError(f"adapter 'eva': {name} must be true or false, got {v!r}")
-        self.whiten, self.adjust = whiten, adjust_scaling_factors
+        self.whiten, self.adjust, self.train_biases = whiten, adjust_scaling_factors, train_biases
         self.targets, self.layers = list(targets), layers
         self.ranks: dict[str, int] | None = None if ranks is None else {str(k): int(v) for k, v in dict(ranks).items()}
 
@@ -124,6 +127,13 @@ class EVA(Adapter):
             alpha = self.alpha * r / self.rank if self.adjust else self.alpha
             self.replace(site, EVALinear(site.module, r, alpha, self.dropout, {kind: sl}))
             self.modules[-1].eva_key = key
+
+    def mark_trainable(self) -> None:
+        super().mark_trainable()
+        if self.train_biases:  # the paper's VTAB-1k code (vtab1k-pytorch EvaLoraTrainer, train_biases=True)
+            for name, p in self.backbone.tower_named_parameters(self.tower):
+                if name.endswith(".bias"):
+                    p.requires_grad_(True)
 
     # ------------------------------------------------------------------ the data pass
     def prepare(self, model: nn.Module, dataloader, loss_fn=None) -> None:
