@@ -125,3 +125,17 @@ def test_two_optimizer_replacing_adapters_are_refused():
     zoo.apply_adapter(model, "lora_pro", rank=2)
     with pytest.raises(ValueError, match="each replace the optimizer"):
         zoo.build_optimizer(model, zoo.param_groups(model, 1e-3, 0.0), 1e-3, 0.0)
+
+
+def test_sam_decoder_tower():
+    from .test_sam_seg import IMG, tiny_segmenter
+
+    model = tiny_segmenter(num_classes=2)
+    zoo.apply_adapter(model, "galore", tower="decoder", rank=2)
+    a = zoo.adapters_of(model)[0]
+    dec = {id(p) for p in a.backbone.parameters()}
+    assert a.weights and all(id(w) in dec for w in a.weights)  # the two-way transformer's q/k/v/o and MLP
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # the encoder stays frozen
+    opt = zoo.build_optimizer(model, zoo.param_groups(model, 1e-3, 0.0), 1e-3, 0.0)
+    model(torch.randn(2, 3, IMG, IMG)).float().pow(2).mean().backward()
+    opt.step()

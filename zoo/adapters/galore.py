@@ -154,16 +154,19 @@ class GaLore(_NoModules):
                             f"{getattr(backbone, 'family', type(backbone).__name__)!r}")
         self.weights = list(found.values())
 
+    def own_tower(self):
+        """The tower selection on ``self.backbone`` (none when ``tower`` was resolved to its own view: SAM's decoder)."""
+        return None if getattr(self, "tower_view", False) else self.tower
+
     def sites_whole(self, kinds):
         """Sites of ``kinds``; row slices of a fused qkv count as the fused layer (GaLore projects whole weights)."""
         from zoo.sites import find_sites
 
-        tower = None if getattr(self, "tower_view", False) else self.tower
-        return find_sites(self.backbone, kinds, self.layers, tower)
+        return find_sites(self.backbone, kinds, self.layers, self.own_tower())
 
     def mark_trainable(self) -> None:
         if self.train_rest:
-            for _, p in self.backbone.tower_named_parameters(self.tower):
+            for _, p in self.backbone.tower_named_parameters(self.own_tower()):
                 p.requires_grad_(True)
         for w in self.weights:
             w.requires_grad_(True)
