@@ -175,7 +175,8 @@ class LoRAGA(Adapter):
     @torch.no_grad()
     def init_from_gradients(self, grads: list[torch.Tensor]) -> None:
         """Set every wrapper's ``A, B, A0, B0`` from its averaged weight gradient (``grads[i]`` of ``self.modules[i]``)."""
-        with torch.random.fork_rng(devices=[]):
+        cuda = sorted({g.device.index or 0 for g in grads if g.is_cuda})
+        with torch.random.fork_rng(devices=cuda):  # seeded here, the caller's RNG streams untouched
             torch.manual_seed(self.seed)
             for m, G in zip(self.modules, grads):
                 lin = m.linear()
