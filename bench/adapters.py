@@ -77,6 +77,8 @@ BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches":
                 "lora_ga": {"batches": 2}, "eva": {"max_batches": 4}}
 
 EXTRA_ROWS = ("compile", "ckpt")
+# methods that bring their own optimizer (Adapter.make_optimizer): the summary compares them with ``full``
+OPTIMIZER_METHODS = ("galore", "lora_pro")
 
 
 def adapter_row(prof: BenchProfile, name: str) -> Row:
@@ -471,6 +473,11 @@ def run(args) -> dict:
         per_round = [a / b for a, b in zip(train[LORA_QKV], train[PEFT_ROW])]
         summary["lora_qkv_over_peft_rounds"] = per_round
         summary["lora_qkv_over_peft"] = statistics.median(per_round)
+    # methods whose cost is optimizer state (their own optimizer) against full fine-tuning, same rounds
+    over_full = {lab: statistics.median(a / f for a, f in zip(train[lab], train["full"]))
+                 for lab in OPTIMIZER_METHODS if lab in train and "full" in train}
+    if over_full:
+        summary["step_over_full"] = over_full
     results = []
     # each row against its own floor (CLIP's head=text rows: the text floor) and against peft's LoRA;
     # merged rows compare to the plain model and to peft's *unmerged* inference of the same round
@@ -636,6 +643,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         floor_mem = mem.get(r["ref"])
         r["mem_x_floor"] = r["peak_bytes"] / floor_mem if r["peak_bytes"] and floor_mem else None
     del res["built"]
+    over = res["summary"].get("step_over_full")
+    if over and mem.get("full"):
+        res["summary"]["mem_over_full"] = {lab: mem[lab] / mem["full"] for lab in over if mem.get(lab)}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -719,6 +729,12 @@ def markdown(res: dict, args, cmd: str) -> str:
         rounds = ", ".join(f"{v:.2f}" for v in sm["lora_qkv_over_peft_rounds"])
         lines += ["", f"**zoo LoRA / peft LoRA, same targets (qkv), training step: {sm['lora_qkv_over_peft']:.2f}** "
                       f"(median of interleaved rounds: {rounds})."]
+    if sm.get("step_over_full"):
+        mo = sm.get("mem_over_full", {})
+        lines += ["", "**Own optimizers against full fine-tuning** (training step"
+                  + (", peak memory" if mo else "") + " / the `full` row's): "
+                  + "; ".join(f"{lab} {v:.2f}×" + (f", {mo[lab]:.2f}×" if lab in mo else "")
+                              for lab, v in sm["step_over_full"].items()) + "."]
     mem = ("CUDA max allocated" if args.device.startswith("cuda")
            else "peak resident set size of the whole process (Python, torch, model and data included)")
     lines += [
@@ -774,6 +790,8 @@ def print_rich(res: dict, args) -> None:
         print(f"skipped {k}: {v}")
     if "lora_qkv_over_peft" in res.get("summary", {}):
         print(f"zoo LoRA / peft LoRA (same targets, training step): {res['summary']['lora_qkv_over_peft']:.2f}")
+    for lab, v in res.get("summary", {}).get("step_over_full", {}).items():
+        print(f"{lab} / full fine-tuning (training step): {v:.2f}")
     for c in res.get("summary", {}).get("checks", []):
         print(c)
 

@@ -35,6 +35,9 @@ def test_adapters_table_has_every_adapter_and_peft(tmp_path):
     assert rows["lora"]["trainable"] == depth * 2 * r * (d + d)  # q and v slices
     assert rows["linear"]["trainable"] == 0 and rows["full"]["trainable_pct"] == pytest.approx(100.0)
     assert rows[bench_adapters.FLOOR]["trainable"] == 3
+    # methods with their own optimizer are also compared with full fine-tuning (issue 26)
+    assert set(res["summary"]["step_over_full"]) == {"galore", "lora_pro"} and "Own optimizers against full" in md
+    assert rows["galore"]["trainable"] == rows["full"]["trainable"] and rows["lora_pro"]["trainable"] == rows["lora"]["trainable"]
     # the references are ratio 1 to themselves; a mergeable method has a merged time, a non-mergeable one not
     assert rows[bench_adapters.FLOOR]["train_x_floor"] == pytest.approx(1.0)
     assert rows[bench_adapters.PEFT_ROW]["train_x_peft"] == pytest.approx(1.0)
