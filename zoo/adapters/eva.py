@@ -33,7 +33,6 @@ backbone's biases, as the paper's VTAB-1k code does (``BenediktAlkin/vtab1k-pyto
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from itertools import cycle
 
@@ -42,7 +41,7 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, dropout_option, float_option, int_option
-from zoo.adapters.lora import LoRALinear, linear_site_groups, lora_scaling
+from zoo.adapters.lora import LoRALinear, linear_site_groups
 from zoo.sites import unwrap
 
 
