@@ -113,9 +113,8 @@ class EVA(Adapter):
         """``(key, site, slice name, out_slice)`` per adapted weight: a whole Linear, or a q / k / v slice."""
         out = []
         for group in linear_site_groups(self, self.targets, self.layers, "EVA"):
-            for s in group:
-                key = s.path if s.out_slice is None else s.path  # slice sites' paths name the slice (qkv[q])
-                out.append((key, s, s.kind, s.out_slice))
+            for s in group:  # a slice site's path names the slice (blocks.0.attn.qkv[q])
+                out.append((s.path, s, s.kind, s.out_slice))
         return out
 
     def attach(self, backbone) -> None:
