@@ -1,5 +1,6 @@
 """ONNX export through torch's dynamo exporter: onnxruntime gives torch's outputs for ViT, CLIP's zero-shot
-classifier, AST and SAM's encoder + decoder with a point prompt (tiny models; CLIP and AST are slow)."""
+classifier, AST and SAM's encoder + decoder with a point prompt (tiny models; an export takes ~10 s on a
+loaded CPU, so only the merged ViT runs by default and the others with ``pytest -m slow``)."""
 from __future__ import annotations
 
 import numpy as np

@@ -10,6 +10,7 @@
 """
 from zoo.export.naming import ExportError
 from zoo.export.merged import export_merged
+from zoo.export.onnx import export_onnx
 from zoo.export.peft import export_peft, load_peft
 
-__all__ = ["ExportError", "export_merged", "export_peft", "load_peft"]
+__all__ = ["ExportError", "export_merged", "export_onnx", "export_peft", "load_peft"]
