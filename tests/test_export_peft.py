@@ -3,6 +3,7 @@ peft LoRA -> zoo (target-name translation, refusals that leave the model unchang
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -205,3 +206,31 @@ def test_a_method_peft_cannot_express_is_refused_by_name(method, opts, tmp_path)
         export_peft(m, tmp_path / "x")
     assert ("--merged" in str(e.value)) == zoo.ADAPTERS.get(method).mergeable
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("colora", {"targets": ["qkv", "fc2"]}),  # per-layer ranks -> rank_pattern / alpha_pattern
+    ("comp_lora", {"rank": 2, "k": 4, "targets": ["q", "v"]}),  # its projected factors, as applied
+    ("lora", {"rank": 2, "alpha": 3.0, "targets": ["q", "k", "v", "o"], "scaling": "rslora"}),  # rank 3r, γ = α/√r
+])
+def test_lora_family_methods_map_to_their_peft_config(method, opts, tmp_path):
+    base = library_model("vit", num_classes=5)
+    bb = zoo_backbone("vit", base, tmp_path).eval()
+    model = zoo.ImageClassifier(bb, 5)
+    if method == "colora":
+        paths = [f"model.blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "mlp.fc2")]
+        opts = {**opts, "ranks": dict(zip(paths, (1, 3, 2, 4)))}
+    zoo.apply_adapter(model, method, **opts)
+    train_a_little(model)
+    model.eval()
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    if method == "colora":
+        ranks = {m: cfg["rank_pattern"].get("^" + re.escape(m), cfg["r"]) for m in cfg["target_modules"]}
+        assert sorted(ranks.values()) == [1, 2, 3, 4]
+    x = example_input("vit")
+    with torch.no_grad():
+        want = model(x)
+    pm = peft_on(base, tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.allclose(pm(x), want, atol=1e-5), (pm(x) - want).abs().max()

@@ -180,6 +180,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     if any(a.merged for a in bb.adapters):
         raise ExportError("the adapters are merged into the base weights; unmerge them (zoo.unmerge_adapters) before export_peft")
     mods = lora_modules(bb)
+    if not mods:
+        raise ExportError(f"the adapters {methods} hold no LoRA modules yet (colora allocates its ranks in prepare); "
+                          "export after training")
     if sum(len(a.modules) for a in bb.adapters) != len(mods):
         raise ExportError("some adapter modules live outside the backbone's own model (SAM's mask decoder, tower=decoder): "
                           "peft's base is the image encoder only; export the model merged (--merged) instead")
@@ -223,6 +226,8 @@ def _export_factors(bb: Backbone, mods, ast_names: str, ast_prefix: str = "") ->
     """``key -> (peft module, A′, B′, γ)`` for every base piece the zoo LoRA modules touch."""
     out: dict[str, tuple[str, torch.Tensor, torch.Tensor, float]] = {}
     for path, w in mods:
+        if w.rank == 0:  # no delta (colora may allocate rank 0 to a layer)
+            continue
         for p in parts(bb, path, w.linear().out_features, ast_names, ast_prefix):
             f = part_factors(w, p.rows)
             if f is not None:
