@@ -40,7 +40,7 @@ clean-runs:
 # One offline quickstart per modality (a few minutes each; not part of `make demo`): a tiny
 # backbone pretrained once on a different generated task, then adapters compared on the embedded one.
 checkpoints/clip/tiny_shapes_p4.safetensors: | $(STAMP)
-	$(PY) -m tasks.clip_pretrain
+	$(PY) -m tasks.pretrain.clip
 
 clip-demo clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes_p4.safetensors
 	$(PY) train.py experiment=clip_quickstart

@@ -58,6 +58,8 @@ from torch import nn
 import zoo
 
 from bench.profiles import FLOOR, LORA_QKV, PEFT_ROW, PROFILES, BenchProfile, InputBias, Row  # noqa: F401
+from bench.profiles import TEXT_FLOOR as CLIP_TEXT_FLOOR
+from bench.profiles import clip_rows
 
 
 def profile(args) -> BenchProfile:
@@ -172,7 +174,7 @@ def build(args, row: Row) -> Built:
     if row.checkpoint:
         zoo.checkpoint_blocks(clf)
     if row.compile:
-        model.compile()  # in place, as trainer.compile=true does (tasks/perf.py)
+        model.compile()  # in place, as trainer.compile=true does (tasks/trainer/perf.py)
     b = Built(row, model, plain, bb, base_params)
     b.step = make_step(b, args)
     return b
@@ -490,6 +492,8 @@ def run(args) -> dict:
         })
     by_label = {r["label"]: r for r in results}
     summary["checks"] = prof.checks(by_label, train, args)
+    if prof.name == "clip" and getattr(args, "class_counts", None):
+        summary["checks"].append(clip_class_count_check(args))
     return {"rows": results, "skipped": skipped, "summary": summary, "built": built}
 
 
@@ -561,6 +565,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
+
+
+DATASET_CLASSES = {10: "EuroSAT", 47: "DTD", 100: "Caltech101", 397: "SUN397", 1000: "ImageNet"}
+
+
+def clip_flops_at_class_counts(args, counts) -> dict[int, float | None]:
+    """CLIP-LoRA's step FLOPs over the text floor's, counted (not predicted) at each class count on this
+    run's batch: both rows rebuilt with ImageNet's first ``n`` class names (the text tower's work grows
+    with the prompts and with the longest one's length)."""
+    import copy
+
+    rows = {r.label: r for r in clip_rows(args)}
+    out = {}
+    for n in counts:
+        a = copy.copy(args)
+        a.num_classes, a.class_names = int(n), "imagenet"
+        x, y = synthetic_batches(a, 1)[0]
+        f = {lab: flops_or_none(a, build(a, rows[lab]), x, y) for lab in (CLIP_TEXT_FLOOR, "CLIP-LoRA")}
+        out[int(n)] = f["CLIP-LoRA"] / f[CLIP_TEXT_FLOOR] if all(f.values()) else None
+    return out
+
+
+def clip_class_count_check(args) -> str:
+    """The check line of ``--class-counts``: CLIP-LoRA's FLOPs over the text floor's at each class count."""
+    ratios = clip_flops_at_class_counts(args, args.class_counts)
+    return (f"(a) CLIP-LoRA FLOPs / text-floor FLOPs at batch {args.batch_size}, counted at each class count "
+            "(ImageNet's first n class names): "
+            + ", ".join(f"{n} classes (as {DATASET_CLASSES[n]}) {v:.2f}×" if n in DATASET_CLASSES else
+                        f"{n} classes {v:.2f}×" for n, v in ratios.items() if v is not None))
 
 
 def main(argv: list[str] | None = None) -> dict | None:

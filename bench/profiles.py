@@ -212,7 +212,7 @@ def _clip_build(args, opts):
     return model, bb
 
 
-def _clip_rows(args) -> list[Row]:
+def clip_rows(args) -> list[Row]:
     text = {"head": "text"}
     return [Row(TEXT_FLOOR, "floor", opts=text, ref=TEXT_FLOOR),
             recipe("CLIP-LoRA", "clip_lora", ref=TEXT_FLOOR, opts=text),
@@ -225,28 +225,6 @@ def _per_round(train: dict, a: str, b: str) -> float | None:
     if a not in train or b not in train:
         return None
     return statistics.median(x / y for x, y in zip(train[a], train[b]))
-
-
-DATASET_CLASSES = {10: "EuroSAT", 47: "DTD", 100: "Caltech101", 397: "SUN397", 1000: "ImageNet"}
-
-
-def clip_flops_at_class_counts(args, counts) -> dict[int, float | None]:
-    """CLIP-LoRA's step FLOPs over the text floor's, counted (not predicted) at each class count on this
-    run's batch: both rows rebuilt with ImageNet's first ``n`` class names (the text tower's work grows
-    with the prompts and with the longest one's length)."""
-    import copy
-
-    from bench.adapters import build, flops_or_none, synthetic_batches
-
-    rows = {r.label: r for r in _clip_rows(args)}
-    out = {}
-    for n in counts:
-        a = copy.copy(args)
-        a.num_classes, a.class_names = int(n), "imagenet"
-        x, y = synthetic_batches(a, 1)[0]
-        f = {lab: flops_or_none(a, build(a, rows[lab]), x, y) for lab in (TEXT_FLOOR, "CLIP-LoRA")}
-        out[int(n)] = f["CLIP-LoRA"] / f[TEXT_FLOOR] if all(f.values()) else None
-    return out
 
 
 def _clip_checks(rows: dict, train: dict, args) -> list[str]:
@@ -265,13 +243,6 @@ def _clip_checks(rows: dict, train: dict, args) -> list[str]:
                    f"{b:.2f}×" + (f"; the same LoRA re-encoding the frozen class prompts every step (head=text): "
                                   f"{d:.2f}×" if d is not None else "")
                    + (f"; the text floor / the visual floor: {c:.2f}×" if c is not None else ""))
-    counts = getattr(args, "class_counts", None)
-    if counts:
-        ratios = clip_flops_at_class_counts(args, counts)
-        out.append(f"(a) CLIP-LoRA FLOPs / text-floor FLOPs at batch {args.batch_size}, counted at each class count "
-                   "(ImageNet's first n class names): "
-                   + ", ".join(f"{n} classes (as {DATASET_CLASSES[n]}) {v:.2f}×" if n in DATASET_CLASSES else
-                               f"{n} classes {v:.2f}×" for n, v in ratios.items() if v is not None))
     return out
 
 
@@ -283,7 +254,7 @@ CLIP = BenchProfile(
     "trains (the ViT-style floor); `frozen floor [text]`: head=text, both towers frozen, the class prompts "
     "encoded through the text tower at every step (no gradient needed there: autograd records nothing in the "
     "frozen text tower), gradients through the visual tower to the input only",
-    recipe_rows=_clip_rows, row_opts=lambda name: {"linear": {"head": "linear"}, "coop": {"head": "text"}}.get(name, {}),
+    recipe_rows=clip_rows, row_opts=lambda name: {"linear": {"head": "linear"}, "coop": {"head": "text"}}.get(name, {}),
     ref_for=lambda opts: TEXT_FLOOR if opts.get("head") == "text" else FLOOR,
     checks=_clip_checks,
     notes=lambda a: [
@@ -297,7 +268,7 @@ CLIP = BenchProfile(
 
 # ------------------------------------------------------------------------------- sam
 def _sam_build(args, opts):
-    from zoo.seg import SamSegmenter
+    from zoo.backbones.sam_decoder import SamSegmenter
 
     kw = _kw(args)
     if args.depth is not None:
@@ -311,7 +282,7 @@ _SEG_LOSS: dict = {}
 
 
 def _sam_loss(logits, y):
-    from zoo.seg.losses import SegLoss
+    from tasks.losses.segmentation import SegLoss
 
     if "samed" not in _SEG_LOSS:
         _SEG_LOSS["samed"] = SegLoss("samed")  # 0.2 CE + 0.8 Dice on the low-res masks (SAMed)
@@ -319,7 +290,7 @@ def _sam_loss(logits, y):
 
 
 SAM = BenchProfile(
-    "sam", "SAM segmentation: timm SAM encoder + segment_anything mask decoder (zoo.seg.SamSegmenter), masks loss",
+    "sam", "SAM segmentation: timm SAM encoder + segment_anything mask decoder (zoo.backbones.sam_decoder.SamSegmenter), masks loss",
     "samvit_base_patch16", _sam_build,
     lambda a, g: (_images(a, g), torch.randint(0, a.num_classes + 1, (a.batch_size, a.img_size // 4, a.img_size // 4),
                                               generator=g)),
@@ -388,7 +359,7 @@ def _nafnet_build(args, opts):
 
 
 def _psnr_loss(pred, target):
-    from tasks.restoration_ops import restoration_loss
+    from tasks.losses.restoration import restoration_loss
 
     return restoration_loss("psnr", pred, target)  # NAFNet's PSNR loss, the task's default
 

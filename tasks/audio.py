@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from hydra.experimental.callback import Callback
 
-from torchmetrics.classification import MultilabelAveragePrecision
 
-from tasks.base import Column, read_metrics, register_task
+from tasks.base import Column, register_task
 from tasks.classification import ClassificationTask
+from tasks.metrics.audio import folds_markdown, multilabel_map, summarize_folds
 
 
 @register_task("audio")
@@ -78,8 +78,8 @@ class AudioMultiLabelTask(AudioTask):
         if kw.get("label_smoothing"):
             raise ValueError("task.label_smoothing is for single-label tasks; task=audio_multilabel takes 0")
         super().__init__(backbone, adapter, num_classes, **kw)
-        self.val_map = MultilabelAveragePrecision(num_classes, average="macro", thresholds=None)
-        self.test_map = MultilabelAveragePrecision(num_classes, average="macro", thresholds=None)
+        self.val_map = multilabel_map(num_classes)
+        self.test_map = multilabel_map(num_classes)
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not y.is_floating_point():  # class indices (a single-label set): one-hot
@@ -131,39 +131,3 @@ class FrontEndThroughput(Callback):
         sweep = Path(config.hydra.sweep.dir)
         sweep.mkdir(parents=True, exist_ok=True)
         (sweep / "throughput.json").write_text(json.dumps(res, indent=2))
-
-
-def summarize_folds(sweep_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{method: {"folds": {k: score}, "mean": ..., "metric": key}}`` from the runs' metrics.json: the test
-    value of each run's monitored metric (``test/acc``, ``test/mAP``), else the validation one."""
-    out: dict[str, dict[str, Any]] = {}
-    for f in sorted(Path(sweep_dir).glob("**/metrics.json")):
-        m = read_metrics(f)
-        fold = m.get("fold")
-        hydra_cfg = f.parent / ".hydra" / "config.yaml"
-        if fold is None and hydra_cfg.is_file():  # each multirun job records its composed config
-            from omegaconf import OmegaConf
-
-            fold = OmegaConf.select(OmegaConf.load(hydra_cfg), "task.fold")
-        val_key = (m.get("monitor") or {}).get("name") or "val/acc"  # val/acc, or val/mAP (audio_multilabel)
-        test_key = "test/" + val_key.split("/", 1)[1]
-        key = test_key if m.get(test_key) is not None else val_key
-        if fold is None or m.get(key) is None:
-            continue
-        method = m.get("adapter") or "run"
-        row = out.setdefault(str(method), {"folds": {}, "metric": key})
-        row["folds"][str(fold)] = float(m[key])
-    for row in out.values():
-        vals = list(row["folds"].values())
-        row["mean"] = sum(vals) / len(vals)
-    return out
-
-
-def folds_markdown(table: dict[str, dict[str, Any]]) -> str:
-    folds = sorted({k for r in table.values() for k in r["folds"]}, key=int)
-    lines = ["| method | " + " | ".join(f"fold {k}" for k in folds) + " | mean |",
-             "|---|" + "---:|" * (len(folds) + 1)]
-    for name, r in table.items():
-        cells = [f"{100 * r['folds'][k]:.1f}" if k in r["folds"] else "–" for k in folds]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * r['mean']:.1f} |")
-    return "\n".join(lines)

@@ -52,7 +52,7 @@ TASK_KINDS: Registry = Registry("task kind")
 
 # Modules that define task kinds; :func:`task_kinds` imports them all (a new kind adds its module).
 TASK_MODULES: list[str] = ["tasks.classification", "tasks.multitask", "tasks.regression", "tasks.fewshot", "tasks.segmentation",
-                          "tasks.forecasting", "tasks.audio",
+                          "tasks.pde", "tasks.audio",
                           "tasks.restoration", "tasks.captioning"]
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
+from tasks.metrics.classification import accuracy
 
 
 def build_model(backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
@@ -36,9 +36,9 @@ class ClassificationTask(ZooTask):
         self.save_hyperparameters()
         self.model = self.build_model(backbone, adapter, num_classes)
         self.label_smoothing = label_smoothing
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc = accuracy(num_classes)
+        self.val_acc = accuracy(num_classes)
+        self.test_acc = accuracy(num_classes)
 
     def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
         """The model this task trains (subclasses with other heads override it)."""

@@ -4,7 +4,7 @@
 on ``backbone=clip``; the data is one of the 11 CoOp datasets (or the embedded ``Shapes``), K shots
 per class drawn by CoOp's rule (:mod:`tasks.data.fewshot`), test split evaluated once at the end.
 
-Retention (:mod:`tasks.retention`), computed after the test and written to ``metrics.json``:
+Retention (:mod:`tasks.metrics.fewshot`), computed after the test and written to ``metrics.json``:
 
 * ``retention.heldout`` datasets: zero-shot top-1 through the tuned towers (``zs/<d>``) next to the
   untuned backbone's (``zs0/<d>``, measured before the adapter is attached) and the drop;
@@ -26,7 +26,7 @@ import zoo
 from tasks.base import Column, create_backbone, register_task
 from tasks.classification import ClassificationTask
 from tasks.data.fewshot import ImageItems, load_fewshot
-from tasks.retention import harmonic_mean, retention_row, zeroshot_accuracy
+from tasks.metrics.fewshot import harmonic_mean, retention_row, zeroshot_accuracy
 from zoo.zeroshot import CLIPClassifier, check_head
 
 log = logging.getLogger(__name__)

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
-from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
 from zoo.heads import MultiHeadClassifier
 from tasks.base import attach_adapter, create_backbone, register_task
 from tasks.classification import ClassificationTask
 from tasks.data.vtab import VTABDataModule, num_classes
+from tasks.metrics.classification import accuracy
 
 
 # ---------------------------------------------------------------------- model
@@ -63,8 +63,8 @@ class MultiTaskClassificationTask(ClassificationTask):
         classes = [num_classes(d) for d in datasets]
         self.datasets, self.classes = list(datasets), classes  # read by build_model during super().__init__
         super().__init__(backbone, adapter, max(classes), optimizer, scheduler, label_smoothing, datasets=list(datasets), **meta)
-        self.val_task_acc = nn.ModuleList(MulticlassAccuracy(c, average="micro") for c in classes)
-        self.test_task_acc = nn.ModuleList(MulticlassAccuracy(c, average="micro") for c in classes)
+        self.val_task_acc = nn.ModuleList(accuracy(c) for c in classes)
+        self.test_task_acc = nn.ModuleList(accuracy(c) for c in classes)
 
     def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> MultiHeadClassifier:
         return build_multitask_model(backbone, adapter, self.classes)

@@ -5,7 +5,7 @@ pre-training (``data.dataset=prod``) and few-image fine-tuning on one real degra
 (``data.dataset=denoise|deblur|derain|dehaze|lowlight|jpeg`` with ``task.num_train=16|32|64|128``).
 
 * model: the backbone itself (no head); it must be image-to-image (``backbone.image_to_image``);
-* loss: ``psnr`` (NAFNet's PSNRLoss, default) | ``l1`` | ``mse`` (:mod:`tasks.restoration_ops`);
+* loss: ``psnr`` (NAFNet's PSNRLoss, default) | ``l1`` | ``mse`` (:mod:`tasks.losses.restoration`);
 * metrics: PSNR and SSIM per image, averaged over the split (``val/psnr`` selects the checkpoint,
   higher is better), with the convention of ``task.metric`` (``crop_border``, ``y_channel``,
   ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD; for ``dataset=sr``
@@ -21,17 +21,69 @@ pre-training (``data.dataset=prod``) and few-image fine-tuning on one real degra
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchmetrics import MeanMetric
 
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
-from tasks.restoration_ops import LOSSES, psnr, restoration_loss, save_png, side_by_side, ssim, tiled_forward
+from tasks.losses.restoration import LOSSES, restoration_loss
+from tasks.metrics.restoration import psnr, ssim
 
 STAGES = ("train", "val", "test")
+
+
+@torch.no_grad()
+def tiled_forward(model, x: torch.Tensor, tile: int | None = 256, overlap: int = 32) -> torch.Tensor:
+    """``model(x)`` computed tile by tile, for images too large for one pass (Real-ESRGAN's ``tile``/``tile_pad``).
+
+    The image is cut into ``tile×tile`` cores; each core is run with ``overlap`` extra pixels of
+    context on every side (clipped at the image border) and only the core of the output is kept.
+    For a model whose receptive-field radius is at most ``overlap`` the result equals the one-pass
+    output exactly. NAFNet's channel attention pools over the whole input, so its tiled output is
+    close to, not equal to, the one-pass one (NAFNet's TLC variant addresses this; not built here).
+    ``tile=None`` or an image no larger than ``tile`` runs in one pass.
+    """
+    n, c, h, w = x.shape
+    if tile is None or (h <= tile and w <= tile):
+        return model(x)
+    if int(tile) < 1 or int(overlap) < 0:
+        raise ValueError(f"tile={tile} must be >= 1 and overlap={overlap} >= 0")
+    out = None
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            py0, px0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
+            py1, px1 = min(y1 + overlap, h), min(x1 + overlap, w)
+            pred = model(x[..., py0:py1, px0:px1])
+            if out is None:
+                out = x.new_zeros(n, pred.shape[1], h, w)
+            out[..., y0:y1, x0:x1] = pred[..., y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+    return out
+
+
+def save_png(img: torch.Tensor, path: str | Path) -> Path:
+    """Write a ``3×H×W`` (or ``1×H×W``) tensor in [0, 1] as an 8-bit PNG, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (img.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else np.ascontiguousarray(arr))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pil.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def side_by_side(inp: torch.Tensor, out: torch.Tensor, target: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """``[input | output | target]`` of one ``3×H×W`` image, with a white gap, for logging."""
+    pad = torch.ones(inp.shape[0], inp.shape[1], gap, dtype=inp.dtype, device=inp.device)
+    return torch.cat([inp.clamp(0, 1), pad, out.clamp(0, 1), pad, target.clamp(0, 1)], dim=-1)
+
 
 
 @register_task("restoration")

@@ -109,7 +109,7 @@ def register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("vtab_classes", num_classes, replace=True)
     OmegaConf.register_new_resolver("multiply", lambda a, b: int(a) * int(b), replace=True)  # e.g. 500 x K steps
-    from tasks.perf import mixed_precision
+    from tasks.trainer.perf import mixed_precision
 
     OmegaConf.register_new_resolver("mixed_precision", mixed_precision, replace=True)  # 16-mixed on a GPU, else 32
 
@@ -147,7 +147,7 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
 
     The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``).
     """
-    from tasks.perf import perf_callbacks
+    from tasks.trainer.perf import perf_callbacks
 
     quiet_logs()
     trainer_cfg = _plain(cfg.trainer)
@@ -165,7 +165,7 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
     loggers = [instantiate(lg) for lg in (_plain(cfg.get("logger")) or {}).values() if lg]
     if not has_val:
         trainer_cfg["limit_val_batches"] = 0
-    from tasks.checkpoint_io import AtomicCheckpointIO
+    from tasks.trainer.checkpoint_io import AtomicCheckpointIO
 
     plugins = list(trainer_cfg.pop("plugins", None) or []) + [AtomicCheckpointIO()]
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
@@ -189,7 +189,7 @@ def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
 
     Returns the checkpoint's monitored score (``ddp_spawn`` does not carry it back to the parent).
     """
-    from tasks.checkpoint_io import load_checkpoint
+    from tasks.trainer.checkpoint_io import load_checkpoint
 
     ckpt = load_checkpoint(path)
     state = ckpt["state_dict"]
@@ -206,7 +206,7 @@ def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
 def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict], int] | None:
     """Refuse to resume from a checkpoint of another adapter/backbone config, naming what differs,
     before any training; returns the CSV log rows to keep (those before the checkpoint's step)."""
-    from tasks.checkpoint_io import load_checkpoint
+    from tasks.trainer.checkpoint_io import load_checkpoint
 
     state = load_checkpoint(ckpt)
     hp = state.get("hyper_parameters") or {}

@@ -1,5 +1,5 @@
 """``task=segmentation``: SAM (mask decoder) or an smp decoder on an adapted SAM encoder; Dice / IoU /
-HD95 (:mod:`zoo.seg.metrics`), smp losses (:mod:`zoo.seg.losses`), the SAMed and SALT recipes.
+HD95 (:mod:`tasks.metrics.segmentation`), smp losses (:mod:`tasks.losses.segmentation`), the SAMed and SALT recipes.
 
 Declares ``val/dice`` (max) as monitor, the columns ``val/dice, test/dice, test/iou, test/hd95``, and
 ``predict_output = "masks"`` (class-index maps). After testing, ``run_metrics`` writes the chosen
@@ -7,8 +7,8 @@ split's predictions as PNG masks + overlays under ``<output_dir>/predictions/<sp
 validation epoch logs a few overlays to TensorBoard (``logger=tensorboard``: ``val/overlay/<i>``) or
 else writes them under ``<output_dir>/overlays/epoch_<n>/``.
 
-Heads (``task.head``): ``sam`` (:class:`zoo.seg.SamSegmenter`, ``task.sam.mode`` semantic | prompted | text)
-or ``smp_dpt`` / ``smp_fpn`` / ``smp_unet`` (:class:`zoo.seg.smp_head.SmpSegmenter`). The loss is computed at the
+Heads (``task.head``): ``sam`` (:class:`zoo.backbones.sam_decoder.SamSegmenter`, ``task.sam.mode`` semantic | prompted | text)
+or ``smp_dpt`` / ``smp_fpn`` / ``smp_unet`` (:class:`zoo.heads.smp.SmpSegmenter`). The loss is computed at the
 logits' resolution with the label resized by nearest sampling (SAMed's low-res label for SAM);
 metrics at the label's resolution (logits upsampled bilinearly). ``task.decoder_adapter`` adds a
 second adapter on ``tower=decoder`` (SAMed_s). ``task.scheduler.name: poly`` is SAMed's schedule:
@@ -25,10 +25,10 @@ import torch
 
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
-from zoo.seg.data import overlay, predict_volume, resize_labels, save_mask_png, save_overlay_png
-from zoo.seg.losses import SegLoss
-from zoo.seg.metrics import per_class_scores, summarize
-from zoo.seg.sam import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
+from tasks.data.segmentation_layouts import overlay, predict_volume, resize_labels, save_mask_png, save_overlay_png
+from tasks.losses.segmentation import SegLoss
+from tasks.metrics.segmentation import per_class_scores, summarize
+from zoo.backbones.sam_decoder import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
 
 HEADS = ("sam", "smp_dpt", "smp_fpn", "smp_unet")
 
@@ -40,10 +40,10 @@ def build_seg_model(backbone: zoo.Backbone, head: str, num_classes: int, sam: di
     if getattr(backbone, "family", None) != "sam":
         raise ValueError(f"task=segmentation needs backbone=sam (got {backbone.family!r})")
     if head == "sam":
-        from zoo.seg.sam import SamSegmenter
+        from zoo.backbones.sam_decoder import SamSegmenter
 
         return SamSegmenter(backbone, num_classes, **(sam or {}))
-    from zoo.seg.smp_head import SmpSegmenter
+    from zoo.heads.smp import SmpSegmenter
 
     return SmpSegmenter(backbone, num_classes, decoder=head.split("_", 1)[1], **(smp or {}))
 
@@ -233,7 +233,7 @@ class SegmentationTask(ZooTask):
         if self.export_sam and trainer.is_global_zero:
             import copy
 
-            from zoo.seg.sam import SamSegmenter, save_sam_checkpoint
+            from zoo.backbones.sam_decoder import SamSegmenter, save_sam_checkpoint
 
             if not isinstance(self.model, SamSegmenter):
                 raise ValueError("task.export_sam needs task.head=sam")

@@ -55,6 +55,6 @@ def tiny_sam_backbone(weights: str | None = None, img: int = IMG):
 
 
 def tiny_segmenter(num_classes: int = 2, weights: str | None = None, img: int = IMG, **kw):
-    from zoo.seg import SamSegmenter
+    from zoo.backbones.sam_decoder import SamSegmenter
 
     return SamSegmenter(tiny_sam_backbone(weights, img), num_classes, decoder=dict(DECODER), **kw)

@@ -159,7 +159,7 @@ def test_tiny_multilabel_run(tmp_path):
 def test_fold_summary_reads_map_runs(tmp_path):
     import json
 
-    from tasks.audio import summarize_folds
+    from tasks.metrics.audio import summarize_folds
 
     for k, v in [(1, 0.4), (2, 0.6)]:
         (tmp_path / str(k)).mkdir()

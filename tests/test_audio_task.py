@@ -39,7 +39,7 @@ def test_recipes_compose_with_the_reference_optimiser():
 
 
 def test_fold_summary_reports_each_fold_and_the_mean(tmp_path):
-    from tasks.audio import folds_markdown, summarize_folds
+    from tasks.metrics.audio import folds_markdown, summarize_folds
 
     for k, acc in [(1, 0.5), (2, 0.7), (3, 0.6)]:
         run = tmp_path / str(k)

@@ -32,9 +32,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "cache"))
     monkeypatch.delenv(hub.ENV_REGISTRY, raising=False)
     monkeypatch.delenv(hub.ENV_OFFLINE, raising=False)
-    monkeypatch.setattr(hub, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
-    monkeypatch.setattr(hub, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
-    monkeypatch.setattr(hub, "_EXTRA_REGISTRIES", [])
+    monkeypatch.setattr(hub.registry, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
+    monkeypatch.setattr(hub.registry, "_EXTRA_REGISTRIES", [])
     return tmp_path
 
 
@@ -136,7 +136,7 @@ def test_warm_cache_does_not_rehash(isolated, monkeypatch):
     hub.download("tiny-lora")
     calls = []
     real = hub.sha256_file
-    monkeypatch.setattr(hub, "sha256_file", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(hub.fetch, "sha256_file", lambda p: calls.append(p) or real(p))
     assert hub.is_cached("tiny-lora") and hub.download("tiny-lora")
     assert calls == []  # size + mtime + inode stamp
     f = hub.entry_dir(hub.get_entry("tiny-lora")) / "adapter.json"
@@ -510,7 +510,7 @@ def test_resume_with_another_adapter_config_is_refused_up_front(tmp_path):
 
 
 def test_truncated_or_unsafe_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
-    from tasks.checkpoint_io import load_checkpoint
+    from tasks.trainer.checkpoint_io import load_checkpoint
 
     marker = tmp_path / "pwned"
 
@@ -533,7 +533,7 @@ def test_truncated_or_unsafe_checkpoint_is_one_clear_error(tmp_path, monkeypatch
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    from tasks.checkpoint_io import AtomicCheckpointIO
+    from tasks.trainer.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     dest = tmp_path / "last.ckpt"

@@ -219,7 +219,7 @@ def test_adapters_table_per_backbone(backbone, tmp_path):
 
 
 def test_clip_flop_ratio_is_counted_at_each_class_count(tmp_path):
-    from bench.profiles import clip_flops_at_class_counts
+    from bench.adapters import clip_flops_at_class_counts
 
     opts = PROFILE_SMOKE["clip"][0]
     args = bench_adapters.main(["--backbone", "clip", *opts, *ONE_STEP, "--out", str(tmp_path), "--adapters",

@@ -510,7 +510,7 @@ def test_checkpoint_blocks_recomputes_in_training_only_and_can_be_undone():
 def test_checkpoint_blocks_with_lightning_and_pickle(tmp_path):
     import pickle
 
-    from tasks.perf import PerfOptions, perf_callbacks
+    from tasks.trainer.perf import PerfOptions, perf_callbacks
 
     cfg = {"max_epochs": 1, "compile": False, "checkpoint_blocks": True}
     (cb,) = perf_callbacks(cfg)
@@ -538,7 +538,7 @@ def test_checkpoint_blocks_with_lightning_and_pickle(tmp_path):
 def test_compile_matches_eager_forward_and_gradients():
     """``trainer.compile=true`` compiles the task's model in place (``nn.Module.compile``):
     same outputs and gradients as eager within float tolerance, same state_dict keys."""
-    from tasks.perf import PerfOptions
+    from tasks.trainer.perf import PerfOptions
 
     eager = tiny_with("lora", drop=0.0)
     compiled = copy.deepcopy(eager)
@@ -607,7 +607,7 @@ def test_colora_per_layer_ranks_run_as_one_matmul_pair_per_layer():
 
 
 def test_trainer_options_reach_the_callback_through_hydra(tmp_path):
-    from tasks.perf import PerfOptions
+    from tasks.trainer.perf import PerfOptions
     from tasks.runner import build_trainer
     from tests.helpers import compose_config
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tasks.retention import harmonic_mean, retention_row
+from tasks.metrics.fewshot import harmonic_mean, retention_row
 
 
 def test_retention_and_harmonic_mean_arithmetic():
@@ -101,7 +101,7 @@ def test_clip_lora_recipe_selects_fp16_autocast_on_a_gpu_and_fp32_on_cpu(monkeyp
 
     assert precision([], cuda=True) == "16-mixed"            # accelerator=auto with a GPU
     assert precision(["trainer=gpu"], cuda=True) == "16-mixed"
-    with caplog.at_level(logging.INFO, logger="tasks.perf"):
+    with caplog.at_level(logging.INFO, logger="tasks.trainer.perf"):
         assert precision([], cuda=False) == "32-true"        # auto without a GPU
         assert precision(["trainer.accelerator=cpu"], cuda=True) == "32-true"
     assert "16-mixed needs a CUDA GPU" in caplog.text
@@ -126,13 +126,13 @@ def test_clip_quickstart_tunes_on_shapes_grainy_and_measures_retention_on_the_pr
 
 
 def test_clip_shift_measurement_is_consistent(tmp_path):
-    """tasks.clip_shift (how ShapesGrainy's shift was picked) on a random tiny CLIP: a zero-shot hit has
+    """tasks.pretrain.clip_shift (how ShapesGrainy's shift was picked) on a random tiny CLIP: a zero-shot hit has
     both the colour and the form right, so zero-shot <= min(colour, form); unknown components refused."""
     import torch
     from safetensors.torch import save_file
 
-    from tasks.clip_pretrain import build_tiny
-    from tasks.clip_shift import measure
+    from tasks.pretrain.clip import build_tiny
+    from tasks.pretrain.clip_shift import measure
 
     torch.manual_seed(0)
     path = tmp_path / "tiny.safetensors"

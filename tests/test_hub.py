@@ -85,9 +85,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "cache"))
     for var in (hub.ENV_OFFLINE, "HF_HUB_OFFLINE", hub.ENV_REGISTRY):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
-    monkeypatch.setattr(hub, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
-    monkeypatch.setattr(hub, "_EXTRA_REGISTRIES", [])
+    monkeypatch.setattr(hub.registry, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
+    monkeypatch.setattr(hub.registry, "_EXTRA_REGISTRIES", [])
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_publish_run_entry_and_model_card(trained, tmp_path, capsys):
     for name, f in files.items():
         assert f["sha256"] == _sha(out / name) and f["size"] == (out / name).stat().st_size
         # registered in the local zoo by default: sources relative to that registry
-        assert f["sources"] == [{"path": os.path.relpath((out / name).resolve(), hub.LOCAL_REGISTRY.resolve().parent)}]
+        assert f["sources"] == [{"path": os.path.relpath((out / name).resolve(), hub.registry.LOCAL_REGISTRY.resolve().parent)}]
     assert hub.get_entry("tiny-lora").files[0].sha256 == files["adapter.safetensors"]["sha256"]
     assert entry["method"][0]["name"] == "lora" and entry["method"][0]["config"]["rank"] == 2
     assert entry["metrics"]["val/acc"] == 0.75 and entry["task"] == {"name": "vtab", "dataset": "dsprites_loc"}
@@ -299,7 +299,7 @@ def test_entry_backbone_must_match_artifact_and_model(server, trained):
 def test_local_registry_from_publish_run(trained, tmp_path, monkeypatch, capsys):
     """What the quickstart does: publish into checkpoints/local_registry.json, then list and load."""
     reg = tmp_path / "checkpoints" / "local_registry.json"
-    monkeypatch.setattr(hub, "LOCAL_REGISTRY", reg)
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", reg)
     hub.publish_backbone(trained["weights"], "vit-demo", "vit", TINY["model"], kwargs={"img_size": 32, "depth": 2},
                          registry=reg, out_dir=tmp_path / "checkpoints" / "upstream")
     hub.publish_run(trained["run"], "vit-demo-lora", registry=reg, out_dir=tmp_path / "checkpoints" / "zoo" / "vit-demo-lora")

@@ -11,7 +11,7 @@ import torch
 from tasks.data import pde_solvers as S
 from tasks.data.pde import (Trajectories, WindowDataset, fit_spatial, revin_denorm, revin_norm, revin_stats,
                             split_indices, to_uptf7)
-from tasks.pde_metrics import RolloutMetrics, per_sample_errors, rollout
+from tasks.metrics.pde import RolloutMetrics, per_sample_errors, rollout
 
 
 # ------------------------------------------------------------------------------ solvers

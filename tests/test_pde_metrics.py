@@ -1,4 +1,4 @@
-"""PDEBench's cRMSE, bRMSE and fRMSE (tasks.pde_metrics) against hand computations and an independent numpy
+"""PDEBench's cRMSE, bRMSE and fRMSE (tasks.metrics.pde) against hand computations and an independent numpy
 implementation written from PDEBench's definitions in its own layout (batch, channel, space..., time)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.pde_metrics import RolloutMetrics
+from tasks.metrics.pde import RolloutMetrics
 
 
 def _tables(pred: torch.Tensor, true: torch.Tensor, split: int | None = None) -> dict[str, np.ndarray]:
@@ -72,7 +72,7 @@ def test_empty_high_band_is_nan_on_small_grids():
 # ---------------------------------------------------------------------- independent numpy implementation
 def pdebench_metrics(pred: np.ndarray, true: np.ndarray, i_low: int = 4, i_high: int = 12) -> dict[str, np.ndarray]:
     """PDEBench's metric definitions on (batch, channel, *space, time), each -> (channel, time), written
-    from the definitions with explicit loops (no code shared with tasks.pde_metrics)."""
+    from the definitions with explicit loops (no code shared with tasks.metrics.pde)."""
     nb, nc, nt = pred.shape[0], pred.shape[1], pred.shape[-1]
     space = pred.shape[2:-1]
     d = len(space)

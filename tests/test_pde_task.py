@@ -11,7 +11,7 @@ import torch
 
 import zoo
 from tests.helpers import refuses
-from tasks.forecasting import PDEDataModule, PDEForecastTask
+from tasks.pde import PDEDataModule, PDEForecastTask
 
 BACKBONE = dict(name="morph", model="Ti", pretrained=False,
                 kwargs=dict(dim=32, depth=2, heads=4, heads_xa=4, mlp_dim=64, max_patches=64))
@@ -81,7 +81,7 @@ def test_rollout_eval_report_and_horizon_errors(data_root, tmp_path):
     assert "| step | u | mean |" in (tmp_path / "rollout_metrics.md").read_text()
     # the test rollout equals a hand rollout of the model on the test trajectories (first 10%, from frame 0)
     from tasks.data.pde import revin_denorm
-    from tasks.pde_metrics import RolloutMetrics, rollout
+    from tasks.metrics.pde import RolloutMetrics, rollout
 
     task.model.eval()
     hand = RolloutMetrics()

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 import zoo
-from tasks.restoration_ops import psnr, restoration_loss, rgb_to_y, save_png, side_by_side, ssim, tiled_forward
+from tasks.losses.restoration import restoration_loss
+from tasks.metrics.restoration import psnr, rgb_to_y, ssim
+from tasks.restoration import save_png, side_by_side, tiled_forward
 
 
 def ssim_reference(x: np.ndarray, y: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import zoo
-from tasks.restoration_ops import psnr, ssim
+from tasks.metrics.restoration import psnr, ssim
 from tests.helpers import compose_config, run_train
 
 TINY = ["experiment=tiny_restore", "trainer.limit_train_batches=2"]
@@ -120,7 +120,7 @@ def test_testing_with_write_predictions_writes_one_png_per_input_at_its_size(tmp
     from torch.utils.data import DataLoader
 
     from tasks.data.restoration import PairedDataset, find_pairs
-    from tasks.restoration_ops import tiled_forward
+    from tasks.restoration import tiled_forward
     from tasks.runner import build_task
 
     write_test_images(tmp_path / "rain100l" / "test")

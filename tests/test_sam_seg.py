@@ -10,7 +10,7 @@ import zoo
 from tests.helpers import assert_refuses, refuses
 from tests.seg_helpers import DECODER, IMG, build_reference_sam, save_reference_sam, tiny_sam_backbone, tiny_segmenter
 from zoo.backbones.sam import resample_rel_pos
-from zoo.seg import SamSegmenter, prompts_from_mask
+from zoo.backbones.sam_decoder import SamSegmenter, prompts_from_mask
 
 pytest.importorskip("segment_anything")
 
@@ -209,7 +209,7 @@ def test_every_adapter_on_sam_segmenter(name):
 def test_samed_artifact_holds_lora_and_decoder_only(tmp_path, ref):
     """SAMed's checkpoint: LoRA + prompt-encoder/mask-decoder tensors, no encoder weights; it loads
     onto a fresh SAM built from the same file and reproduces the outputs."""
-    from zoo.seg.losses import SegLoss
+    from tasks.losses.segmentation import SegLoss
 
     _, path = ref
     model = tiny_segmenter(num_classes=2, weights=str(path))
@@ -261,7 +261,7 @@ def test_smp_unet_head_on_a_simple_feature_pyramid(ref):
     smp's UnetDecoder; full-resolution logits; gradients reach the encoder adapter."""
     from timm.layers import LayerNorm2d
 
-    from zoo.seg.smp_head import SimpleFeaturePyramid, SmpSegmenter
+    from zoo.heads.smp import SimpleFeaturePyramid, SmpSegmenter
 
     torch.manual_seed(0)
     fpn = SimpleFeaturePyramid(32, 16)
@@ -292,7 +292,7 @@ def test_smp_unet_head_on_a_simple_feature_pyramid(ref):
 
 @pytest.mark.parametrize("head", ["sam", "smp_dpt", "smp_unet"])
 def test_head_from_spec_rebuilds_the_same_shapes(ref, head):
-    from zoo.seg.smp_head import SmpSegmenter
+    from zoo.heads.smp import SmpSegmenter
 
     _, path = ref
     if head == "sam":
@@ -309,7 +309,7 @@ def test_head_from_spec_rebuilds_the_same_shapes(ref, head):
 
 def test_sam_checkpoint_round_trip_into_segment_anything(tmp_path, ref):
     """Our SAM-format export loads strictly into segment_anything's Sam and gives the same masks."""
-    from zoo.seg.sam import save_sam_checkpoint
+    from zoo.backbones.sam_decoder import save_sam_checkpoint
 
     sam, path = ref
     ours = tiny_segmenter(num_classes=3, weights=str(path), mode="semantic", reinit_heads=False).eval()

@@ -66,7 +66,7 @@ def test_eval_shards_cover_each_sample_once_in_order():
 
 def test_pde_datamodule_refuses_non_boolean_flags_and_unknown_keys():
     # a string such as "maybe" would be truthy; an unknown key used to be swallowed by **kwargs
-    from tasks.forecasting import PDEDataModule
+    from tasks.pde import PDEDataModule
 
     with pytest.raises(ValueError, match=r"data.drop_last='maybe'; valid: true, false"):
         PDEDataModule(generate="advection", drop_last="maybe")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo.seg.data import (
+from tasks.data.segmentation_layouts import (
     DEFAULT_PALETTE, FolderSegDataset, JointAugment, SynapseSlices, layout_pairs, predict_volume, read_list,
     read_mask, read_volume, save_mask_png, synapse_list,
 )
-from zoo.seg.generate import make_folder_dataset, make_synapse_dataset
+from tasks.data.segmentation_generate import make_folder_dataset, make_synapse_dataset
 
 
 @pytest.mark.parametrize("layout,split", [("folder", "train"), ("kvasir", "train"), ("isic", "val"), ("drive", "test")])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.seg.losses import SegLoss, samed_dice
-from zoo.seg.metrics import hd95_binary, per_class_scores, samed_case, summarize
+from tasks.losses.segmentation import SegLoss, samed_dice
+from tasks.metrics.segmentation import hd95_binary, per_class_scores, samed_case, summarize
 
 pytest.importorskip("medpy")
 
@@ -103,7 +103,7 @@ def test_prompted_loss_is_binary_per_class():
 @pytest.mark.parametrize("decoder", ["dpt", "fpn"])
 def test_smp_head(decoder):
     import zoo
-    from zoo.seg.smp_head import SmpSegmenter
+    from zoo.heads.smp import SmpSegmenter
 
     bb = zoo.create_backbone("sam", model="samvit_base_patch16", pretrained=False, img_size=64, embed_dim=32, depth=4,
                              num_heads=2, window_size=2, global_attn_indexes=(1, 3), neck_chans=32)

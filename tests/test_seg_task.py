@@ -76,7 +76,7 @@ def test_text_prompted_salt_runs_from_an_embeddings_file(tmp_path):
     """sam.mode=text end to end with precomputed class-name embeddings (no CLIP at train time)."""
     import torch
 
-    from zoo.seg.text_prompt import save_text_embeddings
+    from zoo.backbones.sam_text_prompt import save_text_embeddings
 
     names = ["vessel", "organ_a", "organ_b"]
     emb = save_text_embeddings(tmp_path / "names.safetensors", names, torch.randn(3, 16))

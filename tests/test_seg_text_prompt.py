@@ -1,4 +1,4 @@
-"""S-SAM / SALT text prompts (zoo.seg.text_prompt, SamSegmenter mode=text): class-name embeddings
+"""S-SAM / SALT text prompts (zoo.backbones.sam_text_prompt, SamSegmenter mode=text): class-name embeddings
 from the zoo's CLIP text tower or a file, the affine token against its formula, the token reaching
 segment_anything's MaskDecoder (oracle), and exactly SALT's trainable set (gradient test)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 import zoo
 from tests.clip_helpers import TINY
 from tests.seg_helpers import IMG, NECK, save_reference_sam, tiny_segmenter
-from zoo.seg.losses import SegLoss
-from zoo.seg.text_prompt import (
+from tasks.losses.segmentation import SegLoss
+from zoo.backbones.sam_text_prompt import (
     TextPromptEncoder, class_text_embeddings, load_text_embeddings, save_text_embeddings,
 )
 
@@ -155,7 +155,7 @@ def test_text_mode_artifact_round_trip(tmp_path, ref, text):
                 p.add_(torch.randn_like(p) * 0.01)
     zoo.save_adapter(model.eval(), tmp_path / "art")
     from tests.seg_helpers import tiny_sam_backbone
-    from zoo.seg import SamSegmenter
+    from zoo.backbones.sam_decoder import SamSegmenter
 
     fresh = SamSegmenter.from_spec(tiny_sam_backbone(str(path)), model.head_spec())
     assert fresh.head_spec() == model.head_spec() and fresh.head_spec()["text"] == {"dim": TINY["embed_dim"],

@@ -118,7 +118,7 @@ def test_dense_regression_publishes_and_from_zoo_rebuilds_its_head(tmp_path):
         L.seed_everything(cfg.seed)
         model = hub.from_zoo("tiny-depth-lora", check_fingerprint=True)
     finally:
-        hub._EXTRA_REGISTRIES.remove(str(registry))
+        hub.registry._EXTRA_REGISTRIES.remove(str(registry))
     assert isinstance(model, zoo.DenseRegressor) and zoo.adapters_of(model)[0].name == "lora"
     dm = build_datamodule(cfg, task)
     dm.setup("fit")

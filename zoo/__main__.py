@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--name", required=True)
     pb.add_argument("--out", required=True, help="artifact folder to write")
     pb.add_argument("--registry-file", default=None,
-                    help=f"add the entry to this local registry JSON (default: the local zoo, {hub.LOCAL_REGISTRY})")
+                    help=f"add the entry to this local registry JSON (default: the local zoo, {hub.registry.LOCAL_REGISTRY})")
     pb.add_argument("--no-register", action="store_true", help="only write the artifact folder and print the entry")
     pb.add_argument("--url-base", help="URL the folder will be served from (becomes the source)")
     pb.add_argument("--hf-repo", help="Hugging Face repo the folder will be uploaded to")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print("nothing cached to verify")
             return 1 if bad or hub.registry_errors or hub.entry_errors else 0
         elif args.cmd == "publish":
-            reg = None if args.no_register else (args.registry_file or hub.LOCAL_REGISTRY)
+            reg = None if args.no_register else (args.registry_file or hub.registry.LOCAL_REGISTRY)
             entry = hub.publish_run(args.run_dir, args.name, registry=reg, out_dir=args.out,
                                     url_base=args.url_base, hf_repo=args.hf_repo, hf_subfolder=args.hf_subfolder,
                                     licence=args.licence, task=args.task, description=args.description)

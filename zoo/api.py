@@ -97,7 +97,7 @@ class ModelState:
 def resolve_tower(model: nn.Module, bb: Backbone, tower) -> nn.Module:
     """The site provider an adapter with the ``tower`` option attaches to.
 
-    * a model with towers of its own (``zoo.seg.SamSegmenter``: ``encoder`` | ``decoder``, the
+    * a model with towers of its own (``zoo.backbones.sam_decoder.SamSegmenter``: ``encoder`` | ``decoder``, the
       mask decoder's two-way transformer) gives them as :class:`Backbone` views (``model.tower``);
     * a backbone with several towers (CLIP: ``visual`` | ``text`` | ``both``; CoCa: ``visual`` |
       ``decoder``) is its own provider:

@@ -78,10 +78,12 @@ class Site:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """Follow ``.base`` of adapter wrappers down to the original module."""
-    from zoo.adapters.base import AdapterModule  # local: adapters import sites
+    """Follow ``.base`` of adapter wrappers down to the original module.
 
-    while isinstance(module, AdapterModule) and isinstance(getattr(module, "base", None), nn.Module):
+    A wrapper is a module whose class sets ``wraps_base = True`` (:class:`zoo.adapters.base.AdapterModule`
+    does): sites sit below adapters in the layering, so they recognise wrappers by that mark, not by import.
+    """
+    while getattr(module, "wraps_base", False) and isinstance(getattr(module, "base", None), nn.Module):
         module = module.base
     return module
 

@@ -9,7 +9,7 @@
 
 Each is written once (fixed seeds) as ``<root>/<folder>/images/*.png`` + ``split_zhou_<Name>.json``,
 read by the same code as the real CoOp datasets. :func:`render` also feeds the tiny CLIP's
-pretraining (``tasks/clip_pretrain.py``) with captioned images.
+pretraining (``tasks/pretrain/clip.py``) with captioned images.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _polygon(form: str, cx: float, cy: float, r: float, a: float) -> list[tuple[
 
 
 # Components of a domain shift from :func:`render` (``render(..., shift=...)``); ``python -m
-# tasks.clip_shift`` measures what each does to the tiny CLIP (tabled in the README). ``ShapesGrainy``
+# tasks.pretrain.clip_shift`` measures what each does to the tiny CLIP (tabled in the README). ``ShapesGrainy``
 # (the quickstart's downstream set) uses DOMAIN: warm, dim light and sensor noise -- zero-shot drops,
 # 16 shots recover much of it.
 SHIFT = ("outline", "texture", "small", "blur", "noise", "cast")

@@ -1,1 +1,1 @@
-"""Task metrics that torchmetrics does not provide (caption metrics: tasks.metrics.captioning)."""
+"""Each task kind's metrics, one module per kind (what torchmetrics provides is used from it)."""

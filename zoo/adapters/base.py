@@ -38,6 +38,8 @@ class AdapterModule(nn.Module):
     its ``base`` child (the wrapped original layer).
     """
 
+    wraps_base = True  # zoo.sites.unwrap follows ``.base`` through modules with this mark
+
 
 class WrappedLayer(AdapterModule):
     """An adapter module that wraps an original layer kept at ``self.base``.

@@ -99,7 +99,7 @@ class SAMBackbone(TimmBackbone):
     """``forward_features`` gives the neck's feature map (B, 256, H/16, W/16); ``forward`` its mean.
 
     ``weights``: a SAM checkpoint (``sam_vit_b_01ec64.pth``) or a timm samvit file; the file's
-    prompt-encoder and mask-decoder tensors are read by :class:`zoo.seg.SamSegmenter` from the same
+    prompt-encoder and mask-decoder tensors are read by :class:`zoo.backbones.sam_decoder.SamSegmenter` from the same
     path (``self.weights_path``). ``img_size`` other than the file's resamples positions (SAMed).
     """
 

@@ -3,9 +3,9 @@
 Training (MORPH, arXiv 2509.21670): MSE between the model's next-frame prediction and the true next frame,
 both RevIN-normalised, over windows of ``context`` frames sliding along every training trajectory.
 Evaluation: from the first ``context`` frames of each validation / test trajectory the model rolls out
-``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.pde_metrics.rollout`); predictions and
+``rollout_horizon`` steps, feeding its predictions back (:func:`tasks.metrics.pde.rollout`); predictions and
 targets are de-normalised, cropped to the original spatial region and scored per field and per step
-(MSE, RMSE, nRMSE, VRMSE and PDEBench's cRMSE, bRMSE, fRMSE low/mid/high; :mod:`tasks.pde_metrics`).
+(MSE, RMSE, nRMSE, VRMSE and PDEBench's cRMSE, bRMSE, fRMSE low/mid/high; :mod:`tasks.metrics.pde`).
 ``val/nrmse`` (mean over steps and fields) is the monitored value (lower is better). ``test`` writes ``rollout_metrics.json``, ``rollout_nrmse.md`` and
 ``rollout_error.png`` (error vs rollout step) to the run directory.
 
@@ -30,7 +30,7 @@ import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
 from tasks.data.sampling import make_loader
-from tasks.pde_metrics import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
+from tasks.metrics.pde import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
 from zoo.heads import BackboneOutput
 
 
@@ -43,7 +43,7 @@ class PDEForecastTask(ZooTask):
     columns = (Column("val/nrmse", "val nRMSE"), Column("val/vrmse", "val VRMSE"),
                Column("test/nrmse", "test nRMSE"), Column("test/vrmse", "test VRMSE"),
                Column("test/nrmse_last_step", "test nRMSE (last step)"),
-               # PDEBench's conserved-quantity, boundary and Fourier-band errors (tasks/pde_metrics.py)
+               # PDEBench's conserved-quantity, boundary and Fourier-band errors (tasks/metrics/pde.py)
                Column("test/crmse", "test cRMSE"), Column("test/brmse", "test bRMSE"),
                Column("test/frmse_low", "test fRMSE low"), Column("test/frmse_mid", "test fRMSE mid"),
                Column("test/frmse_high", "test fRMSE high"))

@@ -147,9 +147,9 @@ class SamSegmenter(nn.Module):
         self.__dict__["_towers"] = {}
 
     def _text_prompts(self, text: dict | None):
-        """The :class:`~zoo.seg.text_prompt.TextPromptEncoder` of ``text`` = ``{class_names, clip |
+        """The :class:`~zoo.backbones.sam_text_prompt.TextPromptEncoder` of ``text`` = ``{class_names, clip |
         embeddings, learned}`` (or ``{dim}`` when rebuilding from an artifact, which holds the embeddings)."""
-        from zoo.seg.text_prompt import TextPromptEncoder, class_text_embeddings
+        from zoo.backbones.sam_text_prompt import TextPromptEncoder, class_text_embeddings
 
         t = dict(text or {})
         if t.get("dim") is not None and not t.get("class_names"):
@@ -243,7 +243,7 @@ class SamSegmenter(nn.Module):
     def decode_prompted(self, emb: torch.Tensor, points, boxes, present) -> torch.Tensor:
         """Per image, one prompt per present class -> that class's single-mask logit."""
         if points is None and boxes is None:
-            raise ValueError("mode=prompted needs points or boxes (zoo.seg.prompts_from_mask builds them from a mask)")
+            raise ValueError("mode=prompted needs points or boxes (zoo.backbones.sam_decoder.prompts_from_mask builds them from a mask)")
         B, K = emb.shape[0], self.num_classes
         if present is None:
             present = torch.ones(B, K, dtype=torch.bool, device=emb.device)

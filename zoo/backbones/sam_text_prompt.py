@@ -81,7 +81,7 @@ def load_text_embeddings(path: str | os.PathLike, class_names: Sequence[str]) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text embeddings file not found: {path} (write one with "
-                                f"python -m zoo.seg.text_prompt --names ... --out {path})")
+                                f"python -m zoo.backbones.sam_text_prompt --names ... --out {path})")
     with safe_open(str(path), "pt") as f:
         names = json.loads((f.metadata() or {}).get("names", "[]"))
         emb = f.get_tensor("embeddings")
@@ -127,7 +127,7 @@ class TextPromptEncoder(AdapterModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m zoo.seg.text_prompt --names liver spleen --out emb.safetensors [--model ViT-B-32
+    """``python -m zoo.backbones.sam_text_prompt --names liver spleen --out emb.safetensors [--model ViT-B-32
     --pretrained openai | --weights file]``: precompute class-name embeddings (needs the CLIP weights)."""
     import argparse
 

@@ -7,7 +7,7 @@ coloured shapes (:mod:`tasks.data.fewshot_shapes`) with captions drawn from seve
 classification of the embedded datasets (``Shapes``, ``ShapeColors``, ``ShapeForms``) is clearly
 above chance and tuning can lose it. The result is cached as safetensors::
 
-    python -m tasks.clip_pretrain            # -> checkpoints/clip/tiny_shapes_p4.safetensors (a few minutes on 2 cores)
+    python -m tasks.pretrain.clip            # -> checkpoints/clip/tiny_shapes_p4.safetensors (a few minutes on 2 cores)
 
 and used by ``backbone=clip_tiny`` (``conf/backbone/clip_tiny.yaml``).
 

@@ -7,7 +7,7 @@ subset of :data:`~tasks.data.fewshot_shapes.SHIFT`, ``none`` = the pretraining r
 image features (initialised from the class text features, AdamW lr 1e-3, 300 full-batch steps,
 logit scale 100) trained on the 16 shots -- a quick proxy of what few-shot tuning can recover::
 
-    python -m tasks.clip_shift none noise cast+noise outline texture small blur+noise
+    python -m tasks.pretrain.clip_shift none noise cast+noise outline texture small blur+noise
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.base import create_backbone
-from tasks.clip_pretrain import DEFAULT_PATH, TINY_CLIP
+from tasks.pretrain.clip import DEFAULT_PATH, TINY_CLIP
 from tasks.data.fewshot_shapes import COLORS, FORMS, SHIFT, render
 from tasks.fewshot import make_transforms
 from zoo.zeroshot import CLIPClassifier
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--weights", default=str(DEFAULT_PATH))
     a = ap.parse_args()
     if not Path(a.weights).is_file():
-        raise SystemExit(f"error: tiny CLIP weights {a.weights} not found; run `python -m tasks.clip_pretrain` "
+        raise SystemExit(f"error: tiny CLIP weights {a.weights} not found; run `python -m tasks.pretrain.clip` "
                          f"first or pass --weights")
     try:
         measure(a.shifts, a.weights)

@@ -1,4 +1,4 @@
-"""Restoration metrics, losses, tiled inference and PNG output (plain torch + torchmetrics).
+"""Restoration metrics: PSNR and SSIM as BasicSR computes them (plain torch + torchmetrics).
 
 **Metric convention** (``/work/shared/reference/audio_seg_restoration.md`` §3.5, BasicSR
 ``basicsr/metrics/psnr_ssim.py`` as NAFNet uses it):
@@ -15,22 +15,12 @@
   alone would average its reflect-padded map over the whole image), the channels and the images. Small differences from MATLAB remain
   (MATLAB ``rgb2ycbcr`` rounding), as the doc says.
 
-**Losses**: ``l1`` (PromptIR) and ``psnr`` (NAFNet's ``PSNRLoss``: ``10/ln10 · mean_i log(MSE_i + 1e-8)``,
-i.e. minus the mean PSNR up to the epsilon).
+Losses: :mod:`tasks.losses.restoration`; tiled inference and PNG output: :mod:`tasks.restoration`.
 """
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-LOSSES = ("l1", "psnr", "mse")
 
 
 def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
@@ -72,61 +62,3 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, crop_border: int = 0, y_chann
                                                       data_range=1.0, k1=0.01, k2=0.03, reduction="none",
                                                       return_full_image=True)
     return ssim_map[..., 5:-5, 5:-5].flatten(1).mean(1)
-
-
-def restoration_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    if kind == "mse":
-        return F.mse_loss(pred, target)
-    if kind == "psnr":
-        mse = (pred - target).pow(2).flatten(1).mean(1)
-        return 10.0 / math.log(10.0) * torch.log(mse + 1e-8).mean()
-    raise ValueError(f"unknown restoration loss {kind!r}; valid: {', '.join(LOSSES)}")
-
-
-@torch.no_grad()
-def tiled_forward(model, x: torch.Tensor, tile: int | None = 256, overlap: int = 32) -> torch.Tensor:
-    """``model(x)`` computed tile by tile, for images too large for one pass (Real-ESRGAN's ``tile``/``tile_pad``).
-
-    The image is cut into ``tile×tile`` cores; each core is run with ``overlap`` extra pixels of
-    context on every side (clipped at the image border) and only the core of the output is kept.
-    For a model whose receptive-field radius is at most ``overlap`` the result equals the one-pass
-    output exactly. NAFNet's channel attention pools over the whole input, so its tiled output is
-    close to, not equal to, the one-pass one (NAFNet's TLC variant addresses this; not built here).
-    ``tile=None`` or an image no larger than ``tile`` runs in one pass.
-    """
-    n, c, h, w = x.shape
-    if tile is None or (h <= tile and w <= tile):
-        return model(x)
-    if int(tile) < 1 or int(overlap) < 0:
-        raise ValueError(f"tile={tile} must be >= 1 and overlap={overlap} >= 0")
-    out = None
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
-            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            py0, px0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
-            py1, px1 = min(y1 + overlap, h), min(x1 + overlap, w)
-            pred = model(x[..., py0:py1, px0:px1])
-            if out is None:
-                out = x.new_zeros(n, pred.shape[1], h, w)
-            out[..., y0:y1, x0:x1] = pred[..., y0 - py0:y1 - py0, x0 - px0:x1 - px0]
-    return out
-
-
-def save_png(img: torch.Tensor, path: str | Path) -> Path:
-    """Write a ``3×H×W`` (or ``1×H×W``) tensor in [0, 1] as an 8-bit PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (img.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else np.ascontiguousarray(arr))
-    tmp = path.with_name(f".{path.name}.tmp")
-    pil.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def side_by_side(inp: torch.Tensor, out: torch.Tensor, target: torch.Tensor, gap: int = 2) -> torch.Tensor:
-    """``[input | output | target]`` of one ``3×H×W`` image, with a white gap, for logging."""
-    pad = torch.ones(inp.shape[0], inp.shape[1], gap, dtype=inp.dtype, device=inp.device)
-    return torch.cat([inp.clamp(0, 1), pad, out.clamp(0, 1), pad, target.clamp(0, 1)], dim=-1)

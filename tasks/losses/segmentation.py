@@ -8,7 +8,7 @@
 * ``focal_dice`` (SALT, ``SALT_config.yml``: focal + Dice): ``smp.losses.FocalLoss('multiclass',
   gamma=2)`` + ``smp.losses.DiceLoss('multiclass')``, weights ``focal_weight``/``dice_weight``
   (the config does not give weights: 1 and 1 here, a reconstruction).
-* prompted mode (per-class binary logits, :mod:`zoo.seg.sam`): the same pairs in smp's
+* prompted mode (per-class binary logits, :mod:`zoo.backbones.sam_decoder`): the same pairs in smp's
   ``multilabel`` mode over the classes that were prompted.
 
 Logits and targets must have the same spatial size: the task resizes the target (nearest) to the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.seg.data import DEFAULT_PALETTE, save_mask_png
+from tasks.data.segmentation_layouts import DEFAULT_PALETTE, save_mask_png
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from zoo.registry import Registry
 HEADS: Registry = Registry("head type")
 
 # modules (plain PyTorch) that register more head types; imported on first lookup
-HEAD_MODULES: list[str] = ["zoo.zeroshot", "zoo.seg.sam", "zoo.seg.smp_head", "zoo.backbones.coca"]
+HEAD_MODULES: list[str] = ["zoo.zeroshot", "zoo.backbones.sam_decoder", "zoo.heads.smp", "zoo.backbones.coca"]
 
 
 def register_head(name: str):

@@ -1,0 +1,1 @@
+"""Losses of the task kinds that have their own (segmentation, restoration)."""

@@ -1,0 +1,2 @@
+"""Trainer plumbing shared by every task kind: speed/memory callbacks, distributed strategies,
+atomic checkpoint IO."""

@@ -1,0 +1,99 @@
+"""Resolving an artifact or entry name and rebuilding backbone + adapter + head from it (see :mod:`zoo.hub`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from zoo.hub.fetch import download
+from zoo.hub.registry import ZOO_PREFIX, Entry, EntryNotFoundError, HubError, entries, get_entry
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """An artifact folder from ``zoo:NAME``, a registry name, or a local artifact folder."""
+    s = str(spec)
+    if s.startswith(ZOO_PREFIX):
+        return download(s[len(ZOO_PREFIX):])
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if not (p / "adapter.json").is_file():
+            raise FileNotFoundError(f"{p} is not an adapter artifact folder (no adapter.json)")
+        return p
+    if p.is_file() and p.name == "adapter.json":
+        return p.parent
+    try:
+        return download(s)
+    except EntryNotFoundError as e:
+        raise EntryNotFoundError(f"{s!r} is neither a local artifact folder nor a zoo entry: {e}") from None
+
+
+resolve_init = resolve  # ``adapter.init_from=zoo:NAME`` in train.py
+
+
+def find_backbone_entry(spec: dict[str, Any]) -> Entry:
+    """The ``backbone`` entry that provides the weights an adapter artifact was trained on."""
+    cands = [e for e in entries().values() if e.kind == "backbone"
+             and all(e.backbone.get(k) == spec.get(k) for k in ("family", "model", "weights_tag"))]
+    if spec.get("fingerprint"):
+        exact = [e for e in cands if e.backbone.get("fingerprint") == spec["fingerprint"]]
+        cands = exact or [e for e in cands if not e.backbone.get("fingerprint")]
+    if not cands:
+        raise EntryNotFoundError(
+            f"no zoo backbone entry provides weights {spec.get('weights_tag')!r} for {spec.get('family')}/{spec.get('model')}"
+            f" (fingerprint {str(spec.get('fingerprint'))[:12]}…); pass weights=/path/to/file, or publish them with "
+            f"zoo.hub.publish_backbone"
+        )
+    return cands[-1]
+
+
+def weights_file(folder: Path) -> Path:
+    files = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".pt", ".pth", ".bin")]
+    if not files:
+        raise FileNotFoundError(f"no weights file in {folder}")
+    return files[0]
+
+
+def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = None):
+    """Rebuild the backbone an artifact records (family, model, weights, build options)."""
+    import zoo
+
+    tag = spec.get("weights_tag")
+    kw = dict(spec.get("kwargs") or {})
+    family, model = spec["family"], spec["model"]
+    if weights is None and tag and str(tag).startswith("file:"):
+        weights = weights_file(download(find_backbone_entry(spec)))
+    if weights is not None:
+        return zoo.create_backbone(family, model=model, pretrained=None, weights=str(weights), **kw)
+    if tag is None:
+        return zoo.create_backbone(family, model=model, pretrained=None, **kw)
+    return zoo.create_backbone(family, model=model, pretrained=tag if family == "clip" else True, **kw)
+
+
+def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerprint: bool = True):
+    """Build backbone + adapter + the recorded head (:func:`zoo.heads.build_head_model`: any
+    registered head type) from a zoo entry, in eval mode.
+
+    A ``backbone`` entry gives the plain backbone with its weights.
+    """
+    import zoo  # noqa: F401
+    from zoo.checkpoint import read_adapter_config
+    from zoo.heads import build_head_model
+
+    s = str(name)
+    local = Path(s).expanduser()
+    if not s.startswith(ZOO_PREFIX) and local.is_dir():
+        folder = local
+    else:
+        entry = get_entry(s)
+        if entry.kind == "backbone":
+            w = weights or weights_file(download(entry))
+            return build_backbone({**entry.backbone, "weights_tag": None}, weights=w).eval()
+        folder = download(entry)
+    meta = read_adapter_config(folder)
+    bb = build_backbone(meta["backbone"], weights)
+    try:
+        model = build_head_model(bb, meta.get("head"))  # the head the task kind recorded
+    except KeyError as e:
+        raise HubError(f"{name}: {e}") from None
+    zoo.load_adapter(model, folder, check_fingerprint=check_fingerprint)
+    return model.eval()

@@ -1,0 +1,162 @@
+"""Publishing: a finished run or upstream weights as a registry entry with a model card (see :mod:`zoo.hub`)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from zoo.hub.cards import model_card
+from zoo.hub.fetch import sha256_file
+from zoo.hub.registry import REGISTRY_FORMAT, REPO_ROOT, Entry, _atomic_write_text
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    from zoo.io import atomic_path
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _file_entry(path: Path, sources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": path.name, "sha256": sha256_file(path), "size": path.stat().st_size, "sources": sources}
+
+
+def _sources_for(path: Path, registry: Path | None, url_base: str | None, hf_repo: str | None,
+                 hf_subfolder: str | None) -> list[dict[str, Any]]:
+    sources: list[dict[str, Any]] = []
+    if hf_repo:
+        fn = f"{hf_subfolder.strip('/')}/{path.name}" if hf_subfolder else path.name
+        sources.append({"hf_repo": hf_repo, "filename": fn})
+    if url_base:
+        sources.append({"url": url_base.rstrip("/") + "/" + path.name})
+    if not sources:  # a local zoo: relative to the registry when possible, so the folder can move
+        if registry is not None:
+            try:
+                sources.append({"path": os.path.relpath(path.resolve(), registry.resolve().parent)})
+            except ValueError:  # another drive (Windows)
+                sources.append({"url": path.resolve().as_uri()})
+        else:
+            sources.append({"url": path.resolve().as_uri()})
+    return sources
+
+
+def add_entry(registry: str | os.PathLike, name: str, entry: dict[str, Any]) -> Path:
+    """Add or replace ``name`` in a local registry file (created if missing), under a lock."""
+    from filelock import FileLock
+
+    registry = Path(registry)
+    Entry.from_dict(name, entry, str(registry))  # validate before writing
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(registry) + ".lock"):
+        data = json.loads(registry.read_text()) if registry.is_file() else {"format": REGISTRY_FORMAT, "entries": {}}
+        data.setdefault("entries", {})[name] = entry
+        _atomic_write_text(registry, json.dumps(data, indent=2) + "\n")
+    return registry
+
+
+def _numbers(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLike | None = None,
+                out_dir: str | os.PathLike | None = None, *, url_base: str | None = None,
+                hf_repo: str | None = None, hf_subfolder: str | None = None, licence: str | None = None,
+                task: str | dict | None = None, description: str = "") -> dict[str, Any]:
+    """Package a finished run (``run_dir/adapter/`` + ``run_dir/metrics.json``) as zoo entry ``name``.
+
+    Copies the artifact to ``out_dir`` (default ``checkpoints/zoo/<name>``), writes a model card
+    ``README.md`` there, and returns the registry entry (file sizes and sha256). With ``registry``
+    the entry is also added to that registry file. Sources: ``url_base``/``hf_repo`` when given
+    (where you will upload the folder), otherwise the local folder (relative to ``registry``).
+    """
+    from zoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+
+    run_dir = Path(run_dir)
+    art = run_dir / "adapter"
+    if not (art / WEIGHTS_NAME).is_file() or not (art / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run: expected {art}/{WEIGHTS_NAME} and {CONFIG_NAME}")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
+        raise ValueError(f"zoo entry names use letters, digits, '.', '_' and '-', got {name!r}")
+    meta = read_adapter_config(art)
+    metrics = {}
+    if (run_dir / "metrics.json").is_file():
+        run_metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = {k: v for k, v in _numbers(run_metrics).items() if k != "schema_version"}
+        if task is None and (run_metrics.get("task") or run_metrics.get("dataset")):
+            task = {k: run_metrics[k] for k in ("name", "task", "kind", "dataset", "protocol", "monitor")
+                    if run_metrics.get(k) is not None}
+            if "task" in task:
+                task["name"] = task.pop("task")
+    metrics = {**_numbers(meta.get("metrics") or {}), **metrics}
+    task = task or meta.get("task")
+    out = Path(out_dir) if out_dir is not None else REPO_ROOT / "checkpoints" / "zoo" / name
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_copy(art / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    _atomic_copy(art / CONFIG_NAME, out / CONFIG_NAME)
+    n_params = sum(_numel(s) for s in (meta.get("tensors") or {}).values())
+    bb = {k: meta["backbone"].get(k) for k in ("family", "model", "weights_tag", "kwargs", "fingerprint")}
+    entry: dict[str, Any] = {
+        "kind": "adapter",
+        "description": description,
+        "backbone": bb,
+        "method": meta.get("methods", []),
+        "head": meta.get("head"),
+        "task": task,
+        "metrics": metrics,
+        "stored_parameters": n_params,
+        "licence": licence,
+        "library": meta.get("library"),
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    _atomic_write_text(out / "README.md", model_card(name, entry, meta))
+    reg = Path(registry) if registry is not None else None
+    entry["files"] = [_file_entry(out / fn, _sources_for(out / fn, reg, url_base, hf_repo, hf_subfolder))
+                      for fn in (WEIGHTS_NAME, CONFIG_NAME, "README.md")]
+    if reg is not None:
+        add_entry(reg, name, entry)
+    return entry
+
+
+def publish_backbone(weights: str | os.PathLike, name: str, family: str, model: str,
+                     kwargs: dict[str, Any] | None = None, registry: str | os.PathLike | None = None,
+                     out_dir: str | os.PathLike | None = None, *, url_base: str | None = None,
+                     hf_repo: str | None = None, hf_subfolder: str | None = None, licence: str | None = None,
+                     description: str = "") -> dict[str, Any]:
+    """Register upstream weights as a ``backbone`` entry (the weights an adapter entry needs).
+
+    The backbone is built once from the file, which checks that the weights fit and records the
+    same fingerprint adapters trained on it carry. ``out_dir``: copy the file there first.
+    """
+    import zoo
+
+    weights = Path(weights)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        dest = Path(out_dir) / weights.name
+        if dest.resolve() != weights.resolve():
+            _atomic_copy(weights, dest)
+        weights = dest
+    bb = zoo.create_backbone(family, model=model, pretrained=None, weights=str(weights), **(kwargs or {}))
+    desc = bb.describe()
+    reg = Path(registry) if registry is not None else None
+    entry = {
+        "kind": "backbone",
+        "description": description,
+        "backbone": {k: desc[k] for k in ("family", "model", "weights_tag", "kwargs", "fingerprint")},
+        "licence": licence,
+        "files": [_file_entry(weights, _sources_for(weights, reg, url_base, hf_repo, hf_subfolder))],
+    }
+    if reg is not None:
+        add_entry(reg, name, entry)
+    return entry
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
