@@ -19,9 +19,9 @@ peft = pytest.importorskip("peft")
 def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "cache"))
     monkeypatch.delenv(hub.ENV_REGISTRY, raising=False)
-    monkeypatch.setattr(hub, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
-    monkeypatch.setattr(hub, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
-    monkeypatch.setattr(hub, "_EXTRA_REGISTRIES", [])
+    monkeypatch.setattr(hub.registry, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", tmp_path / "none" / "local_registry.json")
+    monkeypatch.setattr(hub.registry, "_EXTRA_REGISTRIES", [])
 
 
 def finished_run(tmp_path, method, **opts):

@@ -8,7 +8,7 @@ The batch axis is dynamic (SAM's graphs take one image).
   -> ``logits`` (or the pooled feature for a bare backbone);
 * CLIP's zero-shot classifier (``zoo.zeroshot.CLIPClassifier``): ``input`` images -> ``logits`` (the class
   text embeddings are constants in the graph);
-* SAM (``zoo.seg.SamSegmenter``): in ``semantic`` mode ``input`` -> the K+1 class logits; otherwise the image
+* SAM (``zoo.backbones.sam_decoder.SamSegmenter``): in ``semantic`` mode ``input`` -> the K+1 class logits; otherwise the image
   encoder + prompt encoder + mask decoder with a point prompt (:class:`SamPointPrompt`): ``input``
   ``(1, 3, H, W)``, ``point_coords`` ``(1, N, 2)`` (pixels of the input), ``point_labels`` ``(1, N)``
   (1 foreground, 0 background) -> ``masks`` ``(1, 1, H/4, W/4)`` logits and ``iou`` ``(1, 1)``.
