@@ -20,10 +20,10 @@ peft = pytest.importorskip("peft")
 TARGETS = {"vit": ["q", "v", "fc1"], "sam": ["q", "v", "o"], "clip": ["q", "v", "fc2"], "ast": ["q", "v", "fc2"]}
 
 
-def adapted(family, tmp_path, targets=None, **lora):
+def adapted(family, tmp_path, targets=None, head=None, **lora):
     base = library_model(family, num_classes=5 if family == "vit" else 0)
     bb = zoo_backbone(family, base, tmp_path).eval()
-    model = zoo.ImageClassifier(bb, 5) if family == "vit" else bb
+    model = zoo.ImageClassifier(bb, 5) if (head if head is not None else family == "vit") else bb
     opts = {"rank": 2, "alpha": 6.0, "targets": targets or TARGETS[family], **lora}
     if family == "clip":
         opts["tower"] = "both"
@@ -83,10 +83,12 @@ def test_ast_q_and_v_stay_rank_r_on_hf_query_and_value(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zoo_peft_zoo_round_trip_gives_identical_tensors(family, tmp_path):
-    base, bb, model = adapted(family, tmp_path)
+    """With a Linear head on every backbone: in modules_to_save (timm) or in zoo_head.safetensors."""
+    base, bb, model = adapted(family, tmp_path, head=True)
     export_peft(model, tmp_path / "peft")
+    assert (tmp_path / "peft" / "zoo_head.safetensors").is_file() == (family != "vit")
     fresh_bb = zoo_backbone(family, base, tmp_path)
-    fresh = zoo.ImageClassifier(fresh_bb, 5) if family == "vit" else fresh_bb
+    fresh = zoo.ImageClassifier(fresh_bb, 5)
     load_peft(fresh, tmp_path / "peft")
     want, got = zoo.adapter_state_dict(model), zoo.adapter_state_dict(fresh)
     assert sorted(want) == sorted(got)

@@ -300,6 +300,9 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
     config is the recorded one (``zoo_export.json``) or is derived from the tensors: the site kinds and
     layers the adapter touches (the same kinds in every adapted layer), its rank and γ.
 
+    The head comes from ``modules_to_save`` (timm's ``head``) or, for a model with a ``head``, from the
+    ``zoo_head.safetensors`` :func:`export_peft` writes for heads the base model has no module for.
+
     Everything is checked before the model changes: the base (``auto_mapping``, tensor shapes, the
     base-weight fingerprint when ``zoo_export.json`` records one), and that the zoo LoRA reproduces every
     tensor of the file exactly; on failure the model is left as it was.
@@ -337,6 +340,10 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
             raise ExportError(f"{k}: LoRA factors {got} do not fit this model's Linear ({lin.in_features} -> {rows}); "
                               "the adapter was trained on a base of another size")
     head = _head_for(model, family, head_t)
+    if head is not None:
+        head = (head[1], {k[len(head[0]) + 1:]: v for k, v in head_t.items()})
+    elif (Path(path) / ZOO_HEAD).is_file() and isinstance(getattr(model, "head", None), nn.Module):
+        head = (model.head, _zoo_head(Path(path) / ZOO_HEAD, model.head))
     if meta is not None:
         want = meta.get("backbone", {})
         diffs = [f"{k}: adapter {want.get(k)!r}, model {v!r}" for k, v in
@@ -347,16 +354,16 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
             raise ExportError("the peft adapter was made for another base: " + "; ".join(diffs))
     lora_cfg = (meta or {}).get("load_as") or _derive_config(bb, cfg, lora, index)
     snap = ModelState(model)
-    head_before = {k: v.detach().clone() for k, v in head[1].state_dict().items()} if head else None
+    head_before = {k: v.detach().clone() for k, v in head[0].state_dict().items()} if head else None
     try:
         apply_adapter(model, lora_cfg["name"], **lora_cfg["config"])
         _fill(bb, lora, index, names, prefix)
         if head:
-            head[1].load_state_dict({k[len(head[0]) + 1:]: v for k, v in head_t.items()})
+            head[0].load_state_dict(head[1])
     except BaseException:
         snap.restore(model)
         if head:
-            head[1].load_state_dict(head_before)
+            head[0].load_state_dict(head_before)
         raise
     snap.match_mode(model)
     return model
@@ -375,6 +382,16 @@ def _head_for(model: nn.Module, family: str, head_t: dict[str, torch.Tensor]):
     if own != got:
         raise ExportError(f"head tensors {got} do not fit the model's head {own} (another number of classes?)")
     return target
+
+
+def _zoo_head(file: Path, head: nn.Module) -> dict[str, torch.Tensor]:
+    """The head :func:`export_peft` wrote beside the adapter, checked against the model's head."""
+    state = load_file(str(file))
+    own = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if own != got:
+        raise ExportError(f"{file.name} holds a head {got} that does not fit the model's head {own}")
+    return state
 
 
 def _scale(cfg: dict, module: str, r: int) -> float:
