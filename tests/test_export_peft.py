@@ -236,3 +236,28 @@ def test_lora_family_methods_map_to_their_peft_config(method, opts, tmp_path):
     pm = peft_on(base, tmp_path / "peft")
     with torch.no_grad():
         assert torch.allclose(pm(x), want, atol=1e-5), (pm(x) - want).abs().max()
+
+
+@pytest.mark.parametrize("targets,rank_pattern,expect", [
+    (["blocks.1.attn.qkv", "blocks.1.mlp.fc1"], {}, {"targets": ["qkv", "fc1"], "layers": [1]}),
+    (["blocks.0.attn.qkv", "blocks.1.mlp.fc1"], {}, "same sites in every adapted layer"),
+    (["qkv"], {"^blocks\\.1\\.attn\\.qkv": 5}, "different ranks"),
+])
+def test_the_zoo_config_derived_from_a_peft_adapter(targets, rank_pattern, expect, tmp_path):
+    base = library_model("vit")
+    model = zoo_backbone("vit", base, tmp_path).eval()
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets, rank_pattern=rank_pattern,
+                                                   init_lora_weights=False)).eval()
+    pm.save_pretrained(str(tmp_path / "p"))
+    if isinstance(expect, str):
+        with pytest.raises(ExportError, match=expect):
+            load_peft(model, tmp_path / "p")
+        assert model.adapters == [] and not any("lora" in n for n, _ in model.named_parameters())
+        return
+    load_peft(model, tmp_path / "p")
+    cfg = model.adapters[0].config
+    assert {k: cfg[k] for k in expect} == expect and cfg["rank"] == 3 and cfg["alpha"] == 6.0
+    x = example_input("vit")
+    with torch.no_grad():
+        assert torch.allclose(model(x), library_features("vit", base, x), atol=1e-5)

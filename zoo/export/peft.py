@@ -286,8 +286,10 @@ def _check_config(cfg: dict[str, Any], family: str) -> None:
 
 
 def _ast_layout(keys) -> tuple[str, str]:
-    names = "v5" if any(".layers." in f".{k}" and "q_proj" in k for k in keys) or any(k.startswith(("layers.", "audio_spectrogram_transformer.layers.")) for k in keys) else "legacy"
+    """``(names, prefix)`` of a Hugging Face AST adapter: ``legacy`` (``encoder.layer.N``, transformers 4)
+    or ``v5`` (``layers.N``), on ``ASTModel`` (no prefix) or ``ASTForAudioClassification``."""
     prefix = AST_PREFIXES[1] if any(k.startswith(AST_PREFIXES[1]) for k in keys) else ""
+    names = "v5" if any(k[len(prefix):].startswith("layers.") for k in keys) else "legacy"
     return names, prefix
 
 
@@ -417,9 +419,11 @@ def _derive_config(bb: Backbone, cfg: dict, lora: dict, index: dict) -> dict[str
         raise ExportError(f"the adapter's modules have different ranks {sorted(ranks)} / scalings {sorted(gammas)}; "
                           "a zoo LoRA has one rank and alpha (rank_pattern / alpha_pattern are not expressible)")
     towers = sorted({t for t, _, _ in where}, key=str)
-    layers = sorted({i for _, i, _ in where})
     kinds = [k for k in ("q", "k", "v", "qkv", "o", "fc1", "fc2") if any(s[2] == k for s in where)]
-    full = {(t, i, k) for t in towers for i in layers for k in kinds}
+    per_tower = {t: sorted({i for tt, i, _ in where if tt == t}) for t in towers}
+    every = all(per_tower[t] == list(range(len(bb.tower_blocks(t)[0]))) for t in towers)  # towers may differ in depth
+    layers = "all" if every else per_tower[towers[0]]
+    full = {(t, i, k) for t in towers for i in (range(len(bb.tower_blocks(t)[0])) if every else layers) for k in kinds}
     if full != where:
         missing = sorted(full - where, key=str)[:3]
         raise ExportError(f"the adapter does not adapt the same sites in every adapted layer (e.g. no {missing}); "
@@ -429,9 +433,6 @@ def _derive_config(bb: Backbone, cfg: dict, lora: dict, index: dict) -> dict[str
     conf: dict[str, Any] = {"rank": r, "alpha": gamma * (math.sqrt(r) if rslora else r), "targets": kinds,
                             "layers": layers, "dropout": float(cfg.get("lora_dropout") or 0.0),
                             "scaling": "rslora" if rslora else "standard"}
-    depth = len(bb.tower_blocks(towers[0])[0])
-    if layers == list(range(depth)):
-        conf["layers"] = "all"
     if towers != [None] and towers != [bb.towers[0]]:
         conf["tower"] = towers[0] if len(towers) == 1 else "both"
     return {"name": "lora", "config": conf}
