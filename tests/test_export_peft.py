@@ -261,3 +261,24 @@ def test_the_zoo_config_derived_from_a_peft_adapter(targets, rank_pattern, expec
     x = example_input("vit")
     with torch.no_grad():
         assert torch.allclose(model(x), library_features("vit", base, x), atol=1e-5)
+
+
+def test_sam_segmenter_round_trip_carries_the_mask_decoder(tmp_path):
+    """The encoder's LoRA goes to peft (timm samvit); the trained prompt encoder / mask decoder, which the
+    timm model has no module for, to zoo_head.safetensors; load_peft puts both back."""
+    from tests.seg_helpers import save_reference_sam, tiny_segmenter
+
+    _, f = save_reference_sam(tmp_path / "sam.pth")
+    model = tiny_segmenter(num_classes=2, weights=str(f))
+    zoo.apply_adapter(model, "lora", rank=2, targets=["q", "v"])
+    train_a_little(model)
+    export_peft(model.eval(), tmp_path / "peft")
+    head = load_file(str(tmp_path / "peft" / "zoo_head.safetensors"))
+    assert head and all(k.startswith("decoder.") for k in head)
+    fresh = tiny_segmenter(num_classes=2, weights=str(f)).eval()
+    load_peft(fresh, tmp_path / "peft")
+    want, got = model.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    x = example_input("sam", 1)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

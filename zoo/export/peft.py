@@ -30,9 +30,10 @@ base module(s) as follows.
   (and the smaller rank is zero-padded), which changes nothing in the function.
 
 The task head goes to ``modules_to_save`` when the base model has that module (timm's ``head`` for a
-ViT built with ``num_classes``); other heads (a head the base model has no module for: CLIP's, AST's
-Linear on the pooled feature -- HF's ``ASTForAudioClassification`` puts a LayerNorm before its Linear --,
-SAM's mask decoder) are written beside the adapter as ``zoo_head.safetensors``. ``zoo_export.json``
+ViT built with ``num_classes``); otherwise everything of the model outside its backbone (a head the base
+model has no module for: CLIP's, AST's Linear on the pooled feature -- HF's ``ASTForAudioClassification``
+puts a LayerNorm before its Linear --, SAM's prompt encoder and mask decoder) is written beside the
+adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
 records the zoo side (backbone, base-weight fingerprint, methods, head), so :func:`load_peft` can
 check the base and rebuild the exact zoo config.
 
@@ -213,9 +214,10 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     (out / WEIGHTS).write_bytes(safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
                                                   {"format": "pt"}))
     (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-    if head is None and hasattr(model, "head_spec") and isinstance(getattr(model, "head", None), nn.Module):
+    rest = outside_backbone(model, bb)
+    if head is None and rest:
         (out / ZOO_HEAD).write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu().clone()
-                                                        for k, v in model.head.state_dict().items()}, {"format": "pt"}))
+                                                        for k, v in rest.items()}, {"format": "pt"}))
         head_where = ZOO_HEAD
     load_as = {"name": "lora", "config": dict(bb.adapters[0].config)} if methods == ["lora"] else None
     (out / ZOO_META).write_text(json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
@@ -341,11 +343,9 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
             got = {n: tuple(t.shape) for n, t in ab.items()}
             raise ExportError(f"{k}: LoRA factors {got} do not fit this model's Linear ({lin.in_features} -> {rows}); "
                               "the adapter was trained on a base of another size")
-    head = _head_for(model, family, head_t)
-    if head is not None:
-        head = (head[1], {k[len(head[0]) + 1:]: v for k, v in head_t.items()})
-    elif (Path(path) / ZOO_HEAD).is_file() and isinstance(getattr(model, "head", None), nn.Module):
-        head = (model.head, _zoo_head(Path(path) / ZOO_HEAD, model.head))
+    _head_for(model, family, head_t)  # modules_to_save: timm's head is the zoo ImageClassifier's 'head'
+    if not head_t and (Path(path) / ZOO_HEAD).is_file() and outside_backbone(model, bb):
+        head_t = _zoo_head(Path(path) / ZOO_HEAD, outside_backbone(model, bb))
     if meta is not None:
         want = meta.get("backbone", {})
         diffs = [f"{k}: adapter {want.get(k)!r}, model {v!r}" for k, v in
@@ -356,16 +356,15 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
             raise ExportError("the peft adapter was made for another base: " + "; ".join(diffs))
     lora_cfg = (meta or {}).get("load_as") or _derive_config(bb, cfg, lora, index)
     snap = ModelState(model)
-    head_before = {k: v.detach().clone() for k, v in head[0].state_dict().items()} if head else None
+    full = model.state_dict()
+    head_before = {k: full[k].detach().clone() for k in head_t}
     try:
         apply_adapter(model, lora_cfg["name"], **lora_cfg["config"])
         _fill(bb, lora, index, names, prefix)
-        if head:
-            head[0].load_state_dict(head[1])
+        model.load_state_dict(head_t, strict=False)  # keys checked: exactly the head's
     except BaseException:
         snap.restore(model)
-        if head:
-            head[0].load_state_dict(head_before)
+        model.load_state_dict(head_before, strict=False)
         raise
     snap.match_mode(model)
     return model
@@ -379,17 +378,25 @@ def _head_for(model: nn.Module, family: str, head_t: dict[str, torch.Tensor]):
     if target is None or names != [target[0]]:
         raise ExportError(f"the adapter saves modules {names} (modules_to_save), which this model has no place for "
                           f"(a zoo.ImageClassifier on a ViT takes timm's 'head')")
-    own = {f"{target[0]}.{k}": tuple(v.shape) for k, v in target[1].state_dict().items()}
+    own = {f"{target[0]}.{k}": tuple(v.shape) for k, v in target[1].state_dict().items()}  # same names in both
     got = {k: tuple(v.shape) for k, v in head_t.items()}
     if own != got:
         raise ExportError(f"head tensors {got} do not fit the model's head {own} (another number of classes?)")
     return target
 
 
-def _zoo_head(file: Path, head: nn.Module) -> dict[str, torch.Tensor]:
+def outside_backbone(model: nn.Module, bb: Backbone) -> dict[str, torch.Tensor]:
+    """``model``'s tensors outside its backbone (a head, SAM's prompt encoder and mask decoder)."""
+    if model is bb:
+        return {}
+    name = next(n for n, m in model.named_modules() if m is bb)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(f"{name}.")}
+
+
+def _zoo_head(file: Path, head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The head :func:`export_peft` wrote beside the adapter, checked against the model's head."""
     state = load_file(str(file))
-    own = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    own = {k: tuple(v.shape) for k, v in head.items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if own != got:
         raise ExportError(f"{file.name} holds a head {got} that does not fit the model's head {own}")
