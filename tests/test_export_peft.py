@@ -282,3 +282,27 @@ def test_sam_segmenter_round_trip_carries_the_mask_decoder(tmp_path):
     x = example_input("sam", 1)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["vit", "ast"])
+def test_hydra_is_one_lora_with_a_bias_in_peft(family, tmp_path):
+    """Hydra's parallel + sequential branches = a rank r_p + r_s LoRA on the input with a bias on B."""
+    base, bb, model = adapted(family, tmp_path)
+    zoo.remove_adapters(model)
+    model = zoo.ImageClassifier(bb, 5) if family == "vit" else bb
+    zoo.apply_adapter(model, "hydra", par_rank=2, seq_rank=3, scale=0.7, targets=["o", "fc2", "qkv"])
+    train_a_little(model)
+    model.eval()
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["lora_bias"] is True and cfg["r"] == 5 and cfg["lora_alpha"] == pytest.approx(0.7 * 5)
+    x = example_input(family)
+    with torch.no_grad():
+        want = zoo_features(family, bb, x)
+    peft_on(base, tmp_path / "peft")
+    with torch.no_grad():
+        got = library_features(family, base, x)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    with pytest.raises(ExportError, match="lora_bias"):  # peft's adapter has a bias a zoo LoRA cannot hold
+        load_peft(zoo_backbone(family, library_model(family, num_classes=5 if family == "vit" else 0), tmp_path),
+                  tmp_path / "peft")

@@ -39,8 +39,9 @@ check the base and rebuild the exact zoo config.
 
 Methods peft expresses: ``lora`` (any targets, ``scaling``, PETL-AST's ``reduction_rate``), and the
 methods whose modules are LoRA with other training (``colora``: per-layer ranks -> ``rank_pattern``;
-``comp_lora``: its projected factors, as applied). Every other method is refused naming it; export
-it merged into the base weights instead (:func:`zoo.export.export_merged`, ``--merged``).
+``comp_lora``: its projected factors, as applied), and ``hydra`` (its parallel and sequential branches
+are one LoRA of rank r_p + r_s with a bias on B: :func:`hydra_factors`). Every other method is refused
+naming it; export it merged into the base weights instead (:func:`zoo.export.export_merged`, ``--merged``).
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ ZOO_HEAD = "zoo_head.safetensors"
 PREFIX = "base_model.model."
 # methods whose modules are all LoRALinear: exported through their effective factors
 LORA_METHODS = ("lora", "colora", "comp_lora")
+# Hydra's two branches are one LoRA of rank r_p + r_s with a bias on B (peft's ``lora_bias``), see hydra_factors
+PEFT_METHODS = (*LORA_METHODS, "hydra")
 # peft options a zoo LoRA has no counterpart for: load_peft refuses an adapter that sets them
 UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
                "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None}
@@ -171,27 +174,35 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     methods = [a.name for a in bb.adapters]
     if not methods:
         raise ExportError("the model has no adapter to export (attach one, or export the plain backbone with --format merged)")
-    bad = [m for m in methods if m not in LORA_METHODS]
+    bad = [m for m in methods if m not in PEFT_METHODS]
     if bad:
         from zoo.adapters import ADAPTERS
 
         how = ("export it merged into the base weights with --merged" if all(ADAPTERS.get(m).mergeable for m in bad)
                else "it is not mergeable either, so only the zoo artifact or --format merged --keep-modules can carry it")
-        raise ExportError(f"method {bad[0]!r} has no peft equivalent (peft's LoRA expresses {', '.join(LORA_METHODS)}); {how}")
+        raise ExportError(f"method {bad[0]!r} has no peft equivalent (peft's LoRA expresses {', '.join(PEFT_METHODS)}); {how}")
     if any(a.merged for a in bb.adapters):
         raise ExportError("the adapters are merged into the base weights; unmerge them (zoo.unmerge_adapters) before export_peft")
-    mods = lora_modules(bb)
-    if not mods:
+    mods, hydras = lora_modules(bb), hydra_modules(bb)
+    if not mods and not hydras:
         raise ExportError(f"the adapters {methods} hold no LoRA modules yet (colora allocates its ranks in prepare); "
                           "export after training")
-    if sum(len(a.modules) for a in bb.adapters) != len(mods):
+    if sum(len(a.modules) for a in bb.adapters) != len(mods) + len(hydras):
         raise ExportError("some adapter modules live outside the backbone's own model (SAM's mask decoder, tower=decoder): "
                           "peft's base is the image encoder only; export the model merged (--merged) instead")
-    factors = _export_factors(bb, mods, installed_ast_names())
+    names = installed_ast_names()
+    factors = _export_factors(bb, mods, names) if mods else {}
+    biases = {}
+    for key, (module, a, b, gamma, bias) in hydra_factors(bb, hydras, names).items():
+        if key in factors:
+            raise ExportError(f"{key}: a LoRA and a Hydra on one Linear have no single peft LoRA; export them merged (--merged)")
+        factors[key], biases[key] = (module, a, b, gamma), bias
     tensors, rank_of, alpha_of = {}, {}, {}
     for key, (module, a, b, gamma) in factors.items():
         tensors[f"{PREFIX}{key}.lora_A.weight"] = a
         tensors[f"{PREFIX}{key}.lora_B.weight"] = b
+        if hydras:  # lora_bias is one switch for every target: the LoRA modules get a zero bias
+            tensors[f"{PREFIX}{key}.lora_B.bias"] = biases.get(key, b.new_zeros(b.shape[0]))
         rank_of[module], alpha_of[module] = a.shape[0], gamma * a.shape[0]
     r, alpha = Counter(zip(rank_of.values(), alpha_of.values())).most_common(1)[0][0]
     head = head_target(model, family)
@@ -204,6 +215,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": int(r), "lora_alpha": float(alpha), "lora_dropout": float(bb.adapters[0].config.get("dropout", 0.0) or 0.0),
         "target_modules": sorted(rank_of), "bias": "none", "use_rslora": False, "use_dora": False,
+        "lora_bias": bool(hydras),
         "init_lora_weights": True, "fan_in_fan_out": False, "modules_to_save": [head[0]] if head else None,
         "rank_pattern": {_pattern_key(m): int(v) for m, v in sorted(rank_of.items()) if v != r},
         "alpha_pattern": {_pattern_key(m): float(alpha_of[m]) for m in sorted(rank_of) if alpha_of[m] != alpha},
@@ -236,6 +248,52 @@ def _export_factors(bb: Backbone, mods, ast_names: str, ast_prefix: str = "") ->
                 out[p.key] = (p.module, f[0], f[1], float(w.scaling))
     if bb.family == "clip":
         _complete_mha(bb, out)
+    return out
+
+
+def hydra_modules(bb: Backbone) -> list:
+    """``(path without wrappers, module)`` of every Hydra wrapper inside ``bb.model``."""
+    from zoo.adapters.hydra import HydraLinear
+
+    out = []
+    for name, m in bb.model.named_modules():
+        if isinstance(m, HydraLinear):
+            if isinstance(m.base, WrappedLayer) or ".base." in f".{name}.":
+                raise ExportError(f"{name}: stacked adapters on one Linear have no peft equivalent; export them merged (--merged)")
+            out.append((name, m))
+    return out
+
+
+def hydra_factors(bb: Backbone, mods, ast_names: str) -> dict[str, tuple]:
+    """``key -> (peft module, A′, B′, s, c)``: Hydra as one LoRA with a bias on B (Kim et al., see
+    :mod:`zoo.adapters.hydra`). With ``y0 = W0 x + b0`` the layer is
+
+        y0 + s·[B_p (A_p x + d_p) + u_p] + s·[B_s (A_s y0 + d_s) + u_s]
+          = y0 + s·(B′ A′ x + c),   A′ = [A_p; A_s W0],  B′ = [B_p, B_s],
+                                    c = B_p d_p + u_p + B_s (A_s b0 + d_s) + u_s
+
+    exactly: the sequential branch reads a linear function of x, so it is a low-rank delta of rank
+    r_s on the input (``A_s W0``: the base weight folded in, fixed because the base is frozen). peft
+    computes ``lora_B(lora_A(x)) · lora_alpha / r`` with a bias on ``lora_B`` when ``lora_bias=True``.
+    Only the function carries over: Hydra's dropout sits between down and up, peft's on the input."""
+    out = {}
+    for path, w in mods:
+        lin = w.linear()
+        if bb.family == "clip" and path.endswith((".attn.in_proj", ".attn.out_proj")):
+            raise ExportError(f"{path}: peft's MultiheadAttention LoRA has no lora_bias; a Hydra there has no peft "
+                              "equivalent (export it merged with --merged)")
+        w0 = lin.weight.detach()
+        b0 = lin.bias.detach() if lin.bias is not None else w0.new_zeros(w0.shape[0])
+        par, seq = w.par, w.seq
+        a = torch.cat([par.down.weight.detach(), seq.down.weight.detach() @ w0], 0)
+        b = torch.cat([par.up.weight.detach(), seq.up.weight.detach()], 1)
+        c = seq.up.weight.detach() @ (seq.down.weight.detach() @ b0)
+        for t in (par.bias_term(), seq.bias_term()):
+            if t is not None:
+                c = c + t.detach()
+        for p in parts(bb, path, lin.out_features, ast_names):
+            rows = slice(None) if p.rows is None else p.rows
+            out[p.key] = (p.module, a, b[rows].contiguous(), float(w.scale), c[rows].contiguous())
     return out
 
 
