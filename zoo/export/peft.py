@@ -150,13 +150,16 @@ def _meta(model: nn.Module, bb: Backbone, load_as: dict | None, head_where: str 
 
 def base_recipe(bb: Backbone) -> dict[str, Any]:
     """How to build the base model in its own library (for the docs / the record, never executed)."""
-    kw = {k: v for k, v in bb.build_kwargs.items()}
+    from zoo.backbones.base import _jsonable
+
+    kw = _jsonable(bb.build_kwargs)
     if bb.family in ("vit", "sam"):
         return {"library": "timm", "call": f"timm.create_model({bb.model_name!r}, **kwargs)", "kwargs": kw}
     if bb.family == "clip":
         return {"library": "open_clip", "call": f"open_clip.create_model({bb.model_name!r}, **kwargs)", "kwargs": kw}
-    return {"library": "transformers", "call": "transformers.ASTModel(ASTConfig(...))",
-            "note": "the AST's own weights converted with zoo.export.merged.ast_to_hf_state_dict"}
+    return {"library": "transformers", "call": "transformers.ASTModel.from_pretrained(...)",
+            "note": "the Hugging Face AST checkpoint the zoo AST was built from (weights_tag), or the base written by "
+                    "`python -m zoo export --format merged` of the plain backbone"}
 
 
 # --------------------------------------------------------------------------- export
