@@ -74,3 +74,14 @@ def test_merged_onnx_refuses_a_method_that_cannot_merge(tmp_path):
     zoo.apply_adapter(model, "vpt", num_tokens=2)
     with pytest.raises(ExportError, match="method 'vpt' cannot be merged"):
         export_onnx(model, tmp_path / "m.onnx", merged=True)
+
+
+@pytest.mark.slow
+def test_a_method_that_cannot_merge_is_exported_with_its_own_ops(tmp_path):
+    model = zoo.ImageClassifier(zoo_backbone("vit", library_model("vit"), tmp_path), 5)
+    zoo.apply_adapter(model, "vpt", num_tokens=2)
+    train_a_little(model)
+    export_onnx(model.eval(), tmp_path / "m.onnx")  # merged=None: vpt cannot merge, so its prompts are in the graph
+    for batch in (None, 3):
+        want, got, _ = run_both(model, tmp_path / "m.onnx", batch)
+        assert np.abs(want[0] - got[0]).max() < 1e-4
