@@ -56,7 +56,7 @@ def test_export_a_run_for_peft_and_merged(tmp_path, capsys):
 
 
 def test_a_method_peft_cannot_express_is_one_line_or_merged_on_request(tmp_path, capsys):
-    _, weights, run, model = finished_run(tmp_path, "ssf")
+    _, weights, run, _ = finished_run(tmp_path, "ssf")
     args = ["export", str(run), "--format", "peft", "--out", str(tmp_path / "out"), "--weights", str(weights)]
     assert cli(args) == 2
     err = capsys.readouterr().err

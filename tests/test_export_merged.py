@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zoo
-from tests.export_helpers import example_input, library_model, train_a_little, zoo_backbone
+from tests.export_helpers import (
+    example_input,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+)
 from zoo.export import ExportError, export_merged
 
 LOADER = textwrap.dedent("""

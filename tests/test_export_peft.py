@@ -10,8 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from tests.export_helpers import (FAMILIES, example_input, library_features, library_model, train_a_little,
-                                  zoo_backbone, zoo_features)
+from tests.export_helpers import (
+    FAMILIES,
+    example_input,
+    library_features,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+    zoo_features,
+)
 from zoo.export import ExportError, export_peft, load_peft
 
 peft = pytest.importorskip("peft")
@@ -57,7 +64,7 @@ def test_exported_lora_gives_the_zoo_outputs_in_peft(family, tmp_path):
 
 
 def test_q_v_slices_become_a_rank_2r_lora_on_qkv_with_zero_k_rows(tmp_path):
-    base, bb, model = adapted("vit", tmp_path, targets=["q", "v"], alpha=6.0)
+    _, _, model = adapted("vit", tmp_path, targets=["q", "v"], alpha=6.0)
     export_peft(model, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     t = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
@@ -73,7 +80,7 @@ def test_q_v_slices_become_a_rank_2r_lora_on_qkv_with_zero_k_rows(tmp_path):
 
 
 def test_ast_q_and_v_stay_rank_r_on_hf_query_and_value(tmp_path):
-    base, bb, model = adapted("ast", tmp_path, targets=["q", "v"])
+    _, _, model = adapted("ast", tmp_path, targets=["q", "v"])
     export_peft(model, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and sorted(cfg["target_modules"])[:2] == ["encoder.layer.0.attention.attention.query",
@@ -159,7 +166,7 @@ def _same_model(model, before):
 
 
 def test_mismatched_base_is_refused_and_the_model_is_unchanged(tmp_path):
-    base, bb, model = adapted("vit", tmp_path)
+    _, _, model = adapted("vit", tmp_path)
     export_peft(model, tmp_path / "peft")
     # another width: the factors do not fit
     other = zoo.create_backbone("vit", model="vit_tiny_patch16_224", pretrained=False, embed_dim=48, depth=2, num_heads=2, img_size=32)
@@ -183,7 +190,7 @@ def test_mismatched_base_is_refused_and_the_model_is_unchanged(tmp_path):
 
 
 def test_a_delta_the_zoo_config_cannot_hold_is_refused(tmp_path):
-    base, bb, model = adapted("vit", tmp_path, targets=["q", "v"])
+    base, _, model = adapted("vit", tmp_path, targets=["q", "v"])
     export_peft(model, tmp_path / "peft")
     f = tmp_path / "peft" / "adapter_model.safetensors"
     t = load_file(str(f))

@@ -8,8 +8,8 @@
 
 ``python -m zoo export NAME_OR_RUN --format peft|merged|onnx --out DIR`` runs them (docs/export.md).
 """
-from zoo.export.naming import ExportError
 from zoo.export.merged import export_merged
+from zoo.export.naming import ExportError
 from zoo.export.onnx import export_onnx
 from zoo.export.peft import export_peft, load_peft
 

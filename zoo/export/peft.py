@@ -60,8 +60,18 @@ from torch import nn
 from zoo.adapters.base import WrappedLayer
 from zoo.adapters.lora import LoRALinear
 from zoo.backbones.base import Backbone
-from zoo.export.naming import (AST_PREFIXES, BASE_CLASSES, ExportError, Part, check_family, installed_ast_names,
-                               linear_paths, part_index, parts, site_index)
+from zoo.export.naming import (
+    AST_PREFIXES,
+    BASE_CLASSES,
+    ExportError,
+    Part,
+    check_family,
+    installed_ast_names,
+    linear_paths,
+    part_index,
+    parts,
+    site_index,
+)
 from zoo.io import safetensors_bytes
 
 CONFIG = "adapter_config.json"
@@ -331,7 +341,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
         raw = load_file(str(path / WEIGHTS))
     except Exception as e:
         raise ExportError(f"{path / WEIGHTS} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+    tensors = {(k.removeprefix(PREFIX)): v for k, v in raw.items()}
     meta = json.loads((path / ZOO_META).read_text()) if (path / ZOO_META).is_file() else None
     return cfg, tensors, meta
 
