@@ -313,3 +313,15 @@ def test_hydra_is_one_lora_with_a_bias_in_peft(family, tmp_path):
     with pytest.raises(ExportError, match="lora_bias"):  # peft's adapter has a bias a zoo LoRA cannot hold
         load_peft(zoo_backbone(family, library_model(family, num_classes=5 if family == "vit" else 0), tmp_path),
                   tmp_path / "peft")
+
+
+def test_a_clip_out_proj_delta_warns_about_peft_mha(tmp_path):
+    _, _, model = adapted("clip", tmp_path, targets=["o"])
+    with pytest.warns(UserWarning, match="3774"):
+        export_peft(model, tmp_path / "peft")
+    _, _, model = adapted("clip", tmp_path, targets=["q", "v"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft(model, tmp_path / "peft2")  # zero out_proj factors: nothing to warn about

@@ -218,6 +218,12 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
             tensors[f"{PREFIX}{key}.lora_B.bias"] = biases.get(key, b.new_zeros(b.shape[0]))
         rank_of[module], alpha_of[module] = a.shape[0], gamma * a.shape[0]
     r, alpha = Counter(zip(rank_of.values(), alpha_of.values())).most_common(1)[0][0]
+    if any(k.endswith(".base_layer.out_proj") and f[2].any() for k, f in factors.items()):
+        import warnings
+
+        warnings.warn("this CLIP LoRA changes attention out_proj: peft <= 0.21's MultiheadAttention.merge (also run by "
+                      "its forward) adds that delta twice (huggingface/peft PR #3774); the exported factors are the "
+                      "correct ones, peft's outputs match once the fix is released", UserWarning, stacklevel=2)
     head = head_target(model, family)
     head_where = None
     if head is not None:
