@@ -10,6 +10,7 @@ A plain PyTorch library (no Lightning, no Hydra)::
     zoo.merge_adapters(bb, unload=True)
     model = zoo.from_zoo("vit-demo-lora")  # a published adapter, ready for inference
     zoo.export_peft(model, "out/peft")  # the same adapter for peft on timm / open_clip / transformers
+    served = zoo.MultiAdapter.from_artifacts({"cats": "runs/cats", "cars": "runs/cars"})  # adapters share a batch
 """
 __version__ = "0.1.0"
 
@@ -36,5 +37,6 @@ from zoo.checkpoint import AdapterMismatchError, adapter_state_dict, load_adapte
 from zoo.export import ExportError, export_merged, export_onnx, export_peft, load_peft  # noqa: E402
 from zoo.heads import HEADS, DenseRegressor, ImageClassifier, MultiHeadClassifier, build_head_model, register_head  # noqa: E402
 from zoo.hub import from_zoo  # noqa: E402
+from zoo.multi_adapter import MultiAdapter  # noqa: E402
 from zoo.registry import UnknownNameError  # noqa: E402
 from zoo.sites import SITE_KINDS, Site, SiteError, find_sites  # noqa: E402
