@@ -11,6 +11,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -141,3 +142,15 @@ def assert_optimizer_resumes_exactly(make_model, n_steps: int, split: int, lr: f
     for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     return opt
+
+
+class OneLinear(nn.Module):
+    """A model that is one Linear named ``lin``: peft's tuners wrap it by name (``target_modules=["lin"]``),
+    for tests that compare a zoo wrapper with peft's on the same layer."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.lin(x)

@@ -32,7 +32,8 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, dropout_option, float_option, int_option
-from zoo.adapters.lora import LoRALinear, linear_site_groups
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import LoRALinear
 
 
 class DyLoRALinear(LoRALinear):
@@ -102,9 +103,8 @@ class DyLoRA(Adapter):
         self.sampled: int | None = None  # the b of the current training step
 
     def attach(self, backbone) -> None:
-        for group in linear_site_groups(self, self.targets, self.layers, "DyLoRA"):
-            slices = {s.kind: s.out_slice for s in group}
-            self.replace(group[0], DyLoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices,
+        for site, slices in linear_site_groups(self, "DyLoRA"):
+            self.replace(site, DyLoRALinear(site.module, self.rank, self.alpha, self.dropout, slices,
                                                 self.frozen, self.eval_rank))
 
     def sample_rank(self, step: int) -> int:

@@ -41,7 +41,8 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, dropout_option, float_option, int_option
-from zoo.adapters.lora import LoRALinear, linear_site_groups
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import LoRALinear
 from zoo.sites import unwrap
 
 
@@ -112,9 +113,10 @@ class EVA(Adapter):
     def units(self) -> list[tuple[str, object, str, slice | None]]:
         """``(key, site, slice name, out_slice)`` per adapted weight: a whole Linear, or a q / k / v slice."""
         out = []
-        for group in linear_site_groups(self, self.targets, self.layers, "EVA"):
-            for s in group:  # a slice site's path names the slice (blocks.0.attn.qkv[q])
-                out.append((s.path, s, s.kind, s.out_slice))
+        for site, slices in linear_site_groups(self, "EVA"):
+            path = site.path.split("[")[0]  # a slice site's path names its slice: blocks.0.attn.qkv[q]
+            for kind, sl in slices.items():
+                out.append((path if sl is None else f"{path}[{kind}]", site, kind, sl))
         return out
 
     def attach(self, backbone) -> None:

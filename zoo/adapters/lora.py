@@ -250,18 +250,3 @@ class LoRA(Adapter):
                     for b in w.lora_B.values():
                         nn.init.kaiming_uniform_(b, a=math.sqrt(5))
 
-
-def linear_site_groups(adapter: Adapter, targets, layers, who: str) -> list[list]:
-    """The Linear sites of ``targets`` grouped per module (q and v of one fused qkv together), for the
-    LoRA-family methods that adapt Linear layers only; a convolution site is refused in one line."""
-    valid = LINEAR_SITES
-    bad = [t for t in targets if t in SITE_KINDS and t not in valid]
-    if bad:
-        raise SiteError(f"{who} adapts Linear sites {valid}, not {bad}")
-    groups = group_by_module(adapter.sites(targets, layers))
-    for g in groups:
-        base = unwrap(g[0].module)
-        if not isinstance(base, nn.Linear):
-            raise SiteError(f"{who} adapts Linear layers; {g[0].path} is a {type(base).__name__} "
-                            f"(on a convolutional backbone use adapter=lora)")
-    return groups

@@ -31,7 +31,8 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, dropout_option, float_option, int_option
-from zoo.adapters.lora import LoRALinear, linear_site_groups, lora_scaling
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import LoRALinear, lora_scaling
 
 DIRECTIONS = ("ArB2r", "ArBr", "A2rBr", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -130,9 +131,8 @@ class LoRAGA(Adapter):
         self.initialized = False
 
     def attach(self, backbone) -> None:
-        for group in linear_site_groups(self, self.targets, self.layers, "LoRA-GA"):
-            slices = {s.kind: s.out_slice for s in group}
-            self.replace(group[0], LoRAGALinear(group[0].module, self.rank, self.alpha, self.dropout, slices,
+        for site, slices in linear_site_groups(self, "LoRA-GA"):
+            self.replace(site, LoRAGALinear(site.module, self.rank, self.alpha, self.dropout, slices,
                                                 self.scaling))
 
     def prepare(self, model: nn.Module, dataloader, loss_fn=None) -> None:

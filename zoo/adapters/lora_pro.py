@@ -41,7 +41,8 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, dropout_option, float_option, int_option
-from zoo.adapters.lora import LoRALinear, linear_site_groups, lora_scaling
+from zoo.adapters.linear_sites import linear_site_groups
+from zoo.adapters.lora import LoRALinear, lora_scaling
 
 JITTER = 1e-8
 
@@ -167,9 +168,8 @@ class LoRAPro(Adapter):
         self.targets, self.layers = list(targets), layers
 
     def attach(self, backbone) -> None:
-        for group in linear_site_groups(self, self.targets, self.layers, "LoRA-Pro"):
-            slices = {s.kind: s.out_slice for s in group}
-            self.replace(group[0], LoRALinear(group[0].module, self.rank, self.alpha, self.dropout, slices, self.scaling))
+        for site, slices in linear_site_groups(self, "LoRA-Pro"):
+            self.replace(site, LoRALinear(site.module, self.rank, self.alpha, self.dropout, slices, self.scaling))
 
     def pairs(self) -> list[tuple[nn.Parameter, slice, nn.Parameter, float]]:
         out = []
