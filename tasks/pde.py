@@ -280,6 +280,14 @@ class PDEDataModule(L.LightningDataModule):
         if stage == "validate":
             self._sets["val"] = self._datasets("val", self.horizon, [0])
 
+    def split_info(self) -> dict:
+        """PDEBench files: the module's seeded 80/10/10 split of trajectories; The Well: its train / valid / test
+        folders. Sizes count windows (train) and trajectories (val, test: one rollout from t = 0 each)."""
+        well = any(p.is_dir() for p in self.resolve_paths())
+        names = {"train": "train", "val": "valid" if well else "val", "test": "test"}
+        return {s: {"name": names[s], "size": len(self._sets[s]) if s in self._sets else None} for s in names} \
+            | {"val_overlaps_test": False}
+
     def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
         # the sampler is built here from the trainer's world size: one process and P processes with the
         # same global batch take the same steps (tasks/data/sampling.py)

@@ -296,6 +296,9 @@ class SegmentationTask(ZooTask):
         groups = self.param_groups(c["lr"], c["weight_decay"])
         opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        horizon = self.sched_cfg.get("schedule_epochs")  # SAMed: poly over max_epochs=200, training stops at 160
+        if horizon:
+            total = max(1, round(total * float(horizon) / max(1, self.trainer.max_epochs or 1)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(int(self.sched_cfg.get("warmup_iters", 0)), total,
                                                                    float(self.sched_cfg.get("power", 0.9))))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
