@@ -349,6 +349,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "adapter": cfg.adapter.name,
         "adapter_config": _plain(cfg.adapter),
         "backbone": cfg.backbone.model,
+        "backbone_config": _plain(cfg.backbone),  # its weights and options: bench.vtab groups by them
         "task": cfg.task.get("name"),
         "dataset": cfg.task.get("dataset"),
         "protocol": protocol_record(cfg.task.get("protocol"), splits, selection, task.protocol_details(dm)),
