@@ -275,3 +275,52 @@ def check_protocol_record(m: dict) -> None:
     assert "normalisation" in p
     if m["selection"] == "val":
         assert not p["val_overlaps_test"] and p["splits"]["val"] is not None
+
+
+# ------------------------------------------------------------------ PDE: PDEBench's metric_func axes
+def _pdebench_metric_func(pred, target):
+    """PDEBench ``metric_func`` (``pdebench/models/metrics.py``) for 1-D data, written here in numpy from its
+    definitions: arrays ``(batch, nx, nt, nc)``; returns (nRMSE, max error), each averaged over channels and time."""
+    import numpy as np
+
+    p, t = np.moveaxis(pred, 3, 1), np.moveaxis(target, 3, 1)  # (nb, nc, nx, nt)
+    err_mean = np.sqrt(np.mean((p - t) ** 2, axis=2))  # (nb, nc, nt)
+    nrm = np.sqrt(np.mean(t ** 2, axis=2))
+    n_rmse = np.mean(err_mean / nrm, axis=0)  # (nc, nt)
+    err_max = np.max(np.max(np.abs(p - t), axis=2), axis=0)  # worst point of all the data, per channel and step
+    return float(n_rmse.mean()), float(err_max.mean())
+
+
+def test_pde_nrmse_and_max_error_follow_pdebench_per_channel():
+    import numpy as np
+    import torch
+
+    from tasks.metrics.pde import RolloutMetrics
+
+    rng = np.random.default_rng(0)
+    B, K, X = 3, 2, 16
+    vx = rng.normal(size=(B, K, X))
+    true = np.stack([vx, 0.3 * vx], axis=-1)  # a velocity field with V_y = 0.3 V_x: two channels, uneven energy
+    pred = true + 0.1 * rng.normal(size=true.shape)  # the same absolute error on both components
+    ours = RolloutMetrics()
+    # (B, K, X, C) -> the zoo's (B, K, F=1, C, D=1, H=1, W=X)
+    to_zoo = lambda a: torch.from_numpy(a).permute(0, 1, 3, 2)[:, :, None, :, None, None, :]  # noqa: E731
+    ours.update(to_zoo(pred), to_zoo(true))
+    s = ours.summary()
+    ref_nrmse, ref_max = _pdebench_metric_func(pred.transpose(0, 2, 1, 3), true.transpose(0, 2, 1, 3))
+    assert s["nrmse"] == pytest.approx(ref_nrmse, rel=1e-5)
+    assert s["max_err"] == pytest.approx(ref_max, rel=1e-12)
+    # pooling the components before the ratio (the earlier definition) is well below PDEBench's value
+    pooled = np.mean(np.sqrt(((pred - true) ** 2).mean(axis=(2, 3)) / (true ** 2).mean(axis=(2, 3))))
+    assert ref_nrmse > 1.3 * pooled
+
+
+def test_pde_rollout_runs_to_the_trajectory_end_and_is_recorded(tmp_path):
+    m = run_train(["experiment=tiny_pde", "adapter=lora", "task.rollout_horizon=full", "task.max_epochs=1"], tmp_path)
+    p = m["protocol"]
+    # the tiny recipe's trajectories have 9 frames: from t = 0 with one context frame, 8 rollout steps (PDEBench)
+    assert p["initial_step"] == 1 and p["horizon"] == {"full": [8]} and p["start"] == 0
+    assert p["normalisation"]["revin"] == "trajectory" and m["test/max_err"] is not None
+    tables = json.loads((Path(m["out_dir"]) / "rollout_metrics.json").read_text())["metrics"]
+    assert len(tables["nrmse"]) == 8
+    assert m["selection"] == "val" and m["validated_on"] == "val" and not p["val_overlaps_test"]
