@@ -324,3 +324,22 @@ def test_pde_rollout_runs_to_the_trajectory_end_and_is_recorded(tmp_path):
     tables = json.loads((Path(m["out_dir"]) / "rollout_metrics.json").read_text())["metrics"]
     assert len(tables["nrmse"]) == 8
     assert m["selection"] == "val" and m["validated_on"] == "val" and not p["val_overlaps_test"]
+
+
+# ------------------------------------------------------------------ restoration: each dataset's own PSNR convention
+@pytest.mark.parametrize("dataset, eight_bit", [("denoise", False), ("deblur", True), ("derain", True)])
+def test_restoration_psnr_convention_follows_nafnet_per_dataset(dataset, eight_bit):
+    import math
+
+    import torch
+
+    from tasks.metrics.restoration import psnr
+    from tasks.restoration import metric_convention
+
+    cfg = metric_convention({"crop_border": None, "y_channel": None, "quantize": None}, dataset, 2)
+    target = torch.full((1, 3, 8, 8), 0.5)
+    pred = target + 0.0015  # below half an 8-bit step: rounds to the target
+    mse = 0.0 if eight_bit else 0.0015 ** 2  # NAFNet SIDD (use_image: false) scores the float output
+    expect = math.inf if eight_bit else 10 * math.log10(1 / mse)
+    got = psnr(pred, target, **cfg).item()
+    assert (got == expect) if eight_bit else got == pytest.approx(expect, rel=1e-4)
