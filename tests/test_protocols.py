@@ -343,3 +343,21 @@ def test_restoration_psnr_convention_follows_nafnet_per_dataset(dataset, eight_b
     expect = math.inf if eight_bit else 10 * math.log10(1 / mse)
     got = psnr(pred, target, **cfg).item()
     assert (got == expect) if eight_bit else got == pytest.approx(expect, rel=1e-4)
+
+
+# ------------------------------------------------------------------ captioning: the backend is recorded, METEOR never silently null
+def test_captioning_without_java_refuses_meteor_and_records_its_backend(tmp_path, monkeypatch):
+    import tasks.metrics.captioning as cm
+    from tasks.runner import build_task, user_error_of
+
+    monkeypatch.setattr(cm, "java_available", lambda: False)
+    cfg = compose_config(["experiment=tiny_caption", "adapter=lora", "task.metrics.backend=auto",
+                          "task.metrics.meteor_test=true"])
+    with pytest.raises(Exception) as e:
+        build_task(cfg)
+    err = user_error_of(e.value)
+    assert isinstance(err, ValueError) and "METEOR was asked for" in str(err) and "Java" in str(err)
+    # auto without METEOR: pure scores, and the record says they are not the published (PTB) kind
+    m = run_train(["experiment=tiny_caption", "adapter=lora", "task.metrics.backend=auto"], tmp_path)
+    metric = m["protocol"]["metric"]
+    assert metric["backend"] == "pure" and metric["comparable_with_published"] is False and m["test/meteor"] is None
