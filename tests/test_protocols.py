@@ -361,3 +361,27 @@ def test_captioning_without_java_refuses_meteor_and_records_its_backend(tmp_path
     m = run_train(["experiment=tiny_caption", "adapter=lora", "task.metrics.backend=auto"], tmp_path)
     metric = m["protocol"]["metric"]
     assert metric["backend"] == "pure" and metric["comparable_with_published"] is False and m["test/meteor"] is None
+
+
+# ------------------------------------------------------------------ MORPH: the reference's conv stack for any conv_filter
+@pytest.mark.parametrize("conv_filter", [8, 16, 24, 48, 64])
+def test_morph_conv_stack_follows_lanl_morph_for_any_filter_count(conv_filter):
+    import torch.nn as nn
+
+    from zoo.backbones.morph_model import ConvOperator, MorphConfig, count_parameters
+
+    # lanl/MORPH src/utils/convolutional_operator.py: prev = 8; while prev < f: nxt = min(prev * 2, f); ...;
+    # then one more conv prev -> f
+    expected, prev = [], 8
+    while prev < conv_filter:
+        nxt = min(prev * 2, conv_filter)
+        expected.append((prev, nxt))
+        prev = nxt
+    expected.append((prev, conv_filter))
+    op = ConvOperator(conv_filter)
+    got = [(m.in_channels, m.out_channels) for m in op.conv_stack if isinstance(m, nn.Conv3d)]
+    assert got == expected
+    cfg = MorphConfig(conv_filter=conv_filter, dim=32, heads=4, depth=1, mlp_dim=64)
+    conv_params = 3 * 8 + sum(a * b * 27 for a, b in expected)
+    assert count_parameters(cfg) - count_parameters(MorphConfig(conv_filter=8, dim=32, heads=4, depth=1, mlp_dim=64)) \
+        == conv_params - (3 * 8 + 8 * 8 * 27) + (conv_filter - 8) * 8 ** 3 * 32
