@@ -385,3 +385,31 @@ def test_morph_conv_stack_follows_lanl_morph_for_any_filter_count(conv_filter):
     conv_params = 3 * 8 + sum(a * b * 27 for a, b in expected)
     assert count_parameters(cfg) - count_parameters(MorphConfig(conv_filter=8, dim=32, heads=4, depth=1, mlp_dim=64)) \
         == conv_params - (3 * 8 + 8 * 8 * 27) + (conv_filter - 8) * 8 ** 3 * 32
+
+
+# ------------------------------------------------------------------ AST: the checkpoint's own position grid
+TINY_AST = {"model": "deit_tiny_distilled_patch16_224", "pretrained": False,
+            "embed_dim": 16, "depth": 1, "num_heads": 2}
+
+
+@pytest.mark.parametrize("bins, fstride, rows", [(48, 10, 4), (40, 10, 3), (72, 10, 6), (128, 20, 6)])
+def test_ast_audioset_checkpoint_grid_is_read_from_the_checkpoint(tmp_path, bins, fstride, rows):
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.backbones.ast import ASTBackbone
+
+    src = ASTBackbone(max_length=1024, num_mel_bins=128, **TINY_AST)  # the AudioSet geometry: 12 x 101
+    sd = {k: v.clone().contiguous() for k, v in src.model.state_dict().items()}
+    f0, t0 = 12, 101
+    code = torch.arange(f0 * t0, dtype=torch.float32).reshape(1, f0 * t0, 1).expand(1, f0 * t0, 16)
+    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :2], code], dim=1).contiguous()  # entry = row * 101 + column
+    save_file(sd, str(tmp_path / "ast.safetensors"))
+    new = ASTBackbone(weights=str(tmp_path / "ast.safetensors"), max_length=1024, num_mel_bins=bins, fstride=fstride,
+                      **TINY_AST)
+    assert new.checkpoint_grid == (12, 101)
+    # ast_models.py: f_dim < 12 -> rows [12//2 - f_dim//2, +f_dim) of the 12 x 101 table, time unchanged (t = 101)
+    start = f0 // 2 - rows // 2
+    expect = torch.tensor([[r * t0 + c for c in range(t0)] for r in range(start, start + rows)], dtype=torch.float32)
+    got = new.model.pos_embed[0, 2:, 0].detach().reshape(rows, t0)
+    assert torch.equal(got, expect)
