@@ -413,3 +413,24 @@ def test_ast_audioset_checkpoint_grid_is_read_from_the_checkpoint(tmp_path, bins
     expect = torch.tensor([[r * t0 + c for c in range(t0)] for r in range(start, start + rows)], dtype=torch.float32)
     got = new.model.pos_embed[0, 2:, 0].detach().reshape(rows, t0)
     assert torch.equal(got, expect)
+
+
+# ------------------------------------------------------------------ AST: get_norm_stats.py's statistics
+def test_dataset_stats_are_get_norm_stats_over_padded_batches():
+    import numpy as np
+    import torch
+
+    from zoo.audio import dataset_stats
+
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randn(n, 8, generator=g) * 3 - 5 for n in (4, 7, 10, 12, 6)]  # unequal lengths
+    T, B = 10, 2
+    # get_norm_stats.py: the loader pads each fbank with zeros to target_length (cuts longer ones), batches of
+    # batch_size; torch.mean / torch.std of each batch, then np.mean over the batches
+    padded = [torch.cat([c, torch.zeros(T - len(c), 8)]) if len(c) < T else c[:T] for c in clips]
+    batches = [torch.stack(padded[i:i + B]) for i in range(0, len(padded), B)]
+    expect = (np.mean([float(torch.mean(b)) for b in batches]), np.mean([float(torch.std(b)) for b in batches]))
+    assert dataset_stats(clips, target_length=T, batch_size=B) == pytest.approx(expect, rel=1e-6)
+    # the earlier per-clip average of unpadded features is another number
+    per_clip = (np.mean([float(c.mean()) for c in clips]), np.mean([float(c.std()) for c in clips]))
+    assert abs(per_clip[0] - expect[0]) > 0.1

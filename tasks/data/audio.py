@@ -643,7 +643,8 @@ class AudioDataModule(L.LightningDataModule):
             else:  # from the training split, raw fbanks (cached for training anyway)
                 stats_source = "train split"
                 probe = FrontEnd(max_length, args=args, cache_dir=cache_dir)
-                mean, std = dataset_stats(probe.load(p) for p, _ in self.splits["train"] if "#" not in p)
+                mean, std = dataset_stats((probe.load(p) for p, _ in self.splits["train"] if "#" not in p),
+                                          target_length=max_length)
         self.mean, self.std = float(mean), float(std)
         self.normalisation = {"mean": self.mean, "std": self.std, "source": stats_source}
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
