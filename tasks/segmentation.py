@@ -173,9 +173,10 @@ class SegmentationTask(ZooTask):
         norm = batch["norm"]
         if self.mode == "prompted":
             return predict_volume(lambda x, y: self._predict_slices(norm(x.to(self.device)), y.to(self.device)),
-                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy())
+                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy(),
+                                  input_size=self.meta.get("volume_input_size"))
         return predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), batch["volume"].numpy(),
-                              self.model.backbone.img_size)
+                              self.model.backbone.img_size, input_size=self.meta.get("volume_input_size"))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)

@@ -434,3 +434,27 @@ def test_dataset_stats_are_get_norm_stats_over_padded_batches():
     # the earlier per-clip average of unpadded features is another number
     per_clip = (np.mean([float(c.mean()) for c in clips]), np.mean([float(c.std()) for c in clips]))
     assert abs(per_clip[0] - expect[0]) > 0.1
+
+
+def test_samed_volume_evaluation_goes_through_its_input_size():
+    import numpy as np
+    from scipy.ndimage import zoom
+
+    from tasks.data.segmentation_layouts import predict_volume
+
+    assert compose_config(["experiment=samed_synapse"]).task.volume_input_size == 224
+    rng = np.random.default_rng(0)
+    vol = rng.random((3, 32, 32)).astype(np.float32)
+    seen = []
+
+    def predict(x):  # records what the model receives; "segments" by thresholding channel 0
+        seen.append(x[:, 0].numpy().copy())
+        return (x[:, 0] > 0.5).long()
+
+    out = predict_volume(predict, vol, img_size=32, input_size=14)
+    # SAMed utils.test_single_volume: slice (x, y) -> zoom to input_size (order 3) -> zoom to patch_size
+    # (order 3) -> net -> argmax -> zoom back to (x, y) with order 0
+    ref_inputs = [zoom(zoom(s, (14 / 32, 14 / 32), order=3), (32 / 14, 32 / 14), order=3) for s in vol]
+    assert np.allclose(np.concatenate(seen), np.stack(ref_inputs), atol=1e-6)
+    assert np.array_equal(out, np.stack([(r > 0.5).astype(np.int64) for r in ref_inputs]))
+    assert not np.allclose(ref_inputs[0], vol[0], atol=1e-2)  # the 14-pixel bottleneck changes the input
