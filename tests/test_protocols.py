@@ -458,3 +458,46 @@ def test_samed_volume_evaluation_goes_through_its_input_size():
     assert np.allclose(np.concatenate(seen), np.stack(ref_inputs), atol=1e-6)
     assert np.array_equal(out, np.stack([(r > 0.5).astype(np.int64) for r in ref_inputs]))
     assert not np.allclose(ref_inputs[0], vol[0], atol=1e-2)  # the 14-pixel bottleneck changes the input
+
+
+# ------------------------------------------------------------------ SAM's predictor pipeline for natural images
+def test_sam_longest_side_pipeline_matches_segment_anything():
+    import numpy as np
+    import torch
+    from segment_anything.modeling import Sam
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from zoo.backbones.sam_transforms import postprocess, prepare, preprocess_shape
+
+    S, mean, std = 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rng = np.random.default_rng(0)
+    img8 = (rng.random((97, 143, 3)) * 255).astype(np.uint8)  # a 97 x 143 natural image
+    assert preprocess_shape(97, 143, S) == ResizeLongestSide.get_preprocess_shape(97, 143, S) == (43, 64)
+    # the predictor: ResizeLongestSide.apply_image (PIL), then Sam.preprocess (normalise, pad bottom/right)
+    resized = torch.from_numpy(ResizeLongestSide(S).apply_image(img8)).permute(2, 0, 1).float() / 255
+    fake = type("S", (), {"pixel_mean": torch.tensor(mean).view(3, 1, 1), "pixel_std": torch.tensor(std).view(3, 1, 1),
+                          "image_encoder": type("E", (), {"img_size": S})()})()
+    ref = Sam.preprocess(fake, resized[None])
+    ours, shape = prepare(torch.from_numpy(img8).permute(2, 0, 1).float() / 255, S, mean, std)
+    assert shape == (43, 64) and ours.shape == ref.shape == (1, 3, S, S)
+    assert torch.equal(ours[..., 43:, :], torch.zeros_like(ours[..., 43:, :]))  # the padding, as SAM's
+    assert (ours - ref).abs().mean() < 0.02  # torch's antialiased bilinear vs PIL's, on 8-bit input
+    logits = torch.randn(1, 2, S // 4, S // 4)
+    assert torch.equal(postprocess(logits, S, shape, (97, 143)), Sam.postprocess_masks(fake, logits, shape, (97, 143)))
+    # a square resize (SAMed's) is another input: the stretched image differs from the padded one
+    square, _ = prepare(torch.from_numpy(img8).permute(2, 0, 1).float() / 255, S, mean, std, pipeline="square")
+    assert not torch.allclose(square, ours)
+
+
+def test_sam_segmenter_predicts_a_natural_image_at_its_own_size():
+    import torch
+
+    from tests.seg_helpers import tiny_segmenter
+
+    torch.manual_seed(0)
+    model = tiny_segmenter(num_classes=2).eval()
+    image = torch.rand(3, 97, 143)
+    labels = model.predict_image(image)
+    assert labels.shape == (97, 143) and labels.dtype == torch.long and int(labels.max()) <= 2
+    with pytest.raises(ValueError, match="valid: longest_side, square"):
+        model.predict_image(image, pipeline="stretch")
