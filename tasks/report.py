@@ -67,13 +67,14 @@ def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str
     from tasks.protocol import comparable_key
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for m in rows:
-        groups.setdefault(comparable_key(m, ignore=PER_DATASET), []).append(m)
+    for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
+        key = comparable_key(m, ignore=PER_DATASET) if isinstance(m.get("protocol"), dict) else ("not recorded",)
+        groups.setdefault(key, []).append(m)
     out = []
     for rs in groups.values():
         p = rs[0].get("protocol")
         desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
-                if isinstance(p, dict) else f"protocol={p}")
+                if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
         out.append((desc, rs))
     return out
 
