@@ -9,6 +9,7 @@ A plain PyTorch library (no Lightning, no Hydra)::
     zoo.save_adapter(bb, "out/dir"); zoo.load_adapter(other_bb, "out/dir")
     zoo.merge_adapters(bb, unload=True)
     model = zoo.from_zoo("vit-demo-lora")  # a published adapter, ready for inference
+    zoo.export_peft(model, "out/peft")  # the same adapter for peft on timm / open_clip / transformers
     served = zoo.MultiAdapter.from_artifacts({"cats": "runs/cats", "cars": "runs/cars"})  # adapters share a batch
 """
 __version__ = "0.1.0"
@@ -20,12 +21,13 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "zoo.activation_checkpoint": ("checkpoint_blocks",),
     "zoo.adapters": ("ADAPTERS", "register_adapter"),
     "zoo.adapters.base": ("Adapter", "AdapterModule", "NotMergeableError", "StepContext", "WrappedLayer"),
-    "zoo.api": ("adapters_of", "apply_adapter", "before_optimizer_step", "count_parameters", "extra_loss",
-                "find_backbone", "list_adapters", "merge_adapters", "param_groups", "prepare_adapters",
-                "remove_adapters", "set_task", "unmerge_adapters"),
+    "zoo.api": ("adapters_of", "apply_adapter", "before_optimizer_step", "build_optimizer", "count_parameters",
+                "extra_loss", "find_backbone", "list_adapters", "merge_adapters", "on_train_step", "param_groups",
+                "prepare_adapters", "remove_adapters", "set_task", "unmerge_adapters"),
     "zoo.backbones": ("BACKBONES", "Backbone", "WeightsUnavailableError", "create_backbone", "list_backbones",
                       "register_backbone"),
     "zoo.checkpoint": ("AdapterMismatchError", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"),
+    "zoo.export": ("ExportError", "export_merged", "export_onnx", "export_peft", "load_peft"),
     "zoo.heads": ("HEADS", "DenseRegressor", "ImageClassifier", "MultiHeadClassifier", "build_head_model", "register_head"),
     "zoo.hub": ("from_zoo",),
     "zoo.multi_adapter": ("MultiAdapter",),
@@ -33,7 +35,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "zoo.sites": ("SITE_KINDS", "Site", "SiteError", "find_sites"),
 }
 _WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
-_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "heads", "hub", "io",
+_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "export", "heads", "hub", "io",
                "multi_adapter", "predict", "registry", "sites", "zeroshot")
 __all__ = sorted(_WHERE)
 
