@@ -188,3 +188,10 @@ def test_an_audio_folder_needs_no_class_count(tmp_path):
     assert compose_config(["task=audio", "backbone=ast_demo", "task.dataset=esc50"]).task.num_classes == 50
     assert compose_config(["task=audio", "backbone=ast_demo", "task.dataset=folder", "task.num_classes=7",
                            f"task.data_dir={tmp_path}/sounds"]).task.num_classes == 7
+
+
+def test_every_lazy_public_name_resolves():
+    import zoo
+
+    missing = [n for n in zoo.__all__ if getattr(zoo, n, None) is None]
+    assert missing == [] and "apply_adapter" in dir(zoo)
