@@ -35,7 +35,7 @@ def test_train_then_predict_from_the_command_line(tmp_path):
     _run(["train.py", "experiment=tiny", "adapter=lora", "data.layout=imagefolder", f"data.root={data}",
           "data.batch_size=8", f"hydra.run.dir={run}"])
     m = json.loads((run / "metrics.json").read_text())
-    assert m["dataset"] == "mycats" and m["test/acc"] is not None
+    assert m["dataset"] == "mycats" and m["test/acc"] is not None and m["validated_on"] == "val"
     meta = json.loads((run / "adapter" / "adapter.json").read_text())
     assert meta["task"]["class_names"] == ["cats", "dogs"]
     assert meta["preprocessing"]["crop_pct"] == pytest.approx(0.9)  # timm's resolved config of the backbone
@@ -91,6 +91,9 @@ def test_one_folder_split_is_stratified_and_fixed_by_file_names(tmp_path):
     assert [sum(1 for _, y in again["val"] if y == c) for c in (0, 1)] == [6, 6]
     assert read_imagefolder(root, 0.2)[0] == again  # deterministic
     assert num_classes("imagefolder", "ignored", str(root)) == 2
+    dm = ImageFolderDataModule(str(root), val_fraction=0.2, img_size=32)
+    info = dm.split_info()
+    assert info["val"] == {"name": "0.2 of each class (file-name hash)", "size": 12} and info["test"] is None
 
 
 def test_transforms_are_timms_for_the_backbone(tmp_path):

@@ -91,6 +91,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         self.root = Path(root).expanduser()
         self.splits, self.class_names = read_imagefolder(self.root, val_fraction)
+        self.val_fraction = float(val_fraction)
         self.num_classes = len(self.class_names)
         self.task = self.dataset_name = self.root.name  # the run's dataset name (metrics.json, the artifact)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -110,6 +111,14 @@ class ImageFolderDataModule(L.LightningDataModule):
     def split_files(self, split: str) -> list[str]:
         """The image files of ``split`` (``eval.py +predict=DIR``)."""
         return [p for p, _ in self.splits[split]]
+
+    def split_info(self) -> dict:
+        """The protocol record's splits: the folders, or the validation share split off ``train/``."""
+        own_val = (self.root / "val").is_dir()
+        names = {"train": "train" if own_val or not (self.root / "train").is_dir() else "train (rest)",
+                 "val": "val" if own_val else f"{self.val_fraction:g} of each class (file-name hash)", "test": "test"}
+        return {s: {"name": names[s], "size": len(self.splits[s])} if self.splits[s] else None
+                for s in ("train", "val", "test")} | {"val_overlaps_test": False}
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
