@@ -28,6 +28,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # The canonical 19 VTAB-1k tasks (folder names of get_vtab1k.py) by group, in the papers' column
 # order, from the task table of the data module (tasks/data/vtab.py).
@@ -50,25 +51,41 @@ SHORT = {  # column headers as in the papers
     "smallnorb_ele": "sNORB-Elev",
 }
 
-# Published VTAB-1k results, ViT-B/16 supervised ImageNet-21k (anchors.md, section c):
-# method -> (zoo adapter name or None, group mean as the papers report, V-PETL Bench 19-task
-# mean, V-PETL params in M, source of the group mean).
-REFERENCE: list[tuple[str, str | None, float | None, float | None, float | None, str]] = [
-    ("Full fine-tuning", "full", 68.9, 65.57, 85.8, "NOAH table 1; Hydra README"),
-    ("Linear probing", "linear", 57.6, 52.94, 0.0, "NOAH table 1; Hydra README"),
-    ("BitFit", "bitfit", None, 62.05, 0.10, "V-PETL Bench only"),
-    ("VPT-Shallow", None, None, 64.85, 0.08, "V-PETL Bench only"),
-    ("VPT-Deep", "vpt", 72.0, 69.43, 0.56, "NOAH table 1; Hydra README"),
-    ("Adapter (Houlsby, bottleneck 8)", "adapter", 73.9, 71.44, 0.16, "NOAH table 1; Hydra README"),
-    ("LoRA", "lora", 74.5, 72.25, 0.29, "NOAH table 1; Hydra README"),
-    ("AdaptFormer", None, 74.7, 72.32, 0.16, "Hydra README"),
-    ("NOAH", None, 75.5, 73.25, 0.43, "NOAH table 1"),
-    ("FacT-TK", None, 75.6, 73.23, 0.07, "Hydra README"),
-    ("SSF", "ssf", 75.7, 73.10, 0.21, "Hydra README"),
-    ("RepAdapter", None, 76.1, 73.84, 0.22, "Hydra README"),
-    ("Hydra", "hydra", 76.5, 74.21, 0.28, "extremebird/Hydra vtab1k/README.md"),
-    ("Bi-AdaptFormer-32 (1-bit)", None, 77.0, None, None, "JieShibo/PETL-ViT binary_adapter/README.md"),
-    ("Bi-LoRA-32 (1-bit)", None, 76.7, None, None, "JieShibo/PETL-ViT binary_adapter/README.md"),
+# Published VTAB-1k results, ViT-B/16 supervised ImageNet-21k (anchors.md, section c). Each row names the zoo
+# configuration that reproduces it: the adapter's name and the values of its resolved config that tell the method
+# apart from others of the same name (Houlsby and AdaptFormer are both ``adapter``, told apart by ``style``; VPT
+# shallow and deep by ``mode``; Bi-AdaptFormer and Bi-LoRA by ``base``), and the input normalisation of the paper's
+# code (``data.normalize``: the checkpoint's mean = std = 0.5 as vtab_sweep; the binary adapters feed [0, 1] pixels).
+class Published(NamedTuple):
+    method: str
+    adapter: str | None          # the zoo adapter's name (None: not in the zoo)
+    config: dict[str, Any]       # resolved adapter-config values the run must have
+    group_mean: float | None     # as the papers report
+    task_mean: float | None      # V-PETL Bench's 19-task mean
+    params_m: float | None       # V-PETL params in M
+    source: str
+    normalize: str = "backbone"  # the data.normalize of the paper's pipeline
+
+
+REFERENCE: list[Published] = [
+    Published("Full fine-tuning", "full", {}, 68.9, 65.57, 85.8, "NOAH table 1; Hydra README"),
+    Published("Linear probing", "linear", {}, 57.6, 52.94, 0.0, "NOAH table 1; Hydra README"),
+    Published("BitFit", "bitfit", {}, None, 62.05, 0.10, "V-PETL Bench only"),
+    Published("VPT-Shallow", "vpt", {"mode": "shallow"}, None, 64.85, 0.08, "V-PETL Bench only"),
+    Published("VPT-Deep", "vpt", {"mode": "deep"}, 72.0, 69.43, 0.56, "NOAH table 1; Hydra README"),
+    Published("Adapter (Houlsby, bottleneck 8)", "adapter", {"style": "houlsby", "bottleneck": 8}, 73.9, 71.44, 0.16,
+              "NOAH table 1; Hydra README"),
+    Published("LoRA", "lora", {}, 74.5, 72.25, 0.29, "NOAH table 1; Hydra README"),
+    Published("AdaptFormer", "adapter", {"style": "adaptformer"}, 74.7, 72.32, 0.16, "Hydra README"),
+    Published("NOAH", None, {}, 75.5, 73.25, 0.43, "NOAH table 1"),
+    Published("FacT-TK", None, {}, 75.6, 73.23, 0.07, "Hydra README"),
+    Published("SSF", "ssf", {}, 75.7, 73.10, 0.21, "Hydra README"),
+    Published("RepAdapter", None, {}, 76.1, 73.84, 0.22, "Hydra README"),
+    Published("Hydra", "hydra", {}, 76.5, 74.21, 0.28, "extremebird/Hydra vtab1k/README.md"),
+    Published("Bi-AdaptFormer-32 (1-bit)", "onebit", {"base": "adaptformer", "bits": 1, "dim": 32}, 77.0, None, None,
+              "JieShibo/PETL-ViT binary_adapter/README.md", normalize="none"),
+    Published("Bi-LoRA-32 (1-bit)", "onebit", {"base": "lora", "bits": 1, "dim": 32}, 76.7, None, None,
+              "JieShibo/PETL-ViT binary_adapter/README.md", normalize="none"),
 ]
 
 
@@ -125,7 +142,8 @@ def configuration(r: dict) -> dict:
     rec = r.get("protocol_record") if isinstance(r.get("protocol_record"), dict) else {}
     return {"adapter_config": {k: v for k, v in (r.get("adapter_config") or {}).items() if k != "init_from"},
             "backbone": r.get("backbone"), "backbone_config": r.get("backbone_config"),
-            "normalisation": rec.get("normalisation"), "selection": rec.get("selection"), "protocol": r["protocol"]}
+            "normalisation": rec.get("normalisation"), "selection": rec.get("selection"), "protocol": r["protocol"],
+            "differs_from_paper": rec.get("differs_from_paper")}
 
 
 def _key(cfg: dict) -> str:
@@ -243,28 +261,39 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def places_beside(pub: Published, row: dict) -> bool:
+    """The row is made as the paper's number was: its adapter and the values of its resolved config that name
+    the method (``pub.config``), the papers' backbone (:data:`PAPER_BACKBONE`), protocol ``final``
+    (train800val200 -> test), the paper's input normalisation, and a protocol record that does not mark the
+    recipe as departing from the paper (``differs_from_paper``)."""
+    cfg = row.get("config") or {}
+    adapter_cfg = cfg.get("adapter_config") or {}
+    norm = cfg.get("normalisation")
+    return (pub.adapter is not None and row["adapter"] == pub.adapter and row["protocol"] == "final"
+            and row["backbone"] == PAPER_BACKBONE and not cfg.get("differs_from_paper")
+            and all(adapter_cfg.get(k) == v for k, v in pub.config.items())
+            and (norm is None or norm.get("name") == pub.normalize))  # files from before the record: unknown
+
+
 def reference_table(rows: list[dict] | None = None) -> str:
     """Published numbers next to ours (the 'ours' columns stay empty until runs exist).
 
-    An "ours" cell is filled only by runs made as the papers' are: protocol ``final`` (train800val200 -> test),
-    the papers' backbone (:data:`PAPER_BACKBONE`, Google's original ViT-B/16 IN-21k weights) and one
-    configuration of the adapter (several would make the cell ambiguous: :func:`results_table` lists them).
+    An "ours" cell is filled only by a row that :func:`places_beside` the published one, and only when one
+    row does (several configurations would make the cell ambiguous: :func:`results_table` lists them).
     """
-    candidates: dict[str, list[dict]] = defaultdict(list)
-    for r in rows or []:
-        if r["protocol"] == "final" and r["backbone"] == PAPER_BACKBONE:
-            candidates[r["adapter"]].append(r)
-    ours = {a: rs[0] for a, rs in candidates.items() if len(rs) == 1}
     lines = [
         "| method | zoo adapter | published group mean | ours: group mean | V-PETL 19-task mean | ours: 19-task mean "
         "| V-PETL params | ours: trainable |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, adapter, gm, tm, params, _src in REFERENCE:
-        o = ours.get(adapter) if adapter else None
+    for pub in REFERENCE:
+        cands = [r for r in rows or [] if places_beside(pub, r)]
+        o = cands[0] if len(cands) == 1 else None
+        zoo_name = "–" if pub.adapter is None else f"`{pub.adapter}`" + "".join(
+            f" {k}={v}" for k, v in pub.config.items())
         lines.append("| " + " | ".join([
-            name, f"`{adapter}`" if adapter else "–", _f(gm), _f(o and o["group_mean"], 2), _f(tm, 2),
-            _f(o and o["task_mean"], 2), "" if params is None else f"{params:.2f}M",
+            pub.method, zoo_name, _f(pub.group_mean), _f(o and o["group_mean"], 2), _f(pub.task_mean, 2),
+            _f(o and o["task_mean"], 2), "" if pub.params_m is None else f"{pub.params_m:.2f}M",
             _params(o and o["trainable_params"]),
         ]) + " |")
     return "\n".join(lines)

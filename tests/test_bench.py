@@ -283,6 +283,51 @@ def test_vtab_ours_cell_takes_only_the_papers_backbone(tmp_path):
     assert "60.00" in lora and "90.00" not in lora
 
 
+def _final_record(norm="backbone", **extra):
+    return {"name": "final", "splits": {"train": {"name": "train800val200", "size": 1000}, "val": None,
+                                        "test": {"name": "test", "size": 500}},
+            "selection": "last", "normalisation": {"name": norm}, **extra}
+
+
+def _ours(md, method):
+    """The 'ours: group mean' and 'ours: 19-task mean' cells of a published row."""
+    line = next(line for line in md.splitlines() if line.startswith(f"| {method} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    return cells[3], cells[5]
+
+
+def test_vtab_reference_rows_match_on_the_resolved_adapter_config(tmp_path):
+    # Houlsby and AdaptFormer are both adapter=adapter (told apart by style); VPT shallow and deep by mode; the
+    # two 1-bit rows by base, with the binary adapters' unnormalised inputs. Matching on the name alone left
+    # VPT-Shallow, AdaptFormer and the 1-bit rows empty and could not tell Houlsby from AdaptFormer.
+    sweeps = {"houlsby": ("adapter", {"name": "adapter", "style": "houlsby", "bottleneck": 8}, "backbone", 0.61),
+              "adaptformer": ("adapter", {"name": "adapter", "style": "adaptformer", "bottleneck": 8}, "backbone", 0.62),
+              "vpt_shallow": ("vpt", {"name": "vpt", "mode": "shallow"}, "backbone", 0.63),
+              "vpt_deep": ("vpt", {"name": "vpt", "mode": "deep"}, "backbone", 0.64),
+              "bi_af": ("onebit", {"name": "onebit", "base": "adaptformer", "bits": 1, "dim": 32}, "none", 0.65),
+              "bi_lora": ("onebit", {"name": "onebit", "base": "lora", "bits": 1, "dim": 32}, "none", 0.66)}
+    for d, (adapter, acfg, norm, acc) in sweeps.items():
+        _full_sweep(tmp_path / d, adapter=adapter, acc=acc, adapter_config=acfg, protocol=_final_record(norm))
+    md = vtab.reference_table(vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0]))
+    assert _ours(md, "Adapter (Houlsby, bottleneck 8)") == ("61.00", "61.00")
+    assert _ours(md, "AdaptFormer") == ("62.00", "62.00")
+    assert _ours(md, "VPT-Shallow") == ("63.00", "63.00")
+    assert _ours(md, "VPT-Deep") == ("64.00", "64.00")
+    assert _ours(md, "Bi-AdaptFormer-32 (1-bit)") == ("65.00", "65.00")
+    assert _ours(md, "Bi-LoRA-32 (1-bit)") == ("66.00", "66.00")
+
+
+def test_vtab_reference_refuses_another_normalisation_or_a_marked_recipe(tmp_path):
+    # Bi-AdaptFormer on normalised inputs is not the paper's pipeline; a recipe whose record says it departs
+    # from the paper (differs_from_paper) never sits beside the published number
+    bi = {"name": "onebit", "base": "adaptformer", "bits": 1, "dim": 32}
+    _full_sweep(tmp_path / "bi", adapter="onebit", acc=0.7, adapter_config=bi, protocol=_final_record("backbone"))
+    _full_sweep(tmp_path / "lora", adapter="lora", acc=0.7, adapter_config={"name": "lora"},
+                protocol=_final_record(differs_from_paper="DINOv2 backbone"))
+    md = vtab.reference_table(vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0]))
+    assert _ours(md, "Bi-AdaptFormer-32 (1-bit)") == ("", "") and _ours(md, "LoRA") == ("", "")
+
+
 def test_vtab_refuses_to_average_seeds_made_on_different_splits(tmp_path):
     rec = lambda n: {"name": "final", "splits": {"train": {"name": "train800val200", "size": 1000},  # noqa: E731
                                                  "val": None, "test": {"name": "test", "size": n}}}
