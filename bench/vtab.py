@@ -306,8 +306,10 @@ NOTES = """Notes:
   Convpass papers; **19-task mean** = plain mean of the 19 tasks, the convention of V-PETL Bench. They differ by
   2-3 points: always compare like with like. A mean is left empty when a task of its group is missing.
 - An "ours" cell holds only runs on the papers' backbone (`vit_base_patch16_224.orig_in21k`) with protocol
-  `final` and one adapter configuration (`python train.py -m experiment=vtab_sweep adapter=<name>
-  data.root=<vtab-1k>`); other runs appear in the results table, one row per configuration (only seeds averaged).
+  `final`, the row's normalisation and one configuration of the adapter the row names (`zoo adapter`: its name and
+  the resolved config values that tell the method apart), from a recipe that does not say it differs from the
+  paper (`task.differs_from_paper`); e.g. `python train.py -m experiment=vtab_sweep adapter=<name>
+  data.root=<vtab-1k>`. Other runs appear in the results table, one row per configuration (only seeds averaged).
 - Published numbers: /work/shared/reference/anchors.md section (c) (NOAH table 1, Hydra and PETL-ViT READMEs,
   V-PETL Bench README). Trainable = backbone-side trainable parameters of our runs (head excluded)."""
 

@@ -342,7 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone_config": _plain(cfg.backbone),  # its weights and options: bench.vtab groups by them
         "task": cfg.task.get("name"),
         "dataset": getattr(dm, "dataset_name", None) or cfg.task.get("dataset"),  # an image folder: its name
-        "protocol": protocol_record(cfg.task.get("protocol"), splits, selection, task.protocol_details(dm)),
+        "protocol": protocol_record(cfg.task.get("protocol"), splits, selection, protocol_details(cfg, task, dm)),
         "selection": selection,
         "validated_on": (splits.get("val") or {}).get("name"),
         "seed": cfg.seed,
@@ -414,6 +414,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("wall time: %s", fmt_seconds(metrics["wall_time_s"]))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def protocol_details(cfg: DictConfig, task, dm) -> dict[str, Any]:
+    """What the task kind adds to the protocol record, and the recipe's ``task.differs_from_paper`` (how it
+    departs from the paper whose numbers it would sit beside; ``null``: it does not) where the task has one."""
+    details = dict(task.protocol_details(dm))
+    if "differs_from_paper" in cfg.task:
+        details["differs_from_paper"] = cfg.task.differs_from_paper
+    return details
 
 
 def describe_params(adapter: int, backbone: int, head: int) -> str:

@@ -174,8 +174,11 @@ def test_vtab_aggregates_a_real_tiny_run(tmp_path):
     # train.py's own metrics.json (experiment=tiny: embedded dsprites_loc) goes through bench.vtab
     from tests.helpers import run_train
 
-    m = run_train(["experiment=tiny", "adapter=lora", "task.protocol=final"], tmp_path)
+    m = run_train(["experiment=tiny", "adapter=lora", "task.protocol=final",
+                   "+task.differs_from_paper=embedded synthetic task"], tmp_path)
     assert m["protocol"]["name"] == "final" and m["test/acc"] is not None
+    # a recipe's departure from the paper is recorded, and keeps the row out of the published table
+    assert m["protocol"]["differs_from_paper"] == "embedded synthetic task"
     (row,) = vtab.main([str(tmp_path)])
     assert row["adapter"] == "lora" and row["metric"] == "test/acc"
     assert row["tasks"] == pytest.approx({"dsprites_loc": 100 * m["test/acc"]})

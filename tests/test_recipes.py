@@ -105,3 +105,38 @@ def test_timm_style_cosine_matches_timm(groups_lr):
             opt.step()
             sched.step()
     assert opt.param_groups[0]["lr"] > 0.9 * groups_lr[0]  # near-flat: after 100 of 500 epochs still > 90 %
+
+
+def _vtab_recipes() -> list[str]:
+    """Every experiment that composes task=vtab on the real VTAB-1k data (not the embedded synthetic tasks)."""
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+    names = sorted(str(f.relative_to(conf).with_suffix("")) for f in conf.rglob("*.yaml"))
+    out = []
+    for name in names:
+        cfg = compose_config([f"experiment={name}"])
+        if cfg.task.get("name") == "vtab" and cfg.data.get("layout") == "vtab" and not cfg.data.get("generate"):
+            out.append(name)
+    return out
+
+
+def test_every_vtab_recipe_follows_the_paper_protocol_or_says_it_differs():
+    """A VTAB recipe either is the papers' protocol for a published row of bench.vtab (Google's ViT-B/16
+    orig_in21k, train800val200 -> test, the row's normalisation, the adapter config that names the method)
+    or says how it departs (task.differs_from_paper, recorded; bench.vtab then keeps it out of the table)."""
+    from bench.vtab import PAPER_BACKBONE, REFERENCE
+
+    names = _vtab_recipes()
+    assert {"vtab_sweep", "onebit_vtab", "adaptformer_vtab", "houlsby_vtab", "hydra_vtab/cifar"} <= set(names)
+    wrong = []
+    for name in names:
+        cfg = compose_config([f"experiment={name}"])
+        if cfg.task.get("differs_from_paper"):
+            continue
+        rows = [p.method for p in REFERENCE if p.adapter == cfg.adapter.name
+                and all(cfg.adapter.get(k) == v for k, v in p.config.items()) and p.normalize == cfg.data.normalize]
+        if not (cfg.backbone.model == PAPER_BACKBONE and cfg.task.protocol == "final" and len(rows) == 1):
+            wrong.append(f"{name}: {cfg.backbone.model}, protocol {cfg.task.protocol}, data.normalize="
+                         f"{cfg.data.normalize}, published rows {rows}")
+    assert not wrong, "\n".join(wrong)
