@@ -15,6 +15,12 @@ without a validation split:
 
 A run without a validation split selects nothing: its selection is recorded as ``last``.
 
+An **evaluate-only** run (``train=false``, or a trainer that takes no step: ``trainer.max_epochs=0``,
+``trainer.max_steps=0``, ``trainer.limit_train_batches=0``) selects nothing either: the weights it was given
+(a released checkpoint, the base model) are evaluated as they are, and its selection is recorded as
+``none`` (:data:`EVALUATE_ONLY`); validation is only reported, so a validation split that is the test split
+is not refused there.
+
 **DataModules** describe their splits with ``split_info()``::
 
     {"train": {"name": "train800", "size": 800}, "val": {"name": ..., "size": ...} | None,
@@ -34,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 SELECTIONS = ("val", "last", "val_is_test")
+EVALUATE_ONLY = "none"  # the recorded selection of a run that trains nothing (not a task.selection value)
 SPLITS = ("train", "val", "test")
 
 
@@ -71,11 +78,23 @@ def overlaps(a, b) -> bool:
     return bool(a) and bool(b) and not {key(i) for i in a}.isdisjoint(key(i) for i in b)
 
 
-def resolve_selection(requested: str | None, splits: dict[str, Any]) -> str:
-    """The run's selection under the rule above; raises ``ValueError`` (one line) when it would select on test."""
+def trains(cfg: Any) -> bool:
+    """Whether a run's config takes any training step (``train=false`` or a trainer limited to no step: not)."""
+    if not cfg.get("train", True):
+        return False
+    tr = cfg.get("trainer") or {}
+    return not any(tr.get(k) is not None and float(tr.get(k)) == 0
+                   for k in ("max_epochs", "max_steps", "limit_train_batches"))
+
+
+def resolve_selection(requested: str | None, splits: dict[str, Any], trains: bool = True) -> str:
+    """The run's selection under the rule above; raises ``ValueError`` (one line) when it would select on test.
+    A run that trains nothing (``trains=False``) selects nothing: :data:`EVALUATE_ONLY`."""
     requested = requested or "val"
     if requested not in SELECTIONS:
         raise ValueError(f"task.selection={requested!r}; valid: {', '.join(SELECTIONS)}")
+    if not trains:
+        return EVALUATE_ONLY
     val, test = splits.get("val"), splits.get("test")
     if val is None:
         return "last"  # nothing validates: the last epoch's weights are what is tested

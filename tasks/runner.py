@@ -11,7 +11,7 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
      "columns": [{"key": "val/acc", "header": "val acc", "fmt": "pct"}, ...],
      "adapter", "adapter_config", "backbone", "task", "dataset", "seed",
      "protocol": {"name", "splits", "selection", "validated_on", ... (tasks/protocol.py)},
-     "selection": "val" | "last" | "val_is_test", "validated_on": <the validation split's name or null>,
+     "selection": "val" | "last" | "val_is_test" | "none" (evaluate-only), "validated_on": <the validation split's name or null>,
      "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes",
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from tasks.base import METRICS_SCHEMA_VERSION, number
-from tasks.protocol import describe_splits, protocol_record, resolve_selection
+from tasks.protocol import EVALUATE_ONLY, describe_splits, protocol_record, resolve_selection, trains
 
 log = logging.getLogger("adapter_zoo")
 
@@ -308,9 +308,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("fit")
     # never select on the test set (tasks/protocol.py): refused before any training
     splits = describe_splits(dm)
-    selection = resolve_selection(cfg.task.get("selection"), splits)
+    selection = resolve_selection(cfg.task.get("selection"), splits, trains=trains(cfg))
     has_val = getattr(dm, "has_val", True)
-    trainer = build_trainer(cfg, has_val, task=task, select_on_val=selection != "last")
+    trainer = build_trainer(cfg, has_val, task=task, select_on_val=selection not in ("last", EVALUATE_ONLY))
     if cfg.get("train", True):
         # Data-driven adapter stages (CoLoRA) add parameters, so they run here, in the main
         # process, before fit builds the optimizer and wraps DDP (ddp_spawn children receive
@@ -352,7 +352,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{c["key"]: None for c in decl["columns"]},
     }
     ckpt_cb = trainer.checkpoint_callback
-    if has_val and selection == "last":  # the last epoch's weights: its validation values are only reported
+    if has_val and selection == EVALUATE_ONLY:  # the given weights as they are: validation is only reported
+        with keep_csv_history(trainer, out_dir):
+            res = trainer.validate(task, datamodule=dm, verbose=False)
+        metrics.update({c["key"]: _num(res[0].get(c["key"])) for c in decl["columns"]
+                        if c["key"].startswith("val/")} if res else {})
+        metrics["monitor"]["value"] = metrics.get(task.monitor)
+    elif has_val and selection == "last":  # the last epoch's weights: its validation values are only reported
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
         metrics.update({c["key"]: _num(trainer.callback_metrics.get(c["key"])) for c in decl["columns"]
                         if c["key"].startswith("val/") and c["key"] != task.monitor})

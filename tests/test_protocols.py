@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.protocol import SELECTIONS, describe_splits, resolve_selection
+from tasks.protocol import SELECTIONS, describe_splits, resolve_selection, trains
 from tests.helpers import ROOT, compose_config, run_train
 
 
@@ -35,6 +35,25 @@ def test_selection_on_a_validation_split_that_is_test_is_refused_naming_both_spl
     assert resolve_selection("val", _splits(None, "test", False)) == "last"  # nothing to select on
     with pytest.raises(ValueError, match="valid: val, last, val_is_test"):
         resolve_selection("best", _splits("val", "test", False))
+
+
+def test_a_run_that_trains_nothing_selects_nothing():
+    # evaluate-only: the given weights are tested as they are, whatever the splits (validation is only reported)
+    assert resolve_selection("val", _splits("val", "test", False), trains=False) == "none"
+    assert resolve_selection("val", _splits("test", "test", True), trains=False) == "none"
+    assert trains(compose_config(["experiment=tiny"]))
+    for override in ("train=false", "task.max_epochs=0", "+trainer.max_steps=0", "trainer.limit_train_batches=0"):
+        assert not trains(compose_config(["experiment=tiny", override])), override
+
+
+@pytest.mark.parametrize("override", ["train=false", "task.max_epochs=0"])
+def test_evaluate_only_run_records_selection_none(tmp_path, override):
+    # a released checkpoint evaluated as-is says so: "none", not "val" (nothing was selected on validation)
+    m = run_train(["experiment=tiny", "adapter=lora", "task.protocol=tune", override], tmp_path)
+    assert m["selection"] == "none" and m["protocol"]["selection"] == "none"
+    assert m["validated_on"] == m["protocol"]["splits"]["val"]["name"]
+    # the given weights' validation score is reported (measured, not left empty)
+    assert m["val/acc"] is not None and m["monitor"]["value"] == m["val/acc"]
 
 
 def test_a_datamodule_whose_val_set_is_its_test_set_overlaps_without_declaring_it():
