@@ -68,6 +68,15 @@ class SegmentationTask(ZooTask):
         self.save_hyperparameters()
         self.num_classes = int(num_classes)
         sam = dict(sam or {})
+        # evaluation through SAM's predictor pipeline at each image's own size (null: the square training inputs)
+        self.pipeline = sam.pop("pipeline", None)
+        if self.pipeline is not None:
+            from zoo.backbones.sam_transforms import PIPELINES
+
+            if self.pipeline not in PIPELINES:
+                raise ValueError(f"task.sam.pipeline={self.pipeline!r}; valid: null, {', '.join(PIPELINES)}")
+            if head != "sam":
+                raise ValueError(f"task.sam.pipeline is SAM's predictor pipeline: it needs task.head=sam (got {head!r})")
         self.mode = sam.get("mode", "semantic") if head == "sam" else "semantic"
         names = list(class_names) if class_names else None
         if self.mode == "text":  # S-SAM / SALT text prompts embed the class names
@@ -153,7 +162,10 @@ class SegmentationTask(ZooTask):
 
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         hd = stage == "test" or self.val_hd95
-        if isinstance(batch, dict):  # a Synapse volume
+        if isinstance(batch, dict) and "image" in batch:  # one image at its own size (task.sam.pipeline)
+            pred = self._predict_image(batch)
+            scores = per_class_scores(pred[None].cpu(), batch["mask"][None], self.num_classes, self.convention, hd)
+        elif isinstance(batch, dict):  # a Synapse volume
             lab = batch["label"]
             pred = self._predict_volume(batch)
             scores = per_class_scores(torch.from_numpy(pred)[None], lab[None], self.num_classes, self.convention, hd)
@@ -170,6 +182,25 @@ class SegmentationTask(ZooTask):
 
     def _predict_slices(self, x: torch.Tensor, y) -> torch.Tensor:
         return self.labels(self(x, y), tuple(x.shape[-2:]))
+
+    def _predict_image(self, item: dict) -> torch.Tensor:
+        """Class-index map ``(H, W)`` of one image at its own size through ``task.sam.pipeline``
+        (:mod:`zoo.backbones.sam_transforms`: ``longest_side`` is SAM's ``SamPredictor``: resize the longest side,
+        normalise, pad bottom / right; the logits cropped and resized back). Prompted mode takes its prompts from
+        the mask brought into the encoder's frame the same way (nearest resize, zero padding)."""
+        import torch.nn.functional as F
+
+        from zoo.backbones.sam_transforms import predict_image, preprocess_shape
+
+        image, mask = item["image"], item["mask"]
+        size = int(self.model.backbone.img_size)
+        y = None
+        if self.mode == "prompted":
+            h, w = (size, size) if self.pipeline == "square" else preprocess_shape(*image.shape[-2:], size)
+            y = F.pad(resize_labels(mask[None], (h, w)), (0, size - w, 0, size - h)).to(self.device)
+        logits = predict_image(lambda x: self(x, y), image.to(self.device), size, item["mean"], item["std"],
+                               self.pipeline)
+        return logits_to_labels(logits, self.mode)[0]
 
     def _predict_volume(self, batch: dict) -> np.ndarray:
         """Slice by slice (SAMed); prompted mode builds each slice's prompts from its ground truth
@@ -208,6 +239,8 @@ class SegmentationTask(ZooTask):
         self._epoch_end("test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if isinstance(batch, dict) and "image" in batch:
+            return {self.predict_output: self._predict_image(batch)[None].cpu()}
         if isinstance(batch, dict):
             return {self.predict_output: torch.from_numpy(self._predict_volume(batch)), "case": batch["case"]}
         x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
@@ -259,7 +292,11 @@ class SegmentationTask(ZooTask):
         with torch.no_grad():
             for i in range(len(ds)):
                 item = ds[i]
-                if isinstance(item, dict):
+                if isinstance(item, dict) and "image" in item:
+                    pred = self._predict_image(item).cpu().numpy()
+                    save_mask_png(out / f"{i:04d}.png", pred)
+                    save_overlay_png(out / "overlays" / f"{i:04d}.png", item["image"].permute(1, 2, 0).numpy(), pred)
+                elif isinstance(item, dict):
                     pred = self.predict_step(item, i)[self.predict_output].numpy()
                     for z in range(pred.shape[0]):
                         save_mask_png(out / f"{item['case']}_slice{z:03d}.png", pred[z])

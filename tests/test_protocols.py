@@ -521,3 +521,86 @@ def test_sam_segmenter_predicts_a_natural_image_at_its_own_size():
     assert labels.shape == (97, 143) and labels.dtype == torch.long and int(labels.max()) <= 2
     with pytest.raises(ValueError, match="valid: longest_side, square"):
         model.predict_image(image, pipeline="stretch")
+
+
+def _non_square_folder(root: Path, size=(45, 67)):
+    """A folder layout whose test image is not square (H x W = 45 x 67), with a 3-class index mask."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("val", 1), ("test", 1)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 4, size).astype(np.uint8)).save(root / split / "masks" / f"{i}.png")
+
+
+@pytest.mark.parametrize("mode", ["semantic", "prompted"])
+def test_segmentation_eval_with_sam_pipeline_is_segment_anythings_predictor(tmp_path, mode):
+    """task.sam.pipeline=longest_side: the encoder receives SamPredictor's input of the non-square image
+    (ResizeLongestSide, Sam.preprocess: normalise, pad bottom / right) and the prediction is Sam.postprocess_masks
+    of the model's logits at the image's own size; the square training inputs are not what is evaluated."""
+    import lightning as L
+    import numpy as np
+    import torch
+    from PIL import Image
+    from segment_anything.modeling import Sam
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from tasks.runner import build_datamodule, build_task
+
+    _non_square_folder(tmp_path / "data")
+    cfg = compose_config(["experiment=tiny_seg", "data.layout=folder", f"data.root={tmp_path / 'data'}",
+                          "task.sam.pipeline=longest_side", f"task.sam.mode={mode}", "data.augment=false"],
+                         tmp_path / "run")
+    task = build_task(cfg).eval()
+    dm = build_datamodule(cfg, task)
+    dm.setup("fit")
+    seen = []
+    task.model.register_forward_hook(lambda m, args, out: seen.append((args[0].detach().clone(), out.detach().clone())))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    res = trainer.test(task, datamodule=dm, verbose=False)[0]
+    assert len(seen) == 1 and 0.0 <= res["test/dice"] <= 1.0
+    x, logits = seen[0]
+
+    S, (H, W) = 64, (45, 67)
+    mean, std = dm.norm.mean.flatten(), dm.norm.std.flatten()
+    img = torch.from_numpy(np.asarray(Image.open(tmp_path / "data" / "test" / "images" / "0.png").convert("RGB")))
+    fake = type("S", (), {"pixel_mean": mean.view(3, 1, 1), "pixel_std": std.view(3, 1, 1),
+                          "image_encoder": type("E", (), {"img_size": S})()})()
+    resize = ResizeLongestSide(S)
+    h, w = resize.get_preprocess_shape(H, W, S)
+    assert (h, w) == (43, 64)
+    # SamPredictor.set_torch_image's input: apply_image_torch's resize, then Sam.preprocess (pixels in [0, 1] here).
+    # apply_image_torch itself reads the target size from image.shape[0], shape[1] (batch and channels, a known bug
+    # of segment_anything): its interpolation is called here with the size get_preprocess_shape gives
+    ref = Sam.preprocess(fake, torch.nn.functional.interpolate(img.permute(2, 0, 1)[None].float() / 255, (h, w),
+                                                               mode="bilinear", align_corners=False, antialias=True))
+    assert x.shape == ref.shape == (1, 3, S, S)
+    assert torch.allclose(x, ref, atol=1e-5)
+    assert torch.equal(x[..., h:, :], torch.zeros_like(x[..., h:, :]))  # SAM's zero padding, after normalising
+    # SamPredictor.set_image (PIL resize of the 8-bit image): the same up to PIL's vs torch's antialiasing
+    pil = torch.from_numpy(resize.apply_image(img.numpy())).permute(2, 0, 1)[None].float() / 255
+    assert (x - Sam.preprocess(fake, pil)).abs().mean() < 0.02
+    # the written prediction is the model's logits through Sam.postprocess_masks at the image's own size
+    out = task.run_metrics(trainer, dm)
+    pred = np.asarray(Image.open(Path(out["predictions_dir"]) / "0000.png"))
+    full = Sam.postprocess_masks(fake, logits, (h, w), (H, W))
+    expected = full.argmax(1)[0] if mode == "semantic" else torch.where(full.max(1).values > 0, full.argmax(1) + 1, 0)[0]
+    assert pred.shape == (H, W) and np.array_equal(pred, expected.numpy())
+
+
+def test_segmentation_sam_pipeline_refuses_what_it_cannot_do(tmp_path):
+    from hydra.errors import InstantiationException
+
+    from tasks.runner import build_datamodule, build_task
+
+    with pytest.raises(InstantiationException, match="valid: null, longest_side, square"):
+        build_task(compose_config(["experiment=tiny_seg", "task.sam.pipeline=stretch"]))
+    with pytest.raises(InstantiationException, match="needs task.head=sam"):
+        build_task(compose_config(["experiment=tiny_seg", "task.head=smp_fpn", "task.sam.pipeline=longest_side"]))
+    cfg = compose_config(["experiment=tiny_seg", "data.layout=synapse", "task.sam.pipeline=longest_side"])
+    with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
+        build_datamodule(cfg, build_task(cfg))

@@ -47,6 +47,23 @@ class _Normed(Dataset):
         self.ds.epoch = epoch
 
 
+class OriginalSize(Dataset):
+    """Evaluation pairs at each image's own size, not normalised (``data.eval_pipeline``): the task resizes,
+    normalises and pads each image itself through a SAM predictor pipeline (``task.sam.pipeline``) and scores
+    the prediction at the image's size. Items: ``{"image": (3, H, W) in [0, 1], "mask": (H, W), "mean", "std"}``."""
+
+    def __init__(self, ds: FolderSegDataset, norm: Normalize):
+        self.ds, self.norm = ds, norm
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        image, mask = self.ds.load(i)
+        flat = lambda t: None if t is None else t.flatten().tolist()  # noqa: E731
+        return {"image": image, "mask": mask, "mean": flat(self.norm.mean), "std": flat(self.norm.std)}
+
+
 class VolumeSet(Dataset):
     """Synapse volumes: ``test_vol_h5/<case>.npy.h5`` (``source=h5``) or held-out training cases
     stacked from their ``train_npz`` slices (``source=npz``, slices sorted by their number)."""
@@ -82,10 +99,19 @@ class SegDataModule(L.LightningDataModule):
                  mask_format: str = "index", palette: Sequence[Sequence[int]] | None = None, val_fraction: float = 0.2,
                  val_cases: int = 1, batch_size: int = 8, eval_batch_size: int = 8, num_workers: int = 0,
                  augment: bool = True, generate: dict | None = None, generated_name: str | None = None, mean=None,
-                 std=None, seed: int = 0, data_dir: str = "data"):
+                 std=None, seed: int = 0, data_dir: str = "data", eval_pipeline: str | None = None):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"data.layout={layout!r}; valid: {', '.join(LAYOUTS)}")
+        from zoo.backbones.sam_transforms import PIPELINES
+
+        if eval_pipeline is not None and eval_pipeline not in PIPELINES:
+            raise ValueError(f"data.eval_pipeline={eval_pipeline!r}; valid: null, {', '.join(PIPELINES)}")
+        if eval_pipeline is not None and layout == "synapse":
+            raise ValueError("task.sam.pipeline applies to 2-D images; Synapse volumes are evaluated slice by slice "
+                             "(task.volume_input_size): leave task.sam.pipeline=null")
+        # val / test at each image's own size for the task's SAM predictor pipeline (null: square inputs at img_size)
+        self.eval_pipeline = eval_pipeline
         self.layout, self.num_classes, self.img_size = layout, int(num_classes), int(img_size)
         self.mask_format, self.palette = mask_format, palette
         self.val_fraction, self.val_cases = float(val_fraction), int(val_cases)
@@ -157,9 +183,12 @@ class SegDataModule(L.LightningDataModule):
             if len(train) - n_val < 1:
                 raise ValueError(f"{self.root}: {len(train)} training pairs are too few to hold out a validation split")
             val, train = [train[i] for i in sorted(idx[:n_val])], [train[i] for i in sorted(idx[n_val:])]
-        self.train_set, self.val_set = make(train, self.augment), make(val, False)
+        evaluate = make if self.eval_pipeline is None else (  # noqa: E731
+            lambda pairs, aug: OriginalSize(FolderSegDataset(pairs, self.num_classes, self.img_size, fmt, self.palette,
+                                                             self.layout, False, self.seed), self.norm))
+        self.train_set, self.val_set = make(train, self.augment), evaluate(val, False)
         if has_split(self.root, self.layout, "test"):
-            self.test_set = make(layout_pairs(self.root, self.layout, "test"), False)
+            self.test_set = evaluate(layout_pairs(self.root, self.layout, "test"), False)
 
     def _setup_synapse(self) -> None:
         names = read_list(synapse_list(self.root, "train.txt"))
@@ -182,7 +211,7 @@ class SegDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, ds, train: bool) -> DataLoader:
-        if isinstance(ds, VolumeSet):
+        if isinstance(ds, (VolumeSet, OriginalSize)):  # one volume / one image of its own size per batch
             return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=_first)
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
