@@ -28,6 +28,7 @@ reported and replaced by the next clip (``bad_files=skip``).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.overlap import check_disjoint
+from tasks.options import LOADER, FRACTION, Int, Real, check_options
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
 
 log = logging.getLogger("tasks.audio")
@@ -68,8 +71,10 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
         for i, r in enumerate(reader, start=2):
             try:
                 rows.append({**r, "path": str(root / "audio" / r["filename"]), "fold": int(r["fold"]), "target": int(r["target"])})
-            except ValueError:
+            except (ValueError, TypeError):
                 raise ValueError(f"{meta}, line {i}: fold and target must be integers, got {r['fold']!r}, {r['target']!r}") from None
+            if rows[-1]["target"] < 0:
+                raise ValueError(f"{meta}, line {i}: target {rows[-1]['target']} is negative; targets are class indices 0..K-1")
     if not rows:
         raise ValueError(f"{meta} lists no clips")
     return rows
@@ -92,10 +97,23 @@ def esc50_split(rows: list[dict], test_fold: int, val_fold: str = "none") -> dic
     }
 
 
-def esc50_classes(rows: list[dict]) -> list[str]:
-    by_target = {r["target"]: r.get("category") or str(r["target"]) for r in rows}
+def esc50_classes(rows: list[dict], meta: str | os.PathLike = "meta/esc50.csv") -> list[str]:
+    """Class names by target; one target named two ways, or fewer than two classes, is refused."""
+    by_target: dict[int, str] = {}
+    for r in rows:
+        name = r.get("category") or str(r["target"])
+        if by_target.setdefault(r["target"], name) != name:
+            raise ValueError(f"{meta}: target {r['target']} is named both {by_target[r['target']]!r} and {name!r}; "
+                             "one class name per target")
+    need_two_classes(sorted(set(by_target.values())), meta)
     n = max(by_target) + 1
     return [by_target.get(i, str(i)) for i in range(n)]
+
+
+def need_two_classes(classes: list[str], where) -> None:
+    if len(classes) < 2:
+        raise ValueError(f"{where}: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs at "
+                         "least two classes")
 
 
 # ------------------------------------------------------------------------------ Speech Commands
@@ -246,14 +264,19 @@ def read_folder(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, int]
                 raise ValueError(f"{d}: class folder(s) {extra} are not training classes {classes}; add them to train/ or remove them")
             splits[split] = [(str(f), classes.index(c)) for c in classes if (d / c).is_dir()
                              for f in sorted((d / c).iterdir()) if f.suffix.lower() in AUDIO_EXT]
+        need_two_classes(classes, root / "train")
         if not splits["val"]:
             splits["val"] = splits["test"]
+        check_disjoint({k: [f for f, _ in v] for k, v in splits.items()}, str(root))
         return splits, classes
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class folders; expected <root>/<class>/*.wav")
+    need_two_classes(classes, root)
     items = [(str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in AUDIO_EXT]
-    return split_80_10_10(items), classes
+    splits = split_80_10_10(items)
+    check_disjoint({k: [f for f, _ in v] for k, v in splits.items()}, str(root))
+    return splits, classes
 
 
 def split_80_10_10(items: list) -> dict[str, list]:
@@ -327,6 +350,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         splits = split_80_10_10([(p, y) for p, y, _ in items])
     if not splits["val"]:
         splits["val"] = splits["test"]
+    check_disjoint({k: [f for f, _ in v] for k, v in splits.items()}, str(meta))
     return splits, classes
 
 
@@ -472,6 +496,9 @@ def _synth(kind: str, sr: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return (x + 0.01 * rng.standard_normal(n)).astype(np.float32)
 
 
+GENERATED_STAMP = ".generated.json"  # the options a generated set was written with
+
+
 def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds: float = 1.0, sample_rate: int = 16000,
                     classes: tuple[str, ...] = GENERATED_CLASSES, seed: int = 0) -> Path:
     """Write the generated set in the ESC-50 release layout (``audio/{fold}-{id}-{take}-{target}.wav``,
@@ -480,8 +507,14 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
     import soundfile as sf
 
     root = Path(root)
+    settings = json.dumps({"clips_per_class": clips_per_class, "seconds": seconds, "sample_rate": sample_rate,
+                           "classes": list(classes), "seed": seed}, sort_keys=True)
+    stamp = root / GENERATED_STAMP
     if (root / "meta" / "esc50.csv").is_file():
-        return root
+        if not stamp.is_file() or stamp.read_text() == settings:
+            return root  # data this generator did not stamp (real, or written before stamps): read as is
+        log.warning("audio: %s was generated with other options (%s); generating it again with %s",
+                    root, stamp.read_text(), settings)
     if clips_per_class % 5:
         raise ValueError(f"clips_per_class={clips_per_class} must be a multiple of 5 (5 folds)")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -504,6 +537,11 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
             w = csv.writer(f)
             w.writerow(ESC50_COLUMNS)
             w.writerows(rows)
+        (tmp / GENERATED_STAMP).write_text(settings)
+        if stamp.is_file():  # our data with other options: swap it out
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+            os.replace(root, old / root.name)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first
@@ -589,10 +627,40 @@ def read_dataset(dataset: str, root: str | os.PathLike, fold: int = 1, val_fold:
             classes = UPSTREAM_CLASSES if dataset == "generated_upstream" else GENERATED_CLASSES
             write_generated(root, clips_per_class=clips_per_class, classes=classes, seed=1 if dataset == "generated_upstream" else 0)
         rows = read_esc50(root)
-        return esc50_split(rows, int(fold), val_fold), esc50_classes(rows)
+        return esc50_split(rows, int(fold), val_fold), esc50_classes(rows, Path(root) / "meta" / "esc50.csv")
     if dataset.startswith("speechcommands"):
         return read_speechcommands(root, "12" if dataset.endswith("12") else "35", test_root, silence)
     return read_folder(root)
+
+
+def train_stats(items: list, front: FrontEnd, bad_files: str, root) -> tuple[float, float]:
+    """The fbank ``(mean, std)`` of the training clips (``path#s`` silence pieces left out, as they
+    are cut from noise files); ``bad_files=skip`` skips unreadable clips here too, with a warning."""
+    if bad_files not in ("raise", "skip"):
+        raise ValueError(f"bad_files={bad_files!r}; valid: raise, skip")
+    files = [p for p, _ in items if "#" not in p]
+    if not files:
+        raise ValueError(f"{root}: the training split has no clips to compute the fbank statistics from "
+                         f"({len(items)} items, none a whole file); add clips, or give data.mean and data.std")
+    fbanks, skipped = [], []
+    for p in files:
+        try:
+            fbanks.append(front.load(p))
+        except (AudioDecodeError, FileNotFoundError) as e:
+            if bad_files == "raise":
+                raise type(e)(f"{e} (task.bad_files=skip reports and skips bad clips)") from None
+            skipped.append(p)
+            log.warning("audio: skipped bad clip %s: %s", p, e)
+    if not fbanks:
+        raise ValueError(f"{root}: all {len(files)} training clips failed to load (bad_files=skip skipped them); "
+                         "no clips to compute the fbank statistics from")
+    return dataset_stats(fbanks)
+
+
+# every numeric option of the audio data config, checked in AudioDataModule.__init__
+OPTIONS = {**LOADER, "fold": Int(1), "max_length": Int(1), "num_mel_bins": Int(1), "sample_rate": Int(1),
+           "mean": Real(optional=True), "std": Real(0.0, lo_open=True, optional=True), "freqm": Int(0),
+           "timem": Int(0), "mixup": FRACTION, "generate_clips": Int(5), "num_classes": Int(2, optional=True)}
 
 
 class AudioDataModule(L.LightningDataModule):
@@ -607,6 +675,7 @@ class AudioDataModule(L.LightningDataModule):
                  num_classes: int | None = None, multilabel: bool = False, noise: bool = False,
                  test_root: str | None = None, silence: str = "balanced"):
         super().__init__()
+        check_options("data", locals(), OPTIONS)
         self.seed = seed
         if dataset in MULTILABEL_DATASETS and not multilabel:
             raise ValueError(f"task.dataset={dataset} has multi-label targets: use task=audio_multilabel "
@@ -625,8 +694,8 @@ class AudioDataModule(L.LightningDataModule):
             if dataset in PUBLISHED_STATS:
                 mean, std = NORM_STATS[PUBLISHED_STATS[dataset]]
             else:  # from the training split, raw fbanks (cached for training anyway)
-                probe = FrontEnd(max_length, args=args, cache_dir=cache_dir)
-                mean, std = dataset_stats(probe.load(p) for p, _ in self.splits["train"] if "#" not in p)
+                mean, std = train_stats(self.splits["train"], FrontEnd(max_length, args=args, cache_dir=cache_dir),
+                                        bad_files, root)
         self.mean, self.std = float(mean), float(std)
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
                                             timem if train else 0, cache_dir, noise=noise and train)

@@ -66,9 +66,9 @@ class VolumeSet(Dataset):
         else:
             ims, labs = [], []
             for name in self.slices[case]:
-                with np.load(self.root / "train_npz" / f"{name}.npz") as z:
-                    ims.append(z["image"].astype(np.float32))
-                    labs.append(z["label"].astype(np.int64))
+                image, label = read_slice(self.root / "train_npz" / f"{name}.npz")
+                ims.append(image)
+                labs.append(label)
             vol, lab = np.stack(ims), np.stack(labs)
         return {"volume": torch.from_numpy(vol), "label": torch.from_numpy(lab), "case": case, "norm": self.norm}
 
