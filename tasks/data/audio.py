@@ -660,7 +660,7 @@ def train_stats(items: list, front: FrontEnd, bad_files: str, root) -> tuple[flo
 # every numeric option of the audio data config, checked in AudioDataModule.__init__
 OPTIONS = {**LOADER, "fold": Int(1), "max_length": Int(1), "num_mel_bins": Int(1), "sample_rate": Int(1),
            "mean": Real(optional=True), "std": Real(0.0, lo_open=True, optional=True), "freqm": Int(0),
-           "timem": Int(0), "mixup": FRACTION, "generate_clips": Int(5), "num_classes": Int(2, optional=True)}
+           "timem": Int(0), "mixup": FRACTION, "generate_clips": Int(1), "num_classes": Int(2, optional=True)}
 
 
 class AudioDataModule(L.LightningDataModule):
