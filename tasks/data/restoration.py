@@ -506,9 +506,9 @@ DATASETS = ("prod", *TASKS)
 
 
 # every numeric option of the restoration data config, checked in RestorationDataModule.__init__
-OPTIONS = {**LOADER, "num_train": Int(1, optional=True), "patch_size": Int(1, optional=True), "generate_train": Int(1),
+OPTIONS = {**LOADER, "patch_size": Int(1, optional=True), "generate_train": Int(1),
            "generate_test": Int(1), "image_size": Int(8), "jpeg_quality": Int(1, 100), "prod_train": Int(1),
-           "prod_val": Int(1), "scale": Int(2)}
+           "prod_val": Int(1)}  # scale and num_train: checked below as task.scale / task.num_train
 
 
 class RestorationDataModule(L.LightningDataModule):
