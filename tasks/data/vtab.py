@@ -17,9 +17,12 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
+
+from tasks.data.overlap import check_disjoint
+from tasks.data.reading import read_rgb_pil
+from tasks.options import LOADER, Int, check_options
 
 # canonical name -> (group, classes, folder aliases used by other repositories)
 VTAB_TASKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
@@ -120,13 +123,9 @@ class FileListDataset(Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i], label
         path = self.folder / rel
-        try:
-            with Image.open(path) as im:
-                x = self.transform(im.convert("RGB"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist") from None
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated / not an image / corrupt
-            raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist")
+        x = self.transform(read_rgb_pil(path))  # 16-bit / float images scaled from their real range, not clipped
         if self._cache is not None:
             self._cache[i] = x
         return x, label
@@ -167,6 +166,7 @@ class VTABDataModule(L.LightningDataModule):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  generate: bool = False, cache: bool = False, seed: int = 0):
         super().__init__()
+        check_options("data", locals(), {**LOADER, "eval_batch_size": Int(1, optional=True)})
         if protocol not in SPLIT_FILES:
             raise ValueError(f"unknown protocol {protocol!r}; valid: tune (train800 / val200), final (train800val200 / test)")
         self.root, self.task = Path(root).expanduser(), canonical_task(dataset)
@@ -199,6 +199,11 @@ class VTABDataModule(L.LightningDataModule):
         self.train_set = FileListDataset(folder, train, self.transform, self.cache, n)
         self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
         self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
+        # a file listed in two splits is refused; byte-identical copies are warned about with their count
+        # (the benchmark's own lists are used as they are)
+        files = lambda ds: [folder / rel for rel, _ in ds.items] if ds is not None else []  # noqa: E731
+        check_disjoint({"train": files(self.train_set), "val": files(self.val_set), "test": files(self.test_set)},
+                       f"{folder} ({train}.txt / {val or test}.txt)", identical="warn")
 
     def _loader(self, ds, train: bool) -> DataLoader:
         return DataLoader(
