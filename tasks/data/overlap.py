@@ -47,8 +47,8 @@ def check_disjoint(splits: Mapping[str, Sequence[str | os.PathLike]], where: str
     for fs in files.values():
         for p in fs:
             if p not in sizes:
-                try:
-                    sizes[p] = p.stat().st_size
+                try:  # folders (frame folders) and missing files are compared by path only
+                    sizes[p] = p.stat().st_size if p.is_file() else -1
                 except OSError:
                     sizes[p] = -1
     digests: dict[Path, str] = {}
