@@ -237,6 +237,12 @@ def test_audio_set_generated_with_other_options_is_generated_again(tmp_path):
     write_generated(tmp_path / "g", clips_per_class=10, seconds=0.1)
     assert len(read_esc50(tmp_path / "g")) == 10 * n  # was 5 * n: the old set reused
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    from tasks.data.audio import read_multilabel, write_generated_multilabel
+
+    write_generated_multilabel(tmp_path / "ml", clips=5, seconds=0.1)
+    assert len(read_multilabel(tmp_path / "ml")[0]["train"]) == 3  # 60 / 20 / 20 by clip index
+    write_generated_multilabel(tmp_path / "ml", clips=10, seconds=0.1)
+    assert len(read_multilabel(tmp_path / "ml")[0]["train"]) == 6  # was 3: the 5-clip set reused
 
 
 # ------------------------------------------------------------------------------------------- option ranges

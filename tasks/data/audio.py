@@ -499,6 +499,33 @@ def _synth(kind: str, sr: int, n: int, rng: np.random.Generator) -> np.ndarray:
 GENERATED_STAMP = ".generated.json"  # the options a generated set was written with
 
 
+def _generated_is_current(root: Path, done: Path, settings: str) -> bool:
+    """Whether the set at ``root`` (complete when ``done`` exists) can be reused: data without our stamp
+    (real data, or written before stamps) is read as is; ours with other options is generated again."""
+    if not done.is_file():
+        return False
+    stamp = root / GENERATED_STAMP
+    if not stamp.is_file() or stamp.read_text() == settings:
+        return True
+    log.warning("audio: %s was generated with other options (%s); generating it again with %s",
+                root, stamp.read_text(), settings)
+    return False
+
+
+def _install_generated(tmp: Path, root: Path, done: Path, settings: str) -> None:
+    """Stamp the complete set in ``tmp`` and move it to ``root`` (swapping out our older set)."""
+    (tmp / GENERATED_STAMP).write_text(settings)
+    if (root / GENERATED_STAMP).is_file():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+        os.replace(root, old / root.name)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        if not done.is_file():
+            raise
+
+
 def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds: float = 1.0, sample_rate: int = 16000,
                     classes: tuple[str, ...] = GENERATED_CLASSES, seed: int = 0) -> Path:
     """Write the generated set in the ESC-50 release layout (``audio/{fold}-{id}-{take}-{target}.wav``,
@@ -509,12 +536,8 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
     root = Path(root)
     settings = json.dumps({"clips_per_class": clips_per_class, "seconds": seconds, "sample_rate": sample_rate,
                            "classes": list(classes), "seed": seed}, sort_keys=True)
-    stamp = root / GENERATED_STAMP
-    if (root / "meta" / "esc50.csv").is_file():
-        if not stamp.is_file() or stamp.read_text() == settings:
-            return root  # data this generator did not stamp (real, or written before stamps): read as is
-        log.warning("audio: %s was generated with other options (%s); generating it again with %s",
-                    root, stamp.read_text(), settings)
+    if _generated_is_current(root, root / "meta" / "esc50.csv", settings):
+        return root
     if clips_per_class % 5:
         raise ValueError(f"clips_per_class={clips_per_class} must be a multiple of 5 (5 folds)")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -537,16 +560,7 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
             w = csv.writer(f)
             w.writerow(ESC50_COLUMNS)
             w.writerows(rows)
-        (tmp / GENERATED_STAMP).write_text(settings)
-        if stamp.is_file():  # our data with other options: swap it out
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
-            os.replace(root, old / root.name)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            if not (root / "meta" / "esc50.csv").is_file():
-                raise
+        _install_generated(tmp, root, root / "meta" / "esc50.csv", settings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -561,7 +575,9 @@ def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, second
     import soundfile as sf
 
     root = Path(root)
-    if (root / "labels.csv").is_file():
+    settings = json.dumps({"clips": clips, "seconds": seconds, "sample_rate": sample_rate, "classes": list(classes),
+                           "seed": seed, "two_share": two_share}, sort_keys=True)
+    if _generated_is_current(root, root / "labels.csv", settings):
         return root
     if clips < 5:
         raise ValueError(f"clips={clips}: need at least 5 (3 train / 1 val / 1 test)")
@@ -586,11 +602,7 @@ def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, second
             w = csv.writer(f)
             w.writerow(["file", "labels", "split"])
             w.writerows(rows)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            if not (root / "labels.csv").is_file():
-                raise
+        _install_generated(tmp, root, root / "labels.csv", settings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
