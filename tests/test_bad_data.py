@@ -534,3 +534,16 @@ def test_malformed_fewshot_split_json_names_the_file(tmp_path):
     (d / "split_zhou_OxfordPets.json").write_text('{"train": [["a.jpg", 0, "cat"]')
     with pytest.raises(ValueError, match=r"split_zhou_OxfordPets.json: cannot read this split file \(JSON\)"):
         read_split(tmp_path, "oxford_pets")
+
+
+def test_binary_list_and_csv_files_name_the_file(tmp_path):
+    from tasks.data.audio import read_esc50
+    from tasks.data.vtab import read_list
+
+    (tmp_path / "train800.txt").write_bytes(b"\xff\xfe\x00\x81 images/a.png 0\n")
+    with pytest.raises(ValueError, match=r"train800.txt: cannot read this list file \(UnicodeDecodeError"):
+        read_list(tmp_path / "train800.txt")
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "esc50.csv").write_bytes(b"filename,fold,target\n\xff\xfe,1,0\n")
+    with pytest.raises(ValueError, match=r"esc50.csv: cannot read this CSV file"):
+        read_esc50(tmp_path)

@@ -28,6 +28,7 @@ reported and replaced by the next clip (``bad_files=skip``).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
+from tasks.data.reading import read_text
 from tasks.options import LOADER, FRACTION, Int, Real, check_options
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
 
@@ -62,7 +64,7 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(
             f"{meta} not found: task.data_dir must be an ESC-50 release folder (ESC-50-master/ with "
             f"meta/esc50.csv and audio/*.wav), or use task.dataset=generated")
-    with open(meta, newline="") as f:
+    with io.StringIO(read_text(meta, "CSV file"), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("filename", "fold", "target") if c not in (reader.fieldnames or [])]
         if missing:
@@ -120,7 +122,7 @@ def need_two_classes(classes: list[str], where) -> None:
 def _read_list(path: Path) -> set[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: Speech Commands v2 needs validation_list.txt and testing_list.txt")
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {line.strip() for line in read_text(path, "list file").splitlines() if line.strip()}
 
 
 SC12_CLASSES = (*SC12_WORDS, "_unknown_", "_silence_")
@@ -315,7 +317,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         raise FileNotFoundError(f"{root / MULTILABEL_FILES[0]} not found: task.dataset=multilabel needs a list with "
                                 f"the columns file,labels[,split] (labels separated by ';'), e.g. 'a.wav,dog;bark,train'")
     meta = found[0]
-    with open(meta, newline="") as f:
+    with io.StringIO(read_text(meta, "CSV file"), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if meta.suffix == ".tsv" else ",")
         cols = reader.fieldnames or []
         if "file" not in cols or "labels" not in cols:
@@ -334,7 +336,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         raise ValueError(f"{meta} lists no clips")
     class_file = root / "classes.txt"
     if class_file.is_file():
-        classes = [c.strip() for c in class_file.read_text().splitlines() if c.strip()]
+        classes = [c.strip() for c in read_text(class_file, "class list").splitlines() if c.strip()]
         for path, names, _, i in rows:
             bad = [n for n in names if n not in classes]
             if bad:

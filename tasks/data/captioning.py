@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
-from tasks.data.reading import read_rgb_pil, reading
+from tasks.data.reading import read_rgb_pil, read_text, reading
 from tasks.data.vtab import EpochSeededSampler
 from tasks.options import LOADER, Int, check_options
 
@@ -137,7 +137,7 @@ def _read_json(path: Path):
     if path.stat().st_size == 0:
         raise ValueError(f"caption file {path} is empty")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "annotation file"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid json ({e})") from None
 
@@ -191,7 +191,7 @@ def read_msvd_captions(path: str | os.PathLike) -> dict[str, list[str]]:
         raw = _read_json(path)
     else:  # "<video_id> <caption words>" per line
         raw = {}
-        for line in path.read_text().splitlines():
+        for line in read_text(path, "caption file").splitlines():
             if line.strip():
                 vid, _, cap = line.strip().partition(" ")
                 raw.setdefault(vid, []).append(cap)
@@ -209,7 +209,7 @@ def load_msvd(root: str | os.PathLike, video_dir: str | os.PathLike, captions_fi
         f = root / f"{split}_list.txt"
         if not f.is_file():
             raise FileNotFoundError(f"MSVD split list not found: {f} (train_list.txt, val_list.txt, test_list.txt)")
-        splits[split] = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        splits[split] = [line.strip() for line in read_text(f, "split list").splitlines() if line.strip()]
     return Annotations(splits, captions, Path(video_dir), ".avi", root / captions_file)
 
 

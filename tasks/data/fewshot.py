@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 from torch.utils.data import Dataset
 
 from tasks.data.overlap import check_disjoint
-from tasks.data.reading import read_rgb_pil, reading
+from tasks.data.reading import read_rgb_pil, read_text, reading
 from zoo.adapters.base import check_int
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def read_split(root: str | Path, dataset: str, layout: str = "auto") -> tuple[Pa
         raise FileNotFoundError(f"{info.name}: split file {path} is missing; download CoOp's {info.split_file} "
                                 f"(see CoOp DATASETS.md); expected {expected_layout(info)}")
     with reading(path, "split file (JSON)"):
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path, "split file (JSON)"))
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object with keys train, val, test")
     splits = {}
@@ -178,7 +178,7 @@ def _read_imagenet(d: Path) -> tuple[Path, dict[str, list[Item]]]:
     names: dict[str, str] = {}
     cn = d / "classnames.txt"
     if cn.is_file():
-        for line in cn.read_text().splitlines():
+        for line in read_text(cn, "class names file").splitlines():
             if line.strip():
                 wnid, name = line.strip().split(" ", 1)
                 names[wnid] = name
@@ -203,7 +203,7 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
     variants = d / "variants.txt"
     if not variants.is_file():
         raise FileNotFoundError(f"FGVCAircraft: {variants} is missing; expected {expected_layout(info)}")
-    names = [ln.strip() for ln in variants.read_text().splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(variants, "variants list").splitlines() if ln.strip()]
     label = {n: i for i, n in enumerate(names)}
     splits = {}
     for s in ("train", "val", "test"):
@@ -211,7 +211,7 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
         if not f.is_file():
             raise FileNotFoundError(f"FGVCAircraft: {f} is missing; expected {expected_layout(info)}")
         items = []
-        for ln in f.read_text().splitlines():
+        for ln in read_text(f, "split list").splitlines():
             if ln.strip():
                 img, name = ln.strip().split(" ", 1)
                 items.append((f"{img}.jpg", label[name], name))

@@ -111,3 +111,11 @@ def read_rgb_pil(path: str | os.PathLike) -> Image.Image:
         if im.mode in _8BIT:
             return im.convert("RGB")
         return Image.fromarray((image_to_unit(im, path) * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """The text of a list / caption / CSV file; a binary or undecodable file is one error naming it
+    (``UnicodeDecodeError`` used to surface without the path)."""
+    path = Path(path)
+    with reading(path, what):
+        return path.read_text(encoding="utf-8")

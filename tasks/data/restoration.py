@@ -60,7 +60,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data import degradations as D
-from tasks.data.reading import check_unit_range, read_rgb
+from tasks.data.reading import DataFileError, check_unit_range, read_rgb, reading
 from tasks.options import LOADER, Int, check_options
 from tasks.data.procedural import clean_image
 
@@ -100,21 +100,22 @@ def load_mat_blocks(path: str | Path, key: str) -> np.ndarray:
         raise ImportError(f"reading SIDD's .mat blocks needs scipy and h5py ({e}); pip install -e '.[restore]'") from None
 
     try:
-        if h5py.is_hdf5(path):
-            with h5py.File(path, "r") as f:
-                if key not in f:
-                    raise ValueError(f"{path} has no variable {key!r}; it has {', '.join(sorted(f.keys())) or 'none'}")
-                arr = np.asarray(f[key][()])
-            arr = arr.transpose(tuple(range(arr.ndim))[::-1])
-        else:
-            from scipy.io import loadmat
+        with reading(path, "MAT file"):  # OSError, ValueError, KeyError... of a corrupt file: named
+            if h5py.is_hdf5(path):
+                with h5py.File(path, "r") as f:
+                    if key not in f:
+                        raise DataFileError(f"{path} has no variable {key!r}; it has {', '.join(sorted(f.keys())) or 'none'}")
+                    arr = np.asarray(f[key][()])
+                arr = arr.transpose(tuple(range(arr.ndim))[::-1])
+            else:
+                from scipy.io import loadmat
 
-            mat = loadmat(path, variable_names=[key])
-            if key not in mat:
-                raise ValueError(f"{path} has no variable {key!r}; rename it or use the official SIDD file")
-            arr = np.asarray(mat[key])
-    except (OSError, NotImplementedError, TypeError, MatReadError) as e:  # corrupt / unsupported MAT file
-        raise ValueError(f"cannot read MAT file {path} ({type(e).__name__}: {e}); replace it") from None
+                mat = loadmat(path, variable_names=[key])
+                if key not in mat:
+                    raise DataFileError(f"{path} has no variable {key!r}; rename it or use the official SIDD file")
+                arr = np.asarray(mat[key])
+    except (NotImplementedError, MatReadError) as e:  # unsupported MAT versions
+        raise DataFileError(f"{path}: cannot read this MAT file ({type(e).__name__}: {e}); replace it") from None
     if arr.ndim == 4:
         arr = arr[None]
     if arr.ndim != 5 or arr.shape[-1] != 3:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tasks.data.reading import DataFileError, check_finite, check_unit_range, read_rgb, reading
+from tasks.data.reading import DataFileError, check_finite, check_unit_range, read_rgb, read_text, reading
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 LAYOUTS = ("folder", "kvasir", "isic", "drive", "synapse")
@@ -221,7 +221,7 @@ def read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path} (the Synapse layout needs lists/lists_Synapse/"
                                 f"train.txt and test_vol.txt, one slice / case name per line)")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln.strip() for ln in read_text(path, "list file").splitlines() if ln.strip()]
 
 
 def synapse_list(root: Path, name: str) -> Path:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from tasks.data.overlap import check_disjoint
-from tasks.data.reading import read_rgb_pil
+from tasks.data.reading import read_rgb_pil, read_text
 from tasks.options import LOADER, Int, check_options
 
 # canonical name -> (group, classes, folder aliases used by other repositories)
@@ -88,7 +88,7 @@ def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (expected '<image path> <label>' lines)")
     items = []
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
+    for ln, line in enumerate(read_text(path, "list file").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
