@@ -7,7 +7,6 @@ Only files of equal size are hashed, so the check reads little beyond the file s
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections import defaultdict
@@ -15,16 +14,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from tasks.data.reading import DataFileError
+from zoo.hub import sha256_file
 
 PAIRS = (("train", "val"), ("train", "test"))
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _example(a: Iterable[Path]) -> str:
@@ -70,7 +62,7 @@ def check_disjoint(splits: Mapping[str, Sequence[str | os.PathLike]], where: str
             continue
         for p in cand_b + [q for p in cand_b for q in by_size[sizes[p]]]:
             if p not in digests:
-                digests[p] = _digest(p)
+                digests[p] = sha256_file(p)
         in_a = {digests[q]: q for p in cand_b for q in by_size[sizes[p]]}
         dup = [(in_a[digests[p]], p) for p in cand_b if digests[p] in in_a]
         counts[(a, b)] = len(dup)
