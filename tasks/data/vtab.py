@@ -205,6 +205,12 @@ class VTABDataModule(L.LightningDataModule):
         check_disjoint({"train": files(self.train_set), "val": files(self.val_set), "test": files(self.test_set)},
                        f"{folder} ({train}.txt / {val or test}.txt)", identical="warn")
 
+    def split_info(self) -> dict:
+        """The split files (``train800`` / ``val200`` or ``train800val200`` / ``test``) and their sizes."""
+        sets = dict(zip(("train", "val", "test"), SPLIT_FILES[self.protocol]))
+        return {s: None if f is None else {"name": f, "size": len(getattr(self, f"{s}_set")) if getattr(self, f"{s}_set", None)
+                                           is not None else None} for s, f in sets.items()} | {"val_overlaps_test": False}
+
     def _loader(self, ds, train: bool) -> DataLoader:
         return DataLoader(
             ds,
