@@ -28,6 +28,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
 
 PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("trainable params", None), ("% of backbone", None)]
 SUFFIX = ["artifact KiB"]
+STEP = "step ms"  # shown when a run recorded its mean training step time (metrics.json "step_ms")
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
@@ -39,8 +40,12 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return list(seen.values())
 
 
+def _timed(rows: list[dict[str, Any]]) -> bool:
+    return any(m.get("step_ms") is not None for m in rows)
+
+
 def header(rows: list[dict[str, Any]]) -> list[str]:
-    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX
+    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX + ([STEP] if _timed(rows) else [])
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -49,7 +54,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for m in rows:
         p, bb = m.get("trainable_params", 0), max(1, m.get("backbone_params", 1))
         out.append([m.get("adapter", "?"), m.get("dataset", "?"), f"{p:,}", f"{100 * p / bb:.2f}%",
-                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}"])
+                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}",
+                    *([Column("step_ms", STEP).format(m.get("step_ms"))] if _timed(rows) else [])])
     return out
 
 

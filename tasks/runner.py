@@ -10,7 +10,7 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
      "monitor": {"name": "val/acc", "mode": "max", "value": 0.41},
      "columns": [{"key": "val/acc", "header": "val acc", "fmt": "pct"}, ...],
      "adapter", "adapter_config", "backbone", "task", "dataset", "protocol", "seed",
-     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes",
+     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes", "step_ms",
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
 from __future__ import annotations
@@ -147,12 +147,12 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
 
     The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``).
     """
-    from tasks.trainer.perf import perf_callbacks
+    from tasks.trainer.perf import StepTimer, perf_callbacks
 
     quiet_logs()
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
-    callbacks = perf_callbacks(trainer_cfg)  # trainer.compile / trainer.checkpoint_blocks
+    callbacks = perf_callbacks(trainer_cfg) + [StepTimer()]  # trainer.compile / trainer.checkpoint_blocks; step_ms
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
@@ -344,6 +344,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
+        "step_ms": _step_ms(trainer),  # mean training step wall time of this run (None: no step timed)
         **{c["key"]: None for c in decl["columns"]},
     }
     ckpt_cb = trainer.checkpoint_callback
@@ -386,6 +387,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _step_ms(trainer: L.Trainer) -> float | None:
+    from tasks.trainer.perf import StepTimer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
+    return None if timer is None else timer.mean_ms()
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
