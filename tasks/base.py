@@ -148,6 +148,12 @@ class ZooTask(L.LightningModule):
     def eval_overrides(cls, task_cfg: dict, data_cfg: dict, split: str) -> None:
         """Adjust the run's recorded task/data configs (in place) so that ``split`` is evaluated."""
 
+    def protocol_details(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """What ``metrics.json``'s ``protocol`` record adds for this kind (:mod:`tasks.protocol`): the metric's
+        backend and the axes it averages over, the horizon, the normalisation. Default: the input normalisation
+        (the DataModule's ``normalisation``, which the runner sets for image DataModules)."""
+        return {"normalisation": getattr(datamodule, "normalisation", None)}
+
     def run_metrics(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict[str, Any]:
         """Metrics computed once after training and testing (e.g. retention); default none."""
         return {}

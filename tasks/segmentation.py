@@ -177,9 +177,10 @@ class SegmentationTask(ZooTask):
         norm = batch["norm"]
         if self.mode == "prompted":
             return predict_volume(lambda x, y: self._predict_slices(norm(x.to(self.device)), y.to(self.device)),
-                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy())
+                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy(),
+                                  input_size=self.meta.get("volume_input_size"))
         return predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), batch["volume"].numpy(),
-                              self.model.backbone.img_size)
+                              self.model.backbone.img_size, input_size=self.meta.get("volume_input_size"))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -298,6 +299,9 @@ class SegmentationTask(ZooTask):
             return super().configure_optimizers()
         opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        horizon = self.sched_cfg.get("schedule_epochs")  # SAMed: poly over max_epochs=200, training stops at 160
+        if horizon:
+            total = max(1, round(total * float(horizon) / max(1, self.trainer.max_epochs or 1)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(int(self.sched_cfg.get("warmup_iters", 0)), total,
                                                                    float(self.sched_cfg.get("power", 0.9))))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
