@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from tests.export_helpers import example_input, library_features, library_model, train_a_little, zoo_backbone, zoo_features
+from tests.export_helpers import (
+    example_input,
+    library_features,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+    zoo_features,
+)
 from zoo.export import ExportError, export_peft, load_peft
 
 peft = pytest.importorskip("peft")

@@ -80,6 +80,7 @@ from zoo.export.naming import (
     site_index,
 )
 from zoo.export.peft_tuners import PAYLOADS as TUNER_PAYLOADS
+from zoo.export.peft_tuners import unstacked_modules
 from zoo.io import safetensors_bytes
 
 TUNER_METHODS = tuple(TUNER_PAYLOADS)  # peft's MissConfig / ShiraConfig (zoo.export.peft_tuners)
@@ -273,7 +274,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         tensors, cfg, targets = TUNER_PAYLOADS[tuners[0]](bb, names)
         cfg = {"task_type": None, "base_model_name_or_path": None, "inference_mode": True, **cfg,
                "target_modules": sorted(targets)}
-        counted = len(_tuner_modules(bb))
+        counted = len(_adapter_modules_inside(bb))
     else:
         tensors, cfg, counted = _lora_payload(bb, methods, names)
     if sum(len(a.modules) for a in bb.adapters) != counted:
@@ -303,7 +304,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _tuner_modules(bb: Backbone) -> list[nn.Module]:
+def _adapter_modules_inside(bb: Backbone) -> list[nn.Module]:
     from zoo.adapters.base import AdapterModule
 
     return [m for m in bb.model.modules() if isinstance(m, AdapterModule)]
@@ -365,13 +366,7 @@ def hydra_modules(bb: Backbone) -> list:
     """``(path without wrappers, module)`` of every Hydra wrapper inside ``bb.model``."""
     from zoo.adapters.hydra import HydraLinear
 
-    out = []
-    for name, m in bb.model.named_modules():
-        if isinstance(m, HydraLinear):
-            if isinstance(m.base, WrappedLayer) or ".base." in f".{name}.":
-                raise ExportError(f"{name}: stacked adapters on one Linear have no peft equivalent; export them merged (--merged)")
-            out.append((name, m))
-    return out
+    return unstacked_modules(bb, HydraLinear)
 
 
 def hydra_factors(bb: Backbone, mods, ast_names: str) -> dict[str, tuple]:

@@ -36,7 +36,9 @@ from zoo.export.naming import ExportError, parts
 PREFIX = "base_model.model."
 
 
-def _modules(bb: Backbone, cls) -> list[tuple[str, Any]]:
+def unstacked_modules(bb: Backbone, cls) -> list[tuple[str, Any]]:
+    """``(path, module)`` of every ``cls`` wrapper inside ``bb.model``; one stacked with another adapter on
+    the same Linear is refused (a peft module holds one tuner)."""
     from zoo.adapters.base import WrappedLayer
 
     out = []
@@ -70,7 +72,7 @@ def miss_payload(bb: Backbone, ast_names: str) -> tuple[dict[str, torch.Tensor],
     """``(tensors, MissConfig fields, target modules)`` of the model's MiSS adapter."""
     from zoo.adapters.miss import MiSSLinear
 
-    mods = _modules(bb, MiSSLinear)
+    mods = unstacked_modules(bb, MiSSLinear)
     tensors, targets, kinds = {}, [], set()
     for path, w in mods:
         n = w.linear().out_features
@@ -113,7 +115,7 @@ def shira_payload(bb: Backbone, ast_names: str) -> tuple[dict[str, torch.Tensor]
     to peft's ``r′ (d_in + d_out)`` entries per module)."""
     from zoo.adapters.shira import SHiRALinear
 
-    mods = _modules(bb, SHiRALinear)
+    mods = unstacked_modules(bb, SHiRALinear)
     found = []  # (key, module, indices (2, n) in the module's rows, values, d_in, rows)
     for path, w in mods:
         lin = w.linear()
