@@ -1,9 +1,10 @@
 """Small helpers shared by the notebooks: settings, the embedded data, a plain-PyTorch training loop.
 
-Notebooks 01-03 use only ``zoo`` (plain PyTorch), never Lightning or Hydra, so they show the
-library the way a user would call it from their own code. The modality notebooks (04+) run the
-project's own tasks (``tasks/``, Lightning) from the Hydra configs ``train.py`` reads:
-:func:`choose_config`, :func:`build`, :func:`train` (imported lazily, so 01-03 never load them).
+Notebooks 01-04 train with ``zoo`` alone (plain PyTorch and the loop below, no Lightning or
+Hydra), so they show the library the way a user would call it from their own code. The modality
+notebooks (05+) run the project's own tasks (``tasks/``, Lightning) from the Hydra configs
+``train.py`` reads: :func:`choose_config`, :func:`build`, :func:`train` (they import Lightning and
+Hydra lazily, so 01-04 never load them through nbkit).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -30,7 +30,10 @@ IMG = 32
 TINY_VIT = dict(model="vit_tiny_patch16_224", img_size=IMG, depth=2 if SMALL else 4)
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, when set, wins (the test suite sets 1): more threads than free cores make every
+# step many times slower on a shared machine (issue #22 measured twentyfold)
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
 class ToySprites(Dataset):
@@ -157,7 +160,7 @@ def human(n: float) -> str:
 
 
 # --------------------------------------------------------------------------- the other modalities
-# Notebooks 04+ run the project's own task (tasks/, Lightning) from the same Hydra configs as
+# Notebooks 05+ run the project's own task (tasks/, Lightning) from the same Hydra configs as
 # train.py: the tiny test config of the modality, or its demo config when the demo's pretrained
 # weights are cached (`make demos`) and the notebook is not run small.
 
@@ -201,8 +204,9 @@ def choose_config(tiny: str, demo: str, adapter: str, out_dir, tiny_extra: list[
     cfg = compose([f"experiment={tiny}", f"adapter={adapter}", *tiny_extra], work / "run",
                   data_dir=work / "data" if SMALL else None)
     return cfg, (f"a tiny randomly initialised backbone (`experiment={tiny}`, the test suite's config) with "
-                 f"adapter `{adapter}`: no pretrained demo weights "
-                 f"{'(small run)' if SMALL else 'cached (run `make demos` for them)'}, so expect little skill")
+                 f"adapter `{adapter}`, "
+                 f"{'as the test suite runs it' if SMALL else 'as no demo weights are cached (`make demos` writes them)'}"
+                 f": its numbers show what is measured, not what the method achieves")
 
 
 def build(cfg):
@@ -239,6 +243,7 @@ def train(task, dm, steps: int, out_dir: str | os.PathLike | None = None) -> Non
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(out_dir or tempfile.mkdtemp(prefix="zoo-nb-")))
+    task.train()  # a notebook may have evaluated it first
     trainer.fit(task, datamodule=dm)
     task.eval()
 
