@@ -167,7 +167,7 @@ def human(n: float) -> str:
 def compose(overrides: list[str], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None):
     """``conf/train.yaml`` composed with ``overrides`` as ``python train.py <overrides>`` would.
 
-    ``data_dir`` replaces ``paths.data_dir`` (the small run generates its data in a scratch folder)."""
+    ``data_dir`` replaces ``paths.data_dir`` (the tiny runs generate their data in a scratch folder)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
@@ -201,8 +201,8 @@ def choose_config(tiny: str, demo: str, adapter: str, out_dir, tiny_extra: list[
         if w and Path(str(w)).is_file():
             return cfg, (f"the demo's pretrained backbone (`experiment={demo}`, weights `{Path(str(w)).name}`, "
                          f"written by `make demos`) with adapter `{adapter}`")
-    cfg = compose([f"experiment={tiny}", f"adapter={adapter}", *tiny_extra], work / "run",
-                  data_dir=work / "data" if SMALL else None)
+    # the tiny data in a scratch folder: never mixed with the test suite's tiny sets under data/
+    cfg = compose([f"experiment={tiny}", f"adapter={adapter}", *tiny_extra], work / "run", data_dir=work / "data")
     return cfg, (f"a tiny randomly initialised backbone (`experiment={tiny}`, the test suite's config) with "
                  f"adapter `{adapter}`, "
                  f"{'as the test suite runs it' if SMALL else 'as no demo weights are cached (`make demos` writes them)'}"
