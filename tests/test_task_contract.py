@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 import zoo
 from tasks.base import ZooTask, read_metrics, task_kinds
 from tests.helpers import CONF, ROOT, compose_config, run_train
+from tests.test_protocols import check_protocol_record
 
 KINDS = task_kinds()
 
@@ -64,6 +65,7 @@ def test_conformance_tiny_fit_artifact_and_eval(kind, tmp_path):
         mon = m["monitor"]
         assert mon["name"] in [c["key"] for c in m["columns"]] and mon["mode"] in ("min", "max")
         assert mon["value"] is not None and m[mon["name"]] == mon["value"]
+        check_protocol_record(m)  # how the numbers were made: selection, splits, normalisation (issue #23)
         meta = json.loads((run / "adapter" / "adapter.json").read_text())
         assert meta["task"]["kind"] == m["kind"] and meta["task"]["monitor"]["name"] == mon["name"]
         b = meta["backbone"]  # the head rebuilds on a backbone of the run's architecture (random weights)
@@ -152,7 +154,7 @@ def test_old_metrics_json_reads_as_classification(tmp_path):
     m = read_metrics(tmp_path / "0_old" / "metrics.json")
     assert m["kind"] == "classification" and m["monitor"] == {"name": "val/acc", "mode": "max", "value": 0.5}
     md = markdown(collect(tmp_path)).splitlines()
-    assert md[0] == "| adapter | dataset | trainable params | % of backbone | val acc | test acc | val MSE | artifact KiB |"
+    assert md[0] == "| adapter | dataset | adapter params | % of backbone | val acc | test acc | val MSE | artifact KiB |"
     assert md[2] == "| lora | dsprites_loc | 10 | 1.00% | 50.0 | – | – | 1.0 |"
     assert md[3] == "| full | rendered_depth | 1,000 | 100.00% | – | – | 0.0123 | 2.0 |"
     runs, warnings = load_runs([tmp_path / "0_old" / "metrics.json", tmp_path / "1_new" / "metrics.json"])

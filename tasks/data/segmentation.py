@@ -125,7 +125,19 @@ class SegDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ splits
     @property
     def has_val(self) -> bool:
-        return True
+        return self.layout != "synapse" or self.val_cases > 0  # SAMed trains on all 18 cases (val_cases=0)
+
+    def split_info(self) -> dict:
+        """Synapse: training slices of the cases in ``train.txt`` (``val_cases`` of them held out as volumes),
+        ``test_vol.txt``'s volumes; folder layouts: their train / val (or a held-out fraction of train) / test."""
+        n = lambda ds: None if ds is None else len(ds)  # noqa: E731
+        syn = self.layout == "synapse"
+        val_name = "last train.txt cases" if syn else ("val" if has_split(self.root, self.layout, "val")
+                                                           else f"{self.val_fraction:g} of train")
+        return {"train": {"name": "train.txt slices" if syn else "train", "size": n(self.train_set)},
+                "val": {"name": val_name, "size": n(self.val_set)} if self.has_val and n(self.val_set) else None,
+                "test": {"name": "test_vol.txt" if syn else "test", "size": n(self.test_set)}
+                if self.test_set is not None else None, "val_overlaps_test": False}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -189,6 +201,22 @@ class SegDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set if self.test_set is not None else self.val_set, False)
+
+    def split_files(self, split: str) -> list[str]:
+        """The image files of ``split`` (2-D layouts), for ``eval.py +predict=DIR``."""
+        self.setup()
+        ds = self.split_set(split)
+        pairs = getattr(getattr(ds, "ds", None), "pairs", None)
+        if pairs is None:
+            raise ValueError(f"+predict writes masks for 2-D image layouts; data.layout={self.layout} has volumes or "
+                             f"no {split} split")
+        return [str(img) for img, _ in pairs]
+
+    def preprocessing(self) -> dict:
+        """The input normalisation this data applied (recorded in the artifact for ``zoo predict``)."""
+        m, s = self.norm.mean, self.norm.std
+        return {"mean": None if m is None else m.flatten().tolist(), "std": None if s is None else s.flatten().tolist(),
+                "input_size": [3, self.img_size, self.img_size]}
 
     def split_set(self, split: str):
         return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]

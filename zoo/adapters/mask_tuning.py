@@ -61,7 +61,6 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, StepContext, WrappedLayer
-from zoo.checkpoint import AdapterMismatchError
 from zoo.sites import LINEAR_SITES, SiteError
 
 @contextlib.contextmanager
@@ -207,7 +206,7 @@ class MaskTuning(Adapter):
             raise SiteError(f"mask_tuning masks Linear sites {LINEAR_SITES}, not {bad}")
         if not self.targets and not self.patch_embed:
             raise ValueError("mask_tuning needs at least one target or patch_embed=True")
-        if self.patch_embed:
+        if self.patch_embed and self._image_tower_selected(backbone):
             site = backbone.patch_embed_site()
             self.replace(site, MaskedWeight(site.module, None, self.init_score, self.threshold))
         groups: dict[tuple[int, str], list] = {}
@@ -217,6 +216,15 @@ class MaskTuning(Adapter):
             slices = [s.out_slice for s in group]
             rows = None if any(sl is None for sl in slices) or _covers(slices, group[0].base_module) else slices
             self.replace(group[0], MaskedWeight(group[0].module, rows, self.init_score, self.threshold))
+
+    def _image_tower_selected(self, backbone) -> bool:
+        """The patch embedding belongs to the backbone's first (image) tower: ``tower=text`` leaves it alone."""
+        from zoo.sites import select_towers
+
+        if self.tower is None or getattr(self, "tower_view", False):
+            return True
+        towers = tuple(getattr(backbone, "towers", ()) or ())
+        return not towers or towers[0] in select_towers(backbone, self.tower)
 
     def masked(self) -> list[MaskedWeight]:
         return [m for m in self.modules if isinstance(m, MaskedWeight)]
@@ -338,6 +346,8 @@ class MaskTuning(Adapter):
 
     def import_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Packed masks -> ``score`` tensors that reproduce them (``init_score`` kept, ``2τ - init_score`` dropped)."""
+        from zoo.checkpoint import AdapterMismatchError  # not at module level: zoo.checkpoint imports the adapters
+
         dropped = 2 * self.threshold - self.init_score  # as far below τ as init_score is above it
         out = {}
         for k, v in state.items():
