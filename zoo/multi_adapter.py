@@ -494,7 +494,8 @@ class MultiAdapter(nn.Module):
         """Build the backbone the first artifact records (``weights``: a local base-weights file) and
         serve every artifact on it. A sequence is named by each folder's (or zoo entry's) name."""
         from zoo.checkpoint import read_adapter_config
-        from zoo.hub import build_backbone, resolve
+        from zoo.hub import resolve
+        from zoo.hub.load import artifact_backbone
 
         if not isinstance(artifacts, Mapping):
             items = list(artifacts)
@@ -509,7 +510,8 @@ class MultiAdapter(nn.Module):
         meta = read_adapter_config(resolve(first)) if not isinstance(first, nn.Module) else None
         if meta is None:
             raise TypeError("from_artifacts takes artifact folders or zoo names; pass models to MultiAdapter(backbone, ...)")
-        return cls(build_backbone(meta["backbone"], weights), artifacts, tasks, check_fingerprint)
+        # as zoo.from_zoo builds it: the recorded base-weights file, or the run's seed for random weights
+        return cls(artifact_backbone(meta, weights), artifacts, tasks, check_fingerprint)
 
     def _load(self, name: str, spec: Any, task: int | None) -> _Entry:
         import zoo
