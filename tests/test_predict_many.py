@@ -6,7 +6,6 @@ with that artifact alone, and the refusals must be one line each.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
@@ -20,9 +19,9 @@ import zoo
 from tests.conftest import tiny_vit
 from zoo.__main__ import main
 
-HEADS = {"pets": (("lora", dict(rank=2)), ["cat", "dog", "hamster"]),
-         "cars": (("hydra", dict(par_rank=2, seq_rank=2)), ["sedan", "van", "truck", "bus", "cab"]),
-         "birds": (("vpt", dict(num_tokens=2)), ["owl", "wren"])}  # VPT runs grouped, the others batched
+HEADS = {"pets": (("lora", {"rank": 2}), ["cat", "dog", "hamster"]),
+         "cars": (("hydra", {"par_rank": 2, "seq_rank": 2}), ["sedan", "van", "truck", "bus", "cab"]),
+         "birds": (("vpt", {"num_tokens": 2}), ["owl", "wren"])}  # VPT runs grouped, the others batched
 
 
 def _base_file(folder: Path, seed: int) -> Path:
@@ -129,7 +128,7 @@ def _error(capsys, argv: list[str]) -> str:
 
 
 def test_refusals_are_one_line(zoo_dir, tmp_path, capsys):
-    tmp, w, arts, images = zoo_dir
+    _, w, arts, images = zoo_dir
     pets, cars = f"pets={arts['pets']}", f"cars={arts['cars']}"
     common = ["--weights", str(w), "--out", str(tmp_path / "o")]
 

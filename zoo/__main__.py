@@ -38,7 +38,13 @@ def empty_zoo_note() -> str:
 
 def _predict(args):
     """``predict``: one artifact (``ARTIFACT PATH...``) or several (``--adapters``, :func:`zoo.predict.predict_many`)."""
-    from zoo.predict import PredictError, parse_adapters, predict, predict_many, split_adapter_args
+    from zoo.predict import (
+        PredictError,
+        parse_adapters,
+        predict,
+        predict_many,
+        split_adapter_args,
+    )
 
     if args.adapters:
         specs, spill = split_adapter_args(args.adapters)  # paths written after --adapters land in it

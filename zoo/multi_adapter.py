@@ -31,9 +31,10 @@ fingerprint of the base weights (``adapter.json``) are checked against the backb
 mismatch is refused in one line. A ``MultiAdapter`` is for inference: built in eval mode, it refuses
 ``.train()``; its factors are a snapshot of the adapters at construction.
 
-For ``python -m zoo predict`` / ``eval.py``: :meth:`MultiAdapter.from_artifacts` builds one from
-artifact folders or zoo names (the backbone from the first artifact's record), and
-:meth:`MultiAdapter.predict_batch` maps inputs + one adapter name per sample to per-sample outputs.
+For ``python -m zoo predict --adapters ...`` (:func:`zoo.predict.predict_many`):
+:meth:`MultiAdapter.from_artifacts` builds one from artifact folders or zoo names (the backbone from
+the first artifact's record), and :meth:`MultiAdapter.predict_batch` maps inputs + one adapter name
+per sample to per-sample outputs.
 """
 from __future__ import annotations
 
@@ -737,8 +738,8 @@ class MultiAdapter(nn.Module):
     def predict_batch(self, inputs: torch.Tensor, adapter_names: Sequence[str], batch_size: int | None = None
                       ) -> list[Any]:
         """Per-sample outputs (on the CPU) of ``inputs`` routed by ``adapter_names`` (one per sample),
-        in chunks of ``batch_size`` (default: all at once): the call ``python -m zoo predict`` /
-        ``eval.py`` make with several artifacts and a per-sample adapter column."""
+        in chunks of ``batch_size`` (default: all at once): the call ``python -m zoo predict
+        --adapters`` makes (:func:`zoo.predict.predict_many`: several artifacts, a per-sample adapter column)."""
         names = list(adapter_names)
         if len(names) != inputs.shape[0]:
             raise ValueError(f"predict_batch: {inputs.shape[0]} inputs but {len(names)} adapter names")
