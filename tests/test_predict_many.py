@@ -158,6 +158,11 @@ def test_refusals_are_one_line(zoo_dir, tmp_path, capsys):
 
     assert "the name 'pets' is given twice" in \
         _error(capsys, ["predict", "--adapters", pets, pets, "--route", "all", str(images[0]), *common])
+    assert "--tasks: 'cars' is not among --adapters; valid: pets" in \
+        _error(capsys, ["predict", "--adapters", pets, "--tasks", "cars=1", "--route", "all", str(images[0]), *common])
+    assert "--tasks takes NAME=TASK_ID (an integer), got 'pets=first'" in \
+        _error(capsys, ["predict", "--adapters", pets, "--tasks", "pets=first", "--route", "all", str(images[0]),
+                        *common])
     assert not (tmp_path / "o" / "predictions.csv").exists()  # nothing written by a refused call
 
 
@@ -176,3 +181,37 @@ def test_preprocessing_check_is_key_by_key():
         check_shared_inputs([desc("a"), desc("b", kind="audio")])
     with pytest.raises(PredictError, match="segmentation masks one artifact at a time"):
         check_shared_inputs([desc("a", kind="segmentation"), desc("b", kind="segmentation")])
+
+
+def test_tasks_of_a_multi_task_mhr_artifact(zoo_dir, tmp_path):
+    """``--tasks NAME=ID``: one MHR artifact over three tasks served under two names, one task each; each row
+    is that task's own prediction (``zoo.set_task`` on the artifact's own model, predict's code path)."""
+    from zoo.predict import Predictor, read_adapter_config
+
+    tmp, w, arts, images = zoo_dir
+    torch.manual_seed(11)
+    model = zoo.ImageClassifier(tiny_vit(weights=str(w), pretrained=None), 4)
+    zoo.apply_adapter(model, "mhr", n_splits=2, n_skills=2, n_tasks=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    classes = ["a", "b", "c", "d"]
+    art = zoo.save_adapter(model, tmp_path / "mhr", extra={"task": {"kind": "classification", "class_names": classes}})
+    files = [str(i) for i in images]
+    manifest = tmp_path / "m.csv"
+    routed = [(f, ["t0", "t2", "pets"][i % 3]) for i, f in enumerate(files)]
+    manifest.write_text("file,adapter\n" + "".join(f"{f},{a}\n" for f, a in routed))
+    out = tmp_path / "out"
+    assert main(["predict", "--adapters", f"t0={art}", f"t2={art}", f"pets={arts['pets']}", "--tasks", "t0=0",
+                 "t2=2", "--manifest", str(manifest), "--weights", str(w), "--out", str(out)]) == 0
+    rows = _rows(out / "predictions.csv")
+    assert [(r["file"], r["adapter"]) for r in rows] == routed
+    alone = {"pets": _alone(tmp, w, arts["pets"], files, tmp_path / "pets")}
+    for name, task in (("t0", 0), ("t2", 2)):
+        own = zoo.from_zoo(str(art), weights=w)
+        zoo.set_task(own, task)
+        pred = Predictor(name, "classification", own, read_adapter_config(art), classes)
+        alone[name] = {r.file: {"label": r.label, "score": f"{r.score:.6f}"} for r in pred.predict(files)}
+    assert any(alone["t0"][f]["score"] != alone["t2"][f]["score"] for f in files)  # the task id matters
+    _same_as_alone(rows, alone)

@@ -41,6 +41,7 @@ def _predict(args):
     from zoo.predict import (
         PredictError,
         parse_adapters,
+        parse_tasks,
         predict,
         predict_many,
         split_adapter_args,
@@ -48,13 +49,17 @@ def _predict(args):
 
     if args.adapters:
         specs, spill = split_adapter_args(args.adapters)  # paths written after --adapters land in it
+        task_specs, task_spill = split_adapter_args(args.tasks or [])
+        spill += task_spill
         odd = [x for x in spill if "=" in x and not os.path.exists(x)]
         if odd:  # a malformed NAME=ARTIFACT, not a path: say so rather than 'does not exist'
             parse_adapters(odd)
-        return predict_many(parse_adapters(specs), args.out, paths=[*args.inputs, *spill], manifest=args.manifest,
-                            route=args.route, weights=args.weights, batch_size=args.batch_size)
-    if args.manifest or args.route:
-        raise PredictError("--manifest and --route route files to several adapters: give them with --adapters "
+        adapters = parse_adapters(specs)
+        return predict_many(adapters, args.out, paths=[*args.inputs, *spill], manifest=args.manifest,
+                            route=args.route, weights=args.weights, batch_size=args.batch_size,
+                            tasks=parse_tasks(task_specs, list(adapters)) or None)
+    if args.manifest or args.route or args.tasks:
+        raise PredictError("--manifest, --route and --tasks serve several adapters: give them with --adapters "
                            "NAME=ARTIFACT ...")
     if len(args.inputs) < 2:
         raise PredictError("predict ARTIFACT PATH...: give an artifact and at least one file or folder "
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--manifest", metavar="FILE.csv",
                     help="with --adapters: a CSV with columns file,adapter routing each file to its adapter "
                          "(relative files: relative to the CSV's folder)")
+    pr.add_argument("--tasks", nargs="+", action="extend", metavar="NAME=TASK_ID",
+                    help="with --adapters: the task of a multi-task MHR artifact (serve it under several names for "
+                         "several of its tasks)")
     pr.add_argument("--route", choices=("all",), help="with --adapters and PATH...: every file through every adapter")
     pr.add_argument("--out", default="predictions", help="output folder (default: ./predictions): predictions.csv, masks/")
     pr.add_argument("--weights", help="base weights file, for an artifact trained on local base weights that are "

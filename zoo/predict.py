@@ -291,6 +291,20 @@ def parse_adapters(specs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def parse_tasks(specs: Iterable[str], adapters: Sequence[str]) -> dict[str, int]:
+    """``["NAME=TASK_ID", ...]`` -> ``{name: task id}``: an MHR artifact over several tasks serves one task
+    per name (give the artifact under several names to serve several of its tasks)."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        name, sep, task = str(spec).partition("=")
+        if not sep or not task.strip().isdigit():
+            raise PredictError(f"--tasks takes NAME=TASK_ID (an integer), got {spec!r}")
+        if name not in adapters:
+            raise PredictError(f"--tasks: {name!r} is not among --adapters; valid: {', '.join(adapters)}")
+        out[name] = int(task)
+    return out
+
+
 def split_adapter_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
     """``--adapters a=X b=Y photos/`` (argparse gives the option everything up to the next one): the
     leading ``NAME=...`` items are adapters, the rest input paths."""
@@ -368,9 +382,11 @@ def route_jobs(adapters: Sequence[str], paths: Iterable[str | os.PathLike] | Non
 
 def predict_many(adapters: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
                  paths: Iterable[str | os.PathLike] | None = None, manifest: str | os.PathLike | None = None,
-                 route: str | None = None, weights: str | os.PathLike | None = None, batch_size: int = 16) -> Path:
+                 route: str | None = None, weights: str | os.PathLike | None = None, batch_size: int = 16,
+                 tasks: Mapping[str, int] | None = None) -> Path:
     """Predict with several artifacts on one base in shared batches (:class:`zoo.MultiAdapter`); returns
-    ``out_dir/predictions.csv`` (``file,adapter,label,score``, one row per routed file and adapter)."""
+    ``out_dir/predictions.csv`` (``file,adapter,label,score``, one row per routed file and adapter).
+    ``tasks``: the task id of each multi-task MHR artifact (``{name: id}``)."""
     from zoo.io import atomic_write_text
     from zoo.multi_adapter import MultiAdapter
 
@@ -380,7 +396,7 @@ def predict_many(adapters: Mapping[str, str | os.PathLike], out_dir: str | os.Pa
     preds = list(described.values())
     check_shared_inputs(preds)
     jobs = route_jobs(list(adapters), paths, manifest, route, preds[0].extensions())
-    served = MultiAdapter.from_artifacts(dict(adapters), weights=weights)  # refuses other base weights
+    served = MultiAdapter.from_artifacts(dict(adapters), weights=weights, tasks=tasks)  # refuses other bases
     load = preds[0].loader()  # one preprocessing for all (checked above)
     rows: list[Prediction] = []
     for s in range(0, len(jobs), batch_size):
