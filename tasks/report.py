@@ -36,6 +36,7 @@ PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("adapter params", Non
 # How every parameter count of the project is meant (the run log, metrics.json's trainable_params, this table):
 PARAMS_NOTE = "Adapter params: trainable parameters inside the backbone, task head excluded (as the papers count)."
 SUFFIX = ["artifact KiB"]
+STEP = "step ms"  # shown when a run recorded its mean training step time (metrics.json "step_ms")
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
@@ -47,8 +48,12 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return list(seen.values())
 
 
+def _timed(rows: list[dict[str, Any]]) -> bool:
+    return any(m.get("step_ms") is not None for m in rows)
+
+
 def header(rows: list[dict[str, Any]]) -> list[str]:
-    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX
+    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX + ([STEP] if _timed(rows) else [])
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -57,7 +62,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for m in rows:
         p, bb = m.get("trainable_params", 0), max(1, m.get("backbone_params", 1))
         out.append([m.get("adapter", "?"), m.get("dataset", "?"), f"{p:,}", f"{100 * p / bb:.2f}%",
-                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}"])
+                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}",
+                    *([Column("step_ms", STEP).format(m.get("step_ms"))] if _timed(rows) else [])])
     return out
 
 

@@ -12,7 +12,7 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
      "adapter", "adapter_config", "backbone", "task", "dataset", "seed",
      "protocol": {"name", "splits", "selection", "validated_on", ... (tasks/protocol.py)},
      "selection": "val" | "last" | "val_is_test" | "none" (evaluate-only), "validated_on": <the validation split's name or null>,
-     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes",
+     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes", "step_ms",
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
 from __future__ import annotations
@@ -140,14 +140,14 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
     The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``), unless
     the run does not select on validation (``select_on_val=False``: ``task.selection=last``).
     """
-    from tasks.trainer.perf import perf_callbacks
+    from tasks.trainer.perf import StepTimer, perf_callbacks
 
     quiet_logs()
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
     from tasks.trainer.progress import ProgressLines
 
-    callbacks = perf_callbacks(trainer_cfg)  # trainer.compile / trainer.checkpoint_blocks
+    callbacks = perf_callbacks(trainer_cfg) + [StepTimer()]  # trainer.compile / trainer.checkpoint_blocks; step_ms
     callbacks.append(ProgressLines(trainer_cfg.pop("progress_every_s", None) or 30))  # a line every 30 s, any output mode
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
@@ -349,6 +349,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
+        "step_ms": _step_ms(trainer),  # mean training step wall time of this run (None: no step timed)
         **{c["key"]: None for c in decl["columns"]},
     }
     ckpt_cb = trainer.checkpoint_callback
@@ -429,6 +430,13 @@ def protocol_details(cfg: DictConfig, task, dm) -> dict[str, Any]:
     if "differs_from_paper" in cfg.task:
         details["differs_from_paper"] = cfg.task.differs_from_paper
     return details
+
+
+def _step_ms(trainer: L.Trainer) -> float | None:
+    from tasks.trainer.perf import StepTimer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
+    return None if timer is None else timer.mean_ms()
 
 
 def describe_params(adapter: int, backbone: int, head: int) -> str:
