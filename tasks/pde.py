@@ -216,7 +216,8 @@ class PDEDataModule(L.LightningDataModule):
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = False, seed: int = 0):
         super().__init__()
-        check_options("data", locals(), {"context": Int(1), "rollout_horizon": Int(1), "stride": Int(1),
+        # rollout_horizon is a number or ``full``: parse_horizon checks it (one line naming both forms)
+        check_options("data", locals(), {"context": Int(1), "stride": Int(1),
                                          "batch_size": Int(1), "eval_batch_size": Int(1, optional=True),
                                          "num_workers": Int(0)})
         if path is None and generate is None:

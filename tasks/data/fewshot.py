@@ -337,9 +337,11 @@ def load_fewshot(root: str | Path, dataset: str, shots: int, seed: int, subsampl
     names_all = classnames_of(splits["train"] + splits["test"])
     train, val = sample_fewshot(splits["train"], splits["val"], shots, seed, sampler, short_classes)
     train, val, test = subsample_classes(train, val, splits["test"], subsample=subsample)
-    # the K-shot images must not be test images: a file in both is refused; byte-identical copies under
-    # other names are warned about (the benchmarks' split files are used as they are)
-    check_disjoint({"train": [image_root / p for p, _, _ in train + val], "test": [image_root / p for p, _, _ in test]},
+    # the K-shot training images must not be test images: a file in both is refused; byte-identical copies under
+    # other names are warned about (the benchmarks' split files are used as they are). Validation shots drawn
+    # from the test set (ImageNet's val folder is its test set, as CoOp) are the selection rule's business: the
+    # run records the overlap and refuses task.selection=val (tasks/protocol.py)
+    check_disjoint({"train": [image_root / p for p, _, _ in train], "test": [image_root / p for p, _, _ in test]},
                    f"{info.name} under {image_root}", pairs=(("train", "test"),), identical="warn")
     labels = sorted({y for _, y, _ in splits["train"] + splits["test"]})
     m = math.ceil(len(labels) / 2)
