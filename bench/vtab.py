@@ -55,7 +55,8 @@ SHORT = {  # column headers as in the papers
 # configuration that reproduces it: the adapter's name and the values of its resolved config that tell the method
 # apart from others of the same name (Houlsby and AdaptFormer are both ``adapter``, told apart by ``style``; VPT
 # shallow and deep by ``mode``; Bi-AdaptFormer and Bi-LoRA by ``base``), and the input normalisation of the paper's
-# code (``data.normalize``: the checkpoint's mean = std = 0.5 as vtab_sweep; the binary adapters feed [0, 1] pixels).
+# code (``data.normalize``: the checkpoint's mean = std = 0.5 as vtab_sweep; Hydra's code ImageNet mean / std; the
+# binary adapters feed [0, 1] pixels).
 class Published(NamedTuple):
     method: str
     adapter: str | None          # the zoo adapter's name (None: not in the zoo)
@@ -81,7 +82,8 @@ REFERENCE: list[Published] = [
     Published("FacT-TK", None, {}, 75.6, 73.23, 0.07, "Hydra README"),
     Published("SSF", "ssf", {}, 75.7, 73.10, 0.21, "Hydra README"),
     Published("RepAdapter", None, {}, 76.1, 73.84, 0.22, "Hydra README"),
-    Published("Hydra", "hydra", {}, 76.5, 74.21, 0.28, "extremebird/Hydra vtab1k/README.md"),
+    Published("Hydra", "hydra", {}, 76.5, 74.21, 0.28, "extremebird/Hydra vtab1k/README.md",
+              normalize="imagenet"),  # its vtab1k/dataset.py get_data: ImageNet mean / std
     Published("Bi-AdaptFormer-32 (1-bit)", "onebit", {"base": "adaptformer", "bits": 1, "dim": 32}, 77.0, None, None,
               "JieShibo/PETL-ViT binary_adapter/README.md", normalize="none"),
     Published("Bi-LoRA-32 (1-bit)", "onebit", {"base": "lora", "bits": 1, "dim": 32}, 76.7, None, None,

@@ -308,7 +308,9 @@ def test_vtab_reference_rows_match_on_the_resolved_adapter_config(tmp_path):
               "vpt_shallow": ("vpt", {"name": "vpt", "mode": "shallow"}, "backbone", 0.63),
               "vpt_deep": ("vpt", {"name": "vpt", "mode": "deep"}, "backbone", 0.64),
               "bi_af": ("onebit", {"name": "onebit", "base": "adaptformer", "bits": 1, "dim": 32}, "none", 0.65),
-              "bi_lora": ("onebit", {"name": "onebit", "base": "lora", "bits": 1, "dim": 32}, "none", 0.66)}
+              "bi_lora": ("onebit", {"name": "onebit", "base": "lora", "bits": 1, "dim": 32}, "none", 0.66),
+              "hydra": ("hydra", {"name": "hydra"}, "imagenet", 0.67),  # Hydra's code: ImageNet mean / std
+              "hydra_05": ("hydra", {"name": "hydra"}, "backbone", 0.68)}  # not the paper's pipeline
     for d, (adapter, acfg, norm, acc) in sweeps.items():
         _full_sweep(tmp_path / d, adapter=adapter, acc=acc, adapter_config=acfg, protocol=_final_record(norm))
     md = vtab.reference_table(vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0]))
@@ -318,6 +320,7 @@ def test_vtab_reference_rows_match_on_the_resolved_adapter_config(tmp_path):
     assert _ours(md, "VPT-Deep") == ("64.00", "64.00")
     assert _ours(md, "Bi-AdaptFormer-32 (1-bit)") == ("65.00", "65.00")
     assert _ours(md, "Bi-LoRA-32 (1-bit)") == ("66.00", "66.00")
+    assert _ours(md, "Hydra") == ("67.00", "67.00")
 
 
 def test_vtab_reference_refuses_another_normalisation_or_a_marked_recipe(tmp_path):
