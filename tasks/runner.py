@@ -118,17 +118,30 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else copy.deepcopy(node)
 
 
-def build_task(cfg: DictConfig) -> L.LightningModule:
+def build_task(cfg: DictConfig, recorded: bool = False) -> L.LightningModule:
+    """The task of ``cfg.task``; ``recorded=True`` (an artifact's config): only an allow-listed
+    class, called directly (:mod:`tasks.recorded`)."""
     task_cfg = _plain(cfg.task)
+    if recorded:
+        from tasks.recorded import TASK_TARGETS, construct
+
+        return construct(task_cfg, TASK_TARGETS, "task", backbone=_plain(cfg.backbone), adapter=_plain(cfg.adapter))
     return instantiate(task_cfg, backbone=_plain(cfg.backbone), adapter=_plain(cfg.adapter), _convert_="all", _recursive_=False)
 
 
-def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig, task: L.LightningModule, recorded: bool = False) -> L.LightningDataModule:
     """The DataModule of ``cfg.data`` with the run's seed; image DataModules (a ``normalize`` key)
-    also get the normalisation's mean and std."""
+    also get the normalisation's mean and std. ``recorded=True`` (an artifact's config): only an
+    allow-listed class, called directly, never recursively (:mod:`tasks.recorded`)."""
     data_cfg = _plain(cfg.data)
+    if recorded:
+        from tasks.recorded import DATA_TARGETS, construct
+
+        make = lambda c, **kw: construct(c, DATA_TARGETS, "data", **kw)  # noqa: E731
+    else:
+        make = lambda c, **kw: instantiate(c, _convert_="all", **kw)  # noqa: E731
     if "normalize" not in data_cfg:
-        return instantiate(data_cfg, seed=cfg.seed, _convert_="all")
+        return make(data_cfg, seed=cfg.seed)
     norm = data_cfg.pop("normalize")
     if norm == "backbone":
         dc = zoo.find_backbone(task.model).data_config
@@ -139,7 +152,7 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
         mean = std = None
     else:
         raise ValueError(f"data.normalize={norm!r}; valid: backbone, imagenet, none")
-    return instantiate(data_cfg, mean=mean, std=std, seed=cfg.seed, _convert_="all")
+    return make(data_cfg, mean=mean, std=std, seed=cfg.seed)
 
 
 def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None = None, **overrides: Any) -> L.Trainer:
@@ -446,8 +459,12 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     if tag.startswith("file:") and not cfg.backbone.get("weights"):
         raise ValueError(f"the artifact was trained on base weights from a local file ({tag[5:]}); "
                          f"pass backbone.weights=/path/to/{tag[5:]} (e.g. backbone=vit_demo)")
+    from tasks.recorded import TASK_TARGETS, check_artifact_config, recorded_class
+
+    check_artifact_config(meta, str(artifact))  # recorded configs are data: no _target_ to run, no ${...}
     record = meta.get("task") or {}
-    if record.get("config") is not None:
+    recorded = record.get("config") is not None
+    if recorded:
         task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
         task_cfg.pop("runner", None)
         _apply_overrides(task_cfg, data_cfg, overrides or [])
@@ -456,7 +473,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         if task_cfg.get("dataset") == "auto":
             task_cfg["dataset"] = data_cfg["dataset"] = record.get("dataset") or "cifar"
         task_cfg["num_classes"] = meta["head"]["num_classes"]
-    get_class(task_cfg["_target_"]).eval_overrides(task_cfg, data_cfg, cfg.split)
+    task_cls = recorded_class(task_cfg, TASK_TARGETS, "task") if recorded else get_class(task_cfg["_target_"])
+    task_cls.eval_overrides(task_cfg, data_cfg, cfg.split)
     with open_dict(cfg):
         cfg.backbone.name = bmeta["family"]
         cfg.backbone.model = bmeta["model"]
@@ -475,8 +493,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.logger = None
         cfg.callbacks = None
     L.seed_everything(cfg.seed)
-    task = build_task(cfg)
-    dm = build_datamodule(cfg, task)
+    task = build_task(cfg, recorded=recorded)
+    dm = build_datamodule(cfg, task, recorded=recorded)
     trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
     if cfg.split == "test":
         res = trainer.test(task, datamodule=dm, verbose=False)[0]

@@ -5,6 +5,7 @@ table lists the same cases.
 from __future__ import annotations
 
 import json
+import re
 import os
 import warnings
 from pathlib import Path
@@ -723,3 +724,89 @@ def test_quiet_logs(caplog):
         w.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
         w.warn("something else")
     assert [str(x.message) for x in got] == ["something else"]
+
+
+# ---------------------------------------------------------------------------- issue 24: security
+def _evaluate(art: Path, *overrides: str) -> dict:
+    from tests.test_task_contract import evaluate_artifact
+
+    return evaluate_artifact(art, ["trainer.enable_progress_bar=false", *overrides])
+
+
+def _record(art: Path, task_cfg: dict, data_cfg: dict) -> None:
+    meta = json.loads((art / "adapter.json").read_text())
+    meta["task"] = {"kind": "classification", "name": "vtab", "dataset": "dsprites_loc", "protocol": "tune",
+                    "config": task_cfg, "data": data_cfg}
+    (art / "adapter.json").write_text(json.dumps(meta))
+
+
+VTAB_TASK = {"_target_": "tasks.classification.ClassificationTask", "name": "vtab", "dataset": "dsprites_loc",
+             "protocol": "tune", "num_classes": 3}
+VTAB_DATA = {"_target_": "tasks.data.vtab.VTABDataModule", "dataset": "dsprites_loc", "protocol": "tune",
+             "root": "/nonexistent", "img_size": 32, "batch_size": 4, "normalize": "imagenet"}
+
+
+@pytest.mark.parametrize("where", ["data", "task", "list"])
+def test_eval_never_runs_a_nested_target_from_an_artifact(tmp_path, where):
+    art = artifact(tmp_path)
+    victim = tmp_path / "written-by-the-artifact"
+    evil = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    task, data = dict(VTAB_TASK), dict(VTAB_DATA)
+    key = {"data": "task.data.root._target_", "task": "task.config.optimizer._target_",
+           "list": "task.data.extra[0]._target_"}[where]
+    if where == "data":
+        data["root"] = evil
+    elif where == "task":
+        task["optimizer"] = evil
+    else:
+        data["extra"] = [evil]
+    _record(art, task, data)
+    with pytest.raises(ValueError, match=rf"refusing the key '{re.escape(key)}'"):
+        _evaluate(art)
+    assert not victim.exists()
+
+
+@pytest.mark.parametrize("group,target", [("config", "os.system"), ("data", "numpy.load"),
+                                          ("config", "tasks.data.vtab.VTABDataModule")])
+def test_eval_refuses_a_target_outside_the_allow_list(tmp_path, group, target):
+    art = artifact(tmp_path)
+    task, data = dict(VTAB_TASK), dict(VTAB_DATA)
+    (task if group == "config" else data)["_target_"] = target
+    _record(art, task, data)
+    with pytest.raises(ValueError, match=rf"task\.{group}\._target_='{re.escape(target)}' is not one of the project's own"):
+        _evaluate(art)
+
+
+def test_eval_never_resolves_an_interpolation_from_an_artifact(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_SECRET", "s3cret")
+    art = artifact(tmp_path)
+    _record(art, VTAB_TASK, {**VTAB_DATA, "root": "${oc.env:ZOO_SECRET}"})
+    with pytest.raises(ValueError, match=r"refusing task\.data\.root='\$\{oc\.env:ZOO_SECRET\}'"):
+        _evaluate(art)
+    meta = json.loads((art / "adapter.json").read_text())
+    meta["backbone"]["kwargs"] = {"img_size": "${multiply:16,2}"}  # anywhere in the file
+    (art / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"refusing backbone\.kwargs\.img_size="):
+        _evaluate(art)
+
+
+def test_the_allow_list_holds_every_task_and_data_class_of_the_configs():
+    import yaml
+
+    from tasks.recorded import DATA_TARGETS, TASK_TARGETS
+
+    seen = set()
+    for f in (ROOT / "conf" / "task").glob("*.yaml"):
+        cfg = yaml.safe_load(f.read_text())
+        for group, allowed in (("task", TASK_TARGETS), ("data", DATA_TARGETS)):
+            target = (cfg.get(group) or {}).get("_target_")
+            if target:
+                assert target in allowed, (f.name, group, target)
+                seen.add(target)
+    src = (ROOT / "tasks" / "multitask.py").read_text()  # the multitask job's stages
+    for t in re.findall(r'"_target_": "([\w.]+)"', src):
+        assert t in TASK_TARGETS | DATA_TARGETS, t
+    for t in TASK_TARGETS | DATA_TARGETS:  # every listed class exists
+        from tasks.recorded import recorded_class
+
+        assert isinstance(recorded_class({"_target_": t}, TASK_TARGETS | DATA_TARGETS, "x"), type)
