@@ -810,3 +810,19 @@ def test_the_allow_list_holds_every_task_and_data_class_of_the_configs():
         from tasks.recorded import recorded_class
 
         assert isinstance(recorded_class({"_target_": t}, TASK_TARGETS | DATA_TARGETS, "x"), type)
+
+
+def test_a_tampered_cached_file_with_its_mtime_put_back_is_detected(isolated):
+    reg, entry = published(isolated)
+    hub.add_registry(reg)
+    d = hub.download("tiny-lora")
+    f = d / "adapter.safetensors"
+    st = f.stat()
+    bad = bytearray(f.read_bytes())
+    bad[-1] ^= 0xFF  # same size, same inode
+    with open(f, "r+b") as fh:
+        fh.write(bytes(bad))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_ino == st.st_ino
+    with pytest.warns(UserWarning, match="does not match its registry sha256"):
+        assert not hub.is_cached("tiny-lora")
