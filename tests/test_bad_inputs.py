@@ -178,7 +178,7 @@ def test_truncated_artifact_is_one_clear_error(tmp_path):
     meta.pop("weights_sha256")  # an older artifact without the hash: the read itself must fail clearly
     (a / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="cannot be read as safetensors"):
-        zoo.load_adapter(plain_model(), a)
+        zoo.load_adapter(plain_model(), a, allow_unhashed=True)
 
 
 @pytest.mark.parametrize("methods", [[], None, [{"config": {}}]])
@@ -826,3 +826,87 @@ def test_a_tampered_cached_file_with_its_mtime_put_back_is_detected(isolated):
     assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_ino == st.st_ino
     with pytest.warns(UserWarning, match="does not match its registry sha256"):
         assert not hub.is_cached("tiny-lora")
+
+
+def _rewrite(art: Path, state: dict | None = None, **meta_changes) -> None:
+    """Edit an artifact as an attacker would: new tensors with a matching hash, changed json fields."""
+    import hashlib
+
+    meta = json.loads((art / "adapter.json").read_text())
+    if state is not None:
+        save_file(state, str(art / "adapter.safetensors"))
+        meta["weights_sha256"] = hashlib.sha256((art / "adapter.safetensors").read_bytes()).hexdigest()
+    for k, v in meta_changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    (art / "adapter.json").write_text(json.dumps(meta))
+
+
+def test_an_artifact_without_its_weights_hash_is_refused_unless_allowed(tmp_path):
+    from safetensors.torch import load_file
+
+    a = artifact(tmp_path)
+    state = load_file(str(a / "adapter.safetensors"))
+    edited = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    _rewrite(a, edited, weights_sha256=None)  # edited weights, hash removed
+    m = plain_model()
+    before = state_of(m)
+    with pytest.raises(AdapterMismatchError, match=r"adapter\.json records no weights_sha256.*allow_unhashed=True.*"
+                                                   r"zoo\.save_adapter"):
+        zoo.load_adapter(m, a)
+    assert same_state(before, state_of(m))
+    zoo.load_adapter(m, a, allow_unhashed=True)  # the explicit opt-in for an older artifact you trust
+    zoo.save_adapter(m, tmp_path / "resaved")  # re-saving records the hash
+    assert "weights_sha256" in json.loads((tmp_path / "resaved" / "adapter.json").read_text())
+    zoo.load_adapter(plain_model(), tmp_path / "resaved")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int32, torch.float64])
+def test_artifact_tensors_of_another_dtype_are_refused(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    a = artifact(tmp_path)
+    state = load_file(str(a / "adapter.safetensors"))
+    key = next(k for k in sorted(state) if "lora_A" in k)
+    _rewrite(a, {**state, key: state[key].to(dtype)})
+    m = plain_model()
+    before = state_of(m)
+    with pytest.raises(AdapterMismatchError, match=rf"dtype: {re.escape(key)}: artifact {dtype}, model torch\.float32"):
+        zoo.load_adapter(m, a)
+    assert same_state(before, state_of(m))
+
+
+def test_an_artifact_with_its_fingerprint_removed_is_refused(tmp_path):
+    a = artifact(tmp_path)
+    meta = json.loads((a / "adapter.json").read_text())
+    del meta["backbone"]["fingerprint"]
+    (a / "adapter.json").write_text(json.dumps(meta))
+    other = plain_model(seed=5)  # other base weights
+    with pytest.raises(AdapterMismatchError, match="records no base-weight fingerprint"):
+        zoo.load_adapter(other, a)
+    assert zoo.adapters_of(other) == []
+    zoo.load_adapter(other, a, check_fingerprint=False)  # the explicit opt-out still works
+
+
+def test_artifact_json_errors_name_the_file(tmp_path):
+    a = artifact(tmp_path)
+    (a / "adapter.json").write_text('{"methods": [')
+    with pytest.raises(AdapterMismatchError, match=rf"{re.escape(str(a / 'adapter.json'))}: not valid JSON"):
+        zoo.load_adapter(plain_model(), a)
+    (a / "adapter.json").write_text('[1, 2]')
+    with pytest.raises(AdapterMismatchError, match=rf"{re.escape(str(a / 'adapter.json'))}: expected a JSON object"):
+        zoo.read_adapter_config(a)
+
+
+def test_mhr_inventory_reads_artifacts_through_the_same_checks(tmp_path):
+    from zoo.adapters.mhr import load_inventory
+
+    a = artifact(tmp_path)
+    w = a / "adapter.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(AdapterMismatchError, match="sha256 differs"):
+        load_inventory(plain_model(), a)
