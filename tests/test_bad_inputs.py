@@ -910,3 +910,50 @@ def test_mhr_inventory_reads_artifacts_through_the_same_checks(tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(AdapterMismatchError, match="sha256 differs"):
         load_inventory(plain_model(), a)
+
+
+# ---------------------------------------------------------------------------- list paths stay inside the data root
+ESCAPES = ["../outside.png", "a/../../outside.png", "/etc/passwd", "..\\outside.png"]
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_vtab_list_paths_leaving_the_data_root_are_refused(tmp_path, bad):
+    from tasks.data.vtab import read_list
+
+    f = tmp_path / "train800.txt"
+    f.write_text(f"images/ok.png 0\n{bad} 1\n")
+    with pytest.raises(ValueError, match=rf"train800\.txt:2: the path {re.escape(repr(bad))} leaves"):
+        read_list(f, 3)
+    f.write_text("images/ok.png 0\nsub/dir/b.png 1\n")  # plain relative paths still read
+    assert [p for p, _ in read_list(f, 3)] == ["images/ok.png", "sub/dir/b.png"]
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_fewshot_split_paths_leaving_the_data_root_are_refused(tmp_path, bad):
+    from tasks.data.fewshot import read_split
+
+    d = tmp_path / "oxford_pets"
+    (d / "images").mkdir(parents=True)
+    split = {s: [["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"]] for s in ("train", "val", "test")}
+    split["test"][1][0] = bad
+    (d / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=rf"split_zhou_OxfordPets\.json: test entry .*the path {re.escape(repr(bad))} leaves"):
+        read_split(tmp_path, "oxford_pets")
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_caption_ids_leaving_the_video_folder_are_refused(tmp_path, bad):
+    import pickle
+
+    import tasks.data.captioning as cd
+
+    ids = ["v0", "v1", bad]
+    for name in ("train", "val", "test"):
+        (tmp_path / f"{name}_list.txt").write_text("\n".join(ids if name == "test" else ids[:2]) + "\n")
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({v: [["a", "cat"]] for v in ids}))
+    with pytest.raises(ValueError, match=rf"test_list\.txt:3: the path {re.escape(repr(bad))} leaves"):
+        cd.load_msvd(tmp_path, tmp_path / "videos")
+    doc = {"videos": [{"video_id": v, "split": "train"} for v in ids], "sentences": [{"video_id": v, "caption": "c"} for v in ids]}
+    (tmp_path / "msrvtt.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"msrvtt\.json: video_id: the path {re.escape(repr(bad))} leaves"):
+        cd.load_msrvtt(tmp_path / "msrvtt.json", tmp_path / "videos")

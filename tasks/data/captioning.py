@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.paths import check_inside
 from tasks.data.vtab import EpochSeededSampler
 
 DATASETS = ("msrvtt", "msvd", "shapes")
@@ -126,7 +127,7 @@ def load_msrvtt(json_path: str | os.PathLike, video_dir: str | os.PathLike) -> A
     data = _read_json(Path(json_path))
     if not isinstance(data, dict) or "videos" not in data or "sentences" not in data:
         raise ValueError(f"{json_path}: expected an MSR-VTT json with 'videos' and 'sentences'")
-    vids = [v["video_id"] for v in data["videos"]]
+    vids = [check_inside(str(v["video_id"]), f"{json_path}: video_id", video_dir) for v in data["videos"]]
     if all("split" in v for v in data["videos"]):
         name = {"train": "train", "validate": "val", "val": "val", "test": "test"}
         splits = {"train": [], "val": [], "test": []}
@@ -180,7 +181,8 @@ def load_msvd(root: str | os.PathLike, video_dir: str | os.PathLike, captions_fi
         f = root / f"{split}_list.txt"
         if not f.is_file():
             raise FileNotFoundError(f"MSVD split list not found: {f} (train_list.txt, val_list.txt, test_list.txt)")
-        splits[split] = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        splits[split] = [check_inside(line.strip(), f"{f}:{i}", video_dir)
+                         for i, line in enumerate(f.read_text().splitlines(), 1) if line.strip()]
     return Annotations(splits, captions, Path(video_dir), ".avi")
 
 

@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tasks.data.paths import check_inside
+
 log = logging.getLogger(__name__)
 
 Item = tuple[str, int, str]  # (path relative to the image root, label, class name)
@@ -140,7 +142,8 @@ def find_dataset_dir(root: str | Path, info: FewShotDataset, layout: str = "auto
 
 
 def read_split(root: str | Path, dataset: str, layout: str = "auto") -> tuple[Path, dict[str, list[Item]]]:
-    """``(image root, {"train","val","test": items})`` of ``dataset`` under ``root``."""
+    """``(image root, {"train","val","test": items})`` of ``dataset`` under ``root``; a listed path that
+    leaves the dataset folder (absolute, or with ``..``) is refused."""
     info = dataset_info(dataset)
     d = find_dataset_dir(root, info, layout)
     if info.name == "ImageNet":
@@ -160,7 +163,7 @@ def read_split(root: str | Path, dataset: str, layout: str = "auto") -> tuple[Pa
         for entry in raw[s]:
             if len(entry) != 3 or not str(entry[2]).strip():
                 raise ValueError(f"{path}: {s} entry {entry!r} must be [relpath, label, classname] with a class name")
-            items.append((str(entry[0]), int(entry[1]), str(entry[2])))
+            items.append((check_inside(str(entry[0]), f"{path}: {s} entry {entry!r}", d), int(entry[1]), str(entry[2])))
         splits[s] = items
     return d / info.image_dir if info.image_dir else d, splits
 
@@ -206,7 +209,7 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
         for ln in f.read_text().splitlines():
             if ln.strip():
                 img, name = ln.strip().split(" ", 1)
-                items.append((f"{img}.jpg", label[name], name))
+                items.append((check_inside(f"{img}.jpg", f"{f}: line {ln.strip()!r}", d / "images"), label[name], name))
         splits[s] = items
     return d / "images", splits
 

@@ -21,6 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from tasks.data.paths import check_inside
+
 # canonical name -> (group, classes, folder aliases used by other repositories)
 VTAB_TASKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
     "cifar": ("natural", 100, ("cifar100", "cifar_100")),
@@ -97,7 +99,7 @@ def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int
             raise ValueError(f"{path}:{ln}: the label {parts[1]!r} is not an integer class index") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
             raise ValueError(f"{path}:{ln}: label {label} is out of range for {num_classes} classes (0..{(num_classes or 1) - 1})")
-        items.append((parts[0], label))
+        items.append((check_inside(parts[0], f"{path}:{ln}", path.parent), label))
     if not items:
         raise ValueError(f"{path} lists no images: a split needs at least one '<image path> <label>' line")
     return items
