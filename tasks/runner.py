@@ -325,6 +325,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # this model). Also on resume, so the checkpoint's tensors have a place (prepare is seeded).
         dm.prepare_data()
         dm.setup("fit")
+        check_splits = getattr(dm, "check_splits", None)
+        if callable(check_splits):  # before training: a missing split must not cost a whole run
+            check_splits(test=_tests_at_end(cfg, dm, known_only=True))
         zoo.prepare_adapters(task.model, dm.train_dataloader())
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
@@ -373,9 +376,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
     metrics[task.monitor] = metrics["monitor"]["value"]
 
-    run_test = cfg.get("test", "auto")
-    if run_test is True or (run_test == "auto" and getattr(dm, "test_set", None) is not None) or \
-            (run_test == "auto" and cfg.task.get("protocol") == "final"):
+    if _tests_at_end(cfg, dm):
         with keep_csv_history(trainer, out_dir):
             res = trainer.test(task, datamodule=dm, verbose=False)
         for c in decl["columns"]:
@@ -399,6 +400,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _tests_at_end(cfg: DictConfig, dm: L.LightningDataModule, known_only: bool = False) -> bool:
+    """Whether the run evaluates the test split after training: ``test=true``, or ``test=auto``
+    with a test split or ``task.protocol=final``. ``known_only``: the rules known before training
+    (test=true, protocol=final), for checking the split up front."""
+    run_test = cfg.get("test", "auto")
+    return run_test is True or (run_test == "auto" and cfg.task.get("protocol") == "final") or \
+        (not known_only and run_test == "auto" and getattr(dm, "test_set", None) is not None)
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -957,3 +957,18 @@ def test_caption_ids_leaving_the_video_folder_are_refused(tmp_path, bad):
     (tmp_path / "msrvtt.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"msrvtt\.json: video_id: the path {re.escape(repr(bad))} leaves"):
         cd.load_msrvtt(tmp_path / "msrvtt.json", tmp_path / "videos")
+
+
+# ---------------------------------------------------------------------------- issue 24: nothing lost
+def test_segmentation_without_a_test_split_is_refused_before_training(tmp_path):
+    from tasks.data.segmentation_generate import make_folder_dataset
+    from tests.helpers import run_train
+
+    root = make_folder_dataset(tmp_path / "data", n=6, size=64, num_classes=3)  # images/ + masks/ only
+    assert sorted(p.name for p in root.iterdir()) == ["images", "masks"]
+    ov = ["experiment=tiny_seg", "adapter=lora", f"data.root={root}", "task.max_epochs=1"]
+    with pytest.raises(ValueError, match=r"has no test split.*test=false"):
+        run_train(ov, tmp_path)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    m = run_train([*ov, "test=false"], tmp_path)  # the way out the message names: validation only
+    assert m["monitor"]["value"] is not None and (tmp_path / "run" / "adapter" / "adapter.json").is_file()
