@@ -972,3 +972,69 @@ def test_segmentation_without_a_test_split_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
     m = run_train([*ov, "test=false"], tmp_path)  # the way out the message names: validation only
     assert m["monitor"]["value"] is not None and (tmp_path / "run" / "adapter" / "adapter.json").is_file()
+
+
+class _Killed(BaseException):
+    """kill -9 stand-in: nothing in the code under test may catch it."""
+
+
+@pytest.mark.parametrize("kill_at", ["copy", "register"])
+def test_a_killed_republish_leaves_the_registered_entry_loadable(isolated, monkeypatch, kill_at):
+    from zoo.hub import publish as pub
+
+    reg, first = published(isolated)
+    out = isolated / "zoo" / "tiny-lora"
+    m = lora_model()  # the new version: the same base, other adapter weights
+    with torch.no_grad():
+        for p in zoo.adapters_of(m)[0].adapter_parameters():
+            p.fill_(0.5)
+    zoo.save_adapter(m, isolated / "run2" / "adapter")
+    real_copy, real_add = pub._atomic_copy, pub.add_entry
+
+    def copy(src, dest):
+        if kill_at == "copy" and dest.name == "adapter.json":  # the weights are already replaced
+            raise _Killed
+        real_copy(src, dest)
+
+    def add(registry, name, entry):
+        if kill_at == "register" and entry["files"][0]["sha256"] != first["files"][0]["sha256"]:
+            raise _Killed  # the new files are written, the switch never happens
+        return real_add(registry, name, entry)
+
+    with monkeypatch.context() as mp, pytest.raises(_Killed):
+        mp.setattr(pub, "_atomic_copy", copy)
+        mp.setattr(pub, "add_entry", add)
+        hub.publish_run(isolated / "run2", "tiny-lora", registry=reg, out_dir=out)
+    assert hub.cache_dir() == isolated / "cache"
+    hub.add_registry(reg)
+    d = hub.download("tiny-lora")  # the registered (old) version still downloads and loads
+    zoo.load_adapter(plain_model(), d)
+    assert hub.get_entry("tiny-lora").files[0].sha256 == first["files"][0]["sha256"]
+    new = hub.publish_run(isolated / "run2", "tiny-lora", registry=reg, out_dir=out)  # a complete re-publish
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.json", "adapter.safetensors"]
+    d = hub.download("tiny-lora")
+    assert hub.get_entry("tiny-lora").files[0].sha256 == new["files"][0]["sha256"] != first["files"][0]["sha256"]
+    zoo.load_adapter(plain_model(), d)
+
+
+def test_publish_refuses_an_artifact_with_non_finite_tensors(isolated, capsys):
+    m = lora_model()
+    with torch.no_grad():
+        next(zoo.adapters_of(m)[0].adapter_parameters())[0, 0] = float("nan")
+    zoo.save_adapter(m, isolated / "run" / "adapter")
+    reg = isolated / "reg.json"
+    rc = cli(["publish", str(isolated / "run"), "--name", "diverged", "--out", str(isolated / "out"),
+              "--registry-file", str(reg)])
+    assert rc == 2 and "contain NaN or inf" in capsys.readouterr().err
+    assert not reg.exists() and not (isolated / "out").exists()
+
+
+def test_published_files_are_readable_by_others(isolated):
+    reg, entry = published(isolated)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (isolated / "zoo" / "tiny-lora").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # as open() would create it, not mkstemp's 0600
+    assert reg.stat().st_mode & 0o777 == 0o666 & ~umask
+    art = artifact(isolated, "plain")
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in art.iterdir())

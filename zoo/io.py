@@ -27,10 +27,25 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        # mkstemp creates 0600; the file gets the mode open() would give it (0666 less the umask), so a
+        # published zoo folder can be served by a web server and shared within a lab
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, and threads may be creating files)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
