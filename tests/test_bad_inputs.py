@@ -1038,3 +1038,49 @@ def test_published_files_are_readable_by_others(isolated):
     assert reg.stat().st_mode & 0o777 == 0o666 & ~umask
     art = artifact(isolated, "plain")
     assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in art.iterdir())
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_generation_folders_are_cleaned_on_the_next_run(tmp_path):
+    from tasks.data import staging
+    from tasks.data.restoration import generate
+
+    host = staging._host()
+    stale = [tmp_path / f".tmp_rain100l_{_dead_pid()}@{host}~abc", tmp_path / ".tmp_rain100l_k1ll3d",
+             tmp_path / f".old_rain100l_{_dead_pid()}@{host}~x"]
+    live = tmp_path / f".tmp_rain100l_{os.getpid()}@{host}~live"  # a generation running now
+    young = tmp_path / ".tmp_rain100l_recent"  # an older name, but changed recently: maybe still running
+    for d in (*stale, live, young):
+        (d / "part").mkdir(parents=True)
+    old = staging.time.time() - staging.STALE_AFTER_S - 60
+    os.utime(stale[1], (old, old))
+    generate("derain", tmp_path, num_train=2, num_test=1, size=16)
+    assert not any(d.exists() for d in stale)
+    assert live.is_dir() and young.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rain100l", live.name, young.name])
+
+
+@pytest.mark.parametrize("writer", ["synthetic", "fewshot_shapes", "captioning", "audio"])
+def test_every_generator_cleans_its_stale_folders(tmp_path, monkeypatch, writer):
+    import importlib
+
+    from tasks.data import staging
+
+    calls = []
+    real = staging.clean_stale
+    monkeypatch.setattr(staging, "clean_stale", lambda parent, prefix: calls.append((Path(parent), prefix)) or real(parent, prefix))
+    mod = importlib.import_module(f"tasks.data.{writer}")
+    src = Path(mod.__file__).read_text()
+    assert "mkdtemp" not in src and "staging_dir(" in src  # every temporary folder goes through staging_dir
+    d = tmp_path / f".x-{_dead_pid()}@{staging._host()}~1"
+    d.mkdir()
+    assert staging.staging_dir(tmp_path, ".x-").name.startswith(f".x-{os.getpid()}@")
+    assert calls == [(tmp_path, ".x-")] and not d.exists()

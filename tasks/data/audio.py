@@ -33,7 +33,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.staging import staging_dir
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
 
 log = logging.getLogger("tasks.audio")
@@ -485,7 +485,7 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
     if clips_per_class % 5:
         raise ValueError(f"clips_per_class={clips_per_class} must be a multiple of 5 (5 folds)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp = staging_dir(root.parent, f".{root.name}-")
     try:
         (tmp / "audio").mkdir()
         (tmp / "meta").mkdir()
@@ -528,7 +528,7 @@ def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, second
     if clips < 5:
         raise ValueError(f"clips={clips}: need at least 5 (3 train / 1 val / 1 test)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp = staging_dir(root.parent, f".{root.name}-")
     try:
         (tmp / "audio").mkdir()
         rng = np.random.default_rng(seed)

@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.paths import check_inside
+from tasks.data.staging import staging_dir
 from tasks.data.vtab import EpochSeededSampler
 
 DATASETS = ("msrvtt", "msvd", "shapes")
@@ -300,7 +300,7 @@ def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, s
     if (final / "msrvtt.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=root))
+    tmp = staging_dir(root, ".shapes-")
     try:
         (tmp / "videos").mkdir()
         rng = np.random.default_rng(seed)
