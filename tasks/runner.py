@@ -55,8 +55,10 @@ def user_error_of(e: BaseException) -> BaseException | None:
     Only wrappers are looked through: an exception raised *while handling* a user error (a real
     bug in an ``except`` block) is not a user error and must surface with its traceback.
     """
+    from zoo.io import is_environment_error
+
     wrappers, seen = _wrappers(), set()
-    while not isinstance(e, USER_ERRORS):
+    while not (isinstance(e, USER_ERRORS) or is_environment_error(e)):
         nxt = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
         if not isinstance(e, wrappers) or nxt is None or id(nxt) in seen:
             return None
@@ -66,6 +68,10 @@ def user_error_of(e: BaseException) -> BaseException | None:
 
 
 def _one_line(e: BaseException) -> str:
+    from zoo.io import describe_os_error, is_environment_error
+
+    if is_environment_error(e):  # a full disk, a read-only folder, `ulimit -f`: the path and why
+        return describe_os_error(e)
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the worker's own message
         lines = [ln for ln in msg.splitlines() if ln.strip()]

@@ -1084,3 +1084,78 @@ def test_every_generator_cleans_its_stale_folders(tmp_path, monkeypatch, writer)
     d.mkdir()
     assert staging.staging_dir(tmp_path, ".x-").name.startswith(f".x-{os.getpid()}@")
     assert calls == [(tmp_path, ".x-")] and not d.exists()
+
+
+# ---------------------------------------------------------------------------- issue 24: one clear line
+@pytest.mark.parametrize("code,why", [(28, "cannot write {}: no space left"), (122, "cannot write {}: disk quota"),
+                                      (27, "cannot write {}: file too large"), (30, "cannot write {}: read-only file system"),
+                                      (13, "cannot access {}: permission denied")])
+def test_write_failures_of_the_environment_are_one_line_naming_the_path(tmp_path, code, why):
+    from tasks.runner import user_errors
+
+    with pytest.raises(SystemExit) as e, user_errors():
+        raise OSError(code, os.strerror(code), str(tmp_path / "run" / "metrics.json"))
+    assert e.value.code.startswith("error: " + why.format(tmp_path / "run" / "metrics.json"))
+    with pytest.raises(OSError), user_errors():  # other OS errors (a bug, a broken device) keep their traceback
+        raise OSError(5, "Input/output error", "x")
+
+
+def test_a_write_error_without_a_file_name_gets_the_destination(tmp_path, monkeypatch):
+    from zoo.io import atomic_write_text
+
+    dest = tmp_path / "metrics.json"
+    dest.write_text("old")
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")  # what f.write() raises: no file name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(dest, "new")
+    monkeypatch.undo()
+    assert e.value.errno == 28 and e.value.filename == str(dest)
+    assert dest.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import resource, zoo.io\nfrom tasks.runner import user_errors\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+            f"with user_errors():\n    zoo.io.atomic_write_bytes({str(tmp_path / 'big.bin')!r}, b'x' * 100000)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'big.bin'}: file too large "
+                                                        f"(a file size limit such as `ulimit -f` is reached)")
+    assert not any(tmp_path.iterdir())  # no partial file left
+
+
+def test_a_read_only_cache_is_one_line_naming_it(isolated, monkeypatch, capsys):
+    reg, _ = published(isolated)
+    hub.add_registry(reg)
+    cache = isolated / "cache"
+    real = Path.mkdir
+
+    def ro(self, *a, **k):
+        if str(self).startswith(str(cache)):
+            raise OSError(30, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", ro)
+    assert cli(["download", "tiny-lora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {cache}") and "read-only file system" in err[0]
+
+
+def test_a_symlinked_registry_lock_is_refused(isolated, capsys):
+    outside = isolated / "precious.txt"
+    outside.write_text("keep")
+    reg = isolated / "zoo" / "registry.json"
+    reg.parent.mkdir()
+    Path(str(reg) + ".lock").symlink_to(outside)
+    artifact(isolated, "run/adapter")
+    rc = cli(["publish", str(isolated / "run"), "--name", "x", "--out", str(isolated / "out"), "--registry-file", str(reg)])
+    assert rc == 2 and "registry.json.lock is a symbolic link" in capsys.readouterr().err
+    assert outside.read_text() == "keep" and not reg.exists()

@@ -409,3 +409,49 @@ def test_a_contradicting_entry_is_refused_on_every_download(server, trained):
             hub.download("bad-entry")
     with pytest.raises(hub.RegistryError, match="contradicts its artifact"):
         zoo.from_zoo("bad-entry")
+
+
+@pytest.mark.parametrize("spec", ["not-an-object", None, 7, ["a", "list"]])
+def test_one_malformed_file_spec_skips_only_its_entry(trained, tmp_path, spec):
+    entry = hub.publish_run(trained["run"], "good", out_dir=tmp_path / "good")
+    bad = json.loads(json.dumps(entry))
+    bad["files"][1] = spec
+    reg = tmp_path / "r.json"
+    reg.write_text(json.dumps({"format": 1, "entries": {"good": entry, "bad": bad}}))
+    with pytest.warns(UserWarning, match=r"entry 'bad'.*file #1 must be an object"):
+        assert list(hub.load_registry(reg)) == ["good"]
+
+
+@pytest.mark.parametrize("files", ["a-string", {"adapter.json": 1}])
+def test_a_files_field_that_is_not_a_list_skips_only_its_entry(trained, tmp_path, files):
+    entry = hub.publish_run(trained["run"], "good", out_dir=tmp_path / "good")
+    reg = tmp_path / "r.json"
+    reg.write_text(json.dumps({"format": 1, "entries": {"good": entry, "bad": {**entry, "files": files}}}))
+    with pytest.warns(UserWarning, match=r"entry 'bad'.*'files' must be a list"):
+        assert list(hub.load_registry(reg)) == ["good"]
+
+
+def test_a_duplicate_file_name_in_an_entry_is_refused_and_never_deletes_the_good_copy(trained, tmp_path):
+    entry = hub.publish_run(trained["run"], "dup", out_dir=tmp_path / "dup")
+    reg = tmp_path / "r.json"
+    reg.write_text(json.dumps({"format": 1, "entries": {"dup": entry}}))
+    hub.add_registry(reg)
+    d = hub.download("dup")
+    good = (d / "adapter.safetensors").read_bytes()
+    twin = {**entry["files"][0], "sha256": "0" * 64}  # the same name pinned twice, the second wrong
+    reg.write_text(json.dumps({"format": 1, "entries": {"dup": {**entry, "files": entry["files"] + [twin]}}}))
+    with pytest.warns(UserWarning, match=r"entry 'dup'.*file 'adapter\.safetensors' is listed twice"):
+        with pytest.raises(hub.EntryNotFoundError, match="listed twice"):
+            hub.download("dup")
+    assert (d / "adapter.safetensors").read_bytes() == good
+
+
+def test_list_json_into_a_closed_pipe_is_quiet(trained, tmp_path):
+    import subprocess
+    import sys
+
+    hub.publish_run(trained["run"], "piped", out_dir=tmp_path / "piped", registry=tmp_path / "r.json")
+    env = {**os.environ, hub.ENV_REGISTRY: str(tmp_path / "r.json"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.run(f"{sys.executable} -m zoo list --json | head -1", shell=True, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.stdout == "{\n" and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr

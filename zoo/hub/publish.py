@@ -11,7 +11,7 @@ from typing import Any
 
 from zoo.hub.cards import model_card
 from zoo.hub.fetch import sha256_file
-from zoo.hub.registry import REGISTRY_FORMAT, REPO_ROOT, Entry, _atomic_write_text
+from zoo.hub.registry import REGISTRY_FORMAT, REPO_ROOT, Entry, RegistryError, _atomic_write_text
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
@@ -51,7 +51,10 @@ def add_entry(registry: str | os.PathLike, name: str, entry: dict[str, Any]) -> 
     registry = Path(registry)
     Entry.from_dict(name, entry, str(registry))  # validate before writing
     registry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(registry) + ".lock"):
+    lock = Path(str(registry) + ".lock")
+    if lock.is_symlink():  # taking the lock would create or truncate the file it points to
+        raise RegistryError(f"{lock} is a symbolic link; a registry's lock file must be a plain file: remove it")
+    with FileLock(str(lock)):
         data = json.loads(registry.read_text()) if registry.is_file() else {"format": REGISTRY_FORMAT, "entries": {}}
         data.setdefault("entries", {})[name] = entry
         _atomic_write_text(registry, json.dumps(data, indent=2) + "\n")
@@ -137,7 +140,7 @@ def _keep_previous(registry: Path, name: str, out: Path) -> Path | None:
     verifies. The new entry is registered without them and the folder is removed afterwards; a
     re-publish killed before that leaves it, and the next one replaces it.
     """
-    from zoo.hub.registry import RegistryError, load_registry
+    from zoo.hub.registry import load_registry
 
     keep = out / _PREVIOUS
     shutil.rmtree(keep, ignore_errors=True)
