@@ -1159,3 +1159,32 @@ def test_a_symlinked_registry_lock_is_refused(isolated, capsys):
     rc = cli(["publish", str(isolated / "run"), "--name", "x", "--out", str(isolated / "out"), "--registry-file", str(reg)])
     assert rc == 2 and "registry.json.lock is a symbolic link" in capsys.readouterr().err
     assert outside.read_text() == "keep" and not reg.exists()
+
+
+# ---------------------------------------------------------------------------- issue 24: nothing silent
+def test_a_nan_loss_in_segmentation_stops_the_run_before_anything_is_saved(tmp_path, monkeypatch):
+    from tasks.base import NonFiniteLossError
+    from tasks.segmentation import SegmentationTask
+    from tests.helpers import run_train
+
+    real = SegmentationTask.loss_fn
+
+    def diverging(self, logits, y):  # what lr=1e12 does after a step or two
+        loss = real(self, logits, y)
+        return loss * float("nan") if self.global_step >= 1 else loss
+
+    monkeypatch.setattr(SegmentationTask, "loss_fn", diverging)
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 1 .*learning rate"):
+        run_train(["experiment=tiny_seg", "adapter=lora", "task.max_epochs=1", "test=false"], tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+
+
+def test_every_task_kind_goes_through_the_one_finite_loss_check():
+    from tasks.base import ZooTask, task_kinds
+
+    # the check sits in ZooTask.on_before_backward, which Lightning calls for every loss a
+    # training_step returns, however a task kind writes its training_step
+    assert "isfinite" in __import__("inspect").getsource(ZooTask.on_before_backward)
+    for name, cls in task_kinds().items():
+        assert cls.on_before_backward is ZooTask.on_before_backward, name
