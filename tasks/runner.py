@@ -335,6 +335,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if callable(check_splits):  # before training: a missing split must not cost a whole run
             check_splits(test=_tests_at_end(cfg, dm, known_only=True))
         zoo.prepare_adapters(task.model, dm.train_dataloader())
+        check_training_steps(trainer, dm, task)
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
     bb_trainable, bb_params = zoo.count_parameters(bb)
@@ -349,6 +350,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finally:
             if history is not None and trainer.is_global_zero:
                 restore_csv_history(out_dir, *history)
+        if trainer.global_step == 0 and _trains(task):
+            raise ValueError(f"training took no optimisation step (the training split gave no batch, or every batch "
+                             f"was skipped): the adapter would be saved untrained, so nothing was saved; check "
+                             f"data.* and task.max_epochs")
 
     decl = task.declaration()
     metrics: dict[str, Any] = {
@@ -406,6 +411,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _trains(task: L.LightningModule) -> bool:
+    """Whether the task has anything to train (the frozen baseline, e.g. adapter=linear on a
+    captioner, evaluates only: no optimisation step is right for it)."""
+    return any(p.requires_grad for p in task.parameters())
+
+
+def check_training_steps(trainer: L.Trainer, dm: L.LightningDataModule, task: L.LightningModule) -> None:
+    """Refuse, before training, a run that would take no optimisation step (and so save an
+    untrained adapter with exit code 0): zero epochs or steps, no training batches."""
+    if not _trains(task):
+        return
+    why = None
+    if trainer.max_epochs == 0:
+        why = "trainer.max_epochs=0 (task.max_epochs)"
+    elif trainer.max_steps == 0:
+        why = "trainer.max_steps=0"
+    elif trainer.limit_train_batches == 0:
+        why = "trainer.limit_train_batches=0"
+    else:
+        try:
+            n = len(dm.train_dataloader())
+        except TypeError:  # an iterable without a length: the post-fit check catches an empty one
+            n = None
+        if n == 0:
+            ds = getattr(dm, "train_set", None)
+            size = f"{len(ds)} samples" if ds is not None and hasattr(ds, "__len__") else "no samples"
+            why = f"the training split gives no batch ({size}; every sample skipped, or fewer than one batch dropped)"
+    if why:
+        raise ValueError(f"{why}: this run would take no optimisation step and save an untrained adapter; "
+                         f"nothing was trained or saved")
 
 
 def _tests_at_end(cfg: DictConfig, dm: L.LightningDataModule, known_only: bool = False) -> bool:

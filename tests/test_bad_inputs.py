@@ -1188,3 +1188,32 @@ def test_every_task_kind_goes_through_the_one_finite_loss_check():
     assert "isfinite" in __import__("inspect").getsource(ZooTask.on_before_backward)
     for name, cls in task_kinds().items():
         assert cls.on_before_backward is ZooTask.on_before_backward, name
+
+
+@pytest.mark.parametrize("override,match", [("task.max_epochs=0", r"trainer\.max_epochs=0"),
+                                            ("trainer.limit_train_batches=0", r"trainer\.limit_train_batches=0"),
+                                            ("++trainer.max_steps=0", r"trainer\.max_steps=0")])
+def test_a_run_that_would_take_no_training_step_is_refused(tmp_path, override, match):
+    from tests.helpers import run_train
+
+    with pytest.raises(ValueError, match=rf"{match}.*no optimisation step"):
+        run_train([*TINY, override], tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+
+
+def test_an_empty_training_split_is_refused(tmp_path, monkeypatch):
+    from tasks.data.vtab import VTABDataModule
+    from tests.helpers import run_train
+
+    real = VTABDataModule.setup
+
+    def setup(self, stage=None):  # every training sample skipped (e.g. by a data filter)
+        real(self, stage)
+        if self.train_set is not None:
+            self.train_set = torch.utils.data.Subset(self.train_set, [])
+
+    monkeypatch.setattr(VTABDataModule, "setup", setup)
+    with pytest.raises(ValueError, match=r"the training split gives no batch.*no optimisation step"):
+        run_train(TINY, tmp_path)
+    assert not (tmp_path / "run" / "adapter").exists()
