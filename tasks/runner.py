@@ -222,8 +222,14 @@ def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
     return None
 
 
+# task keys that say which problem a checkpoint was trained on (not how long or with which optimiser)
+RESUME_TASK_KEYS = ("name", "dataset", "protocol", "num_classes", "fold", "val_fold", "shots", "subsample",
+                    "heldout", "datasets", "class_names", "head", "context", "scale", "data_dir")
+
+
 def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict], int] | None:
-    """Refuse to resume from a checkpoint of another adapter/backbone config, naming what differs,
+    """Refuse to resume from a checkpoint of another adapter/backbone config or another problem
+    (task.dataset, protocol, classes...: :data:`RESUME_TASK_KEYS`), naming what differs,
     before any training; returns the CSV log rows to keep (those before the checkpoint's step)."""
     from tasks.trainer.checkpoint_io import load_checkpoint
 
@@ -239,6 +245,12 @@ def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict],
         for k in sorted(set(was) | set(now)):
             if was.get(k) != now.get(k):
                 diffs.append(f"{group}.{k}: checkpoint {was.get(k)!r}, now {now.get(k)!r}")
+    # the problem itself: resuming on another dataset (or split, class count...) would mix two trainings
+    task_hp = {**(hp.get("meta") or {}), **hp}
+    task_now = _plain(cfg.task)
+    for k in RESUME_TASK_KEYS:
+        if k in task_hp and k in task_now and task_hp[k] != task_now[k]:
+            diffs.append(f"task.{k}: checkpoint {task_hp[k]!r}, now {task_now[k]!r}")
     if diffs:
         raise ValueError(f"cannot resume from {ckpt}: it was trained with another config:\n  " + "\n  ".join(diffs)
                          + "\nresume with the run's own overrides, or start a new run (without ckpt_path)")

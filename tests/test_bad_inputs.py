@@ -1217,3 +1217,17 @@ def test_an_empty_training_split_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"the training split gives no batch.*no optimisation step"):
         run_train(TINY, tmp_path)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_resume_with_another_dataset_or_backbone_is_refused_up_front(tmp_path):
+    from tests.helpers import run_train
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"]
+    run_train(TINY + stop, tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"cannot resume .*\n  task\.dataset: checkpoint 'dsprites_loc', now 'dsprites_ori'"):
+        run_train(TINY + ["task.dataset=dsprites_ori", "ckpt_path=last"], tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume .*\n  backbone\.kwargs: checkpoint .*'depth': 2.*now .*'depth': 3"):
+        run_train(TINY + ["backbone.kwargs.depth=3", "ckpt_path=last"], tmp_path)
+    assert ckpt.read_bytes() == before  # refused before any training
