@@ -50,6 +50,11 @@ DATA_TARGETS = frozenset({
 })
 
 
+# where a _target_ may appear in adapter.json: the task, the data, and the copy of the data config a
+# task keeps as a plain dict (task=fewshot's ``data: ${data}``, never instantiated from there)
+ALLOWED = {"task.config": TASK_TARGETS, "task.data": DATA_TARGETS, "task.config.data": DATA_TARGETS}
+
+
 class UnsafeArtifactError(ValueError):
     """An artifact's recorded config names code to run, or holds an interpolation."""
 
@@ -86,13 +91,13 @@ def check_data_only(node: Any, where: str, key: str = "", allowed_targets: dict[
 
 def check_artifact_config(meta: dict[str, Any], where: str) -> None:
     """Check a whole ``adapter.json`` (see the module docstring); raise :class:`UnsafeArtifactError`."""
-    check_data_only(meta, where, allowed_targets={"task.config": TASK_TARGETS, "task.data": DATA_TARGETS})
+    check_data_only(meta, where, allowed_targets=ALLOWED)
 
 
 def construct(cfg: dict[str, Any], allowed: frozenset, what: str, **kwargs: Any) -> Any:
     """``cls(**cfg, **kwargs)`` for the allow-listed ``cfg["_target_"]``: no recursion, no interpolation."""
     cls = recorded_class(cfg, allowed, what)
-    check_data_only({k: v for k, v in cfg.items() if k != "_target_"}, what, what)
+    check_data_only({k: v for k, v in cfg.items() if k != "_target_"}, what, what, {f"{what}.data": DATA_TARGETS})
     return cls(**{k: v for k, v in cfg.items() if k != "_target_"}, **kwargs)
 
 

@@ -410,7 +410,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
         record = {**decl, "name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"],
-                  "config": _plain(cfg.task), "data": _plain(cfg.data)}
+                  "config": _plain(cfg.task), "data": _plain(cfg.data), "links": task_links(cfg)}
         art = zoo.save_adapter(task.model, out_dir / "adapter",
                                metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]},
                                extra={"task": record, "preprocessing": task.preprocessing()})
@@ -532,7 +532,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     if recorded:
         task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
         task_cfg.pop("runner", None)
-        _apply_overrides(task_cfg, data_cfg, overrides or [])
+        _apply_overrides(task_cfg, data_cfg, overrides or [], record.get("links"))
     else:  # a pre-contract artifact: VTAB classification
         task_cfg, data_cfg = _plain(cfg.task), _plain(cfg.data)
         if task_cfg.get("dataset") == "auto":
@@ -560,6 +560,9 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     L.seed_everything(cfg.seed)
     task = build_task(cfg, recorded=recorded)
     dm = build_datamodule(cfg, task, recorded=recorded)
+    check = getattr(dm, "check_recorded", None)
+    if callable(check):  # data of another kind than the artifact was trained on (a 2-D file for a 1-D run)
+        check(meta.get("preprocessing") or {})
     trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
     if cfg.split == "test":
         res = trainer.test(task, datamodule=dm, verbose=False)[0]
@@ -575,11 +578,27 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     return out
 
 
-def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str]) -> None:
+def task_links(cfg: DictConfig) -> dict[str, str]:
+    """``{data key: task key}`` for the data keys the config sets to exactly ``${task.K}`` (e.g.
+    audio's ``data.root: ${task.data_dir}``), recorded in the artifact so that ``eval.py
+    task.K=...`` changes the data key too."""
+    import re
+
+    raw = OmegaConf.to_container(cfg.data, resolve=False) if isinstance(cfg.get("data"), DictConfig) else {}
+    out = {}
+    for k, v in (raw or {}).items():
+        m = re.fullmatch(r"\$\{task\.([A-Za-z0-9_]+)\}", v) if isinstance(v, str) else None
+        if m:
+            out[str(k)] = m.group(1)
+    return out
+
+
+def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str], links: dict[str, str] | None = None) -> None:
     """Apply ``task.K=V`` / ``data.K=V`` command-line overrides to the recorded configs.
 
-    A ``task.K`` that the data config also has (``dataset``, ``protocol``: the configs link them by
-    interpolation) is applied to both.
+    A ``task.K`` also reaches the data key of the same name and those linked to it (``links``,
+    recorded at training: the keys the config set to ``${task.K}``); for artifacts written before
+    links were recorded, the data keys with the same recorded value (``data.root`` = ``task.data_dir``).
     """
     for ov in overrides:
         key, _, value = ov.lstrip("+~").partition("=")
@@ -587,10 +606,19 @@ def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str]) -> No
         if group not in ("task", "data") or not rest:
             continue
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"{rest}={value}"]), resolve=True)
-        targets = [task_cfg, data_cfg] if group == "task" and rest.split(".")[0] in data_cfg else \
-            [task_cfg if group == "task" else data_cfg]
-        for t in targets:
-            _merge_into(t, parsed)
+        if group == "data":
+            _merge_into(data_cfg, parsed)
+            continue
+        top = rest.split(".")[0]
+        old = task_cfg.get(top)
+        linked = [dk for dk, v in data_cfg.items() if dk == top or
+                  (dk in links and links[dk] == top if links is not None else isinstance(old, str) and v == old)]
+        if "." not in rest:
+            for dk in linked:
+                data_cfg[dk] = copy.deepcopy(parsed[top])
+        elif top in linked:  # a nested key of a same-named dict
+            _merge_into(data_cfg, parsed)
+        _merge_into(task_cfg, parsed)
 
 
 def _merge_into(dst: dict, src: dict) -> None:

@@ -1231,3 +1231,50 @@ def test_resume_with_another_dataset_or_backbone_is_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match=r"cannot resume .*\n  backbone\.kwargs: checkpoint .*'depth': 2.*now .*'depth': 3"):
         run_train(TINY + ["backbone.kwargs.depth=3", "ckpt_path=last"], tmp_path)
     assert ckpt.read_bytes() == before  # refused before any training
+
+
+def test_a_tasks_plain_copy_of_its_data_config_is_allowed_but_checked(tmp_path):
+    from tasks.recorded import UnsafeArtifactError, check_artifact_config
+
+    meta = {"task": {"config": {**VTAB_TASK, "data": dict(VTAB_DATA)}, "data": dict(VTAB_DATA)}}  # task=fewshot's data: ${data}
+    check_artifact_config(meta, "a")
+    meta["task"]["config"]["data"]["_target_"] = "os.system"
+    with pytest.raises(UnsafeArtifactError, match=r"task\.config\.data\._target_='os\.system' is not one of"):
+        check_artifact_config(meta, "a")
+
+
+def test_eval_task_overrides_reach_the_data_keys_linked_to_them(tmp_path):
+    from tasks.runner import _apply_overrides, task_links
+    from tests.helpers import compose_config
+
+    links = task_links(compose_config(["experiment=tiny_audio"]))
+    assert links["root"] == "data_dir" and links["dataset"] == "dataset"  # data.root: ${task.data_dir}
+    task, data = {"data_dir": "/recorded/esc50", "dataset": "esc50"}, {"root": "/recorded/esc50", "dataset": "esc50"}
+    _apply_overrides(task, data, ["+task.data_dir=/missing"], links)
+    assert task["data_dir"] == data["root"] == "/missing"  # not the recorded folder
+    # an artifact written before the links were recorded: a data value equal to the task's is its link
+    task, data = {"data_dir": "/recorded/esc50"}, {"root": "/recorded/esc50", "other": "x"}
+    _apply_overrides(task, data, ["task.data_dir=/elsewhere"], None)
+    assert data == {"root": "/elsewhere", "other": "x"}
+
+
+def test_a_1d_pde_artifact_is_refused_on_a_2d_file_and_the_dataset_name_follows_the_data(tmp_path):
+    from tasks.pde import PDEDataModule, PDEForecastTask
+
+    opts = {"n": 4, "res": 16, "frames": 6}
+    one_d = PDEDataModule(generate="burgers", root=str(tmp_path), generate_options=opts, rollout_horizon=2)
+    one_d.check_recorded({})  # nothing recorded (an older artifact): nothing to compare
+    one_d.prepare_data()
+    one_d.setup("fit")
+    rec = {"spatial": list(one_d.spatial), "fields": one_d.field_names}
+    one_d.check_recorded(rec)  # its own data fits
+    two_d = PDEDataModule(generate="diff_react_2d", root=str(tmp_path), generate_options=opts, rollout_horizon=2)
+    with pytest.raises(ValueError, match=r"trained on 1-D data .* this data is 2-D"):
+        two_d.check_recorded(rec)
+    # eval.py data.path=<2-D file> on an artifact recorded with generate=burgers: not "burgers" any more
+    task_cfg, data_cfg = {"dataset": "burgers"}, {"generate": "burgers", "path": str(two_d.resolve_paths()[0])}
+    PDEForecastTask.eval_overrides(task_cfg, data_cfg, "test")
+    assert task_cfg["dataset"] == "pdebench"
+    task_cfg, data_cfg = {"dataset": "pdebench"}, {"generate": "advection", "path": None}
+    PDEForecastTask.eval_overrides(task_cfg, data_cfg, "test")
+    assert task_cfg["dataset"] == "advection"
