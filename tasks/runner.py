@@ -321,7 +321,27 @@ def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
 _num = number
 
 
+@contextmanager
+def naming_the_folder(folder: Path):
+    """A write error of the environment that names no file (a logger's ``write()`` on a full disk)
+    names the run's folder instead, so the one error line says where."""
+    from zoo.io import is_environment_error
+
+    try:
+        yield
+    except OSError as e:
+        if is_environment_error(e) and not e.filename:
+            raise OSError(e.errno, e.strerror, f"{folder} (the run's folder)") from e
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job for one config; returns the metrics also written to ``metrics.json``."""
+    with naming_the_folder(Path(cfg.paths.output_dir)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     """The whole job for one config; returns the metrics also written to ``metrics.json``.
 
     Everything task-specific comes from the task's declaration (:class:`tasks.base.ZooTask`):

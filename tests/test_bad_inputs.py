@@ -1278,3 +1278,18 @@ def test_a_1d_pde_artifact_is_refused_on_a_2d_file_and_the_dataset_name_follows_
     task_cfg, data_cfg = {"dataset": "pdebench"}, {"generate": "advection", "path": None}
     PDEForecastTask.eval_overrides(task_cfg, data_cfg, "test")
     assert task_cfg["dataset"] == "advection"
+
+
+def test_a_full_disk_during_training_names_the_run_folder(tmp_path, monkeypatch):
+    from tasks import runner
+
+    def full(cfg):  # what a logger's write() raises: no file name
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "_train", full)
+    from tests.helpers import compose_config
+
+    cfg = compose_config(TINY, tmp_path / "run")
+    with pytest.raises(SystemExit) as e, runner.user_errors():
+        runner.train(cfg)
+    assert e.value.code.startswith(f"error: cannot write {tmp_path / 'run'} (the run's folder): no space left")
