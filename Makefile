@@ -6,14 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow venv clean-runs
+.PHONY: demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow docs venv clean-runs
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,bench,seg,pde,restore,audio,audio-test,caption]"
+	$(PY) -m pip install -q -e ".[test,bench,seg,pde,restore,audio,audio-test,caption,export,docs]"
 	touch $(STAMP)
 
 checkpoints/upstream/vit_demo.safetensors: | $(STAMP)
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or API reference fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean-runs:
 	rm -rf logs

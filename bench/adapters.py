@@ -1,5 +1,7 @@
 """What each adapter costs: ``python -m bench.adapters [--backbone vit|ast|clip|sam|morph|nafnet|coca] ...``.
 
+(``--serving``: the serving table of :mod:`bench.serving` instead, K adapters in one mixed batch.)
+
 One row per registered adapter (``zoo.list_adapters()``, each with its default config), on the
 model the backbone's task trains (``bench.profiles``: a timm classifier for vit/ast, CLIP with its
 text-derived head, the SAM segmenter with its mask decoder, MORPH's next-frame predictor, NAFNet,
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -46,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +57,9 @@ from torch import nn
 
 import zoo
 
-from bench.profiles import FLOOR, LORA_QKV, PEFT_ROW, PROFILES, BenchProfile, InputBias, Row  # noqa: F401
+from bench.profiles import (FLOOR, LORA_QKV, PEFT_PAIRS, PEFT_ROW, PROFILES, BenchProfile, InputBias,  # noqa: F401
+                            Row, peft_config, peft_head_direct, peft_pair_rows)
+from bench.timing import environment, interleaved, log, sync
 from bench.profiles import TEXT_FLOOR as CLIP_TEXT_FLOOR
 from bench.profiles import clip_rows
 
@@ -102,6 +104,8 @@ def default_rows(adapters: list[str] | None, extras: list[str] = (), prof: Bench
         rows.append(by_label[name] if name in by_label else adapter_row(prof, name))
         if name == "lora" and prof.peft:
             rows.append(Row(LORA_QKV, "zoo", "lora", {"targets": ["qkv"]}))
+        if name in PEFT_PAIRS and prof.peft:
+            rows += peft_pair_rows(name)
     if prof.peft:
         d = lora_defaults()
         rows.append(Row(PEFT_ROW, "peft", None, {"r": int(d["rank"]), "lora_alpha": d["alpha"],
@@ -165,10 +169,11 @@ def build(args, row: Row) -> Built:
         prof.after_attach(clf)
         model = plain = clf
     elif row.kind == "peft":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        cfg = LoraConfig(**row.config, modules_to_save=["head"])
-        model = plain = get_peft_model(clf, cfg)
+        model = plain = get_peft_model(clf, peft_config(row.config))
+        if peft_head_direct(row):
+            clf.head.requires_grad_(True)
     else:
         raise ValueError(f"unknown row kind {row.kind!r}")
     if row.checkpoint:
@@ -228,6 +233,12 @@ def artifact_bytes(b: Built) -> int | None:
         else:
             b.model.save_pretrained(str(d))
             files = [d / "adapter_model.safetensors", d / "adapter_config.json"]
+            if peft_head_direct(b.row):  # the head that LoRA rows save through modules_to_save
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous() for k, v in b.plain.base_model.model.head.state_dict().items()},
+                          str(d / "head.safetensors"))
+                files.append(d / "head.safetensors")
         return sum(f.stat().st_size for f in files)
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -277,23 +288,6 @@ def flops_or_none(args, b: Built, x, y) -> int | None:
 
 
 # ---------------------------------------------------------------------------- timing
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_calls(fn: Callable[[], None], n: int, device: str) -> float:
-    """Median seconds of ``n`` calls of ``fn``."""
-    ts = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def merge(b: Built) -> nn.Module | None:
     """The merged model (unloaded wrappers), or None when the method is not mergeable."""
     if b.row.kind == "floor":
@@ -304,19 +298,6 @@ def merge(b: Built) -> nn.Module | None:
         return zoo.merge_adapters(b.model, unload=True)
     except zoo.NotMergeableError:
         return None
-
-
-def interleaved(built: list[Built], fns: dict[str, Callable[[], None]], args, what: str) -> dict[str, list[float]]:
-    """``args.repeats`` rounds; in each, every row's median over ``args.steps`` calls."""
-    for label, fn in fns.items():  # warm-up (allocator, lazy init, first-call overheads)
-        for _ in range(args.warmup):
-            fn()
-    out: dict[str, list[float]] = {label: [] for label in fns}
-    for r in range(args.repeats):
-        for label, fn in fns.items():
-            out[label].append(time_calls(fn, args.steps, args.device))
-        log(args, f"  {what}: round {r + 1}/{args.repeats} done")
-    return out
 
 
 def rel(times: dict[str, list[float]], ref_times: dict[str, list[float]], ref_of: dict[str, str]
@@ -405,11 +386,6 @@ def child_argv(args) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- run
-def log(args, msg: str) -> None:
-    if not args.quiet:
-        print(msg, flush=True)
-
-
 def run(args) -> dict:
     prof = profile(args)
     rows = default_rows(args.adapters, args.extra or [], prof, args)
@@ -462,6 +438,11 @@ def run(args) -> dict:
         per_round = [a / b for a, b in zip(train[LORA_QKV], train[PEFT_ROW])]
         summary["lora_qkv_over_peft_rounds"] = per_round
         summary["lora_qkv_over_peft"] = statistics.median(per_round)
+    for name, (ours, theirs) in PEFT_PAIRS.items():  # zoo / peft of the same method, same targets
+        if ours in train and theirs in train:
+            per_round = [a / b for a, b in zip(train[ours], train[theirs])]
+            summary[f"{name}_qkv_over_peft_rounds"] = per_round
+            summary[f"{name}_qkv_over_peft"] = statistics.median(per_round)
     results = []
     # each row against its own floor (CLIP's head=text rows: the text floor) and against peft's LoRA;
     # merged rows compare to the plain model and to peft's *unmerged* inference of the same round
@@ -550,7 +531,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="peak memory per row in a fresh subprocess (or skip it)")
     p.add_argument("--memory-jobs", type=int, default=1,
                    help="memory subprocesses run at once (each row is still measured alone in its own process)")
-    p.add_argument("--out", default="bench/results", help="folder for results.md and results.png")
+    p.add_argument("--out", default=None, help="folder for results.md and results.png (default bench/results; "
+                                               "--serving: bench/results/serving)")
+    p.add_argument("--serving", action="store_true",
+                   help="the serving table instead (bench.serving): a mixed batch of K adapters in one "
+                        "zoo.MultiAdapter against K separate forwards and one merged adapter, time and memory")
+    p.add_argument("--serving-k", type=int, nargs="+", default=[1, 4, 16], help="--serving: numbers of adapters")
+    p.add_argument("--serving-methods", nargs="+", default=["lora"],
+                   help="--serving: the adapters' methods (default configs), cycled over the K adapters")
     p.add_argument("--skip-merged", action="store_true", help="do not time merged inference")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped methods")
@@ -564,6 +552,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.out is None:
+        args.out = "bench/results/serving" if args.serving else "bench/results"
+    if args.serving and args.backbone != "vit":
+        p.error("--serving runs on --backbone vit (timm ViT classifiers)")
     return args
 
 
@@ -602,6 +594,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+
+    if args.serving:
+        from bench.serving import run_serving
+
+        return run_serving(args, argv)
 
     if args.memory_row is not None:  # child process of peak_memory()
         print("PEAK_BYTES {} {}".format(*peak_memory_child(args, Row(**json.loads(args.memory_row)))), flush=True)
@@ -685,11 +682,6 @@ def input_desc(args) -> str:
     return profile(args).describe_input(args)
 
 
-def environment(args) -> str:
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
-    return f"torch {torch.__version__}, {dev}"
-
-
 def markdown(res: dict, args, cmd: str) -> str:
     prof = profile(args)
     lines = [
@@ -710,6 +702,11 @@ def markdown(res: dict, args, cmd: str) -> str:
         rounds = ", ".join(f"{v:.2f}" for v in sm["lora_qkv_over_peft_rounds"])
         lines += ["", f"**zoo LoRA / peft LoRA, same targets (qkv), training step: {sm['lora_qkv_over_peft']:.2f}** "
                       f"(median of interleaved rounds: {rounds})."]
+    for name, (ours, theirs) in PEFT_PAIRS.items():
+        if f"{name}_qkv_over_peft" in sm:
+            rounds = ", ".join(f"{v:.2f}" for v in sm[f"{name}_qkv_over_peft_rounds"])
+            lines += ["", f"**zoo {name} / peft {name}, same targets (qkv), training step: "
+                          f"{sm[f'{name}_qkv_over_peft']:.2f}** (`{ours}` / `{theirs}`; rounds: {rounds})."]
     mem = ("CUDA max allocated" if args.device.startswith("cuda")
            else "peak resident set size of the whole process (Python, torch, model and data included)")
     lines += [

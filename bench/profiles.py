@@ -25,6 +25,9 @@ import zoo
 FLOOR = "frozen floor"
 PEFT_ROW = "peft-lora[qkv]"
 LORA_QKV = "lora[qkv]"
+# methods peft also has: our row and peft's on the same whole fused ``qkv`` Linear, same options
+# (method -> (zoo label, peft label)); the like-for-like comparison, as lora[qkv] / peft-lora[qkv]
+PEFT_PAIRS = {"miss": ("miss[qkv]", "peft-miss[qkv]"), "shira": ("shira[qkv]", "peft-shira[qkv]")}
 CONF = Path(__file__).resolve().parents[1] / "conf" / "adapter"
 
 
@@ -56,12 +59,48 @@ class Row:
         if self.kind == "floor":
             return "input bias only"
         if self.kind == "peft":
-            c = self.config
+            c = dict(self.config)
+            method = c.pop("peft_type", "lora")
+            if method != "lora":
+                return f"peft {PEFT_CONFIGS[method]}(" + ", ".join(f"{k}={v}" for k, v in c.items()) + ")"
             return f"peft LoraConfig(r={c['r']}, alpha={c['lora_alpha']}, target_modules={c['target_modules']})"
         if self.source:
             short = {k: v for k, v in self.config.items() if k in ("finetune_steps", "faig_steps", "faig_batches")}
             return ", ".join([f"conf/adapter/{self.source}.yaml", *(f"{k}={v}" for k, v in short.items())])
         return ", ".join(f"{k}={v}" for k, v in self.config.items()) or "defaults"
+
+
+PEFT_CONFIGS = {"lora": "LoraConfig", "miss": "MissConfig", "shira": "ShiraConfig"}  # a peft row's peft_type
+
+
+def peft_config(config: dict):
+    """The peft config of a ``peft`` row (``peft_type``: lora (default) | miss | shira).
+
+    Only LoRA rows keep the task head through ``modules_to_save=["head"]``: that name also matches timm's
+    ``Identity`` head inside the backbone, and peft 0.21's MiSS / SHiRA ``merge_and_unload`` then fails on
+    it ('Identity' has no attribute 'weight'); their rows train the head directly (:func:`peft_head_direct`)
+    and save it next to peft's files.
+    """
+    import peft
+
+    c = dict(config)
+    kind = c.pop("peft_type", "lora")
+    return getattr(peft, PEFT_CONFIGS[kind])(**c, **({"modules_to_save": ["head"]} if kind == "lora" else {}))
+
+
+def peft_head_direct(row: Row) -> bool:
+    """A peft row whose task head trains outside peft (see :func:`peft_config`)."""
+    return row.kind == "peft" and row.config.get("peft_type", "lora") != "lora"
+
+
+def peft_pair_rows(name: str) -> list[Row]:
+    """``<name>[qkv]`` (zoo, the method's defaults on the whole fused qkv) and peft's same method there."""
+    d = zoo.ADAPTERS.get(name).from_config().config
+    ours, theirs = PEFT_PAIRS[name]
+    opts = {"miss": lambda: {"r": int(d["rank"]), "miss_dropout": d["dropout"]},
+            "shira": lambda: {"r": int(d["rank"]), "random_seed": d["seed"]}}[name]()
+    return [Row(ours, "zoo", name, {"targets": ["qkv"]}),
+            Row(theirs, "peft", None, {"peft_type": name, **opts, "target_modules": ["qkv"]})]
 
 
 class InputBias(nn.Module):

@@ -11,6 +11,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -98,3 +99,15 @@ def assert_refuses(model, adapter: str, **options) -> None:
         zoo.apply_adapter(model, adapter, **options)
     assert "\n" not in str(e.value).strip(), str(e.value)
     assert not zoo.adapters_of(model)
+
+
+class OneLinear(nn.Module):
+    """A model that is one Linear named ``lin``: peft's tuners wrap it by name (``target_modules=["lin"]``),
+    for tests that compare a zoo wrapper with peft's on the same layer."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.lin(x)

@@ -1,6 +1,6 @@
 """Bad inputs and faults (issue 15): each case is one clear error or a safe outcome, never a silent
-wrong result, a half-written file or a write outside the cache. The README's "What happens when…"
-table lists the same cases.
+wrong result, a half-written file or a write outside the cache. The documentation's "What happens when…" page
+(docs/what-happens-when.md) lists the same cases.
 """
 from __future__ import annotations
 
@@ -423,53 +423,7 @@ def test_run_dir_resolves_without_an_explicit_hydra_run_dir(exp, suffix):
         assert OmegaConf.select(cfg, "hydra.run.dir").endswith(suffix)
 
 
-def readme_train_commands() -> list[list[str]]:
-    """Every ``python train.py ...`` line of the README's code blocks, as override lists
-    (continued lines joined; placeholders ``<...>`` / ``...`` skipped; ``-m a,b`` sweeps composed with
-    their first value)."""
-    import re
-    import shlex
-
-    out, in_code, lines = [], False, []
-    for line in (ROOT / "README.md").read_text().splitlines():  # join continued lines
-        if lines and lines[-1].endswith("\\"):
-            lines[-1] = lines[-1][:-1] + " " + line.strip()
-        else:
-            lines.append(line)
-    for line in lines:
-        if line.startswith("```"):
-            in_code = not in_code
-            continue
-        if not in_code or "<" in line or "..." in line:
-            continue
-        for cmd in line.split("#", 1)[0].split("&&"):
-            if not cmd.strip().startswith("python train.py"):
-                continue
-            args = [a for a in shlex.split(cmd)[2:] if a != "-m"]
-            out.append([re.sub(r"=([^,]*),.*$", r"=\1", a) if "," in a and "[" not in a else a for a in args])
-    return out
-
-
-def test_readme_train_commands_compose_as_written():
-    """issue 15: test the README's commands as written (run dir included), not with extra overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from tasks.runner import register_resolvers
-    from tests.helpers import CONF
-
-    cmds = readme_train_commands()
-    assert len(cmds) >= 8 and ["adapter=lora", "+adapter.init_from=zoo:NAME"] in cmds
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for overrides in cmds:
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)
-            assert "/logs/runs/" in OmegaConf.select(cfg, "hydra.run.dir"), overrides
-            assert cfg.adapter.name in zoo.list_adapters(), overrides
+# the README's and docs/'s command lines: tests/test_docs.py
 
 
 # ---------------------------------------------------------------------------- the runner (after the task contract)

@@ -33,6 +33,11 @@ def test_adapters_table_has_every_adapter_and_peft(tmp_path):
     d, r, depth = 192, 8, 2
     assert rows[bench_adapters.LORA_QKV]["trainable"] == rows[bench_adapters.PEFT_ROW]["trainable"] == depth * r * (d + 3 * d)
     assert rows["lora"]["trainable"] == depth * 2 * r * (d + d)  # q and v slices
+    # MiSS and SHiRA against peft's on the same whole qkv: equal counts, from the formulas (r·d_out; r·(d_in + d_out))
+    assert rows["miss[qkv]"]["trainable"] == rows["peft-miss[qkv]"]["trainable"] == depth * 64 * 3 * d
+    assert rows["shira[qkv]"]["trainable"] == rows["peft-shira[qkv]"]["trainable"] == depth * 32 * (d + 3 * d)
+    assert res["summary"]["miss_qkv_over_peft"] > 0 and res["summary"]["shira_qkv_over_peft"] > 0
+    assert rows["peft-shira[qkv]"]["merged_s"] is not None
     assert rows["linear"]["trainable"] == 0 and rows["full"]["trainable_pct"] == pytest.approx(100.0)
     assert rows[bench_adapters.FLOOR]["trainable"] == 3
     # the references are ratio 1 to themselves; a mergeable method has a merged time, a non-mergeable one not
@@ -243,3 +248,23 @@ def test_recipe_rows_come_from_the_adapter_configs():
     naf = {r.label: r for r in PROFILES["nafnet"].recipe_rows(None)}
     assert naf["colora conv"].config["targets"] == ["conv_pw", "conv_sca", "o", "fc1", "fc2"]  # defaults merged
     assert "budget" in naf["colora conv"].config
+
+
+# ------------------------------------------------------------------------ bench.adapters --serving
+def test_serving_table_compares_multi_separate_and_merged(tmp_path):
+    res = bench_adapters.main(TINY + ["--serving", "--serving-k", "1", "3", "--serving-methods", "lora", "hydra",
+                                      "--batch-size", "6", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                      "--out", str(tmp_path)])
+    md = (tmp_path / "results.md").read_text()
+    assert "Command: `python -m bench.adapters" in md and "--serving" in md
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == res["rows"]
+    rows = {(r["k"], r["row"]): r for r in res["rows"]}
+    assert set(rows) == {(k, s) for k in (1, 3) for s in ("multi", "separate", "merged")}
+    assert rows[(3, "multi")]["batched"] == 3  # LoRA and Hydra both run in the shared pass
+    # the base weights are held once by the MultiAdapter, three times by three separate models
+    base = rows[(3, "merged")]["bytes"]
+    assert rows[(3, "separate")]["bytes"] > 2.9 * base and rows[(3, "multi")]["bytes"] < 1.5 * base
+    assert rows[(1, "merged")]["x_merged"] == pytest.approx(1.0)
+    errs = [float(c.split("= ", 1)[1].split()[0]) for c in res["checks"]]
+    effects = [float(c.rsplit("up to ", 1)[1].rstrip(")")) for c in res["checks"]]
+    assert len(errs) == 2 and max(errs) < 1e-4 < min(effects)

@@ -13,9 +13,11 @@ from zoo.zeroshot import CLIPClassifier, check_head
 
 NAMES = ["red circle", "blue star", "green square"]
 SMALL = {"adapter": {"bottleneck": 8}, "mosa": {"bottleneck": 8}, "onebit": {"dim": 8}, "salt": {"r_lora": 4},
-         "mhr": {"n_skills": 2}, "colora": {"budget": None}, "coop": {"n_ctx": 4}}
+         "mhr": {"n_skills": 2}, "colora": {"budget": None}, "coop": {"n_ctx": 4}, "miss": {"rank": 8},
+         "shira": {"rank": 4}, "s2ft": {"head_ratio": 0.5, "channel_ratio": 0.05}}
 REFUSE_VISUAL = {"coop": "train CLIP's text tower, but head=.* uses fixed class features; use head=text"}
-TEXT_TOWER = ["lora", "comp_lora", "mask_tuning", "salt", "bitfit", "ssf", "hydra", "adapter", "coop"]
+TEXT_TOWER = ["lora", "comp_lora", "mask_tuning", "salt", "bitfit", "ssf", "hydra", "adapter", "coop",
+              "miss", "shira", "loldu", "s2ft", "compacter"]
 
 
 def _run(model, x, y):

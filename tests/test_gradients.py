@@ -3,9 +3,12 @@
 For each adapter in ``zoo.list_adapters()`` on a tiny ViT + head: a frozen parameter never gets a
 gradient, every trainable parameter gets one (and some of them a non-zero one), and what trains is
 what the method claims: its own new parameters (never a wrapped original layer), all of the
-backbone (``full``), its biases (``bitfit``) or nothing of it (``linear``).
+backbone (``full``), its biases (``bitfit``), nothing of it (``linear``), or its own parameters plus the
+blocks' LayerNorms (``compacter``, whose paper trains them).
 """
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from zoo.adapters.base import AdapterModule
 from .conftest import tiny_vit
 from .helpers import assert_refuses, refuses
 
+TRAINS_NORMS = {"compacter"}  # unfreeze_layer_norms: true in Compacter's configs
 OPTIONS = {  # tiny settings; every other option at its default
     "colora": dict(faig_steps=1, faig_batches=1, finetune_steps=1, budget=0.5),
     "mhr": dict(n_splits=4, rank=2),
@@ -70,6 +74,10 @@ def test_gradients_reach_only_what_should_train(name):
         assert backbone_trainable == set()
     else:
         ours = owned_by_adapters(model)
+        if name in TRAINS_NORMS:  # the method's own parameters plus the blocks' LayerNorms (its paper's setting)
+            norms = {n for n in params if n.startswith("backbone.model.blocks.") and re.search(r"\.norm[12]\.", n)}
+            assert norms and norms <= backbone_trainable
+            ours |= norms
         assert backbone_trainable and backbone_trainable <= ours, sorted(backbone_trainable - ours)[:5]
     for n, p in params.items():
         if not p.requires_grad:

@@ -191,7 +191,7 @@ def _colora_ready(model, x, target):
     a.mark_trainable()
 
 
-ADAPTER_OPTS = {"mhr": {"n_splits": 4}, "colora": {"faig_steps": 2, "faig_batches": 1, "finetune_steps": 0}}
+ADAPTER_OPTS = {"mhr": {"n_splits": 4}, "miss": {"rank": 8}, "shira": {"rank": 4}, "colora": {"faig_steps": 2, "faig_batches": 1, "finetune_steps": 0}}
 REFUSED = {"vpt": "tokens", "q_adapter": "tokens"}
 
 

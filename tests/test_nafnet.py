@@ -128,15 +128,17 @@ def test_lora_on_nafnet_identity_at_init_and_merges_exactly():
 
 
 # ---------------------------------------------------------------------------- every adapter
-WORKS = {"full", "bitfit", "linear", "lora", "colora"}
+WORKS = {"full", "bitfit", "linear", "lora", "colora", "s2ft"}
 CONFIG = {"lora": dict(rank=2, targets=CONV_TARGETS),
+          "s2ft": dict(head_ratio=0, channel_ratio=0.25),  # fc2's 1x1 conv channels; 'o' has no heads here
           "colora": dict(targets=["conv_pw", "conv_sca", "o", "fc1", "fc2"], finetune_steps=2, faig_steps=2,
                          faig_batches=1, budget=0.2)}
 REFUSAL = {  # why each other method cannot attach to a CNN without attention / token sequences
     "adapter": "no site 'attn'", "comp_lora": "no site 'q'", "hydra": "wraps Linear layers, got Conv2d",
     "mask_tuning": "no site 'patch_embed'", "mhr": "no site 'q'", "mosa": "no site 'mlp'", "onebit": "no site 'mlp'",
     "q_adapter": "no site 'tokens'", "salt": "no site 'qkv'", "ssf": "no site 'qkv'", "vpt": "no site 'tokens'",
-    "conformer": "no site 'mlp'", "prefix": "no site 'attn'",
+    "conformer": "no site 'mlp'", "prefix": "no site 'attn'", "compacter": "no site 'attn'",
+    "miss": "no site 'q'", "shira": "no site 'q'", "loldu": "no site 'q'",
     # made for other backbones (tests/helpers.BACKBONE_SPECIFIC)
     "coop": "backbone 'nafnet' has none .use backbone=clip", "f_adapter": "use backbone=morph",
     "morph_ft": "backbone 'nafnet' does not describe them",

@@ -24,7 +24,7 @@ def _text(nb) -> str:
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert NOTEBOOKS == ["01_quickstart.ipynb", "02_adapter_anatomy.ipynb", "03_results.ipynb"]
+    assert NOTEBOOKS == ["01_quickstart.ipynb", "02_adapter_anatomy.ipynb", "03_results.ipynb", "04_serving.ipynb"]
     for name in NOTEBOOKS:
         nb = nbformat.read(NB_DIR / name, as_version=4)
         nbformat.validate(nb)
@@ -54,3 +54,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert "numerical rank of ΔW_q: 4" in text  # LoRA rank 4 on q
     if name.startswith("03"):
         assert "finished runs found" in text and "lora" in text
+    if name.startswith("04"):  # each sample of the mixed batch equals its adapter alone; three class counts
+        assert "(< 1e-4: True)" in text and "classes per sample: [6, 8, 16]" in text
+        assert "dsprites_loc  batched" in text and "clevr_dist    batched" in text

@@ -15,7 +15,7 @@ from tasks.pde import PDEDataModule, PDEForecastTask
 
 BACKBONE = dict(name="morph", model="Ti", pretrained=False,
                 kwargs=dict(dim=32, depth=2, heads=4, heads_xa=4, mlp_dim=64, max_patches=64))
-OPTS = {"mhr": {"n_splits": 4}, "colora": {"faig_steps": 2, "faig_batches": 1, "finetune_steps": 0}}
+OPTS = {"mhr": {"n_splits": 4}, "miss": {"rank": 8}, "shira": {"rank": 4}, "colora": {"faig_steps": 2, "faig_batches": 1, "finetune_steps": 0}}
 REFUSED = ("vpt", "q_adapter")  # token adapters: MORPH's tokens live on a grid (tests/test_morph.py checks the message)
 
 

@@ -29,7 +29,7 @@ def batches(n=2, b=4):
 
 
 # small settings for adapters whose defaults assume ViT-B widths or need a data stage
-SMALL = {"mhr": {"n_splits": 4}, "colora": dict(finetune_steps=2, finetune_lr=1e-2, faig_steps=2, faig_batches=1)}
+SMALL = {"mhr": {"n_splits": 4}, "miss": {"rank": 8}, "shira": {"rank": 4}, "colora": dict(finetune_steps=2, finetune_lr=1e-2, faig_steps=2, faig_batches=1)}
 
 
 @pytest.mark.parametrize("name", zoo.list_adapters())

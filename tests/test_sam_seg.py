@@ -192,7 +192,7 @@ def test_every_adapter_on_sam_segmenter(name):
         return
     if refuses(name, "sam"):
         return assert_refuses(model, name)
-    opts = {"mask_tuning": {"targets": ["q", "v"]}, "mhr": {"n_splits": 4},
+    opts = {"mask_tuning": {"targets": ["q", "v"]}, "mhr": {"n_splits": 4}, "miss": {"rank": 8}, "shira": {"rank": 4},
             "colora": {"finetune_steps": 1, "faig_steps": 2, "faig_batches": 1}}.get(name, {})
     zoo.apply_adapter(model, name, **opts)
     # data-driven methods (CoLoRA) run their stage on a segmentation batch: (image, index mask)

@@ -182,7 +182,8 @@ def test_bad_config_lines(tmp_path, override, msg):
 @pytest.mark.parametrize("name", [n for n in zoo.list_adapters() if (Path(CONF) / "adapter" / f"{n}.yaml").is_file()])
 def test_every_adapter_trains_on_task_segmentation(tmp_path, name):
     """Every adapter selectable as adapter=<name> (morph_ft has no config: MORPH's own recipes set it)."""
-    opts = {"mhr": ["adapter.n_splits=4"], "colora": ["adapter.finetune_steps=1", "adapter.faig_steps=2"]}.get(name, [])
+    opts = {"mhr": ["adapter.n_splits=4"], "colora": ["adapter.finetune_steps=1", "adapter.faig_steps=2"],
+            "miss": ["adapter.rank=8"], "shira": ["adapter.rank=4"]}.get(name, [])  # ranks that fit width 32
     if name in ("vpt", "q_adapter") or refuses(name, "sam"):  # token methods; adapters for other backbones
         with pytest.raises(Exception) as info:
             _run(tmp_path, f"adapter={name}")

@@ -10,9 +10,9 @@ The hand-written prompt "a photo of a {class}." is replaced by ``M`` learnable c
 * ``class_token_position`` (CoOp's ``CLASS_TOKEN_POSITION``), with ``[CLS_c]`` the class name's
   tokens and ``h = ⌊M/2⌋``::
 
-      end:    [SOS] V_1 … V_M [CLS_c] . [EOS]
-      middle: [SOS] V_1 … V_h [CLS_c] V_{h+1} … V_M . [EOS]
-      front:  [SOS] [CLS_c] V_1 … V_M . [EOS]
+        end:    [SOS] V_1 … V_M [CLS_c] . [EOS]
+        middle: [SOS] V_1 … V_h [CLS_c] V_{h+1} … V_M . [EOS]
+        front:  [SOS] [CLS_c] V_1 … V_M . [EOS]
 
 * ``ctx_init`` (CoOp's ``CTX_INIT``): initialise ``V`` from the token embeddings of these words
   (``M`` = their number, e.g. "a photo of a"), otherwise ``V ~ N(0, 0.02²)`` (the generic context).
