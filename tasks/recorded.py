@@ -9,7 +9,8 @@ checked before anything is built:
 * the task's and the data's ``_target_`` must be one of the project's own task / DataModule
   classes (:data:`TASK_TARGETS`, :data:`DATA_TARGETS`), which are then called directly with the
   recorded keys as keyword arguments (never recursively: nested values stay plain data);
-* no other key anywhere in the file may start with ``_`` (``_target_``, ``_args_``, ``_partial_``...);
+* no other key anywhere in the file may be one of Hydra's instantiation keys (:data:`HYDRA_KEYS`:
+  ``_target_``, ``_args_``, ``_partial_``...);
 * no string anywhere in the file may contain ``${`` (an interpolation or resolver, e.g.
   ``${oc.env:...}``).
 
@@ -55,12 +56,15 @@ DATA_TARGETS = frozenset({
 ALLOWED = {"task.config": TASK_TARGETS, "task.data": DATA_TARGETS, "task.config.data": DATA_TARGETS}
 
 
+HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
+
+
 class UnsafeArtifactError(ValueError):
     """An artifact's recorded config names code to run, or holds an interpolation."""
 
 
 def check_data_only(node: Any, where: str, key: str = "", allowed_targets: dict[str, frozenset] | None = None) -> None:
-    """Refuse any ``_``-key (except an allowed ``_target_``) or ``${`` string in ``node``, naming the key.
+    """Refuse any Hydra key (except an allowed ``_target_``) or ``${`` string in ``node``, naming the key.
 
     ``allowed_targets`` maps a dotted key (e.g. ``"task.config"``) to the ``_target_`` values
     allowed directly under it.
@@ -69,7 +73,7 @@ def check_data_only(node: Any, where: str, key: str = "", allowed_targets: dict[
     if isinstance(node, dict):
         for k, v in node.items():
             path = f"{key}.{k}" if key else str(k)
-            if str(k).startswith("_"):
+            if k in HYDRA_KEYS:
                 ok = k == "_target_" and key in allowed_targets
                 if not ok:
                     raise UnsafeArtifactError(

@@ -1247,3 +1247,14 @@ def test_a_full_disk_during_training_names_the_run_folder(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e, runner.user_errors():
         runner.train(cfg)
     assert e.value.code.startswith(f"error: cannot write {tmp_path / 'run'} (the run's folder): no space left")
+
+
+@pytest.mark.parametrize("key", ["_args_", "_partial_", "_recursive_", "_convert_"])
+def test_every_hydra_key_in_an_artifact_is_refused(key):
+    from tasks.recorded import UnsafeArtifactError, check_artifact_config
+
+    meta = {"task": {"config": dict(VTAB_TASK), "data": {**VTAB_DATA, key: True}}, "tensors": {"_orig_mod.w": [2]}}
+    with pytest.raises(UnsafeArtifactError, match=rf"refusing the key 'task\.data\.{key}'"):
+        check_artifact_config(meta, "a")
+    del meta["task"]["data"][key]
+    check_artifact_config(meta, "a")  # other keys starting with '_' (a compiled model's names) are plain data

@@ -283,8 +283,11 @@ def test_entry_backbone_must_match_artifact_and_model(server, trained):
     reg = json.loads((server.root / "registry.json").read_text())
     reg["entries"]["bad-entry"] = bad
     (server.root / "registry.json").write_text(json.dumps(reg))
-    with pytest.raises(hub.RegistryError, match="backbone.model: registry 'vit_small_patch16_224', artifact 'vit_tiny_patch16_224'"):
-        hub.download("bad-entry")
+    for _ in range(2):  # the files are cached after the first try: the second (and from_zoo) must refuse too
+        with pytest.raises(hub.RegistryError, match="backbone.model: registry 'vit_small_patch16_224', artifact 'vit_tiny_patch16_224'"):
+            hub.download("bad-entry")
+    with pytest.raises(hub.RegistryError, match="contradicts its artifact"):
+        zoo.from_zoo("bad-entry")
     # 2. a good entry loaded into a model with another backbone
     other = zoo.ImageClassifier(zoo.create_backbone("vit", model="vit_small_patch16_224", pretrained=False,
                                                     img_size=32, depth=2), 3)
@@ -395,20 +398,6 @@ def test_symlinks_in_the_cache_are_refused(server, trained, tmp_path, what):
     with pytest.raises(hub.HubError, match=rf"{link.name} is a symbolic link"):
         hub.download("tiny-lora")
     assert (list(outside.iterdir()) == []) if what == "folder" else outside.read_text() == "keep"
-
-
-def test_a_contradicting_entry_is_refused_on_every_download(server, trained):
-    entry = _serve(server, trained)
-    bad = json.loads(json.dumps(entry))
-    bad["backbone"]["model"] = "vit_small_patch16_224"
-    reg = json.loads((server.root / "registry.json").read_text())
-    reg["entries"]["bad-entry"] = bad
-    (server.root / "registry.json").write_text(json.dumps(reg))
-    for _ in range(2):  # the files are cached after the first try; the second must refuse too
-        with pytest.raises(hub.RegistryError, match="contradicts its artifact"):
-            hub.download("bad-entry")
-    with pytest.raises(hub.RegistryError, match="contradicts its artifact"):
-        zoo.from_zoo("bad-entry")
 
 
 @pytest.mark.parametrize("spec", ["not-an-object", None, 7, ["a", "list"]])
