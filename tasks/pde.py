@@ -245,7 +245,7 @@ class PDEDataModule(L.LightningDataModule):
             return
         self.prepare_data()
         self._datasets("val", self.horizon, [0])  # reads the layout: spatial shape and field names
-        dims = lambda sp: sum(int(s) > 1 for s in sp)  # noqa: E731 - (D, H, W) with 1 for absent axes
+        dims = lambda sp: sum(int(s) > 1 for s in sp)  # (D, H, W) with 1 for absent axes
         diffs = []
         if want_sp and self.spatial is not None and dims(want_sp) != dims(self.spatial):
             diffs.append(f"{dims(want_sp)}-D data (spatial {list(want_sp)}), this data is {dims(self.spatial)}-D "

@@ -143,9 +143,9 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule, recorded: bool = 
     if recorded:
         from tasks.recorded import DATA_TARGETS, construct
 
-        make = lambda c, **kw: construct(c, DATA_TARGETS, "data", **kw)  # noqa: E731
+        make = lambda c, **kw: construct(c, DATA_TARGETS, "data", **kw)
     else:
-        make = lambda c, **kw: instantiate(c, _convert_="all", **kw)  # noqa: E731
+        make = lambda c, **kw: instantiate(c, _convert_="all", **kw)
     if "normalize" not in data_cfg:
         return make(data_cfg, seed=cfg.seed)
     norm = data_cfg.pop("normalize")
@@ -383,9 +383,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             if history is not None and trainer.is_global_zero:
                 restore_csv_history(out_dir, *history)
         if trainer.global_step == 0 and _trains(task):
-            raise ValueError(f"training took no optimisation step (the training split gave no batch, or every batch "
-                             f"was skipped): the adapter would be saved untrained, so nothing was saved; check "
-                             f"data.* and task.max_epochs")
+            raise ValueError("training took no optimisation step (the training split gave no batch, or every batch "
+                             "was skipped): the adapter would be saved untrained, so nothing was saved; check "
+                             "data.* and task.max_epochs")
 
     decl = task.declaration()
     metrics: dict[str, Any] = {

@@ -767,7 +767,7 @@ def test_the_allow_list_holds_every_task_and_data_class_of_the_configs():
 
 
 def test_a_tampered_cached_file_with_its_mtime_put_back_is_detected(isolated):
-    reg, entry = published(isolated)
+    reg, _ = published(isolated)
     hub.add_registry(reg)
     d = hub.download("tiny-lora")
     f = d / "adapter.safetensors"
@@ -984,7 +984,7 @@ def test_publish_refuses_an_artifact_with_non_finite_tensors(isolated, capsys):
 
 
 def test_published_files_are_readable_by_others(isolated):
-    reg, entry = published(isolated)
+    reg, _ = published(isolated)
     umask = os.umask(0)
     os.umask(umask)
     for f in (isolated / "zoo" / "tiny-lora").iterdir():

@@ -429,9 +429,9 @@ def test_a_duplicate_file_name_in_an_entry_is_refused_and_never_deletes_the_good
     good = (d / "adapter.safetensors").read_bytes()
     twin = {**entry["files"][0], "sha256": "0" * 64}  # the same name pinned twice, the second wrong
     reg.write_text(json.dumps({"format": 1, "entries": {"dup": {**entry, "files": entry["files"] + [twin]}}}))
-    with pytest.warns(UserWarning, match=r"entry 'dup'.*file 'adapter\.safetensors' is listed twice"):
-        with pytest.raises(hub.EntryNotFoundError, match="listed twice"):
-            hub.download("dup")
+    with pytest.warns(UserWarning, match=r"entry 'dup'.*file 'adapter\.safetensors' is listed twice"), \
+            pytest.raises(hub.EntryNotFoundError, match="listed twice"):
+        hub.download("dup")
     assert (d / "adapter.safetensors").read_bytes() == good
 
 

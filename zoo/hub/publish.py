@@ -11,7 +11,13 @@ from typing import Any
 
 from zoo.hub.cards import model_card
 from zoo.hub.fetch import sha256_file
-from zoo.hub.registry import REGISTRY_FORMAT, REPO_ROOT, Entry, RegistryError, _atomic_write_text
+from zoo.hub.registry import (
+    REGISTRY_FORMAT,
+    REPO_ROOT,
+    Entry,
+    RegistryError,
+    _atomic_write_text,
+)
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
