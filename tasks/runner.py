@@ -382,7 +382,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         finally:
             if history is not None and trainer.is_global_zero:
                 restore_csv_history(out_dir, *history)
-        if trainer.global_step == 0 and _trains(task):
+        # (ddp_spawn trains in child processes and does not carry global_step back: the check before
+        # training covers it)
+        if trainer.global_step == 0 and _trains(task) and not _spawned(trainer):
             raise ValueError("training took no optimisation step (the training split gave no batch, or every batch "
                              "was skipped): the adapter would be saved untrained, so nothing was saved; check "
                              "data.* and task.max_epochs")
@@ -443,6 +445,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _spawned(trainer: L.Trainer) -> bool:
+    """Whether fit ran in spawned processes (``ddp_spawn``), whose state stays there."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _trains(task: L.LightningModule) -> bool:
