@@ -3,9 +3,15 @@
 Task-agnostic: the metric columns are the ones each run's ``metrics.json`` declares (its task
 kind's :class:`~tasks.base.Column` list); runs of different kinds in one table show the union,
 with ``–`` where a run has no such metric. Pre-contract files read as classification.
+
+Runs made under different protocols are never put side by side: their ``metrics.json`` ``protocol``
+records (:mod:`tasks.protocol`: selection, whether validation was the test split, the metric's backend and
+axes, the horizon, the normalisation; not the split names and sizes, which differ per dataset) split the
+runs into one table each, headed by what its runs share.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +59,34 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of one sweep: not a protocol difference
+
+
+def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
+    from tasks.protocol import comparable_key
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
+        key = comparable_key(m, ignore=PER_DATASET) if isinstance(m.get("protocol"), dict) else ("not recorded",)
+        groups.setdefault(key, []).append(m)
+    out = []
+    for rs in groups.values():
+        p = rs[0].get("protocol")
+        desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
+                if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
+        out.append((desc, rs))
+    return out
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
+    groups = protocol_groups(rows)
+    if len(groups) > 1:
+        return "\n".join(f"**protocol**: {desc}\n\n{_markdown_table(rs)}" for desc, rs in groups)
+    return _markdown_table(rows)
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
     head = header(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
@@ -61,6 +94,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
+    groups = protocol_groups(rows)
+    for i, (desc, rs) in enumerate(groups):
+        _print_table(rs, title if len(groups) == 1 else f"{title} ({i + 1}/{len(groups)}, protocol: {desc})")
+
+
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
