@@ -59,7 +59,8 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
     if not meta.is_file():
         raise FileNotFoundError(
             f"{meta} not found: task.data_dir must be an ESC-50 release folder (ESC-50-master/ with "
-            f"meta/esc50.csv and audio/*.wav), or use task.dataset=generated")
+            f"meta/esc50.csv and audio/*.wav; get it from https://github.com/karolpiczak/ESC-50, "
+            f"archive/master.zip), or use task.dataset=generated")
     with open(meta, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("filename", "fold", "target") if c not in (reader.fieldnames or [])]
@@ -132,7 +133,9 @@ def read_speechcommands(root: str | os.PathLike, classes: str = "35", test_root:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Speech Commands folder not found: {root}")
+        raise FileNotFoundError(f"Speech Commands folder not found: {root}; expected speech_commands_v0.02 (<word>/*.wav, "
+                                f"validation_list.txt, testing_list.txt) from "
+                                f"http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz")
     if classes not in ("35", "12"):
         raise ValueError(f"Speech Commands classes={classes!r}; valid: 35, 12")
     if test_root and classes != "12":
@@ -634,6 +637,7 @@ class AudioDataModule(L.LightningDataModule):
                              f"set task.num_classes={self.num_classes}")
         self.dataset, self.fold, self.val_fold = dataset, fold, val_fold
         args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
+        self.args, self.max_length = args, max_length
         self.cache_dir = cache_dir
         stats_source = "given"
         if mean is None or std is None:
@@ -652,6 +656,23 @@ class AudioDataModule(L.LightningDataModule):
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
+
+    @staticmethod
+    def check_data(dataset: str = "generated", root: str = "data/audio/generated", fold: int = 1, val_fold: str = "none",
+                   generate: bool = True, generate_clips: int = 20, test_root: str | None = None,
+                   silence: str = "balanced", **_) -> None:
+        """The dataset's lists and folders (no clip decoded): run before any weights are built."""
+        read_dataset(dataset, root, fold, val_fold, generate, generate_clips, test_root, silence)
+
+    def preprocessing(self) -> dict:
+        """The front end's arguments (recorded in the artifact: ``python -m zoo predict`` rebuilds it)."""
+        from dataclasses import asdict
+
+        return {"fbank": {**asdict(self.args), "max_length": self.max_length, "mean": self.mean, "std": self.std}}
+
+    def split_files(self, split: str) -> list[str]:
+        """The clip files of ``split`` (``eval.py +predict=DIR``; pieces cut from a longer file are left out)."""
+        return [p for p, _ in self.splits[split] if "#" not in p]
 
     def split_info(self) -> dict:
         """Split names (ESC-50 layouts: the folds), sizes, and whether validation shares clips with test (the

@@ -212,5 +212,21 @@ class SegDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set if self.test_set is not None else self.val_set, False)
 
+    def split_files(self, split: str) -> list[str]:
+        """The image files of ``split`` (2-D layouts), for ``eval.py +predict=DIR``."""
+        self.setup()
+        ds = self.split_set(split)
+        pairs = getattr(getattr(ds, "ds", None), "pairs", None)
+        if pairs is None:
+            raise ValueError(f"+predict writes masks for 2-D image layouts; data.layout={self.layout} has volumes or "
+                             f"no {split} split")
+        return [str(img) for img, _ in pairs]
+
+    def preprocessing(self) -> dict:
+        """The input normalisation this data applied (recorded in the artifact for ``zoo predict``)."""
+        m, s = self.norm.mean, self.norm.std
+        return {"mean": None if m is None else m.flatten().tolist(), "std": None if s is None else s.flatten().tolist(),
+                "input_size": [3, self.img_size, self.img_size]}
+
     def split_set(self, split: str):
         return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]

@@ -22,44 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from tasks.data.paths import check_inside
+from tasks.data.vtab_tasks import GROUPS, VTAB_TASKS, canonical_task, num_classes  # noqa: F401 (re-exported)
 
-# canonical name -> (group, classes, folder aliases used by other repositories)
-VTAB_TASKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
-    "cifar": ("natural", 100, ("cifar100", "cifar_100")),
-    "caltech101": ("natural", 102, ("caltech", "caltech_101")),
-    "dtd": ("natural", 47, ()),
-    "oxford_flowers102": ("natural", 102, ("flowers102", "flowers", "oxford_flowers")),
-    "oxford_iiit_pet": ("natural", 37, ("pets", "oxford_pet", "pet")),
-    "svhn": ("natural", 10, ("svhn_cropped",)),
-    "sun397": ("natural", 397, ("sun",)),
-    "patch_camelyon": ("specialized", 2, ("camelyon", "pcam")),
-    "eurosat": ("specialized", 10, ()),
-    "resisc45": ("specialized", 45, ("resisc",)),
-    "diabetic_retinopathy": ("specialized", 5, ("retinopathy", "diabetic_retinopathy_detection")),
-    "clevr_count": ("structured", 8, ("clevr_count_all",)),
-    "clevr_dist": ("structured", 6, ("clevr_closest_object_distance", "clevr_distance")),
-    "dmlab": ("structured", 6, ()),
-    "kitti": ("structured", 4, ("kitti_dist", "kitti_closest_vehicle_distance")),
-    "dsprites_loc": ("structured", 16, ("dsprites_location", "dsprites_label_x_position")),
-    "dsprites_ori": ("structured", 16, ("dsprites_orientation", "dsprites_label_orientation")),
-    "smallnorb_azi": ("structured", 18, ("snorb_azi", "smallnorb_azimuth", "smallnorb_label_azimuth")),
-    "smallnorb_ele": ("structured", 9, ("snorb_ele", "smallnorb_elevation", "smallnorb_label_elevation")),
-}
-GROUPS = ("natural", "specialized", "structured")
 SPLIT_FILES = {"tune": ("train800", "val200", None), "final": ("train800val200", None, "test")}
-
-
-def canonical_task(name: str) -> str:
-    """Map any folder alias to the canonical VTAB task name."""
-    key = name.lower()
-    for canon, (_, _, aliases) in VTAB_TASKS.items():
-        if key == canon or key in aliases:
-            return canon
-    raise ValueError(f"unknown VTAB task {name!r}; valid tasks: {', '.join(VTAB_TASKS)} (aliases accepted)")
-
-
-def num_classes(name: str) -> int:
-    return VTAB_TASKS[canonical_task(name)][1]
 
 
 def layout_help(root: Path, task: str) -> str:
@@ -80,6 +45,18 @@ def find_task_dir(root: Path, task: str) -> Path | None:
         if (root / name / "train800.txt").is_file():
             return root / name
     return None
+
+
+def check_data(root: str | Path, dataset: str, generate: bool = False) -> None:
+    """The task's folder and list files exist (or will be generated): cheap, before any weights are built."""
+    from tasks.data.synthetic import DOWNSTREAM
+
+    task, root = canonical_task(dataset), Path(root).expanduser()
+    if generate and task in DOWNSTREAM:
+        return
+    folder = find_task_dir(root, task)
+    if folder is None:
+        raise FileNotFoundError(layout_help(root, task))
 
 
 def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
@@ -201,6 +178,14 @@ class VTABDataModule(L.LightningDataModule):
         self.train_set = FileListDataset(folder, train, self.transform, self.cache, n)
         self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
         self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
+
+    def split_files(self, split: str) -> list[str]:
+        """The image files of ``split`` (``eval.py +predict=DIR``)."""
+        self.setup()
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if ds is None:
+            raise ValueError(f"protocol={self.protocol} has no {split} split")
+        return [str(ds.folder / rel) for rel, _ in ds.items]
 
     def split_info(self) -> dict:
         """The split files (``train800`` / ``val200`` or ``train800val200`` / ``test``) and their sizes."""

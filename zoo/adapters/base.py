@@ -163,14 +163,19 @@ class Adapter:
             obj.config["tower"] = _plain(tower) if not isinstance(tower, str) else tower
         return obj
 
+    def own_tower(self):
+        """The tower selection to pass to ``self.backbone`` (its ``tower_named_parameters``, ``find_sites``).
+
+        Towers of the backbone itself (CLIP's) are selected by ``self.tower``; a model's other towers (SAM's
+        decoder) were resolved to their own view by ``zoo.api.resolve_tower`` (``tower_view``), which is then
+        ``self.backbone`` and takes no tower."""
+        return None if getattr(self, "tower_view", False) else self.tower
+
     def sites(self, targets, layers: Layers = "all") -> list[Site]:
         from zoo.sites import SiteError
 
         assert self.backbone is not None
-        # towers of the backbone itself (CLIP) are selected here; a model's other towers (SAM's
-        # decoder) were resolved to their own site provider by zoo.api.resolve_tower
-        tower = None if getattr(self, "tower_view", False) else self.tower
-        sites = find_sites(self.backbone, targets, layers, tower)
+        sites = find_sites(self.backbone, targets, layers, self.own_tower())
         sliced = sorted({s.kind for s in sites if s.out_slice is not None})
         if sliced and not self.supports_slices:
             raise SiteError(
