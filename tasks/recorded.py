@@ -40,6 +40,7 @@ DATA_TARGETS = frozenset({
     "tasks.data.audio.AudioDataModule",
     "tasks.data.captioning.CaptionDataModule",
     "tasks.data.depth.DepthDataModule",
+    "tasks.data.imagefolder.image_classification_data",  # VTAB lists or an image folder (task=vtab's data)
     "tasks.data.rendered.RenderedDataModule",
     "tasks.data.restoration.RestorationDataModule",
     "tasks.data.segmentation.SegDataModule",
@@ -105,8 +106,8 @@ def construct(cfg: dict[str, Any], allowed: frozenset, what: str, **kwargs: Any)
     return cls(**{k: v for k, v in cfg.items() if k != "_target_"}, **kwargs)
 
 
-def recorded_class(cfg: dict[str, Any], allowed: frozenset, what: str) -> type:
-    """The allow-listed class ``cfg["_target_"]`` names (imported only when it is listed)."""
+def recorded_class(cfg: dict[str, Any], allowed: frozenset, what: str) -> Any:
+    """The allow-listed class (or DataModule factory) ``cfg["_target_"]`` names, imported only when listed."""
     target = cfg.get("_target_")
     if target not in allowed:
         raise UnsafeArtifactError(f"{what}._target_={target!r} is not one of the project's own classes; "

@@ -763,7 +763,7 @@ def test_the_allow_list_holds_every_task_and_data_class_of_the_configs():
     for t in TASK_TARGETS | DATA_TARGETS:  # every listed class exists
         from tasks.recorded import recorded_class
 
-        assert isinstance(recorded_class({"_target_": t}, TASK_TARGETS | DATA_TARGETS, "x"), type)
+        assert callable(recorded_class({"_target_": t}, TASK_TARGETS | DATA_TARGETS, "x"))
 
 
 def test_a_tampered_cached_file_with_its_mtime_put_back_is_detected(isolated):
