@@ -17,12 +17,14 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
+from tasks.data.reading import read_rgb_pil, read_text
 from tasks.data.vtab_tasks import GROUPS, VTAB_TASKS, canonical_task, num_classes  # noqa: F401 (re-exported)
+from tasks.options import LOADER, Int, check_options
 
 SPLIT_FILES = {"tune": ("train800", "val200", None), "final": ("train800val200", None, "test")}
 
@@ -64,7 +66,7 @@ def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (expected '<image path> <label>' lines)")
     items = []
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
+    for ln, line in enumerate(read_text(path, "list file").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -99,13 +101,9 @@ class FileListDataset(Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i], label
         path = self.folder / rel
-        try:
-            with Image.open(path) as im:
-                x = self.transform(im.convert("RGB"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist") from None
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated / not an image / corrupt
-            raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist")
+        x = self.transform(read_rgb_pil(path))  # 16-bit / float images scaled from their real range, not clipped
         if self._cache is not None:
             self._cache[i] = x
         return x, label
@@ -146,6 +144,7 @@ class VTABDataModule(L.LightningDataModule):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  generate: bool = False, cache: bool = False, seed: int = 0):
         super().__init__()
+        check_options("data", locals(), {**LOADER, "eval_batch_size": Int(1, optional=True)})
         if protocol not in SPLIT_FILES:
             raise ValueError(f"unknown protocol {protocol!r}; valid: tune (train800 / val200), final (train800val200 / test)")
         self.root, self.task = Path(root).expanduser(), canonical_task(dataset)
@@ -178,6 +177,11 @@ class VTABDataModule(L.LightningDataModule):
         self.train_set = FileListDataset(folder, train, self.transform, self.cache, n)
         self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
         self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
+        # a file listed in two splits is refused; byte-identical copies are warned about with their count
+        # (the benchmark's own lists are used as they are)
+        files = lambda ds: [folder / rel for rel, _ in ds.items] if ds is not None else []  # noqa: E731
+        check_disjoint({"train": files(self.train_set), "val": files(self.val_set), "test": files(self.test_set)},
+                       f"{folder} ({train}.txt / {val or test}.txt)", identical="warn")
 
     def split_files(self, split: str) -> list[str]:
         """The image files of ``split`` (``eval.py +predict=DIR``)."""
