@@ -534,7 +534,7 @@ def _install_generated(tmp: Path, root: Path, done: Path, settings: str) -> None
     """Stamp the complete set in ``tmp`` and move it to ``root`` (swapping out our older set)."""
     (tmp / GENERATED_STAMP).write_text(settings)
     if (root / GENERATED_STAMP).is_file():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+        old = staging_dir(root.parent, f".{root.name}-old-")
         os.replace(root, old / root.name)
         shutil.rmtree(old, ignore_errors=True)
     try:
