@@ -65,9 +65,7 @@ checkpoints/pde/morph_tiny_pretrained.safetensors: | $(STAMP)
 	$(PY) train.py experiment=pde_pretrain
 
 pde-demo: $(STAMP) checkpoints/pde/morph_tiny_pretrained.safetensors
-	$(PY) train.py experiment=pde_quickstart adapter=lora
-	$(PY) train.py experiment=pde_quickstart adapter=morph_level2
-	$(PY) train.py experiment=pde_quickstart adapter=full backbone.weights=null
+	$(PY) train.py experiment=pde_quickstart
 
 checkpoints/restoration/nafnet_w16_prod.safetensors: | $(STAMP)
 	$(PY) train.py experiment=restore_pretrain

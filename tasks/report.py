@@ -6,6 +6,7 @@ with ``–`` where a run has no such metric. Pre-contract files read as classifi
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,23 +54,201 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    head = header(rows)
+def replicated(rows: list[dict[str, Any]]) -> bool:
+    """Some row label has several runs (seeds or folds): the table shows mean ± std per label."""
+    return len(group_runs(rows)) < len(rows)
+
+
+def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    return (grouped_header(rows), grouped_rows(rows)) if replicated(rows) else (header(rows), table_rows(rows))
+
+
+def markdown(rows: list[dict[str, Any]], caption_text: str = "") -> str:
+    head, body = _table(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
-    return "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n" + (f"\n{caption_text}\n" if caption_text else "")
 
 
-def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
+def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
+    head, body = _table(rows)
     t = Table(title=title)
-    for h in header(rows):
-        t.add_column(h, justify="left" if h in ("adapter", "dataset") else "right")
-    for r in table_rows(rows):
+    for h in head:
+        t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
+    for r in body:
         t.add_row(*r)
-    Console(width=max(110, Console().width)).print(t)
+    console = Console(width=max(110, Console().width))
+    console.print(t)
+    if caption_text:
+        console.print(caption_text, highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------- rows over seeds, and the caption
+# A demo sweeps its rows (adapters and baselines) over seeds or folds; the table shows one line per row
+# label (``report.label``, default the adapter's name) with mean ± std, and a caption computed from the
+# numbers says what the effect is (best row vs ``report.baseline``) and how big the noise is.
+
+# two-sided 95% critical values of Student's t for 1..10 degrees of freedom; beyond, 1.96 + 2.4/df
+# (within 0.03 of the exact value)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
+
+
+def row_label(m: dict[str, Any]) -> str:
+    return m.get("label") or m.get("adapter") or "?"
+
+
+def replicate(m: dict[str, Any]) -> tuple:
+    """What pairs two rows' runs: the seed and, where the task has folds, the fold."""
+    return (m.get("seed"), m.get("fold"))
+
+
+def group_runs(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by row label, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for m in rows:
+        groups.setdefault(row_label(m), []).append(m)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the non-missing values."""
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return math.nan, math.nan, 0
+    mu = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mu, sd, len(v)
+
+
+def fmt_stat(col: Column, mu: float, sd: float, n: int) -> str:
+    if n == 0:
+        return col.format(None)
+    return col.format(mu) if n == 1 else f"{col.format(mu)} ± {col.format(sd)}"
+
+
+def grouped_header(rows: list[dict[str, Any]]) -> list[str]:
+    return ["row", "dataset", "runs", *[h for h, _ in PREFIX[2:]], *[c.header for c in metric_columns(rows)], *SUFFIX]
+
+
+def grouped_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One line per row label: the metric columns as mean ± std over its runs (seeds / folds)."""
+    cols = metric_columns(rows)
+    out = []
+    for label, runs in group_runs(rows).items():
+        m = runs[0]
+        p, bb = m.get("trainable_params", 0), max(1, m.get("backbone_params", 1))
+        kib = mean_std([r.get("artifact_bytes", 0) for r in runs])[0] / 1024
+        out.append([label, m.get("dataset", "?"), str(len(runs)), f"{p:,}", f"{100 * p / bb:.2f}%",
+                    *[fmt_stat(c, *mean_std([r.get(c.key) for r in runs])) for c in cols], f"{kib:.1f}"])
+    return out
+
+
+def effect_metric(rows: list[dict[str, Any]], key: str | None = None) -> tuple[Column, str]:
+    """The caption's metric and its direction: ``key`` if given, else the test counterpart of the
+    runs' selection metric (``val/x`` -> ``test/x``) where the runs have it, else the selection metric."""
+    cols = {c.key: c for c in metric_columns(rows)}
+    mon = next((m["monitor"] for m in rows if m.get("monitor")), {"name": "val/acc", "mode": "max"})
+    if key is None:
+        test = "test/" + mon["name"].split("/", 1)[-1]
+        key = test if any(m.get(test) is not None for m in rows) else mon["name"]
+    col = cols.get(key) or Column(key, key)
+    return col, mon.get("mode", "max")
+
+
+def _diff_text(col: Column, d: float) -> str:
+    """A difference in the column's unit: points for percentages."""
+    return f"{100 * d:+.1f} points" if col.fmt == "pct" else f"{d:+.4g}"
+
+
+def compare(base: list[dict[str, Any]], other: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
+    """``other`` vs ``base`` on ``key``: the improvement (positive = better under ``mode``), its noise and verdict.
+
+    Paired by seed (and fold) where at least two replicates are shared: the per-replicate improvements'
+    mean, std and a paired t-test; otherwise the two groups' means with Welch's standard error. Verdict
+    ``better`` / ``worse`` when the improvement is beyond 95% of the noise (|t| > t_crit), else ``within``;
+    ``unknown`` with one run on each side (no noise estimate).
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    b = {replicate(m): m.get(key) for m in base if m.get(key) is not None}
+    o = {replicate(m): m.get(key) for m in other if m.get(key) is not None}
+    shared = [r for r in o if r in b]
+    mb, sb, nb = mean_std(list(b.values()))
+    mo, so, no = mean_std(list(o.values()))
+    res: dict[str, Any] = {"base": (mb, sb, nb), "other": (mo, so, no)}
+    if nb == 0 or no == 0:
+        return {**res, "verdict": "unknown", "gain": math.nan, "noise": math.nan, "paired": False, "n": 0}
+    if len(shared) >= 2:
+        d = [sign * (o[r] - b[r]) for r in shared]
+        gain, sd, n = mean_std(d)
+        se, df, paired = sd / math.sqrt(n), n - 1, True
+        noise = sd
+    else:
+        gain, n, paired = sign * (mo - mb), min(nb, no), False
+        se = math.sqrt(sb ** 2 / nb + so ** 2 / no)
+        df, noise = max(1, min(nb, no) - 1), math.sqrt((sb ** 2 + so ** 2) / 2)
+    if nb + no <= 2 or (se == 0 and gain == 0):
+        verdict = "unknown" if nb + no <= 2 else "within"
+    elif se == 0:
+        verdict = "better" if gain > 0 else "worse"
+    else:
+        t = gain / se
+        verdict = "better" if t > t_critical(df) else "worse" if t < -t_critical(df) else "within"
+    return {**res, "verdict": verdict, "gain": gain, "noise": noise, "paired": paired, "n": n}
+
+
+ROW_VERDICT = {"better": "better beyond the noise", "within": "within the noise",
+               "worse": "worse beyond the noise", "unknown": "not judged"}
+
+
+def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None) -> str:
+    """What the table shows, from its numbers: the best row against ``baseline`` (a row label), the
+    difference and the noise (std over seeds, or of the paired per-seed differences), then every
+    other row against the baseline. Says so when no row beats the baseline beyond the noise."""
+    groups = group_runs(rows)
+    if baseline not in groups:
+        return f"No caption: the baseline row {baseline!r} is not among the runs ({', '.join(groups)})."
+    col, mode = effect_metric(rows, metric)
+    others = {k: compare(groups[baseline], v, col.key, mode) for k, v in groups.items() if k != baseline}
+    if not others:
+        return f"Only the baseline row {baseline!r} ran: nothing to compare."
+    sign = 1.0 if mode == "max" else -1.0
+    scored = {k: c for k, c in others.items() if c["other"][2]}
+    if not scored:
+        return f"No caption: no run has {col.key}."
+    best = max(scored, key=lambda k: sign * scored[k]["other"][0])
+    c = scored[best]
+    direction = "higher is better" if mode == "max" else "lower is better"
+    n_runs = max(len(v) for v in groups.values())
+
+    def stat(s):
+        return fmt_stat(col, *s)
+
+    def noise(c):
+        if c["verdict"] == "unknown" and c["n"] <= 1:
+            return "one run each, so the noise is unknown"
+        what = "std of the paired per-seed differences" if c["paired"] else "pooled std over seeds"
+        return f"{what} {_diff_text(col, c['noise']).lstrip('+')}, n={c['n']}"
+
+    verdict = {
+        "better": f"{best} beats {baseline} beyond the noise",
+        "within": f"{best} does NOT beat {baseline} beyond the noise",
+        "worse": f"no row beats {baseline}: the best, {best}, is worse beyond the noise",
+        "unknown": f"{best} vs {baseline} cannot be judged (one run each)",
+    }[c["verdict"]]
+    lines = [f"{col.header} ({direction}), mean ± std over up to {n_runs} seeds/folds per row. "
+             f"Best row {best}: {stat(c['other'])} vs baseline {baseline}: {stat(c['base'])}, "
+             f"{_diff_text(col, c['gain'])} ({noise(c)}): {verdict}."]
+    for k, o in others.items():
+        if k != best and o["other"][2]:
+            lines.append(f"{k} vs {baseline}: {_diff_text(col, o['gain'])} ({noise(o)}): {ROW_VERDICT[o['verdict']]}.")
+    return "\n".join(lines)
 
 
 class SummaryTable(Callback):
@@ -80,10 +259,12 @@ class SummaryTable(Callback):
         rows = collect(sweep_dir)
         if not rows:
             return
-        print_table(rows, title=f"results in {sweep_dir}")
+        report = config.get("report") or {}
+        text = caption(rows, report["baseline"], report.get("metric")) if report.get("baseline") else ""
+        print_table(rows, title=f"results in {sweep_dir}", caption_text=text)
         from zoo.io import atomic_write_text
 
-        atomic_write_text(sweep_dir / "summary.md", markdown(rows))
+        atomic_write_text(sweep_dir / "summary.md", markdown(rows, text))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.report",
                                 description="Table of finished runs (every metrics.json under the folders).")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="run or multirun folders (e.g. logs/multiruns/<time>)")
+    p.add_argument("--baseline", help="the baseline row's label (an adapter name, or a report.label such as "
+                                      "'from scratch'): a caption compares the best row with it")
+    p.add_argument("--metric", help="the caption's metric (default: the test counterpart of the selection metric)")
     args = p.parse_args(argv)
     missing = [d for d in args.runs if not Path(d).exists()]
     if missing:
@@ -101,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: no metrics.json (finished run) under {', '.join(args.runs)}", file=sys.stderr)
         return 1
-    print_table(rows)
-    print(markdown(rows))
+    text = caption(rows, args.baseline, args.metric) if args.baseline else ""
+    print_table(rows, caption_text=text)
+    print(markdown(rows, text))
     return 0
 
 

@@ -296,6 +296,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Everything task-specific comes from the task's declaration (:class:`tasks.base.ZooTask`):
     the monitor and its mode select the checkpoint, the declared columns fill ``metrics.json``.
     """
+    cfg = apply_final_overrides(cfg)
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 
@@ -341,6 +342,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.task.get("dataset"),
         "protocol": cfg.task.get("protocol"),
         "seed": cfg.seed,
+        "fold": cfg.task.get("fold"),  # with the seed, what pairs runs of different rows (tasks.report)
+        "label": run_label(cfg),  # the summary table's row
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
@@ -386,6 +389,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def run_label(cfg: DictConfig) -> str:
+    """The run's row in a summary table: ``report.label``, else the adapter config as chosen
+    (``adapter=coca_decoder_lora``: two configs may build the same method), else the method's name."""
+    label = (cfg.get("report") or {}).get("label")
+    if label:
+        return str(label)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("adapter")
+    except ValueError:  # composed without Hydra's run (tests, notebooks)
+        choice = None
+    return choice or cfg.adapter.name
+
+
+def apply_final_overrides(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with its ``final_overrides`` (``["backbone.weights=null", ...]``) applied last.
+
+    A config group file (a sweep's row, conf/adapter/baseline/*) is merged before the experiment, so
+    the values an experiment sets win over it; these dotted overrides come after everything."""
+    ovs = list(cfg.get("final_overrides") or [])
+    if not ovs:
+        return cfg
+    bad = [o for o in ovs if not isinstance(o, str) or "=" not in o]
+    if bad:
+        raise ValueError(f"final_overrides: expected 'key=value' strings, got {bad}")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
