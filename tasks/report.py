@@ -7,6 +7,7 @@ with ``–`` where a run has no such metric. Pre-contract files read as classifi
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,16 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     """Every run's ``metrics.json`` under ``root`` (recursively), upgraded to the current schema
     (:func:`tasks.base.read_metrics`), with its folder."""
     rows = []
-    for f in sorted(Path(root).rglob("metrics.json")):
+    for f in sorted(Path(root).rglob("metrics.json"), key=_natural):
         m = read_metrics(f)
         m["run_dir"] = str(f.parent)
         rows.append(m)
     return rows
+
+
+def _natural(path: Path) -> list:
+    """Sort key that puts a sweep's job 2 before job 10 (``2_lora`` < ``10_full``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("trainable params", None), ("% of backbone", None)]
@@ -127,10 +133,15 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return mu, sd, len(v)
 
 
+def fmt_spread(col: Column, sd: float) -> str:
+    """A standard deviation, two significant digits (points for percentages)."""
+    return f"{100 * sd:.1f}" if col.fmt == "pct" else f"{sd:.2g}"
+
+
 def fmt_stat(col: Column, mu: float, sd: float, n: int) -> str:
     if n == 0:
         return col.format(None)
-    return col.format(mu) if n == 1 else f"{col.format(mu)} ± {col.format(sd)}"
+    return col.format(mu) if n == 1 else f"{col.format(mu)} ± {fmt_spread(col, sd)}"
 
 
 def grouped_header(rows: list[dict[str, Any]]) -> list[str]:
@@ -207,10 +218,11 @@ ROW_VERDICT = {"better": "better beyond the noise", "within": "within the noise"
                "worse": "worse beyond the noise", "unknown": "not judged"}
 
 
-def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None) -> str:
+def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None, reference: str | None = None) -> str:
     """What the table shows, from its numbers: the best row against ``baseline`` (a row label), the
     difference and the noise (std over seeds, or of the paired per-seed differences), then every
-    other row against the baseline. Says so when no row beats the baseline beyond the noise."""
+    other row against the baseline, and with ``reference`` (e.g. full fine-tuning) every other row
+    against it too. Says so when no row beats the baseline beyond the noise."""
     groups = group_runs(rows)
     if baseline not in groups:
         return f"No caption: the baseline row {baseline!r} is not among the runs ({', '.join(groups)})."
@@ -234,7 +246,8 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
         if c["verdict"] == "unknown" and c["n"] <= 1:
             return "one run each, so the noise is unknown"
         what = "std of the paired per-seed differences" if c["paired"] else "pooled std over seeds"
-        return f"{what} {_diff_text(col, c['noise']).lstrip('+')}, n={c['n']}"
+        unit = " points" if col.fmt == "pct" else ""
+        return f"{what} {fmt_spread(col, c['noise'])}{unit}, n={c['n']}"
 
     verdict = {
         "better": f"{best} beats {baseline} beyond the noise",
@@ -248,6 +261,15 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
     for k, o in others.items():
         if k != best and o["other"][2]:
             lines.append(f"{k} vs {baseline}: {_diff_text(col, o['gain'])} ({noise(o)}): {ROW_VERDICT[o['verdict']]}.")
+    if reference in groups and reference != baseline:
+        for k, v in groups.items():
+            if k not in (baseline, reference):
+                o = compare(groups[reference], v, col.key, mode)
+                if o["other"][2]:
+                    lines.append(f"{k} vs {reference}: {_diff_text(col, o['gain'])} ({noise(o)}): "
+                                 f"{ROW_VERDICT[o['verdict']]}.")
+    elif reference:
+        lines.append(f"(the reference row {reference!r} is not among the runs)")
     return "\n".join(lines)
 
 
@@ -260,7 +282,8 @@ class SummaryTable(Callback):
         if not rows:
             return
         report = config.get("report") or {}
-        text = caption(rows, report["baseline"], report.get("metric")) if report.get("baseline") else ""
+        text = caption(rows, report["baseline"], report.get("metric"), report.get("reference")) \
+            if report.get("baseline") else ""
         print_table(rows, title=f"results in {sweep_dir}", caption_text=text)
         from zoo.io import atomic_write_text
 
@@ -276,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", help="the baseline row's label (an adapter name, or a report.label such as "
                                       "'from scratch'): a caption compares the best row with it")
     p.add_argument("--metric", help="the caption's metric (default: the test counterpart of the selection metric)")
+    p.add_argument("--reference", help="a second row (e.g. full) the caption compares every other row with")
     args = p.parse_args(argv)
     missing = [d for d in args.runs if not Path(d).exists()]
     if missing:
@@ -285,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: no metrics.json (finished run) under {', '.join(args.runs)}", file=sys.stderr)
         return 1
-    text = caption(rows, args.baseline, args.metric) if args.baseline else ""
+    text = caption(rows, args.baseline, args.metric, args.reference) if args.baseline else ""
     print_table(rows, caption_text=text)
     print(markdown(rows, text))
     return 0

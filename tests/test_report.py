@@ -56,6 +56,10 @@ def test_caption_method_clearly_better(tmp_path):
     # per-seed differences +5, +4, +5 points: t = 14 > 4.3
     assert text.splitlines()[1] == ("full vs linear: +4.7 points (std of the paired per-seed differences 0.6 points, "
                                     "n=3): better beyond the noise.")
+    # a reference row (full fine-tuning): every other row against it as well
+    with_ref = caption(rows, "linear", reference="full").splitlines()
+    assert with_ref[:2] == text.splitlines() and with_ref[2].startswith("lora vs full: +9.3 points (")
+    assert "(the reference row 'nope' is not among the runs)" in caption(rows, "linear", reference="nope")
 
 
 def test_caption_method_within_noise(tmp_path):
