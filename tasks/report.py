@@ -65,22 +65,25 @@ def replicated(rows: list[dict[str, Any]]) -> bool:
     return len(group_runs(rows)) < len(rows)
 
 
-def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    return (grouped_header(rows), grouped_rows(rows)) if replicated(rows) else (header(rows), table_rows(rows))
+def _table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    if replicated(rows) or keys:
+        return grouped_header(rows, keys), grouped_rows(rows, keys)
+    return header(rows), table_rows(rows)
 
 
-def markdown(rows: list[dict[str, Any]], caption_text: str = "") -> str:
-    head, body = _table(rows)
+def markdown(rows: list[dict[str, Any]], caption_text: str = "", columns: list[str] | None = None) -> str:
+    head, body = _table(rows, columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n" + (f"\n{caption_text}\n" if caption_text else "")
 
 
-def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text: str = "") -> None:
+def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text: str = "",
+                columns: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    head, body = _table(rows)
+    head, body = _table(rows, columns)
     t = Table(title=title)
     for h in head:
         t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
@@ -144,13 +147,26 @@ def fmt_stat(col: Column, mu: float, sd: float, n: int) -> str:
     return col.format(mu) if n == 1 else f"{col.format(mu)} ± {fmt_spread(col, sd)}"
 
 
-def grouped_header(rows: list[dict[str, Any]]) -> list[str]:
-    return ["row", "dataset", "runs", *[h for h, _ in PREFIX[2:]], *[c.header for c in metric_columns(rows)], *SUFFIX]
-
-
-def grouped_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """One line per row label: the metric columns as mean ± std over its runs (seeds / folds)."""
+def shown_columns(rows: list[dict[str, Any]], keys: list[str] | None = None) -> list[Column]:
+    """The metric columns to show: ``keys`` (in that order) where given, else all of them."""
     cols = metric_columns(rows)
+    if not keys:
+        return cols
+    by_key = {c.key: c for c in cols}
+    unknown = [k for k in keys if k not in by_key]
+    if unknown:
+        raise ValueError(f"report.columns: no such metric {unknown}; valid: {', '.join(by_key)}")
+    return [by_key[k] for k in keys]
+
+
+def grouped_header(rows: list[dict[str, Any]], keys: list[str] | None = None) -> list[str]:
+    return ["row", "dataset", "runs", *[h for h, _ in PREFIX[2:]], *[c.header for c in shown_columns(rows, keys)],
+            *SUFFIX]
+
+
+def grouped_rows(rows: list[dict[str, Any]], keys: list[str] | None = None) -> list[list[str]]:
+    """One line per row label: the metric columns as mean ± std over its runs (seeds / folds)."""
+    cols = shown_columns(rows, keys)
     out = []
     for label, runs in group_runs(rows).items():
         m = runs[0]
@@ -284,10 +300,11 @@ class SummaryTable(Callback):
         report = config.get("report") or {}
         text = caption(rows, report["baseline"], report.get("metric"), report.get("reference")) \
             if report.get("baseline") else ""
-        print_table(rows, title=f"results in {sweep_dir}", caption_text=text)
+        keys = list(report.get("columns") or [])
+        print_table(rows, title=f"results in {sweep_dir}", caption_text=text, columns=keys)
         from zoo.io import atomic_write_text
 
-        atomic_write_text(sweep_dir / "summary.md", markdown(rows, text))
+        atomic_write_text(sweep_dir / "summary.md", markdown(rows, text, keys))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", help="the baseline row's label (an adapter name, or a report.label such as "
                                       "'from scratch'): a caption compares the best row with it")
     p.add_argument("--metric", help="the caption's metric (default: the test counterpart of the selection metric)")
+    p.add_argument("--columns", nargs="+", metavar="KEY", help="only these metrics (e.g. test/nrmse test/vrmse)")
     p.add_argument("--reference", help="a second row (e.g. full) the caption compares every other row with")
     args = p.parse_args(argv)
     missing = [d for d in args.runs if not Path(d).exists()]
@@ -310,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no metrics.json (finished run) under {', '.join(args.runs)}", file=sys.stderr)
         return 1
     text = caption(rows, args.baseline, args.metric, args.reference) if args.baseline else ""
-    print_table(rows, caption_text=text)
-    print(markdown(rows, text))
+    print_table(rows, caption_text=text, columns=args.columns)
+    print(markdown(rows, text, args.columns))
     return 0
 
 
