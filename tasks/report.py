@@ -97,7 +97,7 @@ def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text
 
 # ---------------------------------------------------------------------- rows over seeds, and the caption
 # A demo sweeps its rows (adapters and baselines) over seeds or folds; the table shows one line per row
-# label (``report.label``, default the adapter's name) with mean ± std, and a caption computed from the
+# label (``report.label``, default the adapter config's name) with mean ± std, and a caption computed from the
 # numbers says what the effect is (best row vs ``report.baseline``) and how big the noise is.
 
 # two-sided 95% critical values of Student's t for 1..10 degrees of freedom; beyond, 1.96 + 2.4/df
@@ -189,9 +189,10 @@ def effect_metric(rows: list[dict[str, Any]], key: str | None = None) -> tuple[C
     return col, mon.get("mode", "max")
 
 
-def _diff_text(col: Column, d: float) -> str:
-    """A difference in the column's unit: points for percentages."""
-    return f"{100 * d:+.1f} points" if col.fmt == "pct" else f"{d:+.4g}"
+def _diff_text(col: Column, gain: float) -> str:
+    """An improvement (positive = better, whatever the metric's direction) in the column's unit, in words."""
+    size = f"{100 * abs(gain):.1f} points" if col.fmt == "pct" else f"{abs(gain):.4g}"
+    return f"{size} {'better' if gain > 0 else 'worse' if gain < 0 else 'apart'}"
 
 
 def compare(base: list[dict[str, Any]], other: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
@@ -263,7 +264,7 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
             return "one run each, so the noise is unknown"
         what = "std of the paired per-seed differences" if c["paired"] else "pooled std over seeds"
         unit = " points" if col.fmt == "pct" else ""
-        return f"{what} {fmt_spread(col, c['noise'])}{unit}, n={c['n']}"
+        return f"{what} {fmt_spread(col, c['noise'])}{unit}, n={c['n']}, 95% t-test"
 
     verdict = {
         "better": f"{best} beats {baseline} beyond the noise",

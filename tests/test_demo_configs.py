@@ -66,3 +66,13 @@ def test_final_overrides_rejects_a_malformed_entry():
     cfg = OmegaConf.create({"final_overrides": ["backbone.weights"], "backbone": {"weights": "x"}})
     with pytest.raises(ValueError, match="expected 'key=value' strings"):
         apply_final_overrides(cfg)
+
+
+def test_zero_shot_row_evaluates_the_untuned_model(tmp_path):
+    """adapter=baseline/zeroshot (train=false) on the CLIP demo (random tiny CLIP): nothing trains, no refusal,
+    and its test accuracy is the untuned model's zero-shot accuracy the task measures separately."""
+    from tests.helpers import run_train
+
+    m = run_train(["experiment=clip_quickstart", "adapter=baseline/zeroshot", "backbone.weights=null"], tmp_path)
+    assert m["label"] == "zero-shot" and m["trainable_params_with_head"] == 0
+    assert m["test/acc"] is not None and m["test/acc"] == pytest.approx(m["test/acc_zeroshot"])

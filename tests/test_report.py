@@ -50,15 +50,15 @@ def test_caption_method_clearly_better(tmp_path):
     text = caption(rows, "linear")
     head = text.splitlines()[0]
     # the best row by the metric, the means ± std, the difference in points, the verdict
-    assert "Best row lora: 55.0 ± 1.0 vs baseline linear: 41.0 ± 1.0, +14.0 points" in head
-    assert "std of the paired per-seed differences 1.0 points, n=3" in head
+    assert "Best row lora: 55.0 ± 1.0 vs baseline linear: 41.0 ± 1.0, 14.0 points better" in head
+    assert "std of the paired per-seed differences 1.0 points, n=3, 95% t-test" in head
     assert "lora beats linear beyond the noise" in head
     # per-seed differences +5, +4, +5 points: t = 14 > 4.3
-    assert text.splitlines()[1] == ("full vs linear: +4.7 points (std of the paired per-seed differences 0.6 points, "
-                                    "n=3): better beyond the noise.")
+    assert text.splitlines()[1] == ("full vs linear: 4.7 points better (std of the paired per-seed differences 0.6 points, "
+                                    "n=3, 95% t-test): better beyond the noise.")
     # a reference row (full fine-tuning): every other row against it as well
     with_ref = caption(rows, "linear", reference="full").splitlines()
-    assert with_ref[:2] == text.splitlines() and with_ref[2].startswith("lora vs full: +9.3 points (")
+    assert with_ref[:2] == text.splitlines() and with_ref[2].startswith("lora vs full: 9.3 points better (")
     assert "(the reference row 'nope' is not among the runs)" in caption(rows, "linear", reference="nope")
 
 
@@ -66,7 +66,7 @@ def test_caption_method_within_noise(tmp_path):
     # per-seed differences +3, -1, +2 points: mean +1.3, std 2.1, t = 1.1 < 4.3 (2 degrees of freedom)
     rows = write_runs(tmp_path, {"linear": [0.40, 0.45, 0.50], "lora": [0.43, 0.44, 0.52]})
     text = caption(rows, "linear")
-    assert "+1.3 points" in text and "std of the paired per-seed differences 2.1 points" in text
+    assert "1.3 points better" in text and "std of the paired per-seed differences 2.1 points" in text
     assert "lora does NOT beat linear beyond the noise" in text
 
 
@@ -76,7 +76,7 @@ def test_caption_method_worse_lower_is_better(tmp_path):
                       key="test/nrmse", columns=NRMSE, monitor=("val/nrmse", "min"))
     text = caption(rows, "from scratch")
     assert text.startswith("test nRMSE (lower is better)")
-    assert "-0.05 (" in text  # lora's error is 0.05 higher: an improvement of -0.05
+    assert "0.05 worse (" in text  # lora's error is 0.05 higher
     assert "no row beats from scratch: the best, lora, is worse beyond the noise" in text
 
 
