@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,bench,seg,pde,restore,audio,audio-test,caption,docs]"
+	$(PY) -m pip install -q -e ".[test,bench,seg,pde,restore,audio,audio-test,caption,export,docs]"
 	touch $(STAMP)
 
 checkpoints/upstream/vit_demo.safetensors: | $(STAMP)

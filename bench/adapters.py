@@ -75,9 +75,12 @@ def lora_defaults() -> dict:
 # Options the bench changes from a method's defaults, only to keep the bench's own runtime
 # bounded; they do not change the trained function's cost (CoLoRA's ranks still meet the 7%
 # budget, allocated from a shorter fine-tune).
-BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches": 1}}
+BENCH_CONFIG = {"colora": {"finetune_steps": 4, "faig_steps": 4, "faig_batches": 1},
+                "lora_ga": {"batches": 2}, "eva": {"max_batches": 4}}
 
 EXTRA_ROWS = ("compile", "ckpt")
+# methods that bring their own optimizer (Adapter.make_optimizer): the summary compares them with ``full``
+OPTIMIZER_METHODS = ("galore", "lora_pro")
 
 
 def adapter_row(prof: BenchProfile, name: str) -> Row:
@@ -165,7 +168,9 @@ def build(args, row: Row) -> Built:
     elif row.kind == "zoo":
         zoo.apply_adapter(clf, row.adapter, **row.config)
         prof.after_attach(clf)
-        zoo.prepare_adapters(clf, synthetic_batches(args))  # no-op unless the method is data-driven
+        loss = prof.loss
+        # no-op unless the method is data-driven; LoRA-GA's gradient pass uses the task's loss
+        zoo.prepare_adapters(clf, synthetic_batches(args), loss_fn=lambda batch: loss(clf(batch[0]), batch[1]))
         prof.after_attach(clf)
         model = plain = clf
     elif row.kind == "peft":
@@ -194,11 +199,17 @@ def make_step(b: Built, args) -> Callable:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing trains: with no task head of its own on this backbone this is the frozen model "
                          "(evaluation only)")
-    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
     hooks = b.row.kind == "zoo"
+    # zoo rows get the optimizer an adapter supplies (GaLore, LoRA-Pro: their cost is optimizer state,
+    # compare them with the ``full`` row), AdamW otherwise
+    opt = zoo.build_optimizer(model, groups, 1e-3, 1e-4) if hooks else torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
     loss_fn = profile(args).loss
+    steps = [0]
 
     def step(x, y: torch.Tensor) -> None:
+        if hooks:
+            zoo.on_train_step(model, steps[0])  # DyLoRA's rank sampler
+            steps[0] += 1
         logits = model(x)
         loss = loss_fn(logits, y)
         if hooks:
@@ -443,6 +454,11 @@ def run(args) -> dict:
             per_round = [a / b for a, b in zip(train[ours], train[theirs])]
             summary[f"{name}_qkv_over_peft_rounds"] = per_round
             summary[f"{name}_qkv_over_peft"] = statistics.median(per_round)
+    # methods whose cost is optimizer state (their own optimizer) against full fine-tuning, same rounds
+    over_full = {lab: statistics.median(a / f for a, f in zip(train[lab], train["full"]))
+                 for lab in OPTIMIZER_METHODS if lab in train and "full" in train}
+    if over_full:
+        summary["step_over_full"] = over_full
     results = []
     # each row against its own floor (CLIP's head=text rows: the text floor) and against peft's LoRA;
     # merged rows compare to the plain model and to peft's *unmerged* inference of the same round
@@ -624,6 +640,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         floor_mem = mem.get(r["ref"])
         r["mem_x_floor"] = r["peak_bytes"] / floor_mem if r["peak_bytes"] and floor_mem else None
     del res["built"]
+    over = res["summary"].get("step_over_full")
+    if over and mem.get("full"):
+        res["summary"]["mem_over_full"] = {lab: mem[lab] / mem["full"] for lab in over if mem.get(lab)}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -707,6 +726,12 @@ def markdown(res: dict, args, cmd: str) -> str:
             rounds = ", ".join(f"{v:.2f}" for v in sm[f"{name}_qkv_over_peft_rounds"])
             lines += ["", f"**zoo {name} / peft {name}, same targets (qkv), training step: "
                           f"{sm[f'{name}_qkv_over_peft']:.2f}** (`{ours}` / `{theirs}`; rounds: {rounds})."]
+    if sm.get("step_over_full"):
+        mo = sm.get("mem_over_full", {})
+        lines += ["", "**Own optimizers against full fine-tuning** (training step"
+                  + (", peak memory" if mo else "") + " / the `full` row's): "
+                  + "; ".join(f"{lab} {v:.2f}×" + (f", {mo[lab]:.2f}×" if lab in mo else "")
+                              for lab, v in sm["step_over_full"].items()) + "."]
     mem = ("CUDA max allocated" if args.device.startswith("cuda")
            else "peak resident set size of the whole process (Python, torch, model and data included)")
     lines += [
@@ -718,7 +743,7 @@ def markdown(res: dict, args, cmd: str) -> str:
         "- **artifact**: bytes on disk of `zoo.save_adapter` (adapter.safetensors + adapter.json, head included); "
         "for peft, `save_pretrained` (adapter_model.safetensors + adapter_config.json, head via "
         "`modules_to_save`, model-card README excluded).",
-        f"- **step**: forward + cross-entropy + backward + AdamW step (zoo rows also run the adapter hooks "
+        f"- **step**: forward + cross-entropy + backward + optimizer step (AdamW, or the method's own optimizer: GaLore, LoRA-Pro, whose cost is optimizer state, to be read against the `full` row; zoo rows also run the adapter hooks "
         f"`extra_loss`/`before_optimizer_step`). **peak mem**: {mem}, measured in a fresh subprocess per row; "
         f"**step mem**: that peak minus what the process held once the model and the batch were built (the "
         f"training step's own working memory: activations, gradients, optimizer state).",
@@ -762,6 +787,8 @@ def print_rich(res: dict, args) -> None:
         print(f"skipped {k}: {v}")
     if "lora_qkv_over_peft" in res.get("summary", {}):
         print(f"zoo LoRA / peft LoRA (same targets, training step): {res['summary']['lora_qkv_over_peft']:.2f}")
+    for lab, v in res.get("summary", {}).get("step_over_full", {}).items():
+        print(f"{lab} / full fine-tuning (training step): {v:.2f}")
     for c in res.get("summary", {}).get("checks", []):
         print(c)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 # The canonical 19 VTAB-1k tasks (folder names of get_vtab1k.py) by group, in the papers' column
 # order, from the task table of the data module (tasks/data/vtab.py).
 from tasks.base import read_metrics  # noqa: E402
+from tasks.protocol import protocol_name  # noqa: E402
 from tasks.data.vtab import VTAB_TASKS as _TASK_TABLE  # noqa: E402
 
 VTAB_TASKS: dict[str, tuple[str, ...]] = {
@@ -71,6 +72,11 @@ REFERENCE: list[tuple[str, str | None, float | None, float | None, float | None,
 ]
 
 
+# The papers' backbone (VPT, NOAH, FacT, Hydra, V-PETL Bench): Google's original ViT-B/16 ImageNet-21k weights,
+# timm's ``orig_in21k`` tag (``augreg_in21k`` is another checkpoint: its numbers do not sit beside theirs).
+PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"
+
+
 def find_metrics(dirs: list[str | Path]) -> list[Path]:
     out: list[Path] = []
     for d in dirs:
@@ -96,7 +102,7 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
         if ds not in TASK_GROUP:
             warnings.append(f"{p}: unknown VTAB task {ds!r}; valid: {', '.join(ALL_TASKS)}")
             continue
-        protocol = m.get("protocol")
+        protocol = protocol_name(m)
         if protocol not in ("final", "tune"):
             warnings.append(f"{p}: protocol {protocol!r} is neither 'final' nor 'tune'")
             continue
@@ -108,27 +114,80 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
         if not 0.0 <= float(acc) <= 1.0:
             warnings.append(f"{p}: {key}={acc} is not in [0, 1]")
             continue
-        runs.append({**m, "acc": float(acc), "path": str(p)})
+        runs.append({**m, "protocol_record": m.get("protocol"), "protocol": protocol, "acc": float(acc), "path": str(p)})
     return runs, warnings
 
 
+def configuration(r: dict) -> dict:
+    """What must be equal for two runs to be one method's row: everything of the resolved configuration that
+    does not depend on the task (the adapter's config, the backbone's config with its weights, the input
+    normalisation, the checkpoint selection, the protocol). Runs that differ in nothing else are seeds."""
+    rec = r.get("protocol_record") if isinstance(r.get("protocol_record"), dict) else {}
+    return {"adapter_config": {k: v for k, v in (r.get("adapter_config") or {}).items() if k != "init_from"},
+            "backbone": r.get("backbone"), "backbone_config": r.get("backbone_config"),
+            "normalisation": rec.get("normalisation"), "selection": rec.get("selection"), "protocol": r["protocol"]}
+
+
+def _key(cfg: dict) -> str:
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _variant_tags(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
+    """For one adapter with several configurations, the keys that tell them apart (``rank=4``, ``normalisation=...``)."""
+    by_adapter: dict[str, list[tuple]] = defaultdict(list)
+    for key in groups:
+        by_adapter[key[0]].append(key)
+    tags = {}
+    for keys in by_adapter.values():
+        flat = {k: _flatten(json.loads(k[3])) for k in keys}
+        differ = sorted({f for v in flat.values() for f in v if len({_key(flat[k].get(f)) for k in keys}) > 1})
+        for k in keys:
+            tags[k] = ", ".join(f"{f}={flat[k].get(f)}" for f in differ if f not in ("backbone", "protocol"))
+    return tags
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name.removeprefix("adapter_config.")] = v
+    return out
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
-    """One row per (adapter, backbone, protocol), accuracies in percent."""
+    """One row per (adapter, backbone, protocol, resolved configuration), accuracies in percent.
+
+    Only seeds are averaged: runs of one adapter that differ in their adapter config (rank 4 and rank 8),
+    backbone weights, normalisation or selection are separate rows (``config`` names what differs).
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r["adapter"], r["backbone"], r["protocol"])].append(r)
+        groups[(r["adapter"], r["backbone"], r["protocol"], _key(configuration(r)))].append(r)
+    tags = _variant_tags(groups)
     rows = []
-    for (adapter, backbone, protocol), rs in sorted(groups.items()):
+    for key, rs in sorted(groups.items()):
+        adapter, backbone, protocol, cfg = key
         per_task: dict[str, list[float]] = defaultdict(list)
+        splits: dict[str, set[str]] = defaultdict(set)
         for r in rs:
             per_task[r["dataset"]].append(100.0 * r["acc"])
+            splits[r["dataset"]].add(_key(((r.get("protocol_record") or {}) if isinstance(r.get("protocol_record"), dict)
+                                           else {}).get("splits")))
+        unlike = [t for t, s in splits.items() if len(s) > 1]
+        if unlike:
+            raise ValueError(f"{adapter} / {backbone} / {protocol}: runs of {', '.join(unlike)} were made on different "
+                             f"splits (their metrics.json protocol records differ); only seeds may be averaged")
         task_acc = {t: statistics.fmean(v) for t, v in per_task.items()}
         group_means = {}
         for g, ts in VTAB_TASKS.items():
             group_means[g] = statistics.fmean(task_acc[t] for t in ts) if all(t in task_acc for t in ts) else None
         complete = all(v is not None for v in group_means.values())
         rows.append({
-            "adapter": adapter, "backbone": backbone, "protocol": protocol,
+            "adapter": adapter, "backbone": backbone, "protocol": protocol, "config": json.loads(cfg),
+            "variant": tags.get(key, ""),
             "metric": "test/acc" if protocol == "final" else "val/acc",
             "tasks": task_acc,
             "seeds": {t: len(v) for t, v in per_task.items()},
@@ -175,7 +234,7 @@ def results_table(rows: list[dict]) -> str:
             + ["Natural", "Specialized", "Structured", "group mean", "19-task mean", "trainable", "artifact"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows:
-        cells = [r["adapter"], r["backbone"], r["metric"]]
+        cells = [r["adapter"] + (f" ({r['variant']})" if r.get("variant") else ""), r["backbone"], r["metric"]]
         cells += [_f(r["tasks"].get(t)) for t in ALL_TASKS]
         cells += [_f(r["groups"][g]) for g in VTAB_TASKS]
         cells += [_f(r["group_mean"], 2), _f(r["task_mean"], 2), _params(r["trainable_params"]),
@@ -185,11 +244,17 @@ def results_table(rows: list[dict]) -> str:
 
 
 def reference_table(rows: list[dict] | None = None) -> str:
-    """Published numbers next to ours (the 'ours' columns stay empty until runs exist)."""
-    ours = {}
+    """Published numbers next to ours (the 'ours' columns stay empty until runs exist).
+
+    An "ours" cell is filled only by runs made as the papers' are: protocol ``final`` (train800val200 -> test),
+    the papers' backbone (:data:`PAPER_BACKBONE`, Google's original ViT-B/16 IN-21k weights) and one
+    configuration of the adapter (several would make the cell ambiguous: :func:`results_table` lists them).
+    """
+    candidates: dict[str, list[dict]] = defaultdict(list)
     for r in rows or []:
-        if r["protocol"] == "final":  # published numbers are train800val200 -> test
-            ours.setdefault(r["adapter"], r)
+        if r["protocol"] == "final" and r["backbone"] == PAPER_BACKBONE:
+            candidates[r["adapter"]].append(r)
+    ours = {a: rs[0] for a, rs in candidates.items() if len(rs) == 1}
     lines = [
         "| method | zoo adapter | published group mean | ours: group mean | V-PETL 19-task mean | ours: 19-task mean "
         "| V-PETL params | ours: trainable |",
@@ -211,6 +276,9 @@ NOTES = """Notes:
 - **group mean** = (Natural + Specialized + Structured) / 3, the convention of the VPT, NOAH, FacT, Hydra and
   Convpass papers; **19-task mean** = plain mean of the 19 tasks, the convention of V-PETL Bench. They differ by
   2-3 points: always compare like with like. A mean is left empty when a task of its group is missing.
+- An "ours" cell holds only runs on the papers' backbone (`vit_base_patch16_224.orig_in21k`) with protocol
+  `final` and one adapter configuration (`python train.py -m experiment=vtab_sweep adapter=<name>
+  data.root=<vtab-1k>`); other runs appear in the results table, one row per configuration (only seeds averaged).
 - Published numbers: /work/shared/reference/anchors.md section (c) (NOAH table 1, Hydra and PETL-ViT READMEs,
   V-PETL Bench README). Trainable = backbone-side trainable parameters of our runs (head excluded)."""
 

@@ -23,8 +23,8 @@ A **task kind** is one LightningModule subclass of :class:`ZooTask` (plus its Da
 
 and implements the problem itself: :meth:`loss_fn`, :meth:`update_metrics` (and, when the
 batch is not ``(inputs, targets, ...)``, :meth:`split_batch`). Everything else every kind shares
-lives here: the training step with the adapter hooks (``extra_loss``, ``before_optimizer_step``),
-AdamW over the adapters' parameter groups with linear warm-up then cosine decay per step, and
+lives here: the training step with the adapter hooks (``on_train_step``, ``extra_loss``,
+``before_optimizer_step``), AdamW (or the optimizer an adapter supplies: ``make_optimizer``) over the adapters' parameter groups with linear warm-up then cosine decay per step, and
 adapter-only checkpoints.
 
 The runner (``tasks/runner.py``), ``eval.py``, ``tasks.report``, ``bench.vtab`` and the model zoo
@@ -148,6 +148,12 @@ class ZooTask(L.LightningModule):
     def eval_overrides(cls, task_cfg: dict, data_cfg: dict, split: str) -> None:
         """Adjust the run's recorded task/data configs (in place) so that ``split`` is evaluated."""
 
+    def protocol_details(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """What ``metrics.json``'s ``protocol`` record adds for this kind (:mod:`tasks.protocol`): the metric's
+        backend and the axes it averages over, the horizon, the normalisation. Default: the input normalisation
+        (the DataModule's ``normalisation``, which the runner sets for image DataModules)."""
+        return {"normalisation": getattr(datamodule, "normalisation", None)}
+
     def run_metrics(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict[str, Any]:
         """Metrics computed once after training and testing (e.g. retention); default none."""
         return {}
@@ -193,6 +199,19 @@ class ZooTask(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         zoo.before_optimizer_step(self.model)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # the optimizer-step count: every micro-batch of one accumulated step, every DDP rank and a
+        # resumed run see the same value (DyLoRA's rank sampler is a function of it)
+        zoo.on_train_step(self.model, self.global_step)
+
+    def batch_loss(self, batch) -> torch.Tensor:
+        """The training loss of one batch, without logging: what data-driven adapter stages
+        (``zoo.prepare_adapters(..., loss_fn=task.batch_loss)``, e.g. LoRA-GA's gradient pass) use."""
+        x, y = self.split_batch(batch)
+        dev = next(self.model.parameters()).device
+        move = lambda t: t.to(dev) if torch.is_tensor(t) else t  # noqa: E731
+        return self.loss_fn(self(move(x)), move(y))
+
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = self.split_batch(batch)
         outputs = self(x)
@@ -212,11 +231,15 @@ class ZooTask(L.LightningModule):
         """The optimizer's groups (a task may give some parameters their own learning rate)."""
         return zoo.param_groups(self.model, lr, weight_decay)
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over :meth:`param_groups`, or the optimizer an adapter replaces it with
+        (``Adapter.make_optimizer``: GaLore, LoRA-Pro)."""
         c = self.optim_cfg
-        groups = self.param_groups(c["lr"], c["weight_decay"])
-        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]),
-                                eps=float(c.get("eps", 1e-8)))
+        return zoo.build_optimizer(self.model, self.param_groups(c["lr"], c["weight_decay"]), c["lr"],
+                                   c["weight_decay"], tuple(c["betas"]), float(c.get("eps", 1e-8)))
+
+    def configure_optimizers(self):
+        opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         if self.sched_cfg.get("cosine_epochs"):

@@ -62,9 +62,27 @@ class CaptioningTask(ZooTask):
             p.requires_grad_(True)
         self.generation = {**GENERATION_DEFAULTS, **(generation or {})}
         self.metric_cfg = {"backend": "auto", "meteor_val": False, "meteor_test": True, **(metrics or {})}
-        resolve_backend(self.metric_cfg["backend"])  # a bad backend name fails before training
+        # resolved once, before training: a bad name, or METEOR asked for without Java, fails here; the scores of
+        # a run all come from one backend, recorded in metrics.json's protocol (pure scores are not PTB scores)
+        self.metric_cfg["backend"] = resolve_backend(self.metric_cfg["backend"])
+        if self.metric_cfg["backend"] == "pure" and (self.metric_cfg["meteor_val"] or self.metric_cfg["meteor_test"]):
+            raise ValueError("METEOR was asked for (task.metrics.meteor_test / meteor_val) but the coco backend is not "
+                             "available (it needs Java on PATH and pycocoevalcap): install Java, or set "
+                             "task.metrics.meteor_test=false task.metrics.meteor_val=false (then no METEOR, and "
+                             "task.metrics.backend=pure scores are not comparable with published PTB-tokenised ones)")
         self._hyps: dict[str, str] = {}
         self._refs: dict[str, list[str]] = {}
+
+    def protocol_details(self, datamodule) -> dict[str, Any]:
+        """The caption metrics' backend: ``coco`` (pycocoevalcap, PTB tokenizer: the published numbers') or ``pure``
+        (a simple tokenizer: BLEU-4 moves by points; never to be put beside a published score)."""
+        coco = self.metric_cfg["backend"] == "coco"
+        return {"normalisation": getattr(datamodule, "normalisation", None),
+                "metric": {"backend": self.metric_cfg["backend"],
+                           "tokenizer": "PTB (pycocoevalcap, Java)" if coco else "pure (lowercase, punctuation dropped)",
+                           "comparable_with_published": coco,
+                           "meteor": bool(self.metric_cfg["meteor_test"]) and coco,
+                           "generation": dict(self.generation)}}
 
     @property
     def coca(self):

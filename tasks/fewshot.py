@@ -76,6 +76,18 @@ class FewShotDataModule(L.LightningDataModule):
             self.val_set = ImageItems(s.image_root, s.val, self.test_tf)
             self.test_set = ImageItems(s.image_root, s.test, self.test_tf)
 
+    def split_info(self) -> dict:
+        """K-shot train, the ``min(K, 4)``-shot validation draw and the test split; validation overlaps test
+        where the dataset has no validation split of its own (ImageNet: its val is the test set)."""
+        from tasks.protocol import overlaps
+
+        s = self.splits
+        k = f"{self.shots}-shot" if self.shots > 0 else "all"
+        return {"train": {"name": f"train ({k})", "size": len(s.train)},
+                "val": {"name": f"val ({min(self.shots, 4) if self.shots > 0 else 'all'}-shot)", "size": len(s.val)}
+                if self.has_val and s.val else None,
+                "test": {"name": "test", "size": len(s.test)}, "val_overlaps_test": overlaps(s.val, s.test)}
+
     def _loader(self, ds, train=False) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,

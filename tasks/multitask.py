@@ -81,6 +81,10 @@ class MultiTaskClassificationTask(ClassificationTask):
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         return self.model(x, task_ids)
 
+    def batch_loss(self, batch) -> torch.Tensor:
+        x, y, t = (v.to(next(self.model.parameters()).device) for v in batch)
+        return self.task_loss(self.model(x, t), y, t)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, t = batch
         logits = self.model(x, t)

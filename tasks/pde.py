@@ -30,7 +30,7 @@ import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
 from tasks.data.sampling import make_loader
-from tasks.metrics.pde import METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
+from tasks.metrics.pde import MAXED, METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
 from zoo.heads import BackboneOutput
 
 
@@ -42,7 +42,7 @@ class PDEForecastTask(ZooTask):
     mode_default = "min"
     columns = (Column("val/nrmse", "val nRMSE"), Column("val/vrmse", "val VRMSE"),
                Column("test/nrmse", "test nRMSE"), Column("test/vrmse", "test VRMSE"),
-               Column("test/nrmse_last_step", "test nRMSE (last step)"),
+               Column("test/nrmse_last_step", "test nRMSE (last step)"), Column("test/max_err", "test max error"),
                # PDEBench's conserved-quantity, boundary and Fourier-band errors (tasks/metrics/pde.py)
                Column("test/crmse", "test cRMSE"), Column("test/brmse", "test bRMSE"),
                Column("test/frmse_low", "test fRMSE low"), Column("test/frmse_mid", "test fRMSE mid"),
@@ -60,7 +60,7 @@ class PDEForecastTask(ZooTask):
             raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), "
                              f"not {backbone.get('name')!r}")
         self.model = attach_adapter(BackboneOutput(bb), adapter)
-        self.context, self.horizon = int(context), int(rollout_horizon)
+        self.context, self.horizon = int(context), parse_horizon(rollout_horizon)
         if self.context > bb.cfg.max_ar:
             raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={bb.cfg.max_ar}")
         self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0,
@@ -75,6 +75,21 @@ class PDEForecastTask(ZooTask):
         if dm is not None:
             rec.update({"revin": dm.revin, "fit": dm.fit, "spatial": list(dm.spatial or []), "fields": dm.field_names})
         return rec
+
+    def protocol_details(self, datamodule) -> dict[str, Any]:
+        """PDEBench's ``initial_step`` (the context frames), the rollout horizon (``full``: to each trajectory's
+        end), the RevIN statistics and the metrics' axes."""
+        h = self.horizon if self.horizon is not None else \
+            {"full": sorted(getattr(datamodule, "horizons", ())) or None}
+        return {"initial_step": self.context, "horizon": h, "start": 0,
+                "normalisation": {"revin": getattr(datamodule, "revin", None),
+                                  "stats": {"trajectory": "mean/std of each whole trajectory (MORPH)",
+                                            "context": "mean/std of the context frames only",
+                                            "none": None}.get(getattr(datamodule, "revin", None))},
+                "metric": {"nrmse": "per channel (field component) over space, mean over components, samples, steps "
+                                    "and fields (PDEBench metric_func)", "max_err": "max over samples and space per "
+                                    "channel and step, mean over channels and steps (PDEBench err_Max)",
+                           "metrics_space": "de-normalised, original spatial region"}}
 
     # ------------------------------------------------------------------ steps
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -116,7 +131,7 @@ class PDEForecastTask(ZooTask):
         count = torch.tensor(float(m.count), device=self.device)
         if self.trainer.world_size > 1:  # sum per-sample errors and counts over ranks
             for k in sums:
-                sums[k] = self.trainer.strategy.reduce(sums[k], reduce_op="sum")
+                sums[k] = self.trainer.strategy.reduce(sums[k], reduce_op="max" if k in MAXED else "sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         total = RolloutMetrics()
         total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()), m.spatial)
@@ -144,7 +159,7 @@ class PDEForecastTask(ZooTask):
             raise ValueError(f"adapter {names} leaves nothing to train on this backbone (MORPH's prediction head is its "
                              "decoder, part of the backbone): use e.g. adapter=morph_level3, or adapter=lora "
                              "'adapter.targets=[q,v,decoder]'")
-        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        opt = zoo.build_optimizer(self.model, groups, c["lr"], c["weight_decay"], tuple(c["betas"]))
         name = self.sched_cfg["name"]
         if name == "cosine":  # the zoo's shared warm-up + cosine schedule
             return super().configure_optimizers()
@@ -156,6 +171,15 @@ class PDEForecastTask(ZooTask):
                                                            patience=self.sched_cfg["patience"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch",
                                                    "strict": False}}
+
+
+def parse_horizon(value) -> int | None:
+    """``task.rollout_horizon``: a number of steps, or ``full`` (null) for the rest of each trajectory."""
+    if value in (None, "full"):
+        return None
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"task.rollout_horizon={value!r}: a number of steps >= 1, or full (to the trajectory's end)")
+    return int(value)
 
 
 def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: list[str] | None = None) -> None:
@@ -196,7 +220,7 @@ class PDEDataModule(L.LightningDataModule):
         self.path, self.root, self.generate = path, root, generate
         self.generate_options = dict(generate_options or {})
         self.fields = list(fields) if fields else None
-        self.context, self.horizon = int(context), int(rollout_horizon)
+        self.context, self.horizon = int(context), parse_horizon(rollout_horizon)
         self.revin, self.on_nan, self.fit, self.stride = revin, on_nan, fit, int(stride)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
@@ -206,6 +230,7 @@ class PDEDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.spatial = None
         self.field_names: list[str] | None = None
+        self.horizons: set[int] = set()  # the rollout lengths 'full' resolved to
         self.test_set = "test"  # PDEBench files and The Well folders always hold a test split: the runner tests it
         self._sets: dict[str, Any] = {}
 
@@ -241,12 +266,12 @@ class PDEDataModule(L.LightningDataModule):
             raise ValueError(f"data files with different sample shapes (F, C, D, H, W) cannot share batches: {sorted(shapes)}")
         return ConcatDataset(parts) if len(parts) > 1 else parts[0]
 
-    def _dataset(self, path: Path, split: str, horizon: int, starts):
+    def _dataset(self, path: Path, split: str, horizon: int | None, starts):
         if path.is_dir():
             parts = []
             for f in self._well_files(path, split):
                 tr = Trajectories(f, self.fields, self.fit)
-                parts.append(WindowDataset(tr, list(range(len(tr))), self.context, horizon, self.revin,
+                parts.append(WindowDataset(tr, list(range(len(tr))), self.context, self._steps(tr, horizon), self.revin,
                                            self.on_nan, starts, stride=self.stride))
             self._note(parts[0].traj)
             return ConcatDataset(parts) if len(parts) > 1 else parts[0]
@@ -258,8 +283,15 @@ class PDEDataModule(L.LightningDataModule):
             self._sets[key] = (tr, tr.scan())
         tr, stats = self._sets[key]
         self._note(tr)
-        return WindowDataset(tr, split_indices(tr, split), self.context, horizon, self.revin, self.on_nan,
+        return WindowDataset(tr, split_indices(tr, split), self.context, self._steps(tr, horizon), self.revin, self.on_nan,
                              starts, stats=stats, stride=self.stride)
+
+    def _steps(self, tr: Trajectories, horizon: int | None) -> int:
+        """The rollout length: ``horizon`` steps, or (``full``) to the trajectory's last frame, as PDEBench."""
+        if horizon is not None:
+            return horizon
+        self.horizons.add(tr.frames - self.context)
+        return tr.frames - self.context
 
     def _note(self, tr: Trajectories) -> None:
         self.spatial = tr.spatial
@@ -279,6 +311,14 @@ class PDEDataModule(L.LightningDataModule):
             self._sets["test"] = self._datasets("test", self.horizon, [0])
         if stage == "validate":
             self._sets["val"] = self._datasets("val", self.horizon, [0])
+
+    def split_info(self) -> dict:
+        """PDEBench files: the module's seeded 80/10/10 split of trajectories; The Well: its train / valid / test
+        folders. Sizes count windows (train) and trajectories (val, test: one rollout from t = 0 each)."""
+        well = any(p.is_dir() for p in self.resolve_paths())
+        names = {"train": "train", "val": "valid" if well else "val", "test": "test"}
+        return {s: {"name": names[s], "size": len(self._sets[s]) if s in self._sets else None} for s in names} \
+            | {"val_overlaps_test": False}
 
     def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
         # the sampler is built here from the trainer's world size: one process and P processes with the

@@ -3,9 +3,15 @@
 Task-agnostic: the metric columns are the ones each run's ``metrics.json`` declares (its task
 kind's :class:`~tasks.base.Column` list); runs of different kinds in one table show the union,
 with ``–`` where a run has no such metric. Pre-contract files read as classification.
+
+Runs made under different protocols are never put side by side: their ``metrics.json`` ``protocol``
+records (:mod:`tasks.protocol`: selection, whether validation was the test split, the metric's backend and
+axes, the horizon, the normalisation; not the split names and sizes, which differ per dataset) split the
+runs into one table each, headed by what its runs share.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -71,15 +77,54 @@ def _table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> tuple[l
     return header(rows), table_rows(rows)
 
 
+PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of one sweep: not a protocol difference
+
+
+def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
+    from tasks.protocol import comparable_key
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
+        key = comparable_key(m, ignore=PER_DATASET) if isinstance(m.get("protocol"), dict) else ("not recorded",)
+        groups.setdefault(key, []).append(m)
+    out = []
+    for rs in groups.values():
+        p = rs[0].get("protocol")
+        desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
+                if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
+        out.append((desc, rs))
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], caption_text: str = "", columns: list[str] | None = None) -> str:
+    groups = protocol_groups(rows)
+    if len(groups) > 1:
+        text = "\n".join(f"**protocol**: {desc}\n\n{_markdown_table(rs, columns)}" for desc, rs in groups)
+    else:
+        text = _markdown_table(rows, columns)
+    return text + (f"\n{caption_text}\n" if caption_text else "")
+
+
+def _markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     head, body = _table(rows, columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines) + "\n" + (f"\n{caption_text}\n" if caption_text else "")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text: str = "",
                 columns: list[str] | None = None) -> None:
+    from rich.console import Console
+
+    groups = protocol_groups(rows)
+    for i, (desc, rs) in enumerate(groups):
+        _print_table(rs, title if len(groups) == 1 else f"{title} ({i + 1}/{len(groups)}, protocol: {desc})", columns)
+    if caption_text:
+        Console(width=max(110, Console().width)).print(caption_text, highlight=False, markup=False)
+
+
+def _print_table(rows: list[dict[str, Any]], title: str, columns: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -89,10 +134,7 @@ def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text
         t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
     for r in body:
         t.add_row(*r)
-    console = Console(width=max(110, Console().width))
-    console.print(t)
-    if caption_text:
-        console.print(caption_text, highlight=False, markup=False)
+    Console(width=max(110, Console().width)).print(t)
 
 
 # ---------------------------------------------------------------------- rows over seeds, and the caption
@@ -243,6 +285,13 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
     groups = group_runs(rows)
     if baseline not in groups:
         return f"No caption: the baseline row {baseline!r} is not among the runs ({', '.join(groups)})."
+    by_protocol = protocol_groups(rows)
+    if len(by_protocol) > 1:  # compare only what was measured the same way as the baseline
+        keep = next(rs for _, rs in by_protocol if any(row_label(m) == baseline for m in rs))
+        kept = {id(m) for m in keep}
+        left = list(dict.fromkeys(row_label(m) for m in rows if id(m) not in kept))
+        text = caption(keep, baseline, metric, reference)
+        return f"{text}\n(not compared, made under another protocol than the baseline: {', '.join(left)})"
     col, mode = effect_metric(rows, metric)
     others = {k: compare(groups[baseline], v, col.key, mode) for k, v in groups.items() if k != baseline}
     if not others:

@@ -8,7 +8,8 @@ pre-training (``data.dataset=prod``) and few-image fine-tuning on one real degra
 * loss: ``psnr`` (NAFNet's PSNRLoss, default) | ``l1`` | ``mse`` (:mod:`tasks.losses.restoration`);
 * metrics: PSNR and SSIM per image, averaged over the split (``val/psnr`` selects the checkpoint,
   higher is better), with the convention of ``task.metric`` (``crop_border``, ``y_channel``,
-  ``quantize``; defaults: RGB, no crop, 8-bit, as NAFNet reports GoPro/SIDD; for ``dataset=sr``
+  ``quantize``; defaults: RGB, no crop, as NAFNet reports GoPro (8-bit images) and SIDD (float outputs,
+  its ``use_image: false``); for ``dataset=sr``
   the Y channel with ``crop_border = task.scale``, the SR convention);
 * evaluation runs tiled when ``task.tile`` is set (``tile_overlap`` pixels of context per tile);
 * validation writes ``input | output | target`` strips of the first ``log_images`` images to
@@ -103,7 +104,7 @@ class RestorationTask(ZooTask):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
         if loss not in LOSSES:
             raise ValueError(f"task.loss={loss!r}; valid: {', '.join(LOSSES)}")
-        metric = {"crop_border": None, "y_channel": None, "quantize": True, **(metric or {})}
+        metric = {"crop_border": None, "y_channel": None, "quantize": None, **(metric or {})}
         unknown = sorted(set(metric) - {"crop_border", "y_channel", "quantize"})
         if unknown:
             raise ValueError(f"unknown task.metric option(s) {unknown}; valid: crop_border, y_channel, quantize")
@@ -118,6 +119,11 @@ class RestorationTask(ZooTask):
         self.tile, self.tile_overlap = tile, int(tile_overlap)
         self.log_images, self.predict_dir, self.write_predictions = int(log_images), predict_dir, bool(write_predictions)
         self.means = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in STAGES for m in ("psnr", "ssim")})
+
+    def protocol_details(self, datamodule) -> dict[str, Any]:
+        """The PSNR/SSIM convention (8-bit or float, Y or RGB, border crop) and the input range."""
+        return {"metric": {"psnr_ssim": dict(self.metric_cfg), "average": "per image, then over the split"},
+                "normalisation": "none: images in [0, 1] (NAFNet)"}
 
     # ------------------------------------------------------------------ the problem
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -204,11 +210,14 @@ class RestorationTask(ZooTask):
 
 
 def metric_convention(metric: dict, dataset: str | None, scale: int) -> dict:
-    """Fill ``null`` ``crop_border`` / ``y_channel`` with the task's convention: super-resolution
+    """Fill ``null`` ``crop_border`` / ``y_channel`` / ``quantize`` with the task's convention: super-resolution
     (``dataset=sr``) is measured on Y with ``crop_border = scale`` (the SR papers'); the other tasks
-    on RGB without a crop (NAFNet's GoPro/SIDD numbers)."""
+    on RGB without a crop (NAFNet's GoPro/SIDD numbers). NAFNet's SIDD config scores the float outputs
+    (``val.use_image: false``): ``denoise`` is not quantised; GoPro and the others score the saved 8-bit images."""
     sr = dataset == "sr"
     out = dict(metric)
+    if out.get("quantize") is None:
+        out["quantize"] = dataset != "denoise"
     if out["crop_border"] is None:
         out["crop_border"] = int(scale) if sr else 0
     if out["y_channel"] is None:

@@ -9,7 +9,9 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
     {"schema_version": 2, "kind": "classification",
      "monitor": {"name": "val/acc", "mode": "max", "value": 0.41},
      "columns": [{"key": "val/acc", "header": "val acc", "fmt": "pct"}, ...],
-     "adapter", "adapter_config", "backbone", "task", "dataset", "protocol", "seed",
+     "adapter", "adapter_config", "backbone", "task", "dataset", "seed",
+     "protocol": {"name", "splits", "selection", "validated_on", ... (tasks/protocol.py)},
+     "selection": "val" | "last" | "val_is_test", "validated_on": <the validation split's name or null>,
      "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes",
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
@@ -31,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from tasks.base import METRICS_SCHEMA_VERSION, number
+from tasks.protocol import describe_splits, protocol_record, resolve_selection
 
 log = logging.getLogger("adapter_zoo")
 
@@ -139,13 +142,19 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
         mean = std = None
     else:
         raise ValueError(f"data.normalize={norm!r}; valid: backbone, imagenet, none")
-    return instantiate(data_cfg, mean=mean, std=std, seed=cfg.seed, _convert_="all")
+    dm = instantiate(data_cfg, mean=mean, std=std, seed=cfg.seed, _convert_="all")
+    # recorded in metrics.json's protocol: the statistics the inputs were normalised with
+    dm.normalisation = {"name": norm, "mean": None if mean is None else [float(v) for v in mean],
+                        "std": None if std is None else [float(v) for v in std]}
+    return dm
 
 
-def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None = None, **overrides: Any) -> L.Trainer:
+def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None = None, select_on_val: bool = True,
+                  **overrides: Any) -> L.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with the configured callbacks and loggers.
 
-    The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``).
+    The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``), unless
+    the run does not select on validation (``select_on_val=False``: ``task.selection=last``).
     """
     from tasks.trainer.perf import perf_callbacks
 
@@ -157,7 +166,7 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
         if name == "model_checkpoint":
-            if not has_val:
+            if not has_val or not select_on_val:  # selection=last: keep the latest checkpoint, not the best
                 cb["monitor"] = None
             elif task is not None:
                 cb["monitor"], cb["mode"] = task.monitor, task.monitor_mode
@@ -305,15 +314,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
+    dm.prepare_data()
+    dm.setup("fit")
+    # never select on the test set (tasks/protocol.py): refused before any training
+    splits = describe_splits(dm)
+    selection = resolve_selection(cfg.task.get("selection"), splits)
     has_val = getattr(dm, "has_val", True)
-    trainer = build_trainer(cfg, has_val, task=task)
+    trainer = build_trainer(cfg, has_val, task=task, select_on_val=selection != "last")
     if cfg.get("train", True):
         # Data-driven adapter stages (CoLoRA) add parameters, so they run here, in the main
         # process, before fit builds the optimizer and wraps DDP (ddp_spawn children receive
         # this model). Also on resume, so the checkpoint's tensors have a place (prepare is seeded).
-        dm.prepare_data()
-        dm.setup("fit")
-        zoo.prepare_adapters(task.model, dm.train_dataloader())
+        zoo.prepare_adapters(task.model, dm.train_dataloader(), loss_fn=task.batch_loss)
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
     bb_trainable, bb_params = zoo.count_parameters(bb)
@@ -338,9 +350,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "adapter": cfg.adapter.name,
         "adapter_config": _plain(cfg.adapter),
         "backbone": cfg.backbone.model,
+        "backbone_config": _plain(cfg.backbone),  # its weights and options: bench.vtab groups by them
         "task": cfg.task.get("name"),
         "dataset": cfg.task.get("dataset"),
-        "protocol": cfg.task.get("protocol"),
+        "protocol": protocol_record(cfg.task.get("protocol"), splits, selection, task.protocol_details(dm)),
+        "selection": selection,
+        "validated_on": (splits.get("val") or {}).get("name"),
         "seed": cfg.seed,
         "fold": cfg.task.get("fold"),  # with the seed, what pairs runs of different rows (tasks.report)
         "label": run_label(cfg),  # the summary table's row
@@ -350,7 +365,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{c["key"]: None for c in decl["columns"]},
     }
     ckpt_cb = trainer.checkpoint_callback
-    if has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
+    if has_val and selection == "last":  # the last epoch's weights: its validation values are only reported
+        metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
+        metrics.update({c["key"]: _num(trainer.callback_metrics.get(c["key"])) for c in decl["columns"]
+                        if c["key"].startswith("val/") and c["key"] != task.monitor})
+    elif has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
         # select on validation, never on test
         score = load_adapter_checkpoint(task, ckpt_cb.best_model_path)
         metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)

@@ -137,6 +137,10 @@ class SegmentationTask(ZooTask):
             self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
         return loss if extra is None else loss + extra
 
+    def batch_loss(self, batch) -> torch.Tensor:
+        x, y = (t.to(next(self.model.parameters()).device) for t in batch)
+        return self.loss_fn(self(x, y), y)
+
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         ds = getattr(dm, "train_set", None)
@@ -173,9 +177,10 @@ class SegmentationTask(ZooTask):
         norm = batch["norm"]
         if self.mode == "prompted":
             return predict_volume(lambda x, y: self._predict_slices(norm(x.to(self.device)), y.to(self.device)),
-                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy())
+                                  batch["volume"].numpy(), self.model.backbone.img_size, label=batch["label"].numpy(),
+                                  input_size=self.meta.get("volume_input_size"))
         return predict_volume(lambda x: self._predict_slices(norm(x.to(self.device)), None), batch["volume"].numpy(),
-                              self.model.backbone.img_size)
+                              self.model.backbone.img_size, input_size=self.meta.get("volume_input_size"))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -292,10 +297,11 @@ class SegmentationTask(ZooTask):
     def configure_optimizers(self):
         if self.sched_cfg.get("name", "cosine") != "poly":
             return super().configure_optimizers()
-        c = self.optim_cfg
-        groups = self.param_groups(c["lr"], c["weight_decay"])
-        opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=tuple(c["betas"]))
+        opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        horizon = self.sched_cfg.get("schedule_epochs")  # SAMed: poly over max_epochs=200, training stops at 160
+        if horizon:
+            total = max(1, round(total * float(horizon) / max(1, self.trainer.max_epochs or 1)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(int(self.sched_cfg.get("warmup_iters", 0)), total,
                                                                    float(self.sched_cfg.get("power", 0.9))))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

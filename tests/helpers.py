@@ -101,6 +101,49 @@ def assert_refuses(model, adapter: str, **options) -> None:
     assert not zoo.adapters_of(model)
 
 
+def assert_optimizer_resumes_exactly(make_model, n_steps: int, split: int, lr: float = 1e-3, wd: float = 0.01):
+    """Train ``make_model()`` (an ImageClassifier with 3 classes on 32-px images) for ``n_steps`` with
+    ``zoo.build_optimizer``; interrupt another copy after ``split`` steps, save model and optimizer state
+    (``torch.save``, loaded back with ``weights_only=True``), resume a fresh copy from it and finish: every
+    parameter equals the uninterrupted run's exactly. Returns the resumed optimizer."""
+    import io
+
+    import torch
+    import torch.nn.functional as F
+
+    import zoo
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(n_steps)]
+
+    def fit(model, opt, part):
+        for x, y in part:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def optimizer(model):
+        return zoo.build_optimizer(model, zoo.param_groups(model, lr, wd), lr, wd)
+
+    full = make_model()
+    fit(full, optimizer(full), batches)
+    part = make_model()
+    opt = optimizer(part)
+    fit(part, opt, batches[:split])
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = make_model()
+    resumed.load_state_dict(saved["model"])
+    opt = optimizer(resumed)
+    opt.load_state_dict(saved["opt"])
+    fit(resumed, opt, batches[split:])
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    return opt
+
+
 class OneLinear(nn.Module):
     """A model that is one Linear named ``lin``: peft's tuners wrap it by name (``target_modules=["lin"]``),
     for tests that compare a zoo wrapper with peft's on the same layer."""

@@ -26,7 +26,7 @@ def test_recipes_compose_with_the_reference_optimiser():
     assert cfg.task.optimizer.lr == 5e-3 and list(cfg.task.optimizer.betas) == [0.9, 0.98]
     assert cfg.task.optimizer.eps == 1e-6 and cfg.task.optimizer.weight_decay == 0.1
     assert cfg.backbone.max_length == 500 and cfg.data.freqm == 24 and cfg.data.timem == 80
-    assert cfg.task.val_fold == "next" and cfg.task.num_classes == 50
+    assert cfg.task.val_fold == "previous" and cfg.task.num_classes == 50  # PETL-AST: fold k-1 validates
     from omegaconf import OmegaConf
 
     raw = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/experiment/petl_ast/esc50.yaml")

@@ -40,6 +40,9 @@ def test_adapters_table_has_every_adapter_and_peft(tmp_path):
     assert rows["peft-shira[qkv]"]["merged_s"] is not None
     assert rows["linear"]["trainable"] == 0 and rows["full"]["trainable_pct"] == pytest.approx(100.0)
     assert rows[bench_adapters.FLOOR]["trainable"] == 3
+    # methods with their own optimizer are also compared with full fine-tuning (issue 26)
+    assert set(res["summary"]["step_over_full"]) == {"galore", "lora_pro"} and "Own optimizers against full" in md
+    assert rows["galore"]["trainable"] == rows["full"]["trainable"] and rows["lora_pro"]["trainable"] == rows["lora"]["trainable"]
     # the references are ratio 1 to themselves; a mergeable method has a merged time, a non-mergeable one not
     assert rows[bench_adapters.FLOOR]["train_x_floor"] == pytest.approx(1.0)
     assert rows[bench_adapters.PEFT_ROW]["train_x_peft"] == pytest.approx(1.0)
@@ -62,7 +65,7 @@ def test_adapters_peak_memory_in_fresh_process():
 
 # ------------------------------------------------------------------------ bench.vtab
 def _write(root, name, **m):
-    base = {"adapter": "lora", "backbone": "vit_base_patch16_224", "task": "vtab", "protocol": "final",
+    base = {"adapter": "lora", "backbone": "vit_base_patch16_224.orig_in21k", "task": "vtab", "protocol": "final",
             "trainable_params": 294912, "backbone_params": 85798656, "artifact_bytes": 1_200_000,
             "val/acc": 0.0, "test/acc": None, "seed": 0}
     d = root / name
@@ -172,7 +175,7 @@ def test_vtab_aggregates_a_real_tiny_run(tmp_path):
     from tests.helpers import run_train
 
     m = run_train(["experiment=tiny", "adapter=lora", "task.protocol=final"], tmp_path)
-    assert m["protocol"] == "final" and m["test/acc"] is not None
+    assert m["protocol"]["name"] == "final" and m["test/acc"] is not None
     (row,) = vtab.main([str(tmp_path)])
     assert row["adapter"] == "lora" and row["metric"] == "test/acc"
     assert row["tasks"] == pytest.approx({"dsprites_loc": 100 * m["test/acc"]})
@@ -248,6 +251,52 @@ def test_recipe_rows_come_from_the_adapter_configs():
     naf = {r.label: r for r in PROFILES["nafnet"].recipe_rows(None)}
     assert naf["colora conv"].config["targets"] == ["conv_pw", "conv_sca", "o", "fc1", "fc2"]  # defaults merged
     assert "budget" in naf["colora conv"].config
+
+
+# ------------------------------------------------------------------------ bench.vtab: only like with like
+def _full_sweep(root, adapter="lora", backbone="vit_base_patch16_224.orig_in21k", acc=0.5, **extra):
+    for i, task in enumerate(vtab.ALL_TASKS):
+        _write(root, f"{i}", adapter=adapter, backbone=backbone, dataset=task, **{"test/acc": acc}, **extra)
+
+
+def test_vtab_never_averages_runs_of_different_configurations(tmp_path):
+    # rank 4 scores 40 % and rank 8 scores 60 % on cifar: averaging them "as seeds" would give 50
+    _write(tmp_path, "r4", dataset="cifar", adapter_config={"name": "lora", "rank": 4}, **{"test/acc": 0.4})
+    _write(tmp_path, "r8", dataset="cifar", adapter_config={"name": "lora", "rank": 8}, **{"test/acc": 0.6})
+    _write(tmp_path, "r8s1", dataset="cifar", seed=1, adapter_config={"name": "lora", "rank": 8}, **{"test/acc": 0.8})
+    rows = vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0])
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"rank=4", "rank=8"}
+    assert by_variant["rank=4"]["tasks"] == pytest.approx({"cifar": 40.0})
+    assert by_variant["rank=8"]["tasks"] == pytest.approx({"cifar": 70.0}) and by_variant["rank=8"]["seeds"]["cifar"] == 2
+
+
+def test_vtab_ours_cell_takes_only_the_papers_backbone(tmp_path):
+    # AugReg weights sort before the original ones: they must not fill the LoRA row's "ours" cell
+    _full_sweep(tmp_path / "augreg", backbone="vit_base_patch16_224.augreg_in21k", acc=0.9)
+    md = vtab.reference_table(vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0]))
+    lora = next(line for line in md.splitlines() if line.startswith("| LoRA |"))
+    assert "90.00" not in lora
+    _full_sweep(tmp_path / "orig", acc=0.6)
+    md = vtab.reference_table(vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0]))
+    lora = next(line for line in md.splitlines() if line.startswith("| LoRA |"))
+    assert "60.00" in lora and "90.00" not in lora
+
+
+def test_vtab_refuses_to_average_seeds_made_on_different_splits(tmp_path):
+    rec = lambda n: {"name": "final", "splits": {"train": {"name": "train800val200", "size": 1000},  # noqa: E731
+                                                 "val": None, "test": {"name": "test", "size": n}}}
+    _write(tmp_path, "a", dataset="cifar", protocol=rec(10000), **{"test/acc": 0.4})
+    _write(tmp_path, "b", dataset="cifar", seed=1, protocol=rec(500), **{"test/acc": 0.6})
+    with pytest.raises(ValueError, match="cifar were made on different splits"):
+        vtab.aggregate(vtab.load_runs(vtab.find_metrics([tmp_path]))[0])
+
+
+def test_vtab_sweep_uses_the_papers_backbone_and_its_normalisation():
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["experiment=vtab_sweep", "adapter=lora"])
+    assert cfg.backbone.model == vtab.PAPER_BACKBONE and cfg.data.normalize == "backbone"
 
 
 # ------------------------------------------------------------------------ bench.adapters --serving

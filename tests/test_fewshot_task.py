@@ -120,7 +120,7 @@ def test_clip_quickstart_tunes_on_shapes_grainy_and_measures_retention_on_the_pr
     assert cfg.adapter.tower == "both" and cfg.task.head == "text"  # the CLIP-LoRA recipe's adapter and head
 
     m = run_train(["experiment=clip_quickstart", "backbone.weights=null", "task.max_steps=2"], tmp_path)
-    assert m["dataset"] == "shapesgrainy" and m["protocol"] == "16shot-seed1"
+    assert m["dataset"] == "shapesgrainy" and m["protocol"]["name"] == "16shot-seed1"
     assert m["b2n/h"] == pytest.approx(harmonic_mean(m["b2n/base"], m["b2n/new"]))
     assert {"zs0/shapecolors", "zs0/shapeforms"} <= set(m)
 

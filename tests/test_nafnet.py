@@ -128,7 +128,7 @@ def test_lora_on_nafnet_identity_at_init_and_merges_exactly():
 
 
 # ---------------------------------------------------------------------------- every adapter
-WORKS = {"full", "bitfit", "linear", "lora", "colora", "s2ft"}
+WORKS = {"full", "bitfit", "linear", "lora", "colora", "s2ft", "galore"}  # galore: its default o/fc1/fc2 are NAFNet's 1×1 convs
 CONFIG = {"lora": dict(rank=2, targets=CONV_TARGETS),
           "s2ft": dict(head_ratio=0, channel_ratio=0.25),  # fc2's 1x1 conv channels; 'o' has no heads here
           "colora": dict(targets=["conv_pw", "conv_sca", "o", "fc1", "fc2"], finetune_steps=2, faig_steps=2,
@@ -139,6 +139,7 @@ REFUSAL = {  # why each other method cannot attach to a CNN without attention / 
     "q_adapter": "no site 'tokens'", "salt": "no site 'qkv'", "ssf": "no site 'qkv'", "vpt": "no site 'tokens'",
     "conformer": "no site 'mlp'", "prefix": "no site 'attn'", "compacter": "no site 'attn'",
     "miss": "no site 'q'", "shira": "no site 'q'", "loldu": "no site 'q'",
+    "dylora": "no site 'q'", "eva": "no site 'q'", "lora_ga": "no site 'q'", "lora_pro": "no site 'q'",
     # made for other backbones (tests/helpers.BACKBONE_SPECIFIC)
     "coop": "backbone 'nafnet' has none .use backbone=clip", "f_adapter": "use backbone=morph",
     "morph_ft": "backbone 'nafnet' does not describe them",

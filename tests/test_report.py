@@ -19,6 +19,26 @@ def test_collect_and_markdown(tmp_path):
     assert md[3] == "| lora | dsprites_loc | 1,000 | 1.00% | 50.0 | – | 2.0 |"
 
 
+def test_runs_under_different_protocols_are_never_in_one_table(tmp_path):
+    # two restoration runs on the same data: one tested the last epoch, one selected on the test pairs
+    for folder, selection, psnr in [("a", "last", 30.0), ("b", "val_is_test", 31.0), ("c", "last", 29.0)]:
+        d = tmp_path / folder
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "schema_version": 2, "kind": "restoration", "adapter": folder, "dataset": "derain",
+            "columns": [{"key": "test/psnr", "header": "test PSNR", "fmt": "float"}], "test/psnr": psnr,
+            "trainable_params": 1, "backbone_params": 10, "artifact_bytes": 0,
+            "protocol": {"name": "final", "selection": selection, "val_overlaps_test": True,
+                         "splits": {"test": {"name": "derain/test", "size": 100 if folder != "c" else 50}}}}))
+    md = markdown(collect(tmp_path))
+    tables = md.split("**protocol**:")[1:]
+    assert len(tables) == 2  # a and c share a protocol (their split sizes are per-dataset facts), b does not
+    last = next(t for t in tables if '"last"' in t.splitlines()[0])
+    other = next(t for t in tables if '"val_is_test"' in t.splitlines()[0])
+    assert "| a |" in last and "| c |" in last and "| b |" not in last
+    assert "| b |" in other and "| a |" not in other
+
+
 # ---------------------------------------------------------------------- rows over seeds and the caption
 import math  # noqa: E402
 
@@ -111,3 +131,12 @@ def test_grouped_table_mean_and_std(tmp_path):
         markdown(rows, columns=["test/nope"])
     mu, sd, n = mean_std([1.0, None, 3.0, float("nan")])
     assert (mu, n) == (2.0, 2) and sd == pytest.approx(math.sqrt(2))
+
+
+def test_caption_compares_only_runs_under_the_baselines_protocol(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54], "full": [0.90, 0.91, 0.92]})
+    for m in rows:  # full selected on the test split: another protocol, never compared with the others
+        m["protocol"] = {"name": "tune", "selection": "val_is_test" if m["label"] == "full" else "val"}
+    text = caption(rows, "linear")
+    assert "Best row lora" in text and "full vs" not in text
+    assert text.splitlines()[-1] == "(not compared, made under another protocol than the baseline: full)"

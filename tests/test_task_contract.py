@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 import zoo
 from tasks.base import ZooTask, read_metrics, task_kinds
 from tests.helpers import CONF, ROOT, compose_config, run_train
+from tests.test_protocols import check_protocol_record
 
 KINDS = task_kinds()
 
@@ -64,6 +65,7 @@ def test_conformance_tiny_fit_artifact_and_eval(kind, tmp_path):
         mon = m["monitor"]
         assert mon["name"] in [c["key"] for c in m["columns"]] and mon["mode"] in ("min", "max")
         assert mon["value"] is not None and m[mon["name"]] == mon["value"]
+        check_protocol_record(m)  # how the numbers were made: selection, splits, normalisation (issue #23)
         meta = json.loads((run / "adapter" / "adapter.json").read_text())
         assert meta["task"]["kind"] == m["kind"] and meta["task"]["monitor"]["name"] == mon["name"]
         b = meta["backbone"]  # the head rebuilds on a backbone of the run's architecture (random weights)

@@ -65,7 +65,8 @@ def test_lora_merges_exactly(make):
 
 def test_every_registered_adapter_works_or_refuses(make):
     works = {"full": {}, "bitfit": {}, "linear": {}, "lora": dict(rank=2, targets=["conv1", "conv2"]),
-             "colora": dict(targets=["conv1", "conv2"], finetune_steps=1, faig_steps=1, faig_batches=1)}
+             "colora": dict(targets=["conv1", "conv2"], finetune_steps=1, faig_steps=1, faig_batches=1),
+             "galore": dict(rank=2, targets=["conv1", "conv2"])}  # GaLore: the dense kernels as C_out × C_in·k·k
     x = torch.rand(2, 3, 16, 16)
     for name in zoo.list_adapters():
         bb = make()

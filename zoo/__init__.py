@@ -9,6 +9,7 @@ A plain PyTorch library (no Lightning, no Hydra)::
     zoo.save_adapter(bb, "out/dir"); zoo.load_adapter(other_bb, "out/dir")
     zoo.merge_adapters(bb, unload=True)
     model = zoo.from_zoo("vit-demo-lora")  # a published adapter, ready for inference
+    zoo.export_peft(model, "out/peft")  # the same adapter for peft on timm / open_clip / transformers
     served = zoo.MultiAdapter.from_artifacts({"cats": "runs/cats", "cars": "runs/cars"})  # adapters share a batch
 """
 __version__ = "0.1.0"
@@ -20,11 +21,13 @@ from zoo.api import (  # noqa: E402
     adapters_of,
     apply_adapter,
     before_optimizer_step,
+    build_optimizer,
     count_parameters,
     extra_loss,
     find_backbone,
     list_adapters,
     merge_adapters,
+    on_train_step,
     param_groups,
     prepare_adapters,
     remove_adapters,
@@ -33,6 +36,7 @@ from zoo.api import (  # noqa: E402
 )
 from zoo.backbones import BACKBONES, Backbone, WeightsUnavailableError, create_backbone, list_backbones, register_backbone  # noqa: E402
 from zoo.checkpoint import AdapterMismatchError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from zoo.export import ExportError, export_merged, export_onnx, export_peft, load_peft  # noqa: E402
 from zoo.heads import HEADS, DenseRegressor, ImageClassifier, MultiHeadClassifier, build_head_model, register_head  # noqa: E402
 from zoo.hub import from_zoo  # noqa: E402
 from zoo.multi_adapter import MultiAdapter  # noqa: E402

@@ -1,4 +1,4 @@
-"""``python -m zoo``: the model-zoo command line (list, info, download, verify, publish)."""
+"""``python -m zoo``: the model-zoo command line (list, info, download, verify, publish, export)."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--licence")
     pb.add_argument("--task")
     pb.add_argument("--description", default="")
+    ex = sub.add_parser("export", help="write an adapter for peft, as a merged timm/open_clip/transformers "
+                                       "checkpoint, or as ONNX (docs/export.md)")
+    ex.add_argument("name", metavar="NAME_OR_RUN", help="zoo entry, artifact folder or finished run folder")
+    ex.add_argument("--format", choices=("peft", "merged", "onnx"), default=None,
+                    help="peft: adapter_config.json + adapter_model.safetensors; merged: the library's own checkpoint; "
+                         "onnx: DIR/model.onnx (default: peft, or merged with --merged)")
+    ex.add_argument("--out", required=True, metavar="DIR")
+    ex.add_argument("--merged", action="store_true",
+                    help="merge into the base weights (peft: for a method peft cannot express; onnx: insist on merging)")
+    ex.add_argument("--keep-modules", action="store_true",
+                    help="merged: write the adapted model's state dict instead (methods that cannot merge); "
+                         "onnx: export the adapters' own ops unmerged")
+    ex.add_argument("--weights", default=None, help="the base weights file, if the zoo cannot find it itself")
     args = p.parse_args(argv)
     for loc in args.registry:
         hub.add_registry(loc)
@@ -100,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({args.name: entry}, indent=2))
             if reg is not None:
                 err.print(f"registered {args.name!r} in {reg} (`python -m zoo info {args.name}`)", highlight=False)
+        elif args.cmd == "export":
+            from zoo.export.cli import run_export
+
+            out = run_export(args.name, args.out, args.format, args.merged, args.keep_modules, args.weights,
+                             note=lambda m: err.print(f"[yellow]{m}[/yellow]", highlight=False))
+            print(out)
     except (hub.HubError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         return 2

@@ -192,9 +192,38 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # Tasks call these without knowing which adapters are attached; each is a plain function so
 # that it can be tested without Lightning.
 
-def prepare_adapters(model: nn.Module, dataloader) -> None:
+def prepare_adapters(model: nn.Module, dataloader, loss_fn=None) -> None:
+    """Run every adapter's data-driven stage. ``loss_fn(batch) -> scalar``: the task's training loss on
+    one batch (tasks pass theirs; default :func:`zoo.adapters.base.default_batch_loss`); it reaches the
+    adapters whose ``prepare`` declares a ``loss_fn`` parameter."""
+    import inspect
+
+    from zoo.adapters.base import default_batch_loss
+
     for a in adapters_of(model):
-        a.prepare(model, dataloader)
+        if "loss_fn" in inspect.signature(a.prepare).parameters:
+            a.prepare(model, dataloader, loss_fn=loss_fn or default_batch_loss(model))
+        else:
+            a.prepare(model, dataloader)
+
+
+def on_train_step(model: nn.Module, step: int) -> None:
+    """Before each training forward: ``step`` = optimizer steps taken so far (DyLoRA's rank sampler)."""
+    for a in adapters_of(model):
+        a.on_train_step(step)
+
+
+def build_optimizer(model: nn.Module, groups: list[dict], lr: float, weight_decay: float,
+                    betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """The training optimizer over ``groups``: AdamW, unless an attached adapter replaces it
+    (GaLore's projected Adam, LoRA-Pro's adjusted-gradient optimizer). Two that do are refused."""
+    made = [(a.name, o) for a in adapters_of(model)
+            if (o := a.make_optimizer(groups, lr, weight_decay, tuple(betas), float(eps))) is not None]
+    if len(made) > 1:
+        raise ValueError(f"adapters {[n for n, _ in made]} each replace the optimizer; attach only one of them")
+    if made:
+        return made[0][1]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=float(eps))
 
 
 def extra_loss(model: nn.Module, ctx: StepContext) -> torch.Tensor | None:

@@ -249,13 +249,33 @@ class FrontEnd:
         return self.finish(self.load(path), train)
 
 
-def dataset_stats(fbanks) -> tuple[float, float]:
-    """``(mean, std)`` for :func:`normalize`: the averages of the per-clip fbank means and stds
-    (what AST's get_norm_stats.py computes per batch)."""
-    means, stds = [], []
+def dataset_stats(fbanks, target_length: int | None = None, batch_size: int = 1000) -> tuple[float, float]:
+    """``(mean, std)`` for :func:`normalize`, as AST's ``get_norm_stats.py``: the fbanks ``[T, F]`` are padded
+    with zeros (or cut) to ``target_length`` frames as the training loader does, taken in batches of
+    ``batch_size`` clips (the script's DataLoader: 1000, in order), and the **batches'** ``torch.mean`` and
+    ``torch.std`` (unbiased, over every element of the padded batch) are averaged over the batches.
+
+    Not reproduced: the script ran its loader in training mode, so SpecAugment masks and mixup (random)
+    were applied to the clips it measured; these statistics are of the clean, padded fbanks.
+    """
+    means, stds, batch = [], [], []
+
+    def flush():
+        x = torch.stack(batch)
+        means.append(float(torch.mean(x)))
+        stds.append(float(torch.std(x)))
+        batch.clear()
+
     for fb in fbanks:
-        means.append(float(fb.mean()))
-        stds.append(float(fb.std()))
+        fb = torch.as_tensor(fb, dtype=torch.float32)
+        if target_length is not None:
+            n = fb.shape[0]
+            fb = torch.nn.functional.pad(fb, (0, 0, 0, target_length - n)) if n < target_length else fb[:target_length]
+        batch.append(fb)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
     if not means:
         raise ValueError("no clips to compute fbank statistics from")
     return sum(means) / len(means), sum(stds) / len(stds)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.protocol import overlaps
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
 
 log = logging.getLogger("tasks.audio")
@@ -75,15 +76,27 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
     return rows
 
 
+VAL_FOLDS = ("none", "next", "previous")
+
+
+def validation_fold(folds: list[int], test_fold: int, val_fold: str) -> int:
+    """The fold that validates when ``test_fold`` tests: ``none`` the test fold itself (AST's original recipe,
+    whose epoch is then chosen on the 5-fold average: :func:`tasks.metrics.audio.summarize_folds`), ``previous``
+    fold k−1 (PETL-AST's ``main.py``: ``fold_idx - 1``, fold 5 for fold 1), ``next`` fold k+1."""
+    if val_fold not in VAL_FOLDS:
+        raise ValueError(f"val_fold={val_fold!r}; valid: none (AST: validate on the test fold), previous (PETL-AST: "
+                         f"fold k-1), next (fold k+1)")
+    step = {"none": 0, "next": 1, "previous": -1}[val_fold]
+    return folds[(folds.index(test_fold) + step) % len(folds)]
+
+
 def esc50_split(rows: list[dict], test_fold: int, val_fold: str = "none") -> dict[str, list[tuple[str, int]]]:
     """Fold ``test_fold`` (1..5) for test; ``val_fold='none'`` trains on the other folds and validates on
     the test fold (AST), ``'next'`` holds out fold ``test_fold % 5 + 1`` for validation (PETL-AST)."""
     folds = sorted({r["fold"] for r in rows})
     if test_fold not in folds:
         raise ValueError(f"task.fold={test_fold}: the dataset's folds are {folds}")
-    if val_fold not in ("none", "next"):
-        raise ValueError(f"val_fold={val_fold!r}; valid: none (AST: validate on the test fold), next (PETL-AST)")
-    vf = folds[(folds.index(test_fold) + 1) % len(folds)] if val_fold == "next" else test_fold
+    vf = validation_fold(folds, test_fold, val_fold)
     pick = lambda keep: [(r["path"], r["target"]) for r in rows if keep(r["fold"])]  # noqa: E731
     return {
         "train": pick(lambda f: f != test_fold and f != vf),
@@ -564,6 +577,7 @@ def seconds_to_frames(seconds: float, frame_shift_ms: float = 10.0, frame_length
 
 
 # ------------------------------------------------------------------------------ Lightning DataModule
+ESC50_LAYOUT = ("generated", "generated_upstream", "esc50")
 DATASETS = ("generated", "generated_upstream", "esc50", "speechcommands", "speechcommands12", "folder",
             "generated_multilabel", "multilabel")
 MULTILABEL_DATASETS = ("generated_multilabel", "multilabel")
@@ -618,21 +632,38 @@ class AudioDataModule(L.LightningDataModule):
             raise ValueError(f"task.num_classes={num_classes}, but {dataset} at {root} has {self.num_classes} classes "
                              f"({', '.join(self.classes[:6])}{', ...' if self.num_classes > 6 else ''}); "
                              f"set task.num_classes={self.num_classes}")
-        self.dataset, self.fold = dataset, fold
+        self.dataset, self.fold, self.val_fold = dataset, fold, val_fold
         args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
         self.cache_dir = cache_dir
+        stats_source = "given"
         if mean is None or std is None:
             if dataset in PUBLISHED_STATS:
-                mean, std = NORM_STATS[PUBLISHED_STATS[dataset]]
+                stats_source = PUBLISHED_STATS[dataset]
+                mean, std = NORM_STATS[stats_source]
             else:  # from the training split, raw fbanks (cached for training anyway)
+                stats_source = "train split"
                 probe = FrontEnd(max_length, args=args, cache_dir=cache_dir)
-                mean, std = dataset_stats(probe.load(p) for p, _ in self.splits["train"] if "#" not in p)
+                mean, std = dataset_stats((probe.load(p) for p, _ in self.splits["train"] if "#" not in p),
+                                          target_length=max_length)
         self.mean, self.std = float(mean), float(std)
+        self.normalisation = {"mean": self.mean, "std": self.std, "source": stats_source}
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
                                             timem if train else 0, cache_dir, noise=noise and train)
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
+
+    def split_info(self) -> dict:
+        """Split names (ESC-50 layouts: the folds), sizes, and whether validation shares clips with test (the
+        test fold with ``val_fold=none``; folder and multi-label layouts without a validation split)."""
+        overlap = overlaps(self.splits["val"], self.splits["test"])
+        if self.dataset in ESC50_LAYOUT:
+            vf = validation_fold(list(range(1, 6)), int(self.fold), self.val_fold)
+            names = {"train": "other folds", "val": f"fold{vf}", "test": f"fold{self.fold}"}
+        else:
+            names = {"train": "train", "val": "test" if overlap else "val", "test": "test"}
+        return {s: {"name": names[s], "size": len(self.splits[s])} if self.splits[s] else None for s in ("train", "val", "test")} \
+            | {"val_overlaps_test": overlap}
 
     def dataset_for(self, split: str, train: bool = False) -> AudioClips:
         return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,

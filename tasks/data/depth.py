@@ -82,6 +82,10 @@ class DepthDataModule(L.LightningDataModule):
             sets = {s: render_split(s, n, self.img_size, self.mean, self.std) if n else None for s, n in self.sizes.items()}
             self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
 
+    def split_info(self) -> dict:
+        """Three independently rendered splits (their own seeds): never overlapping."""
+        return {s: {"name": s, "size": n} if n else None for s, n in self.sizes.items()} | {"val_overlaps_test": False}
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=EpochSeededSampler(len(ds), self.seed) if train else None,

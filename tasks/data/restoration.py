@@ -560,6 +560,14 @@ class RestorationDataModule(L.LightningDataModule):
         self.train_set = PairedDataset(train, self.patch, self.augment, self.seed)
         self.val_set = self.test_set = PairedDataset(test)  # these benchmarks have no separate val split
 
+    def split_info(self) -> dict:
+        """Train pairs, and the test pairs that also validate (these benchmarks have no validation split)."""
+        test = "prod_val (fixed PROD pairs)" if self.dataset == "prod" else f"{self.dataset}/test"
+        train = "prod (fresh degradations)" if self.dataset == "prod" else f"{self.dataset}/train"
+        n = lambda ds: None if ds is None else len(ds)  # noqa: E731
+        return {"train": {"name": train, "size": n(self.train_set)}, "val": {"name": test, "size": n(self.val_set)},
+                "test": {"name": test, "size": n(self.test_set)}, "val_overlaps_test": self.val_set is self.test_set}
+
     def _loader(self, ds, train: bool):
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
                           num_workers=self.num_workers, drop_last=False,

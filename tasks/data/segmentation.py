@@ -125,7 +125,19 @@ class SegDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ splits
     @property
     def has_val(self) -> bool:
-        return True
+        return self.layout != "synapse" or self.val_cases > 0  # SAMed trains on all 18 cases (val_cases=0)
+
+    def split_info(self) -> dict:
+        """Synapse: training slices of the cases in ``train.txt`` (``val_cases`` of them held out as volumes),
+        ``test_vol.txt``'s volumes; folder layouts: their train / val (or a held-out fraction of train) / test."""
+        n = lambda ds: None if ds is None else len(ds)  # noqa: E731
+        syn = self.layout == "synapse"
+        val_name = "last train.txt cases" if syn else ("val" if has_split(self.root, self.layout, "val")
+                                                           else f"{self.val_fraction:g} of train")
+        return {"train": {"name": "train.txt slices" if syn else "train", "size": n(self.train_set)},
+                "val": {"name": val_name, "size": n(self.val_set)} if self.has_val and n(self.val_set) else None,
+                "test": {"name": "test_vol.txt" if syn else "test", "size": n(self.test_set)}
+                if self.test_set is not None else None, "val_overlaps_test": False}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

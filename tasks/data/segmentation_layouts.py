@@ -272,21 +272,45 @@ def read_volume(root: str | os.PathLike, case: str, num_classes: int) -> tuple[n
 
 
 @torch.no_grad()
+def samed_round_trip(slices: np.ndarray, input_size: int, img_size: int) -> np.ndarray:
+    """SAMed ``test_single_volume`` with ``--input_size`` (224) and ``--img_size`` (512): every ``(H, W)`` slice is
+    zoomed to ``input_size`` then to ``img_size`` (``scipy.ndimage.zoom``, order 3, each step only when the size
+    differs), so a 512-pixel CT slice reaches the model through a 224-pixel bottleneck."""
+    from scipy.ndimage import zoom
+
+    out = []
+    for sl in slices:
+        x, y = sl.shape
+        if (x, y) != (input_size, input_size):
+            sl = zoom(sl, (input_size / x, input_size / y), order=3)
+        if sl.shape != (img_size, img_size):
+            sl = zoom(sl, (img_size / sl.shape[0], img_size / sl.shape[1]), order=3)
+        out.append(sl)
+    return np.stack(out).astype(np.float32)
+
+
 def predict_volume(predict_slices, image: np.ndarray, img_size: int, batch: int = 8,
-                   label: np.ndarray | None = None) -> np.ndarray:
+                   label: np.ndarray | None = None, input_size: int | None = None) -> np.ndarray:
     """SAMed ``test_single_volume``: each slice resized to ``img_size`` (bicubic), repeated to 3
     channels, ``predict_slices(x) -> (b, h, w)`` labels, resized back (nearest) and stacked ``(D, H, W)``.
 
     With ``label`` (the volume's ground truth, for prompted mode) it is ``predict_slices(x, y)``, ``y``
     the same slices' labels resized to ``img_size`` (nearest), as the 2-D path builds its prompts
-    from the mask at the input size."""
+    from the mask at the input size.
+
+    ``input_size`` (the SAMed recipe: 224) reproduces SAMed's round trip through that size
+    (:func:`samed_round_trip`) instead of the single bicubic resize."""
     D, H, W = image.shape
     if label is not None and label.shape != image.shape:
         raise ValueError(f"volume label {label.shape} and image {image.shape} differ in shape")
     out = np.zeros((D, H, W), dtype=np.int64)
     for s in range(0, D, batch):
-        x = torch.from_numpy(image[s:s + batch])[:, None].repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False) if H != img_size or W != img_size else x
+        if input_size:
+            x = torch.from_numpy(samed_round_trip(np.asarray(image[s:s + batch]), int(input_size), img_size))[:, None]
+            x = x.repeat(1, 3, 1, 1)
+        else:
+            x = torch.from_numpy(image[s:s + batch])[:, None].repeat(1, 3, 1, 1)
+            x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False) if H != img_size or W != img_size else x
         if label is None:
             lab = predict_slices(x)
         else:

@@ -200,6 +200,12 @@ class VTABDataModule(L.LightningDataModule):
         self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
         self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
 
+    def split_info(self) -> dict:
+        """The split files (``train800`` / ``val200`` or ``train800val200`` / ``test``) and their sizes."""
+        sets = dict(zip(("train", "val", "test"), SPLIT_FILES[self.protocol]))
+        return {s: None if f is None else {"name": f, "size": len(getattr(self, f"{s}_set")) if getattr(self, f"{s}_set", None)
+                                           is not None else None} for s, f in sets.items()} | {"val_overlaps_test": False}
+
     def _loader(self, ds, train: bool) -> DataLoader:
         return DataLoader(
             ds,

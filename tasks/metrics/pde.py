@@ -3,15 +3,21 @@
 Rollout (MORPH ``visualize_rollouts_3d_full.py`` / PDEBench): from ``t`` context frames, predict the next
 frame, drop the oldest input frame and append the prediction, ``horizon`` times.
 
-Metrics, per sample, field f and rollout step k, over the field's components and space (after
-de-normalisation, on the original spatial region), then averaged over samples (eps = 1e-7):
+Metrics, per sample, field f and rollout step k (after de-normalisation, on the original spatial region),
+then averaged over samples (eps = 1e-7). A vector field's components are PDEBench's *channels*: the ratios
+are taken per channel c, over space, then averaged over the field's components:
 
-* MSE = mean((p − y)²), RMSE = √MSE
-* nRMSE = √(MSE / (mean(y²) + eps))          (PDEBench's nRMSE, MORPH's relative L2)
-* VRMSE = √(MSE / (var(y) + eps))            (The Well; predicting the mean gives 1)
+* MSE = mean_{c,x}((p − y)²), RMSE = √MSE
+* nRMSE = mean_c √(mean_x((p − y)²) / (mean_x(y²) + eps))    (PDEBench ``metric_func``'s nRMSE)
+* VRMSE = mean_c √(mean_x((p − y)²) / (var_x(y) + eps))       (The Well; predicting the mean gives 1)
+* max error = mean_c max_{samples, x} |p − y|                  (PDEBench's ``err_Max``: the worst point
+  of the split, per channel and step; merged over DDP ranks by maximum)
 
-MORPH's own scripts pool time, fields and components per trajectory before the ratio; the per-field,
-per-step tables here are PDEBench's / The Well's convention. ``summary`` averages the tables over steps and fields.
+Pooling the components before the ratio (the project's earlier nRMSE) weights a strong component over a
+weak one: with V_y = 0.3·V_x the pooled value is 1.6× below PDEBench's. MORPH's own scripts pool time,
+fields and components per trajectory before the ratio; the per-field, per-step tables here are PDEBench's /
+The Well's convention. ``summary`` averages the tables over steps and fields (PDEBench's ``if_mean``: over
+channels and time).
 
 PDEBench's further metrics (Takamoto et al., *PDEBench*, NeurIPS 2022 Datasets & Benchmarks;
 ``pdebench/models/metrics.py`` ``metric_func``, reimplemented from its definitions), per PDEBench channel,
@@ -41,7 +47,7 @@ from typing import Callable
 
 import torch
 
-METRICS = ("mse", "rmse", "nrmse", "vrmse", "crmse", "brmse", "frmse_low", "frmse_mid", "frmse_high")
+METRICS = ("mse", "rmse", "nrmse", "vrmse", "max_err", "crmse", "brmse", "frmse_low", "frmse_mid", "frmse_high")
 PER_SAMPLE = ("mse", "rmse", "nrmse", "vrmse", "brmse")  # per-sample values averaged over samples
 EPS = 1e-7
 I_LOW, I_HIGH = 4, 12  # PDEBench's iLow, iHigh
@@ -100,15 +106,16 @@ def binned_spectrum(err: torch.Tensor) -> torch.Tensor:
 
 def per_sample_errors(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch.Tensor]:
     """``pred``, ``true`` ``(B, K, F, C, D, H, W)`` -> each per-sample metric ``(B, K, F)``."""
-    dims = (3, 4, 5, 6)
+    space = (4, 5, 6)
     pred, true = pred.double(), true.double()
-    mse = (pred - true).pow(2).mean(dim=dims)
-    energy = true.pow(2).mean(dim=dims)
-    var = true.var(dim=dims, unbiased=False)
+    mse_c = (pred - true).pow(2).mean(dim=space)  # (B, K, F, C): per channel
+    energy = true.pow(2).mean(dim=space)
+    var = true.var(dim=space, unbiased=False)
+    mse = mse_c.mean(dim=3)
     err = _space(pred - true)
     brmse = boundary_rmse(err, err.ndim - 4).mean(dim=3)  # per channel, then over the field's components
-    return {"mse": mse, "rmse": mse.sqrt(), "nrmse": (mse / (energy + EPS)).sqrt(), "vrmse": (mse / (var + EPS)).sqrt(),
-            "brmse": brmse}
+    return {"mse": mse, "rmse": mse.sqrt(), "nrmse": (mse_c / (energy + EPS)).sqrt().mean(dim=3),
+            "vrmse": (mse_c / (var + EPS)).sqrt().mean(dim=3), "brmse": brmse}
 
 
 def pooled_sums(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,11 +127,19 @@ def pooled_sums(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch.Tenso
     return {"_cons": cons, "_spec": binned_spectrum(err).sum(0)}
 
 
+MAXED = ("_max",)  # accumulated by maximum, not by sum
+
+
+def max_abs_error(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """``(K, F, C)``: the largest |p − y| over the batch and space, per step and channel."""
+    return (pred.double() - true.double()).abs().amax(dim=(0, 4, 5, 6))
+
+
 def _from_pooled(sums: dict[str, torch.Tensor], count: int, spatial: tuple[int, ...],
                  lengths: tuple[float, ...] | None) -> dict[str, torch.Tensor]:
     points = math.prod(spatial)
     scale = math.prod(lengths) if lengths else 1.0
-    out = {"crmse": (sums["_cons"] / count).sqrt().mean(dim=-1)}
+    out = {"crmse": (sums["_cons"] / count).sqrt().mean(dim=-1), "max_err": sums["_max"].mean(dim=-1)}
     spectrum = (sums["_spec"] / count).sqrt() / points * scale  # (K, F, C, bins)
     for name, band in (("frmse_low", slice(0, I_LOW)), ("frmse_mid", slice(I_LOW, I_HIGH)),
                        ("frmse_high", slice(I_HIGH, None))):
@@ -149,15 +164,21 @@ class RolloutMetrics:
     def update(self, pred: torch.Tensor, true: torch.Tensor) -> None:
         errs = {k: v.sum(0) for k, v in per_sample_errors(pred, true).items()}
         errs.update(pooled_sums(pred, true))
+        errs["_max"] = max_abs_error(pred, true)
         for k, v in errs.items():
-            s = v.cpu()
-            self.sums[k] = s if k not in self.sums else self.sums[k] + s
+            self._add(k, v.cpu())
         self.count += pred.shape[0]
         self.spatial = tuple(_space(pred[:1]).shape[4:])
 
+    def _add(self, k: str, v: torch.Tensor) -> None:
+        if k not in self.sums:
+            self.sums[k] = v
+        else:
+            self.sums[k] = torch.maximum(self.sums[k], v) if k in MAXED else self.sums[k] + v
+
     def merge_counts(self, sums: dict[str, torch.Tensor], count: int, spatial: tuple[int, ...] | None = None) -> None:
         for k, v in sums.items():
-            self.sums[k] = v if k not in self.sums else self.sums[k] + v
+            self._add(k, v)
         self.count += count
         self.spatial = spatial or self.spatial
 

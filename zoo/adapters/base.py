@@ -8,7 +8,15 @@ their place and ``unload`` can put them back.
 Optional capabilities (each a no-op by default, called by tasks without knowing the method):
 
 * ``merge()`` / ``unmerge()``: fold the adapter into the base weights and back.
-* ``prepare(model, dataloader)``: a data-driven stage before training.
+* ``prepare(model, dataloader[, loss_fn])``: a data-driven stage before training. A method whose stage
+  needs the task's loss (a gradient pass: LoRA-GA) declares a ``loss_fn`` parameter; tasks pass
+  ``loss_fn(batch) -> scalar`` (their training loss on one batch of ``dataloader``); a plain caller that
+  passes none gets :func:`default_batch_loss`.
+* ``on_train_step(step)``: before each training step's forward, with the optimizer-step count (DyLoRA
+  samples its rank here; a function of ``step`` so that a resumed run and every DDP rank agree).
+* ``make_optimizer(groups, lr, weight_decay, betas, eps)``: replace the optimizer (GaLore, LoRA-Pro):
+  return a ``torch.optim.Optimizer`` over ``groups`` (those of :func:`zoo.param_groups`) or ``None``
+  (AdamW). Its ``state_dict`` must hold only tensors and numbers, so that checkpoints resume it.
 * ``extra_loss(ctx)``: a regulariser added to the task loss; ``ctx`` is a :class:`StepContext`.
 * ``before_optimizer_step()``: gradient surgery after backward, before the optimizer step.
 * ``param_groups(lr, weight_decay)``: optimizer groups with their own learning rates.
@@ -248,7 +256,16 @@ class Adapter:
 
     # ------------------------------------------------------------------ optional hooks
     def prepare(self, model: nn.Module, dataloader) -> None:
-        """Data-driven stage before training (no-op by default)."""
+        """Data-driven stage before training (no-op by default). Declare a third parameter
+        ``loss_fn=None`` to receive the task's ``loss_fn(batch) -> scalar``."""
+
+    def on_train_step(self, step: int) -> None:
+        """Called before each training forward with the number of optimizer steps taken so far."""
+
+    def make_optimizer(self, groups: list[dict], lr: float, weight_decay: float, betas=(0.9, 0.999),
+                       eps: float = 1e-8) -> torch.optim.Optimizer | None:
+        """An optimizer that replaces AdamW over ``groups``; ``None``: AdamW (default)."""
+        return None
 
     def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
         return None
@@ -319,6 +336,24 @@ def rank_fits(who: str, name: str, rank: int, d_in: int, d_out: int, where: str 
             f"{who}: {name}={rank} exceeds min(d_in, d_out) = min({d_in}, {d_out}) = {min(d_in, d_out)}"
             f"{' at ' + where if where else ''}; a larger rank only adds parameters (choose {name} <= {min(d_in, d_out)})"
         )
+
+
+def default_batch_loss(model: nn.Module):
+    """``loss_fn(batch)`` for a plain ``(inputs, targets, ...)`` loader: cross-entropy for integer
+    targets, MSE for targets shaped like the outputs (what ``prepare`` uses when no task gives its loss)."""
+    import torch.nn.functional as F
+
+    def loss_fn(batch) -> torch.Tensor:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("prepare(model, dataloader) without loss_fn expects batches (inputs, targets, ...); "
+                            "pass loss_fn(batch) -> loss for other batches")
+        device = next(model.parameters()).device
+        x, y = batch[0].to(device), batch[1].to(device)
+        out = model(x)
+        # F.cross_entropy takes (N, C) with (N,) and (N, C, H, W) with (N, H, W) alike
+        return F.cross_entropy(out, y) if not y.is_floating_point() else F.mse_loss(out, y)
+
+    return loss_fn
 
 
 class NotMergeableError(RuntimeError):

@@ -240,10 +240,16 @@ class CoLoRA(Adapter):
     def resolve_targets(self, root: nn.Module) -> list[Site]:
         from zoo.backbones.base import Backbone
 
+        if self.tower is not None and not getattr(self, "tower_view", False) and not isinstance(root, Backbone):
+            raise SiteError(f"colora: tower={self.tower!r} selects towers of a zoo backbone; this model is a "
+                            f"{type(root).__name__} (name its layers with modules=[...] instead)")
         if self.module_patterns is not None:
+            if self.tower is not None and not getattr(self, "tower_view", False):
+                raise SiteError(f"colora: modules={self.module_patterns} names layers directly; tower={self.tower!r} "
+                                f"cannot also select them (give one of the two)")
             sites = self._match_modules(root)
-        elif isinstance(root, Backbone):
-            sites = find_sites(root, self.targets, self.layers)
+        elif isinstance(root, Backbone):  # the tower option selects the towers, as for every adapter
+            sites = find_sites(root, self.targets, self.layers, None if getattr(self, "tower_view", False) else self.tower)
             sliced = [s.kind for s in sites if s.out_slice is not None]
             if sliced:
                 raise SiteError(f"CoLoRA allocates one rank per whole layer; use 'qkv' rather than the slices {sorted(set(sliced))}")

@@ -249,3 +249,4 @@ class LoRA(Adapter):
                     w.lora_A.zero_()
                     for b in w.lora_B.values():
                         nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+

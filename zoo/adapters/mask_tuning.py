@@ -207,7 +207,7 @@ class MaskTuning(Adapter):
             raise SiteError(f"mask_tuning masks Linear sites {LINEAR_SITES}, not {bad}")
         if not self.targets and not self.patch_embed:
             raise ValueError("mask_tuning needs at least one target or patch_embed=True")
-        if self.patch_embed:
+        if self.patch_embed and self._image_tower_selected(backbone):
             site = backbone.patch_embed_site()
             self.replace(site, MaskedWeight(site.module, None, self.init_score, self.threshold))
         groups: dict[tuple[int, str], list] = {}
@@ -217,6 +217,15 @@ class MaskTuning(Adapter):
             slices = [s.out_slice for s in group]
             rows = None if any(sl is None for sl in slices) or _covers(slices, group[0].base_module) else slices
             self.replace(group[0], MaskedWeight(group[0].module, rows, self.init_score, self.threshold))
+
+    def _image_tower_selected(self, backbone) -> bool:
+        """The patch embedding belongs to the backbone's first (image) tower: ``tower=text`` leaves it alone."""
+        from zoo.sites import select_towers
+
+        if self.tower is None or getattr(self, "tower_view", False):
+            return True
+        towers = tuple(getattr(backbone, "towers", ()) or ())
+        return not towers or towers[0] in select_towers(backbone, self.tower)
 
     def masked(self) -> list[MaskedWeight]:
         return [m for m in self.modules if isinstance(m, MaskedWeight)]

@@ -23,8 +23,9 @@ Weights (:func:`imagenet_to_ast`, :func:`move_grid`, :func:`convert_hf_state_dic
 * ``weights=<path | Hub id>``: an HF AST checkpoint (``ASTModel`` / ``ASTForAudioClassification``,
   legacy ``encoder.layer.N.attention.attention.query`` keys or transformers-5 ``layers.N.attention.q_proj``
   keys), the original AST release (``module.v.*``) or a timm-keyed file; read with safetensors or
-  ``torch.load(weights_only=True)``. Its time grid (e.g. 12×101) is moved to ``max_length`` with the
-  original AST rule: centre-cut when shorter, bilinear interpolation when longer.
+  ``torch.load(weights_only=True)``. Its grid is read from the checkpoint (:func:`checkpoint_grid`: its
+  ``config.json``, or AudioSet's 12×101) and moved to this model's grid with the original AST rule
+  (``ast_models.py``): each axis centre-cut when shorter, bilinearly interpolated when longer, time first.
 
 Sites are the timm ViT's (``q k v`` slices of the fused qkv, ``o fc1 fc2 attn mlp norm1 norm2 tokens``),
 so every adapter attaches unchanged. ``num_prefix_tokens`` is 2 (CLS, DIST).
@@ -167,6 +168,46 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# The AudioSet release's grid (128 mel bins x 1024 frames, strides 10): ast_models.py reshapes its table to
+# 12 x 101 whatever the new geometry; the HF MIT/ast-finetuned-audioset-* checkpoints share it.
+AUDIOSET_GRID = (12, 101)
+
+
+def _checkpoint_config(weights: str) -> dict | None:
+    """The HF ``config.json`` beside local weights (a folder, or a file's folder), if any."""
+    import json
+
+    p = Path(os.path.expanduser(str(weights)))
+    for c in ((p / "config.json") if p.is_dir() else p.with_name("config.json"),):
+        if c.is_file():
+            try:
+                return json.loads(c.read_text())
+            except ValueError:
+                return None
+    return None
+
+
+def checkpoint_grid(weights: str, n: int, new: tuple[int, int], patch: int = 16) -> tuple[int, int]:
+    """The (frequency, time) grid of a checkpoint's ``n`` patch positions, from the checkpoint itself: its
+    ``config.json`` (``num_mel_bins``, ``max_length``, strides), else the AudioSet grid 12x101 for 1212
+    positions (as AST's ``ast_models.py``), else the new grid when the counts agree. Anything else cannot
+    be told apart (3x404 or 4x303 ...) and is refused rather than guessed."""
+    cfg = _checkpoint_config(weights)
+    if cfg and {"num_mel_bins", "max_length"} <= set(cfg):
+        g = grid_size(int(cfg["num_mel_bins"]), int(cfg["max_length"]), int(cfg.get("patch_size", patch)),
+                      int(cfg.get("frequency_stride", 10)), int(cfg.get("time_stride", 10)))
+        if g[0] * g[1] == n:
+            return g
+    if n == AUDIOSET_GRID[0] * AUDIOSET_GRID[1]:
+        return AUDIOSET_GRID
+    if n == new[0] * new[1]:
+        return tuple(new)
+    raise WeightsUnavailableError(
+        f"{weights}: its position table has {n} patch positions, which is neither the AudioSet grid "
+        f"{AUDIOSET_GRID[0]}x{AUDIOSET_GRID[1]} nor this model's {new[0]}x{new[1]}; put the checkpoint's config.json "
+        f"(num_mel_bins, max_length, frequency_stride, time_stride) beside it so its grid is known")
+
+
 def read_ast_weights(weights: str) -> dict[str, torch.Tensor]:
     """A file, a directory (``model.safetensors`` / ``pytorch_model.bin``) or a Hub id (``MIT/ast-...``)."""
     p = Path(os.path.expanduser(str(weights)))
@@ -246,12 +287,7 @@ class ASTBackbone(TimmBackbone):
         net.patch_embed.num_patches = f * t
         net.pos_embed = nn.Parameter(pos.detach().clone())
         if sd is not None:
-            n = sd["pos_embed"].shape[1] - 2
-            if n % f:
-                raise WeightsUnavailableError(
-                    f"{weights}: its {n} patch positions do not divide into {f} frequency rows "
-                    f"(num_mel_bins={num_mel_bins}, fstride={fstride}); match the checkpoint's settings")
-            self.checkpoint_grid = (f, n // f)
+            self.checkpoint_grid = checkpoint_grid(weights, sd["pos_embed"].shape[1] - 2, (f, t))
             sd["pos_embed"] = move_grid(sd["pos_embed"], self.checkpoint_grid, (f, t))
             self._load(sd, str(weights))
             local = Path(os.path.expanduser(str(weights))).exists()

@@ -7,8 +7,9 @@ Input ``vol`` in UPTF-7 layout ``(B, t, F, C, D, H, W)`` (t context frames, F �
 C ≤ 3 components, spatial axes 1 or a multiple of 8). ``forward`` returns ``(enc, z, y)``:
 
 1. **Component-wise convolution** (B·t·F folded into the batch, C zero-padded to 3):
-   ``Conv3d(3→8, 1×1×1, no bias)`` then a channel-doubling stack of ``Conv3d(3×3×3) + LeakyReLU(0.2)``
-   up to ``conv_filter`` and one more ``Conv3d(3×3×3) + LeakyReLU(0.2)``.
+   ``Conv3d(3→8, 1×1×1, no bias)`` then a channel-doubling stack of ``Conv3d(3×3×3) + LeakyReLU(0.2)``,
+   each layer ``c → min(2c, conv_filter)`` until ``conv_filter`` (8 → 16 → 24 for 24), and one more
+   ``Conv3d(3×3×3) + LeakyReLU(0.2)``.
 2. **Patching**: patch 8 on every axis longer than 1 (1 on singleton axes), features flattened
    channel-major then (pd, ph, pw), zero-padded at the end to ``filters·8³`` and projected by one
    shared ``Linear(filters·8³ → dim)``.
@@ -115,9 +116,10 @@ class ConvOperator(nn.Module):
         self.input_proj = nn.Conv3d(MAX_COMPONENTS, CONV_HIDDEN, 1, bias=False)
         layers: list[nn.Module] = []
         c = CONV_HIDDEN
-        while c < conv_filter:  # channel doubling (none for the released filters=8)
-            layers += [nn.Conv3d(c, 2 * c, 3, padding=1, bias=False), nn.LeakyReLU(0.2)]
-            c *= 2
+        while c < conv_filter:  # channel doubling capped at conv_filter (none for the released filters=8)
+            nxt = min(2 * c, conv_filter)  # the reference's min(prev * 2, conv_filter): 8 -> 16 -> 24 for 24
+            layers += [nn.Conv3d(c, nxt, 3, padding=1, bias=False), nn.LeakyReLU(0.2)]
+            c = nxt
         layers += [nn.Conv3d(c, conv_filter, 3, padding=1, bias=False), nn.LeakyReLU(0.2)]
         self.conv_stack = nn.Sequential(*layers)
 
@@ -437,8 +439,9 @@ def count_parameters(cfg: MorphConfig) -> int:
     conv = MAX_COMPONENTS * CONV_HIDDEN
     c = CONV_HIDDEN
     while c < f:
-        conv += c * 2 * c * 27
-        c *= 2
+        nxt = min(2 * c, f)
+        conv += c * nxt * 27
+        c = nxt
     conv += c * f * 27
     embed = conv + cfg.max_features * d + d + d + 4 * (d * d + d)
     pe = cfg.max_ar * cfg.max_patches * d

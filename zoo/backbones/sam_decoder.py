@@ -268,6 +268,18 @@ class SamSegmenter(nn.Module):
         return logits_to_labels(logits, self.mode)
 
 
+    def predict_image(self, image: torch.Tensor, pipeline: str = "longest_side", **prompts) -> torch.Tensor:
+        """Class-index map ``(H, W)`` of one image ``(3, H, W)`` in [0, 1] at its own size, through SAM's
+        predictor pipeline (``longest_side``: resize the longest side, normalise, pad; :mod:`zoo.backbones.sam_transforms`)
+        or a square resize (``square``, SAMed's)."""
+        from zoo.backbones.sam_transforms import predict_image
+
+        dc = self.backbone.data_config
+        logits = predict_image(lambda x: self(x, **prompts), image, int(self.backbone.img_size), dc.get("mean"),
+                               dc.get("std"), pipeline)
+        return logits_to_labels(logits, self.mode)[0]
+
+
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear, ``align_corners=False`` (SAM's ``postprocess_masks``)."""
     if tuple(logits.shape[-2:]) == tuple(size):

@@ -1,0 +1,145 @@
+"""Where a zoo backbone's Linear layers live in the model its own library builds.
+
+A zoo backbone wraps the library's model (``backbone.model``), so a Linear's path inside it is
+the library's path, except where the zoo restructured the model:
+
+* ``vit`` / ``sam`` (timm ``VisionTransformer`` / ``VisionTransformerSAM``): the same paths (timm ``qkv``);
+* ``clip`` (open_clip): the zoo's ``attn.in_proj`` / ``attn.out_proj`` Linears are
+  ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``out_proj`` there, which peft adapts as one
+  module ``attn`` (its LoRA tensors at ``attn.lora_*`` and ``attn.base_layer.out_proj.lora_*``);
+* ``ast``: the zoo's AST is a timm DeiT; Hugging Face's ``ASTModel`` has separate ``query`` /
+  ``key`` / ``value`` Linears (the fused ``qkv``'s row blocks) and its own layer names.
+
+:func:`parts` gives, for one zoo Linear, the base-model pieces it maps to: a :class:`Part` is a
+peft target module, the key prefix of its tensors, and the rows of the zoo Linear it covers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from zoo.backbones.base import Backbone
+
+FAMILIES = ("vit", "sam", "clip", "ast")
+
+# the model class each family's peft adapter is made for (peft records it as auto_mapping.base_model_class)
+BASE_CLASSES = {"vit": ("VisionTransformer",), "sam": ("VisionTransformerSAM",), "clip": ("CLIP", "CustomTextCLIP"),
+                "ast": ("ASTModel", "ASTForAudioClassification")}
+
+# zoo (timm) names inside one AST block -> HF names (transformers 4.x; transformers 5 in HF_AST_V5)
+_AST_LAYER = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+_AST_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+_AST_LAYER_V5 = {"attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_AST_QKV_V5 = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+AST_PREFIXES = ("", "audio_spectrogram_transformer.")  # ASTModel, ASTForAudioClassification
+
+
+class ExportError(ValueError):
+    """An export or import that cannot be done faithfully; the message says why (one line)."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of the base model a zoo Linear maps to.
+
+    ``module``: the peft target module name; ``key``: the prefix of its LoRA tensors in
+    ``adapter_model.safetensors`` (differs from ``module`` for MultiheadAttention's out_proj);
+    ``rows``: the zoo Linear's output rows it covers (``None``: all).
+    """
+
+    module: str
+    key: str
+    rows: slice | None = None
+
+
+def check_family(bb: Backbone) -> str:
+    if bb.family not in FAMILIES:
+        raise ExportError(f"backbone {bb.family!r} has no peft / library export; supported: {', '.join(FAMILIES)}")
+    return bb.family
+
+
+def parts(bb: Backbone, path: str, out_features: int, ast_names: str = "legacy", ast_prefix: str = "") -> list[Part]:
+    """The base-model pieces of the zoo Linear at ``path`` (relative to ``bb.model``)."""
+    family = check_family(bb)
+    if family in ("vit", "sam"):
+        return [Part(path, path)]
+    if family == "clip":
+        if path.endswith(".attn.in_proj"):
+            mha = path[: -len(".in_proj")]
+            return [Part(mha, mha)]
+        if path.endswith(".attn.out_proj"):
+            mha = path[: -len(".out_proj")]
+            return [Part(mha, f"{mha}.base_layer.out_proj")]
+        return [Part(path, path)]
+    # ast: blocks.N.<rel> -> encoder.layer.N.<hf> (or layers.N.<hf> in transformers 5)
+    head, layer, qkv = (("encoder.layer.", _AST_LAYER, _AST_QKV) if ast_names == "legacy"
+                        else ("layers.", _AST_LAYER_V5, _AST_QKV_V5))
+    bits = path.split(".", 2)
+    if len(bits) != 3 or bits[0] != "blocks":
+        raise ExportError(f"AST Linear {path!r} is outside the transformer blocks; it has no Hugging Face counterpart")
+    i, rel = bits[1], bits[2]
+    stem = f"{ast_prefix}{head}{i}."
+    if rel == "attn.qkv":
+        d = out_features // 3
+        return [Part(stem + name, stem + name, slice(j * d, (j + 1) * d)) for j, name in enumerate(qkv)]
+    if rel in layer:
+        return [Part(stem + layer[rel], stem + layer[rel])]
+    raise ExportError(f"AST Linear {path!r} has no Hugging Face counterpart")
+
+
+def installed_ast_names() -> str:
+    """``legacy`` (``encoder.layer.N.attention.attention.query``, transformers 4) or ``v5``."""
+    try:
+        import transformers
+    except ImportError:
+        return "legacy"
+    return "legacy" if int(transformers.__version__.split(".")[0]) < 5 else "v5"
+
+
+def linear_paths(bb: Backbone) -> dict[str, nn.Linear]:
+    """Every Linear of ``bb.model`` by its path with adapter wrappers removed (``x.base`` -> ``x``)."""
+    from zoo.sites import unwrap
+
+    out: dict[str, nn.Linear] = {}
+    for name, m in bb.model.named_modules():
+        clean = ".".join(p for p in name.split(".") if p != "base")
+        if clean in out:
+            continue
+        inner = unwrap(m)
+        if isinstance(inner, nn.Linear):
+            out[clean] = inner
+    return out
+
+
+def part_index(bb: Backbone, ast_names: str = "legacy", ast_prefix: str = "") -> dict[str, tuple[str, Part, nn.Linear]]:
+    """``tensor key prefix -> (zoo path, Part, zoo Linear)`` for every Linear that has a base counterpart."""
+    index = {}
+    for path, lin in linear_paths(bb).items():
+        try:
+            ps = parts(bb, path, lin.out_features, ast_names, ast_prefix)
+        except ExportError:
+            continue
+        for p in ps:
+            index[p.key] = (path, p, lin)
+    return index
+
+
+def site_index(bb: Backbone) -> dict[tuple[int, object], tuple[str | None, int, str]]:
+    """``(id of the zoo Linear, (start, stop) rows or None) -> (tower, block, site kind)`` for Linear sites."""
+    from zoo.sites import LINEAR_SITES, unwrap
+
+    towers = list(bb.available_towers()) if bb.towers else [None]
+    out = {}
+    for t in towers:
+        n = len(bb.tower_blocks(t)[0])
+        for i in range(n):
+            table = bb.block_sites(i, t) if t is not None else bb.block_sites(i)
+            for kind in LINEAR_SITES:
+                entry = table.get(kind)
+                if entry is None:
+                    continue
+                for parent, attr, sl, _ in entry if isinstance(entry, list) else [entry]:
+                    m = unwrap(getattr(parent, attr))
+                    out[(id(m), None if sl is None else (sl.start, sl.stop))] = (t, i, kind)
+    return out

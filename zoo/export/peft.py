@@ -1,0 +1,559 @@
+"""The peft format, both ways: :func:`export_peft` writes a zoo LoRA as a peft ``LoraConfig`` adapter,
+:func:`load_peft` reads a peft LoRA adapter into a zoo model.
+
+The base model is the one each backbone's own library builds (``zoo.export.naming``): timm for ViT and
+SAM's image encoder, open_clip for CLIP, Hugging Face ``ASTModel`` for AST. peft's LoRA on a Linear is
+
+    y = W0 x + b + (lora_alpha / r) · B A x          (A: r × d_in, B: d_out × r; ``use_rslora``: alpha / √r)
+
+which is the zoo's LoRA (:mod:`zoo.adapters.lora`) with γ = alpha/r. Each zoo LoRA module maps to its
+base module(s) as follows.
+
+* **q and v slices of a fused qkv** (timm ``qkv``, open_clip ``in_proj``). The zoo holds one pair per
+  slice, ``ΔW_q = γ B_q A_q`` on the q rows and ``ΔW_v = γ B_v A_v`` on the v rows. peft can only put one
+  LoRA on the whole ``qkv`` Linear, and
+
+      ΔW_qkv = [ΔW_q; 0; ΔW_v] = γ · B′ A′,   A′ = [A_q; A_v]  (2r × d_in),
+      B′ = [[B_q, 0], [0, 0], [0, B_v]]        (3d × 2r: B_q in the q rows and first r columns, B_v in
+                                                the v rows and last r columns, the k rows zero)
+
+  exactly. **The rank doubles** because the two deltas have independent row spaces: ``B′A′`` has
+  rank up to 2r, and a rank-r factorisation of ``[ΔW_q; 0; ΔW_v]`` does not exist in general (q and
+  v need not share an A). peft's scaling is ``lora_alpha / r′`` with r′ = 2r, so ``lora_alpha`` is
+  rescaled to γ · 2r to keep γ (in general: ``lora_alpha = γ · r′`` for every module, through
+  ``alpha_pattern`` where modules differ, and ``rank_pattern`` where ranks differ). Targets q, k, v
+  give rank 3r in the same way; target ``qkv`` is one pair and keeps rank r.
+* **AST**: Hugging Face's ``query`` / ``key`` / ``value`` are separate Linears, so a q slice is simply
+  a rank-r LoRA on ``query`` (no doubling); a whole-``qkv`` LoRA becomes three LoRAs sharing ``A``.
+* **open_clip**: peft adapts an ``nn.MultiheadAttention`` as one module (``in_proj`` and ``out_proj``
+  together, with one rank and alpha). A zoo LoRA on only one of them gets zero factors on the other
+  (and the smaller rank is zero-padded), which changes nothing in the function.
+
+The task head goes to ``modules_to_save`` when the base model has that module (timm's ``head`` for a
+ViT built with ``num_classes``); otherwise everything of the model outside its backbone (a head the base
+model has no module for: CLIP's, AST's Linear on the pooled feature -- HF's ``ASTForAudioClassification``
+puts a LayerNorm before its Linear --, SAM's prompt encoder and mask decoder) is written beside the
+adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
+records the zoo side (backbone, base-weight fingerprint, methods, head), so :func:`load_peft` can
+check the base and rebuild the exact zoo config.
+
+Methods peft expresses: ``lora`` (any targets, ``scaling``, PETL-AST's ``reduction_rate``), and the
+methods whose modules are LoRA with other training (``colora``: per-layer ranks -> ``rank_pattern``;
+``comp_lora``: its projected factors, as applied), and ``hydra`` (its parallel and sequential branches
+are one LoRA of rank r_p + r_s with a bias on B: :func:`hydra_factors`). Every other method is refused
+naming it; export it merged into the base weights instead (:func:`zoo.export.export_merged`, ``--merged``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from zoo.adapters.base import WrappedLayer
+from zoo.adapters.lora import LoRALinear
+from zoo.backbones.base import Backbone
+from zoo.export.naming import (
+    AST_PREFIXES,
+    BASE_CLASSES,
+    ExportError,
+    Part,
+    check_family,
+    installed_ast_names,
+    linear_paths,
+    part_index,
+    parts,
+    site_index,
+)
+from zoo.io import safetensors_bytes
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+ZOO_META = "zoo_export.json"
+ZOO_HEAD = "zoo_head.safetensors"
+PREFIX = "base_model.model."
+# methods whose modules are all LoRALinear: exported through their effective factors
+LORA_METHODS = ("lora", "colora", "comp_lora")
+# Hydra's two branches are one LoRA of rank r_p + r_s with a bias on B (peft's ``lora_bias``), see hydra_factors
+PEFT_METHODS = (*LORA_METHODS, "hydra")
+# peft options a zoo LoRA has no counterpart for: load_peft refuses an adapter that sets them
+UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+               "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None}
+
+
+# --------------------------------------------------------------------------- helpers
+def lora_modules(bb: Backbone) -> list[tuple[str, LoRALinear]]:
+    """``(path without wrappers, module)`` of every LoRA wrapper inside ``bb.model``."""
+    out = []
+    for name, m in bb.model.named_modules():
+        if isinstance(m, LoRALinear):
+            if isinstance(m.base, WrappedLayer) or ".base." in f".{name}.":
+                raise ExportError(f"{name}: stacked adapters on one Linear have no peft equivalent; "
+                                  "export them merged (--merged)")
+            out.append((name, m))
+    return out
+
+
+def _rows(s: slice | None, n: int) -> tuple[int, int]:
+    return (0, n) if s is None else (s.start, s.stop)
+
+
+def part_factors(w: LoRALinear, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A′, B′)`` of the zoo LoRA ``w`` restricted to output ``rows`` (see the module docstring), or
+    ``None`` when no slice of ``w`` touches those rows. Slices are laid out in ``w.slices`` order."""
+    n_out = w.linear().out_features
+    lo, hi = _rows(rows, n_out)
+    a_all, r = w.effective_A().detach(), w.rank
+    a_blocks, b_cols = [], []
+    for i, (k, s) in enumerate(w.slices.items()):
+        s0, s1 = _rows(s, n_out)
+        a, b = max(lo, s0), min(hi, s1)
+        if a >= b:
+            continue
+        a_blocks.append(a_all[i * r:(i + 1) * r])
+        col = a_all.new_zeros(hi - lo, r)
+        col[a - lo:b - lo] = w.effective_B(k).detach()[a - s0:b - s0]
+        b_cols.append(col)
+    if not a_blocks:
+        return None
+    return torch.cat(a_blocks, 0), torch.cat(b_cols, 1)
+
+
+def _pattern_key(module: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that matches exactly ``module`` (peft matches keys as
+    regexes against the end of a module name, so ``transformer.x`` would also match ``visual.transformer.x``)."""
+    return "^" + re.escape(module)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's ``get_pattern_key`` lookup: the first key that matches the end of ``module``."""
+    for key, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return v
+    return default
+
+
+def head_target(model: nn.Module, family: str) -> tuple[str, nn.Module] | None:
+    """``(base-model module name, zoo head module)`` when the base model has the head's module."""
+    from zoo.heads import ImageClassifier
+
+    if family == "vit" and type(model) is ImageClassifier:
+        return "head", model.head
+    return None
+
+
+def _meta(model: nn.Module, bb: Backbone, load_as: dict | None, head_where: str | None) -> dict[str, Any]:
+    from zoo.checkpoint import describe
+
+    d = describe(model)
+    return {"format": "peft", "zoo_version": d["library"]["version"], "backbone": d["backbone"],
+            "methods": d["methods"], "load_as": load_as, "head": d["head"], "head_location": head_where,
+            "base": base_recipe(bb)}
+
+
+def base_recipe(bb: Backbone) -> dict[str, Any]:
+    """How to build the base model in its own library (for the docs / the record, never executed)."""
+    from zoo.backbones.base import _jsonable
+
+    kw = _jsonable(bb.build_kwargs)
+    if bb.family in ("vit", "sam"):
+        return {"library": "timm", "call": f"timm.create_model({bb.model_name!r}, **kwargs)", "kwargs": kw}
+    if bb.family == "clip":
+        return {"library": "open_clip", "call": f"open_clip.create_model({bb.model_name!r}, **kwargs)", "kwargs": kw}
+    return {"library": "transformers", "call": "transformers.ASTModel.from_pretrained(...)",
+            "note": "the Hugging Face AST checkpoint the zoo AST was built from (weights_tag), or the base written by "
+                    "`python -m zoo export --format merged` of the plain backbone"}
+
+
+# --------------------------------------------------------------------------- export
+def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write ``model``'s LoRA as ``adapter_config.json`` + ``adapter_model.safetensors`` for peft.
+
+    Load it with ``peft.PeftModel.from_pretrained(base, out_dir)`` onto the base model built the usual
+    way (see the module docstring). Raises :class:`ExportError` (one line, naming the method) for a
+    method peft cannot express.
+    """
+    from zoo.api import find_backbone
+
+    bb = find_backbone(model)
+    family = check_family(bb)
+    methods = [a.name for a in bb.adapters]
+    if not methods:
+        raise ExportError("the model has no adapter to export (attach one, or export the plain backbone with --format merged)")
+    bad = [m for m in methods if m not in PEFT_METHODS]
+    if bad:
+        from zoo.adapters import ADAPTERS
+
+        how = ("export it merged into the base weights with --merged" if all(ADAPTERS.get(m).mergeable for m in bad)
+               else "it is not mergeable either, so only the zoo artifact or --format merged --keep-modules can carry it")
+        raise ExportError(f"method {bad[0]!r} has no peft equivalent (peft's LoRA expresses {', '.join(PEFT_METHODS)}); {how}")
+    if any(a.merged for a in bb.adapters):
+        raise ExportError("the adapters are merged into the base weights; unmerge them (zoo.unmerge_adapters) before export_peft")
+    mods, hydras = lora_modules(bb), hydra_modules(bb)
+    if not mods and not hydras:
+        raise ExportError(f"the adapters {methods} hold no LoRA modules yet (colora allocates its ranks in prepare); "
+                          "export after training")
+    if sum(len(a.modules) for a in bb.adapters) != len(mods) + len(hydras):
+        raise ExportError("some adapter modules live outside the backbone's own model (SAM's mask decoder, tower=decoder): "
+                          "peft's base is the image encoder only; export the model merged (--merged) instead")
+    names = installed_ast_names()
+    factors = _export_factors(bb, mods, names) if mods else {}
+    biases = {}
+    for key, (module, a, b, gamma, bias) in hydra_factors(bb, hydras, names).items():
+        if key in factors:
+            raise ExportError(f"{key}: a LoRA and a Hydra on one Linear have no single peft LoRA; export them merged (--merged)")
+        factors[key], biases[key] = (module, a, b, gamma), bias
+    tensors, rank_of, alpha_of = {}, {}, {}
+    for key, (module, a, b, gamma) in factors.items():
+        tensors[f"{PREFIX}{key}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{key}.lora_B.weight"] = b
+        if hydras:  # lora_bias is one switch for every target: the LoRA modules get a zero bias
+            tensors[f"{PREFIX}{key}.lora_B.bias"] = biases.get(key, b.new_zeros(b.shape[0]))
+        rank_of[module], alpha_of[module] = a.shape[0], gamma * a.shape[0]
+    r, alpha = Counter(zip(rank_of.values(), alpha_of.values())).most_common(1)[0][0]
+    if any(k.endswith(".base_layer.out_proj") and f[2].any() for k, f in factors.items()):
+        import warnings
+
+        warnings.warn("this CLIP LoRA changes attention out_proj: peft <= 0.21's MultiheadAttention.merge (also run by "
+                      "its forward) adds that delta twice (huggingface/peft PR #3774); the exported factors are the "
+                      "correct ones, peft's outputs match once the fix is released", UserWarning, stacklevel=2)
+    head = head_target(model, family)
+    head_where = None
+    if head is not None:
+        for k, v in head[1].state_dict().items():
+            tensors[f"{PREFIX}{head[0]}.{k}"] = v.detach()
+        head_where = f"modules_to_save:{head[0]}"
+    cfg = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": int(r), "lora_alpha": float(alpha), "lora_dropout": float(bb.adapters[0].config.get("dropout", 0.0) or 0.0),
+        "target_modules": sorted(rank_of), "bias": "none", "use_rslora": False, "use_dora": False,
+        "lora_bias": bool(hydras),
+        "init_lora_weights": True, "fan_in_fan_out": False, "modules_to_save": [head[0]] if head else None,
+        "rank_pattern": {_pattern_key(m): int(v) for m, v in sorted(rank_of.items()) if v != r},
+        "alpha_pattern": {_pattern_key(m): float(alpha_of[m]) for m in sorted(rank_of) if alpha_of[m] != alpha},
+        "auto_mapping": {"base_model_class": BASE_CLASSES[family][0]},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WEIGHTS).write_bytes(safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
+                                                  {"format": "pt"}))
+    (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    rest = outside_backbone(model, bb)
+    if head is None and rest:
+        (out / ZOO_HEAD).write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu().clone()
+                                                        for k, v in rest.items()}, {"format": "pt"}))
+        head_where = ZOO_HEAD
+    load_as = {"name": "lora", "config": dict(bb.adapters[0].config)} if methods == ["lora"] else None
+    (out / ZOO_META).write_text(json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
+    return out
+
+
+def _export_factors(bb: Backbone, mods, ast_names: str, ast_prefix: str = "") -> dict[str, tuple]:
+    """``key -> (peft module, A′, B′, γ)`` for every base piece the zoo LoRA modules touch."""
+    out: dict[str, tuple[str, torch.Tensor, torch.Tensor, float]] = {}
+    for path, w in mods:
+        if w.rank == 0:  # no delta (colora may allocate rank 0 to a layer)
+            continue
+        for p in parts(bb, path, w.linear().out_features, ast_names, ast_prefix):
+            f = part_factors(w, p.rows)
+            if f is not None:
+                out[p.key] = (p.module, f[0], f[1], float(w.scaling))
+    if bb.family == "clip":
+        _complete_mha(bb, out)
+    return out
+
+
+def hydra_modules(bb: Backbone) -> list:
+    """``(path without wrappers, module)`` of every Hydra wrapper inside ``bb.model``."""
+    from zoo.adapters.hydra import HydraLinear
+
+    out = []
+    for name, m in bb.model.named_modules():
+        if isinstance(m, HydraLinear):
+            if isinstance(m.base, WrappedLayer) or ".base." in f".{name}.":
+                raise ExportError(f"{name}: stacked adapters on one Linear have no peft equivalent; export them merged (--merged)")
+            out.append((name, m))
+    return out
+
+
+def hydra_factors(bb: Backbone, mods, ast_names: str) -> dict[str, tuple]:
+    """``key -> (peft module, A′, B′, s, c)``: Hydra as one LoRA with a bias on B (Kim et al., see
+    :mod:`zoo.adapters.hydra`). With ``y0 = W0 x + b0`` the layer is
+
+        y0 + s·[B_p (A_p x + d_p) + u_p] + s·[B_s (A_s y0 + d_s) + u_s]
+          = y0 + s·(B′ A′ x + c),   A′ = [A_p; A_s W0],  B′ = [B_p, B_s],
+                                    c = B_p d_p + u_p + B_s (A_s b0 + d_s) + u_s
+
+    exactly: the sequential branch reads a linear function of x, so it is a low-rank delta of rank
+    r_s on the input (``A_s W0``: the base weight folded in, fixed because the base is frozen). peft
+    computes ``lora_B(lora_A(x)) · lora_alpha / r`` with a bias on ``lora_B`` when ``lora_bias=True``.
+    Only the function carries over: Hydra's dropout sits between down and up, peft's on the input."""
+    out = {}
+    for path, w in mods:
+        lin = w.linear()
+        if bb.family == "clip" and path.endswith((".attn.in_proj", ".attn.out_proj")):
+            raise ExportError(f"{path}: peft's MultiheadAttention LoRA has no lora_bias; a Hydra there has no peft "
+                              "equivalent (export it merged with --merged)")
+        w0 = lin.weight.detach()
+        b0 = lin.bias.detach() if lin.bias is not None else w0.new_zeros(w0.shape[0])
+        par, seq = w.par, w.seq
+        a = torch.cat([par.down.weight.detach(), seq.down.weight.detach() @ w0], 0)
+        b = torch.cat([par.up.weight.detach(), seq.up.weight.detach()], 1)
+        c = seq.up.weight.detach() @ (seq.down.weight.detach() @ b0)
+        for t in (par.bias_term(), seq.bias_term()):
+            if t is not None:
+                c = c + t.detach()
+        for p in parts(bb, path, lin.out_features, ast_names):
+            rows = slice(None) if p.rows is None else p.rows
+            out[p.key] = (p.module, a, b[rows].contiguous(), float(w.scale), c[rows].contiguous())
+    return out
+
+
+def _complete_mha(bb: Backbone, out: dict) -> None:
+    """peft adapts a MultiheadAttention's in_proj and out_proj together with one rank and alpha: give the
+    missing one zero factors, zero-pad the smaller rank, and fold a differing γ into B (exact)."""
+    lins = linear_paths(bb)
+    for module in sorted({m for m, *_ in out.values() if m.endswith(".attn")}):
+        keys = {"in_proj": module, "out_proj": f"{module}.base_layer.out_proj"}
+        have = {n: out[k] for n, k in keys.items() if k in out}
+        r = max(v[1].shape[0] for v in have.values())
+        gamma = next(iter(have.values()))[3]
+        for name, key in keys.items():
+            lin = lins[f"{module}.{name}"]
+            a = torch.zeros(r, lin.in_features, dtype=lin.weight.dtype)
+            b = torch.zeros(lin.out_features, r, dtype=lin.weight.dtype)
+            if name in have:
+                _, a0, b0, g0 = have[name]
+                a[:a0.shape[0]] = a0
+                b[:, :b0.shape[1]] = b0 if g0 == gamma else b0 * (g0 / gamma)
+            out[key] = (module, a, b, gamma)
+
+
+# --------------------------------------------------------------------------- import
+def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict | None]:
+    """``(adapter_config, tensors without the base_model.model. prefix, zoo_export.json or None)``."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} is not a peft adapter folder: expected {CONFIG} and {WEIGHTS}")
+    cfg = json.loads((path / CONFIG).read_text())
+    try:
+        raw = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise ExportError(f"{path / WEIGHTS} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    tensors = {(k.removeprefix(PREFIX)): v for k, v in raw.items()}
+    meta = json.loads((path / ZOO_META).read_text()) if (path / ZOO_META).is_file() else None
+    return cfg, tensors, meta
+
+
+def _check_config(cfg: dict[str, Any], family: str) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise ExportError(f"peft method {cfg.get('peft_type')!r} has no zoo counterpart here; load_peft reads LoRA adapters")
+    for k, ok in UNSUPPORTED.items():
+        if cfg.get(k) not in (ok, None, [], {}):
+            raise ExportError(f"peft option {k}={cfg[k]!r} has no zoo LoRA counterpart")
+    cls = (cfg.get("auto_mapping") or {}).get("base_model_class")
+    if cls and cls not in BASE_CLASSES[family]:
+        raise ExportError(f"the adapter was made for a {cls}, this model's base is a {' / '.join(BASE_CLASSES[family])} "
+                          f"({family}); load it into a model with that base")
+
+
+def _ast_layout(keys) -> tuple[str, str]:
+    """``(names, prefix)`` of a Hugging Face AST adapter: ``legacy`` (``encoder.layer.N``, transformers 4)
+    or ``v5`` (``layers.N``), on ``ASTModel`` (no prefix) or ``ASTForAudioClassification``."""
+    prefix = AST_PREFIXES[1] if any(k.startswith(AST_PREFIXES[1]) for k in keys) else ""
+    names = "v5" if any(k[len(prefix):].startswith("layers.") for k in keys) else "legacy"
+    return names, prefix
+
+
+def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
+    """Load the peft LoRA adapter at ``path`` into ``model`` (a zoo backbone, or a head around one).
+
+    Works for adapters trained with peft on the base models of :mod:`zoo.export.naming` (target names
+    timm ``qkv`` / ``proj`` / ``fc1``, open_clip ``attn`` (its ``in_proj`` and ``out_proj``) / ``c_fc``,
+    HF AST ``query`` / ``key`` / ``value`` / ``dense``) and for :func:`export_peft`'s output. The zoo LoRA
+    config is the recorded one (``zoo_export.json``) or is derived from the tensors: the site kinds and
+    layers the adapter touches (the same kinds in every adapted layer), its rank and γ.
+
+    The head comes from ``modules_to_save`` (timm's ``head``) or, for a model with a ``head``, from the
+    ``zoo_head.safetensors`` :func:`export_peft` writes for heads the base model has no module for.
+
+    Everything is checked before the model changes: the base (``auto_mapping``, tensor shapes, the
+    base-weight fingerprint when ``zoo_export.json`` records one), and that the zoo LoRA reproduces every
+    tensor of the file exactly; on failure the model is left as it was.
+    """
+    from zoo.api import ModelState, apply_adapter, find_backbone
+
+    bb = find_backbone(model)
+    family = check_family(bb)
+    cfg, tensors, meta = read_peft(path)
+    _check_config(cfg, family)
+    if bb.adapters:
+        raise ExportError(f"the model already has adapters {[a.name for a in bb.adapters]}; load a peft adapter into a plain model")
+    names, prefix = _ast_layout(tensors) if family == "ast" else ("legacy", "")
+    index = part_index(bb, names, prefix)
+    lora, head_t = {}, {}
+    saved = set(cfg.get("modules_to_save") or [])
+    for k, v in tensors.items():
+        m = re.match(r"^(.*)\.lora_([AB])\.weight$", k)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = v
+        elif k.split(".", 1)[0] in saved or any(k.startswith(f"{s}.") for s in saved):
+            head_t[k] = v
+        else:
+            raise ExportError(f"tensor {k!r} is neither a LoRA factor nor in modules_to_save; a zoo LoRA cannot hold it")
+    unknown = sorted(k for k in lora if k not in index)
+    if unknown:
+        raise ExportError(f"the adapter targets {unknown[:4]}{'…' if len(unknown) > 4 else ''}, which this {family} model "
+                          f"({bb.model_name}) does not have as Linear sites")
+    for k, ab in lora.items():
+        _, part, lin = index[k]
+        rows = lin.out_features if part.rows is None else part.rows.stop - part.rows.start
+        if set(ab) != {"A", "B"} or ab["A"].ndim != 2 or ab["A"].shape[1] != lin.in_features or \
+                tuple(ab["B"].shape) != (rows, ab["A"].shape[0]):
+            got = {n: tuple(t.shape) for n, t in ab.items()}
+            raise ExportError(f"{k}: LoRA factors {got} do not fit this model's Linear ({lin.in_features} -> {rows}); "
+                              "the adapter was trained on a base of another size")
+    _head_for(model, family, head_t)  # modules_to_save: timm's head is the zoo ImageClassifier's 'head'
+    if not head_t and (Path(path) / ZOO_HEAD).is_file() and outside_backbone(model, bb):
+        head_t = _zoo_head(Path(path) / ZOO_HEAD, outside_backbone(model, bb))
+    if meta is not None:
+        want = meta.get("backbone", {})
+        diffs = [f"{k}: adapter {want.get(k)!r}, model {v!r}" for k, v in
+                 (("family", bb.family), ("model", bb.model_name)) if want.get(k) not in (None, v)]
+        if not diffs and check_fingerprint and want.get("fingerprint") and want["fingerprint"] != bb.fingerprint():
+            diffs.append(f"base-weight fingerprint: adapter {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
+        if diffs:
+            raise ExportError("the peft adapter was made for another base: " + "; ".join(diffs))
+    lora_cfg = (meta or {}).get("load_as") or _derive_config(bb, cfg, lora, index)
+    snap = ModelState(model)
+    full = model.state_dict()
+    head_before = {k: full[k].detach().clone() for k in head_t}
+    try:
+        apply_adapter(model, lora_cfg["name"], **lora_cfg["config"])
+        _fill(bb, lora, index, names, prefix)
+        model.load_state_dict(head_t, strict=False)  # keys checked: exactly the head's
+    except BaseException:
+        snap.restore(model)
+        model.load_state_dict(head_before, strict=False)
+        raise
+    snap.match_mode(model)
+    return model
+
+
+def _head_for(model: nn.Module, family: str, head_t: dict[str, torch.Tensor]):
+    if not head_t:
+        return None
+    target = head_target(model, family)
+    names = sorted({k.rsplit(".", 1)[0] for k in head_t})
+    if target is None or names != [target[0]]:
+        raise ExportError(f"the adapter saves modules {names} (modules_to_save), which this model has no place for "
+                          f"(a zoo.ImageClassifier on a ViT takes timm's 'head')")
+    own = {f"{target[0]}.{k}": tuple(v.shape) for k, v in target[1].state_dict().items()}  # same names in both
+    got = {k: tuple(v.shape) for k, v in head_t.items()}
+    if own != got:
+        raise ExportError(f"head tensors {got} do not fit the model's head {own} (another number of classes?)")
+    return target
+
+
+def outside_backbone(model: nn.Module, bb: Backbone) -> dict[str, torch.Tensor]:
+    """``model``'s tensors outside its backbone (a head, SAM's prompt encoder and mask decoder)."""
+    if model is bb:
+        return {}
+    name = next(n for n, m in model.named_modules() if m is bb)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(f"{name}.")}
+
+
+def _zoo_head(file: Path, head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head :func:`export_peft` wrote beside the adapter, checked against the model's head."""
+    state = load_file(str(file))
+    own = {k: tuple(v.shape) for k, v in head.items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if own != got:
+        raise ExportError(f"{file.name} holds a head {got} that does not fit the model's head {own}")
+    return state
+
+
+def _scale(cfg: dict, module: str, r: int) -> float:
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _derive_config(bb: Backbone, cfg: dict, lora: dict, index: dict) -> dict[str, Any]:
+    """The zoo ``lora`` config whose modules have exactly the file's LoRA pieces."""
+    sites = site_index(bb)
+    where, ranks, gammas = set(), set(), set()
+    for k, ab in lora.items():
+        _, part, lin = index[k]
+        rows = None if part.rows is None else (part.rows.start, part.rows.stop)
+        site = sites.get((id(lin), rows))
+        if site is None:
+            raise ExportError(f"{k} is not at a zoo site (q k v qkv o fc1 fc2 of a block); a zoo LoRA cannot hold it")
+        where.add(site)
+        r = ab["A"].shape[0]
+        ranks.add(r)
+        gammas.add(_scale(cfg, part.module, r))
+    if len(ranks) != 1 or len(gammas) != 1:
+        raise ExportError(f"the adapter's modules have different ranks {sorted(ranks)} / scalings {sorted(gammas)}; "
+                          "a zoo LoRA has one rank and alpha (rank_pattern / alpha_pattern are not expressible)")
+    towers = sorted({t for t, _, _ in where}, key=str)
+    kinds = [k for k in ("q", "k", "v", "qkv", "o", "fc1", "fc2") if any(s[2] == k for s in where)]
+    per_tower = {t: sorted({i for tt, i, _ in where if tt == t}) for t in towers}
+    every = all(per_tower[t] == list(range(len(bb.tower_blocks(t)[0]))) for t in towers)  # towers may differ in depth
+    layers = "all" if every else per_tower[towers[0]]
+    full = {(t, i, k) for t in towers for i in (range(len(bb.tower_blocks(t)[0])) if every else layers) for k in kinds}
+    if full != where:
+        missing = sorted(full - where, key=str)[:3]
+        raise ExportError(f"the adapter does not adapt the same sites in every adapted layer (e.g. no {missing}); "
+                          "a zoo LoRA adapts kinds × layers")
+    r, gamma = ranks.pop(), gammas.pop()
+    rslora = bool(cfg.get("use_rslora"))
+    conf: dict[str, Any] = {"rank": r, "alpha": gamma * (math.sqrt(r) if rslora else r), "targets": kinds,
+                            "layers": layers, "dropout": float(cfg.get("lora_dropout") or 0.0),
+                            "scaling": "rslora" if rslora else "standard"}
+    if towers != [None] and towers != [bb.towers[0]]:
+        conf["tower"] = towers[0] if len(towers) == 1 else "both"
+    return {"name": "lora", "config": conf}
+
+
+def _fill(bb: Backbone, lora: dict, index: dict, names: str, prefix: str) -> None:
+    """Put the file's factors into the freshly attached zoo LoRA modules (the inverse of
+    :func:`part_factors`), then check that exporting them gives back every tensor exactly."""
+    mods = lora_modules(bb)
+    pieces: dict[str, list[Part]] = {}
+    for key, (path, part, _) in index.items():
+        pieces.setdefault(path, []).append(part)
+    with torch.no_grad():
+        for path, w in mods:
+            n_out, r = w.linear().out_features, w.rank
+            for part in pieces.get(path, []):
+                if part.key not in lora:
+                    continue
+                a, b = lora[part.key]["A"], lora[part.key]["B"]
+                lo, hi = _rows(part.rows, n_out)
+                m = 0
+                for i, (k, s) in enumerate(w.slices.items()):
+                    s0, s1 = _rows(s, n_out)
+                    x0, x1 = max(lo, s0), min(hi, s1)
+                    if x0 >= x1:
+                        continue
+                    if m * r + r > a.shape[0]:
+                        raise ExportError(f"{part.key}: rank {a.shape[0]} is smaller than the zoo config needs ({r} per slice)")
+                    w.lora_A[i * r:(i + 1) * r] = a[m * r:(m + 1) * r]
+                    w.lora_B[k][x0 - s0:x1 - s0] = b[x0 - lo:x1 - lo, m * r:(m + 1) * r]
+                    m += 1
+    again = _export_factors(bb, mods, names, prefix)
+    for key, ab in lora.items():
+        got = again.get(key)
+        if got is None:
+            if (ab["B"].double() @ ab["A"].double()).any():
+                raise ExportError(f"{key}: a nonzero delta the zoo config does not adapt")
+            continue
+        if not (torch.equal(got[1], ab["A"].to(got[1].dtype)) and torch.equal(got[2], ab["B"].to(got[2].dtype))):
+            raise ExportError(f"{key}: the delta is not a zoo LoRA of this config (e.g. nonzero k rows of a q,v LoRA)")
