@@ -321,9 +321,9 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
         "worse": f"no row beats {baseline}: the best, {best}, is worse beyond the noise",
         "unknown": f"{best} vs {baseline} cannot be judged (one run each)",
     }[c["verdict"]]
-    lines = [f"{col.header} ({direction}), mean ± std over up to {n_runs} seeds/folds per row. "
-             f"Best row {best}: {stat(c['other'])} vs baseline {baseline}: {stat(c['base'])}, "
-             f"{_diff_text(col, c['gain'])} ({noise(c)}): {verdict}."]
+    lines = [(f"{col.header} ({direction}), mean ± std over up to {n_runs} seeds/folds per row. "
+              f"Best row {best}: {stat(c['other'])} vs baseline {baseline}: {stat(c['base'])}, "
+              f"{_diff_text(col, c['gain'])} ({noise(c)}): {verdict}.")]
     for k, o in others.items():
         if k != best and o["other"][2]:
             lines.append(f"{k} vs {baseline}: {_diff_text(col, o['gain'])} ({noise(o)}): {ROW_VERDICT[o['verdict']]}.")

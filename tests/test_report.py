@@ -1,7 +1,10 @@
 """Result tables over run folders (tasks.report)."""
 import json
+import math
 
-from tasks.report import collect, markdown
+import pytest
+
+from tasks.report import caption, collect, compare, grouped_rows, markdown, mean_std
 
 
 def test_collect_and_markdown(tmp_path):
@@ -40,11 +43,6 @@ def test_runs_under_different_protocols_are_never_in_one_table(tmp_path):
 
 
 # ---------------------------------------------------------------------- rows over seeds and the caption
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-from tasks.report import caption, compare, grouped_rows, mean_std  # noqa: E402
 
 ACC = [{"key": "val/acc", "header": "val acc", "fmt": "pct"}, {"key": "test/acc", "header": "test acc", "fmt": "pct"}]
 NRMSE = [{"key": "val/nrmse", "header": "val nRMSE", "fmt": "float"},
