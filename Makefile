@@ -6,7 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow docs venv clean-runs
+.PHONY: demo demos methods-demo clip-demo clip-quickstart audio-demo seg-demo pde-demo restore-demo caption-demo test test-slow docs venv clean-runs
+
+# LOG_DIR=DIR puts a demo's runs under DIR (make demos gives each demo its own folder)
+LOG_ARG = $(if $(LOG_DIR),paths.log_dir=$(LOG_DIR))
 
 venv: $(STAMP)
 
@@ -20,13 +23,17 @@ checkpoints/upstream/vit_demo.safetensors: | $(STAMP)
 	$(PY) train.py experiment=upstream
 
 demo: $(STAMP) checkpoints/upstream/vit_demo.safetensors
-	$(PY) train.py experiment=quickstart
+	$(PY) train.py experiment=quickstart $(LOG_ARG)
+
+# the ten newer methods (issue #26) next to LoRA on the same task and backbone, 5 epochs (~10 min on 2 cores)
+methods-demo: $(STAMP) checkpoints/upstream/vit_demo.safetensors
+	$(PY) train.py experiment=methods_demo $(LOG_ARG)
 
 checkpoints/captioning/coca_tiny.safetensors: | $(STAMP)
 	$(PY) train.py experiment=caption_upstream
 
 caption-demo: $(STAMP) checkpoints/captioning/coca_tiny.safetensors
-	$(PY) train.py experiment=caption_quickstart
+	$(PY) train.py experiment=caption_quickstart $(LOG_ARG)
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -47,28 +54,40 @@ checkpoints/clip/tiny_shapes_p4.safetensors: | $(STAMP)
 	$(PY) -m tasks.pretrain.clip
 
 clip-demo clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes_p4.safetensors
-	$(PY) train.py experiment=clip_quickstart
+	$(PY) train.py experiment=clip_quickstart $(LOG_ARG)
 
 checkpoints/audio/ast_demo.safetensors: | $(STAMP)
 	$(PY) train.py experiment=audio_upstream
 
 audio-demo: $(STAMP) checkpoints/audio/ast_demo.safetensors
-	$(PY) train.py experiment=audio_quickstart
+	$(PY) train.py experiment=audio_quickstart $(LOG_ARG)
 
 checkpoints/seg/tiny_sam.pth: | $(STAMP)
 	$(PY) train.py experiment=seg_upstream
 
 seg-demo: $(STAMP) checkpoints/seg/tiny_sam.pth
-	$(PY) train.py experiment=seg_quickstart
+	$(PY) train.py experiment=seg_quickstart $(LOG_ARG)
 
 checkpoints/pde/morph_tiny_pretrained.safetensors: | $(STAMP)
 	$(PY) train.py experiment=pde_pretrain
 
 pde-demo: $(STAMP) checkpoints/pde/morph_tiny_pretrained.safetensors
-	$(PY) train.py experiment=pde_quickstart
+	$(PY) train.py experiment=pde_quickstart $(LOG_ARG)
 
 checkpoints/restoration/nafnet_w16_prod.safetensors: | $(STAMP)
 	$(PY) train.py experiment=restore_pretrain
 
 restore-demo: $(STAMP) checkpoints/restoration/nafnet_w16_prod.safetensors
-	$(PY) train.py experiment=restore_quickstart
+	$(PY) train.py experiment=restore_quickstart $(LOG_ARG)
+
+# Every modality's demo in sequence (pretraining included where its checkpoint is missing), then one
+# combined table (python -m tasks.demos): its runs and summary.md under logs/demos/<time>/.
+DEMOS_DIR := logs/demos/$(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_TARGETS = demo clip-demo audio-demo seg-demo pde-demo restore-demo caption-demo
+
+demos: $(STAMP)
+	@for t in $(DEMO_TARGETS); do \
+		echo "== make $$t ($(DEMOS_DIR)/$$t)"; \
+		$(MAKE) --no-print-directory $$t LOG_DIR=$(DEMOS_DIR)/$$t || exit 1; \
+	done
+	$(PY) -m tasks.demos $(DEMOS_DIR)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
-from tasks.runner import evaluate, register_resolvers, user_errors  # noqa: E402
+from tasks.resolvers import register_resolvers  # noqa: E402
 
 register_resolvers()
 
@@ -23,6 +23,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    from tasks.runner import evaluate, user_errors
 
     with user_errors():
         evaluate(cfg, overrides=list(HydraConfig.get().overrides.task))

@@ -46,6 +46,8 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 import zoo
 from zoo.registry import Registry
 
+from tasks.options import OPTIMIZER, SCHEDULER, check_betas, check_options
+
 METRICS_SCHEMA_VERSION = 2
 
 TASK_KINDS: Registry = Registry("task kind")
@@ -124,6 +126,9 @@ class ZooTask(L.LightningModule):
         self.optim_cfg = {"lr": 1e-3, "weight_decay": 1e-4, "betas": (0.9, 0.999), **(optimizer or {})}
         self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, "cosine_epochs": None, "warmup_lr_init": None,
                           **(scheduler or {})}
+        self.optim_cfg.update(check_options("task.optimizer", self.optim_cfg, OPTIMIZER))
+        check_betas("task.optimizer", self.optim_cfg["betas"])
+        self.sched_cfg.update(check_options("task.scheduler", self.sched_cfg, SCHEDULER))
         self.meta = meta
         self.strict_loading = False  # checkpoints hold adapter + head only
 

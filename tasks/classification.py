@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
+from zoo.adapters.base import check_float
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.metrics.classification import accuracy
 
@@ -33,9 +34,9 @@ class ClassificationTask(ZooTask):
                  scheduler: dict | None = None, label_smoothing: float = 0.0, monitor: str | None = None,
                  monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
+        self.label_smoothing = check_float("task.label_smoothing", label_smoothing, 0.0, 1.0)
         self.save_hyperparameters()
         self.model = self.build_model(backbone, adapter, num_classes)
-        self.label_smoothing = label_smoothing
         self.train_acc = accuracy(num_classes)
         self.val_acc = accuracy(num_classes)
         self.test_acc = accuracy(num_classes)

@@ -26,6 +26,7 @@ import zoo
 from tasks.base import Column, create_backbone, register_task
 from tasks.classification import ClassificationTask
 from tasks.data.fewshot import ImageItems, load_fewshot
+from tasks.options import LOADER, Int, check_options
 from tasks.metrics.fewshot import harmonic_mean, retention_row, zeroshot_accuracy
 from zoo.zeroshot import CLIPClassifier, check_head
 
@@ -56,6 +57,8 @@ class FewShotDataModule(L.LightningDataModule):
                  augment: str = "clip_lora", heldout: Sequence[str] = (), mean=None, std=None, seed: int = 1,
                  generate: bool = True, **_: Any):
         super().__init__()
+        check_options("data", locals(), LOADER)
+        check_options("task", locals(), {"shots": Int(1)})  # data.shots is ${task.shots}
         self.root, self.dataset, self.shots, self.subsample = root, dataset, int(shots), subsample
         self.layout, self.sampler, self.short_classes, self.seed = layout, sampler, short_classes, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers

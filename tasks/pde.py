@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
+from tasks.options import Int, check_options
 from tasks.data.sampling import make_loader
 from tasks.metrics.pde import MAXED, METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
 from zoo.heads import BackboneOutput
@@ -215,6 +216,9 @@ class PDEDataModule(L.LightningDataModule):
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = False, seed: int = 0):
         super().__init__()
+        check_options("data", locals(), {"context": Int(1), "rollout_horizon": Int(1), "stride": Int(1),
+                                         "batch_size": Int(1), "eval_batch_size": Int(1, optional=True),
+                                         "num_workers": Int(0)})
         if path is None and generate is None:
             raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
         self.path, self.root, self.generate = path, root, generate

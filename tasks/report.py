@@ -39,8 +39,11 @@ def _natural(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("trainable params", None), ("% of backbone", None)]
+PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("adapter params", None), ("% of backbone", None)]
+# How every parameter count of the project is meant (the run log, metrics.json's trainable_params, this table):
+PARAMS_NOTE = "Adapter params: trainable parameters inside the backbone, task head excluded (as the papers count)."
 SUFFIX = ["artifact KiB"]
+STEP = "step ms"  # shown when a run recorded its mean training step time (metrics.json "step_ms")
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
@@ -52,8 +55,12 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return list(seen.values())
 
 
+def _timed(rows: list[dict[str, Any]]) -> bool:
+    return any(m.get("step_ms") is not None for m in rows)
+
+
 def header(rows: list[dict[str, Any]]) -> list[str]:
-    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX
+    return [h for h, _ in PREFIX] + [c.header for c in metric_columns(rows)] + SUFFIX + ([STEP] if _timed(rows) else [])
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -62,7 +69,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for m in rows:
         p, bb = m.get("trainable_params", 0), max(1, m.get("backbone_params", 1))
         out.append([m.get("adapter", "?"), m.get("dataset", "?"), f"{p:,}", f"{100 * p / bb:.2f}%",
-                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}"])
+                    *[c.format(m.get(c.key)) for c in cols], f"{m.get('artifact_bytes', 0) / 1024:.1f}",
+                    *([Column("step_ms", STEP).format(m.get("step_ms"))] if _timed(rows) else [])])
     return out
 
 
@@ -110,7 +118,7 @@ def _markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None
     head, body = _table(rows, columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + PARAMS_NOTE + "\n"
 
 
 def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text: str = "",
@@ -129,7 +137,7 @@ def _print_table(rows: list[dict[str, Any]], title: str, columns: list[str] | No
     from rich.table import Table
 
     head, body = _table(rows, columns)
-    t = Table(title=title)
+    t = Table(title=title, caption=PARAMS_NOTE)
     for h in head:
         t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
     for r in body:
@@ -342,7 +350,16 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
 class SummaryTable(Callback):
     """Hydra callback: at the end of a multirun, print and save the table of its runs."""
 
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        import time
+
+        self._t0 = time.monotonic()
+
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        import time
+
+        from tasks.trainer.progress import fmt_seconds
+
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect(sweep_dir)
         if not rows:
@@ -351,7 +368,9 @@ class SummaryTable(Callback):
         text = caption(rows, report["baseline"], report.get("metric"), report.get("reference")) \
             if report.get("baseline") else ""
         keys = list(report.get("columns") or [])
-        print_table(rows, title=f"results in {sweep_dir}", caption_text=text, columns=keys)
+        wall = time.monotonic() - getattr(self, "_t0", time.monotonic())
+        print_table(rows, title=f"results in {sweep_dir} ({len(rows)} runs, {fmt_seconds(wall)} wall time)",
+                    caption_text=text, columns=keys)
         from zoo.io import atomic_write_text
 
         atomic_write_text(sweep_dir / "summary.md", markdown(rows, text, keys))

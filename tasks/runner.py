@@ -12,7 +12,7 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
      "adapter", "adapter_config", "backbone", "task", "dataset", "seed",
      "protocol": {"name", "splits", "selection", "validated_on", ... (tasks/protocol.py)},
      "selection": "val" | "last" | "val_is_test", "validated_on": <the validation split's name or null>,
-     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes",
+     "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes", "step_ms",
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,51 +41,7 @@ log = logging.getLogger("adapter_zoo")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-# Errors that mean "the config or the data is wrong", each raised with a message that says what
-# to change: the command line shows that message, not a stack trace (ZOO_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, zoo.WeightsUnavailableError, zoo.hub.HubError)
-
-
-def _wrappers() -> tuple[type, ...]:
-    """Exceptions that only wrap the real one (Hydra's "Error in call to target ...")."""
-    from hydra.errors import HydraException
-
-    return (HydraException,)
-
-
-def user_error_of(e: BaseException) -> BaseException | None:
-    """The user error ``e`` reports: ``e`` itself, or what a wrapper (Hydra) was raised from.
-
-    Only wrappers are looked through: an exception raised *while handling* a user error (a real
-    bug in an ``except`` block) is not a user error and must surface with its traceback.
-    """
-    wrappers, seen = _wrappers(), set()
-    while not isinstance(e, USER_ERRORS):
-        nxt = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-        if not isinstance(e, wrappers) or nxt is None or id(nxt) in seen:
-            return None
-        seen.add(id(e))
-        e = nxt
-    return e
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the worker's own message
-        lines = [ln for ln in msg.splitlines() if ln.strip()]
-        msg = lines[-1].split(": ", 1)[-1] if lines else msg
-    return msg
-
-
-@contextmanager
-def user_errors():
-    try:
-        yield
-    except Exception as e:
-        cause = user_error_of(e)
-        if os.environ.get("ZOO_DEBUG") or cause is None:
-            raise
-        raise SystemExit(f"error: {_one_line(cause)}") from None
+from tasks.errors import USER_ERRORS, user_error_of, user_errors  # noqa: E402,F401 (re-exported)
 
 
 class _DropAdverts(logging.Filter):
@@ -105,16 +62,18 @@ def quiet_logs() -> None:
         lg.addFilter(_DropAdverts())
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # ddp_spawn's processes start a fresh interpreter: they inherit filters only through the environment
+    # (PYTHONWARNINGS: comma-separated, the message a literal prefix, so it stops before the message's comma)
+    leaf = "ignore:`isinstance(treespec:FutureWarning"
+    have = os.environ.get("PYTHONWARNINGS", "")
+    if leaf not in have.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [have, leaf]))
 
 
 def register_resolvers() -> None:
-    from tasks.data.vtab import num_classes
+    from tasks.resolvers import register_resolvers as register
 
-    OmegaConf.register_new_resolver("vtab_classes", num_classes, replace=True)
-    OmegaConf.register_new_resolver("multiply", lambda a, b: int(a) * int(b), replace=True)  # e.g. 500 x K steps
-    from tasks.trainer.perf import mixed_precision
-
-    OmegaConf.register_new_resolver("mixed_precision", mixed_precision, replace=True)  # 16-mixed on a GPU, else 32
+    register()
 
 
 def _plain(node) -> Any:
@@ -126,15 +85,40 @@ def build_task(cfg: DictConfig) -> L.LightningModule:
     return instantiate(task_cfg, backbone=_plain(cfg.backbone), adapter=_plain(cfg.adapter), _convert_="all", _recursive_=False)
 
 
+def check_data(cfg: DictConfig) -> None:
+    """Check the data on disk before the task builds (or downloads) any weights.
+
+    The DataModule's ``check_data`` (a function attribute of its ``_target_``), called with the data
+    config's keys it takes, looks only at folders and list files: a missing dataset fails in a second,
+    naming where to get it and the layout expected, not after a weights download.
+    """
+    from hydra.utils import get_method
+
+    data_cfg = _plain(cfg.data)
+    target = data_cfg.pop("_target_", None)
+    check = getattr(get_method(target), "check_data", None) if target else None
+    if check is None:
+        return
+    import inspect
+
+    params = inspect.signature(check).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        data_cfg = {k: v for k, v in data_cfg.items() if k in params}
+    check(**data_cfg)
+
+
 def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDataModule:
     """The DataModule of ``cfg.data`` with the run's seed; image DataModules (a ``normalize`` key)
-    also get the normalisation's mean and std."""
+    also get the normalisation's mean and std, and the backbone's data config (timm's input size,
+    interpolation, crop) when they take one (``data_config``, the image-folder layout)."""
     data_cfg = _plain(cfg.data)
     if "normalize" not in data_cfg:
         return instantiate(data_cfg, seed=cfg.seed, _convert_="all")
     norm = data_cfg.pop("normalize")
+    dc = dict(zoo.find_backbone(task.model).data_config)
+    if data_cfg.get("layout") == "imagefolder":
+        data_cfg["data_config"] = dc
     if norm == "backbone":
-        dc = zoo.find_backbone(task.model).data_config
         mean, std = dc.get("mean"), dc.get("std")
     elif norm == "imagenet":
         mean, std = IMAGENET
@@ -156,12 +140,15 @@ def build_trainer(cfg: DictConfig, has_val: bool, task: L.LightningModule | None
     The checkpoint callback monitors what the task declares (``task.monitor`` / ``monitor_mode``), unless
     the run does not select on validation (``select_on_val=False``: ``task.selection=last``).
     """
-    from tasks.trainer.perf import perf_callbacks
+    from tasks.trainer.perf import StepTimer, perf_callbacks
 
     quiet_logs()
     trainer_cfg = _plain(cfg.trainer)
     trainer_cfg.update(overrides)
-    callbacks = perf_callbacks(trainer_cfg)  # trainer.compile / trainer.checkpoint_blocks
+    from tasks.trainer.progress import ProgressLines
+
+    callbacks = perf_callbacks(trainer_cfg) + [StepTimer()]  # trainer.compile / trainer.checkpoint_blocks; step_ms
+    callbacks.append(ProgressLines(trainer_cfg.pop("progress_every_s", None) or 30))  # a line every 30 s, any output mode
     for name, cb in (_plain(cfg.get("callbacks")) or {}).items():
         if not cb or (name.endswith("progress_bar") and not trainer_cfg.get("enable_progress_bar", True)):
             continue
@@ -310,8 +297,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from hydra.utils import get_method
 
         return get_method(cfg.task.runner)(cfg)
+    import time
+
+    t0 = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    check_data(cfg)  # cheap, before the task builds or downloads weights
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
     dm.prepare_data()
@@ -329,8 +320,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
     bb_trainable, bb_params = zoo.count_parameters(bb)
-    log.info("adapter %s: %s trainable of %s parameters (%.3f%% of the backbone)",
-             cfg.adapter.name, f"{trainable:,}", f"{total:,}", 100 * bb_trainable / max(1, bb_params))
+    log.info("adapter %s: %s", cfg.adapter.name, describe_params(bb_trainable, bb_params, trainable - bb_trainable))
 
     if cfg.get("train", True):
         ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir)
@@ -352,7 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": cfg.backbone.model,
         "backbone_config": _plain(cfg.backbone),  # its weights and options: bench.vtab groups by them
         "task": cfg.task.get("name"),
-        "dataset": cfg.task.get("dataset"),
+        "dataset": getattr(dm, "dataset_name", None) or cfg.task.get("dataset"),  # an image folder: its name
         "protocol": protocol_record(cfg.task.get("protocol"), splits, selection, task.protocol_details(dm)),
         "selection": selection,
         "validated_on": (splits.get("val") or {}).get("name"),
@@ -362,6 +352,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
+        "step_ms": _step_ms(trainer),  # mean training step wall time of this run (None: no step timed)
         **{c["key"]: None for c in decl["columns"]},
     }
     ckpt_cb = trainer.checkpoint_callback
@@ -372,12 +363,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     elif has_val and ckpt_cb is not None and ckpt_cb.best_model_path:
         # select on validation, never on test
         score = load_adapter_checkpoint(task, ckpt_cb.best_model_path)
-        metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
-        others = [c["key"] for c in decl["columns"] if c["key"].startswith("val/") and c["key"] != task.monitor]
+        if ckpt_cb.monitor == task.monitor:
+            metrics["monitor"]["value"] = _num(ckpt_cb.best_model_score if ckpt_cb.best_model_score is not None else score)
+        # Without a checkpoint callback that monitors the task's metric (callbacks=none: Lightning's default one
+        # keeps the last weights), the selection metric is measured on the kept weights with the others.
+        selected = metrics["monitor"]["value"] is not None
+        others = [c["key"] for c in decl["columns"] if c["key"].startswith("val/") and (c["key"] != task.monitor or not selected)]
+        if not selected and task.monitor not in others:
+            others.append(task.monitor)
         if others:  # the selected weights' other validation metrics
             with keep_csv_history(trainer, out_dir):
                 res = trainer.validate(task, datamodule=dm, verbose=False)
             metrics.update({k: _num(res[0].get(k)) for k in others} if res else {})
+        if not selected:
+            metrics["monitor"]["value"] = metrics.get(task.monitor)
     elif has_val:
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
     metrics[task.monitor] = metrics["monitor"]["value"]
@@ -394,11 +393,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if trainer.is_global_zero:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
+        metrics["wall_time_s"] = round(time.monotonic() - t0, 1)  # this run, weights and data included
         record = {**decl, "name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"],
                   "config": _plain(cfg.task), "data": _plain(cfg.data)}
+        classes = class_names(dm)
+        if classes is not None:
+            record["class_names"] = classes  # python -m zoo predict labels with them
+        extra = {"task": record, "preprocessing": {**task.preprocessing(), **data_preprocessing(dm)},
+                 "seed": cfg.seed}  # rebuilds randomly initialised base weights (pretrained=false)
+        if cfg.backbone.get("weights"):  # local base weights: where they were, and the backbone config that named them
+            extra["base_weights"] = {"path": str(Path(cfg.backbone.weights).expanduser().resolve()),
+                                     "config": hydra_choice("backbone")}
         art = zoo.save_adapter(task.model, out_dir / "adapter",
-                               metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]},
-                               extra={"task": record, "preprocessing": task.preprocessing()})
+                               metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]}, extra=extra)
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
         write_metrics(out_dir / "metrics.json", metrics)
         if cfg.get("export_backbone"):
@@ -406,8 +413,50 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("publish"):
             publish(cfg, task.model, out_dir)
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
+        from tasks.trainer.progress import fmt_seconds
+
+        log.info("wall time: %s", fmt_seconds(metrics["wall_time_s"]))
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _step_ms(trainer: L.Trainer) -> float | None:
+    from tasks.trainer.perf import StepTimer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
+    return None if timer is None else timer.mean_ms()
+
+
+def describe_params(adapter: int, backbone: int, head: int) -> str:
+    """The one wording of parameter counts (run log; the summary table's columns are the same numbers):
+    the adapter's trainable parameters inside the backbone, head excluded, as a share of the backbone."""
+    from tasks.report import PARAMS_NOTE
+
+    return (f"{adapter:,} trainable parameters ({100 * adapter / max(1, backbone):.2f}% of the backbone's {backbone:,}); "
+            f"+ {head:,} in the task head. {PARAMS_NOTE}")
+
+
+def hydra_choice(group: str) -> str | None:
+    """The config group option this run composed (``backbone=ast_demo`` -> ``ast_demo``); None outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group)
+    except Exception:  # composed without a Hydra run (tests, notebooks)
+        return None
+
+
+def class_names(dm: L.LightningDataModule) -> list[str] | None:
+    """The DataModule's class names (``class_names``, or the audio sets' ``classes``), if it has them."""
+    names = getattr(dm, "class_names", None) or getattr(dm, "classes", None)
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def data_preprocessing(dm: L.LightningDataModule) -> dict[str, Any]:
+    """What the DataModule adds to the artifact's preprocessing record (e.g. audio: the fbank
+    normalisation), so that inference outside Lightning (``python -m zoo predict``) reproduces it."""
+    rec = getattr(dm, "preprocessing", None)
+    return dict(rec()) if callable(rec) else {}
 
 
 def run_label(cfg: DictConfig) -> str:
@@ -416,13 +465,7 @@ def run_label(cfg: DictConfig) -> str:
     label = (cfg.get("report") or {}).get("label")
     if label:
         return str(label)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choice = HydraConfig.get().runtime.choices.get("adapter")
-    except ValueError:  # composed without Hydra's run (tests, notebooks)
-        choice = None
-    return choice or cfg.adapter.name
+    return hydra_choice("adapter") or cfg.adapter.name
 
 
 def apply_final_overrides(cfg: DictConfig) -> DictConfig:
@@ -495,8 +538,14 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     bmeta = meta["backbone"]
     tag = bmeta.get("weights_tag") or ""
     if tag.startswith("file:") and not cfg.backbone.get("weights"):
-        raise ValueError(f"the artifact was trained on base weights from a local file ({tag[5:]}); "
-                         f"pass backbone.weights=/path/to/{tag[5:]} (e.g. backbone=vit_demo)")
+        from zoo.hub.load import local_weights_hint, recorded_weights
+
+        found = recorded_weights(meta.get("base_weights"))
+        if found is None:
+            raise ValueError(local_weights_hint(bmeta, meta.get("base_weights")))
+        with open_dict(cfg):
+            cfg.backbone.weights = str(found)  # the file the run read (the fingerprint check guards it)
+        print(f"base weights: {found} (recorded by the run)", file=sys.stderr)
     record = meta.get("task") or {}
     if record.get("config") is not None:
         task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
@@ -526,6 +575,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.logger = None
         cfg.callbacks = None
     L.seed_everything(cfg.seed)
+    check_data(cfg)  # cheap, before the base weights are built
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
     trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
@@ -535,6 +585,14 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         res = trainer.validate(task, datamodule=dm, verbose=False)[0]
     prefix = f"{cfg.split}/"
     metrics = {k: _num(v) for k, v in sorted(res.items()) if k.startswith(prefix)}
+    if cfg.get("predict"):  # +predict=DIR: the split's files through python -m zoo predict's code path
+        from zoo.predict import predict
+
+        if not callable(getattr(dm, "split_files", None)):
+            raise ValueError(f"+predict: the {task.kind} data has no per-file inputs to predict on "
+                             f"(it writes CSVs for images and audio clips, mask PNGs for segmentation)")
+        dest = predict(artifact, dm.split_files(cfg.split), cfg.predict, weights=cfg.backbone.get("weights"))
+        print(f"predictions: {dest}", file=sys.stderr)
     out = {"artifact": str(artifact), "kind": task.kind, "dataset": task_cfg.get("dataset"), "split": cfg.split,
            **({"monitor": {"name": task.monitor, "mode": task.monitor_mode, "value": metrics.get(task.monitor)}}
               if cfg.split == "val" else {}),

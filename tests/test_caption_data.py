@@ -81,7 +81,7 @@ def test_bad_caption_files_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         cd.load_msrvtt(tmp_path / "nope.json", tmp_path)
     (tmp_path / "m.json").write_text(json.dumps({"videos": [{"video_id": "v0", "split": "train"}], "sentences": []}))
-    with pytest.raises(ValueError, match="1 train video\\(s\\) have no caption, e.g. 'v0'"):
+    with pytest.raises(ValueError, match="m.json: 1 train video\\(s\\) have no \\(non-empty\\) caption, e.g. 'v0'"):
         cd.load_msrvtt(tmp_path / "m.json", tmp_path)
 
 

@@ -28,7 +28,9 @@ def sweep(name: str) -> dict[str, list[str]]:
 def test_every_make_target_demo_is_listed():
     makefile = (Path(CONF).parent / "Makefile").read_text()
     for name in DEMOS:
-        assert f"experiment={name}\n" in makefile, name  # one sweep per demo, no per-row commands
+        # one sweep per demo (LOG_ARG: make demos' folder), no per-row commands
+        assert f"train.py experiment={name} $(LOG_ARG)\n" in makefile, name
+    assert makefile.count("train.py experiment=pde_quickstart") == 1
 
 
 @pytest.mark.parametrize("name", sorted(DEMOS))

@@ -361,3 +361,46 @@ def test_registry_validation_and_errors(tmp_path, monkeypatch):
             hub.get_entry("nope")
     assert "could not be read" in str(e.value)
     assert cli(["download", "nope"]) == 2
+
+
+def _run_on_local_base(trained, tmp_path) -> tuple[Path, Path]:
+    """A copy of the finished run whose adapter.json records where its local base weights were (as train.py does)."""
+    import shutil
+
+    weights = tmp_path / "local" / trained["weights"].name  # the file the run read (its tag names it)
+    weights.parent.mkdir(parents=True)
+    shutil.copyfile(trained["weights"], weights)
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    meta = json.loads((run / "adapter" / "adapter.json").read_text())
+    meta["base_weights"] = {"path": str(weights), "config": "vit_demo"}
+    (run / "adapter" / "adapter.json").write_text(json.dumps(meta))
+    return run, weights
+
+
+def test_publish_of_a_run_on_local_base_weights_then_from_zoo(trained, tmp_path, monkeypatch, capsys):
+    """publish registers the base weights the run read (<name>-base); from_zoo(NAME) then works even
+    after the original file is gone, and gives the trained outputs."""
+    reg = tmp_path / "zoo" / "registry.json"
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", reg)
+    run, weights = _run_on_local_base(trained, tmp_path)
+    assert cli(["publish", str(run), "--name", "mine", "--out", str(tmp_path / "zoo" / "mine")]) == 0
+    entry = json.loads(capsys.readouterr().out)["mine"]
+    assert entry["base_entry"] == "mine-base" and hub.get_entry("mine-base").kind == "backbone"
+    weights.unlink()
+    monkeypatch.setenv(hub.ENV_OFFLINE, "1")
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_zoo("mine")(trained["x"]), trained["y"])
+    # a second adapter on the same base reuses the entry instead of copying the weights again
+    run2, _ = _run_on_local_base(trained, tmp_path / "again")
+    assert hub.publish_run(run2, "mine2", registry=reg, out_dir=tmp_path / "zoo" / "mine2")["base_entry"] == "mine-base"
+
+
+def test_local_base_weights_are_found_where_the_run_read_them_or_named(trained, tmp_path):
+    run, weights = _run_on_local_base(trained, tmp_path)
+    with torch.no_grad():  # the recorded path, no registry entry needed
+        torch.testing.assert_close(zoo.from_zoo(str(run / "adapter"))(trained["x"]), trained["y"])
+    weights.unlink()
+    with pytest.raises(hub.EntryNotFoundError, match=r"local/vit_up.safetensors \(not on this machine\): pass "
+                                                     r"weights=/path/to/vit_up.safetensors \(backbone=vit_demo"):
+        zoo.from_zoo(str(run / "adapter"))

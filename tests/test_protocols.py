@@ -239,6 +239,7 @@ def test_samed_poly_runs_over_max_epochs_while_training_stops_earlier():
     import lightning as L
 
     L.LightningModule.__init__(task)
+    task.model = __import__("torch").nn.Identity()  # no adapter: the optimizer hook builds plain AdamW
     task.optim_cfg = {"lr": 1.0, "weight_decay": 0.0, "betas": (0.9, 0.999)}
     task.sched_cfg = {"name": "poly", "warmup_iters": 0, "power": 0.9, "schedule_epochs": 200}
     task.param_groups = lambda lr, wd: [{"params": [__import__("torch").nn.Parameter(__import__("torch").zeros(1))]}]

@@ -124,7 +124,7 @@ def test_grouped_table_mean_and_std(tmp_path):
     assert md[0].startswith("| row | dataset | runs |") and md[3].startswith("| lora | d | 3 |")
     assert md[-1].startswith("test acc (higher is better)")
     only = markdown(rows, columns=["test/acc"]).splitlines()  # report.columns: the metrics shown
-    assert only[0] == "| row | dataset | runs | trainable params | % of backbone | test acc | artifact KiB |"
+    assert only[0] == "| row | dataset | runs | adapter params | % of backbone | test acc | artifact KiB |"
     with pytest.raises(ValueError, match="no such metric \\['test/nope'\\]; valid: val/acc, test/acc"):
         markdown(rows, columns=["test/nope"])
     mu, sd, n = mean_std([1.0, None, 3.0, float("nan")])

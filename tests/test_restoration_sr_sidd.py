@@ -123,5 +123,5 @@ def test_sidd_mat_bad_input(tmp_path):
     with pytest.raises(ValueError, match="they must match"):
         R.find_pairs("denoise", tmp_path, "test")
     (folder / f"{R.SIDD_MAT[1]}.mat").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read MAT file"):
+    with pytest.raises(ValueError, match="ValidationGtBlocksSrgb.mat: cannot read this MAT file"):
         R.find_pairs("denoise", tmp_path, "test")

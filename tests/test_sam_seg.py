@@ -177,6 +177,22 @@ def test_tower_errors(ref):
         zoo.apply_adapter(tiny_segmenter(2), "salt", tower="decoder")
 
 
+@pytest.mark.parametrize("name,trains", [("full", lambda n: True), ("bitfit", lambda n: n.endswith(".bias"))])
+def test_base_parameter_methods_on_the_decoder_tower(name, trains):
+    """full / bitfit with tower=decoder train exactly the mask decoder's own parameters of their kind (the
+    decoder view takes no tower argument: passing 'decoder' on to it used to fail), the encoder stays frozen."""
+    model = tiny_segmenter(num_classes=2)
+    for p in model.decoder.parameters():
+        p.requires_grad_(False)
+    zoo.apply_adapter(model, name, tower="decoder")
+    a = zoo.adapters_of(model)[0]
+    view = {id(p) for p in a.backbone.parameters()}
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    want = {id(p) for n, p in a.backbone.named_parameters() if trains(n)}
+    got = {id(p) for p in model.parameters() if p.requires_grad}
+    assert want and got == want and want <= view
+
+
 # every registered adapter on the SAM segmenter (encoder tower): attach + forward + backward, or a
 # refusal naming why (SAM's tokens are NHWC, so prompt/token methods have no 'tokens' site)
 TOKEN_METHODS = {"vpt", "q_adapter"}

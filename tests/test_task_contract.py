@@ -154,7 +154,7 @@ def test_old_metrics_json_reads_as_classification(tmp_path):
     m = read_metrics(tmp_path / "0_old" / "metrics.json")
     assert m["kind"] == "classification" and m["monitor"] == {"name": "val/acc", "mode": "max", "value": 0.5}
     md = markdown(collect(tmp_path)).splitlines()
-    assert md[0] == "| adapter | dataset | trainable params | % of backbone | val acc | test acc | val MSE | artifact KiB |"
+    assert md[0] == "| adapter | dataset | adapter params | % of backbone | val acc | test acc | val MSE | artifact KiB |"
     assert md[2] == "| lora | dsprites_loc | 10 | 1.00% | 50.0 | – | – | 1.0 |"
     assert md[3] == "| full | rendered_depth | 1,000 | 100.00% | – | – | 0.0123 | 2.0 |"
     runs, warnings = load_runs([tmp_path / "0_old" / "metrics.json", tmp_path / "1_new" / "metrics.json"])

@@ -14,31 +14,44 @@ A plain PyTorch library (no Lightning, no Hydra)::
 """
 __version__ = "0.1.0"
 
-from zoo.activation_checkpoint import checkpoint_blocks  # noqa: E402
-from zoo.adapters import ADAPTERS, register_adapter  # noqa: E402
-from zoo.adapters.base import Adapter, AdapterModule, NotMergeableError, StepContext, WrappedLayer  # noqa: E402
-from zoo.api import (  # noqa: E402
-    adapters_of,
-    apply_adapter,
-    before_optimizer_step,
-    build_optimizer,
-    count_parameters,
-    extra_loss,
-    find_backbone,
-    list_adapters,
-    merge_adapters,
-    on_train_step,
-    param_groups,
-    prepare_adapters,
-    remove_adapters,
-    set_task,
-    unmerge_adapters,
-)
-from zoo.backbones import BACKBONES, Backbone, WeightsUnavailableError, create_backbone, list_backbones, register_backbone  # noqa: E402
-from zoo.checkpoint import AdapterMismatchError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from zoo.export import ExportError, export_merged, export_onnx, export_peft, load_peft  # noqa: E402
-from zoo.heads import HEADS, DenseRegressor, ImageClassifier, MultiHeadClassifier, build_head_model, register_head  # noqa: E402
-from zoo.hub import from_zoo  # noqa: E402
-from zoo.multi_adapter import MultiAdapter  # noqa: E402
-from zoo.registry import UnknownNameError  # noqa: E402
-from zoo.sites import SITE_KINDS, Site, SiteError, find_sites  # noqa: E402
+# The public names, imported on first use (PEP 562): ``python -m zoo --help`` / ``list`` and the model-zoo
+# functions answer without importing torch and timm, which take seconds. ``import zoo; zoo.apply_adapter``
+# and ``from zoo import apply_adapter`` work as with eager imports.
+_PUBLIC: dict[str, tuple[str, ...]] = {
+    "zoo.activation_checkpoint": ("checkpoint_blocks",),
+    "zoo.adapters": ("ADAPTERS", "register_adapter"),
+    "zoo.adapters.base": ("Adapter", "AdapterModule", "NotMergeableError", "StepContext", "WrappedLayer"),
+    "zoo.api": ("adapters_of", "apply_adapter", "before_optimizer_step", "build_optimizer", "count_parameters",
+                "extra_loss", "find_backbone", "list_adapters", "merge_adapters", "on_train_step", "param_groups",
+                "prepare_adapters", "remove_adapters", "set_task", "unmerge_adapters"),
+    "zoo.backbones": ("BACKBONES", "Backbone", "WeightsUnavailableError", "create_backbone", "list_backbones",
+                      "register_backbone"),
+    "zoo.checkpoint": ("AdapterMismatchError", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"),
+    "zoo.export": ("ExportError", "export_merged", "export_onnx", "export_peft", "load_peft"),
+    "zoo.heads": ("HEADS", "DenseRegressor", "ImageClassifier", "MultiHeadClassifier", "build_head_model", "register_head"),
+    "zoo.hub": ("from_zoo",),
+    "zoo.multi_adapter": ("MultiAdapter",),
+    "zoo.registry": ("UnknownNameError",),
+    "zoo.sites": ("SITE_KINDS", "Site", "SiteError", "find_sites"),
+}
+_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
+_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "export", "heads", "hub", "io",
+               "multi_adapter", "predict", "registry", "sites", "zeroshot")
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"zoo.{name}")
+    else:
+        raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE) | set(_SUBMODULES))

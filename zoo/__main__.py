@@ -11,9 +11,9 @@ from zoo import hub
 def _table(rows: list[hub.Entry]):
     from rich.table import Table
 
-    t = Table(title="Adapter Zoo")
+    t = Table(title="Adapter Zoo", caption="stored params: the artifact's tensors (adapter and task head)")
     t.add_column("name", no_wrap=True)
-    for col in ("kind", "backbone", "weights", "method", "task", "metrics", "params", "licence", "cached"):
+    for col in ("kind", "backbone", "weights", "method", "task", "metrics", "stored params", "licence", "cached"):
         t.add_column(col, overflow="fold")
     for e in rows:
         metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(e.metrics.items())[:3])
@@ -22,6 +22,17 @@ def _table(rows: list[hub.Entry]):
                   ",".join(e.method_names) or "-", e.task_name or "-", metrics or "-",
                   f"{params:,}" if isinstance(params, int) else "-", e.licence or "-", "yes" if hub.is_cached(e) else "")
     return t
+
+
+def empty_zoo_note() -> str:
+    """What ``list`` says when no registry holds an entry (a fresh clone)."""
+    return (f"the model zoo is empty: the project's registry ships no entries yet, and nothing was published on this "
+            f"machine (registries read: {', '.join(hub.registry_locations())}).\n"
+            f"  make demo      adds vit-demo (the demo backbone) and vit-demo-<linear|lora|full>-dsprites_ori to "
+            f"{hub.registry.LOCAL_REGISTRY}\n"
+            f"  python -m zoo publish RUN_DIR --name NAME --out DIR [--url-base URL | --hf-repo ORG/REPO]   publishes "
+            f"a finished run (a lab serves the folder and its registry.json)\n"
+            f"  --registry PATH_OR_URL or ${hub.ENV_REGISTRY}   reads another registry (a lab's)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--force", action="store_true", help="download again even if cached")
     vf = sub.add_parser("verify", help="re-hash cached files (deleting corrupt ones) and check the registries")
     vf.add_argument("names", nargs="*")
+    pr = sub.add_parser("predict", help="predict files with a trained adapter: a CSV (file,label,score) for images and "
+                                         "audio clips, mask PNGs for segmentation")
+    pr.add_argument("artifact", help="an artifact folder (<run>/adapter) or a zoo entry name")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="files, or folders (searched recursively)")
+    pr.add_argument("--out", default="predictions", help="output folder (default: ./predictions): predictions.csv, masks/")
+    pr.add_argument("--weights", help="base weights file, for an artifact trained on local base weights that are "
+                                      "not where the run read them")
+    pr.add_argument("--batch-size", type=int, default=16)
     pb = sub.add_parser("publish", help="package a finished run as a zoo artifact and print its registry entry")
     pb.add_argument("run_dir")
     pb.add_argument("--name", required=True)
@@ -83,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({e.name: e.raw for e in rows}, indent=2))
             elif rows:
                 console.print(_table(rows))
+            elif hub.entries():
+                console.print("no zoo entries match")
             else:
-                console.print("no zoo entries match" + ("" if hub.entries() else
-                              f" (registries read: {', '.join(hub.registry_locations())}; run `make demo` "
-                              f"or set {hub.ENV_REGISTRY})"))
+                console.print(empty_zoo_note(), highlight=False)
             for loc, why in {**hub.registry_errors, **hub.entry_errors}.items():
                 err.print(f"[yellow]skipped {loc}: {why}[/yellow]", highlight=False)
         elif args.cmd == "info":
@@ -105,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             if not rows:
                 console.print("nothing cached to verify")
             return 1 if bad or hub.registry_errors or hub.entry_errors else 0
+        elif args.cmd == "predict":
+            from zoo.predict import predict
+
+            dest = predict(args.artifact, args.paths, args.out, weights=args.weights, batch_size=args.batch_size)
+            err.print(f"wrote {dest}", highlight=False)
         elif args.cmd == "publish":
             reg = None if args.no_register else (args.registry_file or hub.registry.LOCAL_REGISTRY)
             entry = hub.publish_run(args.run_dir, args.name, registry=reg, out_dir=args.out,

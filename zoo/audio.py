@@ -73,6 +73,7 @@ def load_wav(path: str | os.PathLike, sample_rate: int = 16000) -> tuple[torch.T
         raise AudioDecodeError(f"{path}: cannot decode audio ({str(e).splitlines()[0][:160]}); replace or remove the file") from None
     if data.shape[0] == 0:
         raise AudioDecodeError(f"{path}: empty audio (0 samples); replace or remove the file")
+    check_samples(data, path)
     notes = []
     wave = torch.from_numpy(data.T.copy())  # [C, N]
     if wave.shape[0] > 1:
@@ -84,6 +85,25 @@ def load_wav(path: str | os.PathLike, sample_rate: int = 16000) -> tuple[torch.T
         notes.append(f"{sr} Hz resampled to {sample_rate} Hz")
         wave = AF.resample(wave, sr, sample_rate)
     return wave, notes
+
+
+# Decoded audio lies in -1..1; a float WAV may overshoot a little (clipping), but a peak of 2^15 or
+# 1e30 is a file written in the wrong scale, whose loss would blow up as if the learning rate were too high.
+MAX_PEAK = 16.0
+
+
+def check_samples(data, path) -> None:
+    """Refuse NaN/inf samples and samples far outside -1..1, naming the file."""
+    import numpy as np
+
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise AudioDecodeError(f"{path}: {int((~finite).sum())} of {data.size} samples are NaN or inf; "
+                               "replace or remove the file")
+    peak = float(np.abs(data).max())
+    if peak > MAX_PEAK:
+        raise AudioDecodeError(f"{path}: samples reach {peak:.3g}, but audio must lie in -1..1 (a float file "
+                               "written in integer scale?); rescale, replace or remove the file")
 
 
 def fbank(wave: torch.Tensor, args: FbankArgs = FbankArgs(), source: str = "waveform") -> torch.Tensor:
@@ -277,5 +297,5 @@ def dataset_stats(fbanks, target_length: int | None = None, batch_size: int = 10
     if batch:
         flush()
     if not means:
-        raise ValueError("no clips to compute fbank statistics from")
+        raise ValueError("no clips to compute fbank statistics from (the training split is empty)")
     return sum(means) / len(means), sum(stds) / len(stds)

@@ -28,6 +28,8 @@ reported and replaced by the next clip (``bad_files=skip``).
 from __future__ import annotations
 
 import csv
+import io
+import json
 import logging
 import math
 import os
@@ -41,6 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.overlap import check_disjoint
+from tasks.data.reading import read_text
+from tasks.options import LOADER, FRACTION, Int, Real, check_options
 from tasks.protocol import overlaps
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
 
@@ -59,8 +64,9 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
     if not meta.is_file():
         raise FileNotFoundError(
             f"{meta} not found: task.data_dir must be an ESC-50 release folder (ESC-50-master/ with "
-            f"meta/esc50.csv and audio/*.wav), or use task.dataset=generated")
-    with open(meta, newline="") as f:
+            f"meta/esc50.csv and audio/*.wav; get it from https://github.com/karolpiczak/ESC-50, "
+            f"archive/master.zip), or use task.dataset=generated")
+    with io.StringIO(read_text(meta, "CSV file"), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("filename", "fold", "target") if c not in (reader.fieldnames or [])]
         if missing:
@@ -69,8 +75,10 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
         for i, r in enumerate(reader, start=2):
             try:
                 rows.append({**r, "path": str(root / "audio" / r["filename"]), "fold": int(r["fold"]), "target": int(r["target"])})
-            except ValueError:
+            except (ValueError, TypeError):
                 raise ValueError(f"{meta}, line {i}: fold and target must be integers, got {r['fold']!r}, {r['target']!r}") from None
+            if rows[-1]["target"] < 0:
+                raise ValueError(f"{meta}, line {i}: target {rows[-1]['target']} is negative; targets are class indices 0..K-1")
     if not rows:
         raise ValueError(f"{meta} lists no clips")
     return rows
@@ -105,17 +113,30 @@ def esc50_split(rows: list[dict], test_fold: int, val_fold: str = "none") -> dic
     }
 
 
-def esc50_classes(rows: list[dict]) -> list[str]:
-    by_target = {r["target"]: r.get("category") or str(r["target"]) for r in rows}
+def esc50_classes(rows: list[dict], meta: str | os.PathLike = "meta/esc50.csv") -> list[str]:
+    """Class names by target; one target named two ways, or fewer than two classes, is refused."""
+    by_target: dict[int, str] = {}
+    for r in rows:
+        name = r.get("category") or str(r["target"])
+        if by_target.setdefault(r["target"], name) != name:
+            raise ValueError(f"{meta}: target {r['target']} is named both {by_target[r['target']]!r} and {name!r}; "
+                             "one class name per target")
+    need_two_classes(sorted(set(by_target.values())), meta)
     n = max(by_target) + 1
     return [by_target.get(i, str(i)) for i in range(n)]
+
+
+def need_two_classes(classes: list[str], where) -> None:
+    if len(classes) < 2:
+        raise ValueError(f"{where}: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs at "
+                         "least two classes")
 
 
 # ------------------------------------------------------------------------------ Speech Commands
 def _read_list(path: Path) -> set[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: Speech Commands v2 needs validation_list.txt and testing_list.txt")
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {line.strip() for line in read_text(path, "list file").splitlines() if line.strip()}
 
 
 SC12_CLASSES = (*SC12_WORDS, "_unknown_", "_silence_")
@@ -132,7 +153,9 @@ def read_speechcommands(root: str | os.PathLike, classes: str = "35", test_root:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Speech Commands folder not found: {root}")
+        raise FileNotFoundError(f"Speech Commands folder not found: {root}; expected speech_commands_v0.02 (<word>/*.wav, "
+                                f"validation_list.txt, testing_list.txt) from "
+                                f"http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz")
     if classes not in ("35", "12"):
         raise ValueError(f"Speech Commands classes={classes!r}; valid: 35, 12")
     if test_root and classes != "12":
@@ -259,14 +282,19 @@ def read_folder(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, int]
                 raise ValueError(f"{d}: class folder(s) {extra} are not training classes {classes}; add them to train/ or remove them")
             splits[split] = [(str(f), classes.index(c)) for c in classes if (d / c).is_dir()
                              for f in sorted((d / c).iterdir()) if f.suffix.lower() in AUDIO_EXT]
+        need_two_classes(classes, root / "train")
         if not splits["val"]:
             splits["val"] = splits["test"]
+        check_disjoint({k: [f for f, _ in v] for k, v in splits.items()}, str(root))
         return splits, classes
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class folders; expected <root>/<class>/*.wav")
+    need_two_classes(classes, root)
     items = [(str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in AUDIO_EXT]
-    return split_80_10_10(items), classes
+    splits = split_80_10_10(items)
+    check_disjoint({k: [f for f, _ in v] for k, v in splits.items()}, str(root))
+    return splits, classes
 
 
 def split_80_10_10(items: list) -> dict[str, list]:
@@ -305,7 +333,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         raise FileNotFoundError(f"{root / MULTILABEL_FILES[0]} not found: task.dataset=multilabel needs a list with "
                                 f"the columns file,labels[,split] (labels separated by ';'), e.g. 'a.wav,dog;bark,train'")
     meta = found[0]
-    with open(meta, newline="") as f:
+    with io.StringIO(read_text(meta, "CSV file"), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if meta.suffix == ".tsv" else ",")
         cols = reader.fieldnames or []
         if "file" not in cols or "labels" not in cols:
@@ -324,7 +352,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         raise ValueError(f"{meta} lists no clips")
     class_file = root / "classes.txt"
     if class_file.is_file():
-        classes = [c.strip() for c in class_file.read_text().splitlines() if c.strip()]
+        classes = [c.strip() for c in read_text(class_file, "class list").splitlines() if c.strip()]
         for path, names, _, i in rows:
             bad = [n for n in names if n not in classes]
             if bad:
@@ -340,6 +368,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         splits = split_80_10_10([(p, y) for p, y, _ in items])
     if not splits["val"]:
         splits["val"] = splits["test"]
+    check_disjoint({k: [f for f, _ in v] for k, v in splits.items()}, str(meta))
     return splits, classes
 
 
@@ -485,6 +514,36 @@ def _synth(kind: str, sr: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return (x + 0.01 * rng.standard_normal(n)).astype(np.float32)
 
 
+GENERATED_STAMP = ".generated.json"  # the options a generated set was written with
+
+
+def _generated_is_current(root: Path, done: Path, settings: str) -> bool:
+    """Whether the set at ``root`` (complete when ``done`` exists) can be reused: data without our stamp
+    (real data, or written before stamps) is read as is; ours with other options is generated again."""
+    if not done.is_file():
+        return False
+    stamp = root / GENERATED_STAMP
+    if not stamp.is_file() or stamp.read_text() == settings:
+        return True
+    log.warning("audio: %s was generated with other options (%s); generating it again with %s",
+                root, stamp.read_text(), settings)
+    return False
+
+
+def _install_generated(tmp: Path, root: Path, done: Path, settings: str) -> None:
+    """Stamp the complete set in ``tmp`` and move it to ``root`` (swapping out our older set)."""
+    (tmp / GENERATED_STAMP).write_text(settings)
+    if (root / GENERATED_STAMP).is_file():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+        os.replace(root, old / root.name)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        if not done.is_file():
+            raise
+
+
 def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds: float = 1.0, sample_rate: int = 16000,
                     classes: tuple[str, ...] = GENERATED_CLASSES, seed: int = 0) -> Path:
     """Write the generated set in the ESC-50 release layout (``audio/{fold}-{id}-{take}-{target}.wav``,
@@ -493,7 +552,9 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
     import soundfile as sf
 
     root = Path(root)
-    if (root / "meta" / "esc50.csv").is_file():
+    settings = json.dumps({"clips_per_class": clips_per_class, "seconds": seconds, "sample_rate": sample_rate,
+                           "classes": list(classes), "seed": seed}, sort_keys=True)
+    if _generated_is_current(root, root / "meta" / "esc50.csv", settings):
         return root
     if clips_per_class % 5:
         raise ValueError(f"clips_per_class={clips_per_class} must be a multiple of 5 (5 folds)")
@@ -517,11 +578,7 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
             w = csv.writer(f)
             w.writerow(ESC50_COLUMNS)
             w.writerows(rows)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            if not (root / "meta" / "esc50.csv").is_file():
-                raise
+        _install_generated(tmp, root, root / "meta" / "esc50.csv", settings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -536,7 +593,9 @@ def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, second
     import soundfile as sf
 
     root = Path(root)
-    if (root / "labels.csv").is_file():
+    settings = json.dumps({"clips": clips, "seconds": seconds, "sample_rate": sample_rate, "classes": list(classes),
+                           "seed": seed, "two_share": two_share}, sort_keys=True)
+    if _generated_is_current(root, root / "labels.csv", settings):
         return root
     if clips < 5:
         raise ValueError(f"clips={clips}: need at least 5 (3 train / 1 val / 1 test)")
@@ -561,11 +620,7 @@ def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, second
             w = csv.writer(f)
             w.writerow(["file", "labels", "split"])
             w.writerows(rows)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            if not (root / "labels.csv").is_file():
-                raise
+        _install_generated(tmp, root, root / "labels.csv", settings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -603,10 +658,46 @@ def read_dataset(dataset: str, root: str | os.PathLike, fold: int = 1, val_fold:
             classes = UPSTREAM_CLASSES if dataset == "generated_upstream" else GENERATED_CLASSES
             write_generated(root, clips_per_class=clips_per_class, classes=classes, seed=1 if dataset == "generated_upstream" else 0)
         rows = read_esc50(root)
-        return esc50_split(rows, int(fold), val_fold), esc50_classes(rows)
+        return esc50_split(rows, int(fold), val_fold), esc50_classes(rows, Path(root) / "meta" / "esc50.csv")
     if dataset.startswith("speechcommands"):
         return read_speechcommands(root, "12" if dataset.endswith("12") else "35", test_root, silence)
     return read_folder(root)
+
+
+def train_stats(items: list, front: FrontEnd, bad_files: str, root, target_length: int | None = None) -> tuple[float, float]:
+    """The fbank ``(mean, std)`` of the training clips (``path#s`` silence pieces left out, as they
+    are cut from noise files); ``bad_files=skip`` skips unreadable clips here too, with a warning."""
+    if bad_files not in ("raise", "skip"):
+        raise ValueError(f"bad_files={bad_files!r}; valid: raise, skip")
+    files = [p for p, _ in items if "#" not in p]
+    if not files:
+        raise ValueError(f"{root}: the training split has no clips to compute the fbank statistics from "
+                         f"({len(items)} items, none a whole file); add clips, or give data.mean and data.std")
+    skipped: list[str] = []
+
+    def loaded():  # streamed: dataset_stats batches them, the whole split is never in memory
+        for p in files:
+            try:
+                yield front.load(p)
+            except (AudioDecodeError, FileNotFoundError) as e:
+                if bad_files == "raise":
+                    raise type(e)(f"{e} (task.bad_files=skip reports and skips bad clips)") from None
+                skipped.append(p)
+                log.warning("audio: skipped bad clip %s: %s", p, e)
+
+    try:
+        return dataset_stats(loaded(), target_length=target_length)
+    except ValueError:
+        if len(skipped) == len(files):
+            raise ValueError(f"{root}: all {len(files)} training clips failed to load (bad_files=skip skipped them); "
+                             "no clips to compute the fbank statistics from") from None
+        raise
+
+
+# every numeric option of the audio data config, checked in AudioDataModule.__init__
+OPTIONS = {**LOADER, "fold": Int(1), "max_length": Int(1), "num_mel_bins": Int(1), "sample_rate": Int(1),
+           "mean": Real(optional=True), "std": Real(0.0, lo_open=True, optional=True), "freqm": Int(0),
+           "timem": Int(0), "mixup": FRACTION, "generate_clips": Int(1), "num_classes": Int(2, optional=True)}
 
 
 class AudioDataModule(L.LightningDataModule):
@@ -621,6 +712,7 @@ class AudioDataModule(L.LightningDataModule):
                  num_classes: int | None = None, multilabel: bool = False, noise: bool = False,
                  test_root: str | None = None, silence: str = "balanced"):
         super().__init__()
+        check_options("data", locals(), OPTIONS)
         self.seed = seed
         if dataset in MULTILABEL_DATASETS and not multilabel:
             raise ValueError(f"task.dataset={dataset} has multi-label targets: use task=audio_multilabel "
@@ -634,6 +726,7 @@ class AudioDataModule(L.LightningDataModule):
                              f"set task.num_classes={self.num_classes}")
         self.dataset, self.fold, self.val_fold = dataset, fold, val_fold
         args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
+        self.args, self.max_length = args, max_length
         self.cache_dir = cache_dir
         stats_source = "given"
         if mean is None or std is None:
@@ -642,9 +735,8 @@ class AudioDataModule(L.LightningDataModule):
                 mean, std = NORM_STATS[stats_source]
             else:  # from the training split, raw fbanks (cached for training anyway)
                 stats_source = "train split"
-                probe = FrontEnd(max_length, args=args, cache_dir=cache_dir)
-                mean, std = dataset_stats((probe.load(p) for p, _ in self.splits["train"] if "#" not in p),
-                                          target_length=max_length)
+                mean, std = train_stats(self.splits["train"], FrontEnd(max_length, args=args, cache_dir=cache_dir),
+                                        bad_files, root, target_length=max_length)
         self.mean, self.std = float(mean), float(std)
         self.normalisation = {"mean": self.mean, "std": self.std, "source": stats_source}
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
@@ -652,6 +744,23 @@ class AudioDataModule(L.LightningDataModule):
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
+
+    @staticmethod
+    def check_data(dataset: str = "generated", root: str = "data/audio/generated", fold: int = 1, val_fold: str = "none",
+                   generate: bool = True, generate_clips: int = 20, test_root: str | None = None,
+                   silence: str = "balanced", **_) -> None:
+        """The dataset's lists and folders (no clip decoded): run before any weights are built."""
+        read_dataset(dataset, root, fold, val_fold, generate, generate_clips, test_root, silence)
+
+    def preprocessing(self) -> dict:
+        """The front end's arguments (recorded in the artifact: ``python -m zoo predict`` rebuilds it)."""
+        from dataclasses import asdict
+
+        return {"fbank": {**asdict(self.args), "max_length": self.max_length, "mean": self.mean, "std": self.std}}
+
+    def split_files(self, split: str) -> list[str]:
+        """The clip files of ``split`` (``eval.py +predict=DIR``; pieces cut from a longer file are left out)."""
+        return [p for p, _ in self.splits[split] if "#" not in p]
 
     def split_info(self) -> dict:
         """Split names (ESC-50 layouts: the folds), sizes, and whether validation shares clips with test (the

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -39,7 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.overlap import check_disjoint
+from tasks.data.reading import read_rgb_pil, read_text, reading
 from tasks.data.vtab import EpochSeededSampler
+from tasks.options import LOADER, Int, check_options
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("msrvtt", "msvd", "shapes")
 SAMPLINGS = ("center", "linspace", "random")
@@ -76,9 +82,7 @@ def read_frames(path: str | os.PathLike, k: int, sampling: str = "center",
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_EXT)
         if not files:
             raise ValueError(f"frame folder {path} has no images ({', '.join(FRAME_EXT)})")
-        from PIL import Image
-
-        return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in sample_indices(len(files), k, sampling, rng)])
+        return np.stack([np.asarray(read_rgb_pil(files[i])) for i in sample_indices(len(files), k, sampling, rng)])
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path} (check data.root / data.video_dir)")
     try:
@@ -99,12 +103,28 @@ def read_frames(path: str | os.PathLike, k: int, sampling: str = "center",
 class Annotations:
     """Split lists and captions: ``splits = {"train"|"val"|"test": [video_id]}``, ``captions = {id: [str]}``."""
 
-    def __init__(self, splits: dict[str, list[str]], captions: dict[str, list[str]], video_dir: Path, ext: str):
-        self.splits, self.captions, self.video_dir, self.ext = splits, captions, Path(video_dir), ext
+    def __init__(self, splits: dict[str, list[str]], captions: dict[str, list[str]], video_dir: Path, ext: str,
+                 source: str | os.PathLike = "the annotations"):
+        # an empty caption would be trained on as a target and scored as a reference: drop it, say so
+        kept = {v: [c for c in cs if c.strip()] for v, cs in captions.items()}
+        empty = sum(len(cs) for cs in captions.values()) - sum(len(cs) for cs in kept.values())
+        if empty:
+            log.warning("%s: %d empty caption(s) dropped", source, empty)
+        self.splits, self.captions, self.video_dir, self.ext = splits, kept, Path(video_dir), ext
         for split, ids in splits.items():
-            missing = [v for v in ids if not captions.get(v)]
+            missing = [v for v in ids if not kept.get(v)]
             if missing:
-                raise ValueError(f"{len(missing)} {split} video(s) have no caption, e.g. {missing[0]!r}")
+                raise ValueError(f"{source}: {len(missing)} {split} video(s) have no (non-empty) caption, "
+                                 f"e.g. {missing[0]!r}")
+        # one video in two splits (by id, or the same file under two ids) is refused: val = train would
+        # select and report on training videos
+        for a, b in (("train", "val"), ("train", "test")):
+            both = sorted(set(splits.get(a, ())) & set(splits.get(b, ())))
+            if both:
+                raise ValueError(f"{source}: {len(both)} video(s) are in both the {a} and the {b} split, "
+                                 f"e.g. {both[0]!r}; a video may be in one split only")
+        check_disjoint({k: [self.video_path(v) for v in ids] for k, ids in splits.items()}, str(source),
+                       identical="warn")
 
     def video_path(self, vid: str) -> Path:
         folder = self.video_dir / vid
@@ -117,7 +137,7 @@ def _read_json(path: Path):
     if path.stat().st_size == 0:
         raise ValueError(f"caption file {path} is empty")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "annotation file"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid json ({e})") from None
 
@@ -126,21 +146,29 @@ def load_msrvtt(json_path: str | os.PathLike, video_dir: str | os.PathLike) -> A
     data = _read_json(Path(json_path))
     if not isinstance(data, dict) or "videos" not in data or "sentences" not in data:
         raise ValueError(f"{json_path}: expected an MSR-VTT json with 'videos' and 'sentences'")
-    vids = [v["video_id"] for v in data["videos"]]
+    for key, fields in (("videos", ("video_id",)), ("sentences", ("video_id", "caption"))):
+        if not isinstance(data[key], list):
+            raise ValueError(f"{json_path}: '{key}' must be a list of objects")
+        for i, entry in enumerate(data[key]):
+            gone = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if gone:
+                raise ValueError(f"{json_path}: {key}[{i}] has no {' / '.join(repr(f) for f in gone)} key "
+                                 f"(each entry of '{key}' needs {', '.join(fields)})")
+    vids = [str(v["video_id"]) for v in data["videos"]]
     if all("split" in v for v in data["videos"]):
         name = {"train": "train", "validate": "val", "val": "val", "test": "test"}
         splits = {"train": [], "val": [], "test": []}
         for v in data["videos"]:
             if v["split"] not in name:
                 raise ValueError(f"{json_path}: unknown split {v['split']!r} for {v['video_id']} (train, validate, test)")
-            splits[name[v["split"]]].append(v["video_id"])
+            splits[name[v["split"]]].append(str(v["video_id"]))
     else:  # UniVL: the official split is the order of `videos`
         a, b, _ = MSRVTT_SPLIT
         splits = {"train": vids[:a], "val": vids[a:a + b], "test": vids[a + b:]}
     captions: dict[str, list[str]] = {}
     for s in data["sentences"]:
-        captions.setdefault(s["video_id"], []).append(str(s["caption"]).strip())
-    return Annotations(splits, captions, Path(video_dir), ".mp4")
+        captions.setdefault(str(s["video_id"]), []).append(str(s["caption"]).strip())
+    return Annotations(splits, captions, Path(video_dir), ".mp4", json_path)
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -157,12 +185,13 @@ def read_msvd_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     if path.stat().st_size == 0:
         raise ValueError(f"caption file {path} is empty")
     if path.suffix == ".pkl":
-        raw = _DataOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+        with reading(path, "caption pickle"):  # a truncated pickle: EOFError / UnpicklingError
+            raw = _DataOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
     elif path.suffix == ".json":
         raw = _read_json(path)
     else:  # "<video_id> <caption words>" per line
         raw = {}
-        for line in path.read_text().splitlines():
+        for line in read_text(path, "caption file").splitlines():
             if line.strip():
                 vid, _, cap = line.strip().partition(" ")
                 raw.setdefault(vid, []).append(cap)
@@ -180,8 +209,8 @@ def load_msvd(root: str | os.PathLike, video_dir: str | os.PathLike, captions_fi
         f = root / f"{split}_list.txt"
         if not f.is_file():
             raise FileNotFoundError(f"MSVD split list not found: {f} (train_list.txt, val_list.txt, test_list.txt)")
-        splits[split] = [line.strip() for line in f.read_text().splitlines() if line.strip()]
-    return Annotations(splits, captions, Path(video_dir), ".avi")
+        splits[split] = [line.strip() for line in read_text(f, "split list").splitlines() if line.strip()]
+    return Annotations(splits, captions, Path(video_dir), ".avi", root / captions_file)
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -335,6 +364,8 @@ class CaptionDataModule(L.LightningDataModule):
                  shapes_split: Sequence[int] = SHAPES_SPLIT, palette: str = "standard", shapes_seed: int = 0,
                  trail: bool = False, **_: object):
         super().__init__()
+        check_options("data", locals(), {**LOADER, "eval_batch_size": Int(1, optional=True), "num_frames": Int(1),
+                                         "max_train": Int(1, optional=True), "max_eval": Int(1, optional=True)})
         if dataset not in DATASETS:
             raise ValueError(f"unknown captioning dataset {dataset!r}; valid: {', '.join(DATASETS)}")
         sample_indices(num_frames, num_frames, sampling)  # validates num_frames and sampling early

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from PIL import Image
 from torch.utils.data import Dataset
+
+from tasks.data.overlap import check_disjoint
+from tasks.data.reading import read_rgb_pil, read_text, reading
+from zoo.adapters.base import check_int
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +154,20 @@ def read_split(root: str | Path, dataset: str, layout: str = "auto") -> tuple[Pa
     if not path.is_file():
         raise FileNotFoundError(f"{info.name}: split file {path} is missing; download CoOp's {info.split_file} "
                                 f"(see CoOp DATASETS.md); expected {expected_layout(info)}")
-    raw = json.loads(path.read_text())
+    with reading(path, "split file (JSON)"):
+        raw = json.loads(read_text(path, "split file (JSON)"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object with keys train, val, test")
     splits = {}
     for s in ("train", "val", "test"):
         if s not in raw:
             raise ValueError(f"{path}: no {s!r} split (expected keys train, val, test)")
         items = []
         for entry in raw[s]:
-            if len(entry) != 3 or not str(entry[2]).strip():
+            if not isinstance(entry, list) or len(entry) != 3 or not str(entry[2]).strip():
                 raise ValueError(f"{path}: {s} entry {entry!r} must be [relpath, label, classname] with a class name")
+            if isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0:
+                raise ValueError(f"{path}: {s} entry {entry!r}: the label must be an integer >= 0")
             items.append((str(entry[0]), int(entry[1]), str(entry[2])))
         splits[s] = items
     return d / info.image_dir if info.image_dir else d, splits
@@ -170,7 +178,7 @@ def _read_imagenet(d: Path) -> tuple[Path, dict[str, list[Item]]]:
     names: dict[str, str] = {}
     cn = d / "classnames.txt"
     if cn.is_file():
-        for line in cn.read_text().splitlines():
+        for line in read_text(cn, "class names file").splitlines():
             if line.strip():
                 wnid, name = line.strip().split(" ", 1)
                 names[wnid] = name
@@ -195,7 +203,7 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
     variants = d / "variants.txt"
     if not variants.is_file():
         raise FileNotFoundError(f"FGVCAircraft: {variants} is missing; expected {expected_layout(info)}")
-    names = [ln.strip() for ln in variants.read_text().splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(variants, "variants list").splitlines() if ln.strip()]
     label = {n: i for i, n in enumerate(names)}
     splits = {}
     for s in ("train", "val", "test"):
@@ -203,7 +211,7 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
         if not f.is_file():
             raise FileNotFoundError(f"FGVCAircraft: {f} is missing; expected {expected_layout(info)}")
         items = []
-        for ln in f.read_text().splitlines():
+        for ln in read_text(f, "split list").splitlines():
             if ln.strip():
                 img, name = ln.strip().split(" ", 1)
                 items.append((f"{img}.jpg", label[name], name))
@@ -214,8 +222,10 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
 def classnames_of(items: Sequence[Item]) -> list[str]:
     """Dassl's ``get_lab2cname``: one class name per label, in label order; labels must be 0..n-1."""
     lab2name = {}
-    for _, y, c in items:
-        lab2name.setdefault(y, c)
+    for path, y, c in items:
+        if lab2name.setdefault(y, c) != c:  # Dassl keeps the first name; a second one is a broken split file
+            raise ValueError(f"label {y} is named both {lab2name[y]!r} and {c!r} (e.g. {path}); "
+                             "one class name per label")
     labels = sorted(lab2name)
     if labels != list(range(len(labels))):
         missing = sorted(set(range(max(labels) + 1)) - set(labels))
@@ -293,7 +303,9 @@ class ImageItems(Dataset):
 
     def __getitem__(self, i: int):
         path, y, _ = self.items[i]
-        img = Image.open(self.root / path).convert("RGB")
+        if not (self.root / path).is_file():
+            raise FileNotFoundError(f"{self.root / path} is listed in the split but does not exist")
+        img = read_rgb_pil(self.root / path)
         return (self.transform(img) if self.transform else img), y
 
 
@@ -318,12 +330,17 @@ def load_fewshot(root: str | Path, dataset: str, shots: int, seed: int, subsampl
         from tasks.data.fewshot_shapes import ensure_shapes
 
         ensure_shapes(root)
-    if shots not in (0, 1, 2, 4, 8, 16) and shots >= 0:
+    shots = check_int("task.shots", shots, 0)
+    if shots not in (0, 1, 2, 4, 8, 16):
         log.warning("K=%d: the CoOp protocol uses K in {1, 2, 4, 8, 16}", shots)
     image_root, splits = read_split(root, dataset, layout)
     names_all = classnames_of(splits["train"] + splits["test"])
     train, val = sample_fewshot(splits["train"], splits["val"], shots, seed, sampler, short_classes)
     train, val, test = subsample_classes(train, val, splits["test"], subsample=subsample)
+    # the K-shot images must not be test images: a file in both is refused; byte-identical copies under
+    # other names are warned about (the benchmarks' split files are used as they are)
+    check_disjoint({"train": [image_root / p for p, _, _ in train + val], "test": [image_root / p for p, _, _ in test]},
+                   f"{info.name} under {image_root}", pairs=(("train", "test"),), identical="warn")
     labels = sorted({y for _, y, _ in splits["train"] + splits["test"]})
     m = math.ceil(len(labels) / 2)
     names = {"all": names_all, "base": names_all[:m], "new": names_all[m:]}[subsample]

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tasks.data.reading import DataFileError, reading
+
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
@@ -172,12 +174,23 @@ def detect_layout(f, path, fields: Sequence[str] | None = None) -> Layout:
         return _well_layout(f, path, fields)
     if keys and all(k.isdigit() for k in keys):
         seeds = sorted(keys)
-        g = f[seeds[0]]
-        if "data" not in g:
-            raise ValueError(f"{path}: per-seed group {seeds[0]!r} has no dataset 'data' (it holds: {', '.join(g.keys())})")
-        shape = g["data"].shape
+        shapes = {}
+        for seed in seeds:  # every seed's layout, not seed 0's: a mixed file would fail mid-training
+            g = f[seed]
+            if not hasattr(g, "keys") or "data" not in g:
+                held = ", ".join(g.keys()) if hasattr(g, "keys") else "a dataset, not a group"
+                raise ValueError(f"{path}: per-seed group {seed!r} has no dataset 'data' (it holds: {held})")
+            shapes.setdefault(tuple(g["data"].shape), seed)
+        if len(shapes) > 1:
+            (a, sa), (b, sb) = list(shapes.items())[:2]
+            raise ValueError(f"{path}: per-seed groups have different shapes: {sa}/data is {a} but {sb}/data is {b}; "
+                             "every seed must hold one (T, *spatial, channels) shape")
+        shape = next(iter(shapes))
         if len(shape) < 3:
             raise ValueError(f"{path}: {seeds[0]}/data has shape {shape}; expected (T, *spatial, channels)")
+        if shape[-1] > 3:
+            raise ValueError(f"{path}: {seeds[0]}/data has {shape[-1]} channels (fields); MORPH takes at most 3, "
+                             "and per-seed channels cannot be selected: write a file with at most 3")
         return Layout("seeds", seeds, [0] * shape[-1], len(seeds), shape[0], tuple(shape[1:-1]))
     if fields is None and "tensor" in keys:
         shape = f["tensor"].shape
@@ -185,12 +198,19 @@ def detect_layout(f, path, fields: Sequence[str] | None = None) -> Layout:
             raise ValueError(f"{path}: 'tensor' has shape {shape}; a PDEBench 1-D file holds (N, T, X)")
         return Layout("tensor", ["tensor"], [0], shape[0], shape[1], tuple(shape[2:]))
     if fields is None:
-        names = [k for k in VELOCITY if k in keys] + [k for k in SCALARS_CFD if k in keys]
-        if not names:
-            names = [k for k in keys if not k.endswith("coordinate") and hasattr(f[k], "shape") and len(f[k].shape) >= 3]
+        known = [k for k in VELOCITY if k in keys] + [k for k in SCALARS_CFD if k in keys]
+        # every field dataset, not only the CFD names: a file with density, pressure, energy, temperature
+        # used to lose the last two without a word
+        others = [k for k in keys if k not in known and not k.endswith("coordinate") and "tensor" != k
+                  and hasattr(f[k], "shape") and len(f[k].shape) >= 3]
+        names = known + others
         if not names:
             raise ValueError(f"{path}: no PDEBench dataset found ('tensor', per-seed groups, or fields such as "
                              f"density/Vx); the file holds: {', '.join(keys)}")
+        n_fields = (1 if any(k in VELOCITY for k in names) else 0) + sum(k not in VELOCITY for k in names)
+        if n_fields > 3:
+            raise ValueError(f"{path} holds {n_fields} fields ({', '.join(names)}); MORPH takes at most 3: choose them "
+                             f"with data.fields=[...] (velocity components Vx/Vy/Vz count as one field)")
     else:
         names = list(fields)
     for k in names:
@@ -222,7 +242,12 @@ def _well_layout(f, path, fields) -> Layout:
         if bad:
             raise ValueError(f"{path}: no field(s) {bad}; The Well file holds: {', '.join(by_name)}")
         entries = [by_name[k] for k in fields]
+    if fields is None and any(e[2] >= 2 for e in entries):
+        log.warning("%s: rank-2 (t2) field(s) %s left out (d² components; MORPH takes at most 3 per field)",
+                    path, [e[1] for e in entries if e[2] >= 2])
     entries = [e for e in entries if e[2] < 2] if fields is None else entries
+    if not entries:
+        raise ValueError(f"{path}: The Well file has no t0/t1 fields")
     if any(e[2] == 2 for e in entries):
         raise ValueError(f"{path}: rank-2 (t2) fields have d² components; MORPH takes at most 3 per field")
     nd = int(f.attrs.get("n_spatial_dims", 0)) or None
@@ -241,8 +266,17 @@ class Trajectories:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"PDE data file not found: {self.path}")
+        import h5py
+
+        if not h5py.is_hdf5(self.path):
+            raise DataFileError(f"{self.path} is not an HDF5 file: PDE data are PDEBench / The Well .hdf5 / .h5 files"
+                                + (" (a .npy/.npz array has no field names or layout)" if self.path.suffix in (".npy", ".npz") else ""))
         self.h5 = _H5(self.path)
-        self.layout = detect_layout(self.h5(), self.path, fields)
+        with reading(self.path, "PDE data file (HDF5)"):
+            self.layout = detect_layout(self.h5(), self.path, fields)
+        if self.layout.n < 1 or self.layout.t < 1:
+            raise DataFileError(f"{self.path}: {self.layout.n} trajectories of {self.layout.t} frames; "
+                                "a PDE data file needs at least one trajectory with frames")
         self.fit = fit
         self.spatial = place_spatial(self.layout.spatial)
         self.fitted = fitted_shape(self.spatial, fit)
@@ -259,6 +293,10 @@ class Trajectories:
 
     def read(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Trajectory ``i``, frames ``start:stop``, as ``(T', F, C, D, H, W)`` (fitted to multiples of 8)."""
+        with reading(self.path, "PDE data file (HDF5)"):  # a damaged chunk fails here, mid-run: name the file
+            return self._read(i, start, stop)
+
+    def _read(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         f, lay = self.h5(), self.layout
         sl = slice(start, stop)
         if lay.kind == "tensor":

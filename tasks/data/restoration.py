@@ -56,10 +56,12 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data import degradations as D
+from tasks.data.reading import DataFileError, check_unit_range, read_rgb, reading
+from tasks.options import LOADER, Int, check_options
 from tasks.data.procedural import clean_image
 
 TASKS = ("denoise", "deblur", "derain", "dehaze", "lowlight", "jpeg", "sr")
@@ -68,18 +70,11 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ------------------------------------------------------------------------------------ reading
 def read_image(path: "str | Path | MatBlock") -> np.ndarray:
-    """A float32 H×W×3 RGB array in [0, 1]; one clear line if the file is missing or unreadable."""
+    """A float32 H×W×3 RGB array in [0, 1] at the file's real bit depth (8-bit, 16-bit, float in 0..1;
+    :func:`tasks.data.reading.read_rgb`); one clear line if the file is missing, unreadable or out of range."""
     if isinstance(path, MatBlock):
         return path.load()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"), np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); replace or delete the file") from None
+    return read_rgb(path)
 
 
 SIDD_MAT = ("ValidationNoisyBlocksSrgb", "ValidationGtBlocksSrgb")
@@ -105,21 +100,22 @@ def load_mat_blocks(path: str | Path, key: str) -> np.ndarray:
         raise ImportError(f"reading SIDD's .mat blocks needs scipy and h5py ({e}); pip install -e '.[restore]'") from None
 
     try:
-        if h5py.is_hdf5(path):
-            with h5py.File(path, "r") as f:
-                if key not in f:
-                    raise ValueError(f"{path} has no variable {key!r}; it has {', '.join(sorted(f.keys())) or 'none'}")
-                arr = np.asarray(f[key][()])
-            arr = arr.transpose(tuple(range(arr.ndim))[::-1])
-        else:
-            from scipy.io import loadmat
+        with reading(path, "MAT file"):  # OSError, ValueError, KeyError... of a corrupt file: named
+            if h5py.is_hdf5(path):
+                with h5py.File(path, "r") as f:
+                    if key not in f:
+                        raise DataFileError(f"{path} has no variable {key!r}; it has {', '.join(sorted(f.keys())) or 'none'}")
+                    arr = np.asarray(f[key][()])
+                arr = arr.transpose(tuple(range(arr.ndim))[::-1])
+            else:
+                from scipy.io import loadmat
 
-            mat = loadmat(path, variable_names=[key])
-            if key not in mat:
-                raise ValueError(f"{path} has no variable {key!r}; rename it or use the official SIDD file")
-            arr = np.asarray(mat[key])
-    except (OSError, NotImplementedError, TypeError, MatReadError) as e:  # corrupt / unsupported MAT file
-        raise ValueError(f"cannot read MAT file {path} ({type(e).__name__}: {e}); replace it") from None
+                mat = loadmat(path, variable_names=[key])
+                if key not in mat:
+                    raise DataFileError(f"{path} has no variable {key!r}; rename it or use the official SIDD file")
+                arr = np.asarray(mat[key])
+    except (NotImplementedError, MatReadError) as e:  # unsupported MAT versions
+        raise DataFileError(f"{path}: cannot read this MAT file ({type(e).__name__}: {e}); replace it") from None
     if arr.ndim == 4:
         arr = arr[None]
     if arr.ndim != 5 or arr.shape[-1] != 3:
@@ -143,8 +139,15 @@ class MatBlock:
         return f"{self.image:02d}_{self.block:02d}"
 
     def load(self) -> np.ndarray:
+        """uint8 / uint16 blocks scaled by their depth; float blocks must already lie in 0..1 (a float
+        block in 0..255 used to be clipped to white) and be finite."""
         a = load_mat_blocks(self.path, self.key)[self.image, self.block]
-        return (a.astype(np.float32) / 255.0) if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1)
+        if a.dtype == np.uint8:
+            return a.astype(np.float32) / 255.0
+        if a.dtype == np.uint16:
+            return a.astype(np.float32) / 65535.0
+        a = a.astype(np.float32)
+        return np.clip(check_unit_range(a, repr(self), "pixel values"), 0, 1)
 
     def __repr__(self) -> str:
         return f"{self.path}:{self.key}[{self.image},{self.block}]"
@@ -503,6 +506,12 @@ def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 
 DATASETS = ("prod", *TASKS)
 
 
+# every numeric option of the restoration data config, checked in RestorationDataModule.__init__
+OPTIONS = {**LOADER, "patch_size": Int(1, optional=True), "generate_train": Int(1),
+           "generate_test": Int(1), "image_size": Int(8), "jpeg_quality": Int(1, 100), "prod_train": Int(1),
+           "prod_val": Int(1)}  # scale and num_train: checked below as task.scale / task.num_train
+
+
 class RestorationDataModule(L.LightningDataModule):
     """``task=restoration``'s data. ``dataset``: ``prod`` (PROD pairs on the fly from ``prod_train``
     clean procedural images, validated and tested on ``prod_val`` fixed ones), one of the six
@@ -515,6 +524,7 @@ class RestorationDataModule(L.LightningDataModule):
                  jpeg_quality: int = 20, prod_train: int = 512, prod_val: int = 16,
                  degradation: dict | None = None, scale: int = 2, seed: int = 0):
         super().__init__()
+        check_options("data", locals(), OPTIONS)
         if dataset not in DATASETS:
             raise ValueError(f"unknown restoration dataset {dataset!r}; valid: {', '.join(DATASETS)}")
         if isinstance(scale, bool) or int(scale) != scale or int(scale) < 2:

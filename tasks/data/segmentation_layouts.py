@@ -7,7 +7,8 @@ Layouts (``layout=``):
 * ``kvasir``   ``root/images/*.jpg`` + ``root/masks/*.jpg`` (Kvasir-SEG; masks are binarised: mean
   over RGB >= 128, the JPEG masks are near 0/255);
 * ``isic``     ``root/ISIC2018_Task1-2_{Training,Validation,Test}_Input/*.jpg`` +
-  ``root/ISIC2018_Task1_{...}_GroundTruth/*.png`` (sorted pairing; binary);
+  ``root/ISIC2018_Task1_{...}_GroundTruth/*.png`` (paired by stem: ``ISIC_0000000.jpg`` with
+  ``ISIC_0000000_segmentation.png``; binary);
 * ``drive``    ``root/{training,test}/images/*.tif`` + ``root/{training,test}/1st_manual/*.gif`` (gt > 0);
 * ``synapse``  ``root/train_npz/<slice>.npz`` (``image``, ``label``) listed in
   ``root/lists/lists_Synapse/train.txt``; ``root/test_vol_h5/<case>.npy.h5`` (``image``, ``label``
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from tasks.data.reading import DataFileError, check_finite, check_unit_range, read_rgb, read_text, reading
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 LAYOUTS = ("folder", "kvasir", "isic", "drive", "synapse")
@@ -79,11 +82,9 @@ def layout_pairs(root: str | os.PathLike, layout: str, split: str) -> list[tuple
         return pair_by_stem(_files(root / "images"), _files(root / "masks"), str(root))
     if layout == "isic":
         s = ISIC_SPLITS.get(split, split)
-        ims = _files(root / f"ISIC2018_Task1-2_{s}_Input")
-        mks = _files(root / f"ISIC2018_Task1_{s}_GroundTruth")
-        if len(ims) != len(mks):
-            raise ValueError(f"{root}: ISIC {s} has {len(ims)} images but {len(mks)} ground-truth masks")
-        return list(zip(ims, mks))
+        # by stem, not by sorted position: one missing or extra file would shift every later pair
+        return pair_by_stem(_files(root / f"ISIC2018_Task1-2_{s}_Input"),
+                            _files(root / f"ISIC2018_Task1_{s}_GroundTruth"), f"{root} (ISIC {s})")
     s = DRIVE_SPLITS.get(split, split)
     return pair_by_stem(_files(root / s / "images"), _files(root / s / "1st_manual"), str(root / s))
 
@@ -102,12 +103,15 @@ def has_split(root: str | os.PathLike, layout: str, split: str) -> bool:
 # ---------------------------------------------------------------------- reading masks
 def read_mask(path: Path, mask_format: str, num_classes: int, palette: Sequence[Sequence[int]] | None,
               layout: str = "folder") -> np.ndarray:
-    """An ``(H, W)`` int64 class map; raises naming the file for bad values."""
+    """An ``(H, W)`` int64 class map; raises naming the file for bad values (unreadable, negative or
+    too large labels, colours outside the palette)."""
     from PIL import Image
 
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"unknown mask_format {mask_format!r}; valid: {', '.join(MASK_FORMATS)}")
-    img = Image.open(path)
+    with reading(path, "mask"), Image.open(path) as im:
+        im.load()
+        img = im.copy()
     if mask_format == "color":
         if not palette:
             raise ValueError(f"mask_format=color needs a palette (K+1 [r, g, b] colours, background first) for {path}")
@@ -125,10 +129,12 @@ def read_mask(path: Path, mask_format: str, num_classes: int, palette: Sequence[
         a = np.asarray(img.convert("RGB") if layout == "kvasir" else img)
         a = a.mean(-1) >= 128 if layout == "kvasir" else (a.max(-1) if a.ndim == 3 else a) > 0
         return a.astype(np.int64)
-    if img.mode not in ("L", "P", "I", "I;16", "1"):
+    if img.mode not in ("L", "P", "I", "1") and not img.mode.startswith("I;16"):
         raise ValueError(f"{path}: an index mask must be single-channel (mode L/P), got {img.mode}; "
                          f"use mask_format=color with a palette for RGB masks")
     a = np.asarray(img).astype(np.int64)
+    if a.min() < 0:
+        raise ValueError(f"{path}: label {int(a.min())} is negative (labels must be 0..K)")
     if a.max() > num_classes:
         raise ValueError(f"{path}: label {int(a.max())} is above num_classes={num_classes} "
                          f"(labels must be 0..K); set task.num_classes or use mask_format=binary")
@@ -136,9 +142,8 @@ def read_mask(path: Path, mask_format: str, num_classes: int, palette: Sequence[
 
 
 def read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0
+    """``(H, W, 3)`` float32 in 0..1 at the file's real bit depth (16-bit / float TIFFs included)."""
+    return read_rgb(path)
 
 
 # ---------------------------------------------------------------------- joint augmentation
@@ -216,7 +221,7 @@ def read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path} (the Synapse layout needs lists/lists_Synapse/"
                                 f"train.txt and test_vol.txt, one slice / case name per line)")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln.strip() for ln in read_text(path, "list file").splitlines() if ln.strip()]
 
 
 def synapse_list(root: Path, name: str) -> Path:
@@ -242,12 +247,30 @@ class SynapseSlices(Dataset):
         path = self.root / "train_npz" / f"{self.names[i]}.npz"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is listed but missing")
-        with np.load(path) as z:
-            image, label = z["image"].astype(np.float32), z["label"].astype(np.int64)
+        image, label = read_slice(path)
         check_labels(label, self.num_classes, path)
         img = torch.from_numpy(image)[None].repeat(3, 1, 1)
         img, mask = resize_pair(img, torch.from_numpy(label), self.img_size)
         return self.augment(img, mask, random.Random(hash((self.seed, self.epoch, i))))
+
+
+def read_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A Synapse ``.npz`` slice: (image float32 in 0..1, label int64); a corrupt file, a missing key,
+    NaN/inf or an image outside 0..1 (TransUNet's slices are normalised; 0..255 would be silently
+    255 times too bright) is one error naming the file."""
+    with reading(path, "Synapse slice (.npz with 'image' and 'label')"), np.load(path, allow_pickle=False) as z:
+        image, label = z["image"].astype(np.float32), z["label"]
+    check_unit_range(image, path, "image values")
+    return image, integer_labels(label, path)
+
+
+def integer_labels(label: np.ndarray, where) -> np.ndarray:
+    """``label`` as int64; NaN/inf or fractional labels are refused (a cast would truncate them)."""
+    if label.dtype.kind == "f":
+        check_finite(label, where, "labels")
+        if not np.array_equal(label, np.round(label)):
+            raise DataFileError(f"{where}: labels must be integers, found fractional values")
+    return label.astype(np.int64)
 
 
 def check_labels(label: np.ndarray, num_classes: int, where) -> None:
@@ -263,8 +286,10 @@ def read_volume(root: str | os.PathLike, case: str, num_classes: int) -> tuple[n
     path = Path(root) / "test_vol_h5" / f"{case}.npy.h5"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is listed but missing")
-    with h5py.File(path, "r") as f:
-        image, label = f["image"][:].astype(np.float32), f["label"][:].astype(np.int64)
+    with reading(path, "Synapse volume (.h5 with 'image' and 'label')"), h5py.File(path, "r") as f:
+        image, label = f["image"][:].astype(np.float32), f["label"][:]
+    check_unit_range(image, path, "image values")
+    label = integer_labels(label, path)
     if image.shape != label.shape or image.ndim != 3:
         raise ValueError(f"{path}: image {image.shape} and label {label.shape} must both be (D, H, W)")
     check_labels(label, num_classes, path)

@@ -17,47 +17,15 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-# canonical name -> (group, classes, folder aliases used by other repositories)
-VTAB_TASKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
-    "cifar": ("natural", 100, ("cifar100", "cifar_100")),
-    "caltech101": ("natural", 102, ("caltech", "caltech_101")),
-    "dtd": ("natural", 47, ()),
-    "oxford_flowers102": ("natural", 102, ("flowers102", "flowers", "oxford_flowers")),
-    "oxford_iiit_pet": ("natural", 37, ("pets", "oxford_pet", "pet")),
-    "svhn": ("natural", 10, ("svhn_cropped",)),
-    "sun397": ("natural", 397, ("sun",)),
-    "patch_camelyon": ("specialized", 2, ("camelyon", "pcam")),
-    "eurosat": ("specialized", 10, ()),
-    "resisc45": ("specialized", 45, ("resisc",)),
-    "diabetic_retinopathy": ("specialized", 5, ("retinopathy", "diabetic_retinopathy_detection")),
-    "clevr_count": ("structured", 8, ("clevr_count_all",)),
-    "clevr_dist": ("structured", 6, ("clevr_closest_object_distance", "clevr_distance")),
-    "dmlab": ("structured", 6, ()),
-    "kitti": ("structured", 4, ("kitti_dist", "kitti_closest_vehicle_distance")),
-    "dsprites_loc": ("structured", 16, ("dsprites_location", "dsprites_label_x_position")),
-    "dsprites_ori": ("structured", 16, ("dsprites_orientation", "dsprites_label_orientation")),
-    "smallnorb_azi": ("structured", 18, ("snorb_azi", "smallnorb_azimuth", "smallnorb_label_azimuth")),
-    "smallnorb_ele": ("structured", 9, ("snorb_ele", "smallnorb_elevation", "smallnorb_label_elevation")),
-}
-GROUPS = ("natural", "specialized", "structured")
+from tasks.data.overlap import check_disjoint
+from tasks.data.reading import read_rgb_pil, read_text
+from tasks.data.vtab_tasks import GROUPS, VTAB_TASKS, canonical_task, num_classes  # noqa: F401 (re-exported)
+from tasks.options import LOADER, Int, check_options
+
 SPLIT_FILES = {"tune": ("train800", "val200", None), "final": ("train800val200", None, "test")}
-
-
-def canonical_task(name: str) -> str:
-    """Map any folder alias to the canonical VTAB task name."""
-    key = name.lower()
-    for canon, (_, _, aliases) in VTAB_TASKS.items():
-        if key == canon or key in aliases:
-            return canon
-    raise ValueError(f"unknown VTAB task {name!r}; valid tasks: {', '.join(VTAB_TASKS)} (aliases accepted)")
-
-
-def num_classes(name: str) -> int:
-    return VTAB_TASKS[canonical_task(name)][1]
 
 
 def layout_help(root: Path, task: str) -> str:
@@ -80,12 +48,24 @@ def find_task_dir(root: Path, task: str) -> Path | None:
     return None
 
 
+def check_data(root: str | Path, dataset: str, generate: bool = False) -> None:
+    """The task's folder and list files exist (or will be generated): cheap, before any weights are built."""
+    from tasks.data.synthetic import DOWNSTREAM
+
+    task, root = canonical_task(dataset), Path(root).expanduser()
+    if generate and task in DOWNSTREAM:
+        return
+    folder = find_task_dir(root, task)
+    if folder is None:
+        raise FileNotFoundError(layout_help(root, task))
+
+
 def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
     """``(image path, label)`` rows of a VTAB list file; every problem is one error naming file:line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (expected '<image path> <label>' lines)")
     items = []
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
+    for ln, line in enumerate(read_text(path, "list file").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -120,13 +100,9 @@ class FileListDataset(Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i], label
         path = self.folder / rel
-        try:
-            with Image.open(path) as im:
-                x = self.transform(im.convert("RGB"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist") from None
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated / not an image / corrupt
-            raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in {self.folder}) does not exist")
+        x = self.transform(read_rgb_pil(path))  # 16-bit / float images scaled from their real range, not clipped
         if self._cache is not None:
             self._cache[i] = x
         return x, label
@@ -167,6 +143,7 @@ class VTABDataModule(L.LightningDataModule):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  generate: bool = False, cache: bool = False, seed: int = 0):
         super().__init__()
+        check_options("data", locals(), {**LOADER, "eval_batch_size": Int(1, optional=True)})
         if protocol not in SPLIT_FILES:
             raise ValueError(f"unknown protocol {protocol!r}; valid: tune (train800 / val200), final (train800val200 / test)")
         self.root, self.task = Path(root).expanduser(), canonical_task(dataset)
@@ -199,6 +176,19 @@ class VTABDataModule(L.LightningDataModule):
         self.train_set = FileListDataset(folder, train, self.transform, self.cache, n)
         self.val_set = FileListDataset(folder, val, self.transform, self.cache, n) if val else None
         self.test_set = FileListDataset(folder, test, self.transform, self.cache, n) if test else None
+        # a file listed in two splits is refused; byte-identical copies are warned about with their count
+        # (the benchmark's own lists are used as they are)
+        files = lambda ds: [folder / rel for rel, _ in ds.items] if ds is not None else []  # noqa: E731
+        check_disjoint({"train": files(self.train_set), "val": files(self.val_set), "test": files(self.test_set)},
+                       f"{folder} ({train}.txt / {val or test}.txt)", identical="warn")
+
+    def split_files(self, split: str) -> list[str]:
+        """The image files of ``split`` (``eval.py +predict=DIR``)."""
+        self.setup()
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if ds is None:
+            raise ValueError(f"protocol={self.protocol} has no {split} split")
+        return [str(ds.folder / rel) for rel, _ in ds.items]
 
     def split_info(self) -> dict:
         """The split files (``train800`` / ``val200`` or ``train800val200`` / ``test``) and their sizes."""

@@ -78,3 +78,32 @@ def perf_callbacks(trainer_cfg: dict[str, Any]) -> list[L.Callback]:
     if not any(opts.values()):
         return []
     return [PerfOptions(**opts)]
+
+
+class StepTimer(L.Callback):
+    """Mean wall time of a training step (ms): the interval between consecutive training batches of one
+    epoch (data, forward, backward, optimizer step), the first ``skip`` intervals of the run left out
+    (warm-up: allocator, first-call costs). Start-to-start intervals need no device synchronisation:
+    queued GPU work is paid by a later step, so the mean converges to the true rate."""
+
+    def __init__(self, skip: int = 2):
+        self.skip = skip
+        self.intervals: list[float] = []
+        self._last: float | None = None
+        self._seen = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation runs between epochs: not a training step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._last is not None:
+            self._seen += 1
+            if self._seen > self.skip:
+                self.intervals.append(now - self._last)
+        self._last = now
+
+    def mean_ms(self) -> float | None:
+        return 1000 * sum(self.intervals) / len(self.intervals) if self.intervals else None

@@ -163,14 +163,24 @@ class Adapter:
             obj.config["tower"] = _plain(tower) if not isinstance(tower, str) else tower
         return obj
 
+    def own_tower(self):
+        """The tower selection to pass to ``self.backbone`` (its ``tower_named_parameters``, ``find_sites``).
+
+        Towers of the backbone itself (CLIP's) are selected by ``self.tower``; a model's other towers (SAM's
+        decoder) were resolved to their own view by ``zoo.api.resolve_tower`` (``tower_view``), which is then
+        ``self.backbone`` and takes no tower."""
+        return None if getattr(self, "tower_view", False) else self.tower
+
     def sites(self, targets, layers: Layers = "all") -> list[Site]:
         from zoo.sites import SiteError
 
         assert self.backbone is not None
-        # towers of the backbone itself (CLIP) are selected here; a model's other towers (SAM's
-        # decoder) were resolved to their own site provider by zoo.api.resolve_tower
-        tower = None if getattr(self, "tower_view", False) else self.tower
-        sites = find_sites(self.backbone, targets, layers, tower)
+        if not isinstance(targets, str) and not list(targets):  # [] would adapt nothing and train nothing
+            from zoo.sites import SITE_KINDS
+
+            raise SiteError(f"adapter {self.name!r}: targets=[] selects no site; give at least one of "
+                            f"{', '.join(SITE_KINDS)}")
+        sites = find_sites(self.backbone, targets, layers, self.own_tower())
         sliced = sorted({s.kind for s in sites if s.out_slice is not None})
         if sliced and not self.supports_slices:
             raise SiteError(
@@ -299,18 +309,30 @@ class Adapter:
 
 def int_option(who: str, name: str, value: Any, lo: int | None = 1, hi: int | None = None) -> int:
     """``value`` as an int in ``lo..hi``; refuses bools, non-integral floats and strings."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if not ok and isinstance(value, float) and value.is_integer():  # 16.0 from YAML / CLI arithmetic
-        value, ok = int(value), True
-    rng = (f" in {lo}..{hi}" if hi is not None else f" >= {lo}") if lo is not None else ""
-    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"adapter {who!r}: {name} must be an integer{rng}, got {value!r}")
-    return int(value)
+    return check_int(f"adapter {who!r}: {name}", value, lo, hi)
 
 
 def float_option(who: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a finite float in the interval (``lo_open``/``hi_open``: exclusive ends)."""
+    return check_float(f"adapter {who!r}: {name}", value, lo, hi, lo_open, hi_open)
+
+
+def check_int(label: str, value: Any, lo: int | None = 1, hi: int | None = None) -> int:
+    """``value`` as an int in ``lo..hi``, or ``ValueError("<label> must be an integer ..., got ...")``
+    (the checker behind :func:`int_option`; ``tasks.options`` uses it for task and data configs)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok and isinstance(value, float) and value.is_integer():  # 16.0 from YAML / CLI arithmetic
+        value, ok = int(value), True
+    rng = (f" in {lo}..{hi}" if hi is not None else f" >= {lo}") if lo is not None else ""
+    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{label} must be an integer{rng}, got {value!r}")
+    return int(value)
+
+
+def check_float(label: str, value: Any, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a finite float in the interval, or ``ValueError("<label> must be a finite number ...")``."""
     import math
 
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
@@ -321,7 +343,7 @@ def float_option(who: str, name: str, value: Any, lo: float | None = None, hi: f
         lb = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
         ub = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
         rng = f" in {lb or '(-inf'}, {ub or 'inf)'}" if (lo is not None or hi is not None) else ""
-        raise ValueError(f"adapter {who!r}: {name} must be a finite number{rng}, got {value!r}")
+        raise ValueError(f"{label} must be a finite number{rng}, got {value!r}")
     return float(value)
 
 

@@ -44,7 +44,7 @@ class FullFineTune(_NoModules):
         super().__init__()
 
     def mark_trainable(self) -> None:
-        for _, p in self.backbone.tower_named_parameters(self.tower):
+        for _, p in self.backbone.tower_named_parameters(self.own_tower()):
             p.requires_grad_(True)
 
 
@@ -58,6 +58,6 @@ class BitFit(_NoModules):
         super().__init__()
 
     def mark_trainable(self) -> None:
-        for name, p in self.backbone.tower_named_parameters(self.tower):
+        for name, p in self.backbone.tower_named_parameters(self.own_tower()):
             if name.endswith(".bias"):
                 p.requires_grad_(True)

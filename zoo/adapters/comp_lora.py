@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from zoo.adapters import register_adapter
-from zoo.adapters.base import Adapter, StepContext, dropout_option, int_option
+from zoo.adapters.base import Adapter, StepContext, dropout_option, float_option, int_option
 from zoo.adapters.lora import LoRALinear, group_by_module, lora_scaling
 from zoo.sites import LINEAR_SITES, SiteError
 
@@ -151,7 +151,8 @@ class CompLoRA(Adapter):
             k = int(k)  # 16.0 from a YAML/CLI override means 16 directions
         if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0 or (isinstance(k, float) and not 0 < k < 1):
             raise ValueError(f"adapter 'comp_lora': k must be an integer >= 0 (directions) or an energy fraction in (0, 1), got {k!r}")
-        self.rank, self.alpha, self.dropout, self.k = int_option("comp_lora", "rank", rank), float(alpha), dropout_option("comp_lora", dropout), k
+        self.rank, self.dropout, self.k = int_option("comp_lora", "rank", rank), dropout_option("comp_lora", dropout), k
+        self.alpha = float_option("comp_lora", "alpha", alpha, lo=0.0, lo_open=True)
         self.mode, self.penalty, self.penalty_weight = mode, penalty, float(penalty_weight)
         self.targets, self.layers = list(targets), layers
 

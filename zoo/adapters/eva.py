@@ -131,7 +131,7 @@ class EVA(Adapter):
     def mark_trainable(self) -> None:
         super().mark_trainable()
         if self.train_biases:  # the paper's VTAB-1k code (vtab1k-pytorch EvaLoraTrainer, train_biases=True)
-            for name, p in self.backbone.tower_named_parameters(self.tower):
+            for name, p in self.backbone.tower_named_parameters(self.own_tower()):
                 if name.endswith(".bias"):
                     p.requires_grad_(True)
 

@@ -154,10 +154,6 @@ class GaLore(_NoModules):
                             f"{getattr(backbone, 'family', type(backbone).__name__)!r}")
         self.weights = list(found.values())
 
-    def own_tower(self):
-        """The tower selection on ``self.backbone`` (none when ``tower`` was resolved to its own view: SAM's decoder)."""
-        return None if getattr(self, "tower_view", False) else self.tower
-
     def sites_whole(self, kinds):
         """Sites of ``kinds``; row slices of a fused qkv count as the fused layer (GaLore projects whole weights)."""
         from zoo.sites import find_sites

@@ -213,7 +213,7 @@ class LoRA(Adapter):
                  reduction_rate: float | None = None, init: str = "lora"):
         super().__init__()
         self.rank = int_option("lora", "rank", rank)
-        self.alpha = float_option("lora", "alpha", alpha)
+        self.alpha = float_option("lora", "alpha", alpha, lo=0.0, lo_open=True)  # a negative alpha flips ΔW's sign
         self.dropout = dropout_option("lora", dropout)
         lora_scaling(1.0, 1, scaling)  # validates the name
         self.scaling = scaling

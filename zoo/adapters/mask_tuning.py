@@ -61,7 +61,6 @@ from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter, StepContext, WrappedLayer
-from zoo.checkpoint import AdapterMismatchError
 from zoo.sites import LINEAR_SITES, SiteError
 
 @contextlib.contextmanager
@@ -347,6 +346,8 @@ class MaskTuning(Adapter):
 
     def import_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Packed masks -> ``score`` tensors that reproduce them (``init_score`` kept, ``2τ - init_score`` dropped)."""
+        from zoo.checkpoint import AdapterMismatchError  # not at module level: zoo.checkpoint imports the adapters
+
         dropped = 2 * self.threshold - self.init_score  # as far below τ as init_score is above it
         out = {}
         for k, v in state.items():

@@ -39,9 +39,16 @@ check the base and rebuild the exact zoo config.
 
 Methods peft expresses: ``lora`` (any targets, ``scaling``, PETL-AST's ``reduction_rate``), and the
 methods whose modules are LoRA with other training (``colora``: per-layer ranks -> ``rank_pattern``;
-``comp_lora``: its projected factors, as applied), and ``hydra`` (its parallel and sequential branches
-are one LoRA of rank r_p + r_s with a bias on B: :func:`hydra_factors`). Every other method is refused
-naming it; export it merged into the base weights instead (:func:`zoo.export.export_merged`, ``--merged``).
+``comp_lora``: its projected factors, as applied; ``eva``: its redistributed ranks -> ``rank_pattern``,
+its stacked q / v wrappers on one qkv become one LoRA; ``lora_pro``: a LoRA trained by another
+optimizer), ``dylora`` at its evaluation rank ``e`` (the first ``e`` components, ``γ = α/e``), ``lora_ga``
+as a rank-2r LoRA that carries its frozen offset (``γ (BA − B0A0) = γ [B, −B0][A; A0]``, see
+:func:`lora_pieces`), ``hydra`` (its parallel and sequential branches are one LoRA of rank r_p + r_s
+with a bias on B: :func:`hydra_factors`), and ``miss`` / ``shira`` as peft ``MissConfig`` /
+``ShiraConfig`` adapters (:mod:`zoo.export.peft_tuners`). :func:`load_peft` rebuilds ``lora``, ``eva``
+and ``lora_pro`` as themselves (identical tensors); ``dylora`` / ``lora_ga`` / the others come back as
+the plain LoRA with the same function. Every other method is refused naming it; export it merged into
+the base weights instead (:func:`zoo.export.export_merged`, ``--merged``).
 """
 from __future__ import annotations
 
@@ -72,32 +79,47 @@ from zoo.export.naming import (
     parts,
     site_index,
 )
+from zoo.export.peft_tuners import PAYLOADS as TUNER_PAYLOADS
+from zoo.export.peft_tuners import unstacked_modules
 from zoo.io import safetensors_bytes
+
+TUNER_METHODS = tuple(TUNER_PAYLOADS)  # peft's MissConfig / ShiraConfig (zoo.export.peft_tuners)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 ZOO_META = "zoo_export.json"
 ZOO_HEAD = "zoo_head.safetensors"
 PREFIX = "base_model.model."
-# methods whose modules are all LoRALinear: exported through their effective factors
-LORA_METHODS = ("lora", "colora", "comp_lora")
+# methods whose modules are all LoRALinear: exported through their factors (lora_pieces)
+LORA_METHODS = ("lora", "colora", "comp_lora", "eva", "lora_pro", "lora_ga", "dylora")
 # Hydra's two branches are one LoRA of rank r_p + r_s with a bias on B (peft's ``lora_bias``), see hydra_factors
-PEFT_METHODS = (*LORA_METHODS, "hydra")
+PEFT_METHODS = (*LORA_METHODS, "hydra", *TUNER_METHODS)
+# methods load_peft rebuilds as themselves from the recorded config (their modules are plain LoRALinear,
+# so the file's factors fill them exactly); the others come back as the plain LoRA of the same function
+RELOADABLE = ("lora", "eva", "lora_pro")
 # peft options a zoo LoRA has no counterpart for: load_peft refuses an adapter that sets them
 UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
                "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None}
 
 
 # --------------------------------------------------------------------------- helpers
-def lora_modules(bb: Backbone) -> list[tuple[str, LoRALinear]]:
-    """``(path without wrappers, module)`` of every LoRA wrapper inside ``bb.model``."""
-    out = []
+def lora_modules(bb: Backbone) -> list[tuple[str, list[LoRALinear]]]:
+    """``(path without wrappers, chain)`` for every Linear under LoRA wrappers inside ``bb.model``; ``chain``
+    lists the LoRA wrappers on that Linear from the outside in (EVA stacks one per q / v slice, each with
+    its own rank). Their deltas add, so together they are one peft LoRA (:func:`chain_pieces`)."""
+    out, inner = [], set()
     for name, m in bb.model.named_modules():
-        if isinstance(m, LoRALinear):
-            if isinstance(m.base, WrappedLayer) or ".base." in f".{name}.":
-                raise ExportError(f"{name}: stacked adapters on one Linear have no peft equivalent; "
-                                  "export them merged (--merged)")
-            out.append((name, m))
+        if not isinstance(m, LoRALinear) or id(m) in inner:
+            continue
+        chain, cur = [m], m.base
+        while isinstance(cur, LoRALinear):
+            chain.append(cur)
+            inner.add(id(cur))
+            cur = cur.base
+        if isinstance(cur, WrappedLayer) or ".base." in f".{name}.":
+            raise ExportError(f"{name}: a LoRA stacked with another kind of adapter on one Linear has no peft "
+                              "equivalent; export them merged (--merged)")
+        out.append((name, chain))
     return out
 
 
@@ -105,25 +127,67 @@ def _rows(s: slice | None, n: int) -> tuple[int, int]:
     return (0, n) if s is None else (s.start, s.stop)
 
 
-def part_factors(w: LoRALinear, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(A′, B′)`` of the zoo LoRA ``w`` restricted to output ``rows`` (see the module docstring), or
-    ``None`` when no slice of ``w`` touches those rows. Slices are laid out in ``w.slices`` order."""
-    n_out = w.linear().out_features
-    lo, hi = _rows(rows, n_out)
-    a_all, r = w.effective_A().detach(), w.rank
-    a_blocks, b_cols = [], []
+def lora_pieces(w: LoRALinear) -> list[tuple[slice | None, torch.Tensor, torch.Tensor, float]]:
+    """``(output rows, A (r′ × d_in), B (rows × r′), γ)`` per slice of ``w``, with ``ΔW[rows] = γ B A``.
+
+    * a LoRA (and the methods whose modules are one: ``eva``, ``lora_pro``, ``colora``, ``comp_lora``): its
+      factors as applied (``effective_A`` / ``effective_B``), γ its scaling;
+    * DyLoRA (:class:`~zoo.adapters.dylora.DyLoRALinear`): truncated to its evaluation rank ``e`` (the first
+      ``e`` components), ``γ = α/e`` (the ``r/e`` rescaling of ``α/r``): what ``eval()`` and ``merge`` compute;
+    * LoRA-GA (:class:`~zoo.adapters.lora_ga.LoRAGALinear`): ``ΔW = γ (B A − B0 A0) = γ [B, −B0] [A; A0]``, a
+      LoRA of rank 2r (the frozen offset rides in the factors; peft's own conversion of a LoRA-GA/PiSSA
+      adapter to plain LoRA, ``save_pretrained(path_initial_model_for_weight_conversion=...)``, does the same).
+    """
+    from zoo.adapters.dylora import DyLoRALinear
+    from zoo.adapters.lora_ga import LoRAGALinear
+
+    r, n_out, out = w.rank, w.linear().out_features, []
+    if isinstance(w, DyLoRALinear):
+        e = w.eval_rank
+        for i, (k, s) in enumerate(w.slices.items()):
+            out.append((s, w.lora_A[i * r:i * r + e].detach(), w.lora_B[k][:, :e].detach(), float(w.scaling) * r / e))
+        return out
+    a_all = w.effective_A().detach()
     for i, (k, s) in enumerate(w.slices.items()):
+        a, b = a_all[i * r:(i + 1) * r], w.effective_B(k).detach()
+        if isinstance(w, LoRAGALinear):
+            lo, hi = _rows(s, n_out)
+            a = torch.cat([a, w.init_A[i * r:(i + 1) * r]], 0)
+            b = torch.cat([b, -w.init_Bt[i * r:(i + 1) * r, lo:hi].t()], 1)
+        out.append((s, a, b, float(w.scaling)))
+    return out
+
+
+def chain_pieces(chain: list[LoRALinear]) -> list[tuple[LoRALinear, int, str, slice | None]]:
+    """``(wrapper, slice index, slice name, rows)`` over a chain, in the order of the rows (q before v),
+    the layout of A′'s row blocks / B′'s column blocks in :func:`part_factors` and :func:`_fill`."""
+    items = [(w, i, k, s) for w in chain for i, (k, s) in enumerate(w.slices.items()) if w.rank > 0]
+    n = chain[0].linear().out_features
+    return sorted(items, key=lambda t: _rows(t[3], n)[0])
+
+
+def part_factors(chain: list[LoRALinear], rows: slice | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A′, B′, γ)`` of the LoRA wrappers ``chain`` on one Linear restricted to output ``rows`` (see the
+    module docstring), or ``None`` when no slice touches those rows. A piece with another γ has it folded
+    into its B columns (exact up to rounding)."""
+    n_out = chain[0].linear().out_features
+    lo, hi = _rows(rows, n_out)
+    by = {(id(w), i): p for w in chain if w.rank > 0 for i, p in enumerate(lora_pieces(w))}
+    a_blocks, b_cols, gamma = [], [], None
+    for w, i, _, s in chain_pieces(chain):
+        _, a_p, b_p, g = by[(id(w), i)]
         s0, s1 = _rows(s, n_out)
-        a, b = max(lo, s0), min(hi, s1)
-        if a >= b:
+        x0, x1 = max(lo, s0), min(hi, s1)
+        if x0 >= x1:
             continue
-        a_blocks.append(a_all[i * r:(i + 1) * r])
-        col = a_all.new_zeros(hi - lo, r)
-        col[a - lo:b - lo] = w.effective_B(k).detach()[a - s0:b - s0]
+        gamma = g if gamma is None else gamma
+        col = a_p.new_zeros(hi - lo, a_p.shape[0])
+        col[x0 - lo:x1 - lo] = b_p[x0 - s0:x1 - s0] * (g / gamma) if g != gamma else b_p[x0 - s0:x1 - s0]
+        a_blocks.append(a_p)
         b_cols.append(col)
     if not a_blocks:
         return None
-    return torch.cat(a_blocks, 0), torch.cat(b_cols, 1)
+    return torch.cat(a_blocks, 0), torch.cat(b_cols, 1), gamma
 
 
 def _pattern_key(module: str) -> str:
@@ -174,7 +238,8 @@ def base_recipe(bb: Backbone) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- export
 def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write ``model``'s LoRA as ``adapter_config.json`` + ``adapter_model.safetensors`` for peft.
+    """Write ``model``'s adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` for peft (a
+    ``LoraConfig``, or ``MissConfig`` / ``ShiraConfig`` for MiSS / SHiRA).
 
     Load it with ``peft.PeftModel.from_pretrained(base, out_dir)`` onto the base model built the usual
     way (see the module docstring). Raises :class:`ExportError` (one line, naming the method) for a
@@ -193,17 +258,64 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 
         how = ("export it merged into the base weights with --merged" if all(ADAPTERS.get(m).mergeable for m in bad)
                else "it is not mergeable either, so only the zoo artifact or --format merged --keep-modules can carry it")
-        raise ExportError(f"method {bad[0]!r} has no peft equivalent (peft's LoRA expresses {', '.join(PEFT_METHODS)}); {how}")
+        raise ExportError(f"method {bad[0]!r} has no peft equivalent (peft expresses {', '.join(PEFT_METHODS)}); {how}")
     if any(a.merged for a in bb.adapters):
         raise ExportError("the adapters are merged into the base weights; unmerge them (zoo.unmerge_adapters) before export_peft")
+    for a in bb.adapters:
+        if a.name == "eva" and a.train_biases:
+            raise ExportError("eva with train_biases=true also changes the backbone's biases, which a peft LoRA does not "
+                              "carry; export it merged (--merged)")
+    names = installed_ast_names()
+    tuners = [m for m in methods if m in TUNER_METHODS]
+    if tuners:
+        if len(methods) != 1:
+            raise ExportError(f"{tuners[0]} together with {[m for m in methods if m != tuners[0]]} is more than one peft "
+                              "adapter; export them merged (--merged)")
+        tensors, cfg, targets = TUNER_PAYLOADS[tuners[0]](bb, names)
+        cfg = {"task_type": None, "base_model_name_or_path": None, "inference_mode": True, **cfg,
+               "target_modules": sorted(targets)}
+        counted = len(_adapter_modules_inside(bb))
+    else:
+        tensors, cfg, counted = _lora_payload(bb, methods, names)
+    if sum(len(a.modules) for a in bb.adapters) != counted:
+        raise ExportError("some adapter modules live outside the backbone's own model (SAM's mask decoder, tower=decoder): "
+                          "peft's base is the image encoder only; export the model merged (--merged) instead")
+    head = head_target(model, family)
+    head_where = None
+    if head is not None:
+        for k, v in head[1].state_dict().items():
+            tensors[f"{PREFIX}{head[0]}.{k}"] = v.detach()
+        head_where = f"modules_to_save:{head[0]}"
+    cfg.update({"modules_to_save": [head[0]] if head else None,
+                "auto_mapping": {"base_model_class": BASE_CLASSES[family][0]}})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WEIGHTS).write_bytes(safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
+                                                  {"format": "pt"}))
+    (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    rest = outside_backbone(model, bb)
+    if head is None and rest:
+        (out / ZOO_HEAD).write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu().clone()
+                                                        for k, v in rest.items()}, {"format": "pt"}))
+        head_where = ZOO_HEAD
+    load_as = ({"name": methods[0], "config": dict(bb.adapters[0].config)}
+               if len(methods) == 1 and methods[0] in RELOADABLE else None)
+    (out / ZOO_META).write_text(json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
+    return out
+
+
+def _adapter_modules_inside(bb: Backbone) -> list[nn.Module]:
+    from zoo.adapters.base import AdapterModule
+
+    return [m for m in bb.model.modules() if isinstance(m, AdapterModule)]
+
+
+def _lora_payload(bb: Backbone, methods: list[str], names: str) -> tuple[dict, dict, int]:
+    """``(tensors, LoraConfig fields, number of adapter modules inside bb.model)``."""
     mods, hydras = lora_modules(bb), hydra_modules(bb)
     if not mods and not hydras:
         raise ExportError(f"the adapters {methods} hold no LoRA modules yet (colora allocates its ranks in prepare); "
                           "export after training")
-    if sum(len(a.modules) for a in bb.adapters) != len(mods) + len(hydras):
-        raise ExportError("some adapter modules live outside the backbone's own model (SAM's mask decoder, tower=decoder): "
-                          "peft's base is the image encoder only; export the model merged (--merged) instead")
-    names = installed_ast_names()
     factors = _export_factors(bb, mods, names) if mods else {}
     biases = {}
     for key, (module, a, b, gamma, bias) in hydra_factors(bb, hydras, names).items():
@@ -223,48 +335,28 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 
         warnings.warn("this CLIP LoRA changes attention out_proj: peft <= 0.21's MultiheadAttention.merge (also run by "
                       "its forward) adds that delta twice (huggingface/peft PR #3774); the exported factors are the "
-                      "correct ones, peft's outputs match once the fix is released", UserWarning, stacklevel=2)
-    head = head_target(model, family)
-    head_where = None
-    if head is not None:
-        for k, v in head[1].state_dict().items():
-            tensors[f"{PREFIX}{head[0]}.{k}"] = v.detach()
-        head_where = f"modules_to_save:{head[0]}"
+                      "correct ones, peft's outputs match once the fix is released", UserWarning, stacklevel=3)
     cfg = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": int(r), "lora_alpha": float(alpha), "lora_dropout": float(bb.adapters[0].config.get("dropout", 0.0) or 0.0),
         "target_modules": sorted(rank_of), "bias": "none", "use_rslora": False, "use_dora": False,
-        "lora_bias": bool(hydras),
-        "init_lora_weights": True, "fan_in_fan_out": False, "modules_to_save": [head[0]] if head else None,
+        "lora_bias": bool(hydras), "init_lora_weights": True, "fan_in_fan_out": False,
         "rank_pattern": {_pattern_key(m): int(v) for m, v in sorted(rank_of.items()) if v != r},
         "alpha_pattern": {_pattern_key(m): float(alpha_of[m]) for m in sorted(rank_of) if alpha_of[m] != alpha},
-        "auto_mapping": {"base_model_class": BASE_CLASSES[family][0]},
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / WEIGHTS).write_bytes(safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
-                                                  {"format": "pt"}))
-    (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-    rest = outside_backbone(model, bb)
-    if head is None and rest:
-        (out / ZOO_HEAD).write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu().clone()
-                                                        for k, v in rest.items()}, {"format": "pt"}))
-        head_where = ZOO_HEAD
-    load_as = {"name": "lora", "config": dict(bb.adapters[0].config)} if methods == ["lora"] else None
-    (out / ZOO_META).write_text(json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
-    return out
+    return tensors, cfg, sum(len(c) for _, c in mods) + len(hydras)
 
 
 def _export_factors(bb: Backbone, mods, ast_names: str, ast_prefix: str = "") -> dict[str, tuple]:
     """``key -> (peft module, A′, B′, γ)`` for every base piece the zoo LoRA modules touch."""
     out: dict[str, tuple[str, torch.Tensor, torch.Tensor, float]] = {}
-    for path, w in mods:
-        if w.rank == 0:  # no delta (colora may allocate rank 0 to a layer)
+    for path, chain in mods:
+        if all(w.rank == 0 for w in chain):  # no delta (colora may allocate rank 0 to a layer)
             continue
-        for p in parts(bb, path, w.linear().out_features, ast_names, ast_prefix):
-            f = part_factors(w, p.rows)
+        for p in parts(bb, path, chain[0].linear().out_features, ast_names, ast_prefix):
+            f = part_factors(chain, p.rows)
             if f is not None:
-                out[p.key] = (p.module, f[0], f[1], float(w.scaling))
+                out[p.key] = (p.module, *f)
     if bb.family == "clip":
         _complete_mha(bb, out)
     return out
@@ -274,13 +366,7 @@ def hydra_modules(bb: Backbone) -> list:
     """``(path without wrappers, module)`` of every Hydra wrapper inside ``bb.model``."""
     from zoo.adapters.hydra import HydraLinear
 
-    out = []
-    for name, m in bb.model.named_modules():
-        if isinstance(m, HydraLinear):
-            if isinstance(m.base, WrappedLayer) or ".base." in f".{name}.":
-                raise ExportError(f"{name}: stacked adapters on one Linear have no peft equivalent; export them merged (--merged)")
-            out.append((name, m))
-    return out
+    return unstacked_modules(bb, HydraLinear)
 
 
 def hydra_factors(bb: Backbone, mods, ast_names: str) -> dict[str, tuple]:
@@ -530,24 +616,26 @@ def _fill(bb: Backbone, lora: dict, index: dict, names: str, prefix: str) -> Non
     for key, (path, part, _) in index.items():
         pieces.setdefault(path, []).append(part)
     with torch.no_grad():
-        for path, w in mods:
-            n_out, r = w.linear().out_features, w.rank
+        for path, chain in mods:
+            n_out = chain[0].linear().out_features
             for part in pieces.get(path, []):
                 if part.key not in lora:
                     continue
                 a, b = lora[part.key]["A"], lora[part.key]["B"]
                 lo, hi = _rows(part.rows, n_out)
-                m = 0
-                for i, (k, s) in enumerate(w.slices.items()):
+                m = 0  # the next row block of A′ (column block of B′)
+                for w, i, k, s in chain_pieces(chain):
+                    r = w.rank
                     s0, s1 = _rows(s, n_out)
                     x0, x1 = max(lo, s0), min(hi, s1)
                     if x0 >= x1:
                         continue
-                    if m * r + r > a.shape[0]:
-                        raise ExportError(f"{part.key}: rank {a.shape[0]} is smaller than the zoo config needs ({r} per slice)")
-                    w.lora_A[i * r:(i + 1) * r] = a[m * r:(m + 1) * r]
-                    w.lora_B[k][x0 - s0:x1 - s0] = b[x0 - lo:x1 - lo, m * r:(m + 1) * r]
-                    m += 1
+                    if m + r > a.shape[0]:
+                        raise ExportError(f"{part.key}: rank {a.shape[0]} is smaller than the zoo config needs "
+                                          f"({sum(c.rank * len(c.slices) for c in chain)})")
+                    w.lora_A[i * r:(i + 1) * r] = a[m:m + r]
+                    w.lora_B[k][x0 - s0:x1 - s0] = b[x0 - lo:x1 - lo, m:m + r]
+                    m += r
     again = _export_factors(bb, mods, names, prefix)
     for key, ab in lora.items():
         got = again.get(key)

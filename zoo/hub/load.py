@@ -53,15 +53,41 @@ def weights_file(folder: Path) -> Path:
     return files[0]
 
 
-def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = None):
-    """Rebuild the backbone an artifact records (family, model, weights, build options)."""
+def recorded_weights(base: dict[str, Any] | None) -> Path | None:
+    """The base-weights file a run recorded (``adapter.json``'s ``base_weights.path``), if it is still there."""
+    path = (base or {}).get("path")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def local_weights_hint(spec: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """What to pass for an artifact trained on base weights from a local file."""
+    tag = str(spec.get("weights_tag") or "")[5:]
+    base = base or {}
+    where = f"; the run read {base['path']}" + ("" if recorded_weights(base) else " (not on this machine)") if base.get("path") else ""
+    cfg = f" (backbone={base['config']} backbone.weights=/path/to/{tag} in eval.py)" if base.get("config") else ""
+    return (f"the artifact was trained on base weights from a local file, {tag}{where}: pass weights=/path/to/{tag}"
+            f"{cfg}, or publish them with the adapter (python -m zoo publish registers them)")
+
+
+def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = None, base: dict[str, Any] | None = None):
+    """Rebuild the backbone an artifact records (family, model, weights, build options).
+
+    Local base weights (a ``file:`` tag) come from ``weights``, else the file the run recorded
+    (``base``: ``adapter.json``'s ``base_weights``) when it still exists, else the zoo backbone entry
+    that provides them; the base-weight fingerprint check on loading catches a wrong file.
+    """
     import zoo
 
     tag = spec.get("weights_tag")
     kw = dict(spec.get("kwargs") or {})
     family, model = spec["family"], spec["model"]
     if weights is None and tag and str(tag).startswith("file:"):
-        weights = weights_file(download(find_backbone_entry(spec)))
+        weights = recorded_weights(base)
+        if weights is None:
+            try:
+                weights = weights_file(download(find_backbone_entry(spec)))
+            except EntryNotFoundError as e:
+                raise EntryNotFoundError(local_weights_hint(spec, base) if base else str(e)) from None
     if weights is not None:
         return zoo.create_backbone(family, model=model, pretrained=None, weights=str(weights), **kw)
     if tag is None:
@@ -90,7 +116,14 @@ def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerpr
             return build_backbone({**entry.backbone, "weights_tag": None}, weights=w).eval()
         folder = download(entry)
     meta = read_adapter_config(folder)
-    bb = build_backbone(meta["backbone"], weights)
+    if meta["backbone"].get("weights_tag") is None and meta.get("seed") is not None and weights is None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # randomly initialised base weights: the run's seed rebuilds them
+            torch.manual_seed(int(meta["seed"]))
+            bb = build_backbone(meta["backbone"], weights, meta.get("base_weights"))
+    else:
+        bb = build_backbone(meta["backbone"], weights, meta.get("base_weights"))
     try:
         model = build_head_model(bb, meta.get("head"))  # the head the task kind recorded
     except KeyError as e:

@@ -116,9 +116,36 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     reg = Path(registry) if registry is not None else None
     entry["files"] = [_file_entry(out / fn, _sources_for(out / fn, reg, url_base, hf_repo, hf_subfolder))
                       for fn in (WEIGHTS_NAME, CONFIG_NAME, "README.md")]
+    base = _publish_base(meta, name, out, reg, url_base=url_base, hf_repo=hf_repo, hf_subfolder=hf_subfolder,
+                         licence=licence)
+    if base is not None:
+        entry["base_entry"] = base
     if reg is not None:
         add_entry(reg, name, entry)
     return entry
+
+
+def _publish_base(meta: dict[str, Any], name: str, out: Path, reg: Path | None, **where: Any) -> str | None:
+    """Local base weights (a ``file:`` tag) travel with the adapter: unless a zoo backbone entry already
+    provides them, the file the run read (``adapter.json``'s ``base_weights``) is copied to ``out/base/``
+    and registered as the backbone entry ``<name>-base``, which ``from_zoo`` then finds by fingerprint."""
+    from zoo.hub.load import find_backbone_entry, recorded_weights
+    from zoo.hub.registry import EntryNotFoundError
+
+    spec = meta.get("backbone") or {}
+    if not str(spec.get("weights_tag") or "").startswith("file:"):
+        return None
+    try:
+        return find_backbone_entry(spec).name
+    except EntryNotFoundError:
+        pass
+    path = recorded_weights(meta.get("base_weights"))
+    if path is None:  # nothing to copy: from_zoo will need weights= (its error says so)
+        return None
+    base_name = f"{name}-base"
+    publish_backbone(path, base_name, spec["family"], spec["model"], kwargs=spec.get("kwargs"), registry=reg,
+                     out_dir=out / "base", description=f"the base weights {name} was trained on", **where)
+    return base_name
 
 
 def publish_backbone(weights: str | os.PathLike, name: str, family: str, model: str,
