@@ -1,14 +1,19 @@
 """Small helpers shared by the notebooks: settings, the embedded data, a plain-PyTorch training loop.
 
-Only ``zoo`` (plain PyTorch) is used here, never Lightning or Hydra, so the notebooks show the
-library the way a user would call it from their own code.
+Notebooks 01-04 train with ``zoo`` alone (plain PyTorch and the loop below, no Lightning or
+Hydra), so they show the library the way a user would call it from their own code. The modality
+notebooks (05+) run the project's own tasks (``tasks/``, Lightning) from the Hydra configs
+``train.py`` reads: :func:`choose_config`, :func:`build`, :func:`train` (they import Lightning and
+Hydra lazily, so 01-04 never load them through nbkit).
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +30,10 @@ IMG = 32
 TINY_VIT = dict(model="vit_tiny_patch16_224", img_size=IMG, depth=2 if SMALL else 4)
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, when set, wins (the test suite sets 1): more threads than free cores make every
+# step many times slower on a shared machine (issue #22 measured twentyfold)
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
 class ToySprites(Dataset):
@@ -149,3 +157,99 @@ def human(n: float) -> str:
         return "0"
     k = min(int(math.log10(n) // 3), 3)
     return f"{n / 10 ** (3 * k):.3g}{['', 'K', 'M', 'B'][k]}"
+
+
+# --------------------------------------------------------------------------- the other modalities
+# Notebooks 05+ run the project's own task (tasks/, Lightning) from the same Hydra configs as
+# train.py: the tiny test config of the modality, or its demo config when the demo's pretrained
+# weights are cached (`make demos`) and the notebook is not run small.
+
+def compose(overrides: list[str], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None):
+    """``conf/train.yaml`` composed with ``overrides`` as ``python train.py <overrides>`` would.
+
+    ``data_dir`` replaces ``paths.data_dir`` (the tiny runs generate their data in a scratch folder)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from tasks.runner import register_resolvers
+
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    return cfg
+
+
+def choose_config(tiny: str, demo: str, adapter: str, out_dir, tiny_extra: list[str] = (),
+                  demo_extra: list[str] = ()) -> tuple[Any, str]:
+    """(config, sentence saying which): experiment ``demo`` (+ ``demo_extra`` overrides) if its
+    pretrained backbone weights are cached and the notebook is not run small, else experiment
+    ``tiny`` (+ ``tiny_extra``; a tiny randomly initialised backbone)."""
+    work = Path(out_dir)
+    if not SMALL:
+        try:
+            cfg = compose([f"experiment={demo}", f"adapter={adapter}", *demo_extra], work / "run")
+        except Exception:  # noqa: BLE001 - a demo config that does not compose here: use the tiny one
+            cfg = None
+        w = cfg.backbone.get("weights") if cfg is not None else None
+        if w and Path(str(w)).is_file():
+            return cfg, (f"the demo's pretrained backbone (`experiment={demo}`, weights `{Path(str(w)).name}`, "
+                         f"written by `make demos`) with adapter `{adapter}`")
+    # the tiny data in a scratch folder: never mixed with the test suite's tiny sets under data/
+    cfg = compose([f"experiment={tiny}", f"adapter={adapter}", *tiny_extra], work / "run", data_dir=work / "data")
+    return cfg, (f"a tiny randomly initialised backbone (`experiment={tiny}`, the test suite's config) with "
+                 f"adapter `{adapter}`, "
+                 f"{'as the test suite runs it' if SMALL else 'as no demo weights are cached (`make demos` writes them)'}"
+                 f": its numbers show what is measured, not what the method achieves")
+
+
+def build(cfg):
+    """The task and DataModule that ``cfg`` names, built as ``train.py`` builds them (seeded, data
+    set up, data-driven adapter stages prepared). Returns (task, datamodule)."""
+    import lightning as L
+
+    from tasks.runner import build_datamodule, build_task, quiet_logs
+
+    quiet_logs()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    task = build_task(cfg)
+    dm = build_datamodule(cfg, task)
+    dm.prepare_data()
+    dm.setup("fit")
+    zoo.prepare_adapters(task.model, dm.train_dataloader())  # e.g. CoLoRA's factors, as train.py
+    return task, dm
+
+
+def train(task, dm, steps: int, out_dir: str | os.PathLike | None = None) -> None:
+    """``steps`` optimizer steps of the task's own training step and optimizer, with Lightning
+    (no validation, no checkpoints, no logs); the task is left in eval mode."""
+    import logging
+    import warnings
+
+    import lightning as L
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no accelerator banner in a notebook
+    # the base task's train/loss log on a (x, y, name) batch; harmless here (no logger, no epoch means)
+    warnings.filterwarnings("ignore", message=r".*infer the `batch_size` from an ambiguous collection.*")
+    # the epochs these steps span: the task's schedule converts warm-up epochs to steps with them
+    epochs = math.ceil(steps / max(1, len(dm.train_dataloader())))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=epochs, limit_val_batches=0,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(out_dir or tempfile.mkdtemp(prefix="zoo-nb-")))
+    task.train()  # a notebook may have evaluated it first
+    trainer.fit(task, datamodule=dm)
+    task.eval()
+
+
+def fit(cfg, steps: int):
+    """:func:`build` then :func:`train` for ``steps`` steps. Returns (task, datamodule)."""
+    task, dm = build(cfg)
+    train(task, dm, steps, cfg.paths.output_dir)
+    return task, dm
