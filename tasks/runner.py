@@ -338,6 +338,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     Everything task-specific comes from the task's declaration (:class:`tasks.base.ZooTask`):
     the monitor and its mode select the checkpoint, the declared columns fill ``metrics.json``.
     """
+    cfg = apply_final_overrides(cfg)
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 
@@ -402,6 +403,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "selection": selection,
         "validated_on": (splits.get("val") or {}).get("name"),
         "seed": cfg.seed,
+        "fold": cfg.task.get("fold"),  # with the seed, what pairs runs of different rows (tasks.report)
+        "label": run_label(cfg),  # the summary table's row
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
@@ -556,6 +559,29 @@ def data_preprocessing(dm: L.LightningDataModule) -> dict[str, Any]:
     normalisation), so that inference outside Lightning (``python -m zoo predict``) reproduces it."""
     rec = getattr(dm, "preprocessing", None)
     return dict(rec()) if callable(rec) else {}
+
+
+def run_label(cfg: DictConfig) -> str:
+    """The run's row in a summary table: ``report.label``, else the adapter config as chosen
+    (``adapter=coca_decoder_lora``: two configs may build the same method), else the method's name."""
+    label = (cfg.get("report") or {}).get("label")
+    if label:
+        return str(label)
+    return hydra_choice("adapter") or cfg.adapter.name
+
+
+def apply_final_overrides(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with its ``final_overrides`` (``["backbone.weights=null", ...]``) applied last.
+
+    A config group file (a sweep's row, conf/adapter/baseline/*) is merged before the experiment, so
+    the values an experiment sets win over it; these dotted overrides come after everything."""
+    ovs = list(cfg.get("final_overrides") or [])
+    if not ovs:
+        return cfg
+    bad = [o for o in ovs if not isinstance(o, str) or "=" not in o]
+    if bad:
+        raise ValueError(f"final_overrides: expected 'key=value' strings, got {bad}")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -36,6 +36,37 @@ def empty_zoo_note() -> str:
             f"  --registry PATH_OR_URL or ${hub.ENV_REGISTRY}   reads another registry (a lab's)")
 
 
+def _predict(args):
+    """``predict``: one artifact (``ARTIFACT PATH...``) or several (``--adapters``, :func:`zoo.predict.predict_many`)."""
+    from zoo.predict import (
+        PredictError,
+        parse_adapters,
+        parse_tasks,
+        predict,
+        predict_many,
+        split_adapter_args,
+    )
+
+    if args.adapters:
+        specs, spill = split_adapter_args(args.adapters)  # paths written after --adapters land in it
+        task_specs, task_spill = split_adapter_args(args.tasks or [])
+        spill += task_spill
+        odd = [x for x in spill if "=" in x and not os.path.exists(x)]
+        if odd:  # a malformed NAME=ARTIFACT, not a path: say so rather than 'does not exist'
+            parse_adapters(odd)
+        adapters = parse_adapters(specs)
+        return predict_many(adapters, args.out, paths=[*args.inputs, *spill], manifest=args.manifest,
+                            route=args.route, weights=args.weights, batch_size=args.batch_size,
+                            tasks=parse_tasks(task_specs, list(adapters)) or None)
+    if args.manifest or args.route or args.tasks:
+        raise PredictError("--manifest, --route and --tasks serve several adapters: give them with --adapters "
+                           "NAME=ARTIFACT ...")
+    if len(args.inputs) < 2:
+        raise PredictError("predict ARTIFACT PATH...: give an artifact and at least one file or folder "
+                           "(or --adapters NAME=ARTIFACT ... for several)")
+    return predict(args.inputs[0], args.inputs[1:], args.out, weights=args.weights, batch_size=args.batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -72,9 +103,24 @@ def _main(argv: list[str] | None = None) -> int:
     vf = sub.add_parser("verify", help="re-hash cached files (deleting corrupt ones) and check the registries")
     vf.add_argument("names", nargs="*")
     pr = sub.add_parser("predict", help="predict files with a trained adapter: a CSV (file,label,score) for images and "
-                                         "audio clips, mask PNGs for segmentation")
-    pr.add_argument("artifact", help="an artifact folder (<run>/adapter) or a zoo entry name")
-    pr.add_argument("paths", nargs="+", metavar="PATH", help="files, or folders (searched recursively)")
+                                         "audio clips, mask PNGs for segmentation; with --adapters, several "
+                                         "adapters on one base in shared batches (docs/serving.md)",
+                        usage="python -m zoo predict ARTIFACT PATH... [options]\n"
+                              "       python -m zoo predict --adapters NAME=ARTIFACT... --manifest FILE.csv [options]\n"
+                              "       python -m zoo predict --adapters NAME=ARTIFACT... --route all PATH... [options]")
+    pr.add_argument("inputs", nargs="*", metavar="ARTIFACT PATH",
+                    help="an artifact folder (<run>/adapter) or zoo entry name, then files or folders (searched "
+                         "recursively); with --adapters only the files or folders")
+    pr.add_argument("--adapters", nargs="+", action="extend", metavar="NAME=ARTIFACT",
+                    help="several artifacts trained on the same base weights, served together (output: "
+                         "file,adapter,label,score)")
+    pr.add_argument("--manifest", metavar="FILE.csv",
+                    help="with --adapters: a CSV with columns file,adapter routing each file to its adapter "
+                         "(relative files: relative to the CSV's folder)")
+    pr.add_argument("--tasks", nargs="+", action="extend", metavar="NAME=TASK_ID",
+                    help="with --adapters: the task of a multi-task MHR artifact (serve it under several names for "
+                         "several of its tasks)")
+    pr.add_argument("--route", choices=("all",), help="with --adapters and PATH...: every file through every adapter")
     pr.add_argument("--out", default="predictions", help="output folder (default: ./predictions): predictions.csv, masks/")
     pr.add_argument("--weights", help="base weights file, for an artifact trained on local base weights that are "
                                       "not where the run read them")
@@ -143,9 +189,7 @@ def _main(argv: list[str] | None = None) -> int:
                 console.print("nothing cached to verify")
             return 1 if bad or hub.registry_errors or hub.entry_errors else 0
         elif args.cmd == "predict":
-            from zoo.predict import predict
-
-            dest = predict(args.artifact, args.paths, args.out, weights=args.weights, batch_size=args.batch_size)
+            dest = _predict(args)
             err.print(f"wrote {dest}", highlight=False)
         elif args.cmd == "publish":
             reg = None if args.no_register else (args.registry_file or hub.registry.LOCAL_REGISTRY)
@@ -162,7 +206,7 @@ def _main(argv: list[str] | None = None) -> int:
                              note=lambda m: err.print(f"[yellow]{m}[/yellow]", highlight=False))
             print(out)
     except (hub.HubError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, however wide the terminal
         return 2
     return 0
 

@@ -31,9 +31,10 @@ fingerprint of the base weights (``adapter.json``) are checked against the backb
 mismatch is refused in one line. A ``MultiAdapter`` is for inference: built in eval mode, it refuses
 ``.train()``; its factors are a snapshot of the adapters at construction.
 
-For ``python -m zoo predict`` / ``eval.py``: :meth:`MultiAdapter.from_artifacts` builds one from
-artifact folders or zoo names (the backbone from the first artifact's record), and
-:meth:`MultiAdapter.predict_batch` maps inputs + one adapter name per sample to per-sample outputs.
+For ``python -m zoo predict --adapters ...`` (:func:`zoo.predict.predict_many`):
+:meth:`MultiAdapter.from_artifacts` builds one from artifact folders or zoo names (the backbone from
+the first artifact's record), and :meth:`MultiAdapter.predict_batch` maps inputs + one adapter name
+per sample to per-sample outputs.
 """
 from __future__ import annotations
 
@@ -494,7 +495,8 @@ class MultiAdapter(nn.Module):
         """Build the backbone the first artifact records (``weights``: a local base-weights file) and
         serve every artifact on it. A sequence is named by each folder's (or zoo entry's) name."""
         from zoo.checkpoint import read_adapter_config
-        from zoo.hub import build_backbone, resolve
+        from zoo.hub import resolve
+        from zoo.hub.load import artifact_backbone
 
         if not isinstance(artifacts, Mapping):
             items = list(artifacts)
@@ -509,7 +511,8 @@ class MultiAdapter(nn.Module):
         meta = read_adapter_config(resolve(first)) if not isinstance(first, nn.Module) else None
         if meta is None:
             raise TypeError("from_artifacts takes artifact folders or zoo names; pass models to MultiAdapter(backbone, ...)")
-        return cls(build_backbone(meta["backbone"], weights), artifacts, tasks, check_fingerprint)
+        # as zoo.from_zoo builds it: the recorded base-weights file, or the run's seed for random weights
+        return cls(artifact_backbone(meta, weights), artifacts, tasks, check_fingerprint)
 
     def _load(self, name: str, spec: Any, task: int | None) -> _Entry:
         import zoo
@@ -735,8 +738,8 @@ class MultiAdapter(nn.Module):
     def predict_batch(self, inputs: torch.Tensor, adapter_names: Sequence[str], batch_size: int | None = None
                       ) -> list[Any]:
         """Per-sample outputs (on the CPU) of ``inputs`` routed by ``adapter_names`` (one per sample),
-        in chunks of ``batch_size`` (default: all at once): the call ``python -m zoo predict`` /
-        ``eval.py`` make with several artifacts and a per-sample adapter column."""
+        in chunks of ``batch_size`` (default: all at once): the call ``python -m zoo predict
+        --adapters`` makes (:func:`zoo.predict.predict_many`: several artifacts, a per-sample adapter column)."""
         names = list(adapter_names)
         if len(names) != inputs.shape[0]:
             raise ValueError(f"predict_batch: {inputs.shape[0]} inputs but {len(names)} adapter names")

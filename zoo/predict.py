@@ -17,17 +17,21 @@ transform of the recorded data config (``timm.data.create_transform``: resize by
 crop, normalise), audio through :class:`zoo.audio.FrontEnd` with the recorded fbank arguments and
 normalisation, segmentation images resized (bicubic) to the recorded input size and normalised.
 
-Rows are :class:`Prediction` records with an ``adapter`` field: one artifact writes the three columns;
-several (a future per-sample adapter choice, ``zoo.MultiAdapter``) add an ``adapter`` column.
+Several artifacts on one base (``python -m zoo predict --adapters NAME=ARTIFACT ... --manifest FILE.csv``
+or ``... PATH... --route all``): :func:`predict_many` routes each file to its adapter through one
+:class:`zoo.MultiAdapter` (one backbone, mixed batches) and writes ``file,adapter,label,score``; each
+row is the one ``predict`` gives with that artifact alone. The artifacts must record the same
+preprocessing (one decoded input serves every adapter).
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -62,7 +66,7 @@ class Predictor:
 
     name: str
     kind: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None: described only (predict_many runs the model through a MultiAdapter)
     meta: dict[str, Any]
     class_names: list[str] | None
 
@@ -73,6 +77,10 @@ class Predictor:
 
     def extensions(self) -> tuple[str, ...]:
         return AUDIO_EXT if self.kind in AUDIO_KINDS else IMAGE_EXT
+
+    def loader(self) -> Callable[[str], torch.Tensor]:
+        """File path -> the model's input tensor, as the recorded preprocessing says (images, audio clips)."""
+        return self._image_loader() if self.kind in IMAGE_KINDS else self._audio_loader()
 
     def image_transform(self) -> Callable:
         from timm.data import create_transform
@@ -107,7 +115,7 @@ class Predictor:
             if out_dir is None:
                 raise PredictError("segmentation predictions are mask PNGs: give an output folder")
             return [self._mask(f, out_dir) for f in files]
-        load = self._image_loader() if self.kind in IMAGE_KINDS else self._audio_loader()
+        load = self.loader()
         rows: list[Prediction] = []
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
@@ -200,8 +208,10 @@ def save_mask_png(path: Path, labels, palette: Sequence[tuple[int, int, int]] = 
         img.save(tmp, format="PNG")
 
 
-def load_predictor(artifact: str | os.PathLike, weights: str | os.PathLike | None = None) -> Predictor:
-    """The artifact (a folder, or a zoo entry name) as a :class:`Predictor`."""
+def load_predictor(artifact: str | os.PathLike, weights: str | os.PathLike | None = None, build: bool = True,
+                   name: str | None = None) -> Predictor:
+    """The artifact (a folder, or a zoo entry name) as a :class:`Predictor` (``build=False``: its record
+    only, no model; ``name``: what its rows' ``adapter`` column says, default the artifact as given)."""
     from zoo.hub import from_zoo, resolve
 
     folder = resolve(artifact)
@@ -211,9 +221,9 @@ def load_predictor(artifact: str | os.PathLike, weights: str | os.PathLike | Non
     if kind not in KINDS:
         raise PredictError(f"{artifact}: predict serves {', '.join(KINDS)} artifacts; this one is {kind!r} "
                            f"(use eval.py for its metrics)")
-    model = from_zoo(str(folder), weights=weights)
+    model = from_zoo(str(folder), weights=weights) if build else None
     names = task.get("class_names")
-    return Predictor(name=str(artifact), kind=kind, model=model, meta=meta, class_names=list(names) if names else None)
+    return Predictor(name=name or str(artifact), kind=kind, model=model, meta=meta, class_names=list(names) if names else None)
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str]) -> list[str]:
@@ -234,14 +244,14 @@ def expand_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str])
     return out
 
 
-def rows_to_csv(rows: Sequence[Prediction]) -> str:
-    """``file,label,score``; with rows of several adapters an ``adapter`` column too."""
-    several = len({r.adapter for r in rows}) > 1
+def rows_to_csv(rows: Sequence[Prediction], with_adapter: bool | None = None) -> str:
+    """``file,label,score``; ``file,adapter,label,score`` with rows of several adapters (or ``with_adapter``)."""
+    several = len({r.adapter for r in rows}) > 1 if with_adapter is None else with_adapter
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["file", "label", "score"] + (["adapter"] if several else []))
+    w.writerow(["file"] + (["adapter"] if several else []) + ["label", "score"])
     for r in rows:
-        w.writerow([r.file, r.label, f"{r.score:.6f}"] + ([r.adapter] if several else []))
+        w.writerow([r.file] + ([r.adapter] if several else []) + [r.label, f"{r.score:.6f}"])
     return buf.getvalue()
 
 
@@ -257,4 +267,148 @@ def predict(artifact: str | os.PathLike, paths: Iterable[str | os.PathLike], out
     out.mkdir(parents=True, exist_ok=True)
     dest = out / "predictions.csv"
     atomic_write_text(dest, rows_to_csv(rows))
+    return dest
+
+
+# ---------------------------------------------------------------------------- several artifacts, one pass
+
+ROUTES = ("all",)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def parse_adapters(specs: Iterable[str]) -> dict[str, str]:
+    """``["NAME=ARTIFACT", ...]`` -> ``{name: artifact}`` (names unique)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, artifact = str(spec).partition("=")
+        if not sep or not _NAME.fullmatch(name) or not artifact:
+            raise PredictError(f"--adapters takes NAME=ARTIFACT (a name of letters, digits, _ . -), got {spec!r}")
+        if name in out:
+            raise PredictError(f"--adapters: the name {name!r} is given twice")
+        out[name] = artifact
+    if not out:
+        raise PredictError("--adapters: give at least one NAME=ARTIFACT")
+    return out
+
+
+def parse_tasks(specs: Iterable[str], adapters: Sequence[str]) -> dict[str, int]:
+    """``["NAME=TASK_ID", ...]`` -> ``{name: task id}``: an MHR artifact over several tasks serves one task
+    per name (give the artifact under several names to serve several of its tasks)."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        name, sep, task = str(spec).partition("=")
+        if not sep or not task.strip().isdigit():
+            raise PredictError(f"--tasks takes NAME=TASK_ID (an integer), got {spec!r}")
+        if name not in adapters:
+            raise PredictError(f"--tasks: {name!r} is not among --adapters; valid: {', '.join(adapters)}")
+        out[name] = int(task)
+    return out
+
+
+def split_adapter_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--adapters a=X b=Y photos/`` (argparse gives the option everything up to the next one): the
+    leading ``NAME=...`` items are adapters, the rest input paths."""
+    k = 0
+    while k < len(items) and "=" in items[k] and _NAME.fullmatch(items[k].partition("=")[0]):
+        k += 1
+    return list(items[:k]), list(items[k:])
+
+
+def read_manifest(path: str | os.PathLike, adapters: Sequence[str], extensions: Sequence[str]
+                  ) -> list[tuple[str, str]]:
+    """``(file, adapter)`` jobs from a CSV with columns ``file,adapter`` (other columns are ignored).
+    A relative ``file`` is relative to the manifest's folder; a folder routes every input file under it."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("file", "adapter") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PredictError(f"{path}: the manifest needs the columns file,adapter; its header is "
+                                   f"{','.join(reader.fieldnames or []) or '(empty)'}")
+            rows = [(r["file"] or "", (r["adapter"] or "").strip()) for r in reader]
+    except OSError as e:
+        raise PredictError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    if not rows:
+        raise PredictError(f"{path}: the manifest lists no files")
+    unknown = sorted({a for _, a in rows if a not in adapters})
+    if unknown:
+        raise PredictError(f"{path}: adapter(s) {unknown} are not among --adapters; valid: {', '.join(adapters)}")
+    jobs: list[tuple[str, str]] = []
+    for i, (f, a) in enumerate(rows, start=2):  # line 1 is the header
+        if not f.strip():
+            raise PredictError(f"{path}:{i}: empty file")
+        p = Path(f)
+        jobs += [(g, a) for g in expand_inputs([p if p.is_absolute() else path.parent / p], extensions)]
+    return jobs
+
+
+def check_shared_inputs(predictors: Sequence[Predictor]) -> None:
+    """Refuse artifacts that cannot share one decoded input: masks, image with audio, or a preprocessing
+    record that differs (the key that differs is named)."""
+    for p in predictors:
+        if p.kind in MASK_KINDS:
+            raise PredictError(f"{p.name}: several artifacts predict {', '.join(IMAGE_KINDS + AUDIO_KINDS)}; "
+                               f"predict segmentation masks one artifact at a time")
+    first = predictors[0]
+    for p in predictors[1:]:
+        if (p.kind in AUDIO_KINDS) != (first.kind in AUDIO_KINDS):
+            raise PredictError(f"adapters {first.name!r} ({first.kind}) and {p.name!r} ({p.kind}) take different "
+                               f"inputs; predict them separately")
+        a, b = first.preprocessing, p.preprocessing
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                show = [repr(d[key]) if key in d else "absent" for d in (a, b)]
+                raise PredictError(f"adapters {first.name!r} and {p.name!r} record different preprocessing: {key} "
+                                   f"is {show[0]} vs {show[1]}; one batch needs the same inputs, so predict them "
+                                   f"separately")
+
+
+def route_jobs(adapters: Sequence[str], paths: Iterable[str | os.PathLike] | None = None,
+               manifest: str | os.PathLike | None = None, route: str | None = None,
+               extensions: Sequence[str] = IMAGE_EXT) -> list[tuple[str, str]]:
+    """The ``(file, adapter)`` pairs to predict: the manifest's, or (``route="all"``) every file with every
+    adapter, file by file."""
+    paths = list(paths or [])
+    if manifest is not None:
+        if paths or route:
+            raise PredictError("--manifest routes the files itself: give no input paths and no --route with it")
+        return read_manifest(manifest, adapters, extensions)
+    if route not in ROUTES:
+        raise PredictError(f"several adapters need --manifest FILE.csv (columns file,adapter) or --route "
+                           f"{'|'.join(ROUTES)} with input paths" + (f" (got --route {route!r})" if route else ""))
+    return [(f, a) for f in expand_inputs(paths, extensions) for a in adapters]
+
+
+def predict_many(adapters: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
+                 paths: Iterable[str | os.PathLike] | None = None, manifest: str | os.PathLike | None = None,
+                 route: str | None = None, weights: str | os.PathLike | None = None, batch_size: int = 16,
+                 tasks: Mapping[str, int] | None = None) -> Path:
+    """Predict with several artifacts on one base in shared batches (:class:`zoo.MultiAdapter`); returns
+    ``out_dir/predictions.csv`` (``file,adapter,label,score``, one row per routed file and adapter).
+    ``tasks``: the task id of each multi-task MHR artifact (``{name: id}``)."""
+    from zoo.io import atomic_write_text
+    from zoo.multi_adapter import MultiAdapter
+
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
+    described = {n: load_predictor(a, build=False, name=n) for n, a in adapters.items()}
+    preds = list(described.values())
+    check_shared_inputs(preds)
+    jobs = route_jobs(list(adapters), paths, manifest, route, preds[0].extensions())
+    served = MultiAdapter.from_artifacts(dict(adapters), weights=weights, tasks=tasks)  # refuses other bases
+    load = preds[0].loader()  # one preprocessing for all (checked above)
+    rows: list[Prediction] = []
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s:s + batch_size]
+        inputs: dict[str, torch.Tensor] = {}  # a file routed to several adapters is decoded once
+        for f, _ in chunk:
+            if f not in inputs:
+                inputs[f] = load(f)
+        outs = served.predict_batch(torch.stack([inputs[f] for f, _ in chunk]), [a for _, a in chunk])
+        rows += [described[a]._row(f, z.float()) for (f, a), z in zip(chunk, outs)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / "predictions.csv"
+    atomic_write_text(dest, rows_to_csv(rows, with_adapter=True))
     return dest

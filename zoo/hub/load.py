@@ -95,6 +95,18 @@ def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = Non
     return zoo.create_backbone(family, model=model, pretrained=tag if family == "clip" else True, **kw)
 
 
+def artifact_backbone(meta: dict[str, Any], weights: str | os.PathLike | None = None):
+    """The base backbone an artifact's record (``adapter.json``) was trained on: :func:`build_backbone`
+    with the recorded base-weights file, and randomly initialised weights rebuilt from the run's seed."""
+    if meta["backbone"].get("weights_tag") is None and meta.get("seed") is not None and weights is None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # randomly initialised base weights: the run's seed rebuilds them
+            torch.manual_seed(int(meta["seed"]))
+            return build_backbone(meta["backbone"], weights, meta.get("base_weights"))
+    return build_backbone(meta["backbone"], weights, meta.get("base_weights"))
+
+
 def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerprint: bool = True):
     """Build backbone + adapter + the recorded head (:func:`zoo.heads.build_head_model`: any
     registered head type) from a zoo entry, in eval mode.
@@ -116,14 +128,7 @@ def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerpr
             return build_backbone({**entry.backbone, "weights_tag": None}, weights=w).eval()
         folder = download(entry)
     meta = read_adapter_config(folder)
-    if meta["backbone"].get("weights_tag") is None and meta.get("seed") is not None and weights is None:
-        import torch
-
-        with torch.random.fork_rng(devices=[]):  # randomly initialised base weights: the run's seed rebuilds them
-            torch.manual_seed(int(meta["seed"]))
-            bb = build_backbone(meta["backbone"], weights, meta.get("base_weights"))
-    else:
-        bb = build_backbone(meta["backbone"], weights, meta.get("base_weights"))
+    bb = artifact_backbone(meta, weights)
     try:
         model = build_head_model(bb, meta.get("head"))  # the head the task kind recorded
     except KeyError as e:
