@@ -72,9 +72,7 @@ checkpoints/pde/morph_tiny_pretrained.safetensors: | $(STAMP)
 	$(PY) train.py experiment=pde_pretrain
 
 pde-demo: $(STAMP) checkpoints/pde/morph_tiny_pretrained.safetensors
-	$(PY) train.py experiment=pde_quickstart adapter=lora $(LOG_ARG)
-	$(PY) train.py experiment=pde_quickstart adapter=morph_level2 $(LOG_ARG)
-	$(PY) train.py experiment=pde_quickstart adapter=full backbone.weights=null $(LOG_ARG)
+	$(PY) train.py experiment=pde_quickstart $(LOG_ARG)
 
 checkpoints/restoration/nafnet_w16_prod.safetensors: | $(STAMP)
 	$(PY) train.py experiment=restore_pretrain

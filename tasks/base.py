@@ -192,14 +192,17 @@ class ZooTask(L.LightningModule):
         if extra is not None:
             self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
         self.update_metrics("train", outputs.detach() if torch.is_tensor(outputs) else outputs, y)
-        total = loss if extra is None else loss + extra
-        if not torch.isfinite(total.detach()).all():
+        return loss if extra is None else loss + extra
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """The one finite-loss check of every task kind: Lightning calls this for every loss a
+        ``training_step`` returns (whichever kind wrote it), before its backward pass."""
+        if not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(
-                f"the training loss became {float(total.detach())} at step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}): most likely the learning rate is too high for this "
+                f"the training loss became {float(loss.detach().float().mean())} at step {self.global_step} (epoch "
+                f"{self.current_epoch}): most likely the learning rate is too high for this "
                 f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; the last good "
                 f"checkpoint is kept in the run's checkpoints/ folder and nothing was saved or published")
-        return total
 
     def on_before_optimizer_step(self, optimizer) -> None:
         zoo.before_optimizer_step(self.model)

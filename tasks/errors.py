@@ -38,7 +38,7 @@ def user_error_of(e: BaseException) -> BaseException | None:
     bug in an ``except`` block) is not a user error and must surface with its traceback.
     """
     wrappers, seen, types = _wrappers(), set(), user_error_types()
-    while not isinstance(e, types):
+    while not (isinstance(e, types) or _environment_error(e)):
         nxt = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
         if not isinstance(e, wrappers) or nxt is None or id(nxt) in seen:
             return None
@@ -47,7 +47,16 @@ def user_error_of(e: BaseException) -> BaseException | None:
     return e
 
 
+def _environment_error(e: BaseException) -> bool:
+    """A full disk, a quota, ``ulimit -f``, a read-only or forbidden folder (:data:`zoo.io.WRITE_ERRNOS`);
+    like the library's own errors, looked at only once the library was imported (it writes the files)."""
+    io = sys.modules.get("zoo.io")
+    return io is not None and io.is_environment_error(e)
+
+
 def _one_line(e: BaseException) -> str:
+    if _environment_error(e):  # the path and why, e.g. "cannot write <path>: no space left on the device"
+        return sys.modules["zoo.io"].describe_os_error(e)
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the worker's own message
         lines = [ln for ln in msg.splitlines() if ln.strip()]

@@ -130,8 +130,9 @@ class FewShotTask(ClassificationTask):
     tiny_overrides = ("experiment=fewshot_tiny",)
 
     def __init__(self, backbone: dict, adapter: dict, data: dict, head: str = "text", logit_scale: float | None = None,
-                 templates: Sequence[str] | None = None, num_classes: int = 0, **kw: Any):
+                 templates: Sequence[str] | None = None, num_classes: int = 0, evaluate_only: bool = False, **kw: Any):
         self.data_cfg, self.head_type, self.fixed_scale = dict(data), head, logit_scale
+        self.evaluate_only = evaluate_only  # the zero-shot row (train=false): nothing trains, by design
         self.templates_override = list(templates) if templates else None
         self.untuned: dict[str, float] = {}
         self.extra_metrics: dict[str, Any] = {}
@@ -154,7 +155,7 @@ class FewShotTask(ClassificationTask):
         from tasks.base import attach_adapter
 
         attach_adapter(model, adapter)
-        if adapter.get("name") != "colora":  # CoLoRA's factors appear in prepare(); the runner prepares before fit
+        if adapter.get("name") != "colora" and not self.evaluate_only:  # CoLoRA's factors appear in prepare()
             check_head(model)
         return model
 

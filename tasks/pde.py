@@ -70,6 +70,16 @@ class PDEForecastTask(ZooTask):
         self._metrics: dict[str, RolloutMetrics] = {}
         self.last_tables: dict[str, dict] = {}
 
+    @classmethod
+    def eval_overrides(cls, task_cfg: dict, data_cfg: dict, split: str) -> None:
+        """The dataset name follows the data evaluated (the config's rule: the equation generated, or
+        ``pdebench`` for a file, which wins over ``generate``), not the one recorded at training."""
+        if data_cfg.get("path"):
+            task_cfg["dataset"] = "pdebench"
+        elif data_cfg.get("generate"):
+            gen = data_cfg["generate"]
+            task_cfg["dataset"] = gen if isinstance(gen, str) else "+".join(map(str, gen))
+
     def preprocessing(self) -> dict[str, Any]:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         rec = {"layout": "UPTF-7 (B, t, F, C, D, H, W)", "context": self.context}
@@ -256,6 +266,25 @@ class PDEDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.resolve_paths()
+
+    def check_recorded(self, rec: dict[str, Any]) -> None:
+        """Refuse data of another dimensionality or other fields than an artifact recorded
+        (``preprocessing``: ``spatial``, ``fields``); ``eval.py`` calls it before evaluating."""
+        want_sp, want_f = rec.get("spatial"), rec.get("fields")
+        if not want_sp and not want_f:
+            return
+        self.prepare_data()
+        self._datasets("val", self.horizon, [0])  # reads the layout: spatial shape and field names
+        dims = lambda sp: sum(int(s) > 1 for s in sp)  # (D, H, W) with 1 for absent axes
+        diffs = []
+        if want_sp and self.spatial is not None and dims(want_sp) != dims(self.spatial):
+            diffs.append(f"{dims(want_sp)}-D data (spatial {list(want_sp)}), this data is {dims(self.spatial)}-D "
+                         f"({list(self.spatial)})")
+        if want_f and self.field_names is not None and list(want_f) != list(self.field_names):
+            diffs.append(f"fields {list(want_f)}, this data has {list(self.field_names)}")
+        if diffs:
+            raise ValueError(f"the artifact was trained on {'; '.join(diffs)}: it cannot be evaluated on "
+                             f"{', '.join(map(str, self.resolve_paths()))}")
 
     def _well_files(self, base: Path, split: str) -> list[Path]:
         folder = base / "data" / {"train": "train", "val": "valid", "test": "test"}[split]

@@ -12,6 +12,8 @@ runs into one table each, headed by what its runs share.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,16 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     """Every run's ``metrics.json`` under ``root`` (recursively), upgraded to the current schema
     (:func:`tasks.base.read_metrics`), with its folder."""
     rows = []
-    for f in sorted(Path(root).rglob("metrics.json")):
+    for f in sorted(Path(root).rglob("metrics.json"), key=_natural):
         m = read_metrics(f)
         m["run_dir"] = str(f.parent)
         rows.append(m)
     return rows
+
+
+def _natural(path: Path) -> list:
+    """Sort key that puts a sweep's job 2 before job 10 (``2_lora`` < ``10_full``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("adapter params", None), ("% of backbone", None)]
@@ -67,6 +74,17 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def replicated(rows: list[dict[str, Any]]) -> bool:
+    """Some row label has several runs (seeds or folds): the table shows mean ± std per label."""
+    return len(group_runs(rows)) < len(rows)
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    if replicated(rows) or keys:
+        return grouped_header(rows, keys), grouped_rows(rows, keys)
+    return header(rows), table_rows(rows)
+
+
 PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of one sweep: not a protocol difference
 
 
@@ -87,36 +105,246 @@ def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str
     return out
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], caption_text: str = "", columns: list[str] | None = None) -> str:
     groups = protocol_groups(rows)
     if len(groups) > 1:
-        return "\n".join(f"**protocol**: {desc}\n\n{_markdown_table(rs)}" for desc, rs in groups)
-    return _markdown_table(rows)
+        text = "\n".join(f"**protocol**: {desc}\n\n{_markdown_table(rs, columns)}" for desc, rs in groups)
+    else:
+        text = _markdown_table(rows, columns)
+    return text + (f"\n{caption_text}\n" if caption_text else "")
 
 
-def _markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = header(rows)
+def _markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    head, body = _table(rows, columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n\n" + PARAMS_NOTE + "\n"
 
 
-def print_table(rows: list[dict[str, Any]], title: str = "results") -> None:
+def print_table(rows: list[dict[str, Any]], title: str = "results", caption_text: str = "",
+                columns: list[str] | None = None) -> None:
+    from rich.console import Console
+
     groups = protocol_groups(rows)
     for i, (desc, rs) in enumerate(groups):
-        _print_table(rs, title if len(groups) == 1 else f"{title} ({i + 1}/{len(groups)}, protocol: {desc})")
+        _print_table(rs, title if len(groups) == 1 else f"{title} ({i + 1}/{len(groups)}, protocol: {desc})", columns)
+    if caption_text:
+        Console(width=max(110, Console().width)).print(caption_text, highlight=False, markup=False)
 
 
-def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+def _print_table(rows: list[dict[str, Any]], title: str, columns: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    head, body = _table(rows, columns)
     t = Table(title=title, caption=PARAMS_NOTE)
-    for h in header(rows):
-        t.add_column(h, justify="left" if h in ("adapter", "dataset") else "right")
-    for r in table_rows(rows):
+    for h in head:
+        t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
+    for r in body:
         t.add_row(*r)
     Console(width=max(110, Console().width)).print(t)
+
+
+# ---------------------------------------------------------------------- rows over seeds, and the caption
+# A demo sweeps its rows (adapters and baselines) over seeds or folds; the table shows one line per row
+# label (``report.label``, default the adapter config's name) with mean ± std, and a caption computed from the
+# numbers says what the effect is (best row vs ``report.baseline``) and how big the noise is.
+
+# two-sided 95% critical values of Student's t for 1..10 degrees of freedom; beyond, 1.96 + 2.4/df
+# (within 0.03 of the exact value)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
+
+
+def row_label(m: dict[str, Any]) -> str:
+    return m.get("label") or m.get("adapter") or "?"
+
+
+def replicate(m: dict[str, Any]) -> tuple:
+    """What pairs two rows' runs: the seed and, where the task has folds, the fold."""
+    return (m.get("seed"), m.get("fold"))
+
+
+def group_runs(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by row label, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for m in rows:
+        groups.setdefault(row_label(m), []).append(m)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the non-missing values."""
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return math.nan, math.nan, 0
+    mu = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mu, sd, len(v)
+
+
+def fmt_spread(col: Column, sd: float) -> str:
+    """A standard deviation, two significant digits (points for percentages)."""
+    return f"{100 * sd:.1f}" if col.fmt == "pct" else f"{sd:.2g}"
+
+
+def fmt_stat(col: Column, mu: float, sd: float, n: int) -> str:
+    if n == 0:
+        return col.format(None)
+    return col.format(mu) if n == 1 else f"{col.format(mu)} ± {fmt_spread(col, sd)}"
+
+
+def shown_columns(rows: list[dict[str, Any]], keys: list[str] | None = None) -> list[Column]:
+    """The metric columns to show: ``keys`` (in that order) where given, else all of them."""
+    cols = metric_columns(rows)
+    if not keys:
+        return cols
+    by_key = {c.key: c for c in cols}
+    unknown = [k for k in keys if k not in by_key]
+    if unknown:
+        raise ValueError(f"report.columns: no such metric {unknown}; valid: {', '.join(by_key)}")
+    return [by_key[k] for k in keys]
+
+
+def grouped_header(rows: list[dict[str, Any]], keys: list[str] | None = None) -> list[str]:
+    return ["row", "dataset", "runs", *[h for h, _ in PREFIX[2:]], *[c.header for c in shown_columns(rows, keys)],
+            *SUFFIX]
+
+
+def grouped_rows(rows: list[dict[str, Any]], keys: list[str] | None = None) -> list[list[str]]:
+    """One line per row label: the metric columns as mean ± std over its runs (seeds / folds)."""
+    cols = shown_columns(rows, keys)
+    out = []
+    for label, runs in group_runs(rows).items():
+        m = runs[0]
+        p, bb = m.get("trainable_params", 0), max(1, m.get("backbone_params", 1))
+        kib = mean_std([r.get("artifact_bytes", 0) for r in runs])[0] / 1024
+        out.append([label, m.get("dataset", "?"), str(len(runs)), f"{p:,}", f"{100 * p / bb:.2f}%",
+                    *[fmt_stat(c, *mean_std([r.get(c.key) for r in runs])) for c in cols], f"{kib:.1f}"])
+    return out
+
+
+def effect_metric(rows: list[dict[str, Any]], key: str | None = None) -> tuple[Column, str]:
+    """The caption's metric and its direction: ``key`` if given, else the test counterpart of the
+    runs' selection metric (``val/x`` -> ``test/x``) where the runs have it, else the selection metric."""
+    cols = {c.key: c for c in metric_columns(rows)}
+    mon = next((m["monitor"] for m in rows if m.get("monitor")), {"name": "val/acc", "mode": "max"})
+    if key is None:
+        test = "test/" + mon["name"].split("/", 1)[-1]
+        key = test if any(m.get(test) is not None for m in rows) else mon["name"]
+    col = cols.get(key) or Column(key, key)
+    return col, mon.get("mode", "max")
+
+
+def _diff_text(col: Column, gain: float) -> str:
+    """An improvement (positive = better, whatever the metric's direction) in the column's unit, in words."""
+    size = f"{100 * abs(gain):.1f} points" if col.fmt == "pct" else f"{abs(gain):.4g}"
+    return f"{size} {'better' if gain > 0 else 'worse' if gain < 0 else 'apart'}"
+
+
+def compare(base: list[dict[str, Any]], other: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
+    """``other`` vs ``base`` on ``key``: the improvement (positive = better under ``mode``), its noise and verdict.
+
+    Paired by seed (and fold) where at least two replicates are shared: the per-replicate improvements'
+    mean, std and a paired t-test; otherwise the two groups' means with Welch's standard error. Verdict
+    ``better`` / ``worse`` when the improvement is beyond 95% of the noise (|t| > t_crit), else ``within``;
+    ``unknown`` with one run on each side (no noise estimate).
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    b = {replicate(m): m.get(key) for m in base if m.get(key) is not None}
+    o = {replicate(m): m.get(key) for m in other if m.get(key) is not None}
+    shared = [r for r in o if r in b]
+    mb, sb, nb = mean_std(list(b.values()))
+    mo, so, no = mean_std(list(o.values()))
+    res: dict[str, Any] = {"base": (mb, sb, nb), "other": (mo, so, no)}
+    if nb == 0 or no == 0:
+        return {**res, "verdict": "unknown", "gain": math.nan, "noise": math.nan, "paired": False, "n": 0}
+    if len(shared) >= 2:
+        d = [sign * (o[r] - b[r]) for r in shared]
+        gain, sd, n = mean_std(d)
+        se, df, paired = sd / math.sqrt(n), n - 1, True
+        noise = sd
+    else:
+        gain, n, paired = sign * (mo - mb), min(nb, no), False
+        se = math.sqrt(sb ** 2 / nb + so ** 2 / no)
+        df, noise = max(1, min(nb, no) - 1), math.sqrt((sb ** 2 + so ** 2) / 2)
+    if nb + no <= 2 or (se == 0 and gain == 0):
+        verdict = "unknown" if nb + no <= 2 else "within"
+    elif se == 0:
+        verdict = "better" if gain > 0 else "worse"
+    else:
+        t = gain / se
+        verdict = "better" if t > t_critical(df) else "worse" if t < -t_critical(df) else "within"
+    return {**res, "verdict": verdict, "gain": gain, "noise": noise, "paired": paired, "n": n}
+
+
+ROW_VERDICT = {"better": "better beyond the noise", "within": "within the noise",
+               "worse": "worse beyond the noise", "unknown": "not judged"}
+
+
+def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None, reference: str | None = None) -> str:
+    """What the table shows, from its numbers: the best row against ``baseline`` (a row label), the
+    difference and the noise (std over seeds, or of the paired per-seed differences), then every
+    other row against the baseline, and with ``reference`` (e.g. full fine-tuning) every other row
+    against it too. Says so when no row beats the baseline beyond the noise."""
+    groups = group_runs(rows)
+    if baseline not in groups:
+        return f"No caption: the baseline row {baseline!r} is not among the runs ({', '.join(groups)})."
+    by_protocol = protocol_groups(rows)
+    if len(by_protocol) > 1:  # compare only what was measured the same way as the baseline
+        keep = next(rs for _, rs in by_protocol if any(row_label(m) == baseline for m in rs))
+        kept = {id(m) for m in keep}
+        left = list(dict.fromkeys(row_label(m) for m in rows if id(m) not in kept))
+        text = caption(keep, baseline, metric, reference)
+        return f"{text}\n(not compared, made under another protocol than the baseline: {', '.join(left)})"
+    col, mode = effect_metric(rows, metric)
+    others = {k: compare(groups[baseline], v, col.key, mode) for k, v in groups.items() if k != baseline}
+    if not others:
+        return f"Only the baseline row {baseline!r} ran: nothing to compare."
+    sign = 1.0 if mode == "max" else -1.0
+    scored = {k: c for k, c in others.items() if c["other"][2]}
+    if not scored:
+        return f"No caption: no run has {col.key}."
+    best = max(scored, key=lambda k: sign * scored[k]["other"][0])
+    c = scored[best]
+    direction = "higher is better" if mode == "max" else "lower is better"
+    n_runs = max(len(v) for v in groups.values())
+
+    def stat(s):
+        return fmt_stat(col, *s)
+
+    def noise(c):
+        if c["verdict"] == "unknown" and c["n"] <= 1:
+            return "one run each, so the noise is unknown"
+        what = "std of the paired per-seed differences" if c["paired"] else "pooled std over seeds"
+        unit = " points" if col.fmt == "pct" else ""
+        return f"{what} {fmt_spread(col, c['noise'])}{unit}, n={c['n']}, 95% t-test"
+
+    verdict = {
+        "better": f"{best} beats {baseline} beyond the noise",
+        "within": f"{best} does NOT beat {baseline} beyond the noise",
+        "worse": f"no row beats {baseline}: the best, {best}, is worse beyond the noise",
+        "unknown": f"{best} vs {baseline} cannot be judged (one run each)",
+    }[c["verdict"]]
+    lines = [(f"{col.header} ({direction}), mean ± std over up to {n_runs} seeds/folds per row. "
+              f"Best row {best}: {stat(c['other'])} vs baseline {baseline}: {stat(c['base'])}, "
+              f"{_diff_text(col, c['gain'])} ({noise(c)}): {verdict}.")]
+    for k, o in others.items():
+        if k != best and o["other"][2]:
+            lines.append(f"{k} vs {baseline}: {_diff_text(col, o['gain'])} ({noise(o)}): {ROW_VERDICT[o['verdict']]}.")
+    if reference in groups and reference != baseline:
+        for k, v in groups.items():
+            if k not in (baseline, reference):
+                o = compare(groups[reference], v, col.key, mode)
+                if o["other"][2]:
+                    lines.append(f"{k} vs {reference}: {_diff_text(col, o['gain'])} ({noise(o)}): "
+                                 f"{ROW_VERDICT[o['verdict']]}.")
+    elif reference:
+        lines.append(f"(the reference row {reference!r} is not among the runs)")
+    return "\n".join(lines)
 
 
 class SummaryTable(Callback):
@@ -136,11 +364,16 @@ class SummaryTable(Callback):
         rows = collect(sweep_dir)
         if not rows:
             return
+        report = config.get("report") or {}
+        text = caption(rows, report["baseline"], report.get("metric"), report.get("reference")) \
+            if report.get("baseline") else ""
+        keys = list(report.get("columns") or [])
         wall = time.monotonic() - getattr(self, "_t0", time.monotonic())
-        print_table(rows, title=f"results in {sweep_dir} ({len(rows)} runs, {fmt_seconds(wall)} wall time)")
+        print_table(rows, title=f"results in {sweep_dir} ({len(rows)} runs, {fmt_seconds(wall)} wall time)",
+                    caption_text=text, columns=keys)
         from zoo.io import atomic_write_text
 
-        atomic_write_text(sweep_dir / "summary.md", markdown(rows))
+        atomic_write_text(sweep_dir / "summary.md", markdown(rows, text, keys))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.report",
                                 description="Table of finished runs (every metrics.json under the folders).")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="run or multirun folders (e.g. logs/multiruns/<time>)")
+    p.add_argument("--baseline", help="the baseline row's label (an adapter name, or a report.label such as "
+                                      "'from scratch'): a caption compares the best row with it")
+    p.add_argument("--metric", help="the caption's metric (default: the test counterpart of the selection metric)")
+    p.add_argument("--columns", nargs="+", metavar="KEY", help="only these metrics (e.g. test/nrmse test/vrmse)")
+    p.add_argument("--reference", help="a second row (e.g. full) the caption compares every other row with")
     args = p.parse_args(argv)
     missing = [d for d in args.runs if not Path(d).exists()]
     if missing:
@@ -158,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: no metrics.json (finished run) under {', '.join(args.runs)}", file=sys.stderr)
         return 1
-    print_table(rows)
-    print(markdown(rows))
+    text = caption(rows, args.baseline, args.metric, args.reference) if args.baseline else ""
+    print_table(rows, caption_text=text, columns=args.columns)
+    print(markdown(rows, text, args.columns))
     return 0
 
 

@@ -80,8 +80,14 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else copy.deepcopy(node)
 
 
-def build_task(cfg: DictConfig) -> L.LightningModule:
+def build_task(cfg: DictConfig, recorded: bool = False) -> L.LightningModule:
+    """The task of ``cfg.task``; ``recorded=True`` (an artifact's config): only an allow-listed
+    class, called directly (:mod:`tasks.recorded`)."""
     task_cfg = _plain(cfg.task)
+    if recorded:
+        from tasks.recorded import TASK_TARGETS, construct
+
+        return construct(task_cfg, TASK_TARGETS, "task", backbone=_plain(cfg.backbone), adapter=_plain(cfg.adapter))
     return instantiate(task_cfg, backbone=_plain(cfg.backbone), adapter=_plain(cfg.adapter), _convert_="all", _recursive_=False)
 
 
@@ -107,13 +113,21 @@ def check_data(cfg: DictConfig) -> None:
     check(**data_cfg)
 
 
-def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig, task: L.LightningModule, recorded: bool = False) -> L.LightningDataModule:
     """The DataModule of ``cfg.data`` with the run's seed; image DataModules (a ``normalize`` key)
     also get the normalisation's mean and std, and the backbone's data config (timm's input size,
-    interpolation, crop) when they take one (``data_config``, the image-folder layout)."""
+    interpolation, crop) when they take one (``data_config``, the image-folder layout).
+    ``recorded=True`` (an artifact's config): only an allow-listed class, called directly, never
+    recursively (:mod:`tasks.recorded`)."""
     data_cfg = _plain(cfg.data)
+    if recorded:
+        from tasks.recorded import DATA_TARGETS, construct
+
+        make = lambda c, **kw: construct(c, DATA_TARGETS, "data", **kw)
+    else:
+        make = lambda c, **kw: instantiate(c, _convert_="all", **kw)
     if "normalize" not in data_cfg:
-        return instantiate(data_cfg, seed=cfg.seed, _convert_="all")
+        return make(data_cfg, seed=cfg.seed)
     norm = data_cfg.pop("normalize")
     dc = dict(zoo.find_backbone(task.model).data_config)
     if data_cfg.get("layout") == "imagefolder":
@@ -126,7 +140,7 @@ def build_datamodule(cfg: DictConfig, task: L.LightningModule) -> L.LightningDat
         mean = std = None
     else:
         raise ValueError(f"data.normalize={norm!r}; valid: backbone, imagenet, none")
-    dm = instantiate(data_cfg, mean=mean, std=std, seed=cfg.seed, _convert_="all")
+    dm = make(data_cfg, mean=mean, std=std, seed=cfg.seed)
     # recorded in metrics.json's protocol: the statistics the inputs were normalised with
     dm.normalisation = {"name": norm, "mean": None if mean is None else [float(v) for v in mean],
                         "std": None if std is None else [float(v) for v in std]}
@@ -199,8 +213,14 @@ def load_adapter_checkpoint(task: L.LightningModule, path: str) -> float | None:
     return None
 
 
+# task keys that say which problem a checkpoint was trained on (not how long or with which optimiser)
+RESUME_TASK_KEYS = ("name", "dataset", "protocol", "num_classes", "fold", "val_fold", "shots", "subsample",
+                    "heldout", "datasets", "class_names", "head", "context", "scale", "data_dir")
+
+
 def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict], int] | None:
-    """Refuse to resume from a checkpoint of another adapter/backbone config, naming what differs,
+    """Refuse to resume from a checkpoint of another adapter/backbone config or another problem
+    (task.dataset, protocol, classes...: :data:`RESUME_TASK_KEYS`), naming what differs,
     before any training; returns the CSV log rows to keep (those before the checkpoint's step)."""
     from tasks.trainer.checkpoint_io import load_checkpoint
 
@@ -216,6 +236,12 @@ def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict],
         for k in sorted(set(was) | set(now)):
             if was.get(k) != now.get(k):
                 diffs.append(f"{group}.{k}: checkpoint {was.get(k)!r}, now {now.get(k)!r}")
+    # the problem itself: resuming on another dataset (or split, class count...) would mix two trainings
+    task_hp = {**(hp.get("meta") or {}), **hp}
+    task_now = _plain(cfg.task)
+    for k in RESUME_TASK_KEYS:
+        if k in task_hp and k in task_now and task_hp[k] != task_now[k]:
+            diffs.append(f"task.{k}: checkpoint {task_hp[k]!r}, now {task_now[k]!r}")
     if diffs:
         raise ValueError(f"cannot resume from {ckpt}: it was trained with another config:\n  " + "\n  ".join(diffs)
                          + "\nresume with the run's own overrides, or start a new run (without ckpt_path)")
@@ -286,12 +312,33 @@ def train_losses(out_dir: Path) -> tuple[float | None, float | None]:
 _num = number
 
 
+@contextmanager
+def naming_the_folder(folder: Path):
+    """A write error of the environment that names no file (a logger's ``write()`` on a full disk)
+    names the run's folder instead, so the one error line says where."""
+    from zoo.io import is_environment_error
+
+    try:
+        yield
+    except OSError as e:
+        if is_environment_error(e) and not e.filename:
+            raise OSError(e.errno, e.strerror, f"{folder} (the run's folder)") from e
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job for one config; returns the metrics also written to ``metrics.json``."""
+    with naming_the_folder(Path(cfg.paths.output_dir)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     """The whole job for one config; returns the metrics also written to ``metrics.json``.
 
     Everything task-specific comes from the task's declaration (:class:`tasks.base.ZooTask`):
     the monitor and its mode select the checkpoint, the declared columns fill ``metrics.json``.
     """
+    cfg = apply_final_overrides(cfg)
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 
@@ -315,7 +362,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Data-driven adapter stages (CoLoRA) add parameters, so they run here, in the main
         # process, before fit builds the optimizer and wraps DDP (ddp_spawn children receive
         # this model). Also on resume, so the checkpoint's tensors have a place (prepare is seeded).
+        check_splits = getattr(dm, "check_splits", None)
+        if callable(check_splits):  # before training: a missing split must not cost a whole run
+            check_splits(test=_tests_at_end(cfg, dm, known_only=True))
         zoo.prepare_adapters(task.model, dm.train_dataloader(), loss_fn=task.batch_loss)
+        check_training_steps(trainer, dm, task)
     bb = zoo.find_backbone(task.model)
     trainable, total = zoo.count_parameters(task.model)
     bb_trainable, bb_params = zoo.count_parameters(bb)
@@ -329,6 +380,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finally:
             if history is not None and trainer.is_global_zero:
                 restore_csv_history(out_dir, *history)
+        # (ddp_spawn trains in child processes and does not carry global_step back: the check before
+        # training covers it)
+        if trainer.global_step == 0 and _trains(task) and not _spawned(trainer):
+            raise ValueError("training took no optimisation step (the training split gave no batch, or every batch "
+                             "was skipped): the adapter would be saved untrained, so nothing was saved; check "
+                             "data.* and task.max_epochs")
 
     decl = task.declaration()
     metrics: dict[str, Any] = {
@@ -346,6 +403,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "selection": selection,
         "validated_on": (splits.get("val") or {}).get("name"),
         "seed": cfg.seed,
+        "fold": cfg.task.get("fold"),  # with the seed, what pairs runs of different rows (tasks.report)
+        "label": run_label(cfg),  # the summary table's row
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
@@ -384,9 +443,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
     metrics[task.monitor] = metrics["monitor"]["value"]
 
-    run_test = cfg.get("test", "auto")
-    if run_test is True or (run_test == "auto" and getattr(dm, "test_set", None) is not None) or \
-            (run_test == "auto" and cfg.task.get("protocol") == "final"):
+    if _tests_at_end(cfg, dm):
         with keep_csv_history(trainer, out_dir):
             res = trainer.test(task, datamodule=dm, verbose=False)
         for c in decl["columns"]:
@@ -398,7 +455,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_losses(out_dir)
         metrics["wall_time_s"] = round(time.monotonic() - t0, 1)  # this run, weights and data included
         record = {**decl, "name": metrics["task"], "dataset": metrics["dataset"], "protocol": metrics["protocol"],
-                  "config": _plain(cfg.task), "data": _plain(cfg.data)}
+                  "config": _plain(cfg.task), "data": _plain(cfg.data), "links": task_links(cfg)}
         classes = class_names(dm)
         if classes is not None:
             record["class_names"] = classes  # python -m zoo predict labels with them
@@ -430,6 +487,54 @@ def protocol_details(cfg: DictConfig, task, dm) -> dict[str, Any]:
     if "differs_from_paper" in cfg.task:
         details["differs_from_paper"] = cfg.task.differs_from_paper
     return details
+
+
+def _spawned(trainer: L.Trainer) -> bool:
+    """Whether fit ran in spawned processes (``ddp_spawn``), whose state stays there."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def _trains(task: L.LightningModule) -> bool:
+    """Whether the task has anything to train (the frozen baseline, e.g. adapter=linear on a
+    captioner, evaluates only: no optimisation step is right for it)."""
+    return any(p.requires_grad for p in task.parameters())
+
+
+def check_training_steps(trainer: L.Trainer, dm: L.LightningDataModule, task: L.LightningModule) -> None:
+    """Refuse, before training, a run that would take no optimisation step (and so save an
+    untrained adapter with exit code 0): zero epochs or steps, no training batches."""
+    if not _trains(task):
+        return
+    why = None
+    if trainer.max_epochs == 0:
+        why = "trainer.max_epochs=0 (task.max_epochs)"
+    elif trainer.max_steps == 0:
+        why = "trainer.max_steps=0"
+    elif trainer.limit_train_batches == 0:
+        why = "trainer.limit_train_batches=0"
+    else:
+        try:
+            n = len(dm.train_dataloader())
+        except TypeError:  # an iterable without a length: the post-fit check catches an empty one
+            n = None
+        if n == 0:
+            ds = getattr(dm, "train_set", None)
+            size = f"{len(ds)} samples" if ds is not None and hasattr(ds, "__len__") else "no samples"
+            why = f"the training split gives no batch ({size}; every sample skipped, or fewer than one batch dropped)"
+    if why:
+        raise ValueError(f"{why}: this run would take no optimisation step and save an untrained adapter; "
+                         f"nothing was trained or saved")
+
+
+def _tests_at_end(cfg: DictConfig, dm: L.LightningDataModule, known_only: bool = False) -> bool:
+    """Whether the run evaluates the test split after training: ``test=true``, or ``test=auto``
+    with a test split or ``task.protocol=final``. ``known_only``: the rules known before training
+    (test=true, protocol=final), for checking the split up front."""
+    run_test = cfg.get("test", "auto")
+    return run_test is True or (run_test == "auto" and cfg.task.get("protocol") == "final") or \
+        (not known_only and run_test == "auto" and getattr(dm, "test_set", None) is not None)
 
 
 def _step_ms(trainer: L.Trainer) -> float | None:
@@ -469,6 +574,29 @@ def data_preprocessing(dm: L.LightningDataModule) -> dict[str, Any]:
     normalisation), so that inference outside Lightning (``python -m zoo predict``) reproduces it."""
     rec = getattr(dm, "preprocessing", None)
     return dict(rec()) if callable(rec) else {}
+
+
+def run_label(cfg: DictConfig) -> str:
+    """The run's row in a summary table: ``report.label``, else the adapter config as chosen
+    (``adapter=coca_decoder_lora``: two configs may build the same method), else the method's name."""
+    label = (cfg.get("report") or {}).get("label")
+    if label:
+        return str(label)
+    return hydra_choice("adapter") or cfg.adapter.name
+
+
+def apply_final_overrides(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with its ``final_overrides`` (``["backbone.weights=null", ...]``) applied last.
+
+    A config group file (a sweep's row, conf/adapter/baseline/*) is merged before the experiment, so
+    the values an experiment sets win over it; these dotted overrides come after everything."""
+    ovs = list(cfg.get("final_overrides") or [])
+    if not ovs:
+        return cfg
+    bad = [o for o in ovs if not isinstance(o, str) or "=" not in o]
+    if bad:
+        raise ValueError(f"final_overrides: expected 'key=value' strings, got {bad}")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -524,6 +652,9 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         raise ValueError(f"split={cfg.split!r}; valid: val, test")
     artifact = Path(cfg.artifact)
     meta = read_adapter_config(artifact)
+    from tasks.recorded import TASK_TARGETS, check_artifact_config, recorded_class
+
+    check_artifact_config(meta, str(artifact))  # recorded configs are data: no _target_ to run, no ${...}
     bmeta = meta["backbone"]
     tag = bmeta.get("weights_tag") or ""
     if tag.startswith("file:") and not cfg.backbone.get("weights"):
@@ -536,16 +667,18 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
             cfg.backbone.weights = str(found)  # the file the run read (the fingerprint check guards it)
         print(f"base weights: {found} (recorded by the run)", file=sys.stderr)
     record = meta.get("task") or {}
-    if record.get("config") is not None:
+    recorded = record.get("config") is not None
+    if recorded:
         task_cfg, data_cfg = copy.deepcopy(record["config"]), copy.deepcopy(record.get("data") or {})
         task_cfg.pop("runner", None)
-        _apply_overrides(task_cfg, data_cfg, overrides or [])
+        _apply_overrides(task_cfg, data_cfg, overrides or [], record.get("links"))
     else:  # a pre-contract artifact: VTAB classification
         task_cfg, data_cfg = _plain(cfg.task), _plain(cfg.data)
         if task_cfg.get("dataset") == "auto":
             task_cfg["dataset"] = data_cfg["dataset"] = record.get("dataset") or "cifar"
         task_cfg["num_classes"] = meta["head"]["num_classes"]
-    get_class(task_cfg["_target_"]).eval_overrides(task_cfg, data_cfg, cfg.split)
+    task_cls = recorded_class(task_cfg, TASK_TARGETS, "task") if recorded else get_class(task_cfg["_target_"])
+    task_cls.eval_overrides(task_cfg, data_cfg, cfg.split)
     with open_dict(cfg):
         cfg.backbone.name = bmeta["family"]
         cfg.backbone.model = bmeta["model"]
@@ -564,9 +697,12 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.logger = None
         cfg.callbacks = None
     L.seed_everything(cfg.seed)
-    check_data(cfg)  # cheap, before the base weights are built
-    task = build_task(cfg)
-    dm = build_datamodule(cfg, task)
+    check_data(cfg)  # cheap, before the base weights are built (the data _target_ is allow-listed above)
+    task = build_task(cfg, recorded=recorded)
+    dm = build_datamodule(cfg, task, recorded=recorded)
+    check = getattr(dm, "check_recorded", None)
+    if callable(check):  # data of another kind than the artifact was trained on (a 2-D file for a 1-D run)
+        check(meta.get("preprocessing") or {})
     trainer = build_trainer(cfg, has_val=True, enable_checkpointing=False)
     if cfg.split == "test":
         res = trainer.test(task, datamodule=dm, verbose=False)[0]
@@ -590,11 +726,27 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     return out
 
 
-def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str]) -> None:
+def task_links(cfg: DictConfig) -> dict[str, str]:
+    """``{data key: task key}`` for the data keys the config sets to exactly ``${task.K}`` (e.g.
+    audio's ``data.root: ${task.data_dir}``), recorded in the artifact so that ``eval.py
+    task.K=...`` changes the data key too."""
+    import re
+
+    raw = OmegaConf.to_container(cfg.data, resolve=False) if isinstance(cfg.get("data"), DictConfig) else {}
+    out = {}
+    for k, v in (raw or {}).items():
+        m = re.fullmatch(r"\$\{task\.([A-Za-z0-9_]+)\}", v) if isinstance(v, str) else None
+        if m:
+            out[str(k)] = m.group(1)
+    return out
+
+
+def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str], links: dict[str, str] | None = None) -> None:
     """Apply ``task.K=V`` / ``data.K=V`` command-line overrides to the recorded configs.
 
-    A ``task.K`` that the data config also has (``dataset``, ``protocol``: the configs link them by
-    interpolation) is applied to both.
+    A ``task.K`` also reaches the data key of the same name and those linked to it (``links``,
+    recorded at training: the keys the config set to ``${task.K}``); for artifacts written before
+    links were recorded, the data keys with the same recorded value (``data.root`` = ``task.data_dir``).
     """
     for ov in overrides:
         key, _, value = ov.lstrip("+~").partition("=")
@@ -602,10 +754,19 @@ def _apply_overrides(task_cfg: dict, data_cfg: dict, overrides: list[str]) -> No
         if group not in ("task", "data") or not rest:
             continue
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"{rest}={value}"]), resolve=True)
-        targets = [task_cfg, data_cfg] if group == "task" and rest.split(".")[0] in data_cfg else \
-            [task_cfg if group == "task" else data_cfg]
-        for t in targets:
-            _merge_into(t, parsed)
+        if group == "data":
+            _merge_into(data_cfg, parsed)
+            continue
+        top = rest.split(".")[0]
+        old = task_cfg.get(top)
+        linked = [dk for dk, v in data_cfg.items() if dk == top or
+                  (dk in links and links[dk] == top if links is not None else isinstance(old, str) and v == old)]
+        if "." not in rest:
+            for dk in linked:
+                data_cfg[dk] = copy.deepcopy(parsed[top])
+        elif top in linked:  # a nested key of a same-named dict
+            _merge_into(data_cfg, parsed)
+        _merge_into(task_cfg, parsed)
 
 
 def _merge_into(dst: dict, src: dict) -> None:

@@ -5,6 +5,7 @@ wrong result, a half-written file or a write outside the cache. The documentatio
 from __future__ import annotations
 
 import json
+import re
 import os
 import warnings
 from pathlib import Path
@@ -177,7 +178,7 @@ def test_truncated_artifact_is_one_clear_error(tmp_path):
     meta.pop("weights_sha256")  # an older artifact without the hash: the read itself must fail clearly
     (a / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterMismatchError, match="cannot be read as safetensors"):
-        zoo.load_adapter(plain_model(), a)
+        zoo.load_adapter(plain_model(), a, allow_unhashed=True)
 
 
 @pytest.mark.parametrize("methods", [[], None, [{"config": {}}]])
@@ -677,3 +678,583 @@ def test_quiet_logs(caplog):
         w.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
         w.warn("something else")
     assert [str(x.message) for x in got] == ["something else"]
+
+
+# ---------------------------------------------------------------------------- issue 24: security
+def _evaluate(art: Path, *overrides: str) -> dict:
+    from tests.test_task_contract import evaluate_artifact
+
+    return evaluate_artifact(art, ["trainer.enable_progress_bar=false", *overrides])
+
+
+def _record(art: Path, task_cfg: dict, data_cfg: dict) -> None:
+    meta = json.loads((art / "adapter.json").read_text())
+    meta["task"] = {"kind": "classification", "name": "vtab", "dataset": "dsprites_loc", "protocol": "tune",
+                    "config": task_cfg, "data": data_cfg}
+    (art / "adapter.json").write_text(json.dumps(meta))
+
+
+VTAB_TASK = {"_target_": "tasks.classification.ClassificationTask", "name": "vtab", "dataset": "dsprites_loc",
+             "protocol": "tune", "num_classes": 3}
+VTAB_DATA = {"_target_": "tasks.data.vtab.VTABDataModule", "dataset": "dsprites_loc", "protocol": "tune",
+             "root": "/nonexistent", "img_size": 32, "batch_size": 4, "normalize": "imagenet"}
+
+
+@pytest.mark.parametrize("where", ["data", "task", "list"])
+def test_eval_never_runs_a_nested_target_from_an_artifact(tmp_path, where):
+    art = artifact(tmp_path)
+    victim = tmp_path / "written-by-the-artifact"
+    evil = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    task, data = dict(VTAB_TASK), dict(VTAB_DATA)
+    key = {"data": "task.data.root._target_", "task": "task.config.optimizer._target_",
+           "list": "task.data.extra[0]._target_"}[where]
+    if where == "data":
+        data["root"] = evil
+    elif where == "task":
+        task["optimizer"] = evil
+    else:
+        data["extra"] = [evil]
+    _record(art, task, data)
+    with pytest.raises(ValueError, match=rf"refusing the key '{re.escape(key)}'"):
+        _evaluate(art)
+    assert not victim.exists()
+
+
+@pytest.mark.parametrize("group,target", [("config", "os.system"), ("data", "numpy.load"),
+                                          ("config", "tasks.data.vtab.VTABDataModule")])
+def test_eval_refuses_a_target_outside_the_allow_list(tmp_path, group, target):
+    art = artifact(tmp_path)
+    task, data = dict(VTAB_TASK), dict(VTAB_DATA)
+    (task if group == "config" else data)["_target_"] = target
+    _record(art, task, data)
+    with pytest.raises(ValueError, match=rf"task\.{group}\._target_='{re.escape(target)}' is not one of the project's own"):
+        _evaluate(art)
+
+
+def test_eval_never_resolves_an_interpolation_from_an_artifact(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_SECRET", "s3cret")
+    art = artifact(tmp_path)
+    _record(art, VTAB_TASK, {**VTAB_DATA, "root": "${oc.env:ZOO_SECRET}"})
+    with pytest.raises(ValueError, match=r"refusing task\.data\.root='\$\{oc\.env:ZOO_SECRET\}'"):
+        _evaluate(art)
+    meta = json.loads((art / "adapter.json").read_text())
+    meta["backbone"]["kwargs"] = {"img_size": "${multiply:16,2}"}  # anywhere in the file
+    (art / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"refusing backbone\.kwargs\.img_size="):
+        _evaluate(art)
+
+
+def test_the_allow_list_holds_every_task_and_data_class_of_the_configs():
+    import yaml
+
+    from tasks.recorded import DATA_TARGETS, TASK_TARGETS
+
+    seen = set()
+    for f in (ROOT / "conf" / "task").glob("*.yaml"):
+        cfg = yaml.safe_load(f.read_text())
+        for group, allowed in (("task", TASK_TARGETS), ("data", DATA_TARGETS)):
+            target = (cfg.get(group) or {}).get("_target_")
+            if target:
+                assert target in allowed, (f.name, group, target)
+                seen.add(target)
+    src = (ROOT / "tasks" / "multitask.py").read_text()  # the multitask job's stages
+    for t in re.findall(r'"_target_": "([\w.]+)"', src):
+        assert t in TASK_TARGETS | DATA_TARGETS, t
+    for t in TASK_TARGETS | DATA_TARGETS:  # every listed class exists
+        from tasks.recorded import recorded_class
+
+        assert callable(recorded_class({"_target_": t}, TASK_TARGETS | DATA_TARGETS, "x"))
+
+
+def test_a_tampered_cached_file_with_its_mtime_put_back_is_detected(isolated):
+    reg, _ = published(isolated)
+    hub.add_registry(reg)
+    d = hub.download("tiny-lora")
+    f = d / "adapter.safetensors"
+    st = f.stat()
+    bad = bytearray(f.read_bytes())
+    bad[-1] ^= 0xFF  # same size, same inode
+    with open(f, "r+b") as fh:
+        fh.write(bytes(bad))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_ino == st.st_ino
+    with pytest.warns(UserWarning, match="does not match its registry sha256"):
+        assert not hub.is_cached("tiny-lora")
+
+
+def _rewrite(art: Path, state: dict | None = None, **meta_changes) -> None:
+    """Edit an artifact as an attacker would: new tensors with a matching hash, changed json fields."""
+    import hashlib
+
+    meta = json.loads((art / "adapter.json").read_text())
+    if state is not None:
+        save_file(state, str(art / "adapter.safetensors"))
+        meta["weights_sha256"] = hashlib.sha256((art / "adapter.safetensors").read_bytes()).hexdigest()
+    for k, v in meta_changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    (art / "adapter.json").write_text(json.dumps(meta))
+
+
+def test_an_artifact_without_its_weights_hash_is_refused_unless_allowed(tmp_path):
+    from safetensors.torch import load_file
+
+    a = artifact(tmp_path)
+    state = load_file(str(a / "adapter.safetensors"))
+    edited = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    _rewrite(a, edited, weights_sha256=None)  # edited weights, hash removed
+    m = plain_model()
+    before = state_of(m)
+    with pytest.raises(AdapterMismatchError, match=r"adapter\.json records no weights_sha256.*allow_unhashed=True.*"
+                                                   r"zoo\.save_adapter"):
+        zoo.load_adapter(m, a)
+    assert same_state(before, state_of(m))
+    zoo.load_adapter(m, a, allow_unhashed=True)  # the explicit opt-in for an older artifact you trust
+    zoo.save_adapter(m, tmp_path / "resaved")  # re-saving records the hash
+    assert "weights_sha256" in json.loads((tmp_path / "resaved" / "adapter.json").read_text())
+    zoo.load_adapter(plain_model(), tmp_path / "resaved")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int32, torch.float64])
+def test_artifact_tensors_of_another_dtype_are_refused(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    a = artifact(tmp_path)
+    state = load_file(str(a / "adapter.safetensors"))
+    key = next(k for k in sorted(state) if "lora_A" in k)
+    _rewrite(a, {**state, key: state[key].to(dtype)})
+    m = plain_model()
+    before = state_of(m)
+    with pytest.raises(AdapterMismatchError, match=rf"dtype: {re.escape(key)}: artifact {dtype}, model torch\.float32"):
+        zoo.load_adapter(m, a)
+    assert same_state(before, state_of(m))
+
+
+def test_an_artifact_with_its_fingerprint_removed_is_refused(tmp_path):
+    a = artifact(tmp_path)
+    meta = json.loads((a / "adapter.json").read_text())
+    del meta["backbone"]["fingerprint"]
+    (a / "adapter.json").write_text(json.dumps(meta))
+    other = plain_model(seed=5)  # other base weights
+    with pytest.raises(AdapterMismatchError, match="records no base-weight fingerprint"):
+        zoo.load_adapter(other, a)
+    assert zoo.adapters_of(other) == []
+    zoo.load_adapter(other, a, check_fingerprint=False)  # the explicit opt-out still works
+
+
+def test_artifact_json_errors_name_the_file(tmp_path):
+    a = artifact(tmp_path)
+    (a / "adapter.json").write_text('{"methods": [')
+    with pytest.raises(AdapterMismatchError, match=rf"{re.escape(str(a / 'adapter.json'))}: not valid JSON"):
+        zoo.load_adapter(plain_model(), a)
+    (a / "adapter.json").write_text('[1, 2]')
+    with pytest.raises(AdapterMismatchError, match=rf"{re.escape(str(a / 'adapter.json'))}: expected a JSON object"):
+        zoo.read_adapter_config(a)
+
+
+def test_mhr_inventory_reads_artifacts_through_the_same_checks(tmp_path):
+    from zoo.adapters.mhr import load_inventory
+
+    a = artifact(tmp_path)
+    w = a / "adapter.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(AdapterMismatchError, match="sha256 differs"):
+        load_inventory(plain_model(), a)
+
+
+# ---------------------------------------------------------------------------- list paths stay inside the data root
+ESCAPES = ["../outside.png", "a/../../outside.png", "/etc/passwd", "..\\outside.png"]
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_vtab_list_paths_leaving_the_data_root_are_refused(tmp_path, bad):
+    from tasks.data.vtab import read_list
+
+    f = tmp_path / "train800.txt"
+    f.write_text(f"images/ok.png 0\n{bad} 1\n")
+    with pytest.raises(ValueError, match=rf"train800\.txt:2: the path {re.escape(repr(bad))} leaves"):
+        read_list(f, 3)
+    f.write_text("images/ok.png 0\nsub/dir/b.png 1\n")  # plain relative paths still read
+    assert [p for p, _ in read_list(f, 3)] == ["images/ok.png", "sub/dir/b.png"]
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_fewshot_split_paths_leaving_the_data_root_are_refused(tmp_path, bad):
+    from tasks.data.fewshot import read_split
+
+    d = tmp_path / "oxford_pets"
+    (d / "images").mkdir(parents=True)
+    split = {s: [["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"]] for s in ("train", "val", "test")}
+    split["test"][1][0] = bad
+    (d / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=rf"split_zhou_OxfordPets\.json: test entry .*the path {re.escape(repr(bad))} leaves"):
+        read_split(tmp_path, "oxford_pets")
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_caption_ids_leaving_the_video_folder_are_refused(tmp_path, bad):
+    import pickle
+
+    import tasks.data.captioning as cd
+
+    ids = ["v0", "v1", bad]
+    for name in ("train", "val", "test"):
+        (tmp_path / f"{name}_list.txt").write_text("\n".join(ids if name == "test" else ids[:2]) + "\n")
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({v: [["a", "cat"]] for v in ids}))
+    with pytest.raises(ValueError, match=rf"test_list\.txt:3: the path {re.escape(repr(bad))} leaves"):
+        cd.load_msvd(tmp_path, tmp_path / "videos")
+    doc = {"videos": [{"video_id": v, "split": "train"} for v in ids], "sentences": [{"video_id": v, "caption": "c"} for v in ids]}
+    (tmp_path / "msrvtt.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"msrvtt\.json: video_id: the path {re.escape(repr(bad))} leaves"):
+        cd.load_msrvtt(tmp_path / "msrvtt.json", tmp_path / "videos")
+
+
+# ---------------------------------------------------------------------------- issue 24: nothing lost
+def test_segmentation_without_a_test_split_is_refused_before_training(tmp_path):
+    from tasks.data.segmentation_generate import make_folder_dataset
+    from tests.helpers import run_train
+
+    root = make_folder_dataset(tmp_path / "data", n=6, size=64, num_classes=3)  # images/ + masks/ only
+    assert sorted(p.name for p in root.iterdir()) == ["images", "masks"]
+    ov = ["experiment=tiny_seg", "adapter=lora", f"data.root={root}", "task.max_epochs=1"]
+    with pytest.raises(ValueError, match=r"has no test split.*test=false"):
+        run_train(ov, tmp_path)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    m = run_train([*ov, "test=false"], tmp_path)  # the way out the message names: validation only
+    assert m["monitor"]["value"] is not None and (tmp_path / "run" / "adapter" / "adapter.json").is_file()
+
+
+class _Killed(BaseException):
+    """kill -9 stand-in: nothing in the code under test may catch it."""
+
+
+@pytest.mark.parametrize("kill_at", ["copy", "register"])
+def test_a_killed_republish_leaves_the_registered_entry_loadable(isolated, monkeypatch, kill_at):
+    from zoo.hub import publish as pub
+
+    reg, first = published(isolated)
+    out = isolated / "zoo" / "tiny-lora"
+    m = lora_model()  # the new version: the same base, other adapter weights
+    with torch.no_grad():
+        for p in zoo.adapters_of(m)[0].adapter_parameters():
+            p.fill_(0.5)
+    zoo.save_adapter(m, isolated / "run2" / "adapter")
+    real_copy, real_add = pub._atomic_copy, pub.add_entry
+
+    def copy(src, dest):
+        if kill_at == "copy" and dest.name == "adapter.json":  # the weights are already replaced
+            raise _Killed
+        real_copy(src, dest)
+
+    def add(registry, name, entry):
+        if kill_at == "register" and entry["files"][0]["sha256"] != first["files"][0]["sha256"]:
+            raise _Killed  # the new files are written, the switch never happens
+        return real_add(registry, name, entry)
+
+    with monkeypatch.context() as mp, pytest.raises(_Killed):
+        mp.setattr(pub, "_atomic_copy", copy)
+        mp.setattr(pub, "add_entry", add)
+        hub.publish_run(isolated / "run2", "tiny-lora", registry=reg, out_dir=out)
+    assert hub.cache_dir() == isolated / "cache"
+    hub.add_registry(reg)
+    d = hub.download("tiny-lora")  # the registered (old) version still downloads and loads
+    zoo.load_adapter(plain_model(), d)
+    assert hub.get_entry("tiny-lora").files[0].sha256 == first["files"][0]["sha256"]
+    new = hub.publish_run(isolated / "run2", "tiny-lora", registry=reg, out_dir=out)  # a complete re-publish
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.json", "adapter.safetensors"]
+    d = hub.download("tiny-lora")
+    assert hub.get_entry("tiny-lora").files[0].sha256 == new["files"][0]["sha256"] != first["files"][0]["sha256"]
+    zoo.load_adapter(plain_model(), d)
+
+
+def test_publish_refuses_an_artifact_with_non_finite_tensors(isolated, capsys):
+    m = lora_model()
+    with torch.no_grad():
+        next(zoo.adapters_of(m)[0].adapter_parameters())[0, 0] = float("nan")
+    zoo.save_adapter(m, isolated / "run" / "adapter")
+    reg = isolated / "reg.json"
+    rc = cli(["publish", str(isolated / "run"), "--name", "diverged", "--out", str(isolated / "out"),
+              "--registry-file", str(reg)])
+    assert rc == 2 and "contain NaN or inf" in capsys.readouterr().err
+    assert not reg.exists() and not (isolated / "out").exists()
+
+
+def test_published_files_are_readable_by_others(isolated):
+    reg, _ = published(isolated)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (isolated / "zoo" / "tiny-lora").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # as open() would create it, not mkstemp's 0600
+    assert reg.stat().st_mode & 0o777 == 0o666 & ~umask
+    art = artifact(isolated, "plain")
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in art.iterdir())
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_generation_folders_are_cleaned_on_the_next_run(tmp_path):
+    from tasks.data import staging
+    from tasks.data.restoration import generate
+
+    host = staging._host()
+    stale = [tmp_path / f".tmp_rain100l_{_dead_pid()}@{host}~abc", tmp_path / ".tmp_rain100l_k1ll3d",
+             tmp_path / f".old_rain100l_{_dead_pid()}@{host}~x"]
+    live = tmp_path / f".tmp_rain100l_{os.getpid()}@{host}~live"  # a generation running now
+    young = tmp_path / ".tmp_rain100l_recent"  # an older name, but changed recently: maybe still running
+    for d in (*stale, live, young):
+        (d / "part").mkdir(parents=True)
+    old = staging.time.time() - staging.STALE_AFTER_S - 60
+    os.utime(stale[1], (old, old))
+    generate("derain", tmp_path, num_train=2, num_test=1, size=16)
+    assert not any(d.exists() for d in stale)
+    assert live.is_dir() and young.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rain100l", live.name, young.name])
+
+
+@pytest.mark.parametrize("writer", ["synthetic", "fewshot_shapes", "captioning", "audio"])
+def test_every_generator_cleans_its_stale_folders(tmp_path, monkeypatch, writer):
+    import importlib
+
+    from tasks.data import staging
+
+    calls = []
+    real = staging.clean_stale
+    monkeypatch.setattr(staging, "clean_stale", lambda parent, prefix: calls.append((Path(parent), prefix)) or real(parent, prefix))
+    mod = importlib.import_module(f"tasks.data.{writer}")
+    src = Path(mod.__file__).read_text()
+    assert "mkdtemp" not in src and "staging_dir(" in src  # every temporary folder goes through staging_dir
+    d = tmp_path / f".x-{_dead_pid()}@{staging._host()}~1"
+    d.mkdir()
+    assert staging.staging_dir(tmp_path, ".x-").name.startswith(f".x-{os.getpid()}@")
+    assert calls == [(tmp_path, ".x-")] and not d.exists()
+
+
+# ---------------------------------------------------------------------------- issue 24: one clear line
+@pytest.mark.parametrize("code,why", [(28, "cannot write {}: no space left"), (122, "cannot write {}: disk quota"),
+                                      (27, "cannot write {}: file too large"), (30, "cannot write {}: read-only file system"),
+                                      (13, "cannot access {}: permission denied")])
+def test_write_failures_of_the_environment_are_one_line_naming_the_path(tmp_path, code, why):
+    from tasks.runner import user_errors
+
+    with pytest.raises(SystemExit) as e, user_errors():
+        raise OSError(code, os.strerror(code), str(tmp_path / "run" / "metrics.json"))
+    assert e.value.code.startswith("error: " + why.format(tmp_path / "run" / "metrics.json"))
+    with pytest.raises(OSError), user_errors():  # other OS errors (a bug, a broken device) keep their traceback
+        raise OSError(5, "Input/output error", "x")
+
+
+def test_a_write_error_without_a_file_name_gets_the_destination(tmp_path, monkeypatch):
+    from zoo.io import atomic_write_text
+
+    dest = tmp_path / "metrics.json"
+    dest.write_text("old")
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")  # what f.write() raises: no file name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(dest, "new")
+    monkeypatch.undo()
+    assert e.value.errno == 28 and e.value.filename == str(dest)
+    assert dest.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import resource, zoo.io\nfrom tasks.runner import user_errors\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+            f"with user_errors():\n    zoo.io.atomic_write_bytes({str(tmp_path / 'big.bin')!r}, b'x' * 100000)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'big.bin'}: file too large "
+                                                        f"(a file size limit such as `ulimit -f` is reached)")
+    assert not any(tmp_path.iterdir())  # no partial file left
+
+
+def test_a_read_only_cache_is_one_line_naming_it(isolated, monkeypatch, capsys):
+    reg, _ = published(isolated)
+    hub.add_registry(reg)
+    cache = isolated / "cache"
+    real = Path.mkdir
+
+    def ro(self, *a, **k):
+        if str(self).startswith(str(cache)):
+            raise OSError(30, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", ro)
+    assert cli(["download", "tiny-lora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {cache}") and "read-only file system" in err[0]
+
+
+def test_a_symlinked_registry_lock_is_refused(isolated, capsys):
+    outside = isolated / "precious.txt"
+    outside.write_text("keep")
+    reg = isolated / "zoo" / "registry.json"
+    reg.parent.mkdir()
+    Path(str(reg) + ".lock").symlink_to(outside)
+    artifact(isolated, "run/adapter")
+    rc = cli(["publish", str(isolated / "run"), "--name", "x", "--out", str(isolated / "out"), "--registry-file", str(reg)])
+    assert rc == 2 and "registry.json.lock is a symbolic link" in capsys.readouterr().err
+    assert outside.read_text() == "keep" and not reg.exists()
+
+
+# ---------------------------------------------------------------------------- issue 24: nothing silent
+def test_a_nan_loss_in_segmentation_stops_the_run_before_anything_is_saved(tmp_path, monkeypatch):
+    from tasks.base import NonFiniteLossError
+    from tasks.segmentation import SegmentationTask
+    from tests.helpers import run_train
+
+    real = SegmentationTask.loss_fn
+
+    def diverging(self, logits, y):  # what lr=1e12 does after a step or two
+        loss = real(self, logits, y)
+        return loss * float("nan") if self.global_step >= 1 else loss
+
+    monkeypatch.setattr(SegmentationTask, "loss_fn", diverging)
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 1 .*learning rate"):
+        run_train(["experiment=tiny_seg", "adapter=lora", "task.max_epochs=1", "test=false"], tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+
+
+def test_every_task_kind_goes_through_the_one_finite_loss_check():
+    from tasks.base import ZooTask, task_kinds
+
+    # the check sits in ZooTask.on_before_backward, which Lightning calls for every loss a
+    # training_step returns, however a task kind writes its training_step
+    assert "isfinite" in __import__("inspect").getsource(ZooTask.on_before_backward)
+    for name, cls in task_kinds().items():
+        assert cls.on_before_backward is ZooTask.on_before_backward, name
+
+
+@pytest.mark.parametrize("override,match", [("task.max_epochs=0", r"trainer\.max_epochs=0"),
+                                            ("trainer.limit_train_batches=0", r"trainer\.limit_train_batches=0"),
+                                            ("++trainer.max_steps=0", r"trainer\.max_steps=0")])
+def test_a_run_that_would_take_no_training_step_is_refused(tmp_path, override, match):
+    from tests.helpers import run_train
+
+    with pytest.raises(ValueError, match=rf"{match}.*no optimisation step"):
+        run_train([*TINY, override], tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+
+
+def test_an_empty_training_split_is_refused(tmp_path, monkeypatch):
+    from tasks.data.vtab import VTABDataModule
+    from tests.helpers import run_train
+
+    real = VTABDataModule.setup
+
+    def setup(self, stage=None):  # every training sample skipped (e.g. by a data filter)
+        real(self, stage)
+        if self.train_set is not None:
+            self.train_set = torch.utils.data.Subset(self.train_set, [])
+
+    monkeypatch.setattr(VTABDataModule, "setup", setup)
+    with pytest.raises(ValueError, match=r"the training split gives no batch.*no optimisation step"):
+        run_train(TINY, tmp_path)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_resume_with_another_dataset_or_backbone_is_refused_up_front(tmp_path):
+    from tests.helpers import run_train
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"]
+    run_train(TINY + stop, tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"cannot resume .*\n  task\.dataset: checkpoint 'dsprites_loc', now 'dsprites_ori'"):
+        run_train(TINY + ["task.dataset=dsprites_ori", "ckpt_path=last"], tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume .*\n  backbone\.kwargs: checkpoint .*'depth': 2.*now .*'depth': 3"):
+        run_train(TINY + ["backbone.kwargs.depth=3", "ckpt_path=last"], tmp_path)
+    assert ckpt.read_bytes() == before  # refused before any training
+
+
+def test_a_tasks_plain_copy_of_its_data_config_is_allowed_but_checked(tmp_path):
+    from tasks.recorded import UnsafeArtifactError, check_artifact_config
+
+    meta = {"task": {"config": {**VTAB_TASK, "data": dict(VTAB_DATA)}, "data": dict(VTAB_DATA)}}  # task=fewshot's data: ${data}
+    check_artifact_config(meta, "a")
+    meta["task"]["config"]["data"]["_target_"] = "os.system"
+    with pytest.raises(UnsafeArtifactError, match=r"task\.config\.data\._target_='os\.system' is not one of"):
+        check_artifact_config(meta, "a")
+
+
+def test_eval_task_overrides_reach_the_data_keys_linked_to_them(tmp_path):
+    from tasks.runner import _apply_overrides, task_links
+    from tests.helpers import compose_config
+
+    links = task_links(compose_config(["experiment=tiny_audio"]))
+    assert links["root"] == "data_dir" and links["dataset"] == "dataset"  # data.root: ${task.data_dir}
+    task, data = {"data_dir": "/recorded/esc50", "dataset": "esc50"}, {"root": "/recorded/esc50", "dataset": "esc50"}
+    _apply_overrides(task, data, ["+task.data_dir=/missing"], links)
+    assert task["data_dir"] == data["root"] == "/missing"  # not the recorded folder
+    # an artifact written before the links were recorded: a data value equal to the task's is its link
+    task, data = {"data_dir": "/recorded/esc50"}, {"root": "/recorded/esc50", "other": "x"}
+    _apply_overrides(task, data, ["task.data_dir=/elsewhere"], None)
+    assert data == {"root": "/elsewhere", "other": "x"}
+
+
+def test_a_1d_pde_artifact_is_refused_on_a_2d_file_and_the_dataset_name_follows_the_data(tmp_path):
+    from tasks.pde import PDEDataModule, PDEForecastTask
+
+    opts = {"n": 4, "res": 16, "frames": 6}
+    one_d = PDEDataModule(generate="burgers", root=str(tmp_path), generate_options=opts, rollout_horizon=2)
+    one_d.check_recorded({})  # nothing recorded (an older artifact): nothing to compare
+    one_d.prepare_data()
+    one_d.setup("fit")
+    rec = {"spatial": list(one_d.spatial), "fields": one_d.field_names}
+    one_d.check_recorded(rec)  # its own data fits
+    two_d = PDEDataModule(generate="diff_react_2d", root=str(tmp_path), generate_options=opts, rollout_horizon=2)
+    with pytest.raises(ValueError, match=r"trained on 1-D data .* this data is 2-D"):
+        two_d.check_recorded(rec)
+    # eval.py data.path=<2-D file> on an artifact recorded with generate=burgers: not "burgers" any more
+    task_cfg, data_cfg = {"dataset": "burgers"}, {"generate": "burgers", "path": str(two_d.resolve_paths()[0])}
+    PDEForecastTask.eval_overrides(task_cfg, data_cfg, "test")
+    assert task_cfg["dataset"] == "pdebench"
+    task_cfg, data_cfg = {"dataset": "pdebench"}, {"generate": "advection", "path": None}
+    PDEForecastTask.eval_overrides(task_cfg, data_cfg, "test")
+    assert task_cfg["dataset"] == "advection"
+
+
+def test_a_full_disk_during_training_names_the_run_folder(tmp_path, monkeypatch):
+    from tasks import runner
+
+    def full(cfg):  # what a logger's write() raises: no file name
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "_train", full)
+    from tests.helpers import compose_config
+
+    cfg = compose_config(TINY, tmp_path / "run")
+    with pytest.raises(SystemExit) as e, runner.user_errors():
+        runner.train(cfg)
+    assert e.value.code.startswith(f"error: cannot write {tmp_path / 'run'} (the run's folder): no space left")
+
+
+@pytest.mark.parametrize("key", ["_args_", "_partial_", "_recursive_", "_convert_"])
+def test_every_hydra_key_in_an_artifact_is_refused(key):
+    from tasks.recorded import UnsafeArtifactError, check_artifact_config
+
+    meta = {"task": {"config": dict(VTAB_TASK), "data": {**VTAB_DATA, key: True}}, "tensors": {"_orig_mod.w": [2]}}
+    with pytest.raises(UnsafeArtifactError, match=rf"refusing the key 'task\.data\.{key}'"):
+        check_artifact_config(meta, "a")
+    del meta["task"]["data"][key]
+    check_artifact_config(meta, "a")  # other keys starting with '_' (a compiled model's names) are plain data

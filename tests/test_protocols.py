@@ -46,14 +46,19 @@ def test_a_run_that_trains_nothing_selects_nothing():
         assert not trains(compose_config(["experiment=tiny", override])), override
 
 
-@pytest.mark.parametrize("override", ["train=false", "task.max_epochs=0"])
-def test_evaluate_only_run_records_selection_none(tmp_path, override):
-    # a released checkpoint evaluated as-is says so: "none", not "val" (nothing was selected on validation)
-    m = run_train(["experiment=tiny", "adapter=lora", "task.protocol=tune", override], tmp_path)
+@pytest.mark.parametrize("overrides", [["experiment=tiny", "adapter=lora", "task.protocol=tune"],
+                                       # released NAFNet weights: its validation split is the test split
+                                       ["experiment=tiny_restore", "adapter=full", "task.selection=val"]])
+def test_evaluate_only_run_records_selection_none(tmp_path, overrides):
+    # a released checkpoint evaluated as-is says so: "none", not "val" (nothing was selected on validation), and
+    # validation on the test split is not refused (nothing selects on it).
+    # (task.max_epochs=0 is refused for a task with anything to train: tasks.runner.check_training_steps)
+    m = run_train([*overrides, "train=false"], tmp_path)
     assert m["selection"] == "none" and m["protocol"]["selection"] == "none"
     assert m["validated_on"] == m["protocol"]["splits"]["val"]["name"]
     # the given weights' validation score is reported (measured, not left empty)
-    assert m["val/acc"] is not None and m["monitor"]["value"] == m["val/acc"]
+    key = m["monitor"]["name"]
+    assert m[key] is not None and m["monitor"]["value"] == m[key]
 
 
 def test_a_datamodule_whose_val_set_is_its_test_set_overlaps_without_declaring_it():

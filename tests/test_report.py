@@ -1,7 +1,10 @@
 """Result tables over run folders (tasks.report)."""
 import json
+import math
 
-from tasks.report import collect, markdown
+import pytest
+
+from tasks.report import caption, collect, compare, grouped_rows, markdown, mean_std
 
 
 def test_collect_and_markdown(tmp_path):
@@ -37,3 +40,101 @@ def test_runs_under_different_protocols_are_never_in_one_table(tmp_path):
     other = next(t for t in tables if '"val_is_test"' in t.splitlines()[0])
     assert "| a |" in last and "| c |" in last and "| b |" not in last
     assert "| b |" in other and "| a |" not in other
+
+
+# ---------------------------------------------------------------------- rows over seeds and the caption
+
+ACC = [{"key": "val/acc", "header": "val acc", "fmt": "pct"}, {"key": "test/acc", "header": "test acc", "fmt": "pct"}]
+NRMSE = [{"key": "val/nrmse", "header": "val nRMSE", "fmt": "float"},
+         {"key": "test/nrmse", "header": "test nRMSE", "fmt": "float"}]
+
+
+def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max")):
+    """One metrics.json per (label, seed): ``rows`` maps a row label to its per-seed values of ``key``."""
+    for label, values in rows.items():
+        for seed, v in enumerate(values):
+            d = root / f"{label.replace(' ', '_')}_{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({
+                "schema_version": 2, "kind": "x", "monitor": {"name": monitor[0], "mode": monitor[1], "value": None},
+                "columns": columns, "adapter": "full" if label == "from scratch" else label, "label": label,
+                "dataset": "d", "seed": seed, "fold": None, "trainable_params": 10, "backbone_params": 100,
+                "artifact_bytes": 1024, key: v}))
+    return collect(root)
+
+
+def test_caption_method_clearly_better(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54], "full": [0.45, 0.46, 0.46]})
+    text = caption(rows, "linear")
+    head = text.splitlines()[0]
+    # the best row by the metric, the means ± std, the difference in points, the verdict
+    assert "Best row lora: 55.0 ± 1.0 vs baseline linear: 41.0 ± 1.0, 14.0 points better" in head
+    assert "std of the paired per-seed differences 1.0 points, n=3, 95% t-test" in head
+    assert "lora beats linear beyond the noise" in head
+    # per-seed differences +5, +4, +5 points: t = 14 > 4.3
+    assert text.splitlines()[1] == ("full vs linear: 4.7 points better (std of the paired per-seed differences 0.6 points, "
+                                    "n=3, 95% t-test): better beyond the noise.")
+    # a reference row (full fine-tuning): every other row against it as well
+    with_ref = caption(rows, "linear", reference="full").splitlines()
+    assert with_ref[:2] == text.splitlines() and with_ref[2].startswith("lora vs full: 9.3 points better (")
+    assert "(the reference row 'nope' is not among the runs)" in caption(rows, "linear", reference="nope")
+
+
+def test_caption_method_within_noise(tmp_path):
+    # per-seed differences +3, -1, +2 points: mean +1.3, std 2.1, t = 1.1 < 4.3 (2 degrees of freedom)
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.45, 0.50], "lora": [0.43, 0.44, 0.52]})
+    text = caption(rows, "linear")
+    assert "1.3 points better" in text and "std of the paired per-seed differences 2.1 points" in text
+    assert "lora does NOT beat linear beyond the noise" in text
+
+
+def test_caption_method_worse_lower_is_better(tmp_path):
+    """nRMSE (mode min): LoRA's higher error is worse than training from scratch, said so."""
+    rows = write_runs(tmp_path, {"from scratch": [0.10, 0.11, 0.12], "lora": [0.15, 0.17, 0.16]},
+                      key="test/nrmse", columns=NRMSE, monitor=("val/nrmse", "min"))
+    text = caption(rows, "from scratch")
+    assert text.startswith("test nRMSE (lower is better)")
+    assert "0.05 worse (" in text  # lora's error is 0.05 higher
+    assert "no row beats from scratch: the best, lora, is worse beyond the noise" in text
+
+
+def test_caption_pairs_runs_by_seed(tmp_path):
+    """Seeds that move both rows alike (easy / hard draws) are noise the pairing removes: a +2-point gain
+    on every seed is beyond it although the rows' own std (20 points) is not."""
+    rows = write_runs(tmp_path, {"linear": [0.30, 0.50, 0.70], "lora": [0.32, 0.521, 0.719]})
+    assert "lora beats linear beyond the noise" in caption(rows, "linear")
+    c = compare([r for r in rows if r["label"] == "linear"], [r for r in rows if r["label"] == "lora"], "test/acc", "max")
+    assert c["paired"] and c["n"] == 3 and c["gain"] == pytest.approx(0.02)
+    # the same numbers with the seeds shuffled between rows (no pairing possible): within the noise
+    shuffled = [dict(r, seed=r["seed"] + 10) if r["label"] == "lora" else r for r in rows]
+    assert "lora does NOT beat linear beyond the noise" in caption(shuffled, "linear")
+
+
+def test_caption_one_run_each_claims_nothing_and_missing_baseline(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40], "lora": [0.60]})
+    assert "cannot be judged (one run each)" in caption(rows, "linear")
+    assert caption(rows, "zero-shot").startswith("No caption: the baseline row 'zero-shot' is not among the runs (linear, lora)")
+
+
+def test_grouped_table_mean_and_std(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54]})
+    assert [r[:3] for r in grouped_rows(rows)] == [["linear", "d", "3"], ["lora", "d", "3"]]
+    assert grouped_rows(rows)[1][-2] == "55.0 ± 1.0"  # test acc; val acc missing: –
+    md = markdown(rows, caption(rows, "linear")).splitlines()
+    assert md[0].startswith("| row | dataset | runs |") and md[3].startswith("| lora | d | 3 |")
+    assert md[-1].startswith("test acc (higher is better)")
+    only = markdown(rows, columns=["test/acc"]).splitlines()  # report.columns: the metrics shown
+    assert only[0] == "| row | dataset | runs | adapter params | % of backbone | test acc | artifact KiB |"
+    with pytest.raises(ValueError, match="no such metric \\['test/nope'\\]; valid: val/acc, test/acc"):
+        markdown(rows, columns=["test/nope"])
+    mu, sd, n = mean_std([1.0, None, 3.0, float("nan")])
+    assert (mu, n) == (2.0, 2) and sd == pytest.approx(math.sqrt(2))
+
+
+def test_caption_compares_only_runs_under_the_baselines_protocol(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54], "full": [0.90, 0.91, 0.92]})
+    for m in rows:  # full selected on the test split: another protocol, never compared with the others
+        m["protocol"] = {"name": "tune", "selection": "val_is_test" if m["label"] == "full" else "val"}
+    text = caption(rows, "linear")
+    assert "Best row lora" in text and "full vs" not in text
+    assert text.splitlines()[-1] == "(not compared, made under another protocol than the baseline: full)"

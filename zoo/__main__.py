@@ -68,6 +68,23 @@ def _predict(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `python -m zoo list --json | head -1`: the reader is gone, not an error of ours
+        try:  # Python's recipe: point stdout at devnull so the flush at exit does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except OSError as e:  # disk full, read-only ADAPTERZOO_HOME or output folder, a file size limit
+        from zoo.io import describe_os_error
+
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zoo", description="Adapter Zoo model zoo")
     p.add_argument("--registry", action="append", default=[], metavar="PATH_OR_URL",
                    help=f"read this registry too (repeatable; also ${hub.ENV_REGISTRY})")
@@ -141,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: don't fold the table
-    err = Console(stderr=True)  # notes and warnings: stdout stays the table / valid JSON
+    err = Console(stderr=True, soft_wrap=True)  # notes and warnings (one line each, not folded): stdout stays the table / valid JSON
     try:
         if args.cmd == "list":
             rows = hub.list_entries(args.backbone, args.adapter, args.task, args.kind)

@@ -105,7 +105,38 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_file = path / CONFIG_NAME if path.is_dir() else path
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: expected an artifact folder with {WEIGHTS_NAME} and {CONFIG_NAME}")
-    return json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise AdapterMismatchError(f"{cfg_file}: not valid JSON ({e}); the artifact is corrupt or was edited by hand, "
+                                   f"save it again") from None
+    if not isinstance(meta, dict):
+        raise AdapterMismatchError(f"{cfg_file}: expected a JSON object (the artifact's metadata), got {type(meta).__name__}")
+    return meta
+
+
+def read_adapter_weights(path: str | os.PathLike, meta: dict[str, Any], allow_unhashed: bool = False) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, after checking them against the json's ``weights_sha256`` (required
+    unless ``allow_unhashed``) and refusing NaN/inf."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    if not meta.get("weights_sha256") and not allow_unhashed:
+        raise AdapterMismatchError(
+            f"{path / CONFIG_NAME} records no weights_sha256, so edited or swapped weights cannot be detected. If this is "
+            f"an older artifact you trust, load it once with zoo.load_adapter(model, path, allow_unhashed=True) and "
+            f"re-save it with zoo.save_adapter(model, path) (which records the hash)")
+    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+        raise AdapterMismatchError(
+            f"{weights} is not the file {CONFIG_NAME} was written with (sha256 differs): the pair was torn by an "
+            f"interrupted save or edited by hand; save the artifact again")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # truncated / not a safetensors file
+        raise AdapterMismatchError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    check_finite(state, weights)
+    return state
 
 
 def check_backbone(model: nn.Module, meta: dict[str, Any], check_fingerprint: bool = True) -> None:
@@ -116,9 +147,11 @@ def check_backbone(model: nn.Module, meta: dict[str, Any], check_fingerprint: bo
     want = meta.get("backbone", {})
     have = {"family": bb.family, "model": bb.model_name, "weights_tag": bb.weights_tag}
     diffs = [f"{k}: artifact has {want.get(k)!r}, model has {v!r}" for k, v in have.items() if want.get(k) != v]
-    if check_fingerprint and not diffs and want.get("fingerprint") and bb.adapters == [] and want["fingerprint"] != bb.fingerprint():
-        diffs.append(f"base-weight fingerprint: artifact {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
-    elif check_fingerprint and not diffs and want.get("fingerprint") and bb.adapters and want["fingerprint"] != bb.fingerprint():
+    if check_fingerprint and not diffs and not want.get("fingerprint"):
+        # every artifact this library writes records one: without it nothing ties the adapter to its base weights
+        diffs.append("the artifact records no base-weight fingerprint (backbone.fingerprint), so it cannot be "
+                     "checked against this model's weights; pass check_fingerprint=False only if you know they match")
+    elif check_fingerprint and not diffs and want["fingerprint"] != bb.fingerprint():
         diffs.append(f"base-weight fingerprint: artifact {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
     head = meta.get("head")
     if head and hasattr(model, "head_spec") and model.head_spec() != head:
@@ -129,11 +162,15 @@ def check_backbone(model: nn.Module, meta: dict[str, Any], check_fingerprint: bo
         raise AdapterMismatchError("adapter artifact does not fit this model:\n  " + "\n  ".join(diffs))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True,
+                 allow_unhashed: bool = False) -> nn.Module:
     """Attach the artifact's adapters (unless already attached) and load its tensors.
 
     Everything is checked first; on any failure the model is left exactly as it was (its
     adapters, ``requires_grad`` flags and modules). New modules follow the model's train/eval mode.
+    The weights must match the ``weights_sha256`` the json records; ``allow_unhashed=True``
+    accepts an older artifact written before the hash was recorded (then re-save it).
+    Every tensor must have the model's dtype for it.
     """
     from zoo.api import ModelState, adapters_of, apply_adapter
 
@@ -146,15 +183,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
     if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
         raise AdapterMismatchError(f"{path / CONFIG_NAME}: 'methods' must be a non-empty list of {{name, config}} "
                                    f"objects, got {methods!r}")
-    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
-        raise AdapterMismatchError(
-            f"{weights} is not the file {CONFIG_NAME} was written with (sha256 differs): the pair was torn by an "
-            f"interrupted save or edited by hand; save the artifact again")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # truncated / not a safetensors file
-        raise AdapterMismatchError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    check_finite(state, weights)
+    state = read_adapter_weights(path, meta, allow_unhashed)
     check_backbone(model, meta, check_fingerprint)
 
     attached = [a.name for a in adapters_of(model)]
@@ -168,17 +197,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
                 apply_adapter(model, m["name"], **(m.get("config") or {}))
         for a in adapters_of(model):
             state = a.import_state(state)
-        expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, export=False).items()}
+        own = adapter_state_dict(model, export=False)
+        expected = {k: tuple(v.shape) for k, v in own.items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         shapes = [f"{k}: artifact {tuple(state[k].shape)}, model {expected[k]}" for k in expected
                   if k in state and tuple(state[k].shape) != expected[k]]
-        if missing or unexpected or shapes:
+        dtypes = [f"{k}: artifact {state[k].dtype}, model {own[k].dtype}" for k in expected
+                  if k in state and state[k].dtype != own[k].dtype]
+        if missing or unexpected or shapes or dtypes:
             raise AdapterMismatchError(
                 "adapter tensors do not fit this model:"
                 + (f"\n  missing in artifact: {missing[:10]}" if missing else "")
                 + (f"\n  not in model: {unexpected[:10]}" if unexpected else "")
                 + ("\n  shape: " + "; ".join(shapes[:10]) if shapes else "")
+                + ("\n  dtype: " + "; ".join(dtypes[:10]) if dtypes else "")
             )
         model.load_state_dict(state, strict=False)
         for a in adapters_of(model):

@@ -7,6 +7,7 @@ error the temporary file is removed and the previous file, if any, is untouched.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -25,12 +26,56 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno is not None and e.filename is None:  # a failed write() names no file: name the destination
+                raise OSError(e.errno, e.strerror, str(dest)) from e
+            raise
         _fsync(tmp)
+        # mkstemp creates 0600; the file gets the mode open() would give it (0666 less the umask), so a
+        # published zoo folder can be served by a web server and shared within a lab
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Errors of the environment rather than of the code (a full disk, a read-only folder, `ulimit -f`):
+# the command lines report them as one line naming the path (tasks.runner.user_errors, python -m zoo).
+WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file size limit such as `ulimit -f` is reached)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def is_environment_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
+
+
+def describe_os_error(e: OSError) -> str:
+    """``cannot write <path>: no space left on the device`` (the path when the error names one)."""
+    verb = "cannot access" if e.errno in (errno.EACCES, errno.EPERM) else "cannot write"
+    why = WRITE_ERRNOS.get(e.errno, e.strerror or str(e))
+    where = f" {e.filename}" if e.filename else ""
+    return f"{verb}{where}: {why}" + ("; the files already there are left as they were" if e.errno in WRITE_ERRNOS else "")
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, and threads may be creating files)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.reading import read_text
+from tasks.data.staging import staging_dir
 from tasks.options import LOADER, FRACTION, Int, Real, check_options
 from tasks.protocol import overlaps
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
@@ -534,7 +534,7 @@ def _install_generated(tmp: Path, root: Path, done: Path, settings: str) -> None
     """Stamp the complete set in ``tmp`` and move it to ``root`` (swapping out our older set)."""
     (tmp / GENERATED_STAMP).write_text(settings)
     if (root / GENERATED_STAMP).is_file():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+        old = staging_dir(root.parent, f".{root.name}-old-")
         os.replace(root, old / root.name)
         shutil.rmtree(old, ignore_errors=True)
     try:
@@ -559,7 +559,7 @@ def write_generated(root: str | os.PathLike, clips_per_class: int = 20, seconds:
     if clips_per_class % 5:
         raise ValueError(f"clips_per_class={clips_per_class} must be a multiple of 5 (5 folds)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp = staging_dir(root.parent, f".{root.name}-")
     try:
         (tmp / "audio").mkdir()
         (tmp / "meta").mkdir()
@@ -600,7 +600,7 @@ def write_generated_multilabel(root: str | os.PathLike, clips: int = 200, second
     if clips < 5:
         raise ValueError(f"clips={clips}: need at least 5 (3 train / 1 val / 1 test)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp = staging_dir(root.parent, f".{root.name}-")
     try:
         (tmp / "audio").mkdir()
         rng = np.random.default_rng(seed)

@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,7 +40,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
+from tasks.data.paths import check_inside
 from tasks.data.reading import read_rgb_pil, read_text, reading
+from tasks.data.staging import staging_dir
 from tasks.data.vtab import EpochSeededSampler
 from tasks.options import LOADER, Int, check_options
 
@@ -154,7 +155,7 @@ def load_msrvtt(json_path: str | os.PathLike, video_dir: str | os.PathLike) -> A
             if gone:
                 raise ValueError(f"{json_path}: {key}[{i}] has no {' / '.join(repr(f) for f in gone)} key "
                                  f"(each entry of '{key}' needs {', '.join(fields)})")
-    vids = [str(v["video_id"]) for v in data["videos"]]
+    vids = [check_inside(str(v["video_id"]), f"{json_path}: video_id", video_dir) for v in data["videos"]]
     if all("split" in v for v in data["videos"]):
         name = {"train": "train", "validate": "val", "val": "val", "test": "test"}
         splits = {"train": [], "val": [], "test": []}
@@ -209,7 +210,8 @@ def load_msvd(root: str | os.PathLike, video_dir: str | os.PathLike, captions_fi
         f = root / f"{split}_list.txt"
         if not f.is_file():
             raise FileNotFoundError(f"MSVD split list not found: {f} (train_list.txt, val_list.txt, test_list.txt)")
-        splits[split] = [line.strip() for line in read_text(f, "split list").splitlines() if line.strip()]
+        splits[split] = [check_inside(line.strip(), f"{f}:{i}", video_dir)
+                         for i, line in enumerate(read_text(f, "split list").splitlines(), 1) if line.strip()]
     return Annotations(splits, captions, Path(video_dir), ".avi", root / captions_file)
 
 
@@ -327,7 +329,7 @@ def write_shapes(root: str | os.PathLike, split: Sequence[int] = SHAPES_SPLIT, s
     if (final / "msrvtt.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=root))
+    tmp = staging_dir(root, ".shapes-")
     try:
         (tmp / "videos").mkdir()
         rng = np.random.default_rng(seed)

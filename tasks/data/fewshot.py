@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 from torch.utils.data import Dataset
 
 from tasks.data.overlap import check_disjoint
+from tasks.data.paths import check_inside
 from tasks.data.reading import read_rgb_pil, read_text, reading
 from zoo.adapters.base import check_int
 
@@ -143,7 +144,8 @@ def find_dataset_dir(root: str | Path, info: FewShotDataset, layout: str = "auto
 
 
 def read_split(root: str | Path, dataset: str, layout: str = "auto") -> tuple[Path, dict[str, list[Item]]]:
-    """``(image root, {"train","val","test": items})`` of ``dataset`` under ``root``."""
+    """``(image root, {"train","val","test": items})`` of ``dataset`` under ``root``; a listed path that
+    leaves the dataset folder (absolute, or with ``..``) is refused."""
     info = dataset_info(dataset)
     d = find_dataset_dir(root, info, layout)
     if info.name == "ImageNet":
@@ -168,7 +170,7 @@ def read_split(root: str | Path, dataset: str, layout: str = "auto") -> tuple[Pa
                 raise ValueError(f"{path}: {s} entry {entry!r} must be [relpath, label, classname] with a class name")
             if isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0:
                 raise ValueError(f"{path}: {s} entry {entry!r}: the label must be an integer >= 0")
-            items.append((str(entry[0]), int(entry[1]), str(entry[2])))
+            items.append((check_inside(str(entry[0]), f"{path}: {s} entry {entry!r}", d), int(entry[1]), str(entry[2])))
         splits[s] = items
     return d / info.image_dir if info.image_dir else d, splits
 
@@ -214,7 +216,7 @@ def _read_aircraft(d: Path, info: FewShotDataset) -> tuple[Path, dict[str, list[
         for ln in read_text(f, "split list").splitlines():
             if ln.strip():
                 img, name = ln.strip().split(" ", 1)
-                items.append((f"{img}.jpg", label[name], name))
+                items.append((check_inside(f"{img}.jpg", f"{f}: line {ln.strip()!r}", d / "images"), label[name], name))
         splits[s] = items
     return d / "images", splits
 

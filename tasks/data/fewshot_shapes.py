@@ -17,11 +17,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from tasks.data.staging import staging_dir
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -124,7 +125,7 @@ def write_dataset(root: str | Path, name: str) -> Path:
     root = Path(root)
     final = root / FOLDERS[name]
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[name]}-", dir=root))
+    tmp = staging_dir(root, f".{FOLDERS[name]}-")
     (tmp / "images").mkdir()
     rng = np.random.default_rng(SEEDS[name])
     shift = DOMAIN if name == "ShapesGrainy" else ()

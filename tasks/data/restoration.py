@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +62,7 @@ from tasks.data import degradations as D
 from tasks.data.reading import DataFileError, check_unit_range, read_rgb, reading
 from tasks.options import LOADER, Int, check_options
 from tasks.data.procedural import clean_image
+from tasks.data.staging import clean_stale, staging_dir
 
 TASKS = ("denoise", "deblur", "derain", "dehaze", "lowlight", "jpeg", "sr")
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -470,7 +470,8 @@ def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 
             return root  # real data (never overwritten), or ours already
     cfg = cfg or D.DegradationConfig()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_{top}_"))
+    clean_stale(root, f".old_{top}_")
+    tmp = staging_dir(root, f".tmp_{top}_")
     try:
         for split, n, base in (("train", num_train, 0), ("test", num_test, 500_000)):
             for i in range(n):
@@ -492,7 +493,7 @@ def generate(task: str, root: str | Path, num_train: int = 128, num_test: int = 
                         pil.save(p, format="PNG")
         (tmp / top / stamp.name).write_text(settings)
         if (root / top).exists():  # our embedded data with other settings: swap it out
-            old = Path(tempfile.mkdtemp(dir=root, prefix=f".old_{top}_"))
+            old = staging_dir(root, f".old_{top}_")
             os.replace(root / top, old / top)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp / top, root / top)

@@ -208,6 +208,16 @@ class SegDataModule(L.LightningDataModule):
         if has_split(self.root, self.layout, "test"):
             self.test_set = evaluate(layout_pairs(self.root, self.layout, "test"), False)
 
+    def check_splits(self, test: bool) -> None:
+        """Called by the runner after ``setup("fit")``, before training: a run that tests at the end
+        needs a test split (found now, not after the whole training)."""
+        if test and self.test_set is None:
+            where = ("lists/lists_Synapse/test_vol.txt" if self.layout == "synapse"
+                     else "test/images + test/masks" if self.layout == "folder" else f"the {self.layout} test folders")
+            raise ValueError(f"{self.root} has no test split (expected {where}), and this run tests at the end "
+                             f"(task.protocol=final): add a test split, or run with test=false to train and "
+                             f"select on validation only")
+
     def _setup_synapse(self) -> None:
         names = read_list(synapse_list(self.root, "train.txt"))
         by_case: dict[str, list[str]] = {}

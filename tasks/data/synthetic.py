@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from tasks.data.staging import staging_dir
 
 RES = 32  # rendered image size (pixels); supersampled 2x for anti-aliasing
 SS = 2
@@ -152,7 +153,7 @@ def write_task(root: str | os.PathLike, task: str) -> Path:
     if (final / "test.txt").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=root))
+    tmp = staging_dir(root, f".{task}-")
     try:
         lists: dict[str, list[str]] = {}
         for split, n in SPLITS.items():

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from tasks.data.overlap import check_disjoint
+from tasks.data.paths import check_inside
 from tasks.data.reading import read_rgb_pil, read_text
 from tasks.data.vtab_tasks import GROUPS, VTAB_TASKS, canonical_task, num_classes  # noqa: F401 (re-exported)
 from tasks.options import LOADER, Int, check_options
@@ -77,7 +78,7 @@ def read_list(path: Path, num_classes: int | None = None) -> list[tuple[str, int
             raise ValueError(f"{path}:{ln}: the label {parts[1]!r} is not an integer class index") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
             raise ValueError(f"{path}:{ln}: label {label} is out of range for {num_classes} classes (0..{(num_classes or 1) - 1})")
-        items.append((parts[0], label))
+        items.append((check_inside(parts[0], f"{path}:{ln}", path.parent), label))
     if not items:
         raise ValueError(f"{path} lists no images: a split needs at least one '<image path> <label>' line")
     return items

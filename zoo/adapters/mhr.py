@@ -385,14 +385,12 @@ def load_inventory(model: nn.Module, source: str | Path | tuple[dict[str, torch.
     other tensors of the artifact are ignored. The source must use the same targets, layers and
     rank (and, unless the target is MHR-μ, the same n_skills and n_splits).
     """
-    from safetensors.torch import load_file
-
     from zoo.api import adapters_of
-    from zoo.checkpoint import WEIGHTS_NAME, read_adapter_config
+    from zoo.checkpoint import read_adapter_config, read_adapter_weights
 
     if isinstance(source, (str, Path)):
         meta = read_adapter_config(source)
-        state = load_file(str(Path(source) / WEIGHTS_NAME))
+        state = read_adapter_weights(source, meta)  # the same hash / NaN checks as load_adapter
     else:
         state, meta = source
     src = [m["config"] for m in meta.get("methods", []) if m["name"] == "mhr"]

@@ -18,20 +18,37 @@ from zoo.hub.registry import (
 )
 
 
+def _refuse_link(p: Path) -> None:
+    if p.is_symlink():
+        raise IntegrityError(f"{p} is a symbolic link; the zoo cache holds only plain files and folders it wrote "
+                             f"itself (a link could make a download write outside the cache): remove it")
+
+
 def entry_dir(entry: Entry) -> Path:
     root = (cache_dir() / "entries").resolve()
     d = root / check_plain_name(entry.name) / entry.digest
+    _refuse_link(d.parent)
+    _refuse_link(d)
     if root not in d.resolve().parents:  # belt and braces: never a folder outside the cache
         raise RegistryError(f"zoo entry {entry.name!r} would be stored outside the cache {root}")
     return d
 
 
-_STAMP = ".verified.json"  # per entry folder: {file: [size, mtime_ns, inode, sha256]} of files already hashed
+_STAMP = ".verified.json"  # per entry folder: {file: [size, mtime_ns, inode, ctime_ns, sha256]} of files already hashed
 
 
 def _stat_key(path: Path) -> list[int]:
+    # ctime too: any write (or utime putting the mtime back) sets it, and it cannot be set back by hand
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def check_no_links(entry: Entry, d: Path) -> None:
+    """Refuse symbolic links anywhere in the entry's cache folder and at its lock file."""
+    _refuse_link(Path(str(d) + ".lock"))
+    if d.is_dir():
+        for p in d.iterdir():
+            _refuse_link(p)
 
 
 def _read_stamp(d: Path) -> dict[str, list]:
@@ -56,7 +73,7 @@ def cached_file_ok(d: Path, f: FileSpec, delete: bool = True) -> bool:
     whose hash does not match is deleted (with a warning) so the next download replaces it.
     """
     p = d / f.name
-    if not p.is_file():
+    if p.is_symlink() or not p.is_file():
         return False
     key = _stat_key(p)
     if key[0] != f.size:
@@ -77,7 +94,10 @@ def cached_file_ok(d: Path, f: FileSpec, delete: bool = True) -> bool:
 def is_cached(entry: Entry | str) -> bool:
     """Every file of ``entry`` is in the cache with the pinned size and sha256."""
     entry = get_entry(entry) if isinstance(entry, str) else entry
-    d = entry_dir(entry)
+    try:
+        d = entry_dir(entry)
+    except IntegrityError:  # a symbolic link in the cache: not cached (download says why)
+        return False
     return all(cached_file_ok(d, f) for f in entry.files)
 
 
@@ -91,10 +111,14 @@ def download(name: str | Entry, force: bool = False, progress: bool | None = Non
 
     entry = get_entry(name) if isinstance(name, str) else name
     d = entry_dir(entry)
+    check_no_links(entry, d)
     if not force and is_cached(entry):
+        if entry.kind == "adapter":  # every time, not only after a fresh download
+            check_entry_artifact(entry, d)
         return d
     d.mkdir(parents=True, exist_ok=True)
     with FileLock(str(d) + ".lock"):
+        check_no_links(entry, d)  # (again, now that we hold the lock)
         for f in entry.files:
             dest = d / f.name
             if not force and cached_file_ok(d, f):
@@ -198,10 +222,40 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool | None):
 
 
 def _http_download(url: str, dest: Path, f: FileSpec, progress: bool | None) -> None:
-    """Stream ``url`` to ``dest.part``, resuming a previous partial file with a Range request."""
+    """Stream ``url`` to ``dest.part``, resuming a previous partial file with a Range request.
+
+    A resumed file that fails its hash (a stale or corrupt ``.part`` left by an earlier download)
+    is deleted and the download starts once more from the beginning, with a warning saying so.
+    """
+    part = dest.with_name(dest.name + ".part")
+    _refuse_link(part)
+    resumed = part.is_file() and part.stat().st_size > 0
+    try:
+        _http_transfer(url, dest, part, f, progress)
+    except IntegrityError:
+        if not resumed:
+            raise
+        warnings.warn(f"{part} (a partial file left by an earlier download) did not give the registry's sha256; "
+                      f"deleted, and the download started again from the beginning", stacklevel=4)
+        part.unlink(missing_ok=True)
+        _http_transfer(url, dest, part, f, progress)
+
+
+def _open_part(part: Path, append: bool):
+    """``part`` for writing, never through a symbolic link (O_NOFOLLOW)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(part, flags, 0o644)
+    except OSError as e:
+        if part.is_symlink():
+            _refuse_link(part)
+        raise DownloadError(f"cannot write {part}: {e.strerror}") from None
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
+def _http_transfer(url: str, dest: Path, part: Path, f: FileSpec, progress: bool | None) -> None:
     import http.client
 
-    part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     if have > f.size:  # cannot be a prefix of the right file
         part.unlink()
@@ -211,7 +265,7 @@ def _http_download(url: str, dest: Path, f: FileSpec, progress: bool | None) -> 
         with urllib.request.urlopen(_request(url, headers), timeout=_HTTP_TIMEOUT) as r:
             if have and r.status != 206:  # the server ignored the Range header: start over
                 have = 0
-            with open(part, "ab" if have else "wb") as out, _progress_bar(f.size, have, f.name, progress) as bar:
+            with _open_part(part, bool(have)) as out, _progress_bar(f.size, have, f.name, progress) as bar:
                 while True:
                     try:
                         chunk = r.read(_CHUNK)

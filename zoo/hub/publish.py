@@ -11,7 +11,13 @@ from typing import Any
 
 from zoo.hub.cards import model_card
 from zoo.hub.fetch import sha256_file
-from zoo.hub.registry import REGISTRY_FORMAT, REPO_ROOT, Entry, _atomic_write_text
+from zoo.hub.registry import (
+    REGISTRY_FORMAT,
+    REPO_ROOT,
+    Entry,
+    RegistryError,
+    _atomic_write_text,
+)
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
@@ -51,7 +57,10 @@ def add_entry(registry: str | os.PathLike, name: str, entry: dict[str, Any]) -> 
     registry = Path(registry)
     Entry.from_dict(name, entry, str(registry))  # validate before writing
     registry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(registry) + ".lock"):
+    lock = Path(str(registry) + ".lock")
+    if lock.is_symlink():  # taking the lock would create or truncate the file it points to
+        raise RegistryError(f"{lock} is a symbolic link; a registry's lock file must be a plain file: remove it")
+    with FileLock(str(lock)):
         data = json.loads(registry.read_text()) if registry.is_file() else {"format": REGISTRY_FORMAT, "entries": {}}
         data.setdefault("entries", {})[name] = entry
         _atomic_write_text(registry, json.dumps(data, indent=2) + "\n")
@@ -93,8 +102,11 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
                 task["name"] = task.pop("task")
     metrics = {**_numbers(meta.get("metrics") or {}), **metrics}
     task = task or meta.get("task")
+    check_publishable(art)
     out = Path(out_dir) if out_dir is not None else REPO_ROOT / "checkpoints" / "zoo" / name
     out.mkdir(parents=True, exist_ok=True)
+    reg = Path(registry) if registry is not None else None
+    previous = _keep_previous(reg, name, out) if reg is not None else None
     _atomic_copy(art / WEIGHTS_NAME, out / WEIGHTS_NAME)
     _atomic_copy(art / CONFIG_NAME, out / CONFIG_NAME)
     n_params = sum(_numel(s) for s in (meta.get("tensors") or {}).values())
@@ -113,7 +125,6 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     _atomic_write_text(out / "README.md", model_card(name, entry, meta))
-    reg = Path(registry) if registry is not None else None
     entry["files"] = [_file_entry(out / fn, _sources_for(out / fn, reg, url_base, hf_repo, hf_subfolder))
                       for fn in (WEIGHTS_NAME, CONFIG_NAME, "README.md")]
     base = _publish_base(meta, name, out, reg, url_base=url_base, hf_repo=hf_repo, hf_subfolder=hf_subfolder,
@@ -121,8 +132,51 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     if base is not None:
         entry["base_entry"] = base
     if reg is not None:
-        add_entry(reg, name, entry)
+        add_entry(reg, name, entry)  # the switch: from here on the registry names the new files
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return entry
+
+
+_PREVIOUS = ".previous"  # <out>/.previous/: the registered version's files while a re-publish replaces them
+
+
+def _keep_previous(registry: Path, name: str, out: Path) -> Path | None:
+    """Before a re-publish overwrites ``out``: keep the registered version's files beside them.
+
+    The files the registry entry ``name`` pins are hard-linked (or copied) into ``out/.previous/``
+    and the entry gets those copies as extra sources, so that at every moment of the re-publish
+    (new files half written, registry not yet switched) the registered entry still downloads and
+    verifies. The new entry is registered without them and the folder is removed afterwards; a
+    re-publish killed before that leaves it, and the next one replaces it.
+    """
+    from zoo.hub.registry import load_registry
+
+    keep = out / _PREVIOUS
+    shutil.rmtree(keep, ignore_errors=True)
+    try:
+        old = load_registry(registry).get(name)
+    except RegistryError:
+        old = None
+    if old is None:
+        return None
+    raw = json.loads(json.dumps(old.raw))
+    kept = False
+    for spec, f in zip(raw.get("files") or [], old.files):
+        src = out / f.name
+        if not src.is_file() or src.is_symlink() or src.stat().st_size != f.size or sha256_file(src) != f.sha256:
+            continue  # not the registered bytes: nothing worth keeping
+        keep.mkdir(exist_ok=True)
+        try:
+            os.link(src, keep / f.name)  # the same bytes, no copy; the new file replaces src's name only
+        except OSError:
+            shutil.copyfile(src, keep / f.name)
+        spec["sources"] = list(spec.get("sources") or []) + _sources_for(keep / f.name, registry, None, None, None)
+        kept = True
+    if not kept:
+        return None
+    add_entry(registry, name, raw)
+    return keep
 
 
 def _publish_base(meta: dict[str, Any], name: str, out: Path, reg: Path | None, **where: Any) -> str | None:
@@ -180,6 +234,13 @@ def publish_backbone(weights: str | os.PathLike, name: str, family: str, model: 
     if reg is not None:
         add_entry(reg, name, entry)
     return entry
+
+
+def check_publishable(art: Path) -> None:
+    """Refuse an artifact whose tensors hold NaN/inf (a diverged run) or that fails its own hash."""
+    from zoo.checkpoint import read_adapter_config, read_adapter_weights
+
+    read_adapter_weights(art, read_adapter_config(art))
 
 
 def _numel(shape: list[int]) -> int:

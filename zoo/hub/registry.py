@@ -122,20 +122,32 @@ class Entry:
         if not isinstance(bb, dict) or not bb.get("family") or not bb.get("model"):
             raise RegistryError(f"{where}: 'backbone' needs at least 'family' and 'model'")
         files = []
-        for i, f in enumerate(d.get("files") or []):
-            fname, sha, size, sources = f.get("name"), str(f.get("sha256", "")).lower(), f.get("size"), f.get("sources")
+        raw_files = d.get("files") or []
+        if not isinstance(raw_files, list):
+            raise RegistryError(f"{where}: 'files' must be a list of {{name, sha256, size, sources}} objects, "
+                                f"got {type(raw_files).__name__}")
+        for i, f in enumerate(raw_files):
             if not isinstance(f, dict):
-                raise RegistryError(f"{where}: file #{i} must be an object with name, sha256, size, sources")
+                raise RegistryError(f"{where}: file #{i} must be an object with name, sha256, size, sources, got {f!r}")
+            fname, sha, size, sources = f.get("name"), str(f.get("sha256", "")).lower(), f.get("size"), f.get("sources")
             check_plain_name(fname, f"{where}: file #{i} name")
             if not _HEX64.match(sha):
                 raise RegistryError(f"{where}: file {fname!r} needs a full 64-hex sha256, got {sha!r}")
-            if not isinstance(size, int) or size < 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise RegistryError(f"{where}: file {fname!r} needs an integer size in bytes, got {size!r}")
-            if not sources or not all(isinstance(s, dict) and ({"url", "path", "hf_repo"} & set(s)) for s in sources):
+            if not isinstance(sources, list) or not sources or \
+                    not all(isinstance(s, dict) and ({"url", "path", "hf_repo"} & set(s)) for s in sources):
                 raise RegistryError(f"{where}: file {fname!r} needs sources, each with 'url', 'path' or 'hf_repo'+'filename'")
+            if any(g.name == fname for g in files):  # two pins for one cache file: each would delete the other
+                raise RegistryError(f"{where}: file {fname!r} is listed twice")
             files.append(FileSpec(fname, sha, size, list(sources)))
         if not files:
             raise RegistryError(f"{where}: no files")
+        for key, typ in (("method", list), ("metrics", dict)):
+            if d.get(key) is not None and not isinstance(d[key], typ):
+                raise RegistryError(f"{where}: {key!r} must be a {typ.__name__}, got {type(d[key]).__name__}")
+        if not all(isinstance(m, dict) for m in d.get("method") or []):
+            raise RegistryError(f"{where}: each 'method' item must be an object {{name, config}}")
         names = [f.name for f in files]
         if kind == "adapter" and not {"adapter.safetensors", "adapter.json"} <= set(names):
             raise RegistryError(f"{where}: an adapter entry needs adapter.safetensors and adapter.json, has {names}")

@@ -1,0 +1,80 @@
+"""Every demo (make demo and the modality quickstarts) is one sweep whose rows include its baseline, over at
+least 3 seeds or folds, with the baseline named for the caption (tasks.report); each row composes."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tasks.runner import apply_final_overrides
+from tests.helpers import CONF, compose_config
+
+# experiment -> (the baseline row's label, the replicate key the sweep varies)
+DEMOS = {
+    "quickstart": ("linear", "seed"),
+    "clip_quickstart": ("zero-shot", "seed"),
+    "audio_quickstart": ("linear", "task.fold"),
+    "seg_quickstart": ("linear", "seed"),
+    "pde_quickstart": ("from scratch", "seed"),
+    "restore_quickstart": ("no fine-tuning", "seed"),
+    "caption_quickstart": ("no fine-tuning", "seed"),
+}
+
+
+def sweep(name: str) -> dict[str, list[str]]:
+    params = OmegaConf.load(Path(CONF) / "experiment" / f"{name}.yaml").hydra.sweeper.params
+    return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+
+
+def test_every_make_target_demo_is_listed():
+    makefile = (Path(CONF).parent / "Makefile").read_text()
+    for name in DEMOS:
+        # one sweep per demo (LOG_ARG: make demos' folder), no per-row commands
+        assert f"train.py experiment={name} $(LOG_ARG)\n" in makefile, name
+    assert makefile.count("train.py experiment=pde_quickstart") == 1
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_demo_sweeps_its_rows_with_the_baseline_over_three_replicates(name):
+    baseline, replicate = DEMOS[name]
+    params = sweep(name)
+    assert len(params[replicate]) >= 3 and len(set(params[replicate])) == len(params[replicate])
+    assert set(params) == {"adapter", replicate}  # rows x replicates, nothing else multiplies the time
+    labels = {}
+    for adapter in params["adapter"]:
+        cfg = apply_final_overrides(compose_config([f"experiment={name}", f"adapter={adapter}"]))
+        assert cfg.report.baseline == baseline
+        label = cfg.report.label or adapter  # tasks.runner.run_label: the adapter config as chosen
+        labels[label] = cfg
+        OmegaConf.to_container(cfg.task.optimizer, resolve=True)  # the per-method learning rate resolves
+    assert len(labels) == len(params["adapter"]), "two rows share a label"
+    assert baseline in labels and len(labels) >= 2
+    base = labels[baseline]
+    if baseline == "from scratch":  # the same network without the pretrained weights the other rows adapt
+        assert base.backbone.weights is None and all(c.backbone.weights for k, c in labels.items() if k != baseline)
+    if baseline in ("no fine-tuning", "zero-shot"):
+        assert base.train is False and all(c.train for k, c in labels.items() if k != baseline)
+
+
+def test_clip_rows_zero_shot_linear_probe_and_lora():
+    rows = {a: apply_final_overrides(compose_config(["experiment=clip_quickstart", f"adapter={a}"]))
+            for a in sweep("clip_quickstart")["adapter"]}
+    probe, zs, lora = rows["baseline/linear_probe"], rows["baseline/zeroshot"], rows["clip_lora"]
+    assert (probe.adapter.name, probe.task.head, probe.train) == ("linear", "linear", True)
+    assert (zs.task.head, zs.train) == ("text", False)
+    assert (lora.adapter.name, lora.adapter.tower, lora.task.head) == ("lora", "both", "text")  # CLIP-LoRA
+
+
+def test_final_overrides_rejects_a_malformed_entry():
+    cfg = OmegaConf.create({"final_overrides": ["backbone.weights"], "backbone": {"weights": "x"}})
+    with pytest.raises(ValueError, match="expected 'key=value' strings"):
+        apply_final_overrides(cfg)
+
+
+def test_zero_shot_row_evaluates_the_untuned_model(tmp_path):
+    """adapter=baseline/zeroshot (train=false) on the CLIP demo (random tiny CLIP): nothing trains, no refusal,
+    and its test accuracy is the untuned model's zero-shot accuracy the task measures separately."""
+    from tests.helpers import run_train
+
+    m = run_train(["experiment=clip_quickstart", "adapter=baseline/zeroshot", "backbone.weights=null"], tmp_path)
+    assert m["label"] == "zero-shot" and m["trainable_params_with_head"] == 0
+    assert m["test/acc"] is not None and m["test/acc"] == pytest.approx(m["test/acc_zeroshot"])
