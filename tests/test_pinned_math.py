@@ -189,7 +189,10 @@ def test_nan_extra_loss_stops_training_even_when_the_task_loss_is_finite(monkeyp
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     monkeypatch.setattr(task, "log", lambda *a, **k: None)
     monkeypatch.setattr(zoo, "extra_loss", lambda model, ctx: torch.tensor(0.5))
-    assert math.isfinite(float(task.training_step(batch, 0)))
+    loss = task.training_step(batch, 0)
+    assert math.isfinite(float(loss))
+    task.on_before_backward(loss)  # the one finite-loss check (Lightning calls it before backward)
     monkeypatch.setattr(zoo, "extra_loss", lambda model, ctx: torch.tensor(float("nan")))
+    loss = task.training_step(batch, 0)  # the loss the step returns must carry the extra term
     with pytest.raises(NonFiniteLossError, match="became nan"):
-        task.training_step(batch, 0)
+        task.on_before_backward(loss)
