@@ -308,7 +308,14 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
     scored = {k: c for k, c in others.items() if c["other"][2]}
     if not scored:
         return f"No caption: no run has {col.key}."
-    best = max(scored, key=lambda k: sign * scored[k]["other"][0])
+    # the best row is the one the selection metric (validation) ranks first, never the test metric
+    sel_key = next((m["monitor"]["name"] for m in rows if m.get("monitor")), col.key)
+
+    def selection_mean(k):
+        vals = [r[sel_key] for r in groups[k] if r.get(sel_key) is not None]
+        return sum(vals) / len(vals) if vals else scored[k]["other"][0]
+
+    best = max(scored, key=lambda k: sign * selection_mean(k))
     c = scored[best]
     direction = "higher is better" if mode == "max" else "lower is better"
     n_runs = max(len(v) for v in groups.values())

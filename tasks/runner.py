@@ -441,6 +441,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             metrics["monitor"]["value"] = metrics.get(task.monitor)
     elif has_val:
         metrics["monitor"]["value"] = _num(trainer.callback_metrics.get(task.monitor))
+        if metrics.get("selection") == "val":  # no checkpoint was kept to select: these are the last weights
+            metrics["selection"] = "last"
+            if isinstance(metrics.get("protocol"), dict):
+                metrics["protocol"]["selection"] = "last"
     metrics[task.monitor] = metrics["monitor"]["value"]
 
     if _tests_at_end(cfg, dm):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import zoo
@@ -111,3 +112,22 @@ def test_a_separate_projection_keyed_by_its_site_kind(dense):
     x = torch.randn(3, 6)
     want = x @ reference_weight(lin.weight.detach(), m.vector_z["q"].detach(), 6, 1.0).t() + lin.bias
     torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_trained_scale_follows_the_reference_residual_form():
+    """The reference keeps W_res = W0 − σ0 P L diag(z0) U fixed and computes W_res + σ P L diag(z) U: once σ
+    moves, σ scales z, not z − z0 (a bug that scaled z − z0 would give σ no gradient at init)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    w0 = lin.weight.detach().clone()
+    pl, z0, u = (t.float() for t in ldu(w0, 4))
+    m = LoLDULinear(lin, 4, init="ones", train_scale=True)
+    x = torch.randn(3, 8)
+    m(x).pow(2).sum().backward()
+    assert m.scaling["all"].grad is not None and float(m.scaling["all"].grad.abs()) > 0
+    with torch.no_grad():
+        m.scaling["all"].fill_(0.7)
+        m.vector_z["all"].copy_(torch.linspace(0.5, 2.0, 4))
+        w_res = w0 - 0.25 * (pl * z0) @ u
+        expected = w_res + 0.7 * (pl * m.vector_z["all"]) @ u
+        torch.testing.assert_close(m(x), F.linear(x, expected, lin.bias), rtol=1e-5, atol=1e-5)

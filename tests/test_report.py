@@ -138,3 +138,12 @@ def test_caption_compares_only_runs_under_the_baselines_protocol(tmp_path):
     text = caption(rows, "linear")
     assert "Best row lora" in text and "full vs" not in text
     assert text.splitlines()[-1] == "(not compared, made under another protocol than the baseline: full)"
+
+
+def test_caption_best_row_is_chosen_on_validation_not_test(tmp_path):
+    """Bug caught: picking the "best row" by its test mean selects a configuration on the test split."""
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.41, 0.42], "lora": [0.60, 0.61, 0.62], "full": [0.70, 0.71, 0.72]})
+    val = {"linear": 0.3, "lora": 0.9, "full": 0.5}  # validation ranks lora first, test would rank full first
+    for m in rows:
+        m["val/acc"] = val[m["label"]]
+    assert "Best row lora:" in caption(rows, "linear")

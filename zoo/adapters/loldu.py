@@ -109,18 +109,23 @@ class LoLDULinear(WrappedLayer):
         scales = {k: torch.tensor(float(alpha) / r, device=w.device, dtype=w.dtype) for k, r in self.ranks.items()}
         if train_scale:
             self.scaling = nn.ParameterDict({k: nn.Parameter(v) for k, v in scales.items()})
+            for k, v in scales.items():  # σ0: the residual W0 − σ0 P L_r diag(z0) U_r keeps the initial scale
+                self.register_buffer(f"scale0_{k}", v.clone(), persistent=False)
         else:
             for k, v in scales.items():
                 self.register_buffer(f"scale_{k}", v, persistent=False)
         self.train_scale = bool(train_scale)
 
     def _factors(self, k: str):
-        """``(P L_r, U_r, σ (z − z0))`` of slice ``k``."""
-        sigma = self.scaling[k] if self.train_scale else getattr(self, f"scale_{k}")
-        return getattr(self, f"pl_{k}"), getattr(self, f"u_{k}"), sigma * (self.vector_z[k] - getattr(self, f"z0_{k}"))
+        """``(P L_r, U_r, σ z − σ0 z0)`` of slice ``k``: the reference's ``W_res + σ P L_r diag(z) U_r`` with
+        ``W_res = W0 − σ0 P L_r diag(z0) U_r`` computed once at the initial scale σ0 (= σ while σ is frozen)."""
+        z, z0 = self.vector_z[k], getattr(self, f"z0_{k}")
+        if self.train_scale:
+            return getattr(self, f"pl_{k}"), getattr(self, f"u_{k}"), self.scaling[k] * z - getattr(self, f"scale0_{k}") * z0
+        return getattr(self, f"pl_{k}"), getattr(self, f"u_{k}"), getattr(self, f"scale_{k}") * (z - z0)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = σ (P L_r) diag(z − z0) U_r, scattered into the slices' rows."""
+        """ΔW = (P L_r) diag(σ z − σ0 z0) U_r (σ0 = σ unless ``train_scale``), scattered into the slices' rows."""
         lin = self.linear()
         dw = torch.zeros_like(lin.weight)
         for k, s in self.slices.items():
