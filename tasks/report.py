@@ -271,8 +271,10 @@ def compare(base: list[dict[str, Any]], other: list[dict[str, Any]], key: str, m
         gain, n, paired = sign * (mo - mb), min(nb, no), False
         se = math.sqrt(sb ** 2 / nb + so ** 2 / no)
         df, noise = max(1, min(nb, no) - 1), math.sqrt((sb ** 2 + so ** 2) / 2)
-    if nb + no <= 2 or (se == 0 and gain == 0):
-        verdict = "unknown" if nb + no <= 2 else "within"
+    if nb + no <= 2 or (not paired and min(nb, no) < 2):  # a side of one unpaired run has no noise estimate
+        verdict = "unknown"
+    elif se == 0 and gain == 0:
+        verdict = "within"
     elif se == 0:
         verdict = "better" if gain > 0 else "worse"
     else:

@@ -147,3 +147,12 @@ def test_caption_best_row_is_chosen_on_validation_not_test(tmp_path):
     for m in rows:
         m["val/acc"] = val[m["label"]]
     assert "Best row lora:" in caption(rows, "linear")
+
+
+def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
+    """Bug caught: one baseline run has no spread, so three other runs with equal values looked "beyond the noise"."""
+    rows = write_runs(tmp_path, {"linear": [0.40], "lora": [0.55, 0.55, 0.55]})
+    for m in rows:  # different seeds on the two sides: nothing to pair
+        if m["label"] == "linear":
+            m["seed"] = 99
+    assert "beyond the noise" not in caption(rows, "linear").replace("does NOT beat", "")
