@@ -613,3 +613,14 @@ def test_segmentation_sam_pipeline_refuses_what_it_cannot_do(tmp_path):
     cfg = compose_config(["experiment=tiny_seg", "data.layout=synapse", "task.sam.pipeline=longest_side"])
     with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
         build_datamodule(cfg, build_task(cfg))
+
+
+def test_restoration_with_held_out_pairs_selects_on_them_not_on_test(tmp_path):
+    # data.val_from_train: validation pairs come out of the training split, so selecting on them is allowed
+    # and the record names the held-out split (not derain/test)
+    m = run_train(["experiment=tiny_restore", "adapter=full", "task.selection=val", "data.val_from_train=4",
+                   "task.num_train=8", "task.log_images=0"], tmp_path)
+    assert m["selection"] == "val" and m["validated_on"] == "derain/train (held out)"
+    assert m["protocol"]["val_overlaps_test"] is False
+    assert m["protocol"]["splits"]["val"] == {"name": "derain/train (held out)", "size": 4}
+    assert m["protocol"]["splits"]["test"] == {"name": "derain/test", "size": 4}
