@@ -135,7 +135,7 @@ def test_num_train_is_a_seeded_subset(tmp_path):
     pairs = R.find_pairs("derain", tmp_path, "train")
     a, b, c = R.subset(pairs, 8, 0), R.subset(pairs, 8, 0), R.subset(pairs, 8, 1)
     assert a == b and len(a) == 8 and a != c and set(a) <= set(pairs)
-    with pytest.raises(ValueError, match="only 20 training pairs exist; lower task.num_train"):
+    with pytest.raises(ValueError, match=r"only 20 training pairs exist \(after any held-out validation pairs, data.val_from_train\); lower task.num_train"):
         R.subset(pairs, 32, 0)
 
 
