@@ -31,10 +31,24 @@ def test_selection_on_a_validation_split_that_is_test_is_refused_naming_both_spl
     assert resolve_selection("last", _splits("test", "test", True)) == "last"
     assert resolve_selection("val_is_test", _splits("test", "test", True)) == "val_is_test"
     assert resolve_selection("val", _splits("val", "test", False)) == "val"
-    assert resolve_selection("val_is_test", _splits("val", "test", False)) == "val"  # nothing of test validates
     assert resolve_selection("val", _splits(None, "test", False)) == "last"  # nothing to select on
     with pytest.raises(ValueError, match="valid: val, last, val_is_test"):
         resolve_selection("best", _splits("val", "test", False))
+
+
+def test_val_is_test_on_a_separate_validation_split_selects_on_val_and_says_so_in_one_line(caplog):
+    # nothing of test validates: the request is harmless, but what happens (val) differs from what was asked
+    with caplog.at_level("WARNING", logger="tasks.protocol"):
+        assert resolve_selection("val_is_test", _splits("valid", "test", False)) == "val"
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "validation split (valid) is separate from the test split (test)" in lines[0]
+    assert "selection=val" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.protocol"):  # asked for where it applies: no warning
+        assert resolve_selection("val_is_test", _splits("test", "test", True)) == "val_is_test"
+        assert resolve_selection("val", _splits("valid", "test", False)) == "val"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_a_run_that_trains_nothing_selects_nothing():
