@@ -627,3 +627,19 @@ def test_segmentation_sam_pipeline_refuses_what_it_cannot_do(tmp_path):
     cfg = compose_config(["experiment=tiny_seg", "data.layout=synapse", "task.sam.pipeline=longest_side"])
     with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
         build_datamodule(cfg, build_task(cfg))
+
+
+def test_samed_recipe_refuses_sams_predictor_pipeline():
+    # SAMed squashes every slice (512 -> 224 -> 512, test_single_volume): its recipe keeps that pipeline, and
+    # asking it for SAM's natural-image pipeline is refused in one line, not silently ignored
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["experiment=samed_synapse", "task.sam.pipeline=longest_side"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data.pop("normalize") == "none"  # SAMed: slices stay in [0, 1] (the runner passes mean = std = None)
+    with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
+        instantiate(data, mean=None, std=None, _convert_="all")
+    assert compose_config(["experiment=samed_synapse"]).task.sam.get("pipeline") is None  # the recipe sets none
