@@ -90,6 +90,8 @@ class PDEForecastTask(ZooTask):
         rec = {"layout": "UPTF-7 (B, t, F, C, D, H, W)", "context": self.context}
         if dm is not None:
             rec.update({"revin": dm.revin, "fit": dm.fit, "spatial": list(dm.spatial or []), "fields": dm.field_names})
+            if getattr(dm, "norm_record", None):  # The Well's statistics as used (revin=zscore|rms)
+                rec["norm_stats"] = dm.norm_record
         return rec
 
     def protocol_details(self, datamodule) -> dict[str, Any]:
@@ -109,7 +111,8 @@ class PDEForecastTask(ZooTask):
             norm.update(datamodule.norm_record)  # the file and the per-channel values used
         windows = getattr(datamodule, "eval_windows", "first")
         chans = getattr(datamodule, "channels", None)
-        return {"initial_step": self.context, "horizon": h, "start": 0 if windows == "first" else "every window",
+        every = windows == "all" and self.horizon is not None  # a rollout to the end has one window: t = 0
+        return {"initial_step": self.context, "horizon": h, "start": "every window" if every else 0,
                 "normalisation": norm,
                 "channels": [n for _, _, n in chans] if chans else None,
                 "metric": {"nrmse": "per channel (each scalar field, each vector component) over space, mean over "
@@ -400,7 +403,7 @@ class PDEDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             self._sets["train"] = self._datasets("train", 1, None)
             self._sets["val"] = self._datasets("val", self.horizon, self.eval_starts)
-        if stage in (None, "test"):
+        if stage in (None, "test") and "test" not in self._sets:  # split_info may have built it already
             self._sets["test"] = self._datasets("test", self.horizon, self.eval_starts)
         if stage == "validate":
             self._sets["val"] = self._datasets("val", self.horizon, self.eval_starts)
