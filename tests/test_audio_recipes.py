@@ -133,3 +133,15 @@ def test_specaugment_masks_before_or_after_normalisation(after):
     # extractor's normalised output (masked cells are 0)
     fill = 0.0 if after else -mean / (2 * std)
     assert torch.allclose(out[masked], torch.full_like(out[masked], fill), atol=1e-6)
+
+
+def test_unknown_optimizer_or_schedule_names_are_one_line():
+    from hydra.errors import InstantiationException
+
+    from tasks.runner import build_task
+
+    with pytest.raises(InstantiationException, match=r"task.optimizer.name='sgd'; valid: adamw, adam"):
+        build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.optimizer.name=sgd"]))
+    task = build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.scheduler.name=step"]))
+    with pytest.raises(ValueError, match=r"task.scheduler.name='step'; valid here: cosine, multistep"):
+        task.configure_optimizers()
