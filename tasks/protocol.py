@@ -107,9 +107,9 @@ def resolve_selection(requested: str | None, splits: dict[str, Any], trains: boo
         return "last"  # nothing validates: the last epoch's weights are what is tested
     if not splits.get("val_overlaps_test"):
         if requested == "val_is_test":
-            log.warning("task.selection=val_is_test, but the validation split (%s) is separate from the test split "
-                        "(%s): selecting on %s as task.selection=val, and recording selection=val",
-                        val.get("name"), (test or {}).get("name"), val.get("name"))
+            where = f"the test split ({test.get('name')})" if test else "the test split (none here)"
+            log.warning("task.selection=val_is_test, but the validation split (%s) is separate from %s: selecting on "
+                        "%s as task.selection=val, and recording selection=val", val.get("name"), where, val.get("name"))
             return "val"
         return requested
     if requested == "val":

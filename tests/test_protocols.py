@@ -45,10 +45,21 @@ def test_val_is_test_on_a_separate_validation_split_selects_on_val_and_says_so_i
     assert "validation split (valid) is separate from the test split (test)" in lines[0]
     assert "selection=val" in lines[0]
     caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.protocol"):  # VTAB's tune protocol: val200, no test split
+        assert resolve_selection("val_is_test", _splits("val200", None, False)) == "val"
+    assert "validation split (val200) is separate from the test split (none here)" in caplog.records[-1].getMessage()
+    caplog.clear()
     with caplog.at_level("WARNING", logger="tasks.protocol"):  # asked for where it applies: no warning
         assert resolve_selection("val_is_test", _splits("test", "test", True)) == "val_is_test"
         assert resolve_selection("val", _splits("valid", "test", False)) == "val"
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_run_asking_val_is_test_on_separate_splits_records_val(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="tasks.protocol"):
+        m = run_train(["experiment=tiny_pde", "adapter=lora", "task.max_epochs=1", "task.selection=val_is_test"], tmp_path)
+    assert m["selection"] == "val" and m["protocol"]["selection"] == "val" and m["validated_on"] == "val"
+    assert any("validation split (val) is separate from the test split (test)" in r.getMessage() for r in caplog.records)
 
 
 def test_a_run_that_trains_nothing_selects_nothing():
