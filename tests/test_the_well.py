@@ -22,7 +22,7 @@ CHANNELS = ["A", "velocity_x", "velocity_y"]  # The Well's flatten_field_names: 
 
 
 # ------------------------------------------------------------------ a tiny dataset in The Well's layout
-def write_well_dataset(root, n=2, t=7, h=8, w=8, seed=0):
+def write_well_dataset(root, n=2, t=7, h=8, w=8, seed=0, constant_field=False):
     """``root/data/{train,valid,test}/part0.hdf5`` (t0 field ``A``, t1 field ``velocity``, 2-D) and
     ``root/stats.yaml`` from the training split, as The Well's ``compute_statistics.py`` lays it out."""
     rng = np.random.default_rng(seed)
@@ -42,6 +42,11 @@ def write_well_dataset(root, n=2, t=7, h=8, w=8, seed=0):
             g0.create_dataset("A", data=a)
             g1.attrs["field_names"] = ["velocity"]
             g1.create_dataset("velocity", data=vel)
+            g0["A"].attrs.update({"time_varying": True, "sample_varying": True})
+            if constant_field:  # e.g. a material mask: the same at every step (The Well: an input, never scored)
+                g0.attrs["field_names"] = ["A", "mask"]
+                g0.create_dataset("mask", data=np.ones((h, w), np.float32)).attrs.update(
+                    {"time_varying": False, "sample_varying": False})
             f.create_group("t2_fields").attrs["field_names"] = []
         arrays[split] = (a, vel)
     a, vel = arrays["train"]
@@ -91,7 +96,7 @@ def test_vrmse_per_channel_and_its_mean_equal_the_wells():
 def test_the_well_zscore_normalisation_and_every_test_window(tmp_path):
     from tasks.pde import PDEDataModule
 
-    arrays, stats = write_well_dataset(tmp_path / "toy_well")
+    arrays, stats = write_well_dataset(tmp_path / "toy_well", constant_field=True)  # the constant field is left out
     stats["std"]["velocity"][1] = 1e-6  # a near-constant channel: The Well clips its std at 1e-4
     (tmp_path / "toy_well" / "stats.yaml").write_text(yaml.safe_dump(stats))
     dm = PDEDataModule(path=str(tmp_path / "toy_well"), context=4, rollout_horizon=1, revin="zscore",

@@ -283,6 +283,7 @@ def detect_layout(f, path, fields: Sequence[str] | None = None) -> Layout:
 
 def _well_layout(f, path, fields) -> Layout:
     entries = []  # (group, name, components)
+    constant = []  # fields that do not change in time: The Well's inputs, never predicted or scored
     for grp, rank in (("t0_fields", 0), ("t1_fields", 1), ("t2_fields", 2)):
         if grp not in f:
             continue
@@ -290,7 +291,17 @@ def _well_layout(f, path, fields) -> Layout:
             name = name.decode() if isinstance(name, bytes) else str(name)
             if name not in f[grp]:
                 raise ValueError(f"{path}: {grp} lists field {name!r} but has no such dataset")
+            attrs = f[grp][name].attrs
+            if not bool(attrs.get("time_varying", True)):
+                constant.append(name)
+                continue
+            if not bool(attrs.get("sample_varying", True)):
+                raise ValueError(f"{path}: {grp}/{name} is time-varying but the same for every trajectory "
+                                 "(sample_varying false): not a layout this reader takes; leave it out with data.fields=[...]")
             entries.append((grp, name, rank))
+    if constant:
+        log.warning("%s: constant field(s) %s left out (The Well's constant fields are inputs, not predicted or scored)",
+                    path, constant)
     by_name = {e[1]: e for e in entries}
     if fields is not None:
         bad = [k for k in fields if k not in by_name]
