@@ -156,3 +156,34 @@ def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
         if m["label"] == "linear":
             m["seed"] = 99
     assert "beyond the noise" not in caption(rows, "linear").replace("does NOT beat", "")
+
+
+def test_an_evaluate_only_baseline_is_compared_with_the_trained_rows(tmp_path):
+    """Bug caught: the "no fine-tuning" row (train=false, selection "none") was put under another protocol than
+    the trained rows (selection "val" or "last"), so restore_quickstart's caption said "Only the baseline row
+    ran: nothing to compare" and printed two tables. It selected nothing, so its selection cannot differ."""
+    rows = write_runs(tmp_path, {"no fine-tuning": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54],
+                                 "full": [0.60, 0.61, 0.62]})
+    splits = {"train": {"name": "t", "size": 16}, "val": {"name": "t (held out)", "size": 16},
+              "test": {"name": "test", "size": 64}}
+    for m in rows:
+        m["protocol"] = {"name": "final", "splits": splits, "val_overlaps_test": False, "metric": "psnr",
+                         "selection": "none" if m["label"] == "no fine-tuning" else "val"}
+    text = caption(rows, "no fine-tuning")
+    assert "not compared" not in text and "Only the baseline" not in text
+    assert "Best row full" in text and "lora vs no fine-tuning" in text
+    md = markdown(rows)
+    assert "**protocol**" not in md and "| no fine-tuning |" in md  # one table
+    # but a baseline measured differently (another test split, another metric) stays apart
+    for m in rows:
+        if m["label"] == "no fine-tuning":
+            m["protocol"] = {**m["protocol"], "metric": "psnr-y"}
+    assert "(not compared, made under another protocol than the baseline" in caption(rows, "lora")
+    assert markdown(rows).count("**protocol**") == 2
+    # and with trained rows that selected in two ways, it joins neither (ambiguous)
+    for m in rows:
+        if m["label"] == "no fine-tuning":
+            m["protocol"] = {**m["protocol"], "metric": "psnr"}
+        if m["label"] == "full":
+            m["protocol"] = {**m["protocol"], "selection": "last"}
+    assert markdown(rows).count("**protocol**") == 3
