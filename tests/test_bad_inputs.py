@@ -1054,6 +1054,56 @@ def test_write_failures_of_the_environment_are_one_line_naming_the_path(tmp_path
         raise OSError(5, "Input/output error", "x")
 
 
+@pytest.mark.parametrize("script, args, key", [
+    ("train.py", ["experiment=tiny_seg", "hydra.run.dir={f}/run"], "hydra.run.dir"),
+    ("train.py", ["-m", "experiment=tiny_seg", "paths.log_dir={f}/logs"], "hydra.sweep.dir"),
+    ("eval.py", ["artifact=x", "hydra.run.dir={f}/ev"], "hydra.run.dir"),
+])
+def test_an_unwritable_run_folder_is_one_line_before_hydra_writes(tmp_path, script, args, key):
+    """It used to fail inside Hydra (its mkdir) with a traceback, before the project's code ran."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "a_file"
+    f.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / script), *(a.format(f=f) for a in args)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"error: cannot write the run folder {f}/") and f"({key})" in line[0]
+    assert line[0].endswith(f"{f} is a file, not a folder") and [q.name for q in tmp_path.iterdir()] == ["a_file"]
+
+
+@pytest.mark.parametrize("code, why", [(30, "read-only file system"), (28, "no space left on the device"),
+                                       (13, "permission denied")])
+@pytest.mark.parametrize("fails", ["create", "write"])
+def test_a_read_only_or_full_run_folder_is_refused_naming_it(tmp_path, monkeypatch, code, why, fails):
+    """A read-only mount refuses the probe file's creation; a full disk may create it and refuse its bytes."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from tasks import run_folder
+
+    def refuse(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile if fails == "create" else os, "mkstemp" if fails == "create" else "fsync", refuse)
+    run = tmp_path / "logs" / "runs" / "r"
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(run)}, "output_subdir": ".hydra"}})
+    with pytest.raises(SystemExit) as e:
+        run_folder.CheckRunFolder().on_run_start(config=cfg)
+    assert e.value.code == (f"error: cannot write the run folder {run} (hydra.run.dir): {why}; "
+                            f"choose a writable place with hydra.run.dir=<folder>")
+    assert list(tmp_path.iterdir()) == []  # nothing made, no probe file left
+    # eval.py runs in an existing folder and writes nothing there (no .hydra/, logs to stdout): not refused
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path)}, "output_subdir": None}})
+    run_folder.CheckRunFolder().on_run_start(config=cfg)
+    monkeypatch.undo()
+    assert run_folder.writable_folder_error(run, "hydra.run.dir") is None and list(tmp_path.iterdir()) == []
+
+
 def test_a_write_error_without_a_file_name_gets_the_destination(tmp_path, monkeypatch):
     from zoo.io import atomic_write_text
 
