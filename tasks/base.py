@@ -201,8 +201,10 @@ class ZooTask(L.LightningModule):
             raise NonFiniteLossError(
                 f"the training loss became {float(loss.detach().float().mean())} at step {self.global_step} (epoch "
                 f"{self.current_epoch}): most likely the learning rate is too high for this "
-                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; the last good "
-                f"checkpoint is kept in the run's checkpoints/ folder and nothing was saved or published")
+                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; "
+                + ("the last good checkpoint is kept in the run's checkpoints/ folder" if self.current_epoch
+                   else "no epoch had finished, so no checkpoint was written")
+                + " and nothing was saved or published")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         zoo.before_optimizer_step(self.model)

@@ -1184,6 +1184,29 @@ def test_a_nan_loss_in_segmentation_stops_the_run_before_anything_is_saved(tmp_p
     assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("overrides", [["experiment=tiny_seg", "adapter=lora"],
+                                       ["experiment=tiny_audio", "adapter=lora"]])
+def test_a_learning_rate_of_1e12_ends_with_the_non_finite_loss_line_and_saves_nothing(tmp_path, overrides):
+    """A real divergence, not a loss forced to NaN: segmentation's own training_step and another kind."""
+    from tasks.base import NonFiniteLossError
+    from tasks.runner import user_errors
+    from tests.helpers import run_train
+
+    reg = tmp_path / "registry.json"
+    with pytest.raises(NonFiniteLossError) as e:
+        run_train([*overrides, "task.optimizer.lr=1e12", f"paths.data_dir={tmp_path / 'data'}", "publish=diverged",
+                   f"publish_registry={reg}"], tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists() and not reg.exists()
+    with pytest.raises(SystemExit) as ex, user_errors():
+        raise e.value
+    assert re.fullmatch(r"error: the training loss became (nan|inf|-inf) at step \d+ \(epoch \d+\): most likely the "
+                        r"learning rate is too high .*\(task\.optimizer\.lr=1000000000000\.0; try 10x lower\)\. "
+                        r"Training stopped; .* nothing was saved or published", ex.value.code), ex.value.code
+    if e.value.args[0].find("(epoch 0)") >= 0:  # no finished epoch: no checkpoint to speak of
+        assert "no checkpoint was written" in ex.value.code and not (run / "checkpoints" / "last.ckpt").exists()
+
+
 def test_every_task_kind_goes_through_the_one_finite_loss_check():
     from tasks.base import ZooTask, task_kinds
 
