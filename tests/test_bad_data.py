@@ -7,6 +7,7 @@ Every test here failed before its fix (checked against main at 0344906); errors 
 from __future__ import annotations
 
 import csv
+import re
 import json
 import pickle
 import warnings
@@ -317,6 +318,26 @@ def test_audio_multilabel_overlap_is_refused(tmp_path):
     _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["3.wav", "dog", "val"], ["2.wav", "cat", "test"]])
     with pytest.raises(ValueError, match=r"1 val file\(s\) are byte-identical to train files \(e.g. .*3.wav = .*0.wav\)"):
         read_multilabel(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["/etc/outside.wav", "../outside.wav", "audio/../../outside.wav", "..\\outside.wav"])
+def test_audio_list_paths_that_leave_the_data_root_are_refused(tmp_path, bad):
+    """labels.csv used to read absolute paths (and '..') as given; ESC-50's filename column joined them."""
+    from tasks.data.audio import read_esc50, read_multilabel
+
+    root = tmp_path / "set"
+    root.mkdir()
+    wav(tmp_path / "outside.wav")
+    wav(root / "a.wav")
+    _ml(root, [["a.wav", "dog", "train"], [bad, "cat", "train"]])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(root / 'labels.csv'))}, line 3: the path '.*outside.wav' "
+                                         rf"leaves {re.escape(str(root))}: list paths must be relative"):
+        read_multilabel(root)
+    (root / "meta").mkdir()
+    (root / "meta" / "esc50.csv").write_text(f"filename,fold,target,category\na.wav,1,0,dog\n{bad},2,1,cat\n")
+    with pytest.raises(ValueError, match=rf"esc50.csv, line 3: the path '.*outside.wav' leaves "
+                                         rf"{re.escape(str(root / 'audio'))}"):
+        read_esc50(root)
 
 
 def _msrvtt(root: Path, videos, sentences) -> Path:

@@ -17,8 +17,8 @@ Protocols:
   clips are used nowhere (as TFDS ``speech_commands``); without it, the v2 testing list + silence pieces.
 * **folder**: ``root/<class>/*.wav``, or ``root/{train,val,test}/<class>/*.wav``.
 * **multilabel**: ``root/labels.csv`` (or ``labels.tsv``) with columns ``file,labels[,split]``: ``file``
-  relative to ``root``, ``labels`` the clip's class names separated by ``;`` (an AudioSet-style label
-  list), ``split`` train / val / test (without it, a fixed 80/10/10 shuffle); ``root/classes.txt`` (one
+  relative to ``root`` (an absolute path or one with ``..`` is refused: a list is data), ``labels`` the
+  clip's class names separated by ``;`` (an AudioSet-style label list), ``split`` train / val / test (without it, a fixed 80/10/10 shuffle); ``root/classes.txt`` (one
   name a line) fixes the class order, else the sorted names. Targets are multi-hot vectors.
 
 Every reader gives ``(path, label)`` lists (label: a class index, or a tuple of indices for multi-label); :class:`AudioClips` turns them into fbanks through
@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
+from tasks.data.paths import check_inside
 from tasks.data.reading import read_text
 from tasks.data.staging import staging_dir
 from tasks.options import LOADER, FRACTION, Int, Real, check_options
@@ -73,8 +74,9 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{meta}: missing column(s) {missing}; expected {', '.join(ESC50_COLUMNS)}")
         rows = []
         for i, r in enumerate(reader, start=2):
+            name = check_inside((r["filename"] or "").strip(), f"{meta}, line {i}", root / "audio")
             try:
-                rows.append({**r, "path": str(root / "audio" / r["filename"]), "fold": int(r["fold"]), "target": int(r["target"])})
+                rows.append({**r, "path": str(root / "audio" / name), "fold": int(r["fold"]), "target": int(r["target"])})
             except (ValueError, TypeError):
                 raise ValueError(f"{meta}, line {i}: fold and target must be integers, got {r['fold']!r}, {r['target']!r}") from None
             if rows[-1]["target"] < 0:
@@ -346,8 +348,8 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
             split = (r.get("split") or "").strip()
             if "split" in cols and split not in ("train", "val", "test"):
                 raise ValueError(f"{meta}, line {i}: split {split!r}; valid: train, val, test")
-            path = Path(r["file"].strip())
-            rows.append((str(path if path.is_absolute() else root / path), names, split, i))
+            path = check_inside((r["file"] or "").strip(), f"{meta}, line {i}", root)
+            rows.append((str(root / path), names, split, i))
     if not rows:
         raise ValueError(f"{meta} lists no clips")
     class_file = root / "classes.txt"
