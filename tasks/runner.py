@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from tasks.base import METRICS_SCHEMA_VERSION, number
+from tasks.options import check_run_options
 from tasks.protocol import EVALUATE_ONLY, describe_splits, protocol_record, resolve_selection, trains
 
 log = logging.getLogger("adapter_zoo")
@@ -339,6 +340,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     the monitor and its mode select the checkpoint, the declared columns fill ``metrics.json``.
     """
     cfg = apply_final_overrides(cfg)
+    check_run_options(cfg)
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 
@@ -700,6 +702,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.adapter = {"name": meta["methods"][0]["name"], "init_from": str(artifact)}
         cfg.logger = None
         cfg.callbacks = None
+    check_run_options(cfg)
     L.seed_everything(cfg.seed)
     check_data(cfg)  # cheap, before the base weights are built (the data _target_ is allow-listed above)
     task = build_task(cfg, recorded=recorded)

@@ -340,7 +340,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         cols = reader.fieldnames or []
         if "file" not in cols or "labels" not in cols:
             raise ValueError(f"{meta}: columns {cols}; expected file,labels[,split]")
-        rows = []
+        rows, seen = [], {}
         for i, r in enumerate(reader, start=2):
             names = parse_labels(r["labels"] or "")
             if not names:
@@ -349,6 +349,10 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
             if "split" in cols and split not in ("train", "val", "test"):
                 raise ValueError(f"{meta}, line {i}: split {split!r}; valid: train, val, test")
             path = check_inside((r["file"] or "").strip(), f"{meta}, line {i}", root)
+            if (path, split) in seen:  # it used to count twice; across splits, check_disjoint below names the splits
+                raise ValueError(f"{meta}, line {i}: {path!r} is listed again (first on line {seen[path, split]}); "
+                                 f"one line per clip, with all its labels")
+            seen[path, split] = i
             rows.append((str(root / path), names, split, i))
     if not rows:
         raise ValueError(f"{meta} lists no clips")
@@ -726,7 +730,7 @@ class AudioDataModule(L.LightningDataModule):
             raise ValueError(f"task.num_classes={num_classes}, but {dataset} at {root} has {self.num_classes} classes "
                              f"({', '.join(self.classes[:6])}{', ...' if self.num_classes > 6 else ''}); "
                              f"set task.num_classes={self.num_classes}")
-        self.dataset, self.fold, self.val_fold = dataset, fold, val_fold
+        self.dataset, self.fold, self.val_fold, self.root = dataset, fold, val_fold, root
         args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
         self.args, self.max_length = args, max_length
         self.cache_dir = cache_dir
@@ -777,6 +781,10 @@ class AudioDataModule(L.LightningDataModule):
             | {"val_overlaps_test": overlap}
 
     def dataset_for(self, split: str, train: bool = False) -> AudioClips:
+        if not self.splits[split]:  # it used to be "no audio clips in this split", naming neither
+            raise ValueError(f"{self.dataset} at {self.root}: the {split} split has no clips (a labels.csv split "
+                             f"column with no {split!r} row, or an empty {split}/ folder); add some, or use the "
+                             f"layout's other split rule")
         return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,
                           mixup=self.mixup if train else 0.0, bad_files=self.bad_files, multilabel=self.multilabel)
 
