@@ -341,6 +341,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     """
     cfg = apply_final_overrides(cfg)
     check_run_options(cfg)
+    if cfg.get("publish"):  # the zoo's name rule, checked before training (it used to refuse after the whole run)
+        from zoo.hub.registry import check_plain_name
+
+        check_plain_name(cfg.publish, "publish")
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 

@@ -640,6 +640,17 @@ def test_synapse_list_names_that_leave_the_folder_are_refused(tmp_path):
     assert (outside / "train_npz" / "secret.npz").is_file()
 
 
+@pytest.mark.parametrize("fold", [0, 6, 7])
+def test_an_esc50_fold_outside_1_to_5_is_refused(tmp_path, fold):
+    """A row of fold 7 used to train in every fold's run while the record named the 5-fold cycle."""
+    from tasks.data.audio import read_esc50
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "esc50.csv").write_text(f"filename,fold,target,category\na.wav,1,0,dog\nb.wav,{fold},1,cat\n")
+    with pytest.raises(ValueError, match=rf"esc50.csv, line 3: fold {fold}; the ESC-50 layout has folds 1..5"):
+        read_esc50(tmp_path)
+
+
 def test_a_clip_listed_twice_in_one_multilabel_split_is_refused(tmp_path):
     """It used to train on the clip twice without a word (only a clip in two splits was refused)."""
     from tasks.data.audio import read_multilabel
@@ -733,6 +744,8 @@ def test_an_audio_cache_folder_under_a_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
+    ("publish=../../escape", r"publish must be a plain name \(letters, digits, '.', '_', '-', not starting with '.' "
+                             r"and without '..'\), got '../../escape'"),
     ("test=maybe", r"test='maybe'; valid: auto \(only when the protocol has a test split\), true, false"),
     ("task.max_epochs=-1", r"trainer.max_epochs=-1 \(task.max_epochs: no limit on epochs\) needs trainer.max_steps >= 1"),
     ("task.max_epochs=2.5", r"trainer.max_epochs must be an integer >= -1, got 2.5"),
@@ -742,9 +755,11 @@ def test_an_audio_cache_folder_under_a_file_is_one_line(tmp_path):
 ])
 def test_run_and_trainer_options_are_checked_before_anything_runs(tmp_path, override, match):
     """test=maybe and gradient_clip_val=-1 used to run on as if valid; max_epochs=-1 / 2.5 and
-    limit_train_batches=-1 were tracebacks from Lightning or the scheduler."""
+    limit_train_batches=-1 were tracebacks from Lightning or the scheduler; a bad publish name was refused
+    only after the whole run had trained."""
     from tests.helpers import run_train
+    from zoo.hub import HubError
 
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, HubError), match=match):
         run_train(["experiment=tiny", "adapter=lora", override, f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

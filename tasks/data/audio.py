@@ -79,6 +79,9 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
                 rows.append({**r, "path": str(root / "audio" / name), "fold": int(r["fold"]), "target": int(r["target"])})
             except (ValueError, TypeError):
                 raise ValueError(f"{meta}, line {i}: fold and target must be integers, got {r['fold']!r}, {r['target']!r}") from None
+            if not 1 <= rows[-1]["fold"] <= 5:  # a 6th fold would only ever train, and the recorded protocol
+                # (split_info: the 5-fold cycle) would name another validation fold than the one used
+                raise ValueError(f"{meta}, line {i}: fold {rows[-1]['fold']}; the ESC-50 layout has folds 1..5")
             if rows[-1]["target"] < 0:
                 raise ValueError(f"{meta}, line {i}: target {rows[-1]['target']} is negative; targets are class indices 0..K-1")
     if not rows:
