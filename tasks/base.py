@@ -290,6 +290,8 @@ class ZooTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"model.{k}" for k in zoo.adapter_state_dict(self.model, export=False)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if getattr(self, "data_identity", None) is not None:  # which data (plain values): compared on resume
+            checkpoint["zoo_data"] = self.data_identity
 
 
 # ---------------------------------------------------------------------- building the model

@@ -219,6 +219,18 @@ RESUME_TASK_KEYS = ("name", "dataset", "protocol", "num_classes", "fold", "val_f
                     "heldout", "datasets", "class_names", "head", "context", "scale", "data_dir")
 
 
+# data keys that say only how the data is loaded, not which data: a resume may change them (a smaller batch to fit)
+DATA_LOADING_KEYS = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "bad_files", "persistent_workers",
+                     "pin_memory")
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The data config without its loading keys: written into every checkpoint (``zoo_data``) and compared
+    on resume, so another data root, file, generated set or split rule is named, not trained on silently."""
+    data = _plain(cfg.data) if cfg.get("data") is not None else {}
+    return {k: v for k, v in data.items() if k not in DATA_LOADING_KEYS}
+
+
 def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict], int] | None:
     """Refuse to resume from a checkpoint of another adapter/backbone config or another problem
     (task.dataset, protocol, classes...: :data:`RESUME_TASK_KEYS`), naming what differs,
@@ -243,6 +255,12 @@ def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict],
     for k in RESUME_TASK_KEYS:
         if k in task_hp and k in task_now and task_hp[k] != task_now[k]:
             diffs.append(f"task.{k}: checkpoint {task_hp[k]!r}, now {task_now[k]!r}")
+    was_data = state.get("zoo_data")  # checkpoints written before it was recorded: not compared
+    if isinstance(was_data, dict):
+        now_data = data_identity(cfg)
+        for k in sorted(set(was_data) | set(now_data)):
+            if was_data.get(k) != now_data.get(k):
+                diffs.append(f"data.{k}: checkpoint {was_data.get(k)!r}, now {now_data.get(k)!r}")
     if diffs:
         raise ValueError(f"cannot resume from {ckpt}: it was trained with another config:\n  " + "\n  ".join(diffs)
                          + "\nresume with the run's own overrides, or start a new run (without ckpt_path)")
@@ -354,6 +372,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    # a resume from a checkpoint of another config (adapter, backbone, problem, data) is refused before any
+    # data is generated or read
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir) if cfg.get("train", True) else None
+    history = check_resume(cfg, ckpt, out_dir) if ckpt else None
     check_data(cfg)  # cheap, before the task builds or downloads weights
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
@@ -379,8 +401,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info("adapter %s: %s", cfg.adapter.name, describe_params(bb_trainable, bb_params, trainable - bb_trainable))
 
     if cfg.get("train", True):
-        ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir)
-        history = check_resume(cfg, ckpt, out_dir) if ckpt else None
+        task.data_identity = data_identity(cfg)  # into each checkpoint (ZooTask.on_save_checkpoint)
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         finally:

@@ -464,6 +464,24 @@ def test_resume_with_another_adapter_config_is_refused_up_front(tmp_path):
         run_train(TINY + ["adapter.rank=4", "ckpt_path=last"], tmp_path)
 
 
+def test_resume_on_other_data_is_refused_but_another_batch_size_resumes(tmp_path):
+    """The data config was not compared: another data root (or generated set, PDE file, split rule) resumed
+    silently and mixed two trainings. Loading keys (batch size, workers, cache) may change."""
+    from tests.helpers import run_train
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"]
+    data = [f"data.root={tmp_path / 'synthetic'}"]
+    run_train(TINY + data + stop, tmp_path)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["zoo_data"]["root"] == str(tmp_path / "synthetic") and "batch_size" not in state["zoo_data"]
+    with pytest.raises(ValueError, match=rf"cannot resume from .*last\.ckpt.*\n  data\.root: checkpoint "
+                                         rf"'{re.escape(str(tmp_path / 'synthetic'))}', now '.*other'"):
+        run_train(TINY + [f"data.root={tmp_path / 'other'}", "ckpt_path=last"], tmp_path)
+    assert not (tmp_path / "other").exists()  # refused before the other data was generated or read
+    run_train(TINY + data + ["data.batch_size=32", "ckpt_path=last"], tmp_path)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # 2nd epoch
+
+
 def test_truncated_or_unsafe_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     from tasks.trainer.checkpoint_io import load_checkpoint
 
