@@ -627,7 +627,14 @@ def apply_final_overrides(cfg: DictConfig) -> DictConfig:
     bad = [o for o in ovs if not isinstance(o, str) or "=" not in o]
     if bad:
         raise ValueError(f"final_overrides: expected 'key=value' strings, got {bad}")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
+    except OmegaConfBaseException as e:  # a key the config does not have: one line naming it, not OmegaConf's three
+        key = getattr(e, "full_key", None) or "?"
+        raise ValueError(f"final_overrides={ovs}: {key!r} is not a key of the composed config "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -746,6 +746,8 @@ def test_an_audio_cache_folder_under_a_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("publish=../../escape", r"publish must be a plain name \(letters, digits, '.', '_', '-', not starting with '.' "
                              r"and without '..'\), got '../../escape'"),
+    ('final_overrides=["task.nothere=1"]', r"final_overrides=\['task.nothere=1'\]: 'task.nothere' is not a key of the "
+                                           r"composed config \(Key 'nothere' is not in struct\)$"),
     ("test=maybe", r"test='maybe'; valid: auto \(only when the protocol has a test split\), true, false"),
     ("task.max_epochs=-1", r"trainer.max_epochs=-1 \(task.max_epochs: no limit on epochs\) needs trainer.max_steps >= 1"),
     ("task.max_epochs=2.5", r"trainer.max_epochs must be an integer >= -1, got 2.5"),
