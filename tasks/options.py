@@ -50,7 +50,9 @@ SCHEDULER = {"warmup_epochs": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "cosine_epoc
              "warmup_lr_init": Real(0.0, optional=True),
              # poly (segmentation, SAMed) and plateau (PDE, MORPH's ReduceLROnPlateau) schedules
              "warmup_iters": Int(0), "power": POSITIVE, "factor": Real(0.0, 1.0, lo_open=True, hi_open=True),
-             "patience": Int(0)}
+             "patience": Int(0),
+             # multistep (AST): decay by gamma every `every` epochs from start_epoch on
+             "start_epoch": Int(0), "every": Int(1), "gamma": Real(0.0, lo_open=True)}
 # captioning's decoding (task.generation; open_clip's CoCa.generate): beams, sampling and lengths
 GENERATION = {"seq_len": Int(1), "min_seq_len": Int(0), "num_beams": Int(1), "num_beam_groups": Int(1), "top_k": Int(1),
               "top_p": Real(0.0, 1.0, lo_open=True), "temperature": POSITIVE, "repetition_penalty": POSITIVE}
