@@ -89,33 +89,31 @@ PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of o
 
 
 def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree).
-
-    An evaluate-only run (``selection`` ``none``: a "no fine-tuning" / zero-shot baseline that trains
-    nothing) selected no checkpoint, so its selection cannot make it unlike the trained runs beside it: it
-    joins the group that agrees with it on everything else (splits, metric, normalisation)."""
+    """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
     from tasks.protocol import EVALUATE_ONLY, comparable_key
 
-    def key(m, ignore=PER_DATASET):  # files written before the record (no protocol dict) stay together
-        return comparable_key(m, ignore=ignore) if isinstance(m.get("protocol"), dict) else ("not recorded",)
-
-    def evaluate_only(m):
-        p = m.get("protocol")
-        return isinstance(p, dict) and p.get("selection") == EVALUATE_ONLY
-
-    loose = PER_DATASET + ("selection",)
-    homes: dict[tuple, set[tuple]] = {}  # protocol without its selection -> the trained runs' full protocols
-    for m in rows:
-        if not evaluate_only(m):
-            homes.setdefault(key(m, loose), set()).add(key(m))
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for m in rows:
-        home = homes.get(key(m, loose), set()) if evaluate_only(m) else set()
-        # joins only an unambiguous home (trained runs that selected in two ways stay apart from it)
-        groups.setdefault(next(iter(home)) if len(home) == 1 else key(m), []).append(m)
+    frozen: list[dict[str, Any]] = []
+    for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
+        p = m.get("protocol")
+        if isinstance(p, dict) and p.get("selection") == EVALUATE_ONLY:
+            frozen.append(m)
+            continue
+        key = comparable_key(m, ignore=PER_DATASET) if isinstance(p, dict) else ("not recorded",)
+        groups.setdefault(key, []).append(m)
+    # An evaluate-only run (a demo's zero-shot / no-fine-tuning row) selects nothing, so it is comparable with
+    # trained runs whose record agrees but for the selection: it joins each such table (its own otherwise)
+    without_selection = {key: comparable_key(rs[0], ignore=PER_DATASET + ("selection",)) for key, rs in groups.items()}
+    for m in frozen:
+        k = comparable_key(m, ignore=PER_DATASET + ("selection",))
+        homes = [key for key, ks in without_selection.items() if ks == k]
+        for key in homes or [("evaluate-only",) + k]:
+            groups.setdefault(key, []).append(m)
+    order, frozen_ids = {id(m): i for i, m in enumerate(rows)}, {id(m) for m in frozen}
     out = []
     for rs in groups.values():
-        p = next((r.get("protocol") for r in rs if not evaluate_only(r)), rs[0].get("protocol"))
+        rs.sort(key=lambda m: order[id(m)])  # the runs' own order (a joined evaluate-only run is not moved to the end)
+        p = next((m for m in rs if id(m) not in frozen_ids), rs[0]).get("protocol")  # a trained run's selection heads it
         desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
                 if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
         out.append((desc, rs))

@@ -158,32 +158,23 @@ def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
     assert "beyond the noise" not in caption(rows, "linear").replace("does NOT beat", "")
 
 
-def test_an_evaluate_only_baseline_is_compared_with_the_trained_rows(tmp_path):
-    """Bug caught: the "no fine-tuning" row (train=false, selection "none") was put under another protocol than
-    the trained rows (selection "val" or "last"), so restore_quickstart's caption said "Only the baseline row
-    ran: nothing to compare" and printed two tables. It selected nothing, so its selection cannot differ."""
-    rows = write_runs(tmp_path, {"no fine-tuning": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54],
-                                 "full": [0.60, 0.61, 0.62]})
-    splits = {"train": {"name": "t", "size": 16}, "val": {"name": "t (held out)", "size": 16},
-              "test": {"name": "test", "size": 64}}
+def test_an_evaluate_only_baseline_is_in_the_table_of_the_trained_rows(tmp_path):
+    """Bug caught: the zero-shot / no-fine-tuning row (train=false, recorded selection "none") was put in a table of
+    its own, so the demo printed two tables and the caption "Only the baseline row ran: nothing to compare"."""
+    rows = write_runs(tmp_path, {"zero-shot": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54], "other": [0.5, 0.5, 0.5]})
     for m in rows:
-        m["protocol"] = {"name": "final", "splits": splits, "val_overlaps_test": False, "metric": "psnr",
-                         "selection": "none" if m["label"] == "no fine-tuning" else "val"}
-    text = caption(rows, "no fine-tuning")
-    assert "not compared" not in text and "Only the baseline" not in text
-    assert "Best row full" in text and "lora vs no fine-tuning" in text
+        norm = "imagenet" if m["label"] == "other" else "backbone"  # another normalisation: another protocol
+        m["protocol"] = {"name": "p", "selection": "none" if m["label"] == "zero-shot" else "last",
+                         "val_overlaps_test": False, "normalisation": norm}
     md = markdown(rows)
-    assert "**protocol**" not in md and "| no fine-tuning |" in md  # one table
-    # but a baseline measured differently (another test split, another metric) stays apart
-    for m in rows:
-        if m["label"] == "no fine-tuning":
-            m["protocol"] = {**m["protocol"], "metric": "psnr-y"}
-    assert "(not compared, made under another protocol than the baseline" in caption(rows, "lora")
-    assert markdown(rows).count("**protocol**") == 2
-    # and with trained rows that selected in two ways, it joins neither (ambiguous)
-    for m in rows:
-        if m["label"] == "no fine-tuning":
-            m["protocol"] = {**m["protocol"], "metric": "psnr"}
-        if m["label"] == "full":
-            m["protocol"] = {**m["protocol"], "selection": "last"}
-    assert markdown(rows).count("**protocol**") == 3
+    tables = md.split("**protocol**:")[1:]
+    assert len(tables) == 2
+    main = next(t for t in tables if '"backbone"' in t.splitlines()[0])
+    assert 'selection="last"' in main.splitlines()[0]  # headed by the trained runs' selection
+    assert "| zero-shot | d | 3 |" in main and "| lora | d | 3 |" in main and "| other |" not in main
+    text = caption(rows, "zero-shot")
+    assert "Best row lora: 55.0 ± 1.0 vs baseline zero-shot: 40.0 ± 0.0, 15.0 points better" in text
+    assert text.splitlines()[-1] == "(not compared, made under another protocol than the baseline: other)"
+    # alone (no trained run shares its record), an evaluate-only run keeps a table of its own
+    alone = [m for m in rows if m["label"] != "lora"]
+    assert len(markdown(alone).split("**protocol**:")[1:]) == 2
