@@ -508,11 +508,12 @@ class MultiAdapter(nn.Module):
         if not artifacts:
             raise ValueError("MultiAdapter.from_artifacts needs at least one artifact")
         first = next(iter(artifacts.values()))
-        meta = read_adapter_config(resolve(first)) if not isinstance(first, nn.Module) else None
-        if meta is None:
+        if isinstance(first, nn.Module):
             raise TypeError("from_artifacts takes artifact folders or zoo names; pass models to MultiAdapter(backbone, ...)")
-        # as zoo.from_zoo builds it: the recorded base-weights file, or the run's seed for random weights
-        return cls(artifact_backbone(meta, weights), artifacts, tasks, check_fingerprint)
+        folder = resolve(first)
+        meta = read_adapter_config(folder)
+        # as zoo.from_zoo builds it: the recorded base-weights file (a local run's), or the run's seed for random weights
+        return cls(artifact_backbone(meta, folder, weights), artifacts, tasks, check_fingerprint)
 
     def _load(self, name: str, spec: Any, task: int | None) -> _Entry:
         import zoo

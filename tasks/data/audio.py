@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
-from tasks.data.reading import read_text
+from zoo.reading import read_text
 from tasks.data.staging import staging_dir
 from tasks.options import LOADER, FRACTION, Int, Real, check_options
 from tasks.protocol import overlaps

@@ -127,7 +127,7 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     _atomic_write_text(out / "README.md", model_card(name, entry, meta))
     entry["files"] = [_file_entry(out / fn, _sources_for(out / fn, reg, url_base, hf_repo, hf_subfolder))
                       for fn in (WEIGHTS_NAME, CONFIG_NAME, "README.md")]
-    base = _publish_base(meta, name, out, reg, url_base=url_base, hf_repo=hf_repo, hf_subfolder=hf_subfolder,
+    base = _publish_base(meta, art, name, out, reg, url_base=url_base, hf_repo=hf_repo, hf_subfolder=hf_subfolder,
                          licence=licence)
     if base is not None:
         entry["base_entry"] = base
@@ -179,7 +179,7 @@ def _keep_previous(registry: Path, name: str, out: Path) -> Path | None:
     return keep
 
 
-def _publish_base(meta: dict[str, Any], name: str, out: Path, reg: Path | None, **where: Any) -> str | None:
+def _publish_base(meta: dict[str, Any], art: Path, name: str, out: Path, reg: Path | None, **where: Any) -> str | None:
     """Local base weights (a ``file:`` tag) travel with the adapter: unless a zoo backbone entry already
     provides them, the file the run read (``adapter.json``'s ``base_weights``) is copied to ``out/base/``
     and registered as the backbone entry ``<name>-base``, which ``from_zoo`` then finds by fingerprint."""
@@ -193,7 +193,7 @@ def _publish_base(meta: dict[str, Any], name: str, out: Path, reg: Path | None, 
         return find_backbone_entry(spec).name
     except EntryNotFoundError:
         pass
-    path = recorded_weights(meta.get("base_weights"))
+    path = recorded_weights(meta.get("base_weights"), art)  # a downloaded artifact's record is not followed
     if path is None:  # nothing to copy: from_zoo will need weights= (its error says so)
         return None
     base_name = f"{name}-base"
