@@ -266,3 +266,213 @@ def test_a_downloaded_artifacts_base_weights_path_is_never_read(isolated, tmp_pa
 
     assert recorded_weights({"path": str(secret)}, cached) is None
     assert recorded_weights({"path": str(secret)}, art) == secret
+
+
+# ---------------------------------------------------------------------------- found by the re-probe
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["methods"][0].update(name="nope"), r"methods\[0\]: unknown adapter 'nope'; valid adapters: "),
+    (lambda m: m["methods"][0]["config"].update(bogus=1), r"methods\[0\]: adapter 'lora' got unknown option\(s\) \['bogus'\]"),
+    (lambda m: m["methods"][0]["config"].update(rank=0), r"methods\[0\]: adapter 'lora': rank must be"),
+    (lambda m: m["backbone"].update(family="nope"), r"backbone: unknown backbone 'nope'; valid backbones: "),
+    (lambda m: m["head"].update(type="nope"), r"head: unknown head type 'nope'; valid head types: "),
+    (lambda m: m["head"].pop("num_classes"), r"head: the record .* has no key 'num_classes'"),
+])
+@pytest.mark.parametrize("loader", ["from_zoo", "MultiAdapter.from_artifacts"])
+def test_what_the_record_names_is_built_with_one_line_naming_file_and_key(tmp_path, edit, match, loader):
+    """An unknown method / backbone / head or a bad option used to be a KeyError or TypeError (a stack trace
+    from python -m zoo predict, which reports ValueErrors)."""
+    art = classifier_artifact(tmp_path)
+    edit_meta(art, edit)
+    with pytest.raises(AdapterMismatchError, match=rf"{art / 'adapter.json'}: {match}"):
+        _loaders()[loader](art)
+
+
+def test_the_command_line_reports_a_bad_record_in_one_line(tmp_path, capsys):
+    from zoo.__main__ import main
+
+    art = edit_meta_and_return(classifier_artifact(tmp_path), lambda m: m["methods"][0]["config"].update(bogus=1))
+    img_file = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img_file)
+    assert main(["predict", str(art), str(img_file), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "methods[0]" in err and "bogus" in err
+
+
+def test_the_command_line_reports_an_unusable_weights_file_in_one_line(tmp_path, capsys):
+    from zoo.__main__ import main
+
+    art = classifier_artifact(tmp_path)
+    junk = tmp_path / "base.pt"
+    junk.write_text("not weights")
+    img_file = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img_file)
+    assert main(["predict", str(art), str(img_file), "--weights", str(junk), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and str(junk) in err  # was a WeightsUnavailableError trace
+
+
+def edit_meta_and_return(art: Path, fn) -> Path:
+    edit_meta(art, fn)
+    return art
+
+
+@pytest.mark.parametrize("batch_size", [0, -3])
+@pytest.mark.parametrize("many", [False, True])
+def test_predict_refuses_a_batch_size_below_one(tmp_path, batch_size, many):
+    """0 was 'range() arg 3 must not be zero'; -3 wrote an empty predictions.csv and exited 0."""
+    from zoo.predict import predict, predict_many
+
+    art = classifier_artifact(tmp_path)
+    img_file = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img_file)
+    with pytest.raises(PredictError, match=r"--batch-size must be an integer >= 1"):
+        if many:
+            predict_many({"a": str(art)}, tmp_path / "o", paths=[img_file], route="all", batch_size=batch_size)
+        else:
+            predict(art, [img_file], tmp_path / "o", batch_size=batch_size)
+    assert not (tmp_path / "o" / "predictions.csv").exists()
+
+
+def test_predict_refuses_non_finite_outputs_instead_of_labelling_them(tmp_path):
+    """A NaN row used to become class 0 with score nan."""
+    from zoo.predict import load_predictor
+
+    art = classifier_artifact(tmp_path)
+    pred = load_predictor(art)
+    pred.model.forward = lambda x: torch.full((x.shape[0], 3), float("nan"))
+    img_file = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img_file)
+    with pytest.raises(PredictError, match=r"x\.png: the model of .* gave non-finite outputs"):
+        pred.predict([img_file])
+
+
+def test_an_artifact_with_overflowing_values_is_refused(tmp_path):
+    """1e30 is finite, but the first matrix product overflows: the model could only output NaN."""
+    from zoo.checkpoint import _sha256
+
+    art = classifier_artifact(tmp_path)
+    state = load_file(str(art / "adapter.safetensors"))
+    key = sorted(state)[0]
+    state[key] = torch.full_like(state[key], 1e30)
+    save_file(state, str(art / "adapter.safetensors"))
+    edit_meta(art, lambda m: m.update(weights_sha256=_sha256(art / "adapter.safetensors")))
+    with pytest.raises(ValueError, match=rf"adapter\.safetensors: 1 tensor\(s\) hold values beyond ±1e\+15, e\.g\. \['{key}'\]"):
+        zoo.from_zoo(str(art))
+
+
+@pytest.mark.parametrize("content, match", [("{broken", "is not valid JSON"), ("[1, 2]", "must hold a JSON object")])
+def test_publish_names_a_malformed_metrics_json(isolated, tmp_path, content, match):  # noqa: F811
+    art = classifier_artifact(tmp_path, "run/adapter")
+    (art.parent / "metrics.json").write_text(content)
+    with pytest.raises(hub.RegistryError, match=rf"{art.parent / 'metrics.json'}: the run's metrics file {match}"):
+        hub.publish_run(art.parent, "x", registry=None, out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("content, match", [("{broken registry", "is not valid JSON"),
+                                            ('{"format": 1, "entries": []}', "'entries' must be an object")])
+def test_publish_names_a_broken_registry_file_and_leaves_it(isolated, tmp_path, content, match):  # noqa: F811
+    art = classifier_artifact(tmp_path, "run/adapter")
+    reg = tmp_path / "reg.json"
+    reg.write_text(content)
+    with pytest.raises(hub.RegistryError, match=rf"{reg}: .*{match}"):
+        hub.publish_run(art.parent, "x", registry=reg, out_dir=tmp_path / "out")
+    assert reg.read_text() == content
+
+
+def test_publish_copies_no_base_file_it_has_not_checked(isolated, tmp_path):  # noqa: F811
+    """A run's recorded base_weights.path used to be copied into the (served) publish folder before it was
+    read as weights: /etc/passwd landed in out/base/. Now the file is checked first, its fingerprint too."""
+    from zoo.backbones import WeightsUnavailableError
+
+    junk = tmp_path / "private" / "notes.txt"
+    junk.parent.mkdir()
+    junk.write_text("private")
+    torch.manual_seed(7)
+    other = tiny_vit()
+    other_file = tmp_path / "private" / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(other_file))
+    for base, err, match in ((junk, WeightsUnavailableError, "notes.txt"),
+                             (other_file, ValueError, "are not the base weights the adapter was trained on")):
+        art = classifier_artifact(tmp_path, f"run_{base.stem}/adapter",
+                                  base_weights={"path": str(base), "config": "vit_local"})
+        edit_meta(art, lambda m: m["backbone"].update(weights_tag=f"file:{base.name}"))
+        out = tmp_path / f"out_{base.stem}"
+        with pytest.raises(err, match=match):
+            hub.publish_run(art.parent, "x", registry=None, out_dir=out)
+        assert not (out / "base").exists() or not any((out / "base").iterdir())
+
+
+def test_a_network_registry_cannot_name_files_on_this_machine(isolated, tmp_path):  # noqa: F811
+    import hashlib
+
+    from zoo.hub.registry import Entry
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"s3cret")
+    sha = hashlib.sha256(b"s3cret").hexdigest()
+    for source in ({"path": str(secret)}, {"url": secret.as_uri()}):
+        files = [{"name": n, "sha256": sha, "size": 6, "sources": [source]} for n in ("adapter.json", "adapter.safetensors")]
+        e = Entry.from_dict("leak", {"kind": "adapter", "backbone": {"family": "vit", "model": "m"}, "files": files},
+                            origin="https://example.org/registry.json")
+        with pytest.raises(hub.RegistryError, match=r"is a file on this machine; a registry read over the network"):
+            hub.download(e)
+        assert not any((hub.cache_dir() / "entries").rglob("adapter.json"))
+
+
+def test_a_failed_fetch_is_one_line(isolated, tmp_path):  # noqa: F811
+    from zoo.hub.registry import Entry
+
+    files = [{"name": n, "sha256": "0" * 64, "size": 1, "sources": [{"path": str(tmp_path / "a")}, {"path": str(tmp_path / "b")}]}
+             for n in ("adapter.json", "adapter.safetensors")]
+    e = Entry.from_dict("gone", {"kind": "adapter", "backbone": {"family": "vit", "model": "m"}, "files": files},
+                        origin=str(tmp_path / "reg.json"))
+    with pytest.raises(hub.DownloadError) as info:
+        hub.download(e)
+    assert "\n" not in str(info.value) and str(tmp_path / "a") in str(info.value) and str(tmp_path / "b") in str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [("lora_alpha", "big"), ("lora_dropout", 2), ("r", 0), ("use_rslora", "yes"),
+                                        ("alpha_pattern", {"x": -1})])
+@pytest.mark.parametrize("with_meta", [True, False])
+def test_load_peft_checks_the_numbers_of_adapter_config(tmp_path, key, value, with_meta):
+    """With zoo_export.json a malformed lora_alpha was ignored without a word; without it, a TypeError."""
+    out, _ = peft_export(tmp_path)
+    if not with_meta:
+        (out / "zoo_export.json").unlink()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg[key] = value
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=rf"adapter_config\.json: {key} must (be|map)"):
+        load_peft(fresh(), out)
+
+
+def _folder(root: Path, classes, n=3, start=0) -> Path:
+    for c in classes:
+        for i in range(start, start + n):
+            d = root / c
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), (10 * i + sum(map(ord, c))) % 256, np.uint8)).save(d / f"{c}{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["flat", "train"])
+def test_an_image_folder_with_one_class_is_refused(tmp_path, layout):
+    from tasks.data.imagefolder_scan import read_imagefolder
+
+    root = _folder(tmp_path / "data" / ("train" if layout == "train" else ""), ["cat"]).parent if layout == "train" \
+        else _folder(tmp_path / "data", ["cat"])
+    with pytest.raises(ValueError, match=r": 1 class \(cat\); a classifier needs at least two classes"):
+        read_imagefolder(tmp_path / "data")
+    assert root
+
+
+def test_an_image_folder_with_the_same_image_in_train_and_val_is_refused(tmp_path):
+    from tasks.data.imagefolder_scan import read_imagefolder
+    from zoo.reading import DataFileError
+
+    _folder(tmp_path / "data" / "train", ["cat", "dog"])
+    _folder(tmp_path / "data" / "val", ["cat", "dog"], n=1, start=5)
+    read_imagefolder(tmp_path / "data")  # distinct images: fine
+    shutil.copy(tmp_path / "data" / "train" / "dog" / "dog2.png", tmp_path / "data" / "val" / "dog" / "copy.png")
+    with pytest.raises(DataFileError, match=r"1 val file\(s\) are byte-identical to train files \(e\.g\. .*copy\.png = .*dog2\.png\)"):
+        read_imagefolder(tmp_path / "data")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from zoo.io import atomic_path, check_finite, safetensors_bytes
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
 FORMAT_VERSION = 1
+MAX_VALUE = 1e15  # no trained adapter tensor comes near it (zoo.io.check_finite)
 
 
 class AdapterMismatchError(ValueError):
@@ -163,6 +165,23 @@ def check_data_only(node: Any, where: Any, key: str = "", allowed_targets: dict[
                                   f"'${{...}}' interpolations are not resolved from it")
 
 
+@contextmanager
+def recorded_key(where: Any, key: str):
+    """Building what ``key`` of an artifact's record names (a method, the backbone, the head): an unknown
+    name, an unknown or invalid option becomes one :class:`AdapterMismatchError` naming the file and the key
+    (an ``UnknownNameError`` is a ``KeyError`` and a bad option a ``TypeError``, which the command lines would
+    print as a stack trace)."""
+    from zoo.registry import UnknownNameError
+
+    try:
+        yield
+    except AdapterMismatchError:
+        raise
+    except (UnknownNameError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise AdapterMismatchError(f"{where}: {key}: {msg}") from None
+
+
 def _short(v: Any) -> str:
     r = repr(v)
     return r if len(r) <= 80 else r[:77] + "..."
@@ -279,7 +298,7 @@ def read_adapter_weights(path: str | os.PathLike, meta: dict[str, Any], allow_un
         state = load_file(str(weights))
     except Exception as e:  # truncated / not a safetensors file
         raise AdapterMismatchError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    check_finite(state, weights)
+    check_finite(state, weights, limit=MAX_VALUE)
     return state
 
 
@@ -334,8 +353,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
     snap = ModelState(model)
     try:
         if not attached:
-            for m in methods:
-                apply_adapter(model, m["name"], **(m.get("config") or {}))
+            for i, m in enumerate(methods):
+                with recorded_key(path / CONFIG_NAME, f"methods[{i}]"):
+                    apply_adapter(model, m["name"], **(m.get("config") or {}))
         for a in adapters_of(model):
             state = a.import_state(state)
         own = adapter_state_dict(model, export=False)

@@ -517,9 +517,9 @@ class MultiAdapter(nn.Module):
 
     def _load(self, name: str, spec: Any, task: int | None) -> _Entry:
         import zoo
-        from zoo.checkpoint import read_adapter_config
-        from zoo.heads import build_head_model
+        from zoo.checkpoint import CONFIG_NAME, read_adapter_config, recorded_key
         from zoo.hub import resolve
+        from zoo.hub.load import artifact_head_model
 
         with contextlib.ExitStack() as stack:
             if isinstance(spec, nn.Module):  # an adapted model: through a temporary artifact (the same checks)
@@ -535,10 +535,11 @@ class MultiAdapter(nn.Module):
             if self.check_fingerprint:
                 _one_line_fingerprint(name, meta.get("backbone", {}), self.base)
             bb = share_copy(self.base)
-            model = build_head_model(bb, meta.get("head"))
+            model = artifact_head_model(bb, meta, folder)
             shared = {id(p) for p in self.base.parameters()}
-            for m in meta["methods"]:
-                zoo.apply_adapter(model, m["name"], **(m.get("config") or {}))
+            for i, m in enumerate(meta["methods"]):
+                with recorded_key(folder / CONFIG_NAME, f"methods[{i}]"):
+                    zoo.apply_adapter(model, m["name"], **(m.get("config") or {}))
             trains_base = self._unshare_trained(bb, shared)
             zoo.load_adapter(model, folder, check_fingerprint=self.check_fingerprint)
         model.eval()

@@ -111,6 +111,7 @@ class Predictor:
     def predict(self, files: Sequence[str | os.PathLike], out_dir: Path | None = None, batch_size: int = 16
                 ) -> list[Prediction]:
         files = [str(f) for f in files]
+        check_batch_size(batch_size)
         if self.kind in MASK_KINDS:
             if out_dir is None:
                 raise PredictError("segmentation predictions are mask PNGs: give an output folder")
@@ -146,6 +147,9 @@ class Predictor:
         return load
 
     def _row(self, file: str, logits: torch.Tensor) -> Prediction:
+        if not bool(torch.isfinite(logits).all()):  # a NaN row would read as class 0 with score nan
+            raise PredictError(f"{file}: the model of {self.name} gave non-finite outputs ({logits.tolist()[:4]}); "
+                               "its tensors overflow (check the artifact) or the input holds NaN/inf")
         if self.kind == "audio_multilabel":
             p = logits.sigmoid()
             on = [self.label_of(int(i)) for i in torch.nonzero(p >= 0.5).flatten()]
@@ -178,6 +182,11 @@ class Predictor:
         dest = out_dir / "masks" / f"{Path(file).stem}.png"
         save_mask_png(dest, labels)
         return Prediction(file, str(dest), float((labels > 0).mean()), self.name)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PredictError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
 
 
 def _read_image(path: str, pil: bool):
@@ -393,8 +402,7 @@ def predict_many(adapters: Mapping[str, str | os.PathLike], out_dir: str | os.Pa
     from zoo.io import atomic_write_text
     from zoo.multi_adapter import MultiAdapter
 
-    if batch_size < 1:
-        raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     described = {n: load_predictor(a, build=False, name=n) for n, a in adapters.items()}
     preds = list(described.values())
     check_shared_inputs(preds)

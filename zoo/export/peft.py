@@ -452,6 +452,7 @@ def _read_json_object(file: Path) -> dict[str, Any]:
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     """A peft / zoo-head safetensors file: floating-point tensors, all finite (half precision is fine: it
     widens exactly; :func:`_check_dtypes` refuses what the model would narrow)."""
+    from zoo.checkpoint import MAX_VALUE
     from zoo.io import check_finite
 
     try:
@@ -463,7 +464,7 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"{file}: {len(ints)} tensor(s) are not floating point, e.g. {ints[:3]}; LoRA factors and "
                           "head weights are floats")
     try:
-        check_finite(state, file)
+        check_finite(state, file, limit=MAX_VALUE)
     except ValueError as e:
         raise ExportError(str(e)) from None
     return state
@@ -502,12 +503,28 @@ def _check_zoo_meta(meta: dict[str, Any], file: Path) -> None:
         raise ExportError(f"{file}: load_as names {load_as['name']!r} but the recorded methods are {names}")
 
 
-def _check_config(cfg: dict[str, Any], family: str) -> None:
+def _check_config(cfg: dict[str, Any], family: str, where: Any = CONFIG) -> None:
+    import numbers
+
+    def number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
     if cfg.get("peft_type") != "LORA":
         raise ExportError(f"peft method {cfg.get('peft_type')!r} has no zoo counterpart here; load_peft reads LoRA adapters")
     for k, ok in UNSUPPORTED.items():
         if cfg.get(k) not in (ok, None, [], {}):
             raise ExportError(f"peft option {k}={cfg[k]!r} has no zoo LoRA counterpart")
+    # the options the zoo config is derived from (or that peft would read): numbers of the right range
+    for key, ok, want in (("r", lambda v: number(v) and v >= 1 and int(v) == v, "an integer >= 1"),
+                          ("lora_alpha", lambda v: number(v) and v > 0, "a finite number > 0"),
+                          ("lora_dropout", lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+                          ("use_rslora", lambda v: isinstance(v, bool), "true or false")):
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            raise ExportError(f"{where}: {key} must be {want}, got {cfg[key]!r}")
+    for key, ok in (("rank_pattern", lambda v: number(v) and v >= 1), ("alpha_pattern", lambda v: number(v) and v > 0)):
+        pat = cfg.get(key)
+        if pat is not None and (not isinstance(pat, dict) or not all(ok(v) for v in pat.values())):
+            raise ExportError(f"{where}: {key} must map module patterns to positive numbers, got {pat!r}")
     cls = (cfg.get("auto_mapping") or {}).get("base_model_class")
     if cls and cls not in BASE_CLASSES[family]:
         raise ExportError(f"the adapter was made for a {cls}, this model's base is a {' / '.join(BASE_CLASSES[family])} "
@@ -543,7 +560,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
     bb = find_backbone(model)
     family = check_family(bb)
     cfg, tensors, meta = read_peft(path)
-    _check_config(cfg, family)
+    _check_config(cfg, family, Path(path) / CONFIG)
     if bb.adapters:
         raise ExportError(f"the model already has adapters {[a.name for a in bb.adapters]}; load a peft adapter into a plain model")
     _check_dtypes(Path(path) / WEIGHTS, tensors, next(bb.parameters()).dtype)

@@ -116,14 +116,31 @@ def build_backbone(spec: dict[str, Any], weights: str | os.PathLike | None = Non
 def artifact_backbone(meta: dict[str, Any], folder: str | os.PathLike, weights: str | os.PathLike | None = None):
     """The base backbone the artifact at ``folder`` (its record ``meta``) was trained on: :func:`build_backbone`
     with the recorded base-weights file (a local run's only), and randomly initialised weights rebuilt from the
-    run's seed."""
-    if meta["backbone"].get("weights_tag") is None and meta.get("seed") is not None and weights is None:
-        import torch
+    run's seed. An unknown family or build option is one line naming ``adapter.json`` and ``backbone``."""
+    from zoo.checkpoint import CONFIG_NAME, recorded_key
 
-        with torch.random.fork_rng(devices=[]):  # randomly initialised base weights: the run's seed rebuilds them
-            torch.manual_seed(int(meta["seed"]))
-            return build_backbone(meta["backbone"], weights, meta.get("base_weights"), folder)
-    return build_backbone(meta["backbone"], weights, meta.get("base_weights"), folder)
+    with recorded_key(Path(folder) / CONFIG_NAME, "backbone"):
+        if meta["backbone"].get("weights_tag") is None and meta.get("seed") is not None and weights is None:
+            import torch
+
+            with torch.random.fork_rng(devices=[]):  # randomly initialised base weights: the run's seed rebuilds them
+                torch.manual_seed(int(meta["seed"]))
+                return build_backbone(meta["backbone"], weights, meta.get("base_weights"), folder)
+        return build_backbone(meta["backbone"], weights, meta.get("base_weights"), folder)
+
+
+def artifact_head_model(bb, meta: dict[str, Any], folder: str | os.PathLike):
+    """``bb`` inside the head the artifact records (:func:`zoo.heads.build_head_model`); an unknown head type or
+    a missing key is one line naming ``adapter.json`` and ``head``."""
+    from zoo.checkpoint import CONFIG_NAME, AdapterMismatchError, recorded_key
+    from zoo.heads import build_head_model
+
+    try:
+        with recorded_key(Path(folder) / CONFIG_NAME, "head"):
+            return build_head_model(bb, meta.get("head"))
+    except KeyError as e:  # from_spec reading a key the record lacks
+        raise AdapterMismatchError(f"{Path(folder) / CONFIG_NAME}: head: the record {meta.get('head')} has no key "
+                                   f"{e.args[0]!r}") from None
 
 
 def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerprint: bool = True):
@@ -134,7 +151,6 @@ def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerpr
     """
     import zoo  # noqa: F401
     from zoo.checkpoint import read_adapter_config
-    from zoo.heads import build_head_model
 
     s = str(name)
     local = Path(s).expanduser()
@@ -148,9 +164,6 @@ def from_zoo(name: str, weights: str | os.PathLike | None = None, check_fingerpr
         folder = download(entry)
     meta = read_adapter_config(folder)
     bb = artifact_backbone(meta, folder, weights)
-    try:
-        model = build_head_model(bb, meta.get("head"))  # the head the task kind recorded
-    except KeyError as e:
-        raise HubError(f"{name}: {e}") from None
+    model = artifact_head_model(bb, meta, folder)  # the head the task kind recorded
     zoo.load_adapter(model, folder, check_fingerprint=check_fingerprint)
     return model.eval()
