@@ -476,3 +476,28 @@ def test_an_image_folder_with_the_same_image_in_train_and_val_is_refused(tmp_pat
     shutil.copy(tmp_path / "data" / "train" / "dog" / "dog2.png", tmp_path / "data" / "val" / "dog" / "copy.png")
     with pytest.raises(DataFileError, match=r"1 val file\(s\) are byte-identical to train files \(e\.g\. .*copy\.png = .*dog2\.png\)"):
         read_imagefolder(tmp_path / "data")
+
+
+@pytest.mark.parametrize("fmt", ["peft", "merged"])
+def test_an_export_that_fails_mid_write_leaves_the_previous_files_whole(tmp_path, monkeypatch, fmt):
+    """Exports wrote their files in place: a full disk mid-write left a truncated file. Now every file goes
+    through zoo.io.atomic_path."""
+    import errno
+
+    from zoo.export import export_merged
+
+    _, model = peft_export(tmp_path / "first")
+    export = export_peft if fmt == "peft" else export_merged
+    out = export(model.eval(), tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = Path.write_bytes
+
+    def half_then_full(self, data):
+        real(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        export(model, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing truncated, no temp file left
