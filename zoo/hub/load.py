@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.hub.fetch import download
-from zoo.hub.registry import ZOO_PREFIX, Entry, EntryNotFoundError, HubError, cache_dir, entries, get_entry
+from zoo.hub.registry import ZOO_PREFIX, Entry, EntryNotFoundError, cache_dir, entries, get_entry
 
 
 def resolve(spec: str | os.PathLike) -> Path:
