@@ -206,8 +206,10 @@ class ZooTask(L.LightningModule):
             raise NonFiniteLossError(
                 f"the training loss became {float(loss.detach().float().mean())} at step {self.global_step} (epoch "
                 f"{self.current_epoch}): most likely the learning rate is too high for this "
-                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; the last good "
-                f"checkpoint is kept in the run's checkpoints/ folder and nothing was saved or published")
+                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; "
+                + ("the last good checkpoint is kept in the run's checkpoints/ folder" if self.current_epoch
+                   else "no epoch had finished, so no checkpoint was written")
+                + " and nothing was saved or published")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         zoo.before_optimizer_step(self.model)
@@ -309,6 +311,8 @@ class ZooTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"model.{k}" for k in zoo.adapter_state_dict(self.model, export=False)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if getattr(self, "data_identity", None) is not None:  # which data (plain values): compared on resume
+            checkpoint["zoo_data"] = self.data_identity
 
 
 # ---------------------------------------------------------------------- building the model

@@ -30,7 +30,7 @@ import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.pde import (DATASET_NORMS, REVIN, Trajectories, WindowDataset, dataset_norm_stats, read_norm_stats,
                             revin_denorm, split_indices)
-from tasks.options import Int, check_options
+from tasks.options import SCHEDULER, Int, check_options
 from tasks.data.sampling import make_loader
 from tasks.metrics.pde import MAXED, METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
 from zoo.heads import BackboneOutput
@@ -60,16 +60,18 @@ class PDEForecastTask(ZooTask):
                  monitor_mode: str | None = None, output_dir: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, {"weight_decay": 0.0, **(optimizer or {})}, None, monitor, monitor_mode, **meta)
         self.save_hyperparameters()
+        sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0, **(scheduler or {})}
+        sched_cfg.update(check_options("task.scheduler", sched_cfg, SCHEDULER))  # before the model is built
+        horizon = parse_horizon(rollout_horizon)
         bb = create_backbone(backbone)
         if not hasattr(bb, "forward_all"):
             raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), "
                              f"not {backbone.get('name')!r}")
         self.model = attach_adapter(BackboneOutput(bb), adapter)
-        self.context, self.horizon = int(context), parse_horizon(rollout_horizon)
+        self.context, self.horizon = int(context), horizon
         if self.context > bb.cfg.max_ar:
             raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={bb.cfg.max_ar}")
-        self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0,
-                          **(scheduler or {})}
+        self.sched_cfg = sched_cfg
         self.output_dir = output_dir
         self._metrics: dict[str, RolloutMetrics] = {}
         self.last_tables: dict[str, dict] = {}
@@ -222,9 +224,13 @@ def parse_horizon(value) -> int | None:
     """``task.rollout_horizon``: a number of steps, or ``full`` (null) for the rest of each trajectory."""
     if value in (None, "full"):
         return None
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    try:
+        steps = None if isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        steps = None
+    if steps is None or steps != value or steps < 1:
         raise ValueError(f"task.rollout_horizon={value!r}: a number of steps >= 1, or full (to the trajectory's end)")
-    return int(value)
+    return steps
 
 
 def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: list[str] | None = None) -> None:
@@ -265,6 +271,8 @@ class PDEDataModule(L.LightningDataModule):
         check_options("data", locals(), {"context": Int(1), "stride": Int(1),
                                          "batch_size": Int(1), "eval_batch_size": Int(1, optional=True),
                                          "num_workers": Int(0)})
+        if fit not in ("pad", "crop"):  # used only when an axis is not a multiple of 8: checked here, for every file
+            raise ValueError(f"data.fit={fit!r}; valid: pad, crop")
         if path is None and generate is None:
             raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
         self.path, self.root, self.generate = path, root, generate

@@ -20,7 +20,9 @@ Follows the original AST data loader (Gong et al., Interspeech 2021; ``YuanGongN
   normalisation as in the reference loader.
 
 :class:`FbankCache` stores the raw (unpadded, unnormalised) fbank of a file on disk keyed by the file's
-path, size, mtime and the fbank arguments, so epoch 2 reads instead of recomputing. Plain PyTorch.
+path, size, mtime, inode and ctime and the fbank arguments, so epoch 2 reads instead of recomputing (ctime,
+which every content write sets and nobody can set back, catches a same-size edit whose mtime was put back).
+Plain PyTorch.
 """
 from __future__ import annotations
 
@@ -181,7 +183,7 @@ def add_noise_and_shift(fb: torch.Tensor, max_noise: float = 0.1, max_shift: int
 
 
 class FbankCache:
-    """Raw fbanks on disk, one safetensors file per (file, size, mtime, :class:`FbankArgs`)."""
+    """Raw fbanks on disk, one safetensors file per (file, size, mtime, inode, ctime, :class:`FbankArgs`)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -189,7 +191,7 @@ class FbankCache:
     def key(self, path: str | os.PathLike, args: FbankArgs) -> str:
         p = Path(path).resolve()
         st = p.stat()
-        ident = json.dumps([str(p), st.st_size, st.st_mtime_ns, asdict(args)], sort_keys=True)
+        ident = json.dumps([str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, asdict(args)], sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def get(self, path, args: FbankArgs) -> torch.Tensor | None:

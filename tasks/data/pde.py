@@ -425,7 +425,7 @@ def nan_report(traj: Trajectories, bad: list[int]) -> str:
     first = bad[0]
     x = traj.read(first)
     step = int(np.argwhere(~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1))[0, 0])
-    return (f"{traj.path.name}: trajectory {first} contains NaN/Inf values (first at time step {step})"
+    return (f"{traj.path}: trajectory {first} contains NaN/Inf values (first at time step {step})"
             + (f"; also trajectories {bad[1:10]}{'...' if len(bad) > 10 else ''}" if len(bad) > 1 else "")
             + " -- fix the file or set data.on_nan=skip to drop them")
 
@@ -437,7 +437,7 @@ def split_indices(traj: Trajectories, split: str, test_ratio: float = 0.1, val_r
         return list(range(n))
     n_test, n_val = max(1, int(round(n * test_ratio))), max(1, int(round(n * val_ratio)))
     if n_test + n_val >= n:
-        raise ValueError(f"{traj.path.name}: {n} trajectories are too few for a {test_ratio}/{val_ratio} test/val split")
+        raise ValueError(f"{traj.path}: {n} trajectories are too few for a {test_ratio}/{val_ratio} test/val split")
     if traj.layout.kind == "seeds":  # test = last 10% of sorted seeds
         test, val, train = range(n - n_test, n), range(n - n_test - n_val, n - n_test), range(0, n - n_test - n_val)
     else:  # test = first 10%
@@ -470,7 +470,7 @@ class WindowDataset(Dataset):
         if context < 1 or horizon < 1:
             raise ValueError(f"context ({context}) and horizon ({horizon}) must be >= 1")
         if context + horizon > traj.frames:
-            raise ValueError(f"{traj.path.name}: context {context} + horizon {horizon} frames exceed the trajectories' "
+            raise ValueError(f"{traj.path}: context {context} + horizon {horizon} frames exceed the trajectories' "
                              f"{traj.frames} frames; lower task.rollout_horizon or task.context")
         self.traj, self.context, self.horizon, self.revin = traj, context, horizon, revin
         mu, sigma, bad = stats if stats is not None else traj.scan()
@@ -478,7 +478,7 @@ class WindowDataset(Dataset):
         if bad_here:
             if on_nan == "error":
                 raise ValueError(nan_report(traj, bad_here))
-            log.warning("%s: dropping trajectories with NaN/Inf values: %s", traj.path.name, bad_here)
+            log.warning("%s: dropping trajectories with NaN/Inf values: %s", traj.path, bad_here)
         self.indices = [i for i in indices if i not in set(bad)]
         self.mu, self.sigma = torch.from_numpy(mu), torch.from_numpy(sigma)
         last = traj.frames - context - horizon
