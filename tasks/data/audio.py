@@ -44,11 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
-from tasks.data.reading import read_text
 from tasks.data.staging import staging_dir
-from tasks.options import LOADER, FRACTION, Int, Real, check_options
+from tasks.options import FRACTION, LOADER, Int, Real, check_options
 from tasks.protocol import overlaps
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
+from zoo.reading import read_text
 
 log = logging.getLogger("tasks.audio")
 

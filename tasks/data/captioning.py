@@ -41,10 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
-from tasks.data.reading import read_rgb_pil, read_text, reading
 from tasks.data.staging import staging_dir
 from tasks.data.vtab import EpochSeededSampler
 from tasks.options import LOADER, Int, check_options
+from zoo.reading import read_rgb_pil, read_text, reading
 
 log = logging.getLogger(__name__)
 
