@@ -142,7 +142,10 @@ def _print_table(rows: list[dict[str, Any]], title: str, columns: list[str] | No
         t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
     for r in body:
         t.add_row(*r)
-    Console(width=max(110, Console().width)).print(t)
+    # as wide as the table needs: a narrow (or absent) terminal would otherwise wrap each "mean ± std"
+    # over two lines and cut the row labels to "samed_l…"
+    natural = Console(width=1000).measure(t).maximum
+    Console(width=max(110, Console().width, natural)).print(t)
 
 
 # ---------------------------------------------------------------------- rows over seeds, and the caption

@@ -156,3 +156,18 @@ def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
         if m["label"] == "linear":
             m["seed"] = 99
     assert "beyond the noise" not in caption(rows, "linear").replace("does NOT beat", "")
+
+
+def test_printed_table_keeps_every_cell_on_one_line(tmp_path, capsys):
+    """The demo table printed without a terminal (80 columns): no label cut to "samed_l…", no
+    "mean ± std" wrapped over two lines."""
+    from tasks.report import print_table
+
+    rows = write_runs(tmp_path, {"decoder_only_baseline_row": [0.40, 0.42, 0.41], "samed_lora_rank4": [0.55, 0.56, 0.54]})
+    for r in rows:
+        r["dataset"] = "generated_texture_quickstart"
+    print_table(rows, title="t")
+    out = capsys.readouterr().out
+    assert "…" not in out
+    line = next(ln for ln in out.splitlines() if "samed_lora_rank4" in ln)
+    assert "generated_texture_quickstart" in line and "55.0 ± 1.0" in line
