@@ -90,7 +90,7 @@ PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of o
 
 def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
-    from tasks.protocol import comparable_key
+    from tasks.protocol import comparable_key, comparable_record
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
@@ -99,7 +99,7 @@ def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str
     out = []
     for rs in groups.values():
         p = rs[0].get("protocol")
-        desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
+        desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(comparable_record(p, PER_DATASET).items()))
                 if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
         out.append((desc, rs))
     return out

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tasks.report import caption, collect, compare, grouped_rows, markdown, mean_std
+from tasks.report import caption, collect, compare, grouped_rows, markdown, mean_std, protocol_groups
 
 
 def test_collect_and_markdown(tmp_path):
@@ -171,3 +171,17 @@ def test_printed_table_keeps_every_cell_on_one_line(tmp_path, capsys):
     assert "…" not in out
     line = next(ln for ln in out.splitlines() if "samed_lora_rank4" in ln)
     assert "generated_texture_quickstart" in line and "55.0 ± 1.0" in line
+
+
+def test_folds_with_their_own_training_statistics_share_one_table_and_caption(tmp_path):
+    """Audio without published statistics normalises each fold by its own training split: the numbers
+    differ per fold, the protocol does not, so the folds are one table and the caption compares them
+    (the audio demo printed one table per fold and no verdict). Statistics of another kind still split."""
+    rows = write_runs(tmp_path, {"linear": [0.575, 0.625, 0.75], "lora": [0.725, 0.825, 0.85]})
+    for r in rows:
+        r["protocol"] = {"name": f"fold{r['seed'] + 1}", "selection": "val", "val_overlaps_test": False,
+                         "normalisation": {"mean": -4.7 - 0.01 * r["seed"], "std": 3.6, "source": "train split"}}
+    assert len(protocol_groups(rows)) == 1
+    assert "lora beats linear beyond the noise" in caption(rows, "linear")
+    rows[0]["protocol"]["normalisation"]["source"] = "audioset"  # another rule: not comparable
+    assert len(protocol_groups(rows)) == 2
