@@ -185,3 +185,24 @@ def test_folds_with_their_own_training_statistics_share_one_table_and_caption(tm
     assert "lora beats linear beyond the noise" in caption(rows, "linear")
     rows[0]["protocol"]["normalisation"]["source"] = "audioset"  # another rule: not comparable
     assert len(protocol_groups(rows)) == 2
+
+
+def test_an_evaluate_only_baseline_is_compared_with_the_runs_that_selected(tmp_path):
+    """The captioning demo's "no fine-tuning" row trains nothing (selection none) and its adapters select on
+    val: one table and a caption (the demo printed two tables and "nothing to compare"). A trained run under
+    another selection still stands apart, and so does an evaluate-only run under another metric."""
+    rows = write_runs(tmp_path, {"no fine-tuning": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54]})
+    for r in rows:
+        r["protocol"] = {"name": "p", "selection": "none" if r["label"] == "no fine-tuning" else "val",
+                         "val_overlaps_test": False, "metric": {"backend": "pure"}}
+    groups = protocol_groups(rows)
+    assert len(groups) == 1 and [r["label"] for r in groups[0][1]] == [r["label"] for r in rows]  # all, in order
+    assert 'selection="val"' in groups[0][0]
+    assert "lora beats no fine-tuning beyond the noise" in caption(rows, "no fine-tuning")
+    lora = [r for r in rows if r["label"] == "lora"]
+    lora[-1]["protocol"] = dict(lora[-1]["protocol"], selection="last")  # one lora run tested its last epoch
+    assert sorted(len(rs) for _, rs in protocol_groups(rows)) == [4, 5]  # the baseline joins both
+    for r in rows:
+        if r["label"] == "no fine-tuning":
+            r["protocol"] = dict(r["protocol"], metric={"backend": "coco"})
+    assert sorted(len(rs) for _, rs in protocol_groups(rows)) == [1, 2, 3]
