@@ -47,7 +47,9 @@ FRACTION = Real(0.0, 1.0)  # a probability or share, ends included
 # the optimizer and scheduler every task kind takes (tasks.base.ZooTask)
 OPTIMIZER = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE}
 SCHEDULER = {"warmup_epochs": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "cosine_epochs": Real(0.0, lo_open=True, optional=True),
-             "warmup_lr_init": Real(0.0, optional=True)}
+             "warmup_lr_init": Real(0.0, optional=True),
+             # multistep (AST): decay by gamma every `every` epochs from start_epoch on
+             "start_epoch": Int(0), "every": Int(1), "gamma": Real(0.0, lo_open=True)}
 # the DataLoader options most DataModules share
 LOADER = {"batch_size": Int(1), "eval_batch_size": Int(1), "num_workers": Int(0), "img_size": Int(1)}
 

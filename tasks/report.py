@@ -89,35 +89,31 @@ PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of o
 
 
 def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree).
-
-    An evaluate-only run (selection ``none``: a demo's "no fine-tuning" row, nothing trained, nothing
-    selected) joins every group that differs from it only in the selection: its numbers do not depend
-    on how a checkpoint would have been selected."""
+    """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
     from tasks.protocol import EVALUATE_ONLY, comparable_key, comparable_record
 
-    def key(m, ignore=PER_DATASET):  # files written before the record (no protocol dict) stay together
-        return comparable_key(m, ignore=ignore) if isinstance(m.get("protocol"), dict) else ("not recorded",)
-
-    def evaluate_only(m):
-        return isinstance(m.get("protocol"), dict) and m["protocol"].get("selection") == EVALUATE_ONLY
-
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(rows):
-        if not evaluate_only(m):
-            groups.setdefault(key(m), []).append(i)
-    loose = PER_DATASET + ("selection",)
-    for i, m in enumerate(rows):
-        if evaluate_only(m):
-            joined = [g for g, idx in groups.items() if key(rows[idx[0]], loose) == key(m, loose)]
-            for g in joined:
-                groups[g].append(i)
-            if not joined:
-                groups.setdefault(key(m), []).append(i)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    frozen: list[dict[str, Any]] = []
+    for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
+        p = m.get("protocol")
+        if isinstance(p, dict) and p.get("selection") == EVALUATE_ONLY:
+            frozen.append(m)
+            continue
+        key = comparable_key(m, ignore=PER_DATASET) if isinstance(p, dict) else ("not recorded",)
+        groups.setdefault(key, []).append(m)
+    # An evaluate-only run (a demo's zero-shot / no-fine-tuning row) selects nothing, so it is comparable with
+    # trained runs whose record agrees but for the selection: it joins each such table (its own otherwise)
+    without_selection = {key: comparable_key(rs[0], ignore=PER_DATASET + ("selection",)) for key, rs in groups.items()}
+    for m in frozen:
+        k = comparable_key(m, ignore=PER_DATASET + ("selection",))
+        homes = [key for key, ks in without_selection.items() if ks == k]
+        for key in homes or [("evaluate-only",) + k]:
+            groups.setdefault(key, []).append(m)
+    order, frozen_ids = {id(m): i for i, m in enumerate(rows)}, {id(m) for m in frozen}
     out = []
-    for idx in groups.values():
-        rs = [rows[i] for i in sorted(idx)]  # the runs' own order (the baseline row stays where it ran)
-        p = rows[idx[0]].get("protocol")  # described by a run that selected, where the group has one
+    for rs in groups.values():
+        rs.sort(key=lambda m: order[id(m)])  # the runs' own order (a joined evaluate-only run is not moved to the end)
+        p = next((m for m in rs if id(m) not in frozen_ids), rs[0]).get("protocol")  # a trained run's selection heads it
         desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(comparable_record(p, PER_DATASET).items()))
                 if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
         out.append((desc, rs))

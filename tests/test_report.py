@@ -187,22 +187,23 @@ def test_folds_with_their_own_training_statistics_share_one_table_and_caption(tm
     assert len(protocol_groups(rows)) == 2
 
 
-def test_an_evaluate_only_baseline_is_compared_with_the_runs_that_selected(tmp_path):
-    """The captioning demo's "no fine-tuning" row trains nothing (selection none) and its adapters select on
-    val: one table and a caption (the demo printed two tables and "nothing to compare"). A trained run under
-    another selection still stands apart, and so does an evaluate-only run under another metric."""
-    rows = write_runs(tmp_path, {"no fine-tuning": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54]})
-    for r in rows:
-        r["protocol"] = {"name": "p", "selection": "none" if r["label"] == "no fine-tuning" else "val",
-                         "val_overlaps_test": False, "metric": {"backend": "pure"}}
-    groups = protocol_groups(rows)
-    assert len(groups) == 1 and [r["label"] for r in groups[0][1]] == [r["label"] for r in rows]  # all, in order
-    assert 'selection="val"' in groups[0][0]
-    assert "lora beats no fine-tuning beyond the noise" in caption(rows, "no fine-tuning")
-    lora = [r for r in rows if r["label"] == "lora"]
-    lora[-1]["protocol"] = dict(lora[-1]["protocol"], selection="last")  # one lora run tested its last epoch
-    assert sorted(len(rs) for _, rs in protocol_groups(rows)) == [4, 5]  # the baseline joins both
-    for r in rows:
-        if r["label"] == "no fine-tuning":
-            r["protocol"] = dict(r["protocol"], metric={"backend": "coco"})
-    assert sorted(len(rs) for _, rs in protocol_groups(rows)) == [1, 2, 3]
+def test_an_evaluate_only_baseline_is_in_the_table_of_the_trained_rows(tmp_path):
+    """Bug caught: the zero-shot / no-fine-tuning row (train=false, recorded selection "none") was put in a table of
+    its own, so the demo printed two tables and the caption "Only the baseline row ran: nothing to compare"."""
+    rows = write_runs(tmp_path, {"zero-shot": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54], "other": [0.5, 0.5, 0.5]})
+    for m in rows:
+        norm = "imagenet" if m["label"] == "other" else "backbone"  # another normalisation: another protocol
+        m["protocol"] = {"name": "p", "selection": "none" if m["label"] == "zero-shot" else "last",
+                         "val_overlaps_test": False, "normalisation": norm}
+    md = markdown(rows)
+    tables = md.split("**protocol**:")[1:]
+    assert len(tables) == 2
+    main = next(t for t in tables if '"backbone"' in t.splitlines()[0])
+    assert 'selection="last"' in main.splitlines()[0]  # headed by the trained runs' selection
+    assert "| zero-shot | d | 3 |" in main and "| lora | d | 3 |" in main and "| other |" not in main
+    text = caption(rows, "zero-shot")
+    assert "Best row lora: 55.0 ± 1.0 vs baseline zero-shot: 40.0 ± 0.0, 15.0 points better" in text
+    assert text.splitlines()[-1] == "(not compared, made under another protocol than the baseline: other)"
+    # alone (no trained run shares its record), an evaluate-only run keeps a table of its own
+    alone = [m for m in rows if m["label"] != "lora"]
+    assert len(markdown(alone).split("**protocol**:")[1:]) == 2

@@ -710,9 +710,11 @@ class AudioDataModule(L.LightningDataModule):
                  eval_batch_size: int = 64, num_workers: int = 0, cache_dir: str | None = None,
                  bad_files: str = "raise", generate: bool = True, generate_clips: int = 20, seed: int = 0,
                  num_classes: int | None = None, multilabel: bool = False, noise: bool = False,
-                 test_root: str | None = None, silence: str = "balanced"):
+                 test_root: str | None = None, silence: str = "balanced", specaug_after_norm: bool = False):
         super().__init__()
         check_options("data", locals(), OPTIONS)
+        if not isinstance(specaug_after_norm, bool):
+            raise ValueError(f"data.specaug_after_norm={specaug_after_norm!r}; valid: true, false")
         self.seed = seed
         if dataset in MULTILABEL_DATASETS and not multilabel:
             raise ValueError(f"task.dataset={dataset} has multi-label targets: use task=audio_multilabel "
@@ -740,7 +742,8 @@ class AudioDataModule(L.LightningDataModule):
         self.mean, self.std = float(mean), float(std)
         self.normalisation = {"mean": self.mean, "std": self.std, "source": stats_source}
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
-                                            timem if train else 0, cache_dir, noise=noise and train)
+                                            timem if train else 0, cache_dir, noise=noise and train,
+                                            specaug_after_norm=specaug_after_norm)
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
