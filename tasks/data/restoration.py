@@ -60,15 +60,14 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data import degradations as D
-from tasks.data.reading import DataFileError, check_unit_range, read_rgb, reading
 from tasks.data.overlap import check_disjoint
-from tasks.options import LOADER, Int, check_options
 from tasks.data.procedural import clean_image
 from tasks.data.staging import clean_stale, staging_dir
+from tasks.options import LOADER, Int, check_options
+from zoo.reading import DataFileError, check_unit_range, read_rgb, reading
 
 TASKS = ("denoise", "deblur", "derain", "dehaze", "lowlight", "jpeg", "sr")
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -77,7 +76,7 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # ------------------------------------------------------------------------------------ reading
 def read_image(path: "str | Path | MatBlock") -> np.ndarray:
     """A float32 H×W×3 RGB array in [0, 1] at the file's real bit depth (8-bit, 16-bit, float in 0..1;
-    :func:`tasks.data.reading.read_rgb`); one clear line if the file is missing, unreadable or out of range."""
+    :func:`zoo.reading.read_rgb`); one clear line if the file is missing, unreadable or out of range."""
     if isinstance(path, MatBlock):
         return path.load()
     return read_rgb(path)
