@@ -184,3 +184,22 @@ def test_published_note_names_each_entry_and_its_rule(tmp_path):
     for m in rows:  # every seed under one name per row: the last one wins, and the note says so
         m["published"] = f"demo-{m['label']}"
     assert "the last to finish owns it" in published_note(rows)
+
+
+def test_summary_table_prints_the_caption_and_which_runs_were_published(tmp_path, capsys):
+    """The end of a sweep (make demo): table, caption, then the zoo entries and the rule that chose them."""
+    from omegaconf import OmegaConf
+
+    from tasks.report import SummaryTable
+
+    write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54]})
+    for f in tmp_path.rglob("metrics.json"):
+        m = json.loads(f.read_text())
+        m["published"] = f"demo-{m['label']}" if m["seed"] == 0 else None
+        f.write_text(json.dumps(m))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "report": {"baseline": "linear"}})
+    SummaryTable().on_multirun_end(cfg)
+    out = capsys.readouterr().out
+    assert "lora beats linear beyond the noise" in out
+    note = "Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), demo-lora (lora, seed 0)"
+    assert note in out and note in (tmp_path / "summary.md").read_text()
