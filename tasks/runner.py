@@ -603,7 +603,7 @@ REPLICATE_KEYS = ("seed",)
 NOT_RESULT_KEYS = ("paths", "publish", "publish_seed", "publish_registry", "ckpt_path", "report")
 
 
-def config_id(cfg: DictConfig) -> str:
+def config_id(cfg: DictConfig) -> str | None:
     """A short hash of the run's resolved config with the seed and fold set aside (their interpolations,
     e.g. a data seed or an output folder, included): two runs of one row share it exactly when they differ
     only by seed / fold. :func:`tasks.report.group_runs` averages only runs that share it."""
@@ -617,7 +617,11 @@ def config_id(cfg: DictConfig) -> str:
         c.task.fold = None
     if "paths" in c:
         c.paths.output_dir = "<output_dir>"  # a ${hydra:...} per job; logger / checkpoint folders interpolate it
-    plain = OmegaConf.to_container(c, resolve=True)
+    try:
+        plain = OmegaConf.to_container(c, resolve=True)
+    except Exception as e:  # a finished run is never lost to its hash: its rows then group by label alone
+        log.warning("config_id: the config does not resolve outside the run (%s); recorded as null", e)
+        return None
     for key in NOT_RESULT_KEYS:
         plain.pop(key, None)
     text = json.dumps(plain, sort_keys=True, default=str)

@@ -87,7 +87,7 @@ def test_make_demo_publishes_one_run_per_method_its_seed_0():
     for adapter in sweep("quickstart")["adapter"]:
         names = [publish_name(compose_config(["experiment=quickstart", f"adapter={adapter}", f"seed={s}"]))
                  for s in (0, 1, 2)]
-        assert names == [f"vit-demo-{adapter}-dsprites_ori", None, None]
+        assert names == [f"vit-demo-{adapter}-clevr_dist", None, None]
     assert publish_name(compose_config(["experiment=tiny", "publish=mine", "seed=3"])) == "mine"  # publish_seed: null
     assert publish_name(compose_config(["experiment=tiny", "seed=3"])) is None
 
