@@ -50,10 +50,10 @@ clean-runs:
 
 # One offline quickstart per modality (a few minutes each; not part of `make demo`): a tiny
 # backbone pretrained once on a different generated task, then adapters compared on the embedded one.
-checkpoints/clip/tiny_shapes_p4.safetensors: | $(STAMP)
+checkpoints/clip/tiny_shapes_p4_s1000.safetensors: | $(STAMP)
 	$(PY) -m tasks.pretrain.clip
 
-clip-demo clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes_p4.safetensors
+clip-demo clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes_p4_s1000.safetensors
 	$(PY) train.py experiment=clip_quickstart $(LOG_ARG)
 
 checkpoints/audio/ast_demo.safetensors: | $(STAMP)

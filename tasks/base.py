@@ -44,9 +44,12 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import zoo
+from zoo.api import OPTIMIZERS
 from zoo.registry import Registry
 
 from tasks.options import OPTIMIZER, SCHEDULER, check_betas, check_options
+
+BASE_SCHEDULES = ("cosine", "multistep")
 
 METRICS_SCHEMA_VERSION = 2
 
@@ -127,6 +130,8 @@ class ZooTask(L.LightningModule):
         self.sched_cfg = {"warmup_epochs": 0, "min_lr": 0.0, "cosine_epochs": None, "warmup_lr_init": None,
                           **(scheduler or {})}
         self.optim_cfg.update(check_options("task.optimizer", self.optim_cfg, OPTIMIZER))
+        if (self.optim_cfg.get("name") or "adamw") not in OPTIMIZERS:
+            raise ValueError(f"task.optimizer.name={self.optim_cfg['name']!r}; valid: {', '.join(OPTIMIZERS)}")
         check_betas("task.optimizer", self.optim_cfg["betas"])
         self.sched_cfg.update(check_options("task.scheduler", self.sched_cfg, SCHEDULER))
         self.meta = meta
@@ -201,8 +206,10 @@ class ZooTask(L.LightningModule):
             raise NonFiniteLossError(
                 f"the training loss became {float(loss.detach().float().mean())} at step {self.global_step} (epoch "
                 f"{self.current_epoch}): most likely the learning rate is too high for this "
-                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; the last good "
-                f"checkpoint is kept in the run's checkpoints/ folder and nothing was saved or published")
+                f"adapter (task.optimizer.lr={self.optim_cfg['lr']}; try 10x lower). Training stopped; "
+                + ("the last good checkpoint is kept in the run's checkpoints/ folder" if self.current_epoch
+                   else "no epoch had finished, so no checkpoint was written")
+                + " and nothing was saved or published")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         zoo.before_optimizer_step(self.model)
@@ -237,17 +244,33 @@ class ZooTask(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """The optimizer's groups (a task may give some parameters their own learning rate)."""
-        return zoo.param_groups(self.model, lr, weight_decay)
+        # task.optimizer.decay_1d: biases and norms decay too (AST / PETL-AST decay every trainable parameter)
+        return zoo.param_groups(self.model, lr, weight_decay, decay_1d=bool(self.optim_cfg.get("decay_1d", False)))
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over :meth:`param_groups`, or the optimizer an adapter replaces it with
         (``Adapter.make_optimizer``: GaLore, LoRA-Pro)."""
         c = self.optim_cfg
         return zoo.build_optimizer(self.model, self.param_groups(c["lr"], c["weight_decay"]), c["lr"],
-                                   c["weight_decay"], tuple(c["betas"]), float(c.get("eps", 1e-8)))
+                                   c["weight_decay"], tuple(c["betas"]), float(c.get("eps", 1e-8)),
+                                   name=c.get("name") or "adamw")
 
     def configure_optimizers(self):
+        """``task.scheduler.name``: ``cosine`` (default: linear warm-up over ``warmup_epochs``, then cosine to
+        ``min_lr``, per step; timm's form with ``cosine_epochs``) or ``multistep``: the learning rate times
+        ``gamma`` after every ``every`` epochs from epoch ``start_epoch`` on, i.e. AST's
+        ``MultiStepLR(range(lrscheduler_start, 1000, lrscheduler_step), gamma=lrscheduler_decay)``, stepped
+        once per epoch. (Tasks with schedules of their own, SAMed's ``poly`` and MORPH's ``plateau``, handle
+        those names before calling this.)"""
         opt = self.build_optimizer()
+        name = self.sched_cfg.get("name") or "cosine"
+        if name not in BASE_SCHEDULES:
+            raise ValueError(f"task.scheduler.name={name!r}; valid here: {', '.join(BASE_SCHEDULES)}")
+        if name == "multistep":
+            c = self.sched_cfg
+            milestones = list(range(int(c.get("start_epoch", 5)), 1000, int(c.get("every", 1))))
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=float(c.get("gamma", 0.85)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         if self.sched_cfg.get("cosine_epochs"):
@@ -288,6 +311,8 @@ class ZooTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"model.{k}" for k in zoo.adapter_state_dict(self.model, export=False)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if getattr(self, "data_identity", None) is not None:  # which data (plain values): compared on resume
+            checkpoint["zoo_data"] = self.data_identity
 
 
 # ---------------------------------------------------------------------- building the model

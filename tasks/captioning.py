@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.metrics.captioning import caption_scores, resolve_backend
+from tasks.options import GENERATION, check_options
 from zoo.backbones.coca import CoCaCaptioner
 
 GENERATION_DEFAULTS = {"method": "greedy", "seq_len": 20, "min_seq_len": 2}
@@ -51,6 +52,8 @@ class CaptioningTask(ZooTask):
                  monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
         self.save_hyperparameters()
+        generation = {**GENERATION_DEFAULTS, **(generation or {})}
+        generation.update(check_options("task.generation", generation, GENERATION))  # before the model is built
         if backbone.get("name") != "coca":
             raise ValueError(f"task=captioning needs backbone=coca (or coca_tiny), got backbone={backbone.get('name')}")
         bb = create_backbone(backbone)
@@ -60,7 +63,7 @@ class CaptioningTask(ZooTask):
                 p.requires_grad_(True)
         for p in bb.fusion_parameters():  # a new temporal embedding (zero-init) trains with any adapter
             p.requires_grad_(True)
-        self.generation = {**GENERATION_DEFAULTS, **(generation or {})}
+        self.generation = generation
         self.metric_cfg = {"backend": "auto", "meteor_val": False, "meteor_test": True, **(metrics or {})}
         # resolved once, before training: a bad name, or METEOR asked for without Java, fails here; the scores of
         # a run all come from one backend, recorded in metrics.json's protocol (pure scores are not PTB scores)

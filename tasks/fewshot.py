@@ -26,7 +26,7 @@ import zoo
 from tasks.base import Column, create_backbone, register_task
 from tasks.classification import ClassificationTask
 from tasks.data.fewshot import ImageItems, load_fewshot
-from tasks.options import LOADER, Int, check_options
+from tasks.options import LOADER, Int, Real, check_options
 from tasks.metrics.fewshot import harmonic_mean, retention_row, zeroshot_accuracy
 from zoo.zeroshot import CLIPClassifier, check_head
 
@@ -131,6 +131,12 @@ class FewShotTask(ClassificationTask):
 
     def __init__(self, backbone: dict, adapter: dict, data: dict, head: str = "text", logit_scale: float | None = None,
                  templates: Sequence[str] | None = None, num_classes: int = 0, evaluate_only: bool = False, **kw: Any):
+        # a negative or zero temperature would invert or flatten every prediction; an empty template list no prompt
+        logit_scale = Real(0.0, lo_open=True, optional=True).check("task.logit_scale", logit_scale)
+        if templates is not None and (isinstance(templates, str) or not list(templates)
+                                      or not all(isinstance(t, str) and t.strip() for t in templates)):
+            raise ValueError(f"task.templates={templates!r}: give a non-empty list of prompt templates such as "
+                             f"['a photo of a {{}}.'], or null for the dataset's CoOp template")
         self.data_cfg, self.head_type, self.fixed_scale = dict(data), head, logit_scale
         self.evaluate_only = evaluate_only  # the zero-shot row (train=false): nothing trains, by design
         self.templates_override = list(templates) if templates else None

@@ -28,11 +28,15 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
-from tasks.data.pde import Trajectories, WindowDataset, revin_denorm, split_indices
-from tasks.options import Int, check_options
+from tasks.data.pde import (DATASET_NORMS, REVIN, Trajectories, WindowDataset, dataset_norm_stats, read_norm_stats,
+                            revin_denorm, split_indices)
+from tasks.options import SCHEDULER, Int, check_options
 from tasks.data.sampling import make_loader
 from tasks.metrics.pde import MAXED, METRICS, RolloutMetrics, format_table, plot_error_vs_step, rollout
 from zoo.heads import BackboneOutput
+
+
+EVAL_WINDOWS = ("first", "all")
 
 
 @register_task("pde")
@@ -56,19 +60,22 @@ class PDEForecastTask(ZooTask):
                  monitor_mode: str | None = None, output_dir: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, {"weight_decay": 0.0, **(optimizer or {})}, None, monitor, monitor_mode, **meta)
         self.save_hyperparameters()
+        sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0, **(scheduler or {})}
+        sched_cfg.update(check_options("task.scheduler", sched_cfg, SCHEDULER))  # before the model is built
+        horizon = parse_horizon(rollout_horizon)
         bb = create_backbone(backbone)
         if not hasattr(bb, "forward_all"):
             raise ValueError(f"task=pde needs a PDE backbone that predicts the next frame (backbone=morph), "
                              f"not {backbone.get('name')!r}")
         self.model = attach_adapter(BackboneOutput(bb), adapter)
-        self.context, self.horizon = int(context), parse_horizon(rollout_horizon)
+        self.context, self.horizon = int(context), horizon
         if self.context > bb.cfg.max_ar:
             raise ValueError(f"task.context={self.context} exceeds the backbone's max_ar={bb.cfg.max_ar}")
-        self.sched_cfg = {"name": "plateau", "factor": 0.5, "patience": 5, "warmup_epochs": 0, "min_lr": 0.0,
-                          **(scheduler or {})}
+        self.sched_cfg = sched_cfg
         self.output_dir = output_dir
         self._metrics: dict[str, RolloutMetrics] = {}
         self.last_tables: dict[str, dict] = {}
+        self.channel_values: dict[str, dict] = {}
 
     @classmethod
     def eval_overrides(cls, task_cfg: dict, data_cfg: dict, split: str) -> None:
@@ -85,6 +92,8 @@ class PDEForecastTask(ZooTask):
         rec = {"layout": "UPTF-7 (B, t, F, C, D, H, W)", "context": self.context}
         if dm is not None:
             rec.update({"revin": dm.revin, "fit": dm.fit, "spatial": list(dm.spatial or []), "fields": dm.field_names})
+            if getattr(dm, "norm_record", None):  # The Well's statistics as used (revin=zscore|rms)
+                rec["norm_stats"] = dm.norm_record
         return rec
 
     def protocol_details(self, datamodule) -> dict[str, Any]:
@@ -92,15 +101,35 @@ class PDEForecastTask(ZooTask):
         end), the RevIN statistics and the metrics' axes."""
         h = self.horizon if self.horizon is not None else \
             {"full": sorted(getattr(datamodule, "horizons", ())) or None}
-        return {"initial_step": self.context, "horizon": h, "start": 0,
-                "normalisation": {"revin": getattr(datamodule, "revin", None),
-                                  "stats": {"trajectory": "mean/std of each whole trajectory (MORPH)",
-                                            "context": "mean/std of the context frames only",
-                                            "none": None}.get(getattr(datamodule, "revin", None))},
-                "metric": {"nrmse": "per channel (field component) over space, mean over components, samples, steps "
-                                    "and fields (PDEBench metric_func)", "max_err": "max over samples and space per "
-                                    "channel and step, mean over channels and steps (PDEBench err_Max)",
+        revin = getattr(datamodule, "revin", None)
+        norm = {"revin": revin,
+                "stats": {"trajectory": "mean/std of each whole trajectory (MORPH)",
+                          "context": "mean/std of the context frames only", "none": None,
+                          "zscore": "The Well's ZScoreNormalization: (x - mean) / max(std, 1e-4) per channel, from the "
+                                    "dataset's stats.yaml (its training split's statistics)",
+                          "rms": "The Well's RMSNormalization: x / max(rms, 1e-4) per channel, from the dataset's "
+                                 "stats.yaml"}.get(revin)}
+        if revin in DATASET_NORMS and getattr(datamodule, "norm_record", None):
+            norm.update(datamodule.norm_record)  # the file and the per-channel values used
+        windows = getattr(datamodule, "eval_windows", "first")
+        chans = getattr(datamodule, "channels", None)
+        every = windows == "all" and self.horizon is not None  # a rollout to the end has one window: t = 0
+        return {"initial_step": self.context, "horizon": h, "start": "every window" if every else 0,
+                "normalisation": norm,
+                "channels": [n for _, _, n in chans] if chans else None,
+                "metric": {"nrmse": "per channel (each scalar field, each vector component) over space, mean over "
+                                    "samples, steps and channels (PDEBench metric_func)",
+                           "vrmse": "per channel over space, the error over the unbiased variance of the target "
+                                    "(The Well's VRMSE), mean over samples, steps and channels; per channel: "
+                                    "test/vrmse_per_channel",
+                           "max_err": "max over samples and space per "
+                                      "channel and step, mean over channels and steps (PDEBench err_Max)",
                            "metrics_space": "de-normalised, original spatial region"}}
+
+    def run_metrics(self, trainer, datamodule) -> dict[str, Any]:
+        """``test/vrmse_per_channel`` and ``test/nrmse_per_channel``: ``{channel: value}``, the mean over steps
+        (The Well's per-field rows: ``velocity_x``, ``velocity_y``, ...)."""
+        return {f"test/{k}": v for k, v in self.channel_values.get("test", {}).items()}
 
     # ------------------------------------------------------------------ steps
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -147,10 +176,17 @@ class PDEForecastTask(ZooTask):
         total = RolloutMetrics()
         total.merge_counts({k: v.cpu() for k, v in sums.items()}, int(count.item()), m.spatial)
         tables = total.tables()
-        for k, v in total.summary().items():
+        chans = getattr(getattr(self.trainer, "datamodule", None), "channels", None)
+        pairs = [(f, c) for f, c, _ in chans] if chans else None
+        for k, v in total.summary(pairs).items():  # nRMSE, VRMSE: the mean over channels (PDEBench, The Well)
             self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=False)
-        self.log(f"{stage}/nrmse_last_step", float(tables["nrmse"][-1].mean()))
+        per_channel = total.channel_tables(pairs) if pairs else None
+        last = per_channel["nrmse"][-1] if per_channel else tables["nrmse"][-1]
+        self.log(f"{stage}/nrmse_last_step", float(last.mean()))
         self.last_tables[stage] = {k: v.tolist() for k, v in tables.items()}
+        if per_channel:  # each channel's value, mean over steps (The Well's per-field rows)
+            self.channel_values[stage] = {f"{m}_per_channel": {n: float(v[:, j].mean()) for j, (_, _, n) in enumerate(chans)}
+                                          for m, v in per_channel.items()}
         return tables
 
     def on_validation_epoch_end(self) -> None:
@@ -188,9 +224,13 @@ def parse_horizon(value) -> int | None:
     """``task.rollout_horizon``: a number of steps, or ``full`` (null) for the rest of each trajectory."""
     if value in (None, "full"):
         return None
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    try:
+        steps = None if isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        steps = None
+    if steps is None or steps != value or steps < 1:
         raise ValueError(f"task.rollout_horizon={value!r}: a number of steps >= 1, or full (to the trajectory's end)")
-    return int(value)
+    return steps
 
 
 def write_rollout_report(out: Path, tables: dict[str, torch.Tensor], fields: list[str] | None = None) -> None:
@@ -224,12 +264,15 @@ class PDEDataModule(L.LightningDataModule):
                  generate_options: dict | None = None, fields: Sequence[str] | None = None, context: int = 1,
                  rollout_horizon: int = 10, revin: str = "trajectory", on_nan: str = "error", fit: str = "pad",
                  stride: int = 1, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, seed: int = 0):
+                 shuffle: bool = True, drop_last: bool = False, seed: int = 0, stats_file: str | None = None,
+                 eval_windows: str = "first"):
         super().__init__()
         # rollout_horizon is a number or ``full``: parse_horizon checks it (one line naming both forms)
         check_options("data", locals(), {"context": Int(1), "stride": Int(1),
                                          "batch_size": Int(1), "eval_batch_size": Int(1, optional=True),
                                          "num_workers": Int(0)})
+        if fit not in ("pad", "crop"):  # used only when an axis is not a multiple of 8: checked here, for every file
+            raise ValueError(f"data.fit={fit!r}; valid: pad, crop")
         if path is None and generate is None:
             raise ValueError("task=pde needs data.path=<PDEBench .hdf5 / The Well dataset folder> or data.generate=<equation>")
         self.path, self.root, self.generate = path, root, generate
@@ -243,6 +286,13 @@ class PDEDataModule(L.LightningDataModule):
             if not isinstance(flag, bool):
                 raise ValueError(f"data.{name}={flag!r}; valid: true, false")
         self.drop_last = drop_last
+        if revin not in REVIN + DATASET_NORMS:
+            raise ValueError(f"data.revin={revin!r}; valid: {', '.join(REVIN + DATASET_NORMS)}")
+        if eval_windows not in EVAL_WINDOWS:
+            raise ValueError(f"data.eval_windows={eval_windows!r}; valid: {', '.join(EVAL_WINDOWS)}")
+        self.stats_file, self.eval_windows = stats_file, eval_windows
+        self.norm_record: dict[str, Any] | None = None  # The Well's statistics as used (zscore / rms)
+        self.channels: list[tuple[int, int, str]] | None = None
         self.spatial = None
         self.field_names: list[str] | None = None
         self.horizons: set[int] = set()  # the rollout lengths 'full' resolved to
@@ -300,13 +350,26 @@ class PDEDataModule(L.LightningDataModule):
             raise ValueError(f"data files with different sample shapes (F, C, D, H, W) cannot share batches: {sorted(shapes)}")
         return ConcatDataset(parts) if len(parts) > 1 else parts[0]
 
+    def _norm_stats(self, tr: Trajectories, base: Path) -> tuple | None:
+        """The Well's per-channel statistics for ``revin=zscore|rms`` (``data.stats_file``, else the dataset
+        folder's ``stats.yaml``); ``None`` for the RevIN modes. Recorded in :attr:`norm_record`."""
+        if self.revin not in DATASET_NORMS:
+            return None
+        file = Path(self.stats_file).expanduser() if self.stats_file else (base if base.is_dir() else base.parent) / "stats.yaml"
+        shift, scale = dataset_norm_stats(read_norm_stats(file), tr.layout, self.revin, str(file))
+        chans = tr.channels()
+        self.norm_record = {"file": str(file), **{k: {n: float(v[f, c]) for f, c, n in chans}
+                                                  for k, v in (("shift", shift), ("scale", scale))}}
+        return shift, scale
+
     def _dataset(self, path: Path, split: str, horizon: int | None, starts):
+        stride = self.stride if split == "train" else 1  # evaluation windows: every start (The Well's test set)
         if path.is_dir():
             parts = []
             for f in self._well_files(path, split):
                 tr = Trajectories(f, self.fields, self.fit)
                 parts.append(WindowDataset(tr, list(range(len(tr))), self.context, self._steps(tr, horizon), self.revin,
-                                           self.on_nan, starts, stride=self.stride))
+                                           self.on_nan, starts, stride=stride, norm_stats=self._norm_stats(tr, path)))
             self._note(parts[0].traj)
             return ConcatDataset(parts) if len(parts) > 1 else parts[0]
         if not path.is_file():
@@ -318,7 +381,7 @@ class PDEDataModule(L.LightningDataModule):
         tr, stats = self._sets[key]
         self._note(tr)
         return WindowDataset(tr, split_indices(tr, split), self.context, self._steps(tr, horizon), self.revin, self.on_nan,
-                             starts, stats=stats, stride=self.stride)
+                             starts, stats=stats, stride=stride, norm_stats=self._norm_stats(tr, path))
 
     def _steps(self, tr: Trajectories, horizon: int | None) -> int:
         """The rollout length: ``horizon`` steps, or (``full``) to the trajectory's last frame, as PDEBench."""
@@ -329,6 +392,7 @@ class PDEDataModule(L.LightningDataModule):
 
     def _note(self, tr: Trajectories) -> None:
         self.spatial = tr.spatial
+        self.channels = tr.channels()
         lay = tr.layout
         if lay.kind == "fields":
             self.field_names = ["V" if c else g[0] for g, c in zip(lay.keys, lay.components)]
@@ -337,20 +401,32 @@ class PDEDataModule(L.LightningDataModule):
         else:
             self.field_names = [f"u{j}" for j in range(len(lay.components))] if lay.kind == "seeds" else ["u"]
 
+    @property
+    def eval_starts(self) -> list[int] | None:
+        """Where evaluation windows start: ``first``: t = 0 only (PDEBench, MORPH); ``all``: every start, stride
+        1 (The Well's ``test`` / ``valid`` datasets, ``n_steps_input`` → ``n_steps_output`` windows)."""
+        return [0] if self.eval_windows == "first" else None
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self._sets["train"] = self._datasets("train", 1, None)
-            self._sets["val"] = self._datasets("val", self.horizon, [0])
-        if stage in (None, "test"):
-            self._sets["test"] = self._datasets("test", self.horizon, [0])
+            self._sets["val"] = self._datasets("val", self.horizon, self.eval_starts)
+        if stage in (None, "test") and "test" not in self._sets:  # split_info may have built it already
+            self._sets["test"] = self._datasets("test", self.horizon, self.eval_starts)
         if stage == "validate":
-            self._sets["val"] = self._datasets("val", self.horizon, [0])
+            self._sets["val"] = self._datasets("val", self.horizon, self.eval_starts)
 
     def split_info(self) -> dict:
         """PDEBench files: the module's seeded 80/10/10 split of trajectories; The Well: its train / valid / test
-        folders. Sizes count windows (train) and trajectories (val, test: one rollout from t = 0 each)."""
+        folders. Sizes count windows (train; val and test with ``eval_windows=all``) or trajectories (val,
+        test: one rollout from t = 0 each)."""
         well = any(p.is_dir() for p in self.resolve_paths())
         names = {"train": "train", "val": "valid" if well else "val", "test": "test"}
+        if "test" not in self._sets and "train" in self._sets:  # the record gives the test split's size too
+            try:
+                self._sets["test"] = self._datasets("test", self.horizon, self.eval_starts)
+            except FileNotFoundError:  # a The Well folder without test/: the run says so when it tests
+                pass
         return {s: {"name": names[s], "size": len(self._sets[s]) if s in self._sets else None} for s in names} \
             | {"val_overlaps_test": False}
 

@@ -11,7 +11,11 @@ without a validation split:
     ``last``            the last epoch's weights are tested (a fixed schedule: the published protocol of
                         NAFNet, CoOp and SAMed); validation, if any, is only logged;
     ``val_is_test``     select on a validation split that is the test split, asked for knowingly (the
-                        numbers are then optimistic, and the record says so).
+                        numbers are then optimistic, and the record says so). Asked for on data whose
+                        validation split is separate from test, it selects as ``val`` (nothing of test
+                        validates) and says so in one warning line naming both splits: the request is
+                        harmless there (a sweep over datasets, some with a validation split, still runs),
+                        but the record says ``val``, not what was asked.
 
 A run without a validation split selects nothing: its selection is recorded as ``last``.
 
@@ -37,7 +41,10 @@ runs whose records agree (:func:`comparable_key`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SELECTIONS = ("val", "last", "val_is_test")
 EVALUATE_ONLY = "none"  # the recorded selection of a run that trains nothing (not a task.selection value)
@@ -99,7 +106,12 @@ def resolve_selection(requested: str | None, splits: dict[str, Any], trains: boo
     if val is None:
         return "last"  # nothing validates: the last epoch's weights are what is tested
     if not splits.get("val_overlaps_test"):
-        return "val" if requested == "val_is_test" else requested
+        if requested == "val_is_test":
+            where = f"the test split ({test.get('name')})" if test else "the test split (none here)"
+            log.warning("task.selection=val_is_test, but the validation split (%s) is separate from %s: selecting on "
+                        "%s as task.selection=val, and recording selection=val", val.get("name"), where, val.get("name"))
+            return "val"
+        return requested
     if requested == "val":
         same = "is" if val.get("name") == (test or {}).get("name") else "overlaps"
         raise ValueError(

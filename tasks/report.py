@@ -90,15 +90,30 @@ PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of o
 
 def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
-    from tasks.protocol import comparable_key
+    from tasks.protocol import EVALUATE_ONLY, comparable_key
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
+    frozen: list[dict[str, Any]] = []
     for m in rows:  # files written before the record (no protocol dict) stay together, as they always were shown
-        key = comparable_key(m, ignore=PER_DATASET) if isinstance(m.get("protocol"), dict) else ("not recorded",)
+        p = m.get("protocol")
+        if isinstance(p, dict) and p.get("selection") == EVALUATE_ONLY:
+            frozen.append(m)
+            continue
+        key = comparable_key(m, ignore=PER_DATASET) if isinstance(p, dict) else ("not recorded",)
         groups.setdefault(key, []).append(m)
+    # An evaluate-only run (a demo's zero-shot / no-fine-tuning row) selects nothing, so it is comparable with
+    # trained runs whose record agrees but for the selection: it joins each such table (its own otherwise)
+    without_selection = {key: comparable_key(rs[0], ignore=PER_DATASET + ("selection",)) for key, rs in groups.items()}
+    for m in frozen:
+        k = comparable_key(m, ignore=PER_DATASET + ("selection",))
+        homes = [key for key, ks in without_selection.items() if ks == k]
+        for key in homes or [("evaluate-only",) + k]:
+            groups.setdefault(key, []).append(m)
+    order, frozen_ids = {id(m): i for i, m in enumerate(rows)}, {id(m) for m in frozen}
     out = []
     for rs in groups.values():
-        p = rs[0].get("protocol")
+        rs.sort(key=lambda m: order[id(m)])  # the runs' own order (a joined evaluate-only run is not moved to the end)
+        p = next((m for m in rs if id(m) not in frozen_ids), rs[0]).get("protocol")  # a trained run's selection heads it
         desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
                 if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
         out.append((desc, rs))

@@ -35,6 +35,7 @@ import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.losses.restoration import LOSSES, restoration_loss
 from tasks.metrics.restoration import psnr, ssim
+from tasks.options import Int, check_options
 
 STAGES = ("train", "val", "test")
 
@@ -102,6 +103,8 @@ class RestorationTask(ZooTask):
                  optimizer: dict | None = None, scheduler: dict | None = None, monitor: str | None = None,
                  monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
+        check_options("task", locals(), {"tile": Int(1, optional=True), "tile_overlap": Int(0), "log_images": Int(0)})
+        check_options("task.metric", metric or {}, {"crop_border": Int(0, optional=True)})
         if loss not in LOSSES:
             raise ValueError(f"task.loss={loss!r}; valid: {', '.join(LOSSES)}")
         metric = {"crop_border": None, "y_channel": None, "quantize": None, **(metric or {})}

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from tasks.base import METRICS_SCHEMA_VERSION, number
+from tasks.options import check_run_options
 from tasks.protocol import EVALUATE_ONLY, describe_splits, protocol_record, resolve_selection, trains
 
 log = logging.getLogger("adapter_zoo")
@@ -221,6 +222,18 @@ RESUME_TASK_KEYS = ("name", "dataset", "protocol", "num_classes", "fold", "val_f
                     "heldout", "datasets", "class_names", "head", "context", "scale", "data_dir")
 
 
+# data keys that say only how the data is loaded, not which data: a resume may change them (a smaller batch to fit)
+DATA_LOADING_KEYS = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "bad_files", "persistent_workers",
+                     "pin_memory")
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The data config without its loading keys: written into every checkpoint (``zoo_data``) and compared
+    on resume, so another data root, file, generated set or split rule is named, not trained on silently."""
+    data = _plain(cfg.data) if cfg.get("data") is not None else {}
+    return {k: v for k, v in data.items() if k not in DATA_LOADING_KEYS}
+
+
 def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict], int] | None:
     """Refuse to resume from a checkpoint of another adapter/backbone config or another problem
     (task.dataset, protocol, classes...: :data:`RESUME_TASK_KEYS`), naming what differs,
@@ -245,6 +258,12 @@ def check_resume(cfg: DictConfig, ckpt: str, out_dir: Path) -> tuple[list[dict],
     for k in RESUME_TASK_KEYS:
         if k in task_hp and k in task_now and task_hp[k] != task_now[k]:
             diffs.append(f"task.{k}: checkpoint {task_hp[k]!r}, now {task_now[k]!r}")
+    was_data = state.get("zoo_data")  # checkpoints written before it was recorded: not compared
+    if isinstance(was_data, dict):
+        now_data = data_identity(cfg)
+        for k in sorted(set(was_data) | set(now_data)):
+            if was_data.get(k) != now_data.get(k):
+                diffs.append(f"data.{k}: checkpoint {was_data.get(k)!r}, now {now_data.get(k)!r}")
     if diffs:
         raise ValueError(f"cannot resume from {ckpt}: it was trained with another config:\n  " + "\n  ".join(diffs)
                          + "\nresume with the run's own overrides, or start a new run (without ckpt_path)")
@@ -342,6 +361,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     the monitor and its mode select the checkpoint, the declared columns fill ``metrics.json``.
     """
     cfg = apply_final_overrides(cfg)
+    check_run_options(cfg)
+    if cfg.get("publish"):  # the zoo's name rule, checked before training (it used to refuse after the whole run)
+        from zoo.hub.registry import check_plain_name
+
+        check_plain_name(cfg.publish, "publish")
     if cfg.task.get("runner"):  # a task with a job of its own (several stages, e.g. task=multitask)
         from hydra.utils import get_method
 
@@ -351,6 +375,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    # a resume from a checkpoint of another config (adapter, backbone, problem, data) is refused before any
+    # data is generated or read
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir) if cfg.get("train", True) else None
+    history = check_resume(cfg, ckpt, out_dir) if ckpt else None
     check_data(cfg)  # cheap, before the task builds or downloads weights
     task = build_task(cfg)
     dm = build_datamodule(cfg, task)
@@ -376,8 +404,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info("adapter %s: %s", cfg.adapter.name, describe_params(bb_trainable, bb_params, trainable - bb_trainable))
 
     if cfg.get("train", True):
-        ckpt = resolve_ckpt(cfg.get("ckpt_path"), out_dir)
-        history = check_resume(cfg, ckpt, out_dir) if ckpt else None
+        task.data_identity = data_identity(cfg)  # into each checkpoint (ZooTask.on_save_checkpoint)
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         finally:
@@ -646,7 +673,14 @@ def apply_final_overrides(cfg: DictConfig) -> DictConfig:
     bad = [o for o in ovs if not isinstance(o, str) or "=" not in o]
     if bad:
         raise ValueError(f"final_overrides: expected 'key=value' strings, got {bad}")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovs))
+    except OmegaConfBaseException as e:  # a key the config does not have: one line naming it, not OmegaConf's three
+        key = getattr(e, "full_key", None) or "?"
+        raise ValueError(f"final_overrides={ovs}: {key!r} is not a key of the composed config "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -755,6 +789,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.adapter = {"name": meta["methods"][0]["name"], "init_from": str(artifact)}
         cfg.logger = None
         cfg.callbacks = None
+    check_run_options(cfg)
     L.seed_everything(cfg.seed)
     check_data(cfg)  # cheap, before the base weights are built (the data _target_ is allow-listed above)
     task = build_task(cfg, recorded=recorded)

@@ -27,6 +27,7 @@ import zoo
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
 from tasks.data.segmentation_layouts import overlay, predict_volume, resize_labels, save_mask_png, save_overlay_png
 from tasks.losses.segmentation import SegLoss
+from tasks.options import Int, check_options
 from tasks.metrics.segmentation import per_class_scores, summarize
 from zoo.backbones.sam_decoder import BINARY_MODES, logits_to_labels, prompts_from_mask, upsample
 
@@ -66,6 +67,7 @@ class SegmentationTask(ZooTask):
                  monitor: str | None = None, monitor_mode: str | None = None, **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
         self.save_hyperparameters()
+        check_options("task", locals(), {"overlays": Int(0), "prompt_jitter": Int(0)})
         self.num_classes = int(num_classes)
         sam = dict(sam or {})
         # evaluation through SAM's predictor pipeline at each image's own size (null: the square training inputs)

@@ -94,6 +94,23 @@ def test_cache_is_keyed_by_file_and_arguments(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
+def test_cache_notices_a_same_size_edit_whose_mtime_was_put_back(tmp_path):
+    """Keyed on size + mtime only, the old fbank of the edited clip was used (a silent wrong input)."""
+    import os
+    import time
+
+    f = tmp_path / "a.wav"
+    sf.write(f, tone(f=440.0), 16000)
+    fe = FrontEnd(max_length=100, cache_dir=tmp_path / "cache")
+    first = fe(f)
+    st = f.stat()
+    time.sleep(0.01)
+    sf.write(f, tone(f=880.0), 16000)  # same length, same format: the same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert not torch.equal(fe(f), first)
+
+
 def test_specaugment_masks_before_normalisation():
     torch.manual_seed(3)
     fb = torch.randn(200, 128) - 5

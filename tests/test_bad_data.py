@@ -7,6 +7,7 @@ Every test here failed before its fix (checked against main at 0344906); errors 
 from __future__ import annotations
 
 import csv
+import re
 import json
 import pickle
 import warnings
@@ -271,6 +272,29 @@ def _classification(**kw):
     return ClassificationTask(backbone={"family": "none"}, adapter={"name": "none"}, num_classes=3, **kw)
 
 
+def _task(kind):
+    def build(**kw):  # the option checks run before the backbone is built: no model needed
+        import importlib
+
+        module, cls = {"seg": ("segmentation", "SegmentationTask"), "caption": ("captioning", "CaptioningTask"),
+                       "pde": ("pde", "PDEForecastTask"), "restoration": ("restoration", "RestorationTask"),
+                       "fewshot": ("fewshot", "FewShotTask")}[kind]
+        extra = {"data": {"root": "/nonexistent", "dataset": "dtd"}} if kind == "fewshot" else {}
+        return getattr(importlib.import_module(f"tasks.{module}"), cls)(backbone={"family": "none"},
+                                                                        adapter={"name": "none"}, **extra, **kw)
+    return build
+
+
+def _pde_data(**kw):
+    from tasks.pde import PDEDataModule
+    return PDEDataModule(generate="burgers", **kw)
+
+
+def _pde_generate(**kw):
+    from tasks.data.pde_solvers import generate
+    return generate("burgers", "/nonexistent", **kw)
+
+
 def _lora(**kw):
     m = zoo.ImageClassifier(tiny_vit(), 3)
     zoo.apply_adapter(m, "lora", **{"rank": 2, **kw})
@@ -291,6 +315,24 @@ def _lora(**kw):
     (_seg, {"val_fraction": -0.5}, r"data.val_fraction must be a finite number in \(0.0, 1.0\), got -0.5"),
     (_seg, {"val_cases": -1}, r"data.val_cases must be an integer >= 0, got -1"),
     (_restoration, {"patch_size": 0}, r"data.patch_size must be an integer >= 1, got 0"),
+    # the re-probe (each was a traceback, or trained on without a word)
+    (_task("caption"), {"generation": {"num_beams": 0}}, r"task.generation.num_beams must be an integer >= 1, got 0"),
+    (_task("caption"), {"generation": {"temperature": 0}}, r"task.generation.temperature must be a finite number in \(0.0, inf\), got 0"),
+    (_task("caption"), {"generation": {"top_p": 1.5}}, r"task.generation.top_p must be a finite number in \(0.0, 1.0\], got 1.5"),
+    (_task("seg"), {"scheduler": {"name": "poly", "power": -1}}, r"task.scheduler.power must be a finite number in \(0.0, inf\), got -1"),
+    (_task("seg"), {"scheduler": {"name": "poly", "warmup_iters": -5}}, r"task.scheduler.warmup_iters must be an integer >= 0, got -5"),
+    (_task("seg"), {"overlays": -1}, r"task.overlays must be an integer >= 0, got -1"),
+    (_task("seg"), {"prompt_jitter": -3}, r"task.prompt_jitter must be an integer >= 0, got -3"),
+    (_task("pde"), {"scheduler": {"factor": 2}}, r"task.scheduler.factor must be a finite number in \(0.0, 1.0\), got 2"),
+    (_task("pde"), {"scheduler": {"patience": -1}}, r"task.scheduler.patience must be an integer >= 0, got -1"),
+    (_task("pde"), {"rollout_horizon": "abc"}, r"task.rollout_horizon='abc': a number of steps >= 1, or full"),
+    (_pde_data, {"fit": "bogus"}, r"data.fit='bogus'; valid: pad, crop"),
+    (_pde_generate, {"n": 0}, r"data.generate_options.n must be an integer >= 1, got 0"),
+    (_task("restoration"), {"tile": 0}, r"task.tile must be an integer >= 1, got 0"),
+    (_task("restoration"), {"log_images": -1}, r"task.log_images must be an integer >= 0, got -1"),
+    (_task("restoration"), {"metric": {"crop_border": -1}}, r"task.metric.crop_border must be an integer >= 0, got -1"),
+    (_task("fewshot"), {"logit_scale": -1}, r"task.logit_scale must be a finite number in \(0.0, inf\), got -1"),
+    (_task("fewshot"), {"templates": []}, r"task.templates=\[\]: give a non-empty list of prompt templates"),
 ])
 def test_out_of_range_options_are_one_line_naming_the_option(build, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -298,6 +340,20 @@ def test_out_of_range_options_are_one_line_naming_the_option(build, kw, match):
 
 
 # ------------------------------------------------------------------------------------------- split overlap
+@pytest.mark.parametrize("seed, match", [(-1, r"seed must be an integer in 0\.\.4294967295, got -1"),
+                                         (2.5, r"seed must be an integer in 0\.\.4294967295, got 2\.5"),
+                                         ("abc", r"seed must be an integer in 0\.\.4294967295, got 'abc'"),
+                                         (2**32, r"seed must be an integer in 0\.\.4294967295, got 4294967296")])
+def test_a_seed_out_of_numpy_range_is_one_line_naming_seed(tmp_path, seed, match):
+    """It used to be numpy's "-1 is not in bounds, numpy accepts from 0 to 4294967295" (no option named),
+    and seed=2.5 was truncated to 2 without a word."""
+    from tests.helpers import run_train
+
+    with pytest.raises(ValueError, match=match):
+        run_train(["experiment=tiny", "adapter=lora", f"seed={seed}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()  # refused before anything
+
+
 def _ml(root: Path, rows):
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -317,6 +373,26 @@ def test_audio_multilabel_overlap_is_refused(tmp_path):
     _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["3.wav", "dog", "val"], ["2.wav", "cat", "test"]])
     with pytest.raises(ValueError, match=r"1 val file\(s\) are byte-identical to train files \(e.g. .*3.wav = .*0.wav\)"):
         read_multilabel(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["/etc/outside.wav", "../outside.wav", "audio/../../outside.wav", "..\\outside.wav"])
+def test_audio_list_paths_that_leave_the_data_root_are_refused(tmp_path, bad):
+    """labels.csv used to read absolute paths (and '..') as given; ESC-50's filename column joined them."""
+    from tasks.data.audio import read_esc50, read_multilabel
+
+    root = tmp_path / "set"
+    root.mkdir()
+    wav(tmp_path / "outside.wav")
+    wav(root / "a.wav")
+    _ml(root, [["a.wav", "dog", "train"], [bad, "cat", "train"]])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(root / 'labels.csv'))}, line 3: the path '.*outside.wav' "
+                                         rf"leaves {re.escape(str(root))}: list paths must be relative"):
+        read_multilabel(root)
+    (root / "meta").mkdir()
+    (root / "meta" / "esc50.csv").write_text(f"filename,fold,target,category\na.wav,1,0,dog\n{bad},2,1,cat\n")
+    with pytest.raises(ValueError, match=rf"esc50.csv, line 3: the path '.*outside.wav' leaves "
+                                         rf"{re.escape(str(root / 'audio'))}"):
+        read_esc50(root)
 
 
 def _msrvtt(root: Path, videos, sentences) -> Path:
@@ -547,3 +623,145 @@ def test_binary_list_and_csv_files_name_the_file(tmp_path):
     (tmp_path / "meta" / "esc50.csv").write_bytes(b"filename,fold,target\n\xff\xfe,1,0\n")
     with pytest.raises(ValueError, match=r"esc50.csv: cannot read this CSV file"):
         read_esc50(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- the re-probe (issue 24)
+def test_synapse_list_names_that_leave_the_folder_are_refused(tmp_path):
+    """A train.txt / test_vol.txt line '../../x' used to be joined to train_npz/ and read if it existed."""
+    from tasks.data.segmentation_layouts import read_list
+
+    outside = _synapse(tmp_path / "outside", np.zeros((4, 4), np.float32), name="secret")  # a readable slice
+    lst = tmp_path / "syn" / "lists" / "lists_Synapse" / "train.txt"
+    lst.parent.mkdir(parents=True)
+    for bad in ("../../outside/train_npz/secret", "/etc/hosts"):
+        lst.write_text(f"case0001_slice000\n{bad}\n")
+        with pytest.raises(ValueError, match=rf"train.txt:2: the path '{re.escape(bad)}' leaves the Synapse folder"):
+            read_list(lst)
+    assert (outside / "train_npz" / "secret.npz").is_file()
+
+
+@pytest.mark.parametrize("fold", [0, 6, 7])
+def test_an_esc50_fold_outside_1_to_5_is_refused(tmp_path, fold):
+    """A row of fold 7 used to train in every fold's run while the record named the 5-fold cycle."""
+    from tasks.data.audio import read_esc50
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "esc50.csv").write_text(f"filename,fold,target,category\na.wav,1,0,dog\nb.wav,{fold},1,cat\n")
+    with pytest.raises(ValueError, match=rf"esc50.csv, line 3: fold {fold}; the ESC-50 layout has folds 1..5"):
+        read_esc50(tmp_path)
+
+
+def test_a_clip_listed_twice_in_one_multilabel_split_is_refused(tmp_path):
+    """It used to train on the clip twice without a word (only a clip in two splits was refused)."""
+    from tasks.data.audio import read_multilabel
+
+    for i in range(3):
+        wav(tmp_path / f"{i}.wav", seed=i)
+    _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["0.wav", "cat", "train"], ["2.wav", "cat", "test"]])
+    with pytest.raises(ValueError, match=r"labels.csv, line 4: '0.wav' is listed again \(first on line 2\)"):
+        read_multilabel(tmp_path)
+
+
+def test_an_audio_split_without_clips_names_the_split_and_the_folder(tmp_path):
+    from tasks.data.audio import AudioDataModule
+
+    for i in range(4):
+        wav(tmp_path / f"{i}.wav", seed=i)
+    _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["2.wav", "cat", "train"], ["3.wav", "dog", "train"]])
+    dm = AudioDataModule(dataset="multilabel", root=str(tmp_path), multilabel=True, generate=False, mean=0.0, std=1.0)
+    with pytest.raises(ValueError, match=rf"multilabel at {re.escape(str(tmp_path))}: the val split has no clips"):
+        dm.val_dataloader()  # it used to be "no audio clips in this split"
+
+
+def test_a_fewshot_split_file_with_an_empty_test_split_is_refused(tmp_path):
+    """It used to train and write test/acc = null with exit 0."""
+    from tasks.data.fewshot import load_fewshot
+
+    d = tmp_path / "oxford_pets"
+    split = {"train": [[f"c{y}/tr{i}.jpg", y, f"class {y}"] for y in range(2) for i in range(2)], "val": [], "test": []}
+    for rel, _, _ in split["train"]:
+        png(d / "images" / rel, seed=zlib.crc32(rel.encode()))
+    (d / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=r"OxfordPets under .*: the test split lists no image"):
+        load_fewshot(tmp_path, "oxford_pets", 1, 1)
+
+
+def _seg_folder(root: Path, n: int = 3) -> None:
+    for split in ("train", "val", "test"):
+        for i in range(n):
+            png(root / split / "images" / f"{split}{i}.png", seed=zlib.crc32(f"{split}{i}".encode()), size=(16, 16))
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(
+                (root / split / "masks").mkdir(parents=True, exist_ok=True) or root / split / "masks" / f"{split}{i}.png")
+
+
+def test_a_segmentation_image_copied_into_another_split_is_refused(tmp_path):
+    """A byte-identical copy of a training image in val or test used to be scored as unseen."""
+    import shutil
+
+    from tasks.data.segmentation import SegDataModule
+
+    _seg_folder(tmp_path)
+    dm = SegDataModule(layout="folder", root=str(tmp_path), num_classes=1, img_size=16)
+    dm.setup("fit")
+    assert len(dm.train_set) == 3 and len(dm.test_set) == 3
+    shutil.copy(tmp_path / "train/images/train0.png", tmp_path / "test/images/copy.png")
+    shutil.copy(tmp_path / "train/masks/train0.png", tmp_path / "test/masks/copy.png")
+    dm = SegDataModule(layout="folder", root=str(tmp_path), num_classes=1, img_size=16)
+    with pytest.raises(ValueError, match=r"1 test file\(s\) are byte-identical to train files \(e.g. .*copy.png = "
+                                         r".*train0.png\); remove the copies"):
+        dm.setup("fit")
+
+
+def test_a_restoration_test_input_copied_from_training_is_warned_about(tmp_path):
+    """Benchmarks are used as they ship: a copy is counted in a warning (it used to pass unnoticed)."""
+    import shutil
+
+    from tasks.data.restoration import RestorationDataModule
+
+    for split in ("train", "test"):
+        for i in range(2):
+            for side in ("input", "target"):
+                png(tmp_path / "rain100l" / split / side / f"{split}{i}.png", seed=zlib.crc32(f"{split}{i}{side}".encode()),
+                    size=(16, 16))
+    shutil.copy(tmp_path / "rain100l/train/input/train0.png", tmp_path / "rain100l/test/input/test0.png")
+    dm = RestorationDataModule(root=str(tmp_path), dataset="derain", generate=False, patch_size=8)
+    with pytest.warns(UserWarning, match=r"derain under .*: 1 test file\(s\) are byte-identical to train files"):
+        dm.setup("fit")
+
+
+def test_an_audio_cache_folder_under_a_file_is_one_line(tmp_path):
+    """ENOTDIR was not one of the environment's write errors: a traceback."""
+    import zoo.io  # noqa: F401 (train.py has it imported: the runner writes through it)
+    from tasks.errors import user_errors
+    from zoo.audio import FrontEnd
+
+    wav(tmp_path / "a.wav")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e, user_errors():
+        FrontEnd(max_length=100, cache_dir=tmp_path / "file" / "cache")(tmp_path / "a.wav")
+    assert str(e.value.code).startswith(f"error: cannot access {tmp_path / 'file' / 'cache'}") \
+        and "a part of this path is a file, not a folder" in e.value.code
+
+
+@pytest.mark.parametrize("override, match", [
+    ("publish=../../escape", r"publish must be a plain name \(letters, digits, '.', '_', '-', not starting with '.' "
+                             r"and without '..'\), got '../../escape'"),
+    ('final_overrides=["task.nothere=1"]', r"final_overrides=\['task.nothere=1'\]: 'task.nothere' is not a key of the "
+                                           r"composed config \(Key 'nothere' is not in struct\)$"),
+    ("test=maybe", r"test='maybe'; valid: auto \(only when the protocol has a test split\), true, false"),
+    ("task.max_epochs=-1", r"trainer.max_epochs=-1 \(task.max_epochs: no limit on epochs\) needs trainer.max_steps >= 1"),
+    ("task.max_epochs=2.5", r"trainer.max_epochs must be an integer >= -1, got 2.5"),
+    ("trainer.limit_train_batches=-1", r"trainer.limit_train_batches must be null, a share of the batches in \[0.0, 1.0\] "
+                                       r"or a number of batches >= 0, got -1"),
+    ("+trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val must be a finite number in \[0.0, inf\), got -1"),
+])
+def test_run_and_trainer_options_are_checked_before_anything_runs(tmp_path, override, match):
+    """test=maybe and gradient_clip_val=-1 used to run on as if valid; max_epochs=-1 / 2.5 and
+    limit_train_batches=-1 were tracebacks from Lightning or the scheduler; a bad publish name was refused
+    only after the whole run had trained."""
+    from tests.helpers import run_train
+    from zoo.hub import HubError
+
+    with pytest.raises((ValueError, HubError), match=match):
+        run_train(["experiment=tiny", "adapter=lora", override, f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

@@ -464,6 +464,24 @@ def test_resume_with_another_adapter_config_is_refused_up_front(tmp_path):
         run_train(TINY + ["adapter.rank=4", "ckpt_path=last"], tmp_path)
 
 
+def test_resume_on_other_data_is_refused_but_another_batch_size_resumes(tmp_path):
+    """The data config was not compared: another data root (or generated set, PDE file, split rule) resumed
+    silently and mixed two trainings. Loading keys (batch size, workers, cache) may change."""
+    from tests.helpers import run_train
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"]
+    data = [f"data.root={tmp_path / 'synthetic'}"]
+    run_train(TINY + data + stop, tmp_path)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["zoo_data"]["root"] == str(tmp_path / "synthetic") and "batch_size" not in state["zoo_data"]
+    with pytest.raises(ValueError, match=rf"cannot resume from .*last\.ckpt.*\n  data\.root: checkpoint "
+                                         rf"'{re.escape(str(tmp_path / 'synthetic'))}', now '.*other'"):
+        run_train(TINY + [f"data.root={tmp_path / 'other'}", "ckpt_path=last"], tmp_path)
+    assert not (tmp_path / "other").exists()  # refused before the other data was generated or read
+    run_train(TINY + data + ["data.batch_size=32", "ckpt_path=last"], tmp_path)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # 2nd epoch
+
+
 def test_truncated_or_unsafe_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     from tasks.trainer.checkpoint_io import load_checkpoint
 
@@ -1054,6 +1072,56 @@ def test_write_failures_of_the_environment_are_one_line_naming_the_path(tmp_path
         raise OSError(5, "Input/output error", "x")
 
 
+@pytest.mark.parametrize("script, args, key", [
+    ("train.py", ["experiment=tiny_seg", "hydra.run.dir={f}/run"], "hydra.run.dir"),
+    ("train.py", ["-m", "experiment=tiny_seg", "paths.log_dir={f}/logs"], "hydra.sweep.dir"),
+    ("eval.py", ["artifact=x", "hydra.run.dir={f}/ev"], "hydra.run.dir"),
+])
+def test_an_unwritable_run_folder_is_one_line_before_hydra_writes(tmp_path, script, args, key):
+    """It used to fail inside Hydra (its mkdir) with a traceback, before the project's code ran."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "a_file"
+    f.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / script), *(a.format(f=f) for a in args)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"error: cannot write the run folder {f}/") and f"({key})" in line[0]
+    assert line[0].endswith(f"{f} is a file, not a folder") and [q.name for q in tmp_path.iterdir()] == ["a_file"]
+
+
+@pytest.mark.parametrize("code, why", [(30, "read-only file system"), (28, "no space left on the device"),
+                                       (13, "permission denied")])
+@pytest.mark.parametrize("fails", ["create", "write"])
+def test_a_read_only_or_full_run_folder_is_refused_naming_it(tmp_path, monkeypatch, code, why, fails):
+    """A read-only mount refuses the probe file's creation; a full disk may create it and refuse its bytes."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from tasks import run_folder
+
+    def refuse(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile if fails == "create" else os, "mkstemp" if fails == "create" else "fsync", refuse)
+    run = tmp_path / "logs" / "runs" / "r"
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(run)}, "output_subdir": ".hydra"}})
+    with pytest.raises(SystemExit) as e:
+        run_folder.CheckRunFolder().on_run_start(config=cfg)
+    assert e.value.code == (f"error: cannot write the run folder {run} (hydra.run.dir): {why}; "
+                            f"choose a writable place with hydra.run.dir=<folder>")
+    assert list(tmp_path.iterdir()) == []  # nothing made, no probe file left
+    # eval.py runs in an existing folder and writes nothing there (no .hydra/, logs to stdout): not refused
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path)}, "output_subdir": None}})
+    run_folder.CheckRunFolder().on_run_start(config=cfg)
+    monkeypatch.undo()
+    assert run_folder.writable_folder_error(run, "hydra.run.dir") is None and list(tmp_path.iterdir()) == []
+
+
 def test_a_write_error_without_a_file_name_gets_the_destination(tmp_path, monkeypatch):
     from zoo.io import atomic_write_text
 
@@ -1132,6 +1200,29 @@ def test_a_nan_loss_in_segmentation_stops_the_run_before_anything_is_saved(tmp_p
         run_train(["experiment=tiny_seg", "adapter=lora", "task.max_epochs=1", "test=false"], tmp_path)
     run = tmp_path / "run"
     assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("overrides", [["experiment=tiny_seg", "adapter=lora"],
+                                       ["experiment=tiny_audio", "adapter=lora"]])
+def test_a_learning_rate_of_1e12_ends_with_the_non_finite_loss_line_and_saves_nothing(tmp_path, overrides):
+    """A real divergence, not a loss forced to NaN: segmentation's own training_step and another kind."""
+    from tasks.base import NonFiniteLossError
+    from tasks.runner import user_errors
+    from tests.helpers import run_train
+
+    reg = tmp_path / "registry.json"
+    with pytest.raises(NonFiniteLossError) as e:
+        run_train([*overrides, "task.optimizer.lr=1e12", f"paths.data_dir={tmp_path / 'data'}", "publish=diverged",
+                   f"publish_registry={reg}"], tmp_path)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists() and not reg.exists()
+    with pytest.raises(SystemExit) as ex, user_errors():
+        raise e.value
+    assert re.fullmatch(r"error: the training loss became (nan|inf|-inf) at step \d+ \(epoch \d+\): most likely the "
+                        r"learning rate is too high .*\(task\.optimizer\.lr=1000000000000\.0; try 10x lower\)\. "
+                        r"Training stopped; .* nothing was saved or published", ex.value.code), ex.value.code
+    if e.value.args[0].find("(epoch 0)") >= 0:  # no finished epoch: no checkpoint to speak of
+        assert "no checkpoint was written" in ex.value.code and not (run / "checkpoints" / "last.ckpt").exists()
 
 
 def test_every_task_kind_goes_through_the_one_finite_loss_check():

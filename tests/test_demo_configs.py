@@ -64,6 +64,20 @@ def test_clip_rows_zero_shot_linear_probe_and_lora():
     assert (lora.adapter.name, lora.adapter.tower, lora.task.head) == ("lora", "both", "text")  # CLIP-LoRA
 
 
+def test_clip_demo_validates_its_last_epoch_and_selects_nothing_on_it():
+    """The caption ranks the rows on validation (never test): the 4-shot validation draw must be on, the weights
+    tested must be the last ones (CoOp's rule), and the last epoch must be one that validates -- otherwise val/acc
+    is a stale epoch's (e.g. max_steps not a multiple of the epochs between validations)."""
+    import math
+
+    cfg = apply_final_overrides(compose_config(["experiment=clip_quickstart", "adapter=clip_lora"]))
+    assert cfg.data.validate is True and cfg.task.selection == "last"
+    train_items = cfg.task.shots * 12  # 16 shots of the 12 base classes (CLIP-LoRA's sampler repeats short classes)
+    batches = math.ceil(train_items / cfg.data.batch_size)
+    epochs, every = cfg.task.max_steps / batches, cfg.trainer.check_val_every_n_epoch
+    assert epochs == int(epochs) and int(epochs) % every == 0, (cfg.task.max_steps, batches, every)
+
+
 def test_final_overrides_rejects_a_malformed_entry():
     cfg = OmegaConf.create({"final_overrides": ["backbone.weights"], "backbone": {"weights": "x"}})
     with pytest.raises(ValueError, match="expected 'key=value' strings"):
@@ -107,3 +121,7 @@ def test_config_id_is_equal_exactly_for_runs_that_differ_by_seed_or_fold(tmp_pat
     folds = [config_id(compose_config(["experiment=audio_quickstart", "adapter=lora", f"task.fold={f}"], tmp_path))
              for f in (1, 2)]
     assert folds[0] == folds[1]
+    from tasks.options import check_run_options
+
+    with pytest.raises(ValueError, match="publish_seed"):
+        check_run_options(compose_config(["experiment=tiny", "publish_seed=first"]))

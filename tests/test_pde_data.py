@@ -216,7 +216,8 @@ def test_metrics_against_a_hand_computation():
     assert e["mse"].item() == pytest.approx(1.0)  # (0 + 0 + 0 + 4) / 4
     assert e["rmse"].item() == pytest.approx(1.0)
     assert e["nrmse"].item() == pytest.approx(math.sqrt(1.0 / 7.5), rel=1e-6)  # mean(y²) = 30/4
-    assert e["vrmse"].item() == pytest.approx(math.sqrt(1.0 / 1.25), rel=1e-6)  # var(y) = 1.25
+    # The Well's VRMSE divides by torch.std(y)² (Bessel-corrected): Σ(y − ȳ)² = 5 over 4 − 1 points
+    assert e["vrmse"].item() == pytest.approx(math.sqrt(1.0 / (5.0 / 3.0)), rel=1e-6)
     m = RolloutMetrics()
     m.update(pred, true)
     m.update(true, true)

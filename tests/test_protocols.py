@@ -31,10 +31,35 @@ def test_selection_on_a_validation_split_that_is_test_is_refused_naming_both_spl
     assert resolve_selection("last", _splits("test", "test", True)) == "last"
     assert resolve_selection("val_is_test", _splits("test", "test", True)) == "val_is_test"
     assert resolve_selection("val", _splits("val", "test", False)) == "val"
-    assert resolve_selection("val_is_test", _splits("val", "test", False)) == "val"  # nothing of test validates
     assert resolve_selection("val", _splits(None, "test", False)) == "last"  # nothing to select on
     with pytest.raises(ValueError, match="valid: val, last, val_is_test"):
         resolve_selection("best", _splits("val", "test", False))
+
+
+def test_val_is_test_on_a_separate_validation_split_selects_on_val_and_says_so_in_one_line(caplog):
+    # nothing of test validates: the request is harmless, but what happens (val) differs from what was asked
+    with caplog.at_level("WARNING", logger="tasks.protocol"):
+        assert resolve_selection("val_is_test", _splits("valid", "test", False)) == "val"
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "validation split (valid) is separate from the test split (test)" in lines[0]
+    assert "selection=val" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.protocol"):  # VTAB's tune protocol: val200, no test split
+        assert resolve_selection("val_is_test", _splits("val200", None, False)) == "val"
+    assert "validation split (val200) is separate from the test split (none here)" in caplog.records[-1].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.protocol"):  # asked for where it applies: no warning
+        assert resolve_selection("val_is_test", _splits("test", "test", True)) == "val_is_test"
+        assert resolve_selection("val", _splits("valid", "test", False)) == "val"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_run_asking_val_is_test_on_separate_splits_records_val(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="tasks.protocol"):
+        m = run_train(["experiment=tiny_pde", "adapter=lora", "task.max_epochs=1", "task.selection=val_is_test"], tmp_path)
+    assert m["selection"] == "val" and m["protocol"]["selection"] == "val" and m["validated_on"] == "val"
+    assert any("validation split (val) is separate from the test split (test)" in r.getMessage() for r in caplog.records)
 
 
 def test_a_run_that_trains_nothing_selects_nothing():
@@ -613,3 +638,19 @@ def test_segmentation_sam_pipeline_refuses_what_it_cannot_do(tmp_path):
     cfg = compose_config(["experiment=tiny_seg", "data.layout=synapse", "task.sam.pipeline=longest_side"])
     with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
         build_datamodule(cfg, build_task(cfg))
+
+
+def test_samed_recipe_refuses_sams_predictor_pipeline():
+    # SAMed squashes every slice (512 -> 224 -> 512, test_single_volume): its recipe keeps that pipeline, and
+    # asking it for SAM's natural-image pipeline is refused in one line, not silently ignored
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["experiment=samed_synapse", "task.sam.pipeline=longest_side"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data.pop("normalize") == "none"  # SAMed: slices stay in [0, 1] (the runner passes mean = std = None)
+    with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
+        instantiate(data, mean=None, std=None, _convert_="all")
+    assert compose_config(["experiment=samed_synapse"]).task.sam.get("pipeline") is None  # the recipe sets none

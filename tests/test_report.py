@@ -203,3 +203,25 @@ def test_summary_table_prints_the_caption_and_which_runs_were_published(tmp_path
     assert "lora beats linear beyond the noise" in out
     note = "Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), demo-lora (lora, seed 0)"
     assert note in out and note in (tmp_path / "summary.md").read_text()
+
+
+def test_an_evaluate_only_baseline_is_in_the_table_of_the_trained_rows(tmp_path):
+    """Bug caught: the zero-shot / no-fine-tuning row (train=false, recorded selection "none") was put in a table of
+    its own, so the demo printed two tables and the caption "Only the baseline row ran: nothing to compare"."""
+    rows = write_runs(tmp_path, {"zero-shot": [0.40, 0.40, 0.40], "lora": [0.55, 0.56, 0.54], "other": [0.5, 0.5, 0.5]})
+    for m in rows:
+        norm = "imagenet" if m["label"] == "other" else "backbone"  # another normalisation: another protocol
+        m["protocol"] = {"name": "p", "selection": "none" if m["label"] == "zero-shot" else "last",
+                         "val_overlaps_test": False, "normalisation": norm}
+    md = markdown(rows)
+    tables = md.split("**protocol**:")[1:]
+    assert len(tables) == 2
+    main = next(t for t in tables if '"backbone"' in t.splitlines()[0])
+    assert 'selection="last"' in main.splitlines()[0]  # headed by the trained runs' selection
+    assert "| zero-shot | d | 3 |" in main and "| lora | d | 3 |" in main and "| other |" not in main
+    text = caption(rows, "zero-shot")
+    assert "Best row lora: 55.0 ± 1.0 vs baseline zero-shot: 40.0 ± 0.0, 15.0 points better" in text
+    assert text.splitlines()[-1] == "(not compared, made under another protocol than the baseline: other)"
+    # alone (no trained run shares its record), an evaluate-only run keeps a table of its own
+    alone = [m for m in rows if m["label"] != "lora"]
+    assert len(markdown(alone).split("**protocol**:")[1:]) == 2

@@ -213,17 +213,25 @@ def on_train_step(model: nn.Module, step: int) -> None:
         a.on_train_step(step)
 
 
+OPTIMIZERS = ("adamw", "adam")
+
+
 def build_optimizer(model: nn.Module, groups: list[dict], lr: float, weight_decay: float,
-                    betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The training optimizer over ``groups``: AdamW, unless an attached adapter replaces it
-    (GaLore's projected Adam, LoRA-Pro's adjusted-gradient optimizer). Two that do are refused."""
+                    betas=(0.9, 0.999), eps: float = 1e-8, name: str = "adamw") -> torch.optim.Optimizer:
+    """The training optimizer over ``groups``: AdamW (decoupled weight decay), or ``name="adam"``: Adam with
+    the decay added to the gradient (L2, ``torch.optim.Adam(weight_decay=...)``, as AST's ``traintest.py``),
+    unless an attached adapter replaces it (GaLore's projected Adam, LoRA-Pro's adjusted-gradient optimizer).
+    Two that do are refused."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     made = [(a.name, o) for a in adapters_of(model)
             if (o := a.make_optimizer(groups, lr, weight_decay, tuple(betas), float(eps))) is not None]
     if len(made) > 1:
         raise ValueError(f"adapters {[n for n, _ in made]} each replace the optimizer; attach only one of them")
     if made:
         return made[0][1]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=float(eps))
+    algo = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return algo(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=float(eps))
 
 
 def extra_loss(model: nn.Module, ctx: StepContext) -> torch.Tensor | None:
@@ -251,12 +259,14 @@ def set_task(model: nn.Module, task_ids: torch.Tensor | int | None) -> None:
         a.set_task(task_ids)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, decay_1d: bool = False) -> list[dict]:
     """Optimizer groups over the trainable parameters only.
 
     Adapters may claim their parameters in groups of their own (e.g. MHR's routing logits with
     a larger learning rate); every other trainable parameter goes to a default group, with
-    weight decay off for biases, norms and 1-d tensors (as timm's ``param_groups_weight_decay``).
+    weight decay off for biases, norms and 1-d tensors (as timm's ``param_groups_weight_decay``),
+    unless ``decay_1d`` (every parameter decays, as ``Adam(model.parameters(), weight_decay=...)`` in
+    AST's and PETL-AST's training scripts).
     """
     groups: list[dict] = []
     claimed: set[int] = set()
@@ -271,7 +281,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
         if not p.requires_grad or id(p) in claimed:
             continue
         claimed.add(id(p))
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if not decay_1d and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
     if decay:
         groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
     if no_decay:

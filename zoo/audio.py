@@ -11,14 +11,18 @@ Follows the original AST data loader (Gong et al., Interspeech 2021; ``YuanGongN
   preemphasis 0.97, power spectrum, log mel → ``[frames, 128]`` at 100 frames/s;
 * zero rows appended up to ``max_length`` frames, or the first ``max_length`` frames kept;
 * SpecAugment (training): ``torchaudio.transforms.FrequencyMasking(freqm)`` then ``TimeMasking(timem)``
-  on the ``[1, F, T]`` view, *before* normalisation as in the reference loader;
+  on the ``[1, F, T]`` view, *before* normalisation as in the reference loader (masked cells are raw 0,
+  ``−mean/(2·std)`` after it); ``specaug_after_norm=True`` masks the normalised features instead (masked
+  cells 0), as PETL-AST does on the HF feature extractor's output (``dataset/esc_50.py``);
 * normalisation ``(x − mean) / (2 · std)`` with per-dataset statistics (:data:`NORM_STATS`);
 * mixup (:func:`mixup_waveforms`): at waveform level, λ ~ Beta(10, 10), both clips mean-centred;
 * AST's Speech-Commands noise augmentation (:func:`add_noise_and_shift`, training, ``noise=True``), after
   normalisation as in the reference loader.
 
 :class:`FbankCache` stores the raw (unpadded, unnormalised) fbank of a file on disk keyed by the file's
-path, size, mtime and the fbank arguments, so epoch 2 reads instead of recomputing. Plain PyTorch.
+path, size, mtime, inode and ctime and the fbank arguments, so epoch 2 reads instead of recomputing (ctime,
+which every content write sets and nobody can set back, catches a same-size edit whose mtime was put back).
+Plain PyTorch.
 """
 from __future__ import annotations
 
@@ -179,7 +183,7 @@ def add_noise_and_shift(fb: torch.Tensor, max_noise: float = 0.1, max_shift: int
 
 
 class FbankCache:
-    """Raw fbanks on disk, one safetensors file per (file, size, mtime, :class:`FbankArgs`)."""
+    """Raw fbanks on disk, one safetensors file per (file, size, mtime, inode, ctime, :class:`FbankArgs`)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -187,7 +191,7 @@ class FbankCache:
     def key(self, path: str | os.PathLike, args: FbankArgs) -> str:
         p = Path(path).resolve()
         st = p.stat()
-        ident = json.dumps([str(p), st.st_size, st.st_mtime_ns, asdict(args)], sort_keys=True)
+        ident = json.dumps([str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, asdict(args)], sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def get(self, path, args: FbankArgs) -> torch.Tensor | None:
@@ -225,8 +229,9 @@ class FrontEnd:
     def __init__(self, max_length: int = 1024, mean: float = NORM_STATS["audioset"][0],
                  std: float = NORM_STATS["audioset"][1], args: FbankArgs = FbankArgs(), freqm: int = 0,
                  timem: int = 0, cache_dir: str | os.PathLike | None = None, normalize: bool = True,
-                 noise: bool = False):
+                 noise: bool = False, specaug_after_norm: bool = False):
         self.max_length, self.mean, self.std, self.args = int(max_length), float(mean), float(std), args
+        self.specaug_after_norm = bool(specaug_after_norm)
         self.specaug = SpecAugment(freqm, timem)
         self.cache = FbankCache(cache_dir) if cache_dir else None
         self.do_normalize = normalize
@@ -259,10 +264,12 @@ class FrontEnd:
 
     def finish(self, fb: torch.Tensor, train: bool = False) -> torch.Tensor:
         fb = pad_or_cut(fb, self.max_length)
-        if train:
+        if train and not self.specaug_after_norm:
             fb = self.specaug(fb)
         if self.do_normalize:
             fb = normalize(fb, self.mean, self.std)
+        if train and self.specaug_after_norm:
+            fb = self.specaug(fb)
         return add_noise_and_shift(fb) if train and self.noise else fb
 
     def __call__(self, path, train: bool = False) -> torch.Tensor:

@@ -51,6 +51,7 @@ WRITE_ERRNOS = {
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
 }
 
 
@@ -60,7 +61,7 @@ def is_environment_error(e: BaseException) -> bool:
 
 def describe_os_error(e: OSError) -> str:
     """``cannot write <path>: no space left on the device`` (the path when the error names one)."""
-    verb = "cannot access" if e.errno in (errno.EACCES, errno.EPERM) else "cannot write"
+    verb = "cannot access" if e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) else "cannot write"
     why = WRITE_ERRNOS.get(e.errno, e.strerror or str(e))
     where = f" {e.filename}" if e.filename else ""
     return f"{verb}{where}: {why}" + ("; the files already there are left as they were" if e.errno in WRITE_ERRNOS else "")

@@ -17,8 +17,8 @@ Protocols:
   clips are used nowhere (as TFDS ``speech_commands``); without it, the v2 testing list + silence pieces.
 * **folder**: ``root/<class>/*.wav``, or ``root/{train,val,test}/<class>/*.wav``.
 * **multilabel**: ``root/labels.csv`` (or ``labels.tsv``) with columns ``file,labels[,split]``: ``file``
-  relative to ``root``, ``labels`` the clip's class names separated by ``;`` (an AudioSet-style label
-  list), ``split`` train / val / test (without it, a fixed 80/10/10 shuffle); ``root/classes.txt`` (one
+  relative to ``root`` (an absolute path or one with ``..`` is refused: a list is data), ``labels`` the
+  clip's class names separated by ``;`` (an AudioSet-style label list), ``split`` train / val / test (without it, a fixed 80/10/10 shuffle); ``root/classes.txt`` (one
   name a line) fixes the class order, else the sorted names. Targets are multi-hot vectors.
 
 Every reader gives ``(path, label)`` lists (label: a class index, or a tuple of indices for multi-label); :class:`AudioClips` turns them into fbanks through
@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
+from tasks.data.paths import check_inside
 from tasks.data.reading import read_text
 from tasks.data.staging import staging_dir
 from tasks.options import LOADER, FRACTION, Int, Real, check_options
@@ -73,10 +74,14 @@ def read_esc50(root: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{meta}: missing column(s) {missing}; expected {', '.join(ESC50_COLUMNS)}")
         rows = []
         for i, r in enumerate(reader, start=2):
+            name = check_inside((r["filename"] or "").strip(), f"{meta}, line {i}", root / "audio")
             try:
-                rows.append({**r, "path": str(root / "audio" / r["filename"]), "fold": int(r["fold"]), "target": int(r["target"])})
+                rows.append({**r, "path": str(root / "audio" / name), "fold": int(r["fold"]), "target": int(r["target"])})
             except (ValueError, TypeError):
                 raise ValueError(f"{meta}, line {i}: fold and target must be integers, got {r['fold']!r}, {r['target']!r}") from None
+            if not 1 <= rows[-1]["fold"] <= 5:  # a 6th fold would only ever train, and the recorded protocol
+                # (split_info: the 5-fold cycle) would name another validation fold than the one used
+                raise ValueError(f"{meta}, line {i}: fold {rows[-1]['fold']}; the ESC-50 layout has folds 1..5")
             if rows[-1]["target"] < 0:
                 raise ValueError(f"{meta}, line {i}: target {rows[-1]['target']} is negative; targets are class indices 0..K-1")
     if not rows:
@@ -338,7 +343,7 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
         cols = reader.fieldnames or []
         if "file" not in cols or "labels" not in cols:
             raise ValueError(f"{meta}: columns {cols}; expected file,labels[,split]")
-        rows = []
+        rows, seen = [], {}
         for i, r in enumerate(reader, start=2):
             names = parse_labels(r["labels"] or "")
             if not names:
@@ -346,8 +351,12 @@ def read_multilabel(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, 
             split = (r.get("split") or "").strip()
             if "split" in cols and split not in ("train", "val", "test"):
                 raise ValueError(f"{meta}, line {i}: split {split!r}; valid: train, val, test")
-            path = Path(r["file"].strip())
-            rows.append((str(path if path.is_absolute() else root / path), names, split, i))
+            path = check_inside((r["file"] or "").strip(), f"{meta}, line {i}", root)
+            if (path, split) in seen:  # it used to count twice; across splits, check_disjoint below names the splits
+                raise ValueError(f"{meta}, line {i}: {path!r} is listed again (first on line {seen[path, split]}); "
+                                 f"one line per clip, with all its labels")
+            seen[path, split] = i
+            rows.append((str(root / path), names, split, i))
     if not rows:
         raise ValueError(f"{meta} lists no clips")
     class_file = root / "classes.txt"
@@ -710,9 +719,11 @@ class AudioDataModule(L.LightningDataModule):
                  eval_batch_size: int = 64, num_workers: int = 0, cache_dir: str | None = None,
                  bad_files: str = "raise", generate: bool = True, generate_clips: int = 20, seed: int = 0,
                  num_classes: int | None = None, multilabel: bool = False, noise: bool = False,
-                 test_root: str | None = None, silence: str = "balanced"):
+                 test_root: str | None = None, silence: str = "balanced", specaug_after_norm: bool = False):
         super().__init__()
         check_options("data", locals(), OPTIONS)
+        if not isinstance(specaug_after_norm, bool):
+            raise ValueError(f"data.specaug_after_norm={specaug_after_norm!r}; valid: true, false")
         self.seed = seed
         if dataset in MULTILABEL_DATASETS and not multilabel:
             raise ValueError(f"task.dataset={dataset} has multi-label targets: use task=audio_multilabel "
@@ -724,7 +735,7 @@ class AudioDataModule(L.LightningDataModule):
             raise ValueError(f"task.num_classes={num_classes}, but {dataset} at {root} has {self.num_classes} classes "
                              f"({', '.join(self.classes[:6])}{', ...' if self.num_classes > 6 else ''}); "
                              f"set task.num_classes={self.num_classes}")
-        self.dataset, self.fold, self.val_fold = dataset, fold, val_fold
+        self.dataset, self.fold, self.val_fold, self.root = dataset, fold, val_fold, root
         args = FbankArgs(sample_rate=sample_rate, num_mel_bins=num_mel_bins)
         self.args, self.max_length = args, max_length
         self.cache_dir = cache_dir
@@ -740,7 +751,8 @@ class AudioDataModule(L.LightningDataModule):
         self.mean, self.std = float(mean), float(std)
         self.normalisation = {"mean": self.mean, "std": self.std, "source": stats_source}
         self.front = lambda train: FrontEnd(max_length, self.mean, self.std, args, freqm if train else 0,
-                                            timem if train else 0, cache_dir, noise=noise and train)
+                                            timem if train else 0, cache_dir, noise=noise and train,
+                                            specaug_after_norm=specaug_after_norm)
         self.mixup, self.bad_files = float(mixup), bad_files
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.test_set = self.splits["test"] or None  # the runner tests at the end when a test split exists
@@ -775,6 +787,10 @@ class AudioDataModule(L.LightningDataModule):
             | {"val_overlaps_test": overlap}
 
     def dataset_for(self, split: str, train: bool = False) -> AudioClips:
+        if not self.splits[split]:  # it used to be "no audio clips in this split", naming neither
+            raise ValueError(f"{self.dataset} at {self.root}: the {split} split has no clips (a labels.csv split "
+                             f"column with no {split!r} row, or an empty {split}/ folder); add some, or use the "
+                             f"layout's other split rule")
         return AudioClips(self.splits[split], self.front(train), self.num_classes, train=train,
                           mixup=self.mixup if train else 0.0, bad_files=self.bad_files, multilabel=self.multilabel)
 

@@ -336,6 +336,10 @@ def load_fewshot(root: str | Path, dataset: str, shots: int, seed: int, subsampl
     if shots not in (0, 1, 2, 4, 8, 16):
         log.warning("K=%d: the CoOp protocol uses K in {1, 2, 4, 8, 16}", shots)
     image_root, splits = read_split(root, dataset, layout)
+    empty = [s for s in ("train", "test") if not splits[s]]
+    if empty:  # an empty test split used to train and report test/acc = null with exit 0
+        raise ValueError(f"{info.name} under {image_root}: the {' and the '.join(empty)} split lists no image; "
+                         f"a few-shot run trains on train and reports on test")
     names_all = classnames_of(splits["train"] + splits["test"])
     train, val = sample_fewshot(splits["train"], splits["val"], shots, seed, sampler, short_classes)
     train, val, test = subsample_classes(train, val, splits["test"], subsample=subsample)

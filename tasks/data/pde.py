@@ -29,6 +29,12 @@ RevIN (MORPH ``src/utils/normalization.py``): per trajectory and field, μ and �
 future frames included); ``revin=context`` computes them per window from the context frames only (no
 leakage); ``revin=none`` leaves data as is. A trajectory with NaN/Inf values is reported with its index
 (``on_nan=error``) or dropped with a warning naming it (``on_nan=skip``).
+
+The Well's own normalisation (``revin=zscore`` / ``revin=rms``; ``the_well/data/normalization.py``): fixed
+per-channel statistics of the dataset's training split, read from its ``stats.yaml`` (``mean``/``std`` or
+``rms`` per field, a list per component for a vector field), the same for every trajectory:
+``zscore`` is ``(x − mean) / max(std, 1e-4)`` (``ZScoreNormalization``), ``rms`` is ``x / max(rms, 1e-4)``
+(``RMSNormalization``); metrics are computed on de-normalised fields, as The Well's trainer does.
 """
 from __future__ import annotations
 
@@ -47,6 +53,9 @@ from tasks.data.reading import DataFileError, reading
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
+MIN_DENOM = 1e-4  # The Well's min_denom: its normalisers clip std / rms at this
+REVIN = ("trajectory", "context", "none")  # per-instance statistics
+DATASET_NORMS = ("zscore", "rms")  # The Well's dataset-wide statistics (stats.yaml)
 VELOCITY = ("Vx", "Vy", "Vz")
 SCALARS_CFD = ("density", "pressure")
 MULT = 8
@@ -119,9 +128,10 @@ def revin_stats(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.
 
 
 def _bcast(s: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(B, F) -> broadcastable to (B, [T,] F, C, D, H, W) with ``ndim`` dims."""
+    """(B, F) (RevIN, per field) or (B, F, C) (dataset statistics, per channel) -> broadcastable to
+    (B, [T,] F, C, D, H, W) with ``ndim`` dims."""
     s = s[:, None] if ndim == 7 else s
-    return s.reshape(*s.shape, 1, 1, 1, 1)
+    return s.reshape(*s.shape, *(1,) * (ndim - s.ndim))
 
 
 def revin_norm(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -130,6 +140,51 @@ def revin_norm(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.
 
 def revin_denorm(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x * _bcast(sigma, x.ndim) + _bcast(mu, x.ndim)
+
+
+def read_norm_stats(path: Path) -> dict:
+    """A The Well ``stats.yaml`` (per-field ``mean``, ``std``, ``rms``, ...) as a dict; one line when absent."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The Well's normalisation needs the dataset's statistics file: {path} not found "
+                                "(it comes with each dataset, beside data/; or set data.stats_file=/path/to/stats.yaml)")
+    with reading(path, "The Well statistics file (YAML)"):
+        stats = yaml.safe_load(path.read_text())
+    if not isinstance(stats, dict):
+        raise DataFileError(f"{path}: expected a mapping of statistics (mean, std, rms, ...), got {type(stats).__name__}")
+    return stats
+
+
+def dataset_norm_stats(stats: dict, layout: "Layout", kind: str, where: str = "stats.yaml") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(shift, scale)`` arrays ``(F, C)`` for The Well's ``zscore`` (mean, max(std, 1e-4)) or
+    ``rms`` (0, max(rms, 1e-4)) normalisation of a The Well ``layout``; scalars repeated over C as the data."""
+    if kind not in DATASET_NORMS:
+        raise ValueError(f"revin={kind!r} is not a dataset normalisation; valid: {', '.join(DATASET_NORMS)}")
+    if layout.kind != "well":
+        raise ValueError(f"data.revin={kind} reads The Well's stats.yaml, which only The Well's files have; "
+                         f"use data.revin=trajectory, context or none for this file")
+    keys = ("mean", "std") if kind == "zscore" else ("rms",)
+    missing = [k for k in keys if k not in stats]
+    if missing:
+        raise ValueError(f"{where} has no {missing} statistics (it holds: {', '.join(map(str, stats))})")
+    c = max(max(layout.components), 1)
+    shift, scale = np.zeros((len(layout.keys), c)), np.ones((len(layout.keys), c))
+    for j, ((_, name), comps) in enumerate(zip(layout.keys, layout.components)):
+        vals = []
+        for k in keys:
+            if name not in stats[k]:
+                raise ValueError(f"{where}: no {k!r} for field {name!r} (it has: {', '.join(map(str, stats[k]))})")
+            v = np.atleast_1d(np.asarray(stats[k][name], dtype=np.float64))
+            if v.size not in (1, max(comps, 1)):
+                raise ValueError(f"{where}: {k}[{name!r}] has {v.size} values; the field has {max(comps, 1)} component(s)")
+            vals.append(np.broadcast_to(v, (c,)) if comps == 0 else v)
+        if kind == "zscore":
+            shift[j], scale[j] = vals[0], np.maximum(vals[1], MIN_DENOM)
+        else:
+            scale[j] = np.maximum(vals[0], MIN_DENOM)
+    return shift.astype(np.float32), scale.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ file readers
@@ -228,6 +283,7 @@ def detect_layout(f, path, fields: Sequence[str] | None = None) -> Layout:
 
 def _well_layout(f, path, fields) -> Layout:
     entries = []  # (group, name, components)
+    constant = []  # fields that do not change in time: The Well's inputs, never predicted or scored
     for grp, rank in (("t0_fields", 0), ("t1_fields", 1), ("t2_fields", 2)):
         if grp not in f:
             continue
@@ -235,7 +291,17 @@ def _well_layout(f, path, fields) -> Layout:
             name = name.decode() if isinstance(name, bytes) else str(name)
             if name not in f[grp]:
                 raise ValueError(f"{path}: {grp} lists field {name!r} but has no such dataset")
+            attrs = f[grp][name].attrs
+            if not bool(attrs.get("time_varying", True)):
+                constant.append(name)
+                continue
+            if not bool(attrs.get("sample_varying", True)):
+                raise ValueError(f"{path}: {grp}/{name} is time-varying but the same for every trajectory "
+                                 "(sample_varying false): not a layout this reader takes; leave it out with data.fields=[...]")
             entries.append((grp, name, rank))
+    if constant:
+        log.warning("%s: constant field(s) %s left out (The Well's constant fields are inputs, not predicted or scored)",
+                    path, constant)
     by_name = {e[1]: e for e in entries}
     if fields is not None:
         bad = [k for k in fields if k not in by_name]
@@ -315,6 +381,26 @@ class Trajectories:
             x = fit_spatial(x, self.fit)
         return x
 
+    def channels(self) -> list[tuple[int, int, str]]:
+        """The data's channels as ``(field, component, name)``: a scalar field once (its UPTF-7 slots repeat
+        it), a vector field once per component. Names follow the file: The Well's ``velocity_x`` (its
+        ``flatten_field_names``, with the file's ``dimensions/spatial_dims``), PDEBench's ``Vx``, ``density``."""
+        lay = self.layout
+        if lay.kind == "well":
+            dims = ["x", "y", "z"]
+            f = self.h5()
+            if "dimensions" in f and "spatial_dims" in f["dimensions"].attrs:
+                dims = [d.decode() if isinstance(d, bytes) else str(d) for d in f["dimensions"].attrs["spatial_dims"]]
+            names = [[name] if c == 0 else [f"{name}_{dims[k]}" for k in range(c)]
+                     for (_, name), c in zip(lay.keys, lay.components)]
+        elif lay.kind == "fields":
+            names = [list(g) if c else [g[0]] for g, c in zip(lay.keys, lay.components)]
+        elif lay.kind == "seeds":
+            names = [[f"u{j}"] for j in range(len(lay.components))]
+        else:
+            names = [["u"]]
+        return [(j, k, n) for j, ns in enumerate(names) for k, n in enumerate(ns)]
+
     def crop(self, x: torch.Tensor) -> torch.Tensor:
         """Back to the original spatial region (after padding)."""
         d, h, w = self.spatial
@@ -339,7 +425,7 @@ def nan_report(traj: Trajectories, bad: list[int]) -> str:
     first = bad[0]
     x = traj.read(first)
     step = int(np.argwhere(~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1))[0, 0])
-    return (f"{traj.path.name}: trajectory {first} contains NaN/Inf values (first at time step {step})"
+    return (f"{traj.path}: trajectory {first} contains NaN/Inf values (first at time step {step})"
             + (f"; also trajectories {bad[1:10]}{'...' if len(bad) > 10 else ''}" if len(bad) > 1 else "")
             + " -- fix the file or set data.on_nan=skip to drop them")
 
@@ -351,7 +437,7 @@ def split_indices(traj: Trajectories, split: str, test_ratio: float = 0.1, val_r
         return list(range(n))
     n_test, n_val = max(1, int(round(n * test_ratio))), max(1, int(round(n * val_ratio)))
     if n_test + n_val >= n:
-        raise ValueError(f"{traj.path.name}: {n} trajectories are too few for a {test_ratio}/{val_ratio} test/val split")
+        raise ValueError(f"{traj.path}: {n} trajectories are too few for a {test_ratio}/{val_ratio} test/val split")
     if traj.layout.kind == "seeds":  # test = last 10% of sorted seeds
         test, val, train = range(n - n_test, n), range(n - n_test - n_val, n - n_test), range(0, n - n_test - n_val)
     else:  # test = first 10%
@@ -362,6 +448,7 @@ def split_indices(traj: Trajectories, split: str, test_ratio: float = 0.1, val_r
 class WindowDataset(Dataset):
     """``(context (t, F, C, D, H, W), target (k, F, C, D, H, W), mu (F,), sigma (F,), traj_index)``; with
     ``horizon = 1`` the target is the single next frame ``(F, C, D, H, W)``, shaped like the model's output.
+    With The Well's normalisation (``revin=zscore|rms``, ``norm_stats``) ``mu``, ``sigma`` are ``(F, C)``.
 
     Windows slide over every start of the chosen trajectories (``k = 1`` for teacher-forced training,
     ``k = horizon`` for rollout evaluation, where ``starts`` may restrict them, e.g. ``[0]``). Values are
@@ -371,15 +458,19 @@ class WindowDataset(Dataset):
 
     def __init__(self, traj: Trajectories, indices: Sequence[int], context: int = 1, horizon: int = 1,
                  revin: str = "trajectory", on_nan: str = "error", starts: Sequence[int] | None = None,
-                 stats: tuple | None = None, stride: int = 1):
-        if revin not in ("trajectory", "context", "none"):
-            raise ValueError(f"revin={revin!r}; valid: trajectory, context, none")
+                 stats: tuple | None = None, stride: int = 1, norm_stats: tuple | None = None):
+        if revin not in REVIN + DATASET_NORMS:
+            raise ValueError(f"revin={revin!r}; valid: {', '.join(REVIN + DATASET_NORMS)}")
+        if (revin in DATASET_NORMS) != (norm_stats is not None):
+            raise ValueError(f"revin={revin!r} " + ("needs the dataset's statistics (norm_stats)" if norm_stats is None
+                                                    else "takes no dataset statistics (norm_stats)"))
+        self.norm_stats = None if norm_stats is None else tuple(torch.as_tensor(a) for a in norm_stats)
         if on_nan not in ("error", "skip"):
             raise ValueError(f"on_nan={on_nan!r}; valid: error, skip")
         if context < 1 or horizon < 1:
             raise ValueError(f"context ({context}) and horizon ({horizon}) must be >= 1")
         if context + horizon > traj.frames:
-            raise ValueError(f"{traj.path.name}: context {context} + horizon {horizon} frames exceed the trajectories' "
+            raise ValueError(f"{traj.path}: context {context} + horizon {horizon} frames exceed the trajectories' "
                              f"{traj.frames} frames; lower task.rollout_horizon or task.context")
         self.traj, self.context, self.horizon, self.revin = traj, context, horizon, revin
         mu, sigma, bad = stats if stats is not None else traj.scan()
@@ -387,7 +478,7 @@ class WindowDataset(Dataset):
         if bad_here:
             if on_nan == "error":
                 raise ValueError(nan_report(traj, bad_here))
-            log.warning("%s: dropping trajectories with NaN/Inf values: %s", traj.path.name, bad_here)
+            log.warning("%s: dropping trajectories with NaN/Inf values: %s", traj.path, bad_here)
         self.indices = [i for i in indices if i not in set(bad)]
         self.mu, self.sigma = torch.from_numpy(mu), torch.from_numpy(sigma)
         last = traj.frames - context - horizon
@@ -406,6 +497,8 @@ class WindowDataset(Dataset):
         elif self.revin == "context":
             m, sd = revin_stats(ctx[None].double())
             mu, sigma = m[0].float(), sd[0].float()
+        elif self.norm_stats is not None:  # The Well: the dataset's per-channel statistics, (F, C)
+            mu, sigma = self.norm_stats
         else:
             mu, sigma = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
         tgt = revin_norm(tgt[None], mu[None], sigma[None])[0]

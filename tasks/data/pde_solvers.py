@@ -32,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from tasks.options import Int, check_options
+
 
 # ------------------------------------------------------------------------------- initial conditions
 def init_params(n: int, rng: np.random.Generator, k_tot: int = 4, picks: int = 2) -> list[dict]:
@@ -245,6 +247,9 @@ def generate(equation: str, root: str | os.PathLike, n: int = 32, res: int = 64,
     Defaults are small (n trajectories of ``frames`` saved steps on ``res`` cells); the PDEBench file name
     and parameter attrs are kept (``1D_Burgers_Sols_Nu0.01.hdf5`` ...).
     """
+    # n=0 used to fail in numpy ("need at least one array to stack"); res=0 or frames=1 made no usable data
+    check_options("data.generate_options", {"n": n, "res": res, "frames": frames},
+                  {"n": Int(1), "res": Int(8), "frames": Int(2)})
     root = Path(root)
     rng = np.random.default_rng(seed)
     x = cell_centres(res)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.overlap import check_disjoint
 from tasks.options import LOADER, Int, Real, check_options
 from tasks.data.segmentation_layouts import (
     FolderSegDataset, LAYOUTS, SynapseSlices, has_split, layout_pairs, read_list, read_slice, read_volume, synapse_list,
@@ -204,9 +205,14 @@ class SegDataModule(L.LightningDataModule):
         evaluate = make if self.eval_pipeline is None else (  # noqa: E731
             lambda pairs, aug: OriginalSize(FolderSegDataset(pairs, self.num_classes, self.img_size, fmt, self.palette,
                                                              self.layout, False, self.seed), self.norm))
+        test = layout_pairs(self.root, self.layout, "test") if has_split(self.root, self.layout, "test") else None
+        # the same image in two splits inflates every score measured on it: refused in your own folders, warned
+        # about (with the count) in the benchmarks' layouts, which are used as they ship
+        check_disjoint({"train": [i for i, _ in train], "val": [i for i, _ in val], "test": [i for i, _ in test or []]},
+                       str(self.root), identical="refuse" if self.layout == "folder" else "warn")
         self.train_set, self.val_set = make(train, self.augment), evaluate(val, False)
-        if has_split(self.root, self.layout, "test"):
-            self.test_set = evaluate(layout_pairs(self.root, self.layout, "test"), False)
+        if test is not None:
+            self.test_set = evaluate(test, False)
 
     def check_splits(self, test: bool) -> None:
         """Called by the runner after ``setup("fit")``, before training: a run that tests at the end

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from tasks.data.paths import check_inside
 from tasks.data.reading import DataFileError, check_finite, check_unit_range, read_rgb, read_text, reading
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -221,7 +222,9 @@ def read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path} (the Synapse layout needs lists/lists_Synapse/"
                                 f"train.txt and test_vol.txt, one slice / case name per line)")
-    return [ln.strip() for ln in read_text(path, "list file").splitlines() if ln.strip()]
+    # a list is data: a name with '..' or an absolute one must not make a reader open a file outside the folder
+    return [check_inside(ln.strip(), f"{path}:{i}", "the Synapse folder") for i, ln in
+            enumerate(read_text(path, "list file").splitlines(), start=1) if ln.strip()]
 
 
 def synapse_list(root: Path, name: str) -> Path:
@@ -258,6 +261,8 @@ def read_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A Synapse ``.npz`` slice: (image float32 in 0..1, label int64); a corrupt file, a missing key,
     NaN/inf or an image outside 0..1 (TransUNet's slices are normalised; 0..255 would be silently
     255 times too bright) is one error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed but missing")
     with reading(path, "Synapse slice (.npz with 'image' and 'label')"), np.load(path, allow_pickle=False) as z:
         image, label = z["image"].astype(np.float32), z["label"]
     check_unit_range(image, path, "image values")

@@ -9,7 +9,9 @@ are taken per channel c, over space, then averaged over the field's components:
 
 * MSE = mean_{c,x}((p − y)²), RMSE = √MSE
 * nRMSE = mean_c √(mean_x((p − y)²) / (mean_x(y²) + eps))    (PDEBench ``metric_func``'s nRMSE)
-* VRMSE = mean_c √(mean_x((p − y)²) / (var_x(y) + eps))       (The Well; predicting the mean gives 1)
+* VRMSE = mean_c √(mean_x((p − y)²) / (s_x(y)² + eps))        (The Well's ``VRMSE``: ``NRMSE`` with
+  ``norm_mode="std"``, ``s`` = ``torch.std``, the unbiased standard deviation over space; predicting the
+  mean gives √((N−1)/N) ≈ 1)
 * max error = mean_c max_{samples, x} |p − y|                  (PDEBench's ``err_Max``: the worst point
   of the split, per channel and step; merged over DDP ranks by maximum)
 
@@ -18,6 +20,14 @@ weak one: with V_y = 0.3·V_x the pooled value is 1.6× below PDEBench's. MORPH'
 fields and components per trajectory before the ratio; the per-field, per-step tables here are PDEBench's /
 The Well's convention. ``summary`` averages the tables over steps and fields (PDEBench's ``if_mean``: over
 channels and time).
+
+**Channels.** PDEBench and The Well average nRMSE and VRMSE over *channels*: each scalar field is one, each
+component of a vector field is one (The Well's ``velocity_x``, ``velocity_y``; its "full" VRMSE is the mean
+over them, ``Trainer.split_up_losses``). A field's row in the tables is the mean over its components, so
+the mean over fields weights a vector's components less than a scalar when both are present. Given the
+channels (``(field, component)`` pairs: a scalar's repeated UPTF-7 slots count once), :meth:`RolloutMetrics.channel_tables`
+gives nRMSE and VRMSE per channel and ``summary(channels)`` averages those two over channels, as the
+references do; without a vector field beside scalars both means agree.
 
 PDEBench's further metrics (Takamoto et al., *PDEBench*, NeurIPS 2022 Datasets & Benchmarks;
 ``pdebench/models/metrics.py`` ``metric_func``, reimplemented from its definitions), per PDEBench channel,
@@ -110,12 +120,15 @@ def per_sample_errors(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch
     pred, true = pred.double(), true.double()
     mse_c = (pred - true).pow(2).mean(dim=space)  # (B, K, F, C): per channel
     energy = true.pow(2).mean(dim=space)
-    var = true.var(dim=space, unbiased=False)
+    points = math.prod(true.shape[4:])
+    # The Well: torch.std (Bessel-corrected) over space; a single point has no spread to correct
+    var = true.var(dim=space, correction=1 if points > 1 else 0)
     mse = mse_c.mean(dim=3)
     err = _space(pred - true)
     brmse = boundary_rmse(err, err.ndim - 4).mean(dim=3)  # per channel, then over the field's components
-    return {"mse": mse, "rmse": mse.sqrt(), "nrmse": (mse_c / (energy + EPS)).sqrt().mean(dim=3),
-            "vrmse": (mse_c / (var + EPS)).sqrt().mean(dim=3), "brmse": brmse}
+    nrmse_c, vrmse_c = (mse_c / (energy + EPS)).sqrt(), (mse_c / (var + EPS)).sqrt()
+    return {"mse": mse, "rmse": mse.sqrt(), "nrmse": nrmse_c.mean(dim=3), "vrmse": vrmse_c.mean(dim=3),
+            "brmse": brmse, "_nrmse_c": nrmse_c, "_vrmse_c": vrmse_c}
 
 
 def pooled_sums(pred: torch.Tensor, true: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,7 +175,7 @@ class RolloutMetrics:
         self.lengths = lengths
 
     def update(self, pred: torch.Tensor, true: torch.Tensor) -> None:
-        errs = {k: v.sum(0) for k, v in per_sample_errors(pred, true).items()}
+        errs = {k: v.sum(0) for k, v in per_sample_errors(pred, true).items()}  # incl. _nrmse_c, _vrmse_c (K, F, C)
         errs.update(pooled_sums(pred, true))
         errs["_max"] = max_abs_error(pred, true)
         for k, v in errs.items():
@@ -189,8 +202,21 @@ class RolloutMetrics:
         out.update(_from_pooled(self.sums, self.count, self.spatial, self.lengths))
         return {k: out[k] for k in METRICS}
 
-    def summary(self) -> dict[str, float]:
-        return {k: float(v.mean()) for k, v in self.tables().items()}
+    def channel_tables(self, channels: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """nRMSE and VRMSE per step and channel, ``(K, len(channels))``; ``channels``: ``(field, component)``
+        pairs (a scalar field once, a vector field once per component; see the module docstring)."""
+        if not self.count:
+            raise ValueError("no rollout samples were evaluated")
+        f, c = torch.tensor([ch[0] for ch in channels]), torch.tensor([ch[1] for ch in channels])
+        return {k: self.sums[f"_{k}_c"][:, f, c] / self.count for k in ("nrmse", "vrmse")}
+
+    def summary(self, channels: list[tuple[int, int]] | None = None) -> dict[str, float]:
+        """Each table's mean over steps and fields; with ``channels``, nRMSE and VRMSE are the mean over
+        steps and channels (PDEBench's and The Well's average)."""
+        out = {k: float(v.mean()) for k, v in self.tables().items()}
+        if channels:
+            out.update({k: float(v.mean()) for k, v in self.channel_tables(channels).items()})
+        return out
 
 
 def format_table(tables: dict[str, torch.Tensor], metric: str = "nrmse", fields: list[str] | None = None) -> str:
