@@ -121,7 +121,11 @@ def test_config_id_is_equal_exactly_for_runs_that_differ_by_seed_or_fold(tmp_pat
     folds = [config_id(compose_config(["experiment=audio_quickstart", "adapter=lora", f"task.fold={f}"], tmp_path))
              for f in (1, 2)]
     assert folds[0] == folds[1]
+
+
+def test_publish_seed_must_be_a_seed_or_null():
     from tasks.options import check_run_options
 
     with pytest.raises(ValueError, match="publish_seed"):
         check_run_options(compose_config(["experiment=tiny", "publish_seed=first"]))
+    check_run_options(compose_config(["experiment=quickstart", "publish_seed=null"]))
