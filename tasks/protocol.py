@@ -141,12 +141,27 @@ def protocol_name(m: dict[str, Any]) -> Any:
     return p.get("name") if isinstance(p, dict) else p
 
 
+FROM_TRAIN = "train split"  # a normalisation's source when its statistics are computed from the run's own training data
+
+
+def comparable_record(p: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The part of a protocol record that two runs must share: without the ``ignore``d keys, and with a
+    normalisation computed from the run's own training split (``source: "train split"``, e.g. audio
+    without published statistics) reduced to that rule: each fold's or dataset's training split gives
+    its own mean and std, a difference of data, not of protocol."""
+    out = {k: v for k, v in p.items() if k not in ignore}
+    norm = out.get("normalisation")
+    if isinstance(norm, dict) and norm.get("source") == FROM_TRAIN:
+        out["normalisation"] = {k: v for k, v in norm.items() if k not in ("mean", "std")}
+    return out
+
+
 def comparable_key(m: dict[str, Any], ignore: tuple[str, ...] = ()) -> tuple:
-    """What two runs must share to be averaged or compared: their protocol record without the ``ignore``d
-    keys, as a hashable tuple. Files written before the record give their protocol name."""
+    """What two runs must share to be averaged or compared: their :func:`comparable_record`, as a hashable
+    tuple. Files written before the record give their protocol name."""
     import json
 
     p = m.get("protocol")
     if not isinstance(p, dict):
         return (p,)
-    return (json.dumps({k: v for k, v in p.items() if k not in ignore}, sort_keys=True, default=str),)
+    return (json.dumps(comparable_record(p, ignore), sort_keys=True, default=str),)

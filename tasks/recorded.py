@@ -21,6 +21,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# the generic check (Hydra keys, ${...}) runs on every read of adapter.json (zoo.checkpoint.read_adapter_config);
+# this module adds the allow-lists of the classes eval.py may build
+from zoo.checkpoint import HYDRA_KEYS, UnsafeArtifactError, check_data_only  # noqa: F401
+
 # The task classes of conf/task/*.yaml and of the multitask job's two stages (tests check that every
 # task config's _target_ is listed here).
 TASK_TARGETS = frozenset({
@@ -55,43 +59,6 @@ DATA_TARGETS = frozenset({
 # where a _target_ may appear in adapter.json: the task, the data, and the copy of the data config a
 # task keeps as a plain dict (task=fewshot's ``data: ${data}``, never instantiated from there)
 ALLOWED = {"task.config": TASK_TARGETS, "task.data": DATA_TARGETS, "task.config.data": DATA_TARGETS}
-
-
-HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
-
-
-class UnsafeArtifactError(ValueError):
-    """An artifact's recorded config names code to run, or holds an interpolation."""
-
-
-def check_data_only(node: Any, where: str, key: str = "", allowed_targets: dict[str, frozenset] | None = None) -> None:
-    """Refuse any Hydra key (except an allowed ``_target_``) or ``${`` string in ``node``, naming the key.
-
-    ``allowed_targets`` maps a dotted key (e.g. ``"task.config"``) to the ``_target_`` values
-    allowed directly under it.
-    """
-    allowed_targets = allowed_targets or {}
-    if isinstance(node, dict):
-        for k, v in node.items():
-            path = f"{key}.{k}" if key else str(k)
-            if k in HYDRA_KEYS:
-                ok = k == "_target_" and key in allowed_targets
-                if not ok:
-                    raise UnsafeArtifactError(
-                        f"{where}: refusing the key {path!r}: an artifact's recorded config is data, and "
-                        f"'{k}' would make it name code to run")
-                if v not in allowed_targets[key]:
-                    raise UnsafeArtifactError(
-                        f"{where}: {path}={v!r} is not one of the project's own classes; an artifact may only "
-                        f"name one of: {', '.join(sorted(allowed_targets[key]))}")
-                continue
-            check_data_only(v, where, path, allowed_targets)
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            check_data_only(v, where, f"{key}[{i}]", allowed_targets)
-    elif isinstance(node, str) and "${" in node:
-        raise UnsafeArtifactError(f"{where}: refusing {key}={node!r}: an artifact's recorded config is data, "
-                                  f"'${{...}}' interpolations are not resolved from it")
 
 
 def check_artifact_config(meta: dict[str, Any], where: str) -> None:

@@ -90,7 +90,7 @@ PER_DATASET = ("name", "splits", "validated_on")  # differ between datasets of o
 
 def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """``[(description, rows)]``: the runs grouped by their comparable protocol (one group when all agree)."""
-    from tasks.protocol import EVALUATE_ONLY, comparable_key
+    from tasks.protocol import EVALUATE_ONLY, comparable_key, comparable_record
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     frozen: list[dict[str, Any]] = []
@@ -114,7 +114,7 @@ def protocol_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str
     for rs in groups.values():
         rs.sort(key=lambda m: order[id(m)])  # the runs' own order (a joined evaluate-only run is not moved to the end)
         p = next((m for m in rs if id(m) not in frozen_ids), rs[0]).get("protocol")  # a trained run's selection heads it
-        desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(p.items()) if k not in PER_DATASET)
+        desc = (", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(comparable_record(p, PER_DATASET).items()))
                 if isinstance(p, dict) else "not recorded (metrics.json written before the protocol record)")
         out.append((desc, rs))
     return out
@@ -157,7 +157,10 @@ def _print_table(rows: list[dict[str, Any]], title: str, columns: list[str] | No
         t.add_column(h, justify="left" if h in ("adapter", "row", "dataset") else "right")
     for r in body:
         t.add_row(*r)
-    Console(width=max(110, Console().width)).print(t)
+    # as wide as the table needs: a narrow (or absent) terminal would otherwise wrap each "mean ± std"
+    # over two lines and cut the row labels to "samed_l…"
+    natural = Console(width=1000).measure(t).maximum
+    Console(width=max(110, Console().width, natural)).print(t)
 
 
 # ---------------------------------------------------------------------- rows over seeds, and the caption

@@ -753,9 +753,9 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     if tag.startswith("file:") and not cfg.backbone.get("weights"):
         from zoo.hub.load import local_weights_hint, recorded_weights
 
-        found = recorded_weights(meta.get("base_weights"))
+        found = recorded_weights(meta.get("base_weights"), artifact)
         if found is None:
-            raise ValueError(local_weights_hint(bmeta, meta.get("base_weights")))
+            raise ValueError(local_weights_hint(bmeta, meta.get("base_weights"), artifact))
         with open_dict(cfg):
             cfg.backbone.weights = str(found)  # the file the run read (the fingerprint check guards it)
         print(f"base weights: {found} (recorded by the run)", file=sys.stderr)

@@ -156,3 +156,21 @@ def test_trail_sets_are_written_apart(tmp_path):
     a.setup(), b.setup()
     assert a.load_annotations().video_dir != b.load_annotations().video_dir
     assert b.train_set.sampling == "random" and b.val_set.sampling == b.test_set.sampling == "center"
+
+
+def test_cached_frames_equal_decoded_ones_and_each_video_is_read_once(tmp_path, monkeypatch):
+    """data.cache_frames: the same items as decoding every time, with one read per video (a training video
+    has 3 captions, so 3 items), and refused with random sampling (it would freeze one draw)."""
+    kw = dict(root=str(tmp_path), shapes_split=(4, 2, 2), img_size=32, num_frames=4, mean=(0.5,) * 3, std=(0.25,) * 3)
+    plain, cached = cd.CaptionDataModule("shapes", **kw), cd.CaptionDataModule("shapes", cache_frames=True, **kw)
+    plain.setup(), cached.setup()
+    reads = []
+    real = cd.read_frames
+    monkeypatch.setattr(cd, "read_frames", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    for _ in range(2):  # two epochs
+        for i in range(len(cached.train_set)):
+            a, b = plain.train_set[i], cached.train_set[i]
+            assert torch.equal(a["frames"], b["frames"]) and a["caption"] == b["caption"]
+    assert len(reads) == 2 * 12 + 4  # plain: every item, every epoch; cached: each of the 4 videos once
+    with pytest.raises(ValueError, match="cache_frames=true .* not random"):
+        cd.CaptionDataModule("shapes", cache_frames=True, sampling="random", **kw)

@@ -354,3 +354,15 @@ def test_prepare_refuses_dict_batches_in_one_line():
     assert split_batch((x, y, "extra")) == (x, y)
     with pytest.raises(TypeError, match=r"got dict batches .*not supported on this task"):
         split_batch({"frames": x, "caption": ["a", "b"]})
+
+
+def test_colora_seed_follows_the_run_seed():
+    # a sweep over seed=0,1,2 must vary CoLoRA's FAIG batches and LoRA A draw too (a fixed seed 0 made
+    # every seed's CoLoRA start identically, so its reported std left out that source of noise)
+    from tests.helpers import compose_config
+
+    seeds = {s: compose_config(["experiment=tiny_restore", "adapter=colora_conv", f"seed={s}"]).adapter.seed
+             for s in (0, 2)}
+    assert seeds == {0: 0, 2: 2}
+    assert compose_config(["experiment=tiny_restore", "adapter=colora_conv", "seed=2",
+                           "adapter.seed=5"]).adapter.seed == 5  # still settable on its own

@@ -75,7 +75,7 @@ def test_predict_refuses_other_kinds_and_missing_inputs(tmp_path):
     art = tmp_path / "a"
     art.mkdir()
     (art / "adapter.json").write_text(json.dumps({"methods": [{"name": "lora"}], "task": {"kind": "pde"},
-                                                  "backbone": {"family": "morph"}}))
+                                                  "backbone": {"family": "morph", "model": "morph_ti"}}))
     with pytest.raises(PredictError, match="predict serves classification, audio, audio_multilabel, segmentation"):
         load_predictor(art)
     with pytest.raises(PredictError, match="does not exist"):

@@ -654,3 +654,14 @@ def test_samed_recipe_refuses_sams_predictor_pipeline():
     with pytest.raises(InstantiationException, match="Synapse volumes are evaluated slice by slice"):
         instantiate(data, mean=None, std=None, _convert_="all")
     assert compose_config(["experiment=samed_synapse"]).task.sam.get("pipeline") is None  # the recipe sets none
+
+
+def test_restoration_with_held_out_pairs_selects_on_them_not_on_test(tmp_path):
+    # data.val_from_train: validation pairs come out of the training split, so selecting on them is allowed
+    # and the record names the held-out split (not derain/test)
+    m = run_train(["experiment=tiny_restore", "adapter=full", "task.selection=val", "data.val_from_train=4",
+                   "task.num_train=8", "task.log_images=0"], tmp_path)
+    assert m["selection"] == "val" and m["validated_on"] == "derain/train (held out)"
+    assert m["protocol"]["val_overlaps_test"] is False
+    assert m["protocol"]["splits"]["val"] == {"name": "derain/train (held out)", "size": 4}
+    assert m["protocol"]["splits"]["test"] == {"name": "derain/test", "size": 4}

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from tasks.report import caption, collect, compare, group_runs, grouped_rows, markdown, mean_std, published_note
+from tasks.report import (caption, collect, compare, group_runs, grouped_rows, markdown, mean_std, protocol_groups,
+                          published_note)
 
 
 def test_collect_and_markdown(tmp_path):
@@ -203,6 +204,35 @@ def test_summary_table_prints_the_caption_and_which_runs_were_published(tmp_path
     assert "lora beats linear beyond the noise" in out
     note = "Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), demo-lora (lora, seed 0)"
     assert note in out and note in (tmp_path / "summary.md").read_text()
+
+
+def test_printed_table_keeps_every_cell_on_one_line(tmp_path, capsys):
+    """The demo table printed without a terminal (80 columns): no label cut to "samed_l…", no
+    "mean ± std" wrapped over two lines."""
+    from tasks.report import print_table
+
+    rows = write_runs(tmp_path, {"decoder_only_baseline_row": [0.40, 0.42, 0.41], "samed_lora_rank4": [0.55, 0.56, 0.54]})
+    for r in rows:
+        r["dataset"] = "generated_texture_quickstart"
+    print_table(rows, title="t")
+    out = capsys.readouterr().out
+    assert "…" not in out
+    line = next(ln for ln in out.splitlines() if "samed_lora_rank4" in ln)
+    assert "generated_texture_quickstart" in line and "55.0 ± 1.0" in line
+
+
+def test_folds_with_their_own_training_statistics_share_one_table_and_caption(tmp_path):
+    """Audio without published statistics normalises each fold by its own training split: the numbers
+    differ per fold, the protocol does not, so the folds are one table and the caption compares them
+    (the audio demo printed one table per fold and no verdict). Statistics of another kind still split."""
+    rows = write_runs(tmp_path, {"linear": [0.575, 0.625, 0.75], "lora": [0.725, 0.825, 0.85]})
+    for r in rows:
+        r["protocol"] = {"name": f"fold{r['seed'] + 1}", "selection": "val", "val_overlaps_test": False,
+                         "normalisation": {"mean": -4.7 - 0.01 * r["seed"], "std": 3.6, "source": "train split"}}
+    assert len(protocol_groups(rows)) == 1
+    assert "lora beats linear beyond the noise" in caption(rows, "linear")
+    rows[0]["protocol"]["normalisation"]["source"] = "audioset"  # another rule: not comparable
+    assert len(protocol_groups(rows)) == 2
 
 
 def test_an_evaluate_only_baseline_is_in_the_table_of_the_trained_rows(tmp_path):

@@ -135,7 +135,7 @@ def test_num_train_is_a_seeded_subset(tmp_path):
     pairs = R.find_pairs("derain", tmp_path, "train")
     a, b, c = R.subset(pairs, 8, 0), R.subset(pairs, 8, 0), R.subset(pairs, 8, 1)
     assert a == b and len(a) == 8 and a != c and set(a) <= set(pairs)
-    with pytest.raises(ValueError, match="only 20 training pairs exist; lower task.num_train"):
+    with pytest.raises(ValueError, match=r"only 20 training pairs exist \(after any held-out validation pairs, data.val_from_train\); lower task.num_train"):
         R.subset(pairs, 32, 0)
 
 
@@ -174,3 +174,40 @@ def test_prod_dataset_is_reproducible_and_varies_by_epoch():
     ds.epoch = 1
     x3, y3, _ = ds[2]
     assert torch.equal(y1, y3) and not torch.equal(x1, x3)
+
+
+def test_held_out_validation_pairs_come_from_train_never_from_test(tmp_path):
+    R.generate("derain", tmp_path, num_train=20, num_test=6, size=16)
+    dm = R.RestorationDataModule(tmp_path, "derain", num_train=8, val_from_train=5, patch_size=None, seed=1)
+    dm.setup()
+    train, val, test = dm.train_set.pairs, dm.val_set.pairs, dm.test_set.pairs
+    assert (len(train), len(val), len(test)) == (8, 5, 6)
+    all_train = set(R.find_pairs("derain", tmp_path, "train"))
+    # validation is drawn from the training split, shares no file with train or test
+    assert set(val) <= all_train and not set(val) & set(train)
+    assert not R.shared_files(val, test) and not R.shared_files(val, train)
+    info = dm.split_info()
+    assert info["val_overlaps_test"] is False
+    assert info["val"] == {"name": "derain/train (held out)", "size": 5}
+    assert info["test"] == {"name": "derain/test", "size": 6}
+    # the same validation pairs for every run seed (a sweep's rows validate alike); train varies with the seed
+    other = R.RestorationDataModule(tmp_path, "derain", num_train=8, val_from_train=5, patch_size=None, seed=2)
+    other.setup()
+    assert other.val_set.pairs == val and other.train_set.pairs != train
+    assert not set(other.train_set.pairs) & set(val)
+    # without it: validation is the test split (the benchmarks' protocol) and says so
+    plain = R.RestorationDataModule(tmp_path, "derain", num_train=8, patch_size=None)
+    plain.setup()
+    assert plain.val_set is plain.test_set and plain.split_info()["val_overlaps_test"] is True
+
+
+def test_held_out_validation_bad_sizes_give_one_clear_line(tmp_path):
+    R.generate("derain", tmp_path, num_train=10, num_test=2, size=16)
+    with pytest.raises(ValueError, match=r"val_from_train=10, but only 10 training pairs exist \(at least one"):
+        R.RestorationDataModule(tmp_path, "derain", val_from_train=10).setup()
+    with pytest.raises(ValueError, match=r"num_train=8, but only 6 training pairs exist \(after any held-out"):
+        R.RestorationDataModule(tmp_path, "derain", num_train=8, val_from_train=4).setup()
+    with pytest.raises(ValueError, match="dataset=prod validates on its own fixed pairs"):
+        R.RestorationDataModule(tmp_path, "prod", val_from_train=4)
+    with pytest.raises(ValueError, match="val_from_train"):
+        R.RestorationDataModule(tmp_path, "derain", val_from_train=0)

@@ -208,6 +208,12 @@ def _main(argv: list[str] | None = None) -> int:
     except (hub.HubError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, however wide the terminal
         return 2
+    except RuntimeError as e:  # a base-weights file that cannot be used (--weights, a published base): the user's
+        weights = sys.modules.get("zoo.backbones.weights")  # (imported only if weights were read: `list` stays fast)
+        if weights is None or not isinstance(e, weights.WeightsUnavailableError):
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from zoo.io import atomic_path, check_finite, safetensors_bytes
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
 FORMAT_VERSION = 1
+MAX_VALUE = 1e15  # no trained adapter tensor comes near it (zoo.io.check_finite)
 
 
 class AdapterMismatchError(ValueError):
@@ -112,7 +114,168 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
                                    f"save it again") from None
     if not isinstance(meta, dict):
         raise AdapterMismatchError(f"{cfg_file}: expected a JSON object (the artifact's metadata), got {type(meta).__name__}")
+    check_adapter_meta(meta, cfg_file)
     return meta
+
+
+# ---------------------------------------------------------------------------- the adapter.json schema
+# Every reader of adapter.json (load_adapter, from_zoo, MultiAdapter, predict, publish, eval.py, init_from) goes
+# through read_adapter_config, so a corrupt or hand-edited record is one line naming the file and the key here,
+# never a KeyError / TypeError later, and a downloaded record can name no code to run.
+
+HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
+# where a _target_ may appear: the recorded task and data configs (and the copy of the data config a task keeps);
+# zoo never builds them, eval.py does, from its own allow-list (tasks.recorded)
+RECORDED_TARGETS = ("task.config", "task.data", "task.config.data")
+MAX_SIZE = 1 << 16  # no image side, class count or channel count of a real artifact comes near it
+
+
+class UnsafeArtifactError(AdapterMismatchError):
+    """An artifact's recorded config names code to run, or holds an interpolation."""
+
+
+def check_data_only(node: Any, where: Any, key: str = "", allowed_targets: dict[str, frozenset | None] | None = None
+                    ) -> None:
+    """Refuse any Hydra key (except an allowed ``_target_``) or ``${`` string in ``node``, naming the key.
+
+    ``allowed_targets`` maps a dotted key (e.g. ``"task.config"``) to the ``_target_`` values allowed
+    directly under it (``None``: any class name; whoever builds the config checks it against its own list).
+    """
+    allowed_targets = allowed_targets or {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{key}.{k}" if key else str(k)
+            if k in HYDRA_KEYS:
+                if not (k == "_target_" and key in allowed_targets):
+                    raise UnsafeArtifactError(
+                        f"{where}: refusing the key {path!r}: an artifact's recorded config is data, and "
+                        f"'{k}' would make it name code to run")
+                ok = allowed_targets[key]
+                if ok is None and not isinstance(v, str) or ok is not None and v not in ok:
+                    raise UnsafeArtifactError(
+                        f"{where}: {path}={v!r} is not one of the project's own classes"
+                        + (f"; an artifact may only name one of: {', '.join(sorted(ok))}" if ok else ""))
+                continue
+            check_data_only(v, where, path, allowed_targets)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_data_only(v, where, f"{key}[{i}]", allowed_targets)
+    elif isinstance(node, str) and "${" in node:
+        raise UnsafeArtifactError(f"{where}: refusing {key}={node!r}: an artifact's recorded config is data, "
+                                  f"'${{...}}' interpolations are not resolved from it")
+
+
+@contextmanager
+def recorded_key(where: Any, key: str):
+    """Building what ``key`` of an artifact's record names (a method, the backbone, the head): an unknown
+    name, an unknown or invalid option becomes one :class:`AdapterMismatchError` naming the file and the key
+    (an ``UnknownNameError`` is a ``KeyError`` and a bad option a ``TypeError``, which the command lines would
+    print as a stack trace)."""
+    from zoo.registry import UnknownNameError
+
+    try:
+        yield
+    except AdapterMismatchError:
+        raise
+    except (UnknownNameError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise AdapterMismatchError(f"{where}: {key}: {msg}") from None
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _is_int(v: Any, lo: int = 1, hi: int = MAX_SIZE) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_num(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_adapter_meta(meta: dict[str, Any], where: Any) -> None:
+    """The record's structure: the keys the loaders read, with their types and sane sizes; no Hydra key
+    outside the recorded task/data configs and no ``${...}`` anywhere. One :class:`AdapterMismatchError`
+    naming ``where`` (the file) and the key."""
+    def bad(key: str, want: str, got: Any) -> AdapterMismatchError:
+        return AdapterMismatchError(f"{where}: {key} must be {want}, got {_short(got)} (the artifact is corrupt "
+                                    f"or was edited by hand; save it again)")
+
+    def opt(key: str, d: dict, types: tuple, want: str) -> Any:
+        v = d.get(key)
+        if v is not None and not isinstance(v, types):
+            raise bad(key if d is meta else f"{prefix}.{key}", want, v)
+        return v
+
+    fv = meta.get("format_version")
+    if fv is not None and not _is_int(fv, 0, FORMAT_VERSION):
+        raise bad("format_version", f"an integer <= {FORMAT_VERSION} (this library's format; a newer one needs a "
+                                    f"newer adapter-zoo)", fv)
+    methods = meta.get("methods")
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
+        raise AdapterMismatchError(f"{where}: 'methods' must be a non-empty list of {{name, config}} objects, "
+                                   f"got {_short(methods)}")
+    for i, m in enumerate(methods):
+        if not isinstance(m["name"], str):
+            raise bad(f"methods[{i}].name", "a method name (string)", m["name"])
+        if m.get("config") is not None and not isinstance(m["config"], dict):
+            raise bad(f"methods[{i}].config", "an object of options", m["config"])
+    bb = meta.get("backbone")
+    if not isinstance(bb, dict):
+        raise bad("backbone", "an object {family, model, weights_tag, kwargs, fingerprint}", bb)
+    prefix = "backbone"
+    for k in ("family", "model"):
+        if not isinstance(bb.get(k), str) or not bb[k]:
+            raise bad(f"backbone.{k}", "a non-empty string", bb.get(k))
+    for k in ("weights_tag", "fingerprint"):
+        opt(k, bb, (str,), "a string or null")
+    opt("kwargs", bb, (dict,), "an object of build options")
+    head = meta.get("head")
+    if head is not None:
+        if not isinstance(head, dict) or not isinstance(head.get("type"), str):
+            raise bad("head", "null or an object with a 'type' (string)", head)
+        for k in ("num_classes", "in_features", "out_channels", "upsample", "channels"):
+            v = head.get(k)
+            vs = v if isinstance(v, list) else [v]
+            if v is not None and (not vs or not all(_is_int(x) for x in vs)):
+                raise bad(f"head.{k}", f"an integer in 1..{MAX_SIZE} (or a list of them)", v)
+    prefix = "preprocessing"
+    pre = opt("preprocessing", meta, (dict,), "an object") or {}
+    size = pre.get("input_size")
+    if size is not None and (not isinstance(size, list) or not size or not all(_is_int(x) for x in size)):
+        raise bad("preprocessing.input_size", f"a list of integers in 1..{MAX_SIZE}", size)
+    for k in ("mean", "std"):
+        v = pre.get(k)
+        if v is not None and (not isinstance(v, list) or not v or not all(_is_num(x) for x in v)
+                              or k == "std" and not all(x > 0 for x in v)):
+            raise bad(f"preprocessing.{k}", "a list of finite numbers" + (" > 0" if k == "std" else ""), v)
+    opt("fbank", pre, (dict,), "an object")
+    prefix = "task"
+    task = opt("task", meta, (dict,), "an object") or {}
+    opt("kind", task, (str,), "a string")
+    for k in ("config", "data", "links"):
+        opt(k, task, (dict,), "an object")
+    names = task.get("class_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise bad("task.class_names", "a list of strings", names)
+    sha = opt("weights_sha256", meta, (str,), "a sha256 hex string")
+    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+        raise bad("weights_sha256", "64 lowercase hex digits", sha)
+    opt("metrics", meta, (dict,), "an object")
+    for k, shape in (opt("tensors", meta, (dict,), "an object {name: shape}") or {}).items():
+        if not isinstance(shape, list) or not all(_is_int(x, 0, 1 << 40) for x in shape):
+            raise bad(f"tensors[{k!r}]", "a shape (a list of integers >= 0)", shape)
+    seed = meta.get("seed")
+    if seed is not None and not _is_int(seed, -(1 << 63), (1 << 64) - 1):
+        raise bad("seed", "an integer", seed)
+    prefix = "base_weights"
+    base = opt("base_weights", meta, (dict,), "an object {path, config}") or {}
+    opt("path", base, (str,), "a path (string)")
+    check_data_only(meta, where, allowed_targets={k: None for k in RECORDED_TARGETS})
 
 
 def read_adapter_weights(path: str | os.PathLike, meta: dict[str, Any], allow_unhashed: bool = False) -> dict[str, torch.Tensor]:
@@ -135,7 +298,7 @@ def read_adapter_weights(path: str | os.PathLike, meta: dict[str, Any], allow_un
         state = load_file(str(weights))
     except Exception as e:  # truncated / not a safetensors file
         raise AdapterMismatchError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    check_finite(state, weights)
+    check_finite(state, weights, limit=MAX_VALUE)
     return state
 
 
@@ -179,10 +342,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    methods = meta.get("methods")
-    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
-        raise AdapterMismatchError(f"{path / CONFIG_NAME}: 'methods' must be a non-empty list of {{name, config}} "
-                                   f"objects, got {methods!r}")
+    methods = meta["methods"]  # checked by read_adapter_config
     state = read_adapter_weights(path, meta, allow_unhashed)
     check_backbone(model, meta, check_fingerprint)
 
@@ -193,8 +353,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_fingerprint: b
     snap = ModelState(model)
     try:
         if not attached:
-            for m in methods:
-                apply_adapter(model, m["name"], **(m.get("config") or {}))
+            for i, m in enumerate(methods):
+                with recorded_key(path / CONFIG_NAME, f"methods[{i}]"):
+                    apply_adapter(model, m["name"], **(m.get("config") or {}))
         for a in adapters_of(model):
             state = a.import_state(state)
         own = adapter_state_dict(model, export=False)

@@ -99,12 +99,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
-    """Refuse tensors with NaN/inf (a diverged run's artifact, a corrupt file), naming the file."""
+def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike, limit: float | None = None) -> None:
+    """Refuse tensors with NaN/inf (a diverged run's artifact, a corrupt file), naming the file; with ``limit``
+    also finite values beyond ±limit (no trained adapter comes near 1e15; such values overflow to inf/NaN in
+    the first matrix product, so the model would only ever output NaN)."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"{where}: {len(bad)} tensor(s) contain NaN or inf, e.g. {bad[:5]} "
                          f"(the run that wrote it diverged, or the file is corrupt); refusing to load it")
+    if limit is not None:
+        huge = [k for k, v in state.items() if v.is_floating_point() and v.numel() and float(v.abs().max()) > limit]
+        if huge:
+            raise ValueError(f"{where}: {len(huge)} tensor(s) hold values beyond ±{limit:g}, e.g. {huge[:5]} (the run "
+                             f"that wrote it diverged, or the file is corrupt); refusing to load it")
 
 
 def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

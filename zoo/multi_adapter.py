@@ -508,17 +508,18 @@ class MultiAdapter(nn.Module):
         if not artifacts:
             raise ValueError("MultiAdapter.from_artifacts needs at least one artifact")
         first = next(iter(artifacts.values()))
-        meta = read_adapter_config(resolve(first)) if not isinstance(first, nn.Module) else None
-        if meta is None:
+        if isinstance(first, nn.Module):
             raise TypeError("from_artifacts takes artifact folders or zoo names; pass models to MultiAdapter(backbone, ...)")
-        # as zoo.from_zoo builds it: the recorded base-weights file, or the run's seed for random weights
-        return cls(artifact_backbone(meta, weights), artifacts, tasks, check_fingerprint)
+        folder = resolve(first)
+        meta = read_adapter_config(folder)
+        # as zoo.from_zoo builds it: the recorded base-weights file (a local run's), or the run's seed for random weights
+        return cls(artifact_backbone(meta, folder, weights), artifacts, tasks, check_fingerprint)
 
     def _load(self, name: str, spec: Any, task: int | None) -> _Entry:
         import zoo
-        from zoo.checkpoint import read_adapter_config
-        from zoo.heads import build_head_model
+        from zoo.checkpoint import CONFIG_NAME, read_adapter_config, recorded_key
         from zoo.hub import resolve
+        from zoo.hub.load import artifact_head_model
 
         with contextlib.ExitStack() as stack:
             if isinstance(spec, nn.Module):  # an adapted model: through a temporary artifact (the same checks)
@@ -534,10 +535,11 @@ class MultiAdapter(nn.Module):
             if self.check_fingerprint:
                 _one_line_fingerprint(name, meta.get("backbone", {}), self.base)
             bb = share_copy(self.base)
-            model = build_head_model(bb, meta.get("head"))
+            model = artifact_head_model(bb, meta, folder)
             shared = {id(p) for p in self.base.parameters()}
-            for m in meta["methods"]:
-                zoo.apply_adapter(model, m["name"], **(m.get("config") or {}))
+            for i, m in enumerate(meta["methods"]):
+                with recorded_key(folder / CONFIG_NAME, f"methods[{i}]"):
+                    zoo.apply_adapter(model, m["name"], **(m.get("config") or {}))
             trains_base = self._unshare_trained(bb, shared)
             zoo.load_adapter(model, folder, check_fingerprint=self.check_fingerprint)
         model.eval()

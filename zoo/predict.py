@@ -111,6 +111,7 @@ class Predictor:
     def predict(self, files: Sequence[str | os.PathLike], out_dir: Path | None = None, batch_size: int = 16
                 ) -> list[Prediction]:
         files = [str(f) for f in files]
+        check_batch_size(batch_size)
         if self.kind in MASK_KINDS:
             if out_dir is None:
                 raise PredictError("segmentation predictions are mask PNGs: give an output folder")
@@ -124,16 +125,11 @@ class Predictor:
         return rows
 
     def _image_loader(self) -> Callable[[str], torch.Tensor]:
-        from PIL import Image
-
         tf = self.image_transform()
 
         def load(path: str) -> torch.Tensor:
-            try:
-                with Image.open(path) as im:
-                    return tf(im.convert("RGB"))
-            except (OSError, SyntaxError, ValueError) as e:
-                raise PredictError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from None
+            # the reader training uses (zoo.reading): a 16-bit PNG / TIFF at its real depth, a bad file named
+            return tf(_read_image(path, pil=True))
 
         return load
 
@@ -151,6 +147,9 @@ class Predictor:
         return load
 
     def _row(self, file: str, logits: torch.Tensor) -> Prediction:
+        if not bool(torch.isfinite(logits).all()):  # a NaN row would read as class 0 with score nan
+            raise PredictError(f"{file}: the model of {self.name} gave non-finite outputs ({logits.tolist()[:4]}); "
+                               "its tensors overflow (check the artifact) or the input holds NaN/inf")
         if self.kind == "audio_multilabel":
             p = logits.sigmoid()
             on = [self.label_of(int(i)) for i in torch.nonzero(p >= 0.5).flatten()]
@@ -162,7 +161,6 @@ class Predictor:
     def _mask(self, file: str, out_dir: Path) -> Prediction:
         import numpy as np
         import torch.nn.functional as F
-        from PIL import Image
 
         from zoo.backbones.sam_decoder import logits_to_labels, upsample
 
@@ -173,11 +171,7 @@ class Predictor:
                                f"predicting masks from images alone needs task.sam.mode=semantic")
         p = self.preprocessing
         size = int((p.get("input_size") or [3, 1024, 1024])[-1])
-        try:
-            with Image.open(file) as im:
-                img = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        except (OSError, SyntaxError, ValueError) as e:
-            raise PredictError(f"{file}: cannot read this image ({type(e).__name__}: {e})") from None
+        img = _read_image(file, pil=False)  # float 0..1 at the image's real bit depth, as segmentation trains
         H, W = img.shape[:2]
         x = torch.from_numpy(img).permute(2, 0, 1)[None]
         if (H, W) != (size, size):
@@ -188,6 +182,22 @@ class Predictor:
         dest = out_dir / "masks" / f"{Path(file).stem}.png"
         save_mask_png(dest, labels)
         return Prediction(file, str(dest), float((labels > 0).mean()), self.name)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PredictError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+
+
+def _read_image(path: str, pil: bool):
+    """An input image through :mod:`zoo.reading` (the reader the training data use); any failure is a
+    :class:`PredictError` naming the file."""
+    from zoo.reading import DataFileError, read_rgb, read_rgb_pil
+
+    try:
+        return read_rgb_pil(path) if pil else read_rgb(path)
+    except (DataFileError, OSError) as e:
+        raise PredictError(str(e) if isinstance(e, DataFileError) else f"{path}: cannot read this image ({e})") from None
 
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -320,7 +330,7 @@ def read_manifest(path: str | os.PathLike, adapters: Sequence[str], extensions: 
     A relative ``file`` is relative to the manifest's folder; a folder routes every input file under it."""
     path = Path(path)
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in ("file", "adapter") if c not in (reader.fieldnames or [])]
             if missing:
@@ -329,6 +339,8 @@ def read_manifest(path: str | os.PathLike, adapters: Sequence[str], extensions: 
             rows = [(r["file"] or "", (r["adapter"] or "").strip()) for r in reader]
     except OSError as e:
         raise PredictError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    except (UnicodeDecodeError, csv.Error) as e:  # a binary or non-UTF-8 file, NUL bytes
+        raise PredictError(f"{path}: cannot read the manifest as a UTF-8 CSV ({type(e).__name__}: {e})") from None
     if not rows:
         raise PredictError(f"{path}: the manifest lists no files")
     unknown = sorted({a for _, a in rows if a not in adapters})
@@ -390,8 +402,7 @@ def predict_many(adapters: Mapping[str, str | os.PathLike], out_dir: str | os.Pa
     from zoo.io import atomic_write_text
     from zoo.multi_adapter import MultiAdapter
 
-    if batch_size < 1:
-        raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     described = {n: load_predictor(a, build=False, name=n) for n, a in adapters.items()}
     preds = list(described.values())
     check_shared_inputs(preds)

@@ -44,11 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
-from tasks.data.reading import read_text
 from tasks.data.staging import staging_dir
-from tasks.options import LOADER, FRACTION, Int, Real, check_options
-from tasks.protocol import overlaps
+from tasks.options import FRACTION, LOADER, Int, Real, check_options
+from tasks.protocol import FROM_TRAIN, overlaps
 from zoo.audio import NORM_STATS, AudioDecodeError, FbankArgs, FrontEnd, dataset_stats, mixup_waveforms
+from zoo.reading import read_text
 
 log = logging.getLogger("tasks.audio")
 
@@ -745,7 +745,7 @@ class AudioDataModule(L.LightningDataModule):
                 stats_source = PUBLISHED_STATS[dataset]
                 mean, std = NORM_STATS[stats_source]
             else:  # from the training split, raw fbanks (cached for training anyway)
-                stats_source = "train split"
+                stats_source = FROM_TRAIN
                 mean, std = train_stats(self.splits["train"], FrontEnd(max_length, args=args, cache_dir=cache_dir),
                                         bad_files, root, target_length=max_length)
         self.mean, self.std = float(mean), float(std)

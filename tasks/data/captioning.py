@@ -41,10 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
-from tasks.data.reading import read_rgb_pil, read_text, reading
 from tasks.data.staging import staging_dir
 from tasks.data.vtab import EpochSeededSampler
 from tasks.options import LOADER, Int, check_options
+from zoo.reading import read_rgb_pil, read_text, reading
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +222,21 @@ class CaptionDataset(Dataset):
     Items: ``{"frames": (K, 3, H, W) float, "caption": str, "refs": [str], "video_id": str}``.
     ``sampling="random"`` draws from torch's global generator (seeded by the run), so a seeded run
     repeats its frames.
+
+    ``cache_frames``: keep each video's decoded, transformed frames in memory after its first read (a
+    training video is read once, not once per caption and epoch). Only for deterministic sampling and a
+    deterministic ``transform``; meant for small sets (the embedded shapes: a few MB), not MSR-VTT.
     """
 
     def __init__(self, ann: Annotations, split: str, mode: str, num_frames: int = 8, sampling: str = "center",
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, cache_frames: bool = False):
         if mode not in ("train", "eval"):
             raise ValueError(f"unknown mode {mode!r}; valid: train, eval")
+        if cache_frames and sampling == "random":
+            raise ValueError("data.cache_frames=true keeps one draw of frames per video: it needs a deterministic "
+                             "sampling (center or linspace), not random")
         self.ann, self.num_frames, self.sampling, self.transform = ann, num_frames, sampling, transform
+        self.cache: dict[str, torch.Tensor] | None = {} if cache_frames else None
         ids = ann.splits[split]
         if not ids:
             raise ValueError(f"split {split!r} has no videos")
@@ -239,13 +247,20 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         vid, cap = self.items[i]
+        frames = self.cache.get(vid) if self.cache is not None else None
+        if frames is None:
+            frames = self._read(vid)
+            if self.cache is not None:
+                self.cache[vid] = frames
+        refs = self.ann.captions[vid]
+        return {"frames": frames, "caption": cap if cap is not None else refs[0], "refs": list(refs), "video_id": vid}
+
+
+    def _read(self, vid: str) -> torch.Tensor:
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, ()))) if self.sampling == "random" else None
         frames = torch.from_numpy(read_frames(self.ann.video_path(vid), self.num_frames, self.sampling, rng))
         frames = frames.permute(0, 3, 1, 2).float().div(255)  # (K, 3, H, W) in [0, 1]
-        if self.transform is not None:
-            frames = self.transform(frames)
-        refs = self.ann.captions[vid]
-        return {"frames": frames, "caption": cap if cap is not None else refs[0], "refs": list(refs), "video_id": vid}
+        return self.transform(frames) if self.transform is not None else frames
 
 
 def collate(batch: list[dict]) -> dict:
@@ -364,7 +379,7 @@ class CaptionDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  max_train: int | None = None, max_eval: int | None = None,
                  shapes_split: Sequence[int] = SHAPES_SPLIT, palette: str = "standard", shapes_seed: int = 0,
-                 trail: bool = False, **_: object):
+                 trail: bool = False, cache_frames: bool = False, **_: object):
         super().__init__()
         check_options("data", locals(), {**LOADER, "eval_batch_size": Int(1, optional=True), "num_frames": Int(1),
                                          "max_train": Int(1, optional=True), "max_eval": Int(1, optional=True)})
@@ -377,6 +392,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.num_workers, self.max_train, self.max_eval = num_workers, max_train, max_eval
         self.shapes_split = tuple(int(n) for n in shapes_split)
         self.palette, self.shapes_seed, self.trail = palette, int(shapes_seed), bool(trail)
+        self.cache_frames = bool(cache_frames)
+        if self.cache_frames and sampling == "random":
+            raise ValueError("data.cache_frames=true keeps one draw of frames per video: it needs a deterministic "
+                             "data.sampling (center or linspace), not random")
         self.transform = frame_transform(img_size, mean, std)
         self.has_val = True
 
@@ -392,7 +411,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         ann = self.load_annotations()
-        kw = dict(num_frames=self.num_frames, transform=self.transform)
+        kw = dict(num_frames=self.num_frames, transform=self.transform, cache_frames=self.cache_frames)
         # random (TSN) sampling is a training-time augmentation: evaluation reads segment centres
         ev = "center" if self.sampling == "random" else self.sampling
         self.train_set = _subset(CaptionDataset(ann, "train", "train", sampling=self.sampling, **kw), self.max_train)

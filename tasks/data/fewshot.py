@@ -36,8 +36,8 @@ from torch.utils.data import Dataset
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
-from tasks.data.reading import read_rgb_pil, read_text, reading
 from zoo.adapters.base import check_int
+from zoo.reading import read_rgb_pil, read_text, reading
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.imagefolder_scan import LAYOUTS, layout_help, read_imagefolder  # noqa: F401 (re-exported)
 from tasks.data.vtab import EpochSeededSampler
+from zoo.reading import read_rgb_pil
 
 
 def resolved_config(data_config: dict[str, Any] | None, img_size: int | None = None, mean=None, std=None
@@ -72,13 +72,11 @@ class ImageFiles(Dataset):
 
 
 def load_image(path: str | Path, transform: Callable):
-    try:
-        with Image.open(path) as im:
-            return transform(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated / not an image / corrupt
-        raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from None
+    """The transformed image at ``path``, read at its real bit depth (:func:`zoo.reading.read_rgb_pil`: a
+    16-bit PNG is scaled, not clipped to white); a missing or unreadable file is one line naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return transform(read_rgb_pil(path))
 
 
 class ImageFolderDataModule(L.LightningDataModule):

@@ -89,6 +89,9 @@ def read_imagefolder(root: str | Path, val_fraction: float = 0.1) -> tuple[dict[
         raise FileNotFoundError(f"data.root={root} does not exist; " + layout_help(root))
     if (root / "train").is_dir():
         train, classes = scan_split(root / "train")
+        if len(classes) < 2:
+            raise ValueError(f"{root / 'train'}: {len(classes)} class ({', '.join(classes)}); a classifier needs at "
+                             f"least two classes")
         if (root / "val").is_dir():
             val, _ = scan_split(root / "val", classes)
         else:
@@ -98,9 +101,17 @@ def read_imagefolder(root: str | Path, val_fraction: float = 0.1) -> tuple[dict[
         if any((root / s).is_dir() for s in ("val", "test")):
             raise ValueError(f"{root} has val/ or test/ but no train/ folder; " + layout_help(root))
         items, classes = scan_split(root)
+        if len(classes) < 2:
+            raise ValueError(f"{root}: {len(classes)} class ({', '.join(classes)}); a classifier needs at least two "
+                             f"classes: " + layout_help(root))
         train, val = split_val(items, classes, val_fraction, root)
         test = []
-    return {"train": train, "val": val, "test": test}, classes
+    from tasks.data.overlap import check_disjoint
+
+    splits = {"train": train, "val": val, "test": test}
+    # the same image in two splits inflates every metric measured on it: a user's folder is refused (issue 24)
+    check_disjoint({k: [p for p, _ in v] for k, v in splits.items()}, str(root))
+    return splits, classes
 
 
 def num_classes(layout: str, dataset: str, root: str) -> int:

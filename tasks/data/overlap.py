@@ -13,8 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from tasks.data.reading import DataFileError
 from zoo.hub import sha256_file
+from zoo.reading import DataFileError
 
 PAIRS = (("train", "val"), ("train", "test"))
 

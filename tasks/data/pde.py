@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tasks.data.reading import DataFileError, reading
+from zoo.reading import DataFileError, reading
 
 log = logging.getLogger(__name__)
 

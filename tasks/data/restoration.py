@@ -31,8 +31,13 @@ change the pretrained architecture). The metric convention for SR is PSNR/SSIM o
 each block is named ``<image>_<block>``. Otherwise ``sidd/test/Data/`` is read like the training split.
 
 Not read: RESIDE's training sets (ITS/OTS), Rain100L's PromptIR ``rainy/``/``gt/`` naming. There is no
-validation split in these benchmarks; validation uses the test split, as the BasicSR/NAFNet
-training configs do.
+validation split in these benchmarks; by default validation uses the test split, as the BasicSR/NAFNet
+training configs do (their recipes test the last iteration, ``task.selection=last``).
+
+**Held-out validation** (``val_from_train=K``): K pairs of the *training* split are set aside as the
+validation split (a fixed choice, the same for every run seed, so runs of a sweep validate on the same
+pairs), and ``num_train`` pairs are drawn from the rest. Validation then shares nothing with the test
+split, so the checkpoint can be selected on it (``task.selection=val``).
 
 **Embedded data** (:func:`generate`): clean procedural images (:mod:`tasks.data.procedural`)
 degraded by one operation per task and written into the layouts above, so the same readers load
@@ -55,15 +60,14 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data import degradations as D
-from tasks.data.reading import DataFileError, check_unit_range, read_rgb, reading
 from tasks.data.overlap import check_disjoint
-from tasks.options import LOADER, Int, check_options
 from tasks.data.procedural import clean_image
 from tasks.data.staging import clean_stale, staging_dir
+from tasks.options import LOADER, Int, check_options
+from zoo.reading import DataFileError, check_unit_range, read_rgb, reading
 
 TASKS = ("denoise", "deblur", "derain", "dehaze", "lowlight", "jpeg", "sr")
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -72,7 +76,7 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # ------------------------------------------------------------------------------------ reading
 def read_image(path: "str | Path | MatBlock") -> np.ndarray:
     """A float32 H×W×3 RGB array in [0, 1] at the file's real bit depth (8-bit, 16-bit, float in 0..1;
-    :func:`tasks.data.reading.read_rgb`); one clear line if the file is missing, unreadable or out of range."""
+    :func:`zoo.reading.read_rgb`); one clear line if the file is missing, unreadable or out of range."""
     if isinstance(path, MatBlock):
         return path.load()
     return read_rgb(path)
@@ -269,13 +273,35 @@ def find_pairs(task: str, root: str | Path, split: str, jpeg_quality: int = 20,
     return pairs_input_target(root / f"jpeg_q{int(jpeg_quality)}" / split, task)
 
 
+def shared_files(a: list, b: list) -> set[str]:
+    """The files (degraded or clean, SIDD blocks by file and index) that two pair lists share."""
+    key = lambda f: repr(f) if isinstance(f, MatBlock) else str(Path(f).resolve())  # noqa: E731
+    files = lambda pairs: {key(f) for pair in pairs for f in pair if f is not None}  # noqa: E731
+    return files(a) & files(b)
+
+
+VAL_SEED = 20_240_801  # the held-out validation pairs do not depend on the run seed
+
+
+def hold_out(pairs: list, k: int | None, seed: int = VAL_SEED) -> tuple[list, list]:
+    """``(rest, held_out)``: ``k`` pairs chosen by ``seed`` set aside (none for ``None``), both in file order."""
+    if k is None:
+        return list(pairs), []
+    if not 0 < int(k) < len(pairs):
+        raise ValueError(f"data.val_from_train={k}, but only {len(pairs)} training pairs exist (at least one must "
+                         f"stay for training); lower it or regenerate the data with more (data.generate_train)")
+    held = set(np.random.default_rng(seed).permutation(len(pairs))[: int(k)].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
 def subset(pairs: list, num: int | None, seed: int) -> list:
     """A seeded random subset of ``num`` items (all of them for ``None``)."""
     if num is None:
         return list(pairs)
     if not 0 < int(num) <= len(pairs):
-        raise ValueError(f"num_train={num}, but only {len(pairs)} training pairs exist; lower task.num_train "
-                         f"or regenerate the data with more (data.generate_train)")
+        raise ValueError(f"num_train={num}, but only {len(pairs)} training pairs exist (after any held-out "
+                         f"validation pairs, data.val_from_train); lower task.num_train or regenerate the data "
+                         f"with more (data.generate_train)")
     idx = np.random.default_rng(seed).permutation(len(pairs))[: int(num)]
     return [pairs[i] for i in sorted(idx)]
 
@@ -511,20 +537,23 @@ DATASETS = ("prod", *TASKS)
 # every numeric option of the restoration data config, checked in RestorationDataModule.__init__
 OPTIONS = {**LOADER, "patch_size": Int(1, optional=True), "generate_train": Int(1),
            "generate_test": Int(1), "image_size": Int(8), "jpeg_quality": Int(1, 100), "prod_train": Int(1),
-           "prod_val": Int(1)}  # scale and num_train: checked below as task.scale / task.num_train
+           "prod_val": Int(1), "val_from_train": Int(1, optional=True)}  # scale and num_train: checked below as task.scale / task.num_train
 
 
 class RestorationDataModule(L.LightningDataModule):
     """``task=restoration``'s data. ``dataset``: ``prod`` (PROD pairs on the fly from ``prod_train``
     clean procedural images, validated and tested on ``prod_val`` fixed ones), one of the six
     single-degradation tasks, or ``sr`` (×``scale``), read from its layout under ``root``
-    (``generate=true`` writes the embedded one first). Images stay in [0, 1] (no normalisation, as NAFNet)."""
+    (``generate=true`` writes the embedded one first). Images stay in [0, 1] (no normalisation, as NAFNet).
+
+    Validation is the test split (the benchmarks' own protocol, tested at the last epoch), or, with
+    ``val_from_train=K``, K pairs held out of the training split (see the module docstring)."""
 
     def __init__(self, root: str, dataset: str = "denoise", num_train: int | None = None, patch_size: int | None = 48,
                  augment: bool = True, batch_size: int = 8, eval_batch_size: int = 1, num_workers: int = 0,
                  generate: bool = False, generate_train: int = 128, generate_test: int = 16, image_size: int = 64,
                  jpeg_quality: int = 20, prod_train: int = 512, prod_val: int = 16,
-                 degradation: dict | None = None, scale: int = 2, seed: int = 0):
+                 degradation: dict | None = None, scale: int = 2, seed: int = 0, val_from_train: int | None = None):
         super().__init__()
         check_options("data", locals(), OPTIONS)
         if dataset not in DATASETS:
@@ -542,6 +571,10 @@ class RestorationDataModule(L.LightningDataModule):
         self.prod_train, self.prod_val = int(prod_train), int(prod_val)
         self.deg_cfg = D.DegradationConfig.from_dict(degradation)
         self.seed = int(seed)
+        if val_from_train is not None and dataset == "prod":
+            raise ValueError("data.val_from_train holds out training pairs of a paired dataset; dataset=prod "
+                             "validates on its own fixed pairs (data.prod_val)")
+        self.val_from_train = None if val_from_train is None else int(val_from_train)
         self.train_set = self.val_set = self.test_set = None
 
     @property
@@ -562,30 +595,38 @@ class RestorationDataModule(L.LightningDataModule):
             self.val_set = self.test_set = ProdDataset(self.prod_val, self.image_size, self.deg_cfg, 1_000_000,
                                                        image_seed_offset=2_000_000)
             return
-        train = subset(find_pairs(self.dataset, self.root, "train", self.jpeg_quality, self.scale), self.num_train,
-                       self.seed)
+        pool, val = hold_out(find_pairs(self.dataset, self.root, "train", self.jpeg_quality, self.scale),
+                             self.val_from_train)
+        train = subset(pool, self.num_train, self.seed)
         test = find_pairs(self.dataset, self.root, "test", self.jpeg_quality, self.scale)
         # a training input that is also a test input (the same file, or a byte-identical copy) inflates PSNR/SSIM:
         # the same file is refused, copies are warned about with their count (the benchmarks are used as they ship)
         def inputs(pairs):  # the degraded file (the HR file for SR made on the fly); SIDD's .mat blocks are not files
             return [q for q in (hr if lq is None else lq for lq, hr in pairs) if isinstance(q, (str, os.PathLike))]
 
-        check_disjoint({"train": inputs(train), "test": inputs(test)}, f"{self.dataset} under {self.root}",
-                       pairs=(("train", "test"),), identical="warn")
-        if self.dataset == "sr":
-            self.train_set = SRDataset(train, self.scale, self.patch, self.augment, self.seed)
-            self.val_set = self.test_set = SRDataset(test, self.scale)
-            return
-        self.train_set = PairedDataset(train, self.patch, self.augment, self.seed)
-        self.val_set = self.test_set = PairedDataset(test)  # these benchmarks have no separate val split
+        splits = {"train": inputs(train), "test": inputs(test)}
+        if val:  # held-out validation pairs: checked against test too
+            splits["val"] = inputs(val)
+        check_disjoint(splits, f"{self.dataset} under {self.root}",
+                       pairs=(("train", "test"), ("val", "test")), identical="warn")
+        make = (lambda pairs, *a: SRDataset(pairs, self.scale, *a)) if self.dataset == "sr" else PairedDataset
+        self.train_set = make(train, self.patch, self.augment, self.seed)
+        self.test_set = make(test)
+        # without held-out pairs these benchmarks have no separate val split: validation is the test split
+        self.val_set = make(val) if val else self.test_set
 
     def split_info(self) -> dict:
-        """Train pairs, and the test pairs that also validate (these benchmarks have no validation split)."""
+        """Train pairs, validation pairs (the test pairs, or pairs held out of train) and test pairs."""
         test = "prod_val (fixed PROD pairs)" if self.dataset == "prod" else f"{self.dataset}/test"
         train = "prod (fresh degradations)" if self.dataset == "prod" else f"{self.dataset}/train"
+        val = test
+        if self.val_from_train:
+            val, train = f"{self.dataset}/train (held out)", f"{self.dataset}/train (rest)"
         n = lambda ds: None if ds is None else len(ds)  # noqa: E731
-        return {"train": {"name": train, "size": n(self.train_set)}, "val": {"name": test, "size": n(self.val_set)},
-                "test": {"name": test, "size": n(self.test_set)}, "val_overlaps_test": self.val_set is self.test_set}
+        sets = (self.val_set, self.test_set)
+        overlap = sets[0] is sets[1] or (None not in sets and bool(shared_files(sets[0].pairs, sets[1].pairs)))
+        return {"train": {"name": train, "size": n(self.train_set)}, "val": {"name": val, "size": n(self.val_set)},
+                "test": {"name": test, "size": n(self.test_set)}, "val_overlaps_test": bool(overlap)}
 
     def _loader(self, ds, train: bool):
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from tasks.data.paths import check_inside
-from tasks.data.reading import DataFileError, check_finite, check_unit_range, read_rgb, read_text, reading
+from zoo.reading import DataFileError, check_finite, check_unit_range, read_rgb, read_text, reading
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 LAYOUTS = ("folder", "kvasir", "isic", "drive", "synapse")

@@ -22,9 +22,9 @@ from torchvision import transforms as T
 
 from tasks.data.overlap import check_disjoint
 from tasks.data.paths import check_inside
-from tasks.data.reading import read_rgb_pil, read_text
 from tasks.data.vtab_tasks import GROUPS, VTAB_TASKS, canonical_task, num_classes  # noqa: F401 (re-exported)
 from tasks.options import LOADER, Int, check_options
+from zoo.reading import read_rgb_pil, read_text
 
 SPLIT_FILES = {"tune": ("train800", "val200", None), "final": ("train800val200", None, "test")}
 

@@ -34,13 +34,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # an unsafe pickle or a corrupt file
-        raise WeightsUnavailableError(f"could not read {path} as a weights-only torch file: {e}") from e
+        raise WeightsUnavailableError(f"could not read {path} as a weights-only torch file: {_reason(e)}") from e
     for key in ("model_state_dict", "state_dict", "model", "module"):  # model_state_dict: MORPH's .pth
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if isinstance(sd, dict):
         _check_finite({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.endswith("attn_mask")}, path)
     return sd
+
+
+def _reason(e: BaseException) -> str:
+    """``torch.load``'s refusal in one line: its several-paragraph weights-only message reduced to the
+    unpickler's own reason (the command lines print one line per error)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        text = "refused by the weights-only unpickler: " + text
+    return " ".join(text.split()) or type(e).__name__
 
 
 def _check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:

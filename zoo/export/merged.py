@@ -36,14 +36,14 @@ from torch import nn
 
 from zoo.backbones.base import Backbone
 from zoo.export.naming import ExportError, check_family, installed_ast_names
-from zoo.io import safetensors_bytes
+from zoo.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 ZOO_META = "zoo_export.json"
 
 
 def _write(path: Path, state: dict[str, torch.Tensor]) -> None:
-    path.write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu().clone() for k, v in state.items()},
-                                       {"format": "pt"}))
+    atomic_write_bytes(path, safetensors_bytes({k: v.detach().contiguous().cpu().clone() for k, v in state.items()},
+                                               {"format": "pt"}))
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
@@ -76,7 +76,7 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, keep_modules: bo
         _write(out / "model.safetensors", model.state_dict())
         meta["load"] = ("zoo: build the backbone and head from this record, zoo.apply_adapter each method with its "
                         "config, then model.load_state_dict(safetensors.torch.load_file('model.safetensors'))")
-        (out / ZOO_META).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(out / ZOO_META, json.dumps(meta, indent=2) + "\n")
         return out
     bb0 = find_backbone(model)
     family = check_family(bb0)
@@ -97,7 +97,7 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, keep_modules: bo
         _write(out / "head.safetensors", head.state_dict())
         meta["head_file"] = "head.safetensors"
     meta["methods_merged"] = meta.pop("methods")
-    (out / ZOO_META).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / ZOO_META, json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -121,7 +121,7 @@ def _write_timm(bb: Backbone, model: nn.Module, out: Path) -> bool:
     for k in ("hf_hub_id", "url", "file", "source", "tag"):
         cfg.pop(k, None)
     _write(out / "model.safetensors", state)
-    (out / "config.json").write_text(json.dumps({
+    atomic_write_text(out / "config.json", json.dumps({
         "architecture": arch, "num_classes": num_classes, "num_features": int(net.num_features),
         "model_args": args, "pretrained_cfg": cfg}, indent=2, default=list) + "\n")
     return head_in_model
@@ -157,7 +157,7 @@ def _write_open_clip(bb: Backbone, out: Path) -> None:
     pre = {"size": list(dc["input_size"][1:]), "mean": list(dc["mean"]), "std": list(dc["std"]),
            "interpolation": dc.get("interpolation", "bicubic")}
     _write(out / "open_clip_model.safetensors", bb.model.state_dict())
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip_model_cfg(bb), "preprocess_cfg": pre},
+    atomic_write_text(out / "open_clip_config.json", json.dumps({"model_cfg": open_clip_model_cfg(bb), "preprocess_cfg": pre},
                                                           indent=2) + "\n")
 
 
@@ -213,4 +213,4 @@ def ast_config(bb: Backbone) -> dict[str, Any]:
 def _write_hf_ast(bb: Backbone, out: Path) -> None:
     cfg = ast_config(bb)
     _write(out / "model.safetensors", ast_to_hf_state_dict(bb.model.state_dict(), installed_ast_names()))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")

@@ -81,7 +81,7 @@ from zoo.export.naming import (
 )
 from zoo.export.peft_tuners import PAYLOADS as TUNER_PAYLOADS
 from zoo.export.peft_tuners import unstacked_modules
-from zoo.io import safetensors_bytes
+from zoo.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 TUNER_METHODS = tuple(TUNER_PAYLOADS)  # peft's MissConfig / ShiraConfig (zoo.export.peft_tuners)
 
@@ -290,17 +290,17 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
                 "auto_mapping": {"base_model_class": BASE_CLASSES[family][0]}})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / WEIGHTS).write_bytes(safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
-                                                  {"format": "pt"}))
-    (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_bytes(out / WEIGHTS, safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
+                                                        {"format": "pt"}))
+    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2) + "\n")
     rest = outside_backbone(model, bb)
     if head is None and rest:
-        (out / ZOO_HEAD).write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu().clone()
-                                                        for k, v in rest.items()}, {"format": "pt"}))
+        atomic_write_bytes(out / ZOO_HEAD, safetensors_bytes({k: v.detach().contiguous().cpu().clone()
+                                                              for k, v in rest.items()}, {"format": "pt"}))
         head_where = ZOO_HEAD
     load_as = ({"name": methods[0], "config": dict(bb.adapters[0].config)}
                if len(methods) == 1 and methods[0] in RELOADABLE else None)
-    (out / ZOO_META).write_text(json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
+    atomic_write_text(out / ZOO_META, json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
     return out
 
 
@@ -424,26 +424,107 @@ def _complete_mha(bb: Backbone, out: dict) -> None:
 
 # --------------------------------------------------------------------------- import
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict | None]:
-    """``(adapter_config, tensors without the base_model.model. prefix, zoo_export.json or None)``."""
+    """``(adapter_config, tensors without the base_model.model. prefix, zoo_export.json or None)``; a file that
+    is not what it should be is one :class:`ExportError` naming it (JSON, safetensors, NaN/inf, dtype)."""
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not a peft adapter folder: expected {CONFIG} and {WEIGHTS}")
-    cfg = json.loads((path / CONFIG).read_text())
-    try:
-        raw = load_file(str(path / WEIGHTS))
-    except Exception as e:
-        raise ExportError(f"{path / WEIGHTS} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    cfg = _read_json_object(path / CONFIG)
+    raw = _read_tensors(path / WEIGHTS)
     tensors = {(k.removeprefix(PREFIX)): v for k, v in raw.items()}
-    meta = json.loads((path / ZOO_META).read_text()) if (path / ZOO_META).is_file() else None
+    meta = _read_json_object(path / ZOO_META) if (path / ZOO_META).is_file() else None
+    if meta is not None:
+        _check_zoo_meta(meta, path / ZOO_META)
     return cfg, tensors, meta
 
 
-def _check_config(cfg: dict[str, Any], family: str) -> None:
+def _read_json_object(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ExportError(f"{file}: not valid JSON ({type(e).__name__}: {e}); the adapter is corrupt or was edited "
+                          "by hand") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A peft / zoo-head safetensors file: floating-point tensors, all finite (half precision is fine: it
+    widens exactly; :func:`_check_dtypes` refuses what the model would narrow)."""
+    from zoo.checkpoint import MAX_VALUE
+    from zoo.io import check_finite
+
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # truncated / not a safetensors file
+        raise ExportError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    ints = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if ints:
+        raise ExportError(f"{file}: {len(ints)} tensor(s) are not floating point, e.g. {ints[:3]}; LoRA factors and "
+                          "head weights are floats")
+    try:
+        check_finite(state, file, limit=MAX_VALUE)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return state
+
+
+def _check_dtypes(file: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Refuse tensors the model's ``dtype`` cannot hold exactly (fp64 into fp32): loading them would round
+    every factor without a word. Narrower floats (fp16, bf16 — peft often saves them) widen exactly."""
+    wide = [f"{k} ({v.dtype})" for k, v in tensors.items() if torch.finfo(v.dtype).bits > torch.finfo(dtype).bits]
+    if wide:
+        raise ExportError(f"{file}: {len(wide)} tensor(s) are wider than the model's {dtype}, e.g. {wide[:3]}; "
+                          f"loading them would round them: convert the model (or the file) to one dtype first")
+
+
+def _check_zoo_meta(meta: dict[str, Any], file: Path) -> None:
+    """``zoo_export.json`` is data: its ``load_as`` may only name a method :func:`load_peft` rebuilds as itself,
+    with plain options (it is checked again against the tensors by :func:`_fill`)."""
+    from zoo.checkpoint import UnsafeArtifactError, check_data_only
+
+    try:
+        check_data_only(meta, file)
+    except UnsafeArtifactError as e:
+        raise ExportError(str(e)) from None
+    if not isinstance(meta.get("backbone") or {}, dict):
+        raise ExportError(f"{file}: backbone must be an object, got {meta['backbone']!r}")
+    load_as = meta.get("load_as")
+    if load_as is None:
+        return
+    if not isinstance(load_as, dict) or load_as.get("name") not in RELOADABLE or \
+            not isinstance(load_as.get("config"), dict) or set(load_as) - {"name", "config"}:
+        raise ExportError(f"{file}: load_as must be {{name, config}} with name one of {', '.join(RELOADABLE)} "
+                          f"and config an object, got {str(load_as)[:120]}")
+    methods = meta.get("methods")
+    names = [m.get("name") for m in methods if isinstance(m, dict)] if isinstance(methods, list) else None
+    if names is not None and names != [load_as["name"]]:
+        raise ExportError(f"{file}: load_as names {load_as['name']!r} but the recorded methods are {names}")
+
+
+def _check_config(cfg: dict[str, Any], family: str, where: Any = CONFIG) -> None:
+    import numbers
+
+    def number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
     if cfg.get("peft_type") != "LORA":
         raise ExportError(f"peft method {cfg.get('peft_type')!r} has no zoo counterpart here; load_peft reads LoRA adapters")
     for k, ok in UNSUPPORTED.items():
         if cfg.get(k) not in (ok, None, [], {}):
             raise ExportError(f"peft option {k}={cfg[k]!r} has no zoo LoRA counterpart")
+    # the options the zoo config is derived from (or that peft would read): numbers of the right range
+    for key, ok, want in (("r", lambda v: number(v) and v >= 1 and int(v) == v, "an integer >= 1"),
+                          ("lora_alpha", lambda v: number(v) and v > 0, "a finite number > 0"),
+                          ("lora_dropout", lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+                          ("use_rslora", lambda v: isinstance(v, bool), "true or false")):
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            raise ExportError(f"{where}: {key} must be {want}, got {cfg[key]!r}")
+    for key, ok in (("rank_pattern", lambda v: number(v) and v >= 1), ("alpha_pattern", lambda v: number(v) and v > 0)):
+        pat = cfg.get(key)
+        if pat is not None and (not isinstance(pat, dict) or not all(ok(v) for v in pat.values())):
+            raise ExportError(f"{where}: {key} must map module patterns to positive numbers, got {pat!r}")
     cls = (cfg.get("auto_mapping") or {}).get("base_model_class")
     if cls and cls not in BASE_CLASSES[family]:
         raise ExportError(f"the adapter was made for a {cls}, this model's base is a {' / '.join(BASE_CLASSES[family])} "
@@ -479,9 +560,10 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
     bb = find_backbone(model)
     family = check_family(bb)
     cfg, tensors, meta = read_peft(path)
-    _check_config(cfg, family)
+    _check_config(cfg, family, Path(path) / CONFIG)
     if bb.adapters:
         raise ExportError(f"the model already has adapters {[a.name for a in bb.adapters]}; load a peft adapter into a plain model")
+    _check_dtypes(Path(path) / WEIGHTS, tensors, next(bb.parameters()).dtype)
     names, prefix = _ast_layout(tensors) if family == "ast" else ("legacy", "")
     index = part_index(bb, names, prefix)
     lora, head_t = {}, {}
@@ -558,7 +640,8 @@ def outside_backbone(model: nn.Module, bb: Backbone) -> dict[str, torch.Tensor]:
 
 def _zoo_head(file: Path, head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The head :func:`export_peft` wrote beside the adapter, checked against the model's head."""
-    state = load_file(str(file))
+    state = _read_tensors(file)
+    _check_dtypes(file, state, next(iter(head.values())).dtype)
     own = {k: tuple(v.shape) for k, v in head.items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if own != got:

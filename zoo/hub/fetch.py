@@ -159,7 +159,7 @@ def _fetch(entry: Entry, f: FileSpec, dest: Path, progress: bool | None) -> None
             + "; ".join(p.rsplit(':', 1)[0] for p in problems)
         )
     err = IntegrityError if any("sha256" in p for p in problems) else DownloadError
-    raise err(f"could not fetch {f.name} of zoo entry {entry.name!r}:\n  " + "\n  ".join(problems))
+    raise err(f"could not fetch {f.name} of zoo entry {entry.name!r}: " + "; ".join(problems))
 
 
 def _source(entry: Entry, src: dict[str, Any]) -> tuple[str, str]:
@@ -171,11 +171,16 @@ def _source(entry: Entry, src: dict[str, Any]) -> tuple[str, str]:
         return "hf", f"hf://{src['hf_repo']}{rev}/{src['filename']}"
     loc = str(src.get("url") or src.get("path"))
     base = entry.origin
+    remote = _is_url(base) and not base.startswith("file:")
+    if remote and (loc.startswith("file:") or "path" in src and Path(loc).expanduser().is_absolute()):
+        # a registry served over the network names files on its own server, never on this machine
+        raise RegistryError(f"entry {entry.name!r} of {base}: the source {loc!r} is a file on this machine; a "
+                            "registry read over the network may only name URLs (or paths relative to itself)")
     if _is_url(loc):
         return ("local", _file_url_path(loc)) if loc.startswith("file:") else ("http", loc)
     if "path" in src and Path(loc).expanduser().is_absolute():
         return "local", str(Path(loc).expanduser())
-    if _is_url(base) and not base.startswith("file:"):
+    if remote:
         return "http", urllib.parse.urljoin(base, loc)
     base_dir = Path(_file_url_path(base) if base.startswith("file:") else base).parent if base else Path.cwd()
     return "local", str((base_dir / loc).resolve())

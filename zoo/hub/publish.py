@@ -61,10 +61,24 @@ def add_entry(registry: str | os.PathLike, name: str, entry: dict[str, Any]) -> 
     if lock.is_symlink():  # taking the lock would create or truncate the file it points to
         raise RegistryError(f"{lock} is a symbolic link; a registry's lock file must be a plain file: remove it")
     with FileLock(str(lock)):
-        data = json.loads(registry.read_text()) if registry.is_file() else {"format": REGISTRY_FORMAT, "entries": {}}
+        data = _read_json_object(registry, "registry") if registry.is_file() else {"format": REGISTRY_FORMAT, "entries": {}}
+        if not isinstance(data.get("entries", {}), dict):
+            raise RegistryError(f"{registry}: 'entries' must be an object; fix or move the file (it was left as it is)")
         data.setdefault("entries", {})[name] = entry
         _atomic_write_text(registry, json.dumps(data, indent=2) + "\n")
     return registry
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file; anything else is one :class:`RegistryError` naming it (the file is left as it is)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise RegistryError(f"{path}: the {what} file is not valid JSON ({type(e).__name__}: {e}); fix or move it "
+                            "(it was left as it is)") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: the {what} file must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +107,7 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     meta = read_adapter_config(art)
     metrics = {}
     if (run_dir / "metrics.json").is_file():
-        run_metrics = json.loads((run_dir / "metrics.json").read_text())
+        run_metrics = _read_json_object(run_dir / "metrics.json", "run's metrics")
         metrics = {k: v for k, v in _numbers(run_metrics).items() if k != "schema_version"}
         if task is None and (run_metrics.get("task") or run_metrics.get("dataset")):
             task = {k: run_metrics[k] for k in ("name", "task", "kind", "dataset", "protocol", "monitor")
@@ -127,7 +141,7 @@ def publish_run(run_dir: str | os.PathLike, name: str, registry: str | os.PathLi
     _atomic_write_text(out / "README.md", model_card(name, entry, meta))
     entry["files"] = [_file_entry(out / fn, _sources_for(out / fn, reg, url_base, hf_repo, hf_subfolder))
                       for fn in (WEIGHTS_NAME, CONFIG_NAME, "README.md")]
-    base = _publish_base(meta, name, out, reg, url_base=url_base, hf_repo=hf_repo, hf_subfolder=hf_subfolder,
+    base = _publish_base(meta, art, name, out, reg, url_base=url_base, hf_repo=hf_repo, hf_subfolder=hf_subfolder,
                          licence=licence)
     if base is not None:
         entry["base_entry"] = base
@@ -179,7 +193,7 @@ def _keep_previous(registry: Path, name: str, out: Path) -> Path | None:
     return keep
 
 
-def _publish_base(meta: dict[str, Any], name: str, out: Path, reg: Path | None, **where: Any) -> str | None:
+def _publish_base(meta: dict[str, Any], art: Path, name: str, out: Path, reg: Path | None, **where: Any) -> str | None:
     """Local base weights (a ``file:`` tag) travel with the adapter: unless a zoo backbone entry already
     provides them, the file the run read (``adapter.json``'s ``base_weights``) is copied to ``out/base/``
     and registered as the backbone entry ``<name>-base``, which ``from_zoo`` then finds by fingerprint."""
@@ -193,12 +207,13 @@ def _publish_base(meta: dict[str, Any], name: str, out: Path, reg: Path | None, 
         return find_backbone_entry(spec).name
     except EntryNotFoundError:
         pass
-    path = recorded_weights(meta.get("base_weights"))
+    path = recorded_weights(meta.get("base_weights"), art)  # a downloaded artifact's record is not followed
     if path is None:  # nothing to copy: from_zoo will need weights= (its error says so)
         return None
     base_name = f"{name}-base"
     publish_backbone(path, base_name, spec["family"], spec["model"], kwargs=spec.get("kwargs"), registry=reg,
-                     out_dir=out / "base", description=f"the base weights {name} was trained on", **where)
+                     out_dir=out / "base", description=f"the base weights {name} was trained on",
+                     fingerprint=spec.get("fingerprint"), **where)
     return base_name
 
 
@@ -206,23 +221,30 @@ def publish_backbone(weights: str | os.PathLike, name: str, family: str, model: 
                      kwargs: dict[str, Any] | None = None, registry: str | os.PathLike | None = None,
                      out_dir: str | os.PathLike | None = None, *, url_base: str | None = None,
                      hf_repo: str | None = None, hf_subfolder: str | None = None, licence: str | None = None,
-                     description: str = "") -> dict[str, Any]:
+                     description: str = "", fingerprint: str | None = None) -> dict[str, Any]:
     """Register upstream weights as a ``backbone`` entry (the weights an adapter entry needs).
 
     The backbone is built once from the file, which checks that the weights fit and records the
-    same fingerprint adapters trained on it carry. ``out_dir``: copy the file there first.
+    same fingerprint adapters trained on it carry (``fingerprint``: the one they must have). ``out_dir``:
+    then copy the file there.
     """
     import zoo
 
     weights = Path(weights)
+    # built (checked) from where the file is, before anything is copied: a file that is not these weights (a
+    # recorded path naming something else) never lands in a folder that will be served
+    bb = zoo.create_backbone(family, model=model, pretrained=None, weights=str(weights), **(kwargs or {}))
+    if fingerprint is not None and bb.fingerprint() != fingerprint:
+        raise ValueError(f"{weights} are not the base weights the adapter was trained on (fingerprint "
+                         f"{bb.fingerprint()[:12]}…, the artifact records {fingerprint[:12]}…); nothing was copied")
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         dest = Path(out_dir) / weights.name
         if dest.resolve() != weights.resolve():
             _atomic_copy(weights, dest)
         weights = dest
-    bb = zoo.create_backbone(family, model=model, pretrained=None, weights=str(weights), **(kwargs or {}))
     desc = bb.describe()
+    desc["weights_tag"] = f"file:{weights.name}"
     reg = Path(registry) if registry is not None else None
     entry = {
         "kind": "backbone",

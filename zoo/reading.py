@@ -1,6 +1,6 @@
 """Reading data files so that a bad file is one line naming it, never a stack trace or a silent wrong value.
 
-Every reader in ``tasks/data`` opens its files inside :func:`reading`: whatever a decoder raises
+Every reader in ``tasks/data`` and ``zoo.predict`` opens its files inside :func:`reading`: whatever a decoder raises
 (PIL's ``OSError`` for a truncated PNG, ``zipfile.BadZipFile`` for a truncated ``.npz``, h5py's
 ``OSError``/``KeyError``, numpy's ``ValueError``, ``EOFError``, ``UnpicklingError``) becomes a
 :class:`DataFileError` whose message starts with the file's path; the runner prints it as one line.
