@@ -13,13 +13,16 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
      "protocol": {"name", "splits", "selection", "validated_on", ... (tasks/protocol.py)},
      "selection": "val" | "last" | "val_is_test" | "none" (evaluate-only), "validated_on": <the validation split's name or null>,
      "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes", "step_ms",
+     "report": {"baseline", "metric", "reference"} (the sweep's caption settings, tasks/report.py),
+     "config_id": <hash of the resolved config but for seed / fold: which runs are replicates of one row>,
+     "published": <the zoo name this run was published under, or null (publish / publish_seed)>,
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
 from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import csv
 import json
 import logging
@@ -52,12 +55,36 @@ class _DropAdverts(logging.Filter):
         return not (msg.startswith("💡 Tip") or "litmodels" in msg or "litlogger" in msg)
 
 
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def one_console() -> None:
+    """Each log line on the console once, when the root logger has a handler (Hydra's console + file).
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own (``INFO: ...``) and
+    lets records propagate to the root too, so every Lightning line was printed twice; imported before
+    any root handler, ``lightning.pytorch`` / ``lightning.fabric`` also keep theirs and stop propagating
+    (then Hydra's file log lacks them). With a root handler present, Lightning's own console handlers
+    go and everything propagates: one line on the console, every line in the run's log file. Without
+    one (a plain script), Lightning's handlers stay: its messages are still shown.
+    """
+    if not logging.getLogger().handlers:
+        return
+    for name in LIGHTNING_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:  # a console handler (not a file handler, a subclass)
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
 def quiet_logs() -> None:
-    """No third-party advertisement tip on every run, and no warnings the project cannot act on:
-    the DataLoader-workers hint (the tiny / eval configs use ``num_workers=0`` on purpose) and
-    Lightning's own use of a deprecated torch ``_pytree`` API."""
+    """No third-party advertisement tip on every run, each line once on the console (:func:`one_console`),
+    and no warnings the project cannot act on: the DataLoader-workers hint (the tiny / eval configs use
+    ``num_workers=0`` on purpose) and Lightning's own use of a deprecated torch ``_pytree`` API."""
     import warnings
 
+    one_console()
     lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdverts) for f in lg.filters):
         lg.addFilter(_DropAdverts())
@@ -299,6 +326,22 @@ def restore_csv_history(out_dir: Path, rows: list[dict], step: int) -> None:
 
 
 @contextmanager
+def resuming_in(out_dir: Path):
+    """A resume, silent about the run's own folder. Lightning warns that ``csv/`` ("Experiment logs
+    directory") and ``checkpoints/`` ("Checkpoint directory") exist and are not empty: a resume
+    continues in them on purpose (:func:`restore_csv_history` puts the CSV rows before the checkpoint
+    back; the checkpoints are the run's own), so for this run's folder, during the resumed fit only,
+    those two say nothing the user must act on. Every other warning is kept."""
+    import re
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(Experiment logs|Checkpoint) directory " + re.escape(str(out_dir))
+                                + r".* exists and is not empty")
+        yield
+
+
+@contextmanager
 def keep_csv_history(trainer: L.Trainer, out_dir: Path):
     """Keep ``csv/metrics.csv``'s rows across a ``trainer.validate`` / ``trainer.test`` call.
 
@@ -370,6 +413,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     import time
 
     t0 = time.monotonic()
+    quiet_logs()  # before the first Lightning line (the seed's)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     # a resume from a checkpoint of another config (adapter, backbone, problem, data) is refused before any
@@ -403,7 +447,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("train", True):
         task.data_identity = data_identity(cfg)  # into each checkpoint (ZooTask.on_save_checkpoint)
         try:
-            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+            with resuming_in(out_dir) if history is not None else nullcontext():
+                trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         finally:
             if history is not None and trainer.is_global_zero:
                 restore_csv_history(out_dir, *history)
@@ -432,6 +477,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "fold": cfg.task.get("fold"),  # with the seed, what pairs runs of different rows (tasks.report)
         "label": run_label(cfg),  # the summary table's row
+        "report": report_record(cfg),  # the sweep's caption settings: python -m tasks.demos recomputes it
+        "config_id": config_id(cfg),  # the resolved config but for seed / fold: tables average only equal ones
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
@@ -498,11 +545,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         art = zoo.save_adapter(task.model, out_dir / "adapter",
                                metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]}, extra=extra)
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+        metrics["published"] = publish_name(cfg)  # the zoo entry this run becomes (null: none)
         write_metrics(out_dir / "metrics.json", metrics)
         if cfg.get("export_backbone"):
             export_backbone(task.model, Path(cfg.export_backbone))
-        if cfg.get("publish"):
+        if metrics["published"]:
             publish(cfg, task.model, out_dir)
+        elif cfg.get("publish"):
+            log.info("not published as %s: seed %s (publish_seed=%s: only that seed's run publishes)",
+                     cfg.publish, cfg.seed, cfg.publish_seed)
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
         from tasks.trainer.progress import fmt_seconds
 
@@ -616,6 +667,43 @@ def run_label(cfg: DictConfig) -> str:
     return hydra_choice("adapter") or cfg.adapter.name
 
 
+# what differs between a sweep's replicates, or never changes a result: left out of config_id
+REPLICATE_KEYS = ("seed",)
+NOT_RESULT_KEYS = ("paths", "publish", "publish_seed", "publish_registry", "ckpt_path", "report")
+
+
+def config_id(cfg: DictConfig) -> str | None:
+    """A short hash of the run's resolved config with the seed and fold set aside (their interpolations,
+    e.g. a data seed or an output folder, included): two runs of one row share it exactly when they differ
+    only by seed / fold. :func:`tasks.report.group_runs` averages only runs that share it."""
+    import hashlib
+
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in REPLICATE_KEYS:
+        if key in c:
+            c[key] = None
+    if "task" in c and "fold" in c.task:
+        c.task.fold = None
+    if "paths" in c:
+        c.paths.output_dir = "<output_dir>"  # a ${hydra:...} per job; logger / checkpoint folders interpolate it
+    try:
+        plain = OmegaConf.to_container(c, resolve=True)
+    except Exception as e:  # a finished run is never lost to its hash: its rows then group by label alone
+        log.warning("config_id: the config does not resolve outside the run (%s); recorded as null", e)
+        return None
+    for key in NOT_RESULT_KEYS:
+        plain.pop(key, None)
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def report_record(cfg: DictConfig) -> dict[str, Any]:
+    """The sweep's caption settings (``report.baseline``, ``metric``, ``reference``), kept with each run so that
+    a table over several sweeps (``python -m tasks.demos``) computes each sweep's own caption."""
+    report = cfg.get("report") or {}
+    return {k: None if report.get(k) is None else str(report.get(k)) for k in ("baseline", "metric", "reference")}
+
+
 def apply_final_overrides(cfg: DictConfig) -> DictConfig:
     """``cfg`` with its ``final_overrides`` (``["backbone.weights=null", ...]``) applied last.
 
@@ -642,6 +730,15 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     from zoo.io import atomic_write_text
 
     atomic_write_text(path, json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
+
+
+def publish_name(cfg: DictConfig) -> str | None:
+    """The zoo name this run publishes under: ``publish``, unless ``publish_seed`` names another seed (in a
+    seed sweep only that seed's run publishes, so each entry is one run chosen before any result)."""
+    name, seed = cfg.get("publish"), cfg.get("publish_seed")
+    if not name or (seed is not None and int(cfg.seed) != int(seed)):
+        return None
+    return str(name)
 
 
 def publish(cfg: DictConfig, model: torch.nn.Module, out_dir: Path) -> None:
@@ -735,6 +832,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.logger = None
         cfg.callbacks = None
     check_run_options(cfg)
+    quiet_logs()  # before the first Lightning line (the seed's)
     L.seed_everything(cfg.seed)
     check_data(cfg)  # cheap, before the base weights are built (the data _target_ is allow-listed above)
     task = build_task(cfg, recorded=recorded)

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from tasks.report import caption, collect, compare, grouped_rows, markdown, mean_std, protocol_groups
+from tasks.report import (caption, collect, compare, group_runs, grouped_rows, markdown, mean_std, protocol_groups,
+                          published_note)
 
 
 def test_collect_and_markdown(tmp_path):
@@ -49,8 +50,10 @@ NRMSE = [{"key": "val/nrmse", "header": "val nRMSE", "fmt": "float"},
          {"key": "test/nrmse", "header": "test nRMSE", "fmt": "float"}]
 
 
-def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max")):
-    """One metrics.json per (label, seed): ``rows`` maps a row label to its per-seed values of ``key``."""
+def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max"), validated=True):
+    """One metrics.json per (label, seed): ``rows`` maps a row label to its per-seed values of ``key``;
+    ``validated``: the selection metric (``monitor``) has the same value (the caption ranks rows on it),
+    else no run has a validation score."""
     for label, values in rows.items():
         for seed, v in enumerate(values):
             d = root / f"{label.replace(' ', '_')}_{seed}"
@@ -59,7 +62,7 @@ def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max
                 "schema_version": 2, "kind": "x", "monitor": {"name": monitor[0], "mode": monitor[1], "value": None},
                 "columns": columns, "adapter": "full" if label == "from scratch" else label, "label": label,
                 "dataset": "d", "seed": seed, "fold": None, "trainable_params": 10, "backbone_params": 100,
-                "artifact_bytes": 1024, key: v}))
+                "artifact_bytes": 1024, **({monitor[0]: v} if validated else {}), key: v}))
     return collect(root)
 
 
@@ -119,7 +122,7 @@ def test_caption_one_run_each_claims_nothing_and_missing_baseline(tmp_path):
 def test_grouped_table_mean_and_std(tmp_path):
     rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54]})
     assert [r[:3] for r in grouped_rows(rows)] == [["linear", "d", "3"], ["lora", "d", "3"]]
-    assert grouped_rows(rows)[1][-2] == "55.0 ± 1.0"  # test acc; val acc missing: –
+    assert grouped_rows(rows)[1][-2] == "55.0 ± 1.0"  # test acc
     md = markdown(rows, caption(rows, "linear")).splitlines()
     assert md[0].startswith("| row | dataset | runs |") and md[3].startswith("| lora | d | 3 |")
     assert md[-1].startswith("test acc (higher is better)")
@@ -149,6 +152,29 @@ def test_caption_best_row_is_chosen_on_validation_not_test(tmp_path):
     assert "Best row lora:" in caption(rows, "linear")
 
 
+def test_caption_without_validation_scores_ranks_no_row_on_test(tmp_path):
+    """Bug caught: with no validation score, the caption fell back to ranking rows on their test means and
+    headlined that "best row" (a selection on test). Now no row is headlined; each is still compared with the
+    baseline on test, and a row that has a validation score is ranked among the validated ones only."""
+    runs = {"linear": [0.40, 0.41, 0.42], "lora": [0.50, 0.51, 0.52], "full": [0.70, 0.71, 0.72]}
+    rows = write_runs(tmp_path / "a", runs, validated=False)
+    text = caption(rows, "linear")
+    lines = text.splitlines()
+    assert "Best row" not in text and "beats linear" not in text
+    assert "Rows not ranked: no run has a validation score (val/acc), and a best row is never chosen on test" in lines[0]
+    assert "baseline linear: 41.0 ± 1.0" in lines[0]
+    assert sorted(lines[1:]) == [  # every row vs the baseline on test: the comparison stays
+        "full vs linear: 30.0 points better (std of the paired per-seed differences 0.0 points, n=3, 95% t-test): "
+        "better beyond the noise.",
+        "lora vs linear: 10.0 points better (std of the paired per-seed differences 0.0 points, n=3, 95% t-test): "
+        "better beyond the noise."]
+    rows = write_runs(tmp_path / "b", runs, validated=False)
+    for m in rows:  # only lora validated: full's higher test mean does not make it the best row
+        if m["label"] == "lora":
+            m["val/acc"] = 0.3
+    assert "Best row lora:" in caption(rows, "linear")
+
+
 def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
     """Bug caught: one baseline run has no spread, so three other runs with equal values looked "beyond the noise"."""
     rows = write_runs(tmp_path, {"linear": [0.40], "lora": [0.55, 0.55, 0.55]})
@@ -156,6 +182,53 @@ def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
         if m["label"] == "linear":
             m["seed"] = 99
     assert "beyond the noise" not in caption(rows, "linear").replace("does NOT beat", "")
+
+
+def test_a_row_averages_only_runs_of_one_resolved_config(tmp_path):
+    """Bug caught: two learning rates of one adapter under one label were averaged into one "± std" row."""
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54, 0.20, 0.22, 0.21]})
+    for m in rows:  # lora's runs 3-5 are another config (say lr 1e-4), each with its own seed
+        m["config_id"] = "cfg-b" if m["label"] == "lora" and m["seed"] >= 3 else "cfg-a"
+        if m["config_id"] == "cfg-b":
+            m["seed"] -= 3
+    body = grouped_rows(rows)
+    assert [r[:3] for r in body] == [["linear", "d", "3"], ["lora [cfg-a]", "d", "3"], ["lora [cfg-b]", "d", "3"]]
+    assert body[1][-2] == "55.0 ± 1.0" and body[2][-2] == "21.0 ± 1.0"
+    # one config per label (the usual sweep): the label alone names the row
+    same = [dict(m, config_id="x") for m in rows if m["label"] == "linear"]
+    assert list(group_runs(same)) == ["linear"]
+
+
+def test_published_note_names_each_entry_and_its_rule(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42], "lora": [0.55, 0.56]})
+    assert published_note(rows) == ""
+    for m in rows:
+        m["published"] = f"demo-{m['label']}" if m["seed"] == 0 else None
+    assert published_note(rows) == ("Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), "
+                                     "demo-lora (lora, seed 0); one run per row, its seed-0 run (publish_seed: fixed "
+                                     "before any result, not chosen on a score).")
+    for m in rows:  # every seed under one name per row: the last one wins, and the note says so
+        m["published"] = f"demo-{m['label']}"
+    assert "the last to finish owns it" in published_note(rows)
+
+
+def test_summary_table_prints_the_caption_and_which_runs_were_published(tmp_path, capsys):
+    """The end of a sweep (make demo): table, caption, then the zoo entries and the rule that chose them."""
+    from omegaconf import OmegaConf
+
+    from tasks.report import SummaryTable
+
+    write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54]})
+    for f in tmp_path.rglob("metrics.json"):
+        m = json.loads(f.read_text())
+        m["published"] = f"demo-{m['label']}" if m["seed"] == 0 else None
+        f.write_text(json.dumps(m))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "report": {"baseline": "linear"}})
+    SummaryTable().on_multirun_end(cfg)
+    out = capsys.readouterr().out
+    assert "lora beats linear beyond the noise" in out
+    note = "Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), demo-lora (lora, seed 0)"
+    assert note in out and note in (tmp_path / "summary.md").read_text()
 
 
 def test_printed_table_keeps_every_cell_on_one_line(tmp_path, capsys):

@@ -61,7 +61,15 @@ def test_resume_matches_uninterrupted(tmp_path):
     part = run_train(base + ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"],
                      tmp_path / "b")
     assert part["train_loss_last"] is not None
-    resumed = run_train(base + ["ckpt_path=last"], tmp_path / "b")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        resumed = run_train(base + ["ckpt_path=last"], tmp_path / "b")
+    # the CSV history is restored on purpose (below), the checkpoints are the run's own: no "directory exists
+    # and is not empty" warning
+    said = [str(w.message) for w in got]
+    assert not [m for m in said if "exists and is not empty" in m], said
     assert resumed["val/acc"] == pytest.approx(full["val/acc"], abs=1e-6)
     assert resumed["train_loss_last"] == pytest.approx(full["train_loss_last"], rel=1e-4)
     # issue 15: the CSV log of the epochs before the interruption is kept, so train_loss_first is
@@ -142,3 +150,17 @@ def test_config_mistakes_exit_with_the_message_not_a_traceback():
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         with user_errors():
             raise RuntimeError("a bug")
+
+
+def test_publish_seed_publishes_only_that_seeds_run_and_metrics_json_says_which(tmp_path):
+    """make demo's rule (publish_seed: 0): the other seeds' runs leave the zoo entry alone."""
+    reg = tmp_path / "registry.json"
+    common = ["experiment=tiny", "adapter=lora", "publish=tiny-lora", "publish_seed=0", f"publish_registry={reg}",
+              f"paths.checkpoint_dir={tmp_path}/ckpt", "task.max_epochs=1"]
+    other = run_train([*common, "seed=1"], tmp_path / "s1")
+    assert other["published"] is None and not reg.exists()
+    chosen = run_train([*common, "seed=0"], tmp_path / "s0")
+    assert chosen["published"] == "tiny-lora" and "tiny-lora" in json.loads(reg.read_text())["entries"]
+    # the two runs differ only by seed: one row of a table; the caption settings travel with each run
+    assert other["config_id"] == chosen["config_id"]
+    assert chosen["report"] == {"baseline": None, "metric": None, "reference": None}
