@@ -1,43 +1,30 @@
 """One table over every modality's demo: ``python -m tasks.demos DIR`` (``make demos`` runs them, then this).
 
 ``make demos`` runs each demo with ``paths.log_dir=DIR/<demo>``; every finished run's ``metrics.json``
-under ``DIR`` becomes one row. Kinds measure different things, so instead of the union of all columns
-(:mod:`tasks.report`, one kind at a time) each row shows its task's **selection metric** (the declared
-monitor, e.g. ``val/acc`` max, ``val/nrmse`` min) and its **first test metric**, each with its name and
-direction, plus the adapter's parameters (head excluded, as everywhere: :data:`tasks.report.PARAMS_NOTE`)
-and the run's wall time. ``summary.md`` / ``summary.json`` go next to the runs.
+under ``DIR/<demo>`` belongs to that demo. Within a demo the runs are grouped as :mod:`tasks.report` groups
+a sweep (its protocol groups, then its rows: runs of one row label and one resolved config, seeds / folds
+averaged, mean ± std), so a row here is the same row as in that demo's own table. Kinds measure
+different things, so instead of the union of all columns each row shows its task's **selection metric**
+(the declared monitor, e.g. ``val/acc`` max, ``val/nrmse`` min) and its **first test metric**, each with
+its name and direction, plus the adapter's parameters (head excluded, as everywhere:
+:data:`tasks.report.PARAMS_NOTE`) and the row's training wall time. Under each demo's rows comes the
+caption :func:`tasks.report.caption` computes from its runs, with the baseline the demo's runs recorded
+(``metrics.json`` ``report``). ``summary.md`` / ``summary.json`` go next to the runs.
 """
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from tasks.report import PARAMS_NOTE, collect
+from tasks.base import Column, columns_of
+from tasks.report import PARAMS_NOTE, caption, collect, fmt_stat, group_runs, mean_std, protocol_groups
 
-HEADER = ["demo", "kind", "adapter", "dataset", "adapter params", "% of backbone", "selection (val)", "test",
+HEADER = ["demo", "kind", "row", "dataset", "runs", "adapter params", "% of backbone", "selection (val)", "test",
           "wall time"]
-
-
-def _metric(m: dict[str, Any], key: str | None) -> str:
-    from tasks.base import columns_of
-
-    if key is None or m.get(key) is None:
-        return "–"
-    col = next((c for c in columns_of(m) if c.key == key), None)
-    value = col.format(m[key]) if col is not None else f"{float(m[key]):.4g}"
-    name = col.header if col is not None else key
-    if col is not None and col.fmt == "pct":
-        value += "%"
-    return f"{name} {value}"
-
-
-def _test_key(m: dict[str, Any]) -> str | None:
-    """The first declared test metric with a value."""
-    from tasks.base import columns_of
-
-    return next((c.key for c in columns_of(m) if c.key.startswith("test/") and m.get(c.key) is not None), None)
+LEGEND = f"mean ± std over each row's runs (seeds / folds); ↑ higher is better, ↓ lower. {PARAMS_NOTE}"
 
 
 def demo_name(run_dir: Path, root: Path) -> str:
@@ -45,49 +32,107 @@ def demo_name(run_dir: Path, root: Path) -> str:
     return rel[0] if len(rel) > 1 else "-"
 
 
-def rows_of(root: str | Path) -> list[dict[str, Any]]:
-    """One record per finished run under ``root``: the table's cells and the numbers behind them."""
+def _column(runs: list[dict[str, Any]], key: str) -> Column:
+    return next((c for m in runs for c in columns_of(m) if c.key == key), Column(key, key))
+
+
+def _stat(runs: list[dict[str, Any]], key: str | None) -> tuple[str, tuple[float, float, int]]:
+    """``'<header> mean ± std[%]'`` of ``key`` over ``runs`` and the numbers, ``'–'`` when no run has it."""
+    if key is None:
+        return "–", (float("nan"), float("nan"), 0)
+    col = _column(runs, key)
+    stat = mean_std([m.get(key) for m in runs])
+    if stat[2] == 0:
+        return "–", stat
+    return f"{col.header} {fmt_stat(col, *stat)}{'%' if col.fmt == 'pct' else ''}", stat
+
+
+def _test_key(runs: list[dict[str, Any]]) -> str | None:
+    """The first declared test metric that some run has a value for."""
+    keys = [c.key for m in runs for c in columns_of(m) if c.key.startswith("test/")]
+    return next((k for k in dict.fromkeys(keys) if any(m.get(k) is not None for m in runs)), None)
+
+
+def demo_caption(runs: list[dict[str, Any]]) -> str:
+    """The caption :func:`tasks.report.caption` computes for one demo's runs, with the baseline (and metric,
+    reference) they recorded; a line saying why there is none otherwise."""
+    report = next((m["report"] for m in runs if isinstance(m.get("report"), dict) and m["report"].get("baseline")),
+                  None)
+    if report is None:
+        return "No caption: these runs record no report.baseline (the demo sets none, or metrics.json predates it)."
+    return caption(runs, report["baseline"], report.get("metric"), report.get("reference"))
+
+
+def demos_of(root: str | Path) -> list[dict[str, Any]]:
+    """Per demo folder under ``root``: ``{"demo", "rows", "caption"}``, its rows grouped as in its own table."""
     from tasks.trainer.progress import fmt_seconds
 
     root = Path(root)
-    out = []
+    by_demo: dict[str, list[dict[str, Any]]] = {}
     for m in collect(root):
-        mon = m.get("monitor") or {}
-        arrow = {"max": "↑", "min": "↓"}.get(mon.get("mode"), "")
-        p, bb = m.get("trainable_params") or 0, max(1, m.get("backbone_params") or 1)
-        test = _test_key(m)
-        out.append({
-            "cells": [demo_name(Path(m["run_dir"]), root), str(m.get("kind", "?")), str(m.get("adapter", "?")),
-                      str(m.get("dataset", "?")), f"{p:,}", f"{100 * p / bb:.2f}%",
-                      (_metric(m, mon.get("name")) + f" {arrow}").strip(), _metric(m, test),
-                      fmt_seconds(m["wall_time_s"]) if m.get("wall_time_s") is not None else "–"],
-            "monitor": mon, "test": {"name": test, "value": m.get(test) if test else None},
-            "run_dir": m["run_dir"], "wall_time_s": m.get("wall_time_s"),
-        })
-    out.sort(key=lambda r: r["cells"][:3])
+        by_demo.setdefault(demo_name(Path(m["run_dir"]), root), []).append(m)
+    out = []
+    for demo in sorted(by_demo):
+        rows = []
+        for _, runs_of_protocol in protocol_groups(by_demo[demo]):
+            for label, runs in group_runs(runs_of_protocol).items():
+                m = runs[0]
+                mon = m.get("monitor") or {}
+                arrow = {"max": "↑", "min": "↓"}.get(mon.get("mode"), "")
+                p, bb = m.get("trainable_params") or 0, max(1, m.get("backbone_params") or 1)
+                sel_text, sel = _stat(runs, mon.get("name"))
+                test = _test_key(runs)
+                test_text, tst = _stat(runs, test)
+                walls = [r["wall_time_s"] for r in runs if r.get("wall_time_s") is not None]
+                rows.append({
+                    "cells": [demo, str(m.get("kind", "?")), label, str(m.get("dataset", "?")), str(len(runs)),
+                              f"{p:,}", f"{100 * p / bb:.2f}%", (sel_text + f" {arrow}").strip() if sel[2] else "–",
+                              test_text, fmt_seconds(sum(walls)) if walls else "–"],
+                    "label": label, "runs": [r["run_dir"] for r in runs], "seeds": [r.get("seed") for r in runs],
+                    "monitor": {"name": mon.get("name"), "mode": mon.get("mode"), "mean": sel[0], "std": sel[1]},
+                    "test": {"name": test, "mean": tst[0], "std": tst[1]},
+                    "wall_time_s": sum(walls) if walls else None,
+                })
+        out.append({"demo": demo, "rows": rows, "caption": demo_caption(by_demo[demo])})
     return out
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r["cells"]) + " |" for r in rows]
-    total = sum(r["wall_time_s"] or 0 for r in rows)
+def rows_of(root: str | Path) -> list[dict[str, Any]]:
+    """Every demo's rows, in table order."""
+    return [r for d in demos_of(root) for r in d["rows"]]
+
+
+def text_table(demos: list[dict[str, Any]]) -> str:
+    """One plain-text table: a demo's rows, then its caption (wrapped to the table's width), then the next."""
+    rows = [r["cells"] for d in demos for r in d["rows"]]
+    widths = [max(len(str(x)) for x in col) for col in zip(HEADER, *rows)]
+    right = {"runs", "adapter params", "% of backbone", "wall time"}
+
+    def line(cells):
+        return " | ".join(c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(cells, widths, HEADER)).rstrip()
+
+    total = sum(widths) + 3 * (len(widths) - 1)
+    rule = "-" * total
+    out = [line(HEADER), rule]
+    for d in demos:
+        out += [line(r["cells"]) for r in d["rows"]]
+        for para in d["caption"].splitlines():
+            out += textwrap.wrap(para, width=max(60, total), initial_indent="  ", subsequent_indent="    ")
+        out.append(rule)
+    return "\n".join(out)
+
+
+def markdown(demos: list[dict[str, Any]]) -> str:
+    """The table as Markdown (one table; each demo's caption follows, under its name)."""
     from tasks.trainer.progress import fmt_seconds
 
-    return ("\n".join(lines) + f"\n\n{len(rows)} runs, {fmt_seconds(total)} of training wall time in all "
-            f"(↑ higher is better, ↓ lower). {PARAMS_NOTE}\n")
-
-
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, caption=f"↑ higher is better, ↓ lower. {PARAMS_NOTE}")
-    for h in HEADER:
-        t.add_column(h, justify="left" if h in ("demo", "kind", "adapter", "dataset", "selection (val)", "test") else "right")
-    for r in rows:
-        t.add_row(*r["cells"])
-    Console(width=max(140, Console().width)).print(t)
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r["cells"]) + " |" for d in demos for r in d["rows"]]
+    captions = [f"**{d['demo']}**: " + d["caption"].replace("\n", "  \n") for d in demos]
+    total = sum(r["wall_time_s"] or 0 for d in demos for r in d["rows"])
+    n_runs = sum(len(r["runs"]) for d in demos for r in d["rows"])
+    return ("\n".join(lines) + f"\n\n{n_runs} runs, {fmt_seconds(total)} of training wall time in all. {LEGEND}\n\n"
+            + "\n\n".join(captions) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: no such folder: {root}", file=sys.stderr)
         return 2
-    rows = rows_of(root)
-    if not rows:
+    demos = demos_of(root)
+    if not demos:
         print(f"error: no finished run (metrics.json) under {root}", file=sys.stderr)
         return 1
-    print_table(rows, title=f"Adapter Zoo demos ({root})")
-    atomic_write_text(root / "summary.md", markdown(rows))
-    atomic_write_text(root / "summary.json", json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1) + "\n")
+    print(f"Adapter Zoo demos ({root})\n\n{text_table(demos)}\n{LEGEND}")
+    atomic_write_text(root / "summary.md", markdown(demos))
+    atomic_write_text(root / "summary.json", json.dumps(demos, indent=1, default=str) + "\n")
     print(f"table: {root / 'summary.md'}")
     return 0
 

@@ -61,7 +61,7 @@ LOADER = {"batch_size": Int(1), "eval_batch_size": Int(1), "num_workers": Int(0)
 
 
 # the top-level options of train.py / eval.py (conf/train.yaml): numpy's generators take seeds in 0..2**32-1
-RUN = {"seed": Int(0, 2**32 - 1)}
+RUN = {"seed": Int(0, 2**32 - 1), "publish_seed": Int(0, 2**32 - 1, optional=True)}
 
 
 # the Trainer options a recipe or the command line sets (conf/trainer/*.yaml); Lightning's own checks are a

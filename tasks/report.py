@@ -187,11 +187,17 @@ def replicate(m: dict[str, Any]) -> tuple:
 
 
 def group_runs(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Runs by row label, in order of first appearance."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """Runs by row, in order of first appearance: a row is a label and one resolved config (``config_id``:
+    runs that differ by more than their seed / fold are never averaged). A label run under several configs
+    (e.g. two learning rates) gives one row per config, named ``label [config_id]``; files without a
+    ``config_id`` (written before it) group by label alone."""
+    by_key: dict[tuple, list[dict[str, Any]]] = {}
     for m in rows:
-        groups.setdefault(row_label(m), []).append(m)
-    return groups
+        by_key.setdefault((row_label(m), m.get("config_id")), []).append(m)
+    n_configs: dict[str, int] = {}
+    for label, _ in by_key:
+        n_configs[label] = n_configs.get(label, 0) + 1
+    return {(label if n_configs[label] == 1 else f"{label} [{cid}]"): runs for (label, cid), runs in by_key.items()}
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -374,6 +380,24 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
     return "\n".join(lines)
 
 
+def published_note(rows: list[dict[str, Any]]) -> str:
+    """Which runs became local-zoo entries (``metrics.json`` ``published``) and by what rule; "" when none did."""
+    pub = [m for m in rows if m.get("published")]
+    if not pub:
+        return ""
+    items = ", ".join(f"{m['published']} ({row_label(m)}, seed {m.get('seed')})" for m in pub)
+    names = [m["published"] for m in pub]
+    seeds = {m.get("seed") for m in pub}
+    if len(set(names)) < len(names):
+        rule = "several runs published under one name: the last to finish owns it (set publish_seed to choose one)"
+    elif len(pub) < len(rows) and len(seeds) == 1:
+        rule = (f"one run per row, its seed-{next(iter(seeds))} run (publish_seed: fixed before any result, "
+                f"not chosen on a score)")
+    else:
+        rule = "every run that set publish"
+    return f"Published to the local model zoo (python -m zoo list): {items}; {rule}."
+
+
 class SummaryTable(Callback):
     """Hydra callback: at the end of a multirun, print and save the table of its runs."""
 
@@ -398,9 +422,12 @@ class SummaryTable(Callback):
         wall = time.monotonic() - getattr(self, "_t0", time.monotonic())
         print_table(rows, title=f"results in {sweep_dir} ({len(rows)} runs, {fmt_seconds(wall)} wall time)",
                     caption_text=text, columns=keys)
+        note = published_note(rows)
+        if note:
+            print(note)
         from zoo.io import atomic_write_text
 
-        atomic_write_text(sweep_dir / "summary.md", markdown(rows, text, keys))
+        atomic_write_text(sweep_dir / "summary.md", markdown(rows, text, keys) + (f"\n{note}\n" if note else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

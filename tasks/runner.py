@@ -13,6 +13,9 @@ adapter.safetensors + adapter.json, which records the task kind and its configs)
      "protocol": {"name", "splits", "selection", "validated_on", ... (tasks/protocol.py)},
      "selection": "val" | "last" | "val_is_test" | "none" (evaluate-only), "validated_on": <the validation split's name or null>,
      "trainable_params", "trainable_params_with_head", "backbone_params", "artifact_bytes", "step_ms",
+     "report": {"baseline", "metric", "reference"} (the sweep's caption settings, tasks/report.py),
+     "config_id": <hash of the resolved config but for seed / fold: which runs are replicates of one row>,
+     "published": <the zoo name this run was published under, or null (publish / publish_seed)>,
      <every column's key: "val/acc", "test/acc", ...>, "train_loss_first", "train_loss_last"}
 """
 from __future__ import annotations
@@ -432,6 +435,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "fold": cfg.task.get("fold"),  # with the seed, what pairs runs of different rows (tasks.report)
         "label": run_label(cfg),  # the summary table's row
+        "report": report_record(cfg),  # the sweep's caption settings: python -m tasks.demos recomputes it
+        "config_id": config_id(cfg),  # the resolved config but for seed / fold: tables average only equal ones
         "trainable_params": bb_trainable,  # the adapter's own (head excluded)
         "trainable_params_with_head": trainable,
         "backbone_params": bb_params,
@@ -498,11 +503,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         art = zoo.save_adapter(task.model, out_dir / "adapter",
                                metrics={c["key"]: metrics.get(c["key"]) for c in decl["columns"]}, extra=extra)
         metrics["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+        metrics["published"] = publish_name(cfg)  # the zoo entry this run becomes (null: none)
         write_metrics(out_dir / "metrics.json", metrics)
         if cfg.get("export_backbone"):
             export_backbone(task.model, Path(cfg.export_backbone))
-        if cfg.get("publish"):
+        if metrics["published"]:
             publish(cfg, task.model, out_dir)
+        elif cfg.get("publish"):
+            log.info("not published as %s: seed %s (publish_seed=%s: only that seed's run publishes)",
+                     cfg.publish, cfg.seed, cfg.publish_seed)
         log.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("adapter", "dataset", *(c["key"] for c in decl["columns"]))}))
         from tasks.trainer.progress import fmt_seconds
 
@@ -616,6 +625,43 @@ def run_label(cfg: DictConfig) -> str:
     return hydra_choice("adapter") or cfg.adapter.name
 
 
+# what differs between a sweep's replicates, or never changes a result: left out of config_id
+REPLICATE_KEYS = ("seed",)
+NOT_RESULT_KEYS = ("paths", "publish", "publish_seed", "publish_registry", "ckpt_path", "report")
+
+
+def config_id(cfg: DictConfig) -> str | None:
+    """A short hash of the run's resolved config with the seed and fold set aside (their interpolations,
+    e.g. a data seed or an output folder, included): two runs of one row share it exactly when they differ
+    only by seed / fold. :func:`tasks.report.group_runs` averages only runs that share it."""
+    import hashlib
+
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in REPLICATE_KEYS:
+        if key in c:
+            c[key] = None
+    if "task" in c and "fold" in c.task:
+        c.task.fold = None
+    if "paths" in c:
+        c.paths.output_dir = "<output_dir>"  # a ${hydra:...} per job; logger / checkpoint folders interpolate it
+    try:
+        plain = OmegaConf.to_container(c, resolve=True)
+    except Exception as e:  # a finished run is never lost to its hash: its rows then group by label alone
+        log.warning("config_id: the config does not resolve outside the run (%s); recorded as null", e)
+        return None
+    for key in NOT_RESULT_KEYS:
+        plain.pop(key, None)
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def report_record(cfg: DictConfig) -> dict[str, Any]:
+    """The sweep's caption settings (``report.baseline``, ``metric``, ``reference``), kept with each run so that
+    a table over several sweeps (``python -m tasks.demos``) computes each sweep's own caption."""
+    report = cfg.get("report") or {}
+    return {k: None if report.get(k) is None else str(report.get(k)) for k in ("baseline", "metric", "reference")}
+
+
 def apply_final_overrides(cfg: DictConfig) -> DictConfig:
     """``cfg`` with its ``final_overrides`` (``["backbone.weights=null", ...]``) applied last.
 
@@ -642,6 +688,15 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     from zoo.io import atomic_write_text
 
     atomic_write_text(path, json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2) + "\n")
+
+
+def publish_name(cfg: DictConfig) -> str | None:
+    """The zoo name this run publishes under: ``publish``, unless ``publish_seed`` names another seed (in a
+    seed sweep only that seed's run publishes, so each entry is one run chosen before any result)."""
+    name, seed = cfg.get("publish"), cfg.get("publish_seed")
+    if not name or (seed is not None and int(cfg.seed) != int(seed)):
+        return None
+    return str(name)
 
 
 def publish(cfg: DictConfig, model: torch.nn.Module, out_dir: Path) -> None:

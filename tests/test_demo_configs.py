@@ -92,3 +92,40 @@ def test_zero_shot_row_evaluates_the_untuned_model(tmp_path):
     m = run_train(["experiment=clip_quickstart", "adapter=baseline/zeroshot", "backbone.weights=null"], tmp_path)
     assert m["label"] == "zero-shot" and m["trainable_params_with_head"] == 0
     assert m["test/acc"] is not None and m["test/acc"] == pytest.approx(m["test/acc_zeroshot"])
+
+
+def test_make_demo_publishes_one_run_per_method_its_seed_0():
+    """Bug caught: every seed published under the same zoo name, so the entry was whichever seed finished last."""
+    from tasks.runner import publish_name
+
+    for adapter in sweep("quickstart")["adapter"]:
+        names = [publish_name(compose_config(["experiment=quickstart", f"adapter={adapter}", f"seed={s}"]))
+                 for s in (0, 1, 2)]
+        assert names == [f"vit-demo-{adapter}-clevr_dist", None, None]
+    assert publish_name(compose_config(["experiment=tiny", "publish=mine", "seed=3"])) == "mine"  # publish_seed: null
+    assert publish_name(compose_config(["experiment=tiny", "seed=3"])) is None
+
+
+def test_config_id_is_equal_exactly_for_runs_that_differ_by_seed_or_fold(tmp_path):
+    """What a table averages (tasks.report.group_runs): replicates share config_id, other settings do not."""
+    from tasks.runner import config_id
+
+    def cid(*overrides, out="a"):
+        return config_id(compose_config(["experiment=quickstart", "adapter=lora", *overrides], tmp_path / out))
+
+    base = cid("seed=0")
+    assert cid("seed=1", out="b") == base  # another seed, another output folder: a replicate
+    assert cid("seed=0", "publish=other", out="c") == base  # where it is published changes no result
+    assert cid("seed=0", "task.optimizer.lr=0.001") != base
+    assert cid("seed=0", "adapter.rank=4") != base
+    folds = [config_id(compose_config(["experiment=audio_quickstart", "adapter=lora", f"task.fold={f}"], tmp_path))
+             for f in (1, 2)]
+    assert folds[0] == folds[1]
+
+
+def test_publish_seed_must_be_a_seed_or_null():
+    from tasks.options import check_run_options
+
+    with pytest.raises(ValueError, match="publish_seed"):
+        check_run_options(compose_config(["experiment=tiny", "publish_seed=first"]))
+    check_run_options(compose_config(["experiment=quickstart", "publish_seed=null"]))

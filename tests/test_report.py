@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from tasks.report import caption, collect, compare, grouped_rows, markdown, mean_std, protocol_groups
+from tasks.report import (caption, collect, compare, group_runs, grouped_rows, markdown, mean_std, protocol_groups,
+                          published_note)
 
 
 def test_collect_and_markdown(tmp_path):
@@ -156,6 +157,53 @@ def test_caption_judges_nothing_against_a_single_unpaired_run(tmp_path):
         if m["label"] == "linear":
             m["seed"] = 99
     assert "beyond the noise" not in caption(rows, "linear").replace("does NOT beat", "")
+
+
+def test_a_row_averages_only_runs_of_one_resolved_config(tmp_path):
+    """Bug caught: two learning rates of one adapter under one label were averaged into one "± std" row."""
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54, 0.20, 0.22, 0.21]})
+    for m in rows:  # lora's runs 3-5 are another config (say lr 1e-4), each with its own seed
+        m["config_id"] = "cfg-b" if m["label"] == "lora" and m["seed"] >= 3 else "cfg-a"
+        if m["config_id"] == "cfg-b":
+            m["seed"] -= 3
+    body = grouped_rows(rows)
+    assert [r[:3] for r in body] == [["linear", "d", "3"], ["lora [cfg-a]", "d", "3"], ["lora [cfg-b]", "d", "3"]]
+    assert body[1][-2] == "55.0 ± 1.0" and body[2][-2] == "21.0 ± 1.0"
+    # one config per label (the usual sweep): the label alone names the row
+    same = [dict(m, config_id="x") for m in rows if m["label"] == "linear"]
+    assert list(group_runs(same)) == ["linear"]
+
+
+def test_published_note_names_each_entry_and_its_rule(tmp_path):
+    rows = write_runs(tmp_path, {"linear": [0.40, 0.42], "lora": [0.55, 0.56]})
+    assert published_note(rows) == ""
+    for m in rows:
+        m["published"] = f"demo-{m['label']}" if m["seed"] == 0 else None
+    assert published_note(rows) == ("Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), "
+                                     "demo-lora (lora, seed 0); one run per row, its seed-0 run (publish_seed: fixed "
+                                     "before any result, not chosen on a score).")
+    for m in rows:  # every seed under one name per row: the last one wins, and the note says so
+        m["published"] = f"demo-{m['label']}"
+    assert "the last to finish owns it" in published_note(rows)
+
+
+def test_summary_table_prints_the_caption_and_which_runs_were_published(tmp_path, capsys):
+    """The end of a sweep (make demo): table, caption, then the zoo entries and the rule that chose them."""
+    from omegaconf import OmegaConf
+
+    from tasks.report import SummaryTable
+
+    write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54]})
+    for f in tmp_path.rglob("metrics.json"):
+        m = json.loads(f.read_text())
+        m["published"] = f"demo-{m['label']}" if m["seed"] == 0 else None
+        f.write_text(json.dumps(m))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "report": {"baseline": "linear"}})
+    SummaryTable().on_multirun_end(cfg)
+    out = capsys.readouterr().out
+    assert "lora beats linear beyond the noise" in out
+    note = "Published to the local model zoo (python -m zoo list): demo-linear (linear, seed 0), demo-lora (lora, seed 0)"
+    assert note in out and note in (tmp_path / "summary.md").read_text()
 
 
 def test_printed_table_keeps_every_cell_on_one_line(tmp_path, capsys):

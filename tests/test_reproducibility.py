@@ -24,7 +24,7 @@ def test_generated_data_is_byte_identical(tmp_path, monkeypatch):
     from tasks.data import synthetic
 
     monkeypatch.setattr(synthetic, "SPLITS", {"train800val200": 12, "test": 4})
-    for task in ("dsprites_ori", "shapes"):  # the quickstart task and the upstream one
+    for task in ("clevr_dist", "dsprites_ori", "shapes"):  # the quickstart task, the methods demo's, the upstream one
         a = tree_digest(synthetic.write_task(tmp_path / "a", task))
         b = tree_digest(synthetic.write_task(tmp_path / "b", task))
         assert len(a) == 12 + 4 + 4 and a == b

@@ -142,3 +142,17 @@ def test_config_mistakes_exit_with_the_message_not_a_traceback():
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         with user_errors():
             raise RuntimeError("a bug")
+
+
+def test_publish_seed_publishes_only_that_seeds_run_and_metrics_json_says_which(tmp_path):
+    """make demo's rule (publish_seed: 0): the other seeds' runs leave the zoo entry alone."""
+    reg = tmp_path / "registry.json"
+    common = ["experiment=tiny", "adapter=lora", "publish=tiny-lora", "publish_seed=0", f"publish_registry={reg}",
+              f"paths.checkpoint_dir={tmp_path}/ckpt", "task.max_epochs=1"]
+    other = run_train([*common, "seed=1"], tmp_path / "s1")
+    assert other["published"] is None and not reg.exists()
+    chosen = run_train([*common, "seed=0"], tmp_path / "s0")
+    assert chosen["published"] == "tiny-lora" and "tiny-lora" in json.loads(reg.read_text())["entries"]
+    # the two runs differ only by seed: one row of a table; the caption settings travel with each run
+    assert other["config_id"] == chosen["config_id"]
+    assert chosen["report"] == {"baseline": None, "metric": None, "reference": None}

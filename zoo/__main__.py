@@ -29,7 +29,7 @@ def empty_zoo_note() -> str:
     """What ``list`` says when no registry holds an entry (a fresh clone)."""
     return (f"the model zoo is empty: the project's registry ships no entries yet, and nothing was published on this "
             f"machine (registries read: {', '.join(hub.registry_locations())}).\n"
-            f"  make demo      adds vit-demo (the demo backbone) and vit-demo-<linear|lora|full>-dsprites_ori to "
+            f"  make demo      adds vit-demo (the demo backbone) and vit-demo-<linear|lora|full>-clevr_dist to "
             f"{hub.registry.LOCAL_REGISTRY}\n"
             f"  python -m zoo publish RUN_DIR --name NAME --out DIR [--url-base URL | --hf-repo ORG/REPO]   publishes "
             f"a finished run (a lab serves the folder and its registry.json)\n"
