@@ -109,7 +109,7 @@ class CaptioningTask(ZooTask):
         if stage == "train":  # next-token accuracy on real tokens (captions are scored at val/test)
             mask = labels != self.coca.pad_id
             acc = (logits.argmax(-1)[mask] == labels[mask]).float().mean()
-            self.log("train/token_acc", acc, on_step=False, on_epoch=True)
+            self.log("train/token_acc", acc, on_step=False, on_epoch=True, batch_size=len(labels))
 
     def captions(self, frames: torch.Tensor) -> list[str]:
         return self.coca.decode(self.model.generate(frames, **self.generation))

@@ -281,3 +281,27 @@ def test_an_artifact_holds_the_trained_in_proj_tensors(tmp_path, method):
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), bb(x))
+
+
+def test_random_weights_asked_for_are_built_without_open_clip_noise(caplog):
+    """pretrained=None is random on purpose (or a weights file loaded right after): no "No pretrained weights
+    loaded" warning and none of open_clip's INFO narration; the warning stays where weights were expected."""
+    import logging
+
+    import open_clip
+
+    from zoo.backbones.clip import open_clip_quietly
+
+    with caplog.at_level(logging.INFO):
+        bb = tiny_clip()
+        bb.tokenize(["a red square"])  # the tokenizer's narration too
+    assert bb.weights_tag is None
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "No pretrained weights" in m or "Parsing model identifier" in m
+                or "tokenizer" in m.lower()], said
+    caplog.clear()
+    with caplog.at_level(logging.INFO), open_clip_quietly():  # how a pretrained tag is built: the warning is kept
+        open_clip.create_model("ViT-B-16", pretrained=None, **TINY)
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if m.startswith("No pretrained weights loaded for model 'ViT-B-16'")], said
+    assert not [m for m in said if "Parsing model identifier" in m], said
