@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zoo.adapters.base import AdapterModule
-from zoo.io import atomic_path, check_finite, safetensors_bytes
+from zoo.io import atomic_path, check_finite, read_json_object, safetensors_bytes
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -111,13 +111,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_file = path / CONFIG_NAME if path.is_dir() else path
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: expected an artifact folder with {WEIGHTS_NAME} and {CONFIG_NAME}")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise AdapterMismatchError(f"{cfg_file}: not valid JSON ({e}); the artifact is corrupt or was edited by hand, "
-                                   f"save it again") from None
-    if not isinstance(meta, dict):
-        raise AdapterMismatchError(f"{cfg_file}: expected a JSON object (the artifact's metadata), got {type(meta).__name__}")
+    meta = read_json_object(cfg_file, AdapterMismatchError,
+                            "the artifact's metadata is corrupt or was edited by hand, save it again")
     check_adapter_meta(meta, cfg_file)
     return meta
 

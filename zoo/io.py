@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crashed writer) never sees a half-written file.
+"""Atomic file writes (a reader, or a crashed writer, never sees a half-written file) and reading a JSON
+object file with one error naming it.
 
 Every file the project writes goes through :func:`atomic_path`: the content is written to a
 uniquely named temporary file in the destination's own folder (same filesystem, so the final
@@ -8,11 +9,12 @@ error the temporary file is removed and the previous file, if any, is untouched.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -53,6 +55,19 @@ WRITE_ERRNOS = {
     errno.EPERM: "operation not permitted",
     errno.ENOTDIR: "a part of this path is a file, not a folder",
 }
+
+
+def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str) -> dict[str, Any]:
+    """The JSON object in ``file``; anything else (not UTF-8, not JSON, not an object) is one ``error``
+    naming the file, ending with ``hint`` (what to do about it). The file is left as it is."""
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise error(f"{file}: not valid JSON ({type(e).__name__}: {e}); {hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}; {hint}")
+    return data
 
 
 def is_environment_error(e: BaseException) -> bool:

@@ -81,7 +81,7 @@ from zoo.export.naming import (
 )
 from zoo.export.peft_tuners import PAYLOADS as TUNER_PAYLOADS
 from zoo.export.peft_tuners import unstacked_modules
-from zoo.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
+from zoo.io import atomic_write_bytes, atomic_write_text, read_json_object, safetensors_bytes
 
 TUNER_METHODS = tuple(TUNER_PAYLOADS)  # peft's MissConfig / ShiraConfig (zoo.export.peft_tuners)
 
@@ -439,14 +439,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
 
 
 def _read_json_object(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ExportError(f"{file}: not valid JSON ({type(e).__name__}: {e}); the adapter is corrupt or was edited "
-                          "by hand") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(file, ExportError, "the adapter is corrupt or was edited by hand")
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -70,15 +70,9 @@ def add_entry(registry: str | os.PathLike, name: str, entry: dict[str, Any]) -> 
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object file; anything else is one :class:`RegistryError` naming it (the file is left as it is)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise RegistryError(f"{path}: the {what} file is not valid JSON ({type(e).__name__}: {e}); fix or move it "
-                            "(it was left as it is)") from None
-    if not isinstance(data, dict):
-        raise RegistryError(f"{path}: the {what} file must hold a JSON object, got {type(data).__name__}")
-    return data
+    from zoo.io import read_json_object  # lazily, as above: zoo.io imports torch
+
+    return read_json_object(path, RegistryError, f"fix or move this {what} file (it was left as it is)")
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, Any]:
