@@ -56,7 +56,7 @@ checkpoints/clip/tiny_shapes_p4_s1000.safetensors: | $(STAMP)
 clip-demo clip-quickstart: $(STAMP) checkpoints/clip/tiny_shapes_p4_s1000.safetensors
 	$(PY) train.py experiment=clip_quickstart $(LOG_ARG)
 
-checkpoints/audio/ast_demo.safetensors: | $(STAMP)
+checkpoints/audio/ast_demo.safetensors: conf/backbone/ast_demo.yaml conf/experiment/audio_upstream.yaml | $(STAMP)
 	$(PY) train.py experiment=audio_upstream
 
 audio-demo: $(STAMP) checkpoints/audio/ast_demo.safetensors

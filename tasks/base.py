@@ -193,9 +193,12 @@ class ZooTask(L.LightningModule):
         extra = zoo.extra_loss(self.model, ctx)
         # sync_dist: under DDP the logged step loss is the mean over ranks, i.e. the global batch's loss
         # (what one process with the global batch logs), not rank 0's share
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        # the batch size named: Lightning cannot tell it from a batch of several differently sized parts
+        # (a caption batch: frames and strings) and warned on every run
+        n = len(y) if torch.is_tensor(y) else None
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
         if extra is not None:
-            self.log("train/extra_loss", extra, on_step=False, on_epoch=True)
+            self.log("train/extra_loss", extra, on_step=False, on_epoch=True, batch_size=n)
         self.update_metrics("train", outputs.detach() if torch.is_tensor(outputs) else outputs, y)
         return loss if extra is None else loss + extra
 

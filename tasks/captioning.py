@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.base import Column, ZooTask, attach_adapter, create_backbone, register_task
-from tasks.metrics.captioning import caption_scores, resolve_backend
+from tasks.metrics.captioning import caption_scores, keyword_accuracy, resolve_backend
 from tasks.options import GENERATION, check_options
 from zoo.backbones.coca import CoCaCaptioner
 
@@ -68,6 +68,7 @@ class CaptioningTask(ZooTask):
         # resolved once, before training: a bad name, or METEOR asked for without Java, fails here; the scores of
         # a run all come from one backend, recorded in metrics.json's protocol (pure scores are not PTB scores)
         self.metric_cfg["backend"] = resolve_backend(self.metric_cfg["backend"])
+        self.keywords = _check_keywords(self.metric_cfg.get("keywords"))
         if self.metric_cfg["backend"] == "pure" and (self.metric_cfg["meteor_val"] or self.metric_cfg["meteor_test"]):
             raise ValueError("METEOR was asked for (task.metrics.meteor_test / meteor_val) but the coco backend is not "
                              "available (it needs Java on PATH and pycocoevalcap): install Java, or set "
@@ -87,6 +88,11 @@ class CaptioningTask(ZooTask):
                            "meteor": bool(self.metric_cfg["meteor_test"]) and coco,
                            "generation": dict(self.generation)}}
 
+    def metric_columns(self) -> tuple[Column, ...]:
+        """The caption metrics, then one accuracy per ``task.metrics.keywords`` group (val and test)."""
+        return self.columns + tuple(Column(f"{split}/{name}_acc", f"{split} {name} acc", "pct")
+                                    for name in self.keywords for split in ("val", "test"))
+
     @property
     def coca(self):
         return self.model.backbone
@@ -103,7 +109,7 @@ class CaptioningTask(ZooTask):
         if stage == "train":  # next-token accuracy on real tokens (captions are scored at val/test)
             mask = labels != self.coca.pad_id
             acc = (logits.argmax(-1)[mask] == labels[mask]).float().mean()
-            self.log("train/token_acc", acc, on_step=False, on_epoch=True)
+            self.log("train/token_acc", acc, on_step=False, on_epoch=True, batch_size=len(labels))
 
     def captions(self, frames: torch.Tensor) -> list[str]:
         return self.coca.decode(self.model.generate(frames, **self.generation))
@@ -131,6 +137,10 @@ class CaptioningTask(ZooTask):
         for k in ("cider_d", "bleu4", "rouge_l", "meteor"):
             if scores[k] is not None:
                 self.log(f"{stage}/{k}", float(scores[k]), prog_bar=k == "cider_d")
+        for name, words in self.keywords.items():
+            acc = keyword_accuracy(refs, hyps, words)
+            if acc is not None:
+                self.log(f"{stage}/{name}_acc", acc)
         self.last_captions = dict(sorted(hyps.items()))
 
     def on_validation_epoch_end(self) -> None:
@@ -186,6 +196,23 @@ def _attach(model: CoCaCaptioner, adapter: dict) -> CoCaCaptioner:
         p.requires_grad_(True)
     load_adapter(model, path)
     return model
+
+
+def _check_keywords(keywords) -> dict[str, list[str]]:
+    """``task.metrics.keywords``: ``{name: [word, ...]}`` (e.g. ``direction: [left, right, up, down]``), each
+    group scored by :func:`tasks.metrics.captioning.keyword_accuracy` as ``<split>/<name>_acc``."""
+    if not keywords:
+        return {}
+    if not isinstance(keywords, dict):
+        raise ValueError(f"task.metrics.keywords must map a name to a list of words, got {keywords!r}")
+    out = {}
+    for name, words in keywords.items():
+        if not str(name).isidentifier() or isinstance(words, str) or not words or \
+                not all(isinstance(w, str) and w.strip() for w in words):
+            raise ValueError(f"task.metrics.keywords.{name}: expected a name (letters, digits, _) and a non-empty "
+                             f"list of words, got {words!r}")
+        out[str(name)] = [str(w) for w in words]
+    return out
 
 
 def _gather(d: dict) -> dict:

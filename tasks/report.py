@@ -312,10 +312,11 @@ ROW_VERDICT = {"better": "better beyond the noise", "within": "within the noise"
 
 
 def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None, reference: str | None = None) -> str:
-    """What the table shows, from its numbers: the best row against ``baseline`` (a row label), the
-    difference and the noise (std over seeds, or of the paired per-seed differences), then every
-    other row against the baseline, and with ``reference`` (e.g. full fine-tuning) every other row
-    against it too. Says so when no row beats the baseline beyond the noise."""
+    """What the table shows, from its numbers: the best row (ranked on the runs' validation metric, never
+    on test) against ``baseline`` (a row label), the difference and the noise (std over seeds, or of the
+    paired per-seed differences), then every other row against the baseline, and with ``reference``
+    (e.g. full fine-tuning) every other row against it too. Says so when no row beats the baseline beyond
+    the noise; when no run has a validation score, headlines no row and says why (rows not ranked)."""
     groups = group_runs(rows)
     if baseline not in groups:
         return f"No caption: the baseline row {baseline!r} is not among the runs ({', '.join(groups)})."
@@ -334,15 +335,16 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
     scored = {k: c for k, c in others.items() if c["other"][2]}
     if not scored:
         return f"No caption: no run has {col.key}."
-    # the best row is the one the selection metric (validation) ranks first, never the test metric
+    # the best row is the one the selection metric (validation) ranks first, never the test metric: rows
+    # without a validation score are not ranked (they are still compared with the baseline, below)
     sel_key = next((m["monitor"]["name"] for m in rows if m.get("monitor")), col.key)
 
     def selection_mean(k):
         vals = [r[sel_key] for r in groups[k] if r.get(sel_key) is not None]
-        return sum(vals) / len(vals) if vals else scored[k]["other"][0]
+        return sum(vals) / len(vals) if vals else None
 
-    best = max(scored, key=lambda k: sign * selection_mean(k))
-    c = scored[best]
+    validated = {k: v for k in scored if (v := selection_mean(k)) is not None}
+    best = max(validated, key=lambda k: sign * validated[k]) if validated else None
     direction = "higher is better" if mode == "max" else "lower is better"
     n_runs = max(len(v) for v in groups.values())
 
@@ -356,15 +358,21 @@ def caption(rows: list[dict[str, Any]], baseline: str, metric: str | None = None
         unit = " points" if col.fmt == "pct" else ""
         return f"{what} {fmt_spread(col, c['noise'])}{unit}, n={c['n']}, 95% t-test"
 
-    verdict = {
-        "better": f"{best} beats {baseline} beyond the noise",
-        "within": f"{best} does NOT beat {baseline} beyond the noise",
-        "worse": f"no row beats {baseline}: the best, {best}, is worse beyond the noise",
-        "unknown": f"{best} vs {baseline} cannot be judged (one run each)",
-    }[c["verdict"]]
-    lines = [(f"{col.header} ({direction}), mean ± std over up to {n_runs} seeds/folds per row. "
-              f"Best row {best}: {stat(c['other'])} vs baseline {baseline}: {stat(c['base'])}, "
-              f"{_diff_text(col, c['gain'])} ({noise(c)}): {verdict}.")]
+    head = f"{col.header} ({direction}), mean ± std over up to {n_runs} seeds/folds per row. "
+    if best is None:
+        base_stat = stat(next(iter(scored.values()))["base"])
+        lines = [head + f"Rows not ranked: no run has a validation score ({sel_key}), and a best row is never chosen "
+                 f"on test. Each row vs baseline {baseline}: {base_stat}."]
+    else:
+        c = scored[best]
+        verdict = {
+            "better": f"{best} beats {baseline} beyond the noise",
+            "within": f"{best} does NOT beat {baseline} beyond the noise",
+            "worse": f"no row beats {baseline}: the best, {best}, is worse beyond the noise",
+            "unknown": f"{best} vs {baseline} cannot be judged (one run each)",
+        }[c["verdict"]]
+        lines = [head + f"Best row {best}: {stat(c['other'])} vs baseline {baseline}: "
+                 f"{stat(c['base'])}, {_diff_text(col, c['gain'])} ({noise(c)}): {verdict}."]
     for k, o in others.items():
         if k != best and o["other"][2]:
             lines.append(f"{k} vs {baseline}: {_diff_text(col, o['gain'])} ({noise(o)}): {ROW_VERDICT[o['verdict']]}.")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import csv
 import json
 import logging
@@ -55,12 +55,36 @@ class _DropAdverts(logging.Filter):
         return not (msg.startswith("💡 Tip") or "litmodels" in msg or "litlogger" in msg)
 
 
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def one_console() -> None:
+    """Each log line on the console once, when the root logger has a handler (Hydra's console + file).
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own (``INFO: ...``) and
+    lets records propagate to the root too, so every Lightning line was printed twice; imported before
+    any root handler, ``lightning.pytorch`` / ``lightning.fabric`` also keep theirs and stop propagating
+    (then Hydra's file log lacks them). With a root handler present, Lightning's own console handlers
+    go and everything propagates: one line on the console, every line in the run's log file. Without
+    one (a plain script), Lightning's handlers stay: its messages are still shown.
+    """
+    if not logging.getLogger().handlers:
+        return
+    for name in LIGHTNING_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:  # a console handler (not a file handler, a subclass)
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
 def quiet_logs() -> None:
-    """No third-party advertisement tip on every run, and no warnings the project cannot act on:
-    the DataLoader-workers hint (the tiny / eval configs use ``num_workers=0`` on purpose) and
-    Lightning's own use of a deprecated torch ``_pytree`` API."""
+    """No third-party advertisement tip on every run, each line once on the console (:func:`one_console`),
+    and no warnings the project cannot act on: the DataLoader-workers hint (the tiny / eval configs use
+    ``num_workers=0`` on purpose) and Lightning's own use of a deprecated torch ``_pytree`` API."""
     import warnings
 
+    one_console()
     lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdverts) for f in lg.filters):
         lg.addFilter(_DropAdverts())
@@ -302,6 +326,22 @@ def restore_csv_history(out_dir: Path, rows: list[dict], step: int) -> None:
 
 
 @contextmanager
+def resuming_in(out_dir: Path):
+    """A resume, silent about the run's own folder. Lightning warns that ``csv/`` ("Experiment logs
+    directory") and ``checkpoints/`` ("Checkpoint directory") exist and are not empty: a resume
+    continues in them on purpose (:func:`restore_csv_history` puts the CSV rows before the checkpoint
+    back; the checkpoints are the run's own), so for this run's folder, during the resumed fit only,
+    those two say nothing the user must act on. Every other warning is kept."""
+    import re
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(Experiment logs|Checkpoint) directory " + re.escape(str(out_dir))
+                                + r".* exists and is not empty")
+        yield
+
+
+@contextmanager
 def keep_csv_history(trainer: L.Trainer, out_dir: Path):
     """Keep ``csv/metrics.csv``'s rows across a ``trainer.validate`` / ``trainer.test`` call.
 
@@ -373,6 +413,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     import time
 
     t0 = time.monotonic()
+    quiet_logs()  # before the first Lightning line (the seed's)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     # a resume from a checkpoint of another config (adapter, backbone, problem, data) is refused before any
@@ -406,7 +447,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("train", True):
         task.data_identity = data_identity(cfg)  # into each checkpoint (ZooTask.on_save_checkpoint)
         try:
-            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+            with resuming_in(out_dir) if history is not None else nullcontext():
+                trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         finally:
             if history is not None and trainer.is_global_zero:
                 restore_csv_history(out_dir, *history)
@@ -790,6 +832,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         cfg.logger = None
         cfg.callbacks = None
     check_run_options(cfg)
+    quiet_logs()  # before the first Lightning line (the seed's)
     L.seed_everything(cfg.seed)
     check_data(cfg)  # cheap, before the base weights are built (the data _target_ is allow-listed above)
     task = build_task(cfg, recorded=recorded)

@@ -166,3 +166,17 @@ def test_imagenet_weights_offline_give_the_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError, match="(?s)could not download pretrained weights for timm model.*backbone.weights="):
         tiny_ast(pretrained=True)
+
+
+def test_a_demo_checkpoint_of_another_geometry_says_to_pretrain_again(tmp_path):
+    """A stale ``ast_demo.safetensors`` (stride 10: 12x9 patches) under the stride-16 demo config (8x6) is
+    refused with the command that rewrites it; any other file of an unknown grid asks for its config.json."""
+    tiny = {"model": "deit_tiny_distilled_patch16_224", "pretrained": False, "embed_dim": 16, "depth": 1,
+            "num_heads": 2, "max_length": 100}
+    sd = zoo.create_backbone("ast", fstride=10, tstride=10, **tiny).model.state_dict()
+    for name in ("ast_demo.safetensors", "other.safetensors"):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / name))
+    with pytest.raises(WeightsUnavailableError, match=r"108 patch positions.*8x6.*experiment=audio_upstream` again"):
+        zoo.create_backbone("ast", weights=str(tmp_path / "ast_demo.safetensors"), fstride=16, tstride=16, **tiny)
+    with pytest.raises(WeightsUnavailableError, match=r"8x6; put the checkpoint's config.json"):
+        zoo.create_backbone("ast", weights=str(tmp_path / "other.safetensors"), fstride=16, tstride=16, **tiny)

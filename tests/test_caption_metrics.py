@@ -81,3 +81,32 @@ def test_meteor_through_pycocoevalcap():  # the METEOR 1.5 jar takes ~18 s to st
     good = cm.caption_scores(GTS, {**RES, "v4": "a yellow square and a red circle bounce"}, backend="coco")
     bad = cm.caption_scores(GTS, RES, backend="coco")
     assert 0 < bad["meteor"] < good["meteor"] <= 1
+
+
+def test_keyword_accuracy_reads_one_slot_of_the_shapes_captions():
+    from tasks.data.captioning import COLOURS, MOTIONS, SHAPES, TEMPLATES
+
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in MOTIONS]
+    gts = {f"v{i}": [t.format(c=c, s=s, d=d) for t in TEMPLATES] for i, (c, s, d) in enumerate(combos)}
+    dirs, shapes = list(MOTIONS), list(SHAPES)
+
+    def hyps(shape_shift, dir_shift):
+        return {f"v{i}": f"A {c} {shapes[(shapes.index(s) + shape_shift) % 3]} moves "
+                         f"{dirs[(dirs.index(d) + dir_shift) % 4]}." for i, (c, s, d) in enumerate(combos)}
+
+    assert cm.keyword_accuracy(gts, hyps(0, 0), dirs) == 1.0
+    assert cm.keyword_accuracy(gts, hyps(1, 0), dirs) == 1.0  # a wrong shape: the direction is still right
+    assert cm.keyword_accuracy(gts, hyps(0, 1), dirs) == 0.0
+    assert cm.keyword_accuracy(gts, hyps(0, 1), shapes) == 1.0
+    # CIDEr-D on the same references: the shape word weighs more than the direction word
+    cider = {k: cm.cider_d(gts, hyps(*k)) for k in ((0, 0), (0, 1), (1, 0))}
+    assert cider[(0, 0)] - cider[(0, 1)] < cider[(0, 0)] - cider[(1, 0)]
+
+
+def test_keyword_accuracy_counts_only_videos_with_one_right_word():
+    gts = {"a": ["it moves left", "Left, it goes"], "b": ["it moves up", "it goes down"], "c": ["nothing"],
+           "d": ["moves right"], "e": ["moves down"]}
+    res = {"a": "left then right", "b": "up", "c": "left", "d": "no direction", "e": "Down!"}
+    # b (references disagree) and c (they name none) are skipped; a and e right, d names none
+    assert cm.keyword_accuracy(gts, res, ["left", "right", "up", "down"]) == pytest.approx(2 / 3)
+    assert cm.keyword_accuracy({"c": ["nothing"]}, {"c": "left"}, ["left"]) is None

@@ -88,3 +88,29 @@ def test_shapes_captions_fit_the_tiny_cocas_vocabulary():
     kw = compose_config(["experiment=caption_upstream"]).backbone.kwargs
     caps = [t.format(c=c, s=s, d=d) for t, c, s, d in itertools.product(cd.TEMPLATES, cd.COLOURS, cd.SHAPES, cd.MOTIONS)]
     assert {w for c in caps for w in c.split()} == set(kw.vocab)  # every caption word, nothing else
+
+
+
+def test_the_test_stage_generates_with_the_weights_that_gave_the_selected_val_score(tmp_path, monkeypatch):
+    """The oracle for "test generates with other weights than the selected validation": with the val clips
+    as the test split, the test captions (after the best checkpoint is reloaded) must score exactly the
+    selected val score. Here the first epoch is the best and later epochs score lower, so testing the last
+    weights, or a mix (the trained in_proj tensors of open_clip's attention were left out of checkpoints,
+    so a reload kept the last epoch's), gives another score. The direction-word accuracy
+    (task.metrics.keywords) is recorded for both splits from the same captions."""
+    from tasks.data import captioning as data
+
+    monkeypatch.setattr(data.CaptionDataModule, "test_dataloader", data.CaptionDataModule.val_dataloader)
+    m = run_train(["experiment=tiny_caption", "adapter=full", "task.train_decoder=true", "task.optimizer.lr=2e-2",
+                   "task.max_epochs=6", "data.shapes_split=[12,4,4]", f"paths.data_dir={tmp_path}/data",
+                   "task.metrics.keywords={direction: [left, right, up, down]}"], tmp_path)
+    import csv
+
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    per_epoch = [float(r["val/cider_d"]) for r in rows if r.get("val/cider_d")][:6]
+    assert max(per_epoch) > 0 and per_epoch[-1] != max(per_epoch)  # the selected weights are not the last ones
+    assert m["monitor"]["value"] == pytest.approx(max(per_epoch))
+    assert m["test/cider_d"] == pytest.approx(m["monitor"]["value"], abs=1e-6)
+    assert m["test/bleu4"] == pytest.approx(m["val/bleu4"], abs=1e-6)
+    assert {"val/direction_acc", "test/direction_acc"} <= {c["key"] for c in m["columns"]}
+    assert m["test/direction_acc"] == m["val/direction_acc"] is not None

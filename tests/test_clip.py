@@ -259,3 +259,49 @@ def test_encode_text_keeps_full_length_when_cutting_would_not_be_exact(monkeypat
     assert calls == []
     assert clip_mod._is_causal(torch.ones(4, 4, dtype=torch.bool).triu(1))
     assert not clip_mod._is_causal(torch.ones(4, 4, dtype=torch.bool).triu(2))
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_an_artifact_holds_the_trained_in_proj_tensors(tmp_path, method):
+    """ExplicitMultiheadAttention stores in_proj.weight/bias as in_proj_weight/bias (open_clip's names): an
+    artifact must still hold them when they train (bitfit: the biases; full: everything), and restore them."""
+    torch.manual_seed(0)
+    bb = tiny_clip()
+    zoo.apply_adapter(bb, method)
+    assert bb.model.visual.transformer.resblocks[0].attn.in_proj.bias.requires_grad
+    _perturb(bb)
+    state = zoo.adapter_state_dict(bb, export=False)
+    trained = {k for k in bb.model.state_dict() if k.startswith("visual.") and "in_proj" in k
+               and (method == "full" or k.endswith("bias"))}  # the method's default tower: visual
+    assert trained and {f"model.{k}" for k in trained} <= set(state)
+    zoo.save_adapter(bb, tmp_path / "a")
+    torch.manual_seed(0)
+    fresh = tiny_clip()
+    zoo.load_adapter(fresh, tmp_path / "a")
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), bb(x))
+
+
+def test_random_weights_asked_for_are_built_without_open_clip_noise(caplog):
+    """pretrained=None is random on purpose (or a weights file loaded right after): no "No pretrained weights
+    loaded" warning and none of open_clip's INFO narration; the warning stays where weights were expected."""
+    import logging
+
+    import open_clip
+
+    from zoo.backbones.clip import open_clip_quietly
+
+    with caplog.at_level(logging.INFO):
+        bb = tiny_clip()
+        bb.tokenize(["a red square"])  # the tokenizer's narration too
+    assert bb.weights_tag is None
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "No pretrained weights" in m or "Parsing model identifier" in m
+                or "tokenizer" in m.lower()], said
+    caplog.clear()
+    with caplog.at_level(logging.INFO), open_clip_quietly():  # how a pretrained tag is built: the warning is kept
+        open_clip.create_model("ViT-B-16", pretrained=None, **TINY)
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if m.startswith("No pretrained weights loaded for model 'ViT-B-16'")], said
+    assert not [m for m in said if "Parsing model identifier" in m], said

@@ -47,3 +47,29 @@ def test_a_line_every_period_without_a_terminal_and_the_wall_time():
 
 def test_fmt_seconds():
     assert [fmt_seconds(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m05s"]
+
+
+class _Fails(_Slow):
+    def training_step(self, batch, i):
+        if i == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, i)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_a_run_that_raises_stops_its_timer():
+    """Lightning skips teardown when fit raises: the timer must stop anyway, or a notebook (or the test
+    session that found this) prints '[progress] fit: … elapsed' every period for the life of the process."""
+    import threading
+
+    out = io.StringIO()
+    cb = ProgressLines(every_s=0.05, stream=out)
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(_Fails(), DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1))
+    assert cb._thread is None
+    assert not [t for t in threading.enumerate() if t.name == "zoo-progress"]
+    n = len(out.getvalue().splitlines())
+    time.sleep(0.3)  # six periods
+    assert len(out.getvalue().splitlines()) == n  # nothing printed after the run ended

@@ -50,8 +50,10 @@ NRMSE = [{"key": "val/nrmse", "header": "val nRMSE", "fmt": "float"},
          {"key": "test/nrmse", "header": "test nRMSE", "fmt": "float"}]
 
 
-def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max")):
-    """One metrics.json per (label, seed): ``rows`` maps a row label to its per-seed values of ``key``."""
+def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max"), validated=True):
+    """One metrics.json per (label, seed): ``rows`` maps a row label to its per-seed values of ``key``;
+    ``validated``: the selection metric (``monitor``) has the same value (the caption ranks rows on it),
+    else no run has a validation score."""
     for label, values in rows.items():
         for seed, v in enumerate(values):
             d = root / f"{label.replace(' ', '_')}_{seed}"
@@ -60,7 +62,7 @@ def write_runs(root, rows, key="test/acc", columns=ACC, monitor=("val/acc", "max
                 "schema_version": 2, "kind": "x", "monitor": {"name": monitor[0], "mode": monitor[1], "value": None},
                 "columns": columns, "adapter": "full" if label == "from scratch" else label, "label": label,
                 "dataset": "d", "seed": seed, "fold": None, "trainable_params": 10, "backbone_params": 100,
-                "artifact_bytes": 1024, key: v}))
+                "artifact_bytes": 1024, **({monitor[0]: v} if validated else {}), key: v}))
     return collect(root)
 
 
@@ -120,7 +122,7 @@ def test_caption_one_run_each_claims_nothing_and_missing_baseline(tmp_path):
 def test_grouped_table_mean_and_std(tmp_path):
     rows = write_runs(tmp_path, {"linear": [0.40, 0.42, 0.41], "lora": [0.55, 0.56, 0.54]})
     assert [r[:3] for r in grouped_rows(rows)] == [["linear", "d", "3"], ["lora", "d", "3"]]
-    assert grouped_rows(rows)[1][-2] == "55.0 ± 1.0"  # test acc; val acc missing: –
+    assert grouped_rows(rows)[1][-2] == "55.0 ± 1.0"  # test acc
     md = markdown(rows, caption(rows, "linear")).splitlines()
     assert md[0].startswith("| row | dataset | runs |") and md[3].startswith("| lora | d | 3 |")
     assert md[-1].startswith("test acc (higher is better)")
@@ -147,6 +149,29 @@ def test_caption_best_row_is_chosen_on_validation_not_test(tmp_path):
     val = {"linear": 0.3, "lora": 0.9, "full": 0.5}  # validation ranks lora first, test would rank full first
     for m in rows:
         m["val/acc"] = val[m["label"]]
+    assert "Best row lora:" in caption(rows, "linear")
+
+
+def test_caption_without_validation_scores_ranks_no_row_on_test(tmp_path):
+    """Bug caught: with no validation score, the caption fell back to ranking rows on their test means and
+    headlined that "best row" (a selection on test). Now no row is headlined; each is still compared with the
+    baseline on test, and a row that has a validation score is ranked among the validated ones only."""
+    runs = {"linear": [0.40, 0.41, 0.42], "lora": [0.50, 0.51, 0.52], "full": [0.70, 0.71, 0.72]}
+    rows = write_runs(tmp_path / "a", runs, validated=False)
+    text = caption(rows, "linear")
+    lines = text.splitlines()
+    assert "Best row" not in text and "beats linear" not in text
+    assert "Rows not ranked: no run has a validation score (val/acc), and a best row is never chosen on test" in lines[0]
+    assert "baseline linear: 41.0 ± 1.0" in lines[0]
+    assert sorted(lines[1:]) == [  # every row vs the baseline on test: the comparison stays
+        "full vs linear: 30.0 points better (std of the paired per-seed differences 0.0 points, n=3, 95% t-test): "
+        "better beyond the noise.",
+        "lora vs linear: 10.0 points better (std of the paired per-seed differences 0.0 points, n=3, 95% t-test): "
+        "better beyond the noise."]
+    rows = write_runs(tmp_path / "b", runs, validated=False)
+    for m in rows:  # only lora validated: full's higher test mean does not make it the best row
+        if m["label"] == "lora":
+            m["val/acc"] = 0.3
     assert "Best row lora:" in caption(rows, "linear")
 
 

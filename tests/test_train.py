@@ -61,7 +61,15 @@ def test_resume_matches_uninterrupted(tmp_path):
     part = run_train(base + ["+callbacks.stop._target_=tests.helpers.StopAfterEpochs", "+callbacks.stop.epochs=1"],
                      tmp_path / "b")
     assert part["train_loss_last"] is not None
-    resumed = run_train(base + ["ckpt_path=last"], tmp_path / "b")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        resumed = run_train(base + ["ckpt_path=last"], tmp_path / "b")
+    # the CSV history is restored on purpose (below), the checkpoints are the run's own: no "directory exists
+    # and is not empty" warning
+    said = [str(w.message) for w in got]
+    assert not [m for m in said if "exists and is not empty" in m], said
     assert resumed["val/acc"] == pytest.approx(full["val/acc"], abs=1e-6)
     assert resumed["train_loss_last"] == pytest.approx(full["train_loss_last"], rel=1e-4)
     # issue 15: the CSV log of the epochs before the interruption is kept, so train_loss_first is

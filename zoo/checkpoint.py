@@ -38,14 +38,18 @@ def adapter_state_dict(model: nn.Module, export: bool = True) -> dict[str, torch
     """
     from zoo.api import adapters_of
 
-    keep: set[str] = {n for n, p in model.named_parameters() if p.requires_grad}
+    # trainable parameters by identity, not by name: a module's state-dict hook may store a parameter under
+    # another name (ExplicitMultiheadAttention's in_proj.weight is in_proj_weight on disk), and matching
+    # named_parameters() names dropped those (full / bitfit on open_clip lost every in_proj tensor)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    keep: set[str] = set()
     for mname, m in model.named_modules():
         if isinstance(m, AdapterModule):
             for k in m.state_dict(keep_vars=True):
                 if not (k == "base" or k.startswith("base.")):
                     keep.add(f"{mname}.{k}" if mname else k)
     full = model.state_dict(keep_vars=True)
-    state = {k: full[k].detach() for k in full if k in keep}
+    state = {k: v.detach() for k, v in full.items() if k in keep or id(v) in trainable}
     if export:
         for a in adapters_of(model):
             state = a.export_state(state)

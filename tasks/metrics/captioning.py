@@ -15,6 +15,12 @@ Two backends (``shared/reference/clip_fewshot_captioning.md`` §2.2):
 so in the log. All scores are in [0, 1] except CIDEr-D (about 0–10); papers print them ×100.
 
 Input: ``gts = {video_id: [reference, ...]}``, ``res = {video_id: hypothesis}`` (one each).
+
+:func:`keyword_accuracy` is not a published metric: on captions built from a few slots (the embedded
+moving shapes: colour, shape, direction) it reads one slot, e.g. whether the direction word is right.
+CIDEr-D cannot: with one reference set per slot combination, its idf weights the full-caption 3- and
+4-grams (each in one video's references) far above a single word, so it mostly counts exactly right
+captions.
 """
 from __future__ import annotations
 
@@ -144,6 +150,27 @@ def cider_d(gts: Mapping, res: Mapping, n: int = 4, sigma: float = 6.0) -> float
                 score[i] += val * pen
         total += sum(score) / n / len(refs[k]) * 10.0
     return total / len(keys)
+
+
+# ---------------------------------------------------------------------------------------- one slot
+def keyword_accuracy(gts: Mapping, res: Mapping, words: Sequence[str]) -> float | None:
+    """Fraction of videos whose hypothesis names the word of ``words`` that its references name.
+
+    A caption's word is the first token (pure tokenizer) that is one of ``words`` (``None`` if it names
+    none); a video counts only when every reference names the same word (others are skipped: there is
+    no single right answer). ``None`` when no video counts.
+    """
+    vocab = {pure_tokenize(w) for w in words}
+
+    def word(text: str) -> str | None:
+        return next((t for t in pure_tokenize(text).split() if t in vocab), None)
+
+    hits = []
+    for key, refs in gts.items():
+        named = {word(r) for r in refs}
+        if len(named) == 1 and None not in named:
+            hits.append(word(res[key]) == named.pop())
+    return sum(hits) / len(hits) if hits else None
 
 
 # ---------------------------------------------------------------------------------------- entry point

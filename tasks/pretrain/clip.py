@@ -79,7 +79,10 @@ def build_tiny(**overrides):
 
     cfg = {**TINY_CLIP, **overrides}
     name = cfg.pop("model")
-    return open_clip.create_model(name, pretrained=None, **cfg)
+    from zoo.backbones.clip import open_clip_quietly
+
+    with open_clip_quietly(no_hub_weights=True):  # pretrained from scratch, on purpose
+        return open_clip.create_model(name, pretrained=None, **cfg)
 
 
 def pretrain(path: str | Path = DEFAULT_PATH, steps: int = STEPS, batch_size: int = 64, pool: int = 4000,
@@ -91,7 +94,10 @@ def pretrain(path: str | Path = DEFAULT_PATH, steps: int = STEPS, batch_size: in
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_tiny()
-    tok = open_clip.get_tokenizer("ViT-B-16", context_length=TINY_CLIP["text_cfg"]["context_length"])
+    from zoo.backbones.clip import open_clip_quietly
+
+    with open_clip_quietly():
+        tok = open_clip.get_tokenizer("ViT-B-16", context_length=TINY_CLIP["text_cfg"]["context_length"])
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     colors, forms = list(COLORS), list(FORMS)

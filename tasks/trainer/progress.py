@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerStatus
 
 
 def fmt_seconds(s: float) -> str:
@@ -67,10 +68,20 @@ class ProgressLines(L.Callback):
 
     # ------------------------------------------------------------------ the timer
     def _run(self, trainer: L.Trainer) -> None:
-        assert self._stop is not None
-        while not self._stop.wait(self.every_s):
+        stop = self._stop
+        assert stop is not None
+        while not stop.wait(self.every_s):
+            if trainer.state.status in (TrainerStatus.FINISHED, TrainerStatus.INTERRUPTED):
+                return  # a run that ended by a path that skipped our hooks: never tick on forever
             if not self._bar_is_live(trainer):
                 self._print(self.line())
+
+    def _stop_timer(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._stop = self._thread = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._state = {"stage": getattr(stage, "value", stage), "t0": time.monotonic()}
@@ -80,12 +91,13 @@ class ProgressLines(L.Callback):
         self._thread = threading.Thread(target=self._run, args=(trainer,), name="zoo-progress", daemon=True)
         self._thread.start()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning skips the teardown hooks when a stage raises; in a notebook or a test session the
+        # timer would otherwise print "[progress] fit: … elapsed" every period for the life of the process.
+        self._stop_timer()
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._stop is not None:
-            self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._stop = self._thread = None
+        self._stop_timer()
         if trainer.is_global_zero and "t0" in self._state:
             self._print(f"{getattr(stage, 'value', stage)} done in {fmt_seconds(time.monotonic() - self._state['t0'])} (wall time)")
 

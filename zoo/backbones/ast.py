@@ -202,10 +202,14 @@ def checkpoint_grid(weights: str, n: int, new: tuple[int, int], patch: int = 16)
         return AUDIOSET_GRID
     if n == new[0] * new[1]:
         return tuple(new)
+    # the demo AST is written by a recipe whose geometry may change between versions (stride 10 -> 16)
+    fix = ("; it was pretrained with another geometry than conf/backbone/ast_demo.yaml: delete it and run "
+           "`python train.py experiment=audio_upstream` again" if Path(str(weights)).name == "ast_demo.safetensors"
+           else "; put the checkpoint's config.json (num_mel_bins, max_length, frequency_stride, time_stride) "
+           "beside it so its grid is known")
     raise WeightsUnavailableError(
         f"{weights}: its position table has {n} patch positions, which is neither the AudioSet grid "
-        f"{AUDIOSET_GRID[0]}x{AUDIOSET_GRID[1]} nor this model's {new[0]}x{new[1]}; put the checkpoint's config.json "
-        f"(num_mel_bins, max_length, frequency_stride, time_stride) beside it so its grid is known")
+        f"{AUDIOSET_GRID[0]}x{AUDIOSET_GRID[1]} nor this model's {new[0]}x{new[1]}{fix}")
 
 
 def read_ast_weights(weights: str) -> dict[str, torch.Tensor]:

@@ -19,8 +19,10 @@ open_clip unchanged.
 """
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,44 @@ def visual_tower_layout(visual: nn.Module) -> dict[str, Any]:
     }
 
 
+class _OpenClipNarration(logging.Filter):
+    """Drops open_clip's own records that say nothing to act on (open_clip logs on the *root* logger).
+
+    Always its INFO narration of each build ("Parsing model identifier", "Loaded built-in ... config",
+    "Instantiating model architecture", the preprocessing config, "Using default SimpleTokenizer"): it
+    restates the model name and config the run already records. With ``no_hub_weights`` (the caller
+    passed ``pretrained=None`` on purpose: random weights asked for, or a weights file loaded right
+    after) also its warning "No pretrained weights loaded ... Model initialized randomly". Its other
+    warnings stay, and so does that one whenever a pretrained tag was asked for.
+    """
+
+    def __init__(self, no_hub_weights: bool):
+        super().__init__()
+        import open_clip
+
+        self.package = str(Path(open_clip.__file__).resolve().parent)
+        self.no_hub_weights = no_hub_weights
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(Path(record.pathname).resolve()).startswith(self.package):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not (self.no_hub_weights and record.getMessage().startswith("No pretrained weights loaded"))
+
+
+@contextmanager
+def open_clip_quietly(no_hub_weights: bool = False) -> Iterator[None]:
+    """Around an ``open_clip.create_model`` / ``get_tokenizer`` call: see :class:`_OpenClipNarration`."""
+    root = logging.getLogger()
+    f = _OpenClipNarration(no_hub_weights)
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def create_pretrained_open_clip(model: str, pretrained: str, file_hint: str, **kwargs: Any):
     """``open_clip.create_model`` with hub weights: the tag checked against open_clip's list, and
     the usual one-line message (local weights or random weights) when the hub is out of reach."""
@@ -157,7 +197,7 @@ def create_pretrained_open_clip(model: str, pretrained: str, file_hint: str, **k
         raise ValueError(f"open_clip {model} has no pretrained tag {pretrained!r}; valid tags: {', '.join(tags) or 'none'}")
     hint = (f"Use a local checkpoint with backbone.weights=/path/to/{file_hint}.safetensors, "
             "or random weights with backbone.pretrained=null.")
-    with hub_errors(f"open_clip {model}/{pretrained}", hint):
+    with hub_errors(f"open_clip {model}/{pretrained}", hint), open_clip_quietly():
         return open_clip.create_model(model, pretrained=pretrained, **kwargs)
 
 
@@ -207,7 +247,8 @@ class CLIPBackbone(Backbone):
         if pretrained and not weights:
             clip = create_pretrained_open_clip(model, pretrained, "open_clip_model", **kwargs)
         else:
-            clip = open_clip.create_model(model, pretrained=None, **kwargs)
+            with open_clip_quietly(no_hub_weights=True):  # random on purpose, or the file loaded below
+                clip = open_clip.create_model(model, pretrained=None, **kwargs)
             if weights:
                 _load_weights(clip, weights, model)
         visual = clip.visual
@@ -336,7 +377,7 @@ class CLIPBackbone(Backbone):
             import open_clip
 
             with hub_errors(f"the tokenizer of open_clip {self.model_name}", "This model's tokenizer is on the HF hub; "
-                            "use a model with open_clip's built-in tokenizer (e.g. ViT-B-16)."):
+                            "use a model with open_clip's built-in tokenizer (e.g. ViT-B-16)."), open_clip_quietly():
                 self.__dict__["_tokenizer"] = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
         return self.__dict__["_tokenizer"]
 

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.backbones.base import Backbone
-from zoo.backbones.clip import CLIPBackbone, create_pretrained_open_clip, replace_multihead_attention, visual_tower_layout
+from zoo.backbones.clip import (CLIPBackbone, create_pretrained_open_clip, open_clip_quietly, replace_multihead_attention,
+                                visual_tower_layout)
 from zoo.backbones.weights import load_state_dict_file
 from zoo.heads import register_head
 
@@ -113,7 +114,8 @@ class CoCaBackbone(Backbone):
         if pretrained and not weights:
             coca = create_pretrained_open_clip(model, pretrained, "coca", **kwargs)
         else:
-            coca = open_clip.create_model(model, pretrained=None, **kwargs)
+            with open_clip_quietly(no_hub_weights=True):  # random on purpose, or the file loaded below
+                coca = open_clip.create_model(model, pretrained=None, **kwargs)
             if weights:
                 sd = load_state_dict_file(weights)
                 missing, unexpected = coca.load_state_dict(sd, strict=False)
