@@ -125,7 +125,10 @@ def adapter_conf(name: str, **override: Any) -> dict:
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     for base in [d for d in cfg.pop("defaults", []) if d != "_self_"]:
         cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{base}.yaml"), cfg)
-    out = OmegaConf.to_container(cfg, resolve=True)
+    # resolved as train.py resolves it, under a run config (``${oc.select:seed,0}`` in an adapter config
+    # means the run's seed; alone, the adapter's own ``seed`` key would refer to itself)
+    run = OmegaConf.create({"seed": 0, "adapter": cfg})
+    out = OmegaConf.to_container(run.adapter, resolve=True)
     adapter = out.pop("name")
     return {"adapter": adapter, "config": {**out, **override}}
 
