@@ -170,3 +170,28 @@ def test_build_classifier_names_the_valid_heads():
     assert type(zoo.build_classifier(tiny_ast(), C)) is zoo.ImageClassifier
     with pytest.raises(ValueError, match="eps must be a positive number"):
         LayerNormLinearClassifier(tiny_ast(), C, eps=0.0)
+
+
+def test_published_entry_rebuilds_the_head_by_name(tmp_path, monkeypatch):
+    """publish copies the record (the entry and the model card name the head); from_zoo(NAME) rebuilds AST's
+    head from it, on the base weights published beside it, and gives the model's logits."""
+    from zoo import hub
+
+    monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "cache"))  # own cache, only this registry
+    for var in (hub.ENV_OFFLINE, hub.ENV_REGISTRY):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub.registry, "PROJECT_REGISTRY", tmp_path / "none" / "registry.json")
+    monkeypatch.setattr(hub.registry, "_EXTRA_REGISTRIES", [])
+    reg = tmp_path / "zoo" / "registry.json"
+    monkeypatch.setattr(hub.registry, "LOCAL_REGISTRY", reg)
+    model, base = _adapted(tmp_path)
+    zoo.save_adapter(model, tmp_path / "run" / "adapter", extra={"base_weights": {"path": str(base)}})
+    entry = hub.publish_run(tmp_path / "run", "ast-mlp-head", registry=reg, out_dir=tmp_path / "zoo" / "ast-mlp-head")
+    assert entry["head"] == model.head_spec() and entry["base_entry"] == "ast-mlp-head-base"
+    assert '"type": "layernorm_linear"' in (tmp_path / "zoo" / "ast-mlp-head" / "README.md").read_text()
+    base.unlink()  # the published copy of the base serves from here on
+    rebuilt = zoo.from_zoo("ast-mlp-head")
+    assert type(rebuilt) is LayerNormLinearClassifier
+    x = torch.randn(2, 100, 128)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
