@@ -164,3 +164,31 @@ def test_an_unknown_task_head_names_the_valid_ones():
 
     with pytest.raises(InstantiationException, match=r"task.head='mlp'; valid: linear, layernorm_linear"):
         build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.head=mlp"]))
+
+
+@pytest.mark.parametrize("recipe", ["petl_ast/esc50", "petl_ast/speechcommands"])
+def test_petl_ast_recipes_record_the_layernorms_petl_ast_also_trains(recipe):
+    """PETL-AST's models freeze only AST's embeddings and encoder, so its final LayerNorm trains under every
+    method (main.py's linear unfreezes it explicitly); its adapters also train the blocks' layernorm_after.
+    The zoo keeps them frozen, and the recipe records that per method."""
+    for name, more in (("lora", "final LayerNorm"), ("vpt", "final LayerNorm"), ("prefix", "final LayerNorm"),
+                       ("linear", "final LayerNorm"), ("adapter", "layernorm_after"), ("conformer", "layernorm_after"),
+                       ("full", None), ("bitfit", None)):
+        c = compose_config([f"experiment={recipe}", f"adapter={name}"])
+        assert c.task.head == "linear"
+        if more is None:
+            assert c.task.differs_from_paper is None, name
+        else:
+            assert more in c.task.differs_from_paper and "final LayerNorm" in c.task.differs_from_paper, name
+
+
+def test_the_recorded_difference_is_true_final_norm_frozen_here():
+    from tasks.runner import build_task
+
+    for name in ("lora", "linear", "conformer"):
+        task = build_task(compose_config(["experiment=petl_ast/esc50", f"adapter={name}", *TINY_AST]))
+        bb = task.model.backbone
+        assert not any(p.requires_grad for p in bb.model.norm.parameters()), name  # PETL-AST's layernorm: trains there
+        assert not any(p.requires_grad for blk in bb.model.blocks for p in blk.norm2.parameters()), name
+    task = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=bitfit", *TINY_AST]))
+    assert task.model.backbone.model.norm.bias.requires_grad  # BitFit: its bias trains, as in main.py's BitFit
