@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import zoo
-from tests.test_ast import hf_model, tiny_ast
-from zoo.heads import LayerNormLinearClassifier, build_head_model
+from tests.test_ast import tiny_ast
+from zoo.heads import LayerNormLinearClassifier
 
 D, C = 32, 5  # the tiny AST's width, the number of classes
 
