@@ -48,7 +48,7 @@ def user_error_of(e: BaseException) -> BaseException | None:
 
 
 def _environment_error(e: BaseException) -> bool:
-    """A full disk, a quota, ``ulimit -f``, a read-only or forbidden folder (:data:`zoo.io.WRITE_ERRNOS`);
+    """A full disk, a quota, ``ulimit -f``, a read-only or forbidden folder (:data:`zoo.errnos.WRITE_ERRNOS`);
     like the library's own errors, looked at only once the library was imported (it writes the files)."""
     io = sys.modules.get("zoo.io")
     return io is not None and io.is_environment_error(e)

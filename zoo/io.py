@@ -18,6 +18,10 @@ from typing import Any, Iterator
 
 import torch
 
+# the errors of the environment in words: a torch-free module (tasks.run_folder needs them before torch);
+# is_environment_error is re-exported for the callers that have always found it here
+from zoo.errnos import WRITE_ERRNOS, in_words, is_environment_error  # noqa: F401
+
 
 @contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
@@ -44,19 +48,6 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-# Errors of the environment rather than of the code (a full disk, a read-only folder, `ulimit -f`):
-# the command lines report them as one line naming the path (tasks.runner.user_errors, python -m zoo).
-WRITE_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (a file size limit such as `ulimit -f` is reached)",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOTDIR: "a part of this path is a file, not a folder",
-}
-
-
 def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str) -> dict[str, Any]:
     """The JSON object in ``file``; anything else (not UTF-8, not JSON, not an object) is one ``error``
     naming the file, ending with ``hint`` (what to do about it). The file is left as it is."""
@@ -70,14 +61,10 @@ def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str)
     return data
 
 
-def is_environment_error(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
-
-
 def describe_os_error(e: OSError) -> str:
     """``cannot write <path>: no space left on the device`` (the path when the error names one)."""
     verb = "cannot access" if e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) else "cannot write"
-    why = WRITE_ERRNOS.get(e.errno, e.strerror or str(e))
+    why = in_words(e)
     where = f" {e.filename}" if e.filename else ""
     return f"{verb}{where}: {why}" + ("; the files already there are left as they were" if e.errno in WRITE_ERRNOS else "")
 
