@@ -11,10 +11,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -82,9 +83,13 @@ def _umask() -> int:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (its renames and removals), to the disk."""
     try:
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:  # some filesystems do not support fsync; the rename is still atomic
         pass
 
@@ -99,6 +104,46 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def write_together(folder: str | os.PathLike, files: dict[str, bytes], last: str, stale: Iterable[str] = ()) -> Path:
+    """Write ``files`` (name -> bytes) into ``folder`` as one set: a reader never finds new files beside old ones.
+
+    ``last`` names the file whose presence makes the folder what it is (peft's ``adapter_config.json``: peft
+    takes a folder without it for no adapter). Every file is first written in full to a temporary folder
+    inside ``folder`` (same file system, fsynced): a failure there (a full disk, ``ulimit -f``) leaves
+    ``folder`` as it was. Then the old ``last`` and the ``stale`` names (files of an earlier set this one
+    does not have) are removed, the other files renamed into place, and ``last`` renamed in at the end:
+    a crash in between leaves a folder without ``last``, which its readers refuse, never a ``last`` that
+    describes other files. Returns ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = ""  # what a failure names: the folder, until a file is being written
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{last}.", suffix=".tmp", dir=folder))
+        try:
+            for name, data in files.items():
+                atomic_write_bytes(stage / name, data)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    except OSError as e:  # name the file the caller asked for, not its temporary copy
+        raise OSError(e.errno, e.strerror, str(folder / name)) from e
+    try:
+        for name in (last, *stale):
+            (folder / name).unlink(missing_ok=True)
+        for name in files:
+            if name != last:
+                os.replace(stage / name, folder / name)
+        _fsync(folder)  # the removals and renames reach the disk before `last` does
+        os.replace(stage / last, folder / last)
+    except OSError as e:  # errno None: not "the files already there are left as they were" (describe_os_error)
+        raise OSError(None, f"{e.strerror or e}; {folder} is left without {last}, an incomplete set that readers "
+                            f"refuse: write it again", e.filename) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike, limit: float | None = None) -> None:
