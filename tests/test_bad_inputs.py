@@ -1144,6 +1144,27 @@ def test_the_run_folder_check_imports_without_torch_and_shares_the_write_errors_
         assert io.describe_os_error(e).endswith(f": {words}; the files already there are left as they were")
 
 
+def test_the_library_errors_are_one_line_once_their_modules_are_imported():
+    """user_error_types looks them up where they are defined; it used to ask hasattr(zoo, "hub"), which on
+    zoo's lazy __init__ imported zoo.hub and torch for a config error once anything had imported zoo."""
+    import subprocess
+    import sys
+
+    from tasks.errors import user_errors
+    from zoo.backbones.weights import WeightsUnavailableError
+    from zoo.hub.registry import HubError
+
+    for error in (WeightsUnavailableError("no weights for x"), HubError("no entry x")):
+        with pytest.raises(SystemExit) as e, user_errors():
+            raise error
+        assert e.value.code == f"error: {error}"
+    probe = ("import sys, zoo, zoo.errnos\nfrom tasks.errors import user_errors\ntry:\n    with user_errors():\n"
+             "        raise ValueError('bad')\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.strip() == "error: bad False"
+
+
 def test_a_write_error_without_a_file_name_gets_the_destination(tmp_path, monkeypatch):
     from zoo.io import atomic_write_text
 
