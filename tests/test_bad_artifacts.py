@@ -202,6 +202,39 @@ SCHEMA_CASES = [
 ]
 
 
+# every optional key check_adapter_meta reads, at its path in the record, with what it must be
+OPTIONAL_KEYS = [("backbone.weights_tag", "a string or null"), ("backbone.fingerprint", "a string or null"),
+                 ("backbone.kwargs", "an object of build options"), ("preprocessing", "an object"),
+                 ("preprocessing.fbank", "an object"), ("task", "an object"), ("task.kind", "a string"),
+                 ("task.config", "an object"), ("task.data", "an object"), ("task.links", "an object"),
+                 ("weights_sha256", "a sha256 hex string"), ("metrics", "an object"),
+                 ("tensors", "an object {name: shape}"), ("base_weights", "an object {path, config}"),
+                 ("base_weights.path", "a path (string)")]
+
+
+def test_each_optional_key_of_adapter_json_is_named_at_its_path(tmp_path):
+    """Each wrong-typed optional key is refused under its own dotted path (a nested key named under another
+    object's path, or the top-level one under a nested path, would send the reader to the wrong place)."""
+    import copy
+
+    from zoo.checkpoint import check_adapter_meta
+
+    good = json.loads((classifier_artifact(tmp_path) / "adapter.json").read_text())
+    good.setdefault("preprocessing", {})
+    good["base_weights"] = {}
+    check_adapter_meta(good, "a.json")  # the record as saved passes
+    for path, want in OPTIONAL_KEYS:
+        meta = copy.deepcopy(good)
+        *parents, key = path.split(".")
+        d = meta
+        for p in parents:
+            d = d[p]
+        d[key] = [True]  # a list: the wrong type for every one of them
+        with pytest.raises(AdapterMismatchError) as e:
+            check_adapter_meta(meta, "a.json")
+        assert str(e.value).startswith(f"a.json: {path} must be {want}, got [True] (the artifact is corrupt"), path
+
+
 def _loaders():
     from zoo.multi_adapter import MultiAdapter
     from zoo.predict import load_predictor

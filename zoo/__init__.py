@@ -36,7 +36,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "zoo.sites": ("SITE_KINDS", "Site", "SiteError", "find_sites"),
 }
 _WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
-_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "export", "heads", "hub", "io", "reading",
+_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "errnos", "export", "heads", "hub", "io", "reading",
                "multi_adapter", "predict", "registry", "sites", "zeroshot")
 __all__ = sorted(_WHERE)
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+
+# the errors of the environment in words: a torch-free module (tasks.run_folder needs them before torch);
+# is_environment_error is re-exported for the callers that have always found it here
+from zoo.errnos import WRITE_ERRNOS, in_words, is_environment_error  # noqa: F401
 
 
 @contextmanager
@@ -44,19 +49,6 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-# Errors of the environment rather than of the code (a full disk, a read-only folder, `ulimit -f`):
-# the command lines report them as one line naming the path (tasks.runner.user_errors, python -m zoo).
-WRITE_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (a file size limit such as `ulimit -f` is reached)",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOTDIR: "a part of this path is a file, not a folder",
-}
-
-
 def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str) -> dict[str, Any]:
     """The JSON object in ``file``; anything else (not UTF-8, not JSON, not an object) is one ``error``
     naming the file, ending with ``hint`` (what to do about it). The file is left as it is."""
@@ -70,14 +62,10 @@ def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str)
     return data
 
 
-def is_environment_error(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
-
-
 def describe_os_error(e: OSError) -> str:
     """``cannot write <path>: no space left on the device`` (the path when the error names one)."""
     verb = "cannot access" if e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) else "cannot write"
-    why = WRITE_ERRNOS.get(e.errno, e.strerror or str(e))
+    why = in_words(e)
     where = f" {e.filename}" if e.filename else ""
     return f"{verb}{where}: {why}" + ("; the files already there are left as they were" if e.errno in WRITE_ERRNOS else "")
 
@@ -95,9 +83,13 @@ def _umask() -> int:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (its renames and removals), to the disk."""
     try:
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:  # some filesystems do not support fsync; the rename is still atomic
         pass
 
@@ -112,6 +104,46 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def write_together(folder: str | os.PathLike, files: dict[str, bytes], last: str, stale: Iterable[str] = ()) -> Path:
+    """Write ``files`` (name -> bytes) into ``folder`` as one set: a reader never finds new files beside old ones.
+
+    ``last`` names the file whose presence makes the folder what it is (peft's ``adapter_config.json``: peft
+    takes a folder without it for no adapter). Every file is first written in full to a temporary folder
+    inside ``folder`` (same file system, fsynced): a failure there (a full disk, ``ulimit -f``) leaves
+    ``folder`` as it was. Then the old ``last`` and the ``stale`` names (files of an earlier set this one
+    does not have) are removed, the other files renamed into place, and ``last`` renamed in at the end:
+    a crash in between leaves a folder without ``last``, which its readers refuse, never a ``last`` that
+    describes other files. Returns ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = ""  # what a failure names: the folder, until a file is being written
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{last}.", suffix=".tmp", dir=folder))
+        try:
+            for name, data in files.items():
+                atomic_write_bytes(stage / name, data)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    except OSError as e:  # name the file the caller asked for, not its temporary copy
+        raise OSError(e.errno, e.strerror, str(folder / name)) from e
+    try:
+        for name in (last, *stale):
+            (folder / name).unlink(missing_ok=True)
+        for name in files:
+            if name != last:
+                os.replace(stage / name, folder / name)
+        _fsync(folder)  # the removals and renames reach the disk before `last` does
+        os.replace(stage / last, folder / last)
+    except OSError as e:  # errno None: not "the files already there are left as they were" (describe_os_error)
+        raise OSError(None, f"{e.strerror or e}; {folder} is left without {last}, an incomplete set that readers "
+                            f"refuse: write it again", e.filename) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike, limit: float | None = None) -> None:

@@ -82,7 +82,7 @@ from zoo.export.naming import (
 )
 from zoo.export.peft_tuners import PAYLOADS as TUNER_PAYLOADS
 from zoo.export.peft_tuners import unstacked_modules
-from zoo.io import atomic_write_bytes, atomic_write_text, read_json_object, safetensors_bytes
+from zoo.io import read_json_object, safetensors_bytes, write_together
 
 TUNER_METHODS = tuple(TUNER_PAYLOADS)  # peft's MissConfig / ShiraConfig (zoo.export.peft_tuners)
 
@@ -289,20 +289,20 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         head_where = f"modules_to_save:{head[0]}"
     cfg.update({"modules_to_save": [head[0]] if head else None,
                 "auto_mapping": {"base_model_class": BASE_CLASSES[family][0]}})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / WEIGHTS, safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
-                                                        {"format": "pt"}))
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2) + "\n")
+    files = {WEIGHTS: safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()}, {"format": "pt"})}
     rest = outside_backbone(model, bb)
     if head is None and rest:
-        atomic_write_bytes(out / ZOO_HEAD, safetensors_bytes({k: v.detach().contiguous().cpu().clone()
-                                                              for k, v in rest.items()}, {"format": "pt"}))
+        files[ZOO_HEAD] = safetensors_bytes({k: v.detach().contiguous().cpu().clone() for k, v in rest.items()},
+                                            {"format": "pt"})
         head_where = ZOO_HEAD
     load_as = ({"name": methods[0], "config": dict(bb.adapters[0].config)}
                if len(methods) == 1 and methods[0] in RELOADABLE else None)
-    atomic_write_text(out / ZOO_META, json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
-    return out
+    files[ZOO_META] = (json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n").encode()
+    files[CONFIG] = (json.dumps(cfg, indent=2) + "\n").encode()
+    # one set, adapter_config.json last: a failed write leaves the previous export as it was, a crash
+    # between the renames a folder without adapter_config.json (no adapter to peft or load_peft), never a
+    # config beside another export's weights; a zoo_head.safetensors of an earlier export goes
+    return write_together(out_dir, files, last=CONFIG, stale=[ZOO_HEAD] if ZOO_HEAD not in files else [])
 
 
 def _adapter_modules_inside(bb: Backbone) -> list[nn.Module]:
