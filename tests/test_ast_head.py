@@ -195,3 +195,13 @@ def test_published_entry_rebuilds_the_head_by_name(tmp_path, monkeypatch):
     x = torch.randn(2, 100, 128)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
+
+
+def test_a_bare_artifact_with_the_head_is_a_classifier_for_predict(tmp_path):
+    """An artifact saved without a task record (zoo.save_adapter) says its kind by its head: both classifier
+    heads are classification (before, only 'linear' was, and layernorm_linear was refused)."""
+    from zoo.predict import load_predictor
+
+    model, _ = _adapted(tmp_path)
+    zoo.save_adapter(model, tmp_path / "a")
+    assert load_predictor(tmp_path / "a", build=False).kind == "classification"
