@@ -36,7 +36,10 @@ LayerNorm and Linear (``head.0.*``, ``head.1.*``; HF's ``ASTForAudioClassificati
 takes the backbone's LayerNorm eps, 1e-12, where AST's ``mlp_head`` has 1e-5) --, SAM's prompt encoder and
 mask decoder) is written beside the adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
 records the zoo side (backbone, base-weight fingerprint, methods, head), so :func:`load_peft` can
-check the base and rebuild the exact zoo config.
+check the base and rebuild the exact zoo config. The backbone norms an adapter's ``train_also`` trains go to
+``modules_to_save`` too, under the base model's names (:func:`zoo.export.naming.norm_index`: HF AST
+``layernorm`` / ``encoder.layer.N.layernorm_before|after``, timm ``norm`` / ``blocks.N.norm1|2``); peft
+replaces those modules by the trained copies, and :func:`load_peft` reads them back as ``train_also``.
 
 Methods peft expresses: ``lora`` (any targets, ``scaling``, PETL-AST's ``reduction_rate``), and the
 methods whose modules are LoRA with other training (``colora``: per-layer ranks -> ``rank_pattern``;
