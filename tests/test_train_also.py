@@ -5,6 +5,7 @@ them, and the peft / merged exports and MultiAdapter carry them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,26 @@ def test_multi_adapter_serves_adapters_with_their_own_norms(tmp_path):
             torch.testing.assert_close(outs[i], models[n](x[i:i + 1])[0], atol=2e-5, rtol=1e-4)
     assert ma.routing()["lora"].startswith("grouped") and ma.routing()["plain_lora"] == "batched"
     assert all(torch.equal(base.state_dict()[k], v) for k, v in base_norms.items())  # the base's own, untouched
+
+
+def test_train_py_trains_the_norms_and_eval_py_reproduces_the_run(tmp_path):
+    """``adapter.train_also`` on the command line: the run's artifact records it and holds the trained norms
+    (moved off the base by training), and eval.py, rebuilding the model from adapter.json, gets the
+    selected validation value exactly."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_train
+    from tests.test_task_contract import evaluate_artifact
+
+    m = run_train(["experiment=tiny_audio", "adapter=lora", "+adapter.train_also=[norm2,final_norm]",
+                   "task.optimizer.lr=1e-2"], tmp_path)
+    art = Path(m["out_dir"]) / "adapter"
+    meta = json.loads((art / "adapter.json").read_text())
+    assert meta["methods"][0]["config"]["train_also"] == ["norm2", "final_norm"]
+    w = load_file(str(art / "adapter.safetensors"))
+    norms = [k for k in w if k.endswith(("norm.weight", "norm2.weight"))]
+    assert sorted(norms) and all(".norm1." not in k for k in w)
+    assert any(not torch.equal(w[k], torch.ones_like(w[k])) for k in norms)  # trained off LayerNorm's init (1)
+    mon = m["monitor"]
+    ev = evaluate_artifact(art, ["split=val", "trainer.enable_progress_bar=false"])
+    assert ev[mon["name"]] == pytest.approx(mon["value"], rel=1e-6, abs=1e-7)
