@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from tests.export_helpers import example_input, library_features, library_model, train_a_little, zoo_backbone
+from tests.export_helpers import (
+    example_input,
+    library_features,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+    zoo_features,
+)
 from tests.test_ast import tiny_ast
 from zoo.sites import SiteError
 
@@ -181,6 +188,39 @@ def test_peft_export_on_a_vit_names_timm_norms_beside_the_head(tmp_path):
     with torch.no_grad():
         assert torch.allclose(pm(x), model(x), atol=1e-5)
         assert torch.equal(fresh.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["clip", "sam"])
+def test_peft_export_carries_block_norms_on_clip_and_sam(family, tmp_path):
+    """open_clip's ln_1 (both towers with tower=both) and SAM's norm1 go to modules_to_save by their library
+    names; peft gives the zoo's features and load_peft restores the config and every tensor. Neither backbone
+    has a final norm here, which is one line naming what it has."""
+    peft = pytest.importorskip("peft")
+    from zoo.export import export_peft, load_peft
+
+    base = library_model(family)
+    bb = zoo_backbone(family, base, tmp_path).eval()
+    opts = dict(tower="both") if family == "clip" else {}
+    with pytest.raises(SiteError, match=r"no final_norm; valid here: norm1, norm2$"):
+        zoo.apply_adapter(bb, "lora", rank=2, targets=["q", "v"], train_also=["final_norm"], **opts)
+    zoo.apply_adapter(bb, "lora", rank=2, targets=["q", "v"], train_also=["norm1"], **opts)
+    train_a_little(bb)
+    bb.eval()
+    x = example_input(family)
+    with torch.no_grad():
+        want = zoo_features(family, bb, x)
+    export_peft(bb, tmp_path / "peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == (["transformer.resblocks.0.ln_1", "transformer.resblocks.1.ln_1", "visual.transformer.resblocks.0.ln_1",
+                      "visual.transformer.resblocks.1.ln_1"] if family == "clip" else ["blocks.0.norm1", "blocks.1.norm1"])
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert torch.allclose(library_features(family, pm.base_model.model, x), want, atol=1e-5)
+    fresh = zoo_backbone(family, library_model(family), tmp_path)
+    load_peft(fresh, tmp_path / "peft")
+    assert fresh.adapters[0].config == bb.adapters[0].config
+    w, g = zoo.adapter_state_dict(bb), zoo.adapter_state_dict(fresh)
+    assert sorted(w) == sorted(g) and all(torch.equal(w[k], g[k]) for k in w)
 
 
 def test_a_peft_lora_with_a_saved_layernorm_loads_as_train_also(tmp_path):

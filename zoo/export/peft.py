@@ -663,7 +663,7 @@ def _norms_config(norms: dict[str, tuple[str, nn.Module]], norm_t: dict[str, dic
         have = [k for k in every if k in norm_t]
         if have and have != every:
             raise ExportError(f"modules_to_save holds {len(have)} of the {len(every)} {kind} norms (e.g. no "
-                              f"{sorted(set(every) - set(have))[0]!r}); a zoo adapter's train_also trains one in every block")
+                              f"{min(set(every) - set(have))!r}); a zoo adapter's train_also trains one in every block")
         if have:
             kinds.append(kind)
     return kinds
