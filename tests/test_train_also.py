@@ -103,6 +103,8 @@ def test_a_typo_lists_the_valid_names_and_changes_nothing():
     flags = [p.requires_grad for p in bb.parameters()]
     with pytest.raises(ValueError, match=r"unknown train_also name\(s\) \['final_nrom'\]; valid: norm1, norm2, final_norm"):
         zoo.apply_adapter(bb, "lora", train_also=["final_nrom"])
+    with pytest.raises(ValueError, match=r"train_also must be a list of names \(norm1, norm2, final_norm\), got 5$"):
+        zoo.apply_adapter(bb, "lora", train_also=5)
     assert not bb.adapters and [p.requires_grad for p in bb.parameters()] == flags
 
 
@@ -309,3 +311,29 @@ def test_train_py_trains_the_norms_and_eval_py_reproduces_the_run(tmp_path):
     mon = m["monitor"]
     ev = evaluate_artifact(art, ["split=val", "trainer.enable_progress_bar=false"])
     assert ev[mon["name"]] == pytest.approx(mon["value"], rel=1e-6, abs=1e-7)
+
+
+def test_an_edited_record_is_one_line_and_leaves_the_model_unchanged(tmp_path):
+    """adapter.json without the train_also its tensors need (or with a bad name) is refused naming what differs."""
+    from zoo.checkpoint import AdapterMismatchError
+
+    torch.manual_seed(0)
+    model = tiny_ast()
+    zoo.apply_adapter(model, "lora", rank=2, train_also=["final_norm"])
+    train_a_little(model)
+    zoo.save_adapter(model, tmp_path / "a")
+    meta_file = tmp_path / "a" / "adapter.json"
+    meta = json.loads(meta_file.read_text())
+    for edit, msg in ((None, r"not in model: \['model.norm.bias', 'model.norm.weight'\]"),
+                      (["final_nrom"], r"adapter.json: methods\[0\]: adapter 'lora': unknown train_also name")):
+        cfg = dict(meta["methods"][0]["config"])
+        cfg.pop("train_also")
+        if edit is not None:
+            cfg["train_also"] = edit
+        meta_file.write_text(json.dumps({**meta, "methods": [{"name": "lora", "config": cfg}]}))
+        torch.manual_seed(0)
+        fresh = tiny_ast()
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(AdapterMismatchError, match=msg):
+            zoo.load_adapter(fresh, tmp_path / "a")
+        assert not fresh.adapters and all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

@@ -130,11 +130,12 @@ def train_also_option(who: str, value: Any) -> list[str]:
     """``train_also`` as a list of :data:`TRAIN_ALSO` names (``None`` / ``[]``: nothing more trains)."""
     if value is None:
         return []
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) and not (hasattr(names, "__iter__") and not isinstance(names, dict)):
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (dict, bytes)) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
         raise ValueError(f"adapter {who!r}: train_also must be a list of names ({', '.join(TRAIN_ALSO)}), got {value!r}")
-    names = list(names)
-    bad = [n for n in names if n not in TRAIN_ALSO]
+    names = list(value)  # a list, tuple or Hydra ListConfig
+    bad = [n for n in names if not isinstance(n, str) or n not in TRAIN_ALSO]
     if bad:
         raise ValueError(f"adapter {who!r}: unknown train_also name(s) {bad}; valid: {', '.join(TRAIN_ALSO)}")
     return list(dict.fromkeys(names))  # in the given order, each once
