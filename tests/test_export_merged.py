@@ -106,3 +106,92 @@ def test_keep_modules_writes_the_adapted_state_dict(tmp_path):
     x = example_input("vit")
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def _files(folder):
+    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def _load_in_library(family, folder):
+    if family == "vit":
+        return __import__("timm").create_model(f"local-dir:{folder}", pretrained=True)
+    if family == "clip":
+        return __import__("open_clip").create_model(f"local-dir:{folder}")
+    return __import__("transformers").ASTModel.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("family,last", [("vit", "config.json"), ("clip", "open_clip_config.json"),
+                                         ("ast", "model.safetensors")])
+def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_set(tmp_path, monkeypatch, family, last):
+    """The files were written one after the other: a full disk at zoo_export.json left the new weights and
+    config beside the old record (and a head.safetensors of the old model: CLIP and AST load it separately).
+    Now a failed write leaves the previous export whole, a crash between the renames leaves no config (timm,
+    open_clip) or no weights (transformers loads a folder without config.json with the default ASTConfig):
+    the library refuses the folder; and a re-export over an earlier export of another kind (a peft adapter,
+    which transformers' from_pretrained would pick up; the other family's config) is byte-identical to a
+    fresh one."""
+    import os
+    from pathlib import Path
+
+    from zoo.export.merged import ZOO_META
+
+    old_model = classifier(family, tmp_path)
+    new_model = classifier(family, tmp_path, rank=4)
+    old = _files(export_merged(old_model, tmp_path / "old"))
+    new = _files(export_merged(new_model, tmp_path / "new"))
+    assert sorted(old) == sorted(new) and last in new and ZOO_META in new
+    assert all(old[k] != new[k] for k in new if k.endswith(".safetensors")) and old[ZOO_META] != new[ZOO_META]
+    out = export_merged(old_model, tmp_path / "out")
+
+    real = {"write_bytes": Path.write_bytes, "write_text": Path.write_text}
+
+    def full(name):
+        def write(self, data, *a, **k):
+            if self.name.startswith(f".{ZOO_META}."):  # the temporary file of the set's last-written file
+                raise OSError(28, "No space left on device")
+            return real[name](self, data, *a, **k)
+        return write
+
+    for name in real:
+        monkeypatch.setattr(Path, name, full(name))
+    with pytest.raises(OSError) as e:
+        export_merged(new_model, out)
+    monkeypatch.undo()
+    assert e.value.errno == 28 and e.value.filename == str(out / ZOO_META)
+    assert _files(out) == old  # the previous export, whole, and no temporary folder
+
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(dst) == out / last:
+            raise OSError(5, "Input/output error", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match=rf"{out} is left without {last}, an incomplete set that readers refuse"):
+        export_merged(new_model, out)
+    monkeypatch.undo()
+    left = _files(out)
+    assert sorted(left) == sorted(k for k in new if k != last) and all(left[k] == new[k] for k in left)
+    with pytest.raises(OSError, match=last):
+        _load_in_library(family, out)
+
+    zoo.export.export_peft(old_model, out)  # an export of another kind in the same folder
+    other = {"vit": "open_clip_config.json", "clip": "config.json", "ast": "open_clip_config.json"}[family]
+    (out / other).write_text("{}")
+    assert (out / "adapter_config.json").is_file()
+    export_merged(new_model, out)
+    assert _files(out) == new
+    _load_in_library(family, out)
+
+
+def test_a_keep_modules_export_replaces_a_merged_one_whole(tmp_path):
+    """keep_modules writes model.safetensors + zoo_export.json; a merged export's config.json left beside
+    them would make timm load the adapted state dict as a plain ViT."""
+    model = classifier("vit", tmp_path)
+    kept = _files(export_merged(model, tmp_path / "kept", keep_modules=True))
+    assert sorted(kept) == ["model.safetensors", "zoo_export.json"]
+    export_merged(model, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert _files(export_merged(model, tmp_path / "out", keep_modules=True)) == kept

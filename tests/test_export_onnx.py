@@ -85,3 +85,64 @@ def test_a_method_that_cannot_merge_is_exported_with_its_own_ops(tmp_path):
     for batch in (None, 3):
         want, got, _ = run_both(model, tmp_path / "m.onnx", batch)
         assert np.abs(want[0] - got[0]).max() < 1e-4
+
+
+def _files(folder):
+    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(tmp_path, monkeypatch):
+    """model.onnx was written by torch straight into place: a full disk midway left half a graph where the
+    previous one was, and its weights file (model.onnx.data, past 2 GB) was written apart from it. Now the
+    set is staged and model.onnx renamed in last: a failed write leaves the previous export whole, a crash
+    at the last rename no model.onnx (onnxruntime refuses the folder) beside the new weights file, and a
+    clean re-export removes a model.onnx.data it does not write and is byte-identical to a fresh one.
+    torch's exporter itself is replaced by a stand-in for the failures (what is tested is the writing)."""
+    import os
+    from pathlib import Path
+
+    model = adapted("vit", tmp_path)
+    new = _files(export_onnx(model, tmp_path / "new" / "model.onnx").parent)
+    assert sorted(new) == ["model.onnx"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the previous export's graph")
+    old = _files(out)
+
+    class Program:  # what torch.onnx.export returns, writing `graph` (and a weights file beside it) or failing
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def save(self, dest):
+            with open(dest, "wb") as f:
+                f.write(new["model.onnx"][:100])
+                if self.fail:
+                    raise OSError(28, "No space left on device")
+                f.write(new["model.onnx"][100:])
+            Path(f"{dest}.data").write_bytes(b"the weights, past 2 GB")
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program(fail=True))
+    with pytest.raises(OSError) as e:
+        export_onnx(model, out / "model.onnx")
+    assert e.value.errno == 28 and e.value.filename == str(out / "model.onnx")
+    assert _files(out) == old  # the previous graph, whole, and no temporary folder
+
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(dst) == out / "model.onnx":
+            raise OSError(5, "Input/output error", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program())
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match=rf"{out} is left without model.onnx, an incomplete set that readers refuse"):
+        export_onnx(model, out / "model.onnx")
+    monkeypatch.undo()
+    assert _files(out) == {"model.onnx.data": b"the weights, past 2 GB"}  # the new set but its graph
+    with pytest.raises(Exception, match="model.onnx"):
+        ort.InferenceSession(str(out / "model.onnx"))
+
+    export_onnx(model, out / "model.onnx")
+    assert _files(out) == new
