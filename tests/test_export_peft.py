@@ -386,3 +386,55 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
     (out / ZOO_HEAD).write_bytes(b"an earlier export's head")  # this export has its head in modules_to_save
     export_peft(new_model, out)
     assert _files(out) == new
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from zoo.io import atomic_path, write_together
+folder = Path(sys.argv[1])
+with atomic_path(folder / "adapter_model.safetensors") as tmp:  # a file written on its own (an older export)
+    tmp.write_bytes(b"half a file")
+    write_together(folder, {"adapter_model.safetensors": b"weights",  # a set, killed while writing its config
+                            "adapter_config.json": lambda p: os.kill(os.getpid(), signal.SIGKILL)}, last="adapter_config.json")
+"""
+
+
+def test_the_next_export_removes_the_temporaries_a_killed_export_left_and_nothing_else(tmp_path):
+    """A writer killed with SIGKILL leaves its hidden temporary file (atomic_path) or staging folder
+    (write_together) behind, and nothing removed them. The next export into the folder removes those of
+    the names it writes whose writer is gone (its pid, recorded in the name, is dead on this host), or,
+    older names without an owner, unchanged for hours; a writer still at work, another host's, and every
+    other file stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from zoo.tempnames import STALE_AFTER_S, host
+
+    out = tmp_path / "peft"
+    out.mkdir()
+    res = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == -9, res.stderr[-2000:]
+    killed = sorted(p.name for p in out.iterdir())  # the staging folder of the set, the file written on its own
+    pid = re.fullmatch(r"\.adapter_config\.json\.(\d+)@.*~\w{8}\.tmp", killed[0]).group(1)
+    assert re.fullmatch(rf"\.adapter_model\.safetensors\.{pid}@{re.escape(host())}~\w{{8}}\.tmp", killed[1]), killed
+    assert (out / killed[0]).is_dir() and (out / killed[1]).read_bytes() == b"half a file"
+    hours_ago = time.time() - STALE_AFTER_S - 60
+    aged = ".zoo_export.json.k1ll3d_x.tmp"  # an older name without an owner, unchanged for hours
+    keep = {f".adapter_config.json.{os.getpid()}@{host()}~abcdefgh.tmp": True,  # a writer at work now
+            ".adapter_model.safetensors.recent12.tmp": False,  # no owner, but changed just now: maybe at work
+            f".adapter_config.json.{pid}@{host()}.elsewhere~abcdefgh.tmp": False,  # another host's, recent
+            ".adapter_config.json.bak": True, "notes.tmp": True, ".adapter_config.json.12345678.tmp.keep": True,
+            f".model.onnx.{pid}@{host()}~abcdefgh.tmp": True}  # a name this export does not write
+    for name, old in {**keep, aged: True}.items():
+        (out / name).write_bytes(b"")
+        if old:
+            os.utime(out / name, (hours_ago, hours_ago))
+    _, _, model = adapted("vit", tmp_path)
+    export_peft(model, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
+                                                            "zoo_export.json", *keep])
