@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import zoo
 from tests.export_helpers import (
+    disk_full_at,
     example_input,
+    folder_files,
     library_model,
     train_a_little,
     zoo_backbone,
@@ -108,11 +110,6 @@ def test_keep_modules_writes_the_adapted_state_dict(tmp_path):
         assert torch.equal(fresh(x), model(x))
 
 
-def _files(folder):
-    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
-
-
 def _load_in_library(family, folder):
     if family == "vit":
         return __import__("timm").create_model(f"local-dir:{folder}", pretrained=True)
@@ -138,28 +135,18 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_s
 
     old_model = classifier(family, tmp_path)
     new_model = classifier(family, tmp_path, rank=4)
-    old = _files(export_merged(old_model, tmp_path / "old"))
-    new = _files(export_merged(new_model, tmp_path / "new"))
+    old = folder_files(export_merged(old_model, tmp_path / "old"))
+    new = folder_files(export_merged(new_model, tmp_path / "new"))
     assert sorted(old) == sorted(new) and last in new and ZOO_META in new
     assert all(old[k] != new[k] for k in new if k.endswith(".safetensors")) and old[ZOO_META] != new[ZOO_META]
     out = export_merged(old_model, tmp_path / "out")
 
-    real = {"write_bytes": Path.write_bytes, "write_text": Path.write_text}
-
-    def full(name):
-        def write(self, data, *a, **k):
-            if self.name.startswith(f".{ZOO_META}."):  # the temporary file of the set's last-written file
-                raise OSError(28, "No space left on device")
-            return real[name](self, data, *a, **k)
-        return write
-
-    for name in real:
-        monkeypatch.setattr(Path, name, full(name))
+    disk_full_at(monkeypatch, ZOO_META)  # the file the one-by-one writes came to last
     with pytest.raises(OSError) as e:
         export_merged(new_model, out)
     monkeypatch.undo()
     assert e.value.errno == 28 and e.value.filename == str(out / ZOO_META)
-    assert _files(out) == old  # the previous export, whole, and no temporary folder
+    assert folder_files(out) == old  # the previous export, whole, and no temporary folder
 
     real_replace = os.replace
 
@@ -172,7 +159,7 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_s
     with pytest.raises(OSError, match=rf"{out} is left without {last}, an incomplete set that readers refuse"):
         export_merged(new_model, out)
     monkeypatch.undo()
-    left = _files(out)
+    left = folder_files(out)
     assert sorted(left) == sorted(k for k in new if k != last) and all(left[k] == new[k] for k in left)
     with pytest.raises(OSError, match=last):
         _load_in_library(family, out)
@@ -182,7 +169,7 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_s
     (out / other).write_text("{}")
     assert (out / "adapter_config.json").is_file()
     export_merged(new_model, out)
-    assert _files(out) == new
+    assert folder_files(out) == new
     _load_in_library(family, out)
 
 
@@ -190,8 +177,8 @@ def test_a_keep_modules_export_replaces_a_merged_one_whole(tmp_path):
     """keep_modules writes model.safetensors + zoo_export.json; a merged export's config.json left beside
     them would make timm load the adapted state dict as a plain ViT."""
     model = classifier("vit", tmp_path)
-    kept = _files(export_merged(model, tmp_path / "kept", keep_modules=True))
+    kept = folder_files(export_merged(model, tmp_path / "kept", keep_modules=True))
     assert sorted(kept) == ["model.safetensors", "zoo_export.json"]
     export_merged(model, tmp_path / "out")
     assert (tmp_path / "out" / "config.json").is_file()
-    assert _files(export_merged(model, tmp_path / "out", keep_modules=True)) == kept
+    assert folder_files(export_merged(model, tmp_path / "out", keep_modules=True)) == kept

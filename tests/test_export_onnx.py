@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from tests.export_helpers import library_model, train_a_little, zoo_backbone
+from tests.export_helpers import folder_files, library_model, train_a_little, zoo_backbone
 from zoo.export import ExportError
 from zoo.export.onnx import export_onnx, graph_of
 
@@ -87,11 +87,6 @@ def test_a_method_that_cannot_merge_is_exported_with_its_own_ops(tmp_path):
         assert np.abs(want[0] - got[0]).max() < 1e-4
 
 
-def _files(folder):
-    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
-
-
 def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(tmp_path, monkeypatch):
     """model.onnx was written by torch straight into place: a full disk midway left half a graph where the
     previous one was, and its weights file (model.onnx.data, past 2 GB) was written apart from it. Now the
@@ -103,12 +98,12 @@ def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(
     from pathlib import Path
 
     model = adapted("vit", tmp_path)
-    new = _files(export_onnx(model, tmp_path / "new" / "model.onnx").parent)
+    new = folder_files(export_onnx(model, tmp_path / "new" / "model.onnx").parent)
     assert sorted(new) == ["model.onnx"]
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"the previous export's graph")
-    old = _files(out)
+    old = folder_files(out)
 
     class Program:  # what torch.onnx.export returns, writing `graph` (and a weights file beside it) or failing
         def __init__(self, fail=False):
@@ -126,7 +121,7 @@ def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(
     with pytest.raises(OSError) as e:
         export_onnx(model, out / "model.onnx")
     assert e.value.errno == 28 and e.value.filename == str(out / "model.onnx")
-    assert _files(out) == old  # the previous graph, whole, and no temporary folder
+    assert folder_files(out) == old  # the previous graph, whole, and no temporary folder
 
     real_replace = os.replace
 
@@ -140,9 +135,9 @@ def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(
     with pytest.raises(OSError, match=rf"{out} is left without model.onnx, an incomplete set that readers refuse"):
         export_onnx(model, out / "model.onnx")
     monkeypatch.undo()
-    assert _files(out) == {"model.onnx.data": b"the weights, past 2 GB"}  # the new set but its graph
+    assert folder_files(out) == {"model.onnx.data": b"the weights, past 2 GB"}  # the new set but its graph
     with pytest.raises(Exception, match="model.onnx"):
         ort.InferenceSession(str(out / "model.onnx"))
 
     export_onnx(model, out / "model.onnx")
-    assert _files(out) == new
+    assert folder_files(out) == new

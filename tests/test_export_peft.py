@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 import zoo
 from tests.export_helpers import (
     FAMILIES,
+    disk_full_at,
     example_input,
+    folder_files,
     library_features,
     library_model,
     train_a_little,
@@ -327,11 +329,6 @@ def test_a_clip_out_proj_delta_warns_about_peft_mha(tmp_path):
         export_peft(model, tmp_path / "peft2")  # zero out_proj factors: nothing to warn about
 
 
-def _files(folder):
-    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
-
-
 def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_pair(tmp_path, monkeypatch):
     """The files were written one after the other: a full disk at adapter_config.json left the old config
     beside the new weights, which peft loads without a word. Now a failed write leaves the previous export
@@ -343,25 +340,15 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
 
     _, _, old_model = adapted("vit", tmp_path)
     _, _, new_model = adapted("vit", tmp_path, rank=4)
-    old, new = _files(export_peft(old_model, tmp_path / "old")), _files(export_peft(new_model, tmp_path / "new"))
+    old, new = folder_files(export_peft(old_model, tmp_path / "old")), folder_files(export_peft(new_model, tmp_path / "new"))
     assert old[CONFIG] != new[CONFIG] and old[WEIGHTS] != new[WEIGHTS] and ZOO_HEAD not in new
     out = export_peft(old_model, tmp_path / "peft")
 
-    real = {"write_bytes": Path.write_bytes, "write_text": Path.write_text}
-
-    def full(name):
-        def write(self, data, *a, **k):
-            if self.name.startswith(f".{CONFIG}."):  # the temporary file of adapter_config.json
-                raise OSError(28, "No space left on device")
-            return real[name](self, data, *a, **k)
-        return write
-
-    for name in real:
-        monkeypatch.setattr(Path, name, full(name))
+    disk_full_at(monkeypatch, CONFIG)
     with pytest.raises(OSError) as e:
         export_peft(new_model, out)
     assert e.value.errno == 28 and e.value.filename == str(out / CONFIG)
-    assert _files(out) == old  # the previous export, whole, and no temporary folder
+    assert folder_files(out) == old  # the previous export, whole, and no temporary folder
     monkeypatch.undo()
 
     real_replace = os.replace
@@ -376,7 +363,7 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
                                       "incomplete set that readers refuse: write it again"):
         export_peft(new_model, out)
     monkeypatch.undo()
-    left = _files(out)
+    left = folder_files(out)
     assert sorted(left) == sorted(k for k in new if k != CONFIG) and all(left[k] == new[k] for k in left)
     with pytest.raises(FileNotFoundError, match=rf"not a peft adapter folder: expected {CONFIG}"):
         read_peft(out)
@@ -385,7 +372,7 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
 
     (out / ZOO_HEAD).write_bytes(b"an earlier export's head")  # this export has its head in modules_to_save
     export_peft(new_model, out)
-    assert _files(out) == new
+    assert folder_files(out) == new
 
 
 KILLED_WRITER = """
