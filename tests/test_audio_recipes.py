@@ -49,7 +49,9 @@ def test_ast_esc50_recipe_is_run_esc_sh():
     assert c.backbone.pooling == "cls_dist"  # ast_models.py: (x[:, 0] + x[:, 1]) / 2
     # line 68: --data-val is the test fold; get_esc_result.py picks one epoch on the 5-fold average
     assert c.task.val_fold == "none" and c.task.selection == "last"
-    assert "LayerNorm" in c.task.differs_from_paper  # its mlp_head is LayerNorm + Linear: said in the record
+    # ast_models.py lines 73 / 132: mlp_head = Sequential(LayerNorm(768), Linear(768, label_dim)): the same head here,
+    # so nothing departs from the paper any more
+    assert c.task.head == "layernorm_linear" and c.task.get("differs_from_paper") is None
     from omegaconf import OmegaConf
 
     from tests.helpers import ROOT
@@ -69,6 +71,13 @@ def test_ast_esc50_optimiser_and_learning_rate_per_epoch_are_traintest_py():
     assert all(g["weight_decay"] == 5e-7 and g["betas"] == (0.95, 0.999) for g in opt.param_groups)
     n_trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_trainable
+    # the model is AST's: mlp_head (LayerNorm eps 1e-5, then Linear) on (cls + dist) / 2, the head in the optimiser
+    from zoo.heads import LayerNormLinearClassifier
+
+    assert type(task.model) is LayerNormLinearClassifier and task.model.backbone.pooling == "cls_dist"
+    assert task.model.head[0].eps == 1e-5 and task.model.head[1].out_features == 50
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in task.model.head.parameters())
     assert sched["interval"] == "epoch"
     # AST: epoch n (1-based) trains at lr · 0.85^max(0, n − 5) (MultiStepLR milestones 5, 6, ..., stepped per epoch)
     want = [1e-5 * 0.85 ** max(0, n - 5) for n in range(1, 26)]
@@ -98,6 +107,7 @@ def test_petl_ast_esc50_recipe_is_main_py():
     assert (c.data.mean, c.data.std) == (-4.2677393, 4.5689974) and c.data.mixup == 0.0 and c.data.noise is False
     assert c.backbone.weights == "MIT/ast-finetuned-audioset-10-10-0.4593"  # AutoFeatureExtractor / model_ckpt
     assert c.backbone.pooling == "mean"  # final_output: 'ALL', AST.py: hidden_states.mean(dim=1)
+    assert c.task.head == "linear"  # AST.py / AST_adapters.py / AST_LoRA.py: classification_head = nn.Linear(hidden, C)
     # main.py 169-171: test fold k, validation fold k-1; 344: eval_one_epoch(model, ...) tests the last epoch
     assert c.task.val_fold == "previous" and c.task.selection == "last"
     lrs = {a: compose_config(["experiment=petl_ast/esc50", f"adapter={a}"]).task.optimizer.lr
@@ -145,3 +155,40 @@ def test_unknown_optimizer_or_schedule_names_are_one_line():
     task = build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.scheduler.name=step"]))
     with pytest.raises(ValueError, match=r"task.scheduler.name='step'; valid here: cosine, multistep"):
         task.configure_optimizers()
+
+
+def test_an_unknown_task_head_names_the_valid_ones():
+    from hydra.errors import InstantiationException
+
+    from tasks.runner import build_task
+
+    with pytest.raises(InstantiationException, match=r"task.head='mlp'; valid: linear, layernorm_linear"):
+        build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.head=mlp"]))
+
+
+@pytest.mark.parametrize("recipe", ["petl_ast/esc50", "petl_ast/speechcommands"])
+def test_petl_ast_recipes_record_the_layernorms_petl_ast_also_trains(recipe):
+    """PETL-AST's models freeze only AST's embeddings and encoder, so its final LayerNorm trains under every
+    method (main.py's linear unfreezes it explicitly); its adapters also train the blocks' layernorm_after.
+    The zoo keeps them frozen, and the recipe records that per method."""
+    for name, more in (("lora", "final LayerNorm"), ("vpt", "final LayerNorm"), ("prefix", "final LayerNorm"),
+                       ("linear", "final LayerNorm"), ("adapter", "layernorm_after"), ("conformer", "layernorm_after"),
+                       ("full", None), ("bitfit", None)):
+        c = compose_config([f"experiment={recipe}", f"adapter={name}"])
+        assert c.task.head == "linear"
+        if more is None:
+            assert c.task.differs_from_paper is None, name
+        else:
+            assert more in c.task.differs_from_paper and "final LayerNorm" in c.task.differs_from_paper, name
+
+
+def test_the_recorded_difference_is_true_final_norm_frozen_here():
+    from tasks.runner import build_task
+
+    for name in ("lora", "linear", "conformer"):
+        task = build_task(compose_config(["experiment=petl_ast/esc50", f"adapter={name}", *TINY_AST]))
+        bb = task.model.backbone
+        assert not any(p.requires_grad for p in bb.model.norm.parameters()), name  # PETL-AST's layernorm: trains there
+        assert not any(p.requires_grad for blk in bb.model.blocks for p in blk.norm2.parameters()), name
+    task = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=bitfit", *TINY_AST]))
+    assert task.model.backbone.model.norm.bias.requires_grad  # BitFit: its bias trains, as in main.py's BitFit

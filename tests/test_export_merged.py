@@ -89,6 +89,33 @@ def test_merged_exports_load_in_timm_open_clip_and_transformers_alone(tmp_path, 
         assert torch.allclose(got[family], want[family], atol=1e-5), (family, (got[family] - want[family]).abs().max())
 
 
+def test_ast_layernorm_linear_head_goes_to_head_safetensors(tmp_path):
+    """AST's mlp_head beside the merged transformers ASTModel: head.safetensors holds 0.* (the LayerNorm) and 1.*
+    (the Linear), zoo_export.json its eps; transformers' pooler output through them by hand is the zoo's logits."""
+    import json
+
+    import torch.nn.functional as F
+    import transformers
+
+    model = zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5)
+    zoo.apply_adapter(model, "lora", rank=2, alpha=4.0, targets=["q", "v", "o", "fc1"])
+    train_a_little(model)  # the LoRA off zero, γ off 1, β off 0
+    model.eval()
+    export_merged(model, tmp_path / "out")
+    h = load_file(str(tmp_path / "out" / "head.safetensors"))
+    assert sorted(h) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    meta = json.loads((tmp_path / "out" / "zoo_export.json").read_text())
+    assert meta["head"] == {"type": "layernorm_linear", "in_features": 32, "num_classes": 5, "eps": 1e-5}
+    assert meta["head_file"] == "head.safetensors"
+    ast = transformers.ASTModel.from_pretrained(str(tmp_path / "out")).eval()
+    x = example_input("ast")
+    with torch.no_grad():
+        pooled = ast(input_values=x).pooler_output
+        got = F.linear(F.layer_norm(pooled, (32,), h["0.weight"], h["0.bias"], meta["head"]["eps"]), h["1.weight"], h["1.bias"])
+        want = model(x)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_a_method_that_cannot_merge_is_refused_with_the_reason(tmp_path):
     model = classifier("vit", tmp_path, method="vpt", num_tokens=2)
     with pytest.raises(ExportError, match=r"method 'vpt' cannot be merged .*--keep-modules") as e:

@@ -69,6 +69,28 @@ def test_onnxruntime_gives_torch_outputs(family, merged, tmp_path):
         assert torch.allclose(seg, torch.from_numpy(got[0]), atol=1e-4)
 
 
+@pytest.mark.slow  # an AST export takes ~10 s of one core, as the AST case above
+@pytest.mark.parametrize("merged", [None, False])
+def test_ast_layernorm_linear_head_in_onnxruntime(merged, tmp_path):
+    """AST with its own head (LayerNorm, then Linear): onnxruntime gives torch's logits, and those are the
+    LayerNorm + Linear of the pooled feature (so the graph did not lose the LayerNorm)."""
+    import torch.nn.functional as F
+
+    model = zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5)
+    zoo.apply_adapter(model, "lora", rank=2, alpha=4.0, targets=["q", "v", "fc1"])
+    train_a_little(model)  # γ off 1, β off 0, LoRA's B off zero
+    model.eval()
+    export_onnx(model, tmp_path / "m.onnx", merged=merged)
+    for batch in (None, 3):
+        want, got, args = run_both(model, tmp_path / "m.onnx", batch)
+        assert len(got) == 1 and want[0].shape == got[0].shape == (args[0].shape[0], 5)
+        assert np.abs(want[0] - got[0]).max() < 1e-4, np.abs(want[0] - got[0]).max()
+        ln, fc = model.head
+        with torch.no_grad():
+            by_hand = F.linear(F.layer_norm(model.backbone(args[0]), (32,), ln.weight, ln.bias, 1e-5), fc.weight, fc.bias)
+        assert np.abs(by_hand.numpy() - got[0]).max() < 1e-4
+
+
 def test_merged_onnx_refuses_a_method_that_cannot_merge(tmp_path):
     model = zoo.ImageClassifier(zoo_backbone("vit", library_model("vit"), tmp_path), 5)
     zoo.apply_adapter(model, "vpt", num_tokens=2)

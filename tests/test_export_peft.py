@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
@@ -104,6 +105,43 @@ def test_zoo_peft_zoo_round_trip_gives_identical_tensors(family, tmp_path):
     for k in want:
         assert torch.equal(want[k], got[k]), k
     assert fresh_bb.adapters[0].config == bb.adapters[0].config
+
+
+def test_ast_layernorm_linear_head_goes_to_zoo_head_and_back(tmp_path):
+    """AST's mlp_head (LayerNorm, then Linear): HF's ASTModel has no module for it, so both its layers go to
+    zoo_head.safetensors as the Linear head does; peft's output through it by hand gives the zoo logits, and
+    load_peft restores every tensor. Another head (a Linear, another eps) is refused, the model unchanged."""
+    base = library_model("ast")
+    bb = zoo_backbone("ast", base, tmp_path).eval()
+    model = zoo.LayerNormLinearClassifier(bb, 5)
+    zoo.apply_adapter(model, "lora", rank=2, alpha=6.0, targets=TARGETS["ast"])
+    train_a_little(model)  # γ off 1, β off 0 too
+    model.eval()
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None
+    head = load_file(str(tmp_path / "peft" / "zoo_head.safetensors"))
+    assert sorted(head) == ["head.0.bias", "head.0.weight", "head.1.bias", "head.1.weight"]
+    meta = json.loads((tmp_path / "peft" / "zoo_export.json").read_text())
+    assert meta["head"] == model.head_spec() and meta["head_location"] == "zoo_head.safetensors"
+    x = example_input("ast")
+    peft_on(base, tmp_path / "peft")
+    with torch.no_grad():
+        pooled = library_features("ast", base, x)  # transformers + peft, no zoo
+        got = F.linear(F.layer_norm(pooled, (32,), head["head.0.weight"], head["head.0.bias"], meta["head"]["eps"]),
+                       head["head.1.weight"], head["head.1.bias"])
+        assert torch.allclose(got, model(x), atol=1e-5), (got - model(x)).abs().max()
+    fresh = zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5)
+    load_peft(fresh, tmp_path / "peft")
+    want, have = model.state_dict(), fresh.state_dict()
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+    for other in (zoo.ImageClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5),
+                  zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5, eps=1e-6)):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ExportError, match="head") as e:
+            load_peft(other, tmp_path / "peft")
+        assert "\n" not in str(e.value)
+        assert not zoo.adapters_of(other) and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def _peft_adapter(family, base, seed=5):

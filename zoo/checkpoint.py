@@ -242,6 +242,8 @@ def check_adapter_meta(meta: dict[str, Any], where: Any) -> None:
             vs = v if isinstance(v, list) else [v]
             if v is not None and (not vs or not all(_is_int(x) for x in vs)):
                 raise bad(f"head.{k}", f"an integer in 1..{MAX_SIZE} (or a list of them)", v)
+        if "eps" in head and not (_is_num(head["eps"]) and head["eps"] > 0):  # a LayerNorm's (layernorm_linear)
+            raise bad("head.eps", "a positive number", head["eps"])
     pre = opt(meta, "", "preprocessing", (dict,), "an object") or {}
     size = pre.get("input_size")
     if size is not None and (not isinstance(size, list) or not size or not all(_is_int(x) for x in size)):

@@ -16,9 +16,11 @@ is not changed), so the result is the library's own model with new numbers:
   ``pooler_output`` is the zoo's ``cls_dist`` pooling.
 
 A head the library's model has no module for (a Linear on CLIP's image embedding or on AST's pooled
-feature -- HF's ``ASTForAudioClassification`` puts a LayerNorm before its Linear --, CLIP's zero-shot
-classifier) goes to ``head.safetensors`` (its ``state_dict``); ``zoo_export.json`` says what it is and
-how it is applied. A method that is not a reparameterisation of the weights (prompts, bottleneck
+feature; AST's ``layernorm_linear`` head, LayerNorm then Linear: HF's ``ASTForAudioClassification`` has
+that structure but takes the backbone's LayerNorm eps (1e-12) for it, AST's ``mlp_head`` 1e-5; CLIP's
+zero-shot classifier) goes to ``head.safetensors`` (its ``state_dict``: ``0.*`` the LayerNorm, ``1.*`` the
+Linear for ``layernorm_linear``); ``zoo_export.json`` says what it is (``head``, with the eps) and how it is
+applied. A method that is not a reparameterisation of the weights (prompts, bottleneck
 adapters, ...) cannot be merged and is refused with the reason; ``keep_modules=True`` instead writes
 the adapted model's whole ``state_dict`` (``model.safetensors``: base + adapter modules, no pickled
 code, no TorchScript), which the zoo rebuilds from ``zoo_export.json``.

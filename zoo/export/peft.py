@@ -31,9 +31,10 @@ base module(s) as follows.
 
 The task head goes to ``modules_to_save`` when the base model has that module (timm's ``head`` for a
 ViT built with ``num_classes``); otherwise everything of the model outside its backbone (a head the base
-model has no module for: CLIP's, AST's Linear on the pooled feature -- HF's ``ASTForAudioClassification``
-puts a LayerNorm before its Linear --, SAM's prompt encoder and mask decoder) is written beside the
-adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
+model has no module for: CLIP's, AST's heads on the pooled feature -- the Linear, and ``layernorm_linear``'s
+LayerNorm and Linear (``head.0.*``, ``head.1.*``; HF's ``ASTForAudioClassification`` has that structure but
+takes the backbone's LayerNorm eps, 1e-12, where AST's ``mlp_head`` has 1e-5) --, SAM's prompt encoder and
+mask decoder) is written beside the adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
 records the zoo side (backbone, base-weight fingerprint, methods, head), so :func:`load_peft` can
 check the base and rebuild the exact zoo config.
 
@@ -594,6 +595,10 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
             diffs.append(f"base-weight fingerprint: adapter {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
         if diffs:
             raise ExportError("the peft adapter was made for another base: " + "; ".join(diffs))
+        head = meta.get("head")  # e.g. AST's layernorm_linear vs a Linear, or another LayerNorm eps: same tensors or not
+        if head and hasattr(model, "head_spec") and model.head_spec() != head:
+            raise ExportError(f"the peft adapter's head is {head}, the model's {model.head_spec()}; build the model "
+                              f"with the recorded head (zoo.heads.build_head_model)")
     lora_cfg = (meta or {}).get("load_as") or _derive_config(bb, cfg, lora, index)
     snap = ModelState(model)
     full = model.state_dict()
