@@ -126,3 +126,19 @@ def disk_full_at(monkeypatch, name: str) -> None:
 
     for method in real:
         monkeypatch.setattr(Path, method, full(method))
+
+
+def crash_at_rename(monkeypatch, dest) -> None:
+    """Make ``os.replace`` onto ``dest`` fail (EIO), as a crash just before the last rename of a set would
+    leave the folder; the other renames happen. ``monkeypatch.undo()`` ends it."""
+    import os
+    from pathlib import Path
+
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == Path(dest):
+            raise OSError(5, "Input/output error", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import zoo
 from tests.export_helpers import (
+    crash_at_rename,
     disk_full_at,
     example_input,
     folder_files,
@@ -155,8 +156,6 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_s
     the library refuses the folder; and a re-export over an earlier export of another kind (a peft adapter,
     which transformers' from_pretrained would pick up; the other family's config) is byte-identical to a
     fresh one."""
-    import os
-    from pathlib import Path
 
     from zoo.export.merged import ZOO_META
 
@@ -175,14 +174,7 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_s
     assert e.value.errno == 28 and e.value.filename == str(out / ZOO_META)
     assert folder_files(out) == old  # the previous export, whole, and no temporary folder
 
-    real_replace = os.replace
-
-    def crash(src, dst):
-        if Path(dst) == out / last:
-            raise OSError(5, "Input/output error", str(src))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash)
+    crash_at_rename(monkeypatch, out / last)
     with pytest.raises(OSError, match=rf"{out} is left without {last}, an incomplete set that readers refuse"):
         export_merged(new_model, out)
     monkeypatch.undo()

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import zoo
-from tests.export_helpers import folder_files, library_model, train_a_little, zoo_backbone
+from tests.export_helpers import (
+    crash_at_rename,
+    folder_files,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+)
 from zoo.export import ExportError
 from zoo.export.onnx import export_onnx, graph_of
 
@@ -116,7 +122,6 @@ def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(
     at the last rename no model.onnx (onnxruntime refuses the folder) beside the new weights file, and a
     clean re-export removes a model.onnx.data it does not write and is byte-identical to a fresh one.
     torch's exporter itself is replaced by a stand-in for the failures (what is tested is the writing)."""
-    import os
     from pathlib import Path
 
     model = adapted("vit", tmp_path)
@@ -145,15 +150,8 @@ def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(
     assert e.value.errno == 28 and e.value.filename == str(out / "model.onnx")
     assert folder_files(out) == old  # the previous graph, whole, and no temporary folder
 
-    real_replace = os.replace
-
-    def crash(src, dst):
-        if Path(dst) == out / "model.onnx":
-            raise OSError(5, "Input/output error", str(src))
-        return real_replace(src, dst)
-
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program())
-    monkeypatch.setattr(os, "replace", crash)
+    crash_at_rename(monkeypatch, out / "model.onnx")
     with pytest.raises(OSError, match=rf"{out} is left without model.onnx, an incomplete set that readers refuse"):
         export_onnx(model, out / "model.onnx")
     monkeypatch.undo()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import zoo
 from tests.export_helpers import (
     FAMILIES,
+    crash_at_rename,
     disk_full_at,
     example_input,
     folder_files,
@@ -371,8 +372,6 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
     """The files were written one after the other: a full disk at adapter_config.json left the old config
     beside the new weights, which peft loads without a word. Now a failed write leaves the previous export
     whole, and a crash between the renames leaves no adapter_config.json (no adapter, to peft and load_peft)."""
-    import os
-    from pathlib import Path
 
     from zoo.export.peft import CONFIG, WEIGHTS, ZOO_HEAD, read_peft
 
@@ -389,14 +388,7 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
     assert folder_files(out) == old  # the previous export, whole, and no temporary folder
     monkeypatch.undo()
 
-    real_replace = os.replace
-
-    def crash(src, dst):
-        if Path(dst) == out / CONFIG:
-            raise OSError(5, "Input/output error", str(src))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash)
+    crash_at_rename(monkeypatch, out / CONFIG)
     with pytest.raises(OSError, match=rf"Input/output error; {re.escape(str(out))} is left without {CONFIG}, an "
                                       "incomplete set that readers refuse: write it again"):
         export_peft(new_model, out)

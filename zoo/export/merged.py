@@ -45,7 +45,12 @@ import torch
 from torch import nn
 
 from zoo.backbones.base import Backbone
-from zoo.export.naming import EXPORT_FILES, ExportError, check_family, installed_ast_names
+from zoo.export.naming import (
+    EXPORT_FILES,
+    ExportError,
+    check_family,
+    installed_ast_names,
+)
 from zoo.io import safetensors_bytes, write_together
 
 ZOO_META = "zoo_export.json"
