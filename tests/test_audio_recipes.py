@@ -166,29 +166,44 @@ def test_an_unknown_task_head_names_the_valid_ones():
         build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.head=mlp"]))
 
 
+# what PETL-AST trains besides each method and its Linear head (zoo names: final_norm = HF layernorm, norm1 =
+# layernorm_before, norm2 = layernorm_after): src/AST_adapters.py L292-307, AST_LoRA.py L138-143,
+# AST_prompt_tuning.py L56-72 / L336-341, main.py L234-239 (linear); BitFit and full-FT nothing more
+PETL_AST_TRAINS_ALSO = {("lora", None): ["final_norm"], ("vpt", None): ["final_norm"], ("prefix", None): ["final_norm"],
+                        ("linear", None): ["final_norm"], ("adapter", "pfeiffer"): ["norm2", "final_norm"],
+                        ("adapter", "houlsby"): ["norm1", "norm2", "final_norm"],
+                        ("conformer", "pfeiffer"): ["norm2", "final_norm"],
+                        ("conformer", "houlsby"): ["norm1", "norm2", "final_norm"],
+                        ("full", None): None, ("bitfit", None): None, ("ssf", None): None}
+
+
 @pytest.mark.parametrize("recipe", ["petl_ast/esc50", "petl_ast/speechcommands"])
-def test_petl_ast_recipes_record_the_layernorms_petl_ast_also_trains(recipe):
+def test_petl_ast_recipes_train_the_layernorms_petl_ast_trains(recipe):
     """PETL-AST's models freeze only AST's embeddings and encoder, so its final LayerNorm trains under every
-    method (main.py's linear unfreezes it explicitly); its adapters also train the blocks' layernorm_after.
-    The zoo keeps them frozen, and the recipe records that per method."""
-    for name, more in (("lora", "final LayerNorm"), ("vpt", "final LayerNorm"), ("prefix", "final LayerNorm"),
-                       ("linear", "final LayerNorm"), ("adapter", "layernorm_after"), ("conformer", "layernorm_after"),
-                       ("full", None), ("bitfit", None)):
-        c = compose_config([f"experiment={recipe}", f"adapter={name}"])
+    method (main.py's linear unfreezes it explicitly); its adapters also train the blocks' layernorm_after
+    (Houlsby: layernorm_before too). The recipe sets the method's train_also to exactly that, and records no
+    difference from the paper."""
+    for (name, style), want in PETL_AST_TRAINS_ALSO.items():
+        c = compose_config([f"experiment={recipe}", f"adapter={name}"] + ([f"adapter.style={style}"] if style else []))
         assert c.task.head == "linear"
-        if more is None:
-            assert c.task.differs_from_paper is None, name
-        else:
-            assert more in c.task.differs_from_paper and "final LayerNorm" in c.task.differs_from_paper, name
+        assert c.adapter.train_also == want, (name, style)
+        assert c.task.get("differs_from_paper") is None, name
 
 
-def test_the_recorded_difference_is_true_final_norm_frozen_here():
+def test_the_recipe_trains_exactly_those_norms():
     from tasks.runner import build_task
 
-    for name in ("lora", "linear", "conformer"):
-        task = build_task(compose_config(["experiment=petl_ast/esc50", f"adapter={name}", *TINY_AST]))
+    for name, style, norms in (("lora", None, {"norm"}), ("linear", None, {"norm"}),
+                               ("conformer", "pfeiffer", {"norm", "norm2"}), ("adapter", "houlsby", {"norm", "norm1", "norm2"})):
+        task = build_task(compose_config(["experiment=petl_ast/esc50", f"adapter={name}", *TINY_AST]
+                                         + ([f"adapter.style={style}"] if style else [])))
         bb = task.model.backbone
-        assert not any(p.requires_grad for p in bb.model.norm.parameters()), name  # PETL-AST's layernorm: trains there
-        assert not any(p.requires_grad for blk in bb.model.blocks for p in blk.norm2.parameters()), name
+        assert all(p.requires_grad for p in bb.model.norm.parameters()), name  # PETL-AST's layernorm
+        for kind in ("norm1", "norm2"):
+            flags = {p.requires_grad for blk in bb.model.blocks for p in getattr(blk, kind).parameters()}
+            assert flags == {kind in norms}, (name, kind)
+        base = {n for n, p in bb.named_parameters() if p.requires_grad and not any(
+            id(p) == id(q) for a in bb.adapters for q in a.adapter_parameters())}
+        assert {n.split(".")[-2] for n in base} == norms, (name, sorted(base)[:4])  # and nothing else of AST
     task = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=bitfit", *TINY_AST]))
     assert task.model.backbone.model.norm.bias.requires_grad  # BitFit: its bias trains, as in main.py's BitFit
