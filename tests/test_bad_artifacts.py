@@ -40,6 +40,28 @@ def classifier_artifact(tmp_path: Path, name: str = "art", seed: int = SEED, **e
     return zoo.save_adapter(model, tmp_path / name, extra=record)
 
 
+def test_a_save_removes_the_temporaries_a_killed_save_left_and_only_those(tmp_path):
+    """save_adapter writes through atomic_path; a save killed with SIGKILL left .adapter.json.*.tmp /
+    .adapter.safetensors.*.tmp in the artifact folder for good. The next save into the folder removes
+    those whose writer (pid@host in the name) is gone; a save at work now and other files stay."""
+    import os
+    import subprocess
+    import sys
+
+    from zoo.tempnames import host
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that is gone
+    art = tmp_path / "art"
+    art.mkdir()
+    gone = [f".adapter.json.{p.pid}@{host()}~abcdefgh.tmp", f".adapter.safetensors.{p.pid}@{host()}~_1b2c3d4.tmp"]
+    keep = [f".adapter.json.{os.getpid()}@{host()}~abcdefgh.tmp", f".notes.txt.{p.pid}@{host()}~abcdefgh.tmp", "x.tmp"]
+    for n in gone + keep:
+        (art / n).write_bytes(b"half")
+    classifier_artifact(tmp_path)
+    assert sorted(q.name for q in art.iterdir()) == sorted(["adapter.json", "adapter.safetensors", *keep])
+
+
 def edit_meta(art: Path, edit) -> None:
     meta = json.loads((art / "adapter.json").read_text())
     edit(meta)

@@ -1022,6 +1022,8 @@ def _dead_pid() -> int:
 
 
 def test_stale_generation_folders_are_cleaned_on_the_next_run(tmp_path):
+    import time
+
     from tasks.data import staging
     from tasks.data.restoration import generate
 
@@ -1032,7 +1034,7 @@ def test_stale_generation_folders_are_cleaned_on_the_next_run(tmp_path):
     young = tmp_path / ".tmp_rain100l_recent"  # an older name, but changed recently: maybe still running
     for d in (*stale, live, young):
         (d / "part").mkdir(parents=True)
-    old = staging.time.time() - staging.STALE_AFTER_S - 60
+    old = time.time() - staging.STALE_AFTER_S - 60
     os.utime(stale[1], (old, old))
     generate("derain", tmp_path, num_train=2, num_test=1, size=16)
     assert not any(d.exists() for d in stale)

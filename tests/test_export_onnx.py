@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import zoo
-from tests.export_helpers import library_model, train_a_little, zoo_backbone
+from tests.export_helpers import (
+    crash_at_rename,
+    folder_files,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+)
 from zoo.export import ExportError
 from zoo.export.onnx import export_onnx, graph_of
 
@@ -107,3 +113,51 @@ def test_a_method_that_cannot_merge_is_exported_with_its_own_ops(tmp_path):
     for batch in (None, 3):
         want, got, _ = run_both(model, tmp_path / "m.onnx", batch)
         assert np.abs(want[0] - got[0]).max() < 1e-4
+
+
+def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(tmp_path, monkeypatch):
+    """model.onnx was written by torch straight into place: a full disk midway left half a graph where the
+    previous one was, and its weights file (model.onnx.data, past 2 GB) was written apart from it. Now the
+    set is staged and model.onnx renamed in last: a failed write leaves the previous export whole, a crash
+    at the last rename no model.onnx (onnxruntime refuses the folder) beside the new weights file, and a
+    clean re-export removes a model.onnx.data it does not write and is byte-identical to a fresh one.
+    torch's exporter itself is replaced by a stand-in for the failures (what is tested is the writing)."""
+    from pathlib import Path
+
+    model = adapted("vit", tmp_path)
+    new = folder_files(export_onnx(model, tmp_path / "new" / "model.onnx").parent)
+    assert sorted(new) == ["model.onnx"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the previous export's graph")
+    old = folder_files(out)
+
+    class Program:  # what torch.onnx.export returns, writing `graph` (and a weights file beside it) or failing
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def save(self, dest):
+            with open(dest, "wb") as f:
+                f.write(new["model.onnx"][:100])
+                if self.fail:
+                    raise OSError(28, "No space left on device")
+                f.write(new["model.onnx"][100:])
+            Path(f"{dest}.data").write_bytes(b"the weights, past 2 GB")
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program(fail=True))
+    with pytest.raises(OSError) as e:
+        export_onnx(model, out / "model.onnx")
+    assert e.value.errno == 28 and e.value.filename == str(out / "model.onnx")
+    assert folder_files(out) == old  # the previous graph, whole, and no temporary folder
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program())
+    crash_at_rename(monkeypatch, out / "model.onnx")
+    with pytest.raises(OSError, match=rf"{out} is left without model.onnx, an incomplete set that readers refuse"):
+        export_onnx(model, out / "model.onnx")
+    monkeypatch.undo()
+    assert folder_files(out) == {"model.onnx.data": b"the weights, past 2 GB"}  # the new set but its graph
+    with pytest.raises(Exception, match="model.onnx"):
+        ort.InferenceSession(str(out / "model.onnx"))
+
+    export_onnx(model, out / "model.onnx")
+    assert folder_files(out) == new

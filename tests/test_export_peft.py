@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 import zoo
 from tests.export_helpers import (
     FAMILIES,
+    crash_at_rename,
+    disk_full_at,
     example_input,
+    folder_files,
     library_features,
     library_model,
     train_a_little,
@@ -365,56 +368,32 @@ def test_a_clip_out_proj_delta_warns_about_peft_mha(tmp_path):
         export_peft(model, tmp_path / "peft2")  # zero out_proj factors: nothing to warn about
 
 
-def _files(folder):
-    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
-
-
 def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_pair(tmp_path, monkeypatch):
     """The files were written one after the other: a full disk at adapter_config.json left the old config
     beside the new weights, which peft loads without a word. Now a failed write leaves the previous export
     whole, and a crash between the renames leaves no adapter_config.json (no adapter, to peft and load_peft)."""
-    import os
-    from pathlib import Path
 
     from zoo.export.peft import CONFIG, WEIGHTS, ZOO_HEAD, read_peft
 
     _, _, old_model = adapted("vit", tmp_path)
     _, _, new_model = adapted("vit", tmp_path, rank=4)
-    old, new = _files(export_peft(old_model, tmp_path / "old")), _files(export_peft(new_model, tmp_path / "new"))
+    old, new = folder_files(export_peft(old_model, tmp_path / "old")), folder_files(export_peft(new_model, tmp_path / "new"))
     assert old[CONFIG] != new[CONFIG] and old[WEIGHTS] != new[WEIGHTS] and ZOO_HEAD not in new
     out = export_peft(old_model, tmp_path / "peft")
 
-    real = {"write_bytes": Path.write_bytes, "write_text": Path.write_text}
-
-    def full(name):
-        def write(self, data, *a, **k):
-            if self.name.startswith(f".{CONFIG}."):  # the temporary file of adapter_config.json
-                raise OSError(28, "No space left on device")
-            return real[name](self, data, *a, **k)
-        return write
-
-    for name in real:
-        monkeypatch.setattr(Path, name, full(name))
+    disk_full_at(monkeypatch, CONFIG)
     with pytest.raises(OSError) as e:
         export_peft(new_model, out)
     assert e.value.errno == 28 and e.value.filename == str(out / CONFIG)
-    assert _files(out) == old  # the previous export, whole, and no temporary folder
+    assert folder_files(out) == old  # the previous export, whole, and no temporary folder
     monkeypatch.undo()
 
-    real_replace = os.replace
-
-    def crash(src, dst):
-        if Path(dst) == out / CONFIG:
-            raise OSError(5, "Input/output error", str(src))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash)
+    crash_at_rename(monkeypatch, out / CONFIG)
     with pytest.raises(OSError, match=rf"Input/output error; {re.escape(str(out))} is left without {CONFIG}, an "
                                       "incomplete set that readers refuse: write it again"):
         export_peft(new_model, out)
     monkeypatch.undo()
-    left = _files(out)
+    left = folder_files(out)
     assert sorted(left) == sorted(k for k in new if k != CONFIG) and all(left[k] == new[k] for k in left)
     with pytest.raises(FileNotFoundError, match=rf"not a peft adapter folder: expected {CONFIG}"):
         read_peft(out)
@@ -423,4 +402,56 @@ def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_
 
     (out / ZOO_HEAD).write_bytes(b"an earlier export's head")  # this export has its head in modules_to_save
     export_peft(new_model, out)
-    assert _files(out) == new
+    assert folder_files(out) == new
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from zoo.io import atomic_path, write_together
+folder = Path(sys.argv[1])
+with atomic_path(folder / "adapter_model.safetensors") as tmp:  # a file written on its own (an older export)
+    tmp.write_bytes(b"half a file")
+    write_together(folder, {"adapter_model.safetensors": b"weights",  # a set, killed while writing its config
+                            "adapter_config.json": lambda p: os.kill(os.getpid(), signal.SIGKILL)}, last="adapter_config.json")
+"""
+
+
+def test_the_next_export_removes_the_temporaries_a_killed_export_left_and_nothing_else(tmp_path):
+    """A writer killed with SIGKILL leaves its hidden temporary file (atomic_path) or staging folder
+    (write_together) behind, and nothing removed them. The next export into the folder removes those of
+    the names it writes whose writer is gone (its pid, recorded in the name, is dead on this host), or,
+    older names without an owner, unchanged for hours; a writer still at work, another host's, and every
+    other file stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from zoo.tempnames import STALE_AFTER_S, host
+
+    out = tmp_path / "peft"
+    out.mkdir()
+    res = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == -9, res.stderr[-2000:]
+    killed = sorted(p.name for p in out.iterdir())  # the staging folder of the set, the file written on its own
+    pid = re.fullmatch(r"\.adapter_config\.json\.(\d+)@.*~\w{8}\.tmp", killed[0]).group(1)
+    assert re.fullmatch(rf"\.adapter_model\.safetensors\.{pid}@{re.escape(host())}~\w{{8}}\.tmp", killed[1]), killed
+    assert (out / killed[0]).is_dir() and (out / killed[1]).read_bytes() == b"half a file"
+    hours_ago = time.time() - STALE_AFTER_S - 60
+    aged = ".zoo_export.json.k1ll3d_x.tmp"  # an older name without an owner, unchanged for hours
+    keep = {f".adapter_config.json.{os.getpid()}@{host()}~abcdefgh.tmp": True,  # a writer at work now
+            ".adapter_model.safetensors.recent12.tmp": False,  # no owner, but changed just now: maybe at work
+            f".adapter_config.json.{pid}@{host()}.elsewhere~abcdefgh.tmp": False,  # another host's, recent
+            ".adapter_config.json.bak": True, "notes.tmp": True, ".adapter_config.json.12345678.tmp.keep": True,
+            f".model.onnx.{pid}@{host()}~abcdefgh.tmp": True}  # a name this export does not write
+    for name, old in {**keep, aged: True}.items():
+        (out / name).write_bytes(b"")
+        if old:
+            os.utime(out / name, (hours_ago, hours_ago))
+    _, _, model = adapted("vit", tmp_path)
+    export_peft(model, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
+                                                            "zoo_export.json", *keep])

@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zoo.adapters.base import AdapterModule
-from zoo.io import atomic_path, check_finite, read_json_object, safetensors_bytes
+from zoo.io import (
+    atomic_path,
+    check_finite,
+    clean_stale_temporaries,
+    read_json_object,
+    safetensors_bytes,
+)
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -87,6 +93,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metrics: dict | None
     # The artifact is a pair: both files are written to temporary files first (a failure there
     # leaves the previous artifact intact), then renamed into place. The json records the
     # weights' sha256, so a pair torn by a crash between the two renames is detected on load.
+    # the temporaries of these two files that a killed save left (kill -9 in the middle) go first
+    clean_stale_temporaries(path, [WEIGHTS_NAME, CONFIG_NAME])
     with atomic_path(path / WEIGHTS_NAME) as wtmp:
         # sorted metadata: equal tensors give byte-identical files (see zoo.io.safetensors_bytes)
         wtmp.write_bytes(safetensors_bytes(state, {"format": "pt", "adapter_zoo": str(FORMAT_VERSION)}))

@@ -36,6 +36,15 @@ AST_PREFIXES = ("", "audio_spectrogram_transformer.")  # ASTModel, ASTForAudioCl
 # an adapter's train_also norms (timm names) -> HF AST names: norm1 / norm2 in every layer, the final norm
 _AST_NORMS = {"norm1": "layernorm_before", "norm2": "layernorm_after"}
 
+# the files a folder export writes (zoo.export.peft / zoo.export.merged; zoo_export.json is each one's record).
+# An export removes those of an earlier export of another kind it does not write itself: peft's
+# adapter_config.json beside merged weights is an adapter to transformers' from_pretrained, an old
+# config.json beside open_clip files a timm model, and zoo_export.json describes one export only
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "zoo_head.safetensors", "zoo_export.json")
+MERGED_FILES = ("config.json", "model.safetensors", "open_clip_config.json", "open_clip_model.safetensors",
+                "head.safetensors", "zoo_export.json")
+EXPORT_FILES = tuple(dict.fromkeys(PEFT_FILES + MERGED_FILES))
+
 
 class ExportError(ValueError):
     """An export or import that cannot be done faithfully; the message says why (one line)."""

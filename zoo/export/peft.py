@@ -74,6 +74,7 @@ from zoo.backbones.base import Backbone
 from zoo.export.naming import (
     AST_PREFIXES,
     BASE_CLASSES,
+    EXPORT_FILES,
     ExportError,
     Part,
     check_family,
@@ -310,8 +311,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     files[CONFIG] = (json.dumps(cfg, indent=2) + "\n").encode()
     # one set, adapter_config.json last: a failed write leaves the previous export as it was, a crash
     # between the renames a folder without adapter_config.json (no adapter to peft or load_peft), never a
-    # config beside another export's weights; a zoo_head.safetensors of an earlier export goes
-    return write_together(out_dir, files, last=CONFIG, stale=[ZOO_HEAD] if ZOO_HEAD not in files else [])
+    # config beside another export's weights; the files of an earlier export this one does not write go
+    # (a zoo_head.safetensors, a merged export's config.json and weights: naming.EXPORT_FILES)
+    return write_together(out_dir, files, last=CONFIG, stale=EXPORT_FILES)
 
 
 def trained_norms(bb: Backbone, ast_names: str = "legacy", ast_prefix: str = "") -> dict[str, tuple[str, nn.Module]]:
