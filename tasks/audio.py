@@ -2,8 +2,9 @@
 
 ``task=audio`` with ``task.dataset=generated | esc50 | speechcommands | speechcommands12 | folder``
 (:mod:`tasks.data.audio`); ``task=audio_multilabel`` with ``task.dataset=multilabel | generated_multilabel``
-(:class:`AudioMultiLabelTask`: BCE with logits, macro mAP, as AST's AudioSet recipe). The model is the classification one (backbone + linear head + adapter); what
-differs is the data (the AST front end in the DataModule's workers), soft targets under mixup
+(:class:`AudioMultiLabelTask`: BCE with logits, macro mAP, as AST's AudioSet recipe). The model is the
+classification one (backbone + head + adapter; ``task.head``: ``linear``, or ``layernorm_linear``, AST's
+``mlp_head``: LayerNorm, then Linear); what differs is the data (the AST front end in the DataModule's workers), soft targets under mixup
 (cross-entropy against λ-mixed label vectors, accuracy against their argmax, as AST's ESC-50 recipe),
 and the artifact's preprocessing record (the fbank arguments instead of image mean/std).
 

@@ -1,6 +1,7 @@
 """Image classification: a :class:`~tasks.base.ZooTask` that knows nothing about the attached adapter.
 
-It owns the head (``zoo.ImageClassifier``), the loss (cross-entropy with optional label
+It owns the head (``task.head``: ``linear``, ``zoo.ImageClassifier``, or ``layernorm_linear``, AST's
+LayerNorm + Linear, ``zoo.LayerNormLinearClassifier``), the loss (cross-entropy with optional label
 smoothing) and torchmetrics accuracy; the optimizer, schedule, adapter hooks and adapter-only
 checkpoints come from :class:`~tasks.base.ZooTask`. Selection: ``val/acc`` (max).
 """
@@ -17,9 +18,12 @@ from tasks.base import Column, ZooTask, attach_adapter, create_backbone, registe
 from tasks.metrics.classification import accuracy
 
 
-def build_model(backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
-    """Backbone from its config, a linear head, then the adapter (``name`` + its options)."""
-    return attach_adapter(zoo.ImageClassifier(create_backbone(backbone), num_classes), adapter)
+def build_model(backbone: dict, adapter: dict, num_classes: int, head: str = "linear") -> torch.nn.Module:
+    """Backbone from its config, the classifier head ``head`` (:data:`zoo.heads.CLASSIFIER_HEADS`), then the
+    adapter (``name`` + its options)."""
+    if head not in zoo.CLASSIFIER_HEADS:  # before the backbone is built (it may download weights)
+        raise ValueError(f"task.head={head!r}; valid: {', '.join(zoo.CLASSIFIER_HEADS)}")
+    return attach_adapter(zoo.build_classifier(create_backbone(backbone), num_classes, head), adapter)
 
 
 @register_task("classification")
@@ -32,8 +36,9 @@ class ClassificationTask(ZooTask):
 
     def __init__(self, backbone: dict, adapter: dict, num_classes: int, optimizer: dict | None = None,
                  scheduler: dict | None = None, label_smoothing: float = 0.0, monitor: str | None = None,
-                 monitor_mode: str | None = None, **meta: Any):
+                 monitor_mode: str | None = None, head: str = "linear", **meta: Any):
         super().__init__(backbone, adapter, optimizer, scheduler, monitor, monitor_mode, **meta)
+        self.classifier_head = head  # read by build_model (linear | layernorm_linear)
         self.label_smoothing = check_float("task.label_smoothing", label_smoothing, 0.0, 1.0)
         self.save_hyperparameters()
         self.model = self.build_model(backbone, adapter, num_classes)
@@ -43,7 +48,7 @@ class ClassificationTask(ZooTask):
 
     def build_model(self, backbone: dict, adapter: dict, num_classes: int) -> torch.nn.Module:
         """The model this task trains (subclasses with other heads override it)."""
-        return build_model(backbone, adapter, num_classes)
+        return build_model(backbone, adapter, num_classes, self.classifier_head)
 
     @classmethod
     def eval_overrides(cls, task_cfg: dict, data_cfg: dict, split: str) -> None:

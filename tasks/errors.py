@@ -16,12 +16,13 @@ USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
 
 
 def user_error_types() -> tuple[type, ...]:
-    """:data:`USER_ERRORS` and the library's own (weights unavailable, model-zoo errors). The library is
-    looked at only when it was imported: an error raised before that cannot be one of its own."""
-    zoo = sys.modules.get("zoo")
-    if zoo is None or not hasattr(zoo, "hub"):
-        return USER_ERRORS
-    return USER_ERRORS + (zoo.WeightsUnavailableError, zoo.hub.HubError)
+    """:data:`USER_ERRORS` and the library's own (weights unavailable, model-zoo errors). Each is looked up
+    only in the module that defines it, once imported: an error raised before that cannot be one of them.
+    (Not ``hasattr(zoo, "hub")``: on zoo's lazy ``__init__`` that imports zoo.hub, and torch with it, and
+    ``zoo`` is imported early, by the run-folder check's ``zoo.errnos``.)"""
+    where = (("zoo.backbones.weights", "WeightsUnavailableError"), ("zoo.hub.registry", "HubError"))
+    found = (getattr(sys.modules.get(module), name, None) for module, name in where)
+    return USER_ERRORS + tuple(t for t in found if t is not None)
 
 
 def _wrappers() -> tuple[type, ...]:
@@ -48,7 +49,7 @@ def user_error_of(e: BaseException) -> BaseException | None:
 
 
 def _environment_error(e: BaseException) -> bool:
-    """A full disk, a quota, ``ulimit -f``, a read-only or forbidden folder (:data:`zoo.io.WRITE_ERRNOS`);
+    """A full disk, a quota, ``ulimit -f``, a read-only or forbidden folder (:data:`zoo.errnos.WRITE_ERRNOS`);
     like the library's own errors, looked at only once the library was imported (it writes the files)."""
     io = sys.modules.get("zoo.io")
     return io is not None and io.is_environment_error(e)

@@ -6,17 +6,19 @@ path that is a file) that failed inside Hydra with its traceback. :class:`CheckR
 callback (``conf/hydra/default.yaml``): ``on_run_start`` / ``on_multirun_start`` run after the config is
 composed and before the folder is made, so the folder is resolved exactly as Hydra will resolve it.
 
-Plain Python (no torch): Hydra imports it for every command.
+Plain Python (no torch): Hydra imports it for every command. The reasons in words are
+:data:`zoo.errnos.WRITE_ERRNOS`, the table every command line reports write failures with.
 """
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
+from zoo.errnos import in_words  # torch-free, as this module must be
 
 # what the write probe writes: enough that a full disk refuses it (an empty file may still fit in an inode)
 PROBE_BYTES = 4096
@@ -60,12 +62,7 @@ def writable_folder_error(path: str | os.PathLike, key: str) -> str | None:
 
 
 def _describe(target: Path, key: str, e: OSError) -> str:
-    why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-           errno.EPERM: "operation not permitted",
-           errno.EFBIG: "file too large (a file size limit such as `ulimit -f` is reached)"}.get(
-        e.errno, e.strerror or str(e))
-    return f"cannot write the run folder {target} ({key}): {why}; choose a writable place with {key}=<folder>"
+    return f"cannot write the run folder {target} ({key}): {in_words(e)}; choose a writable place with {key}=<folder>"
 
 
 def check_writable(path: str | os.PathLike, key: str) -> None:

@@ -331,14 +331,30 @@ def resuming_in(out_dir: Path):
     directory") and ``checkpoints/`` ("Checkpoint directory") exist and are not empty: a resume
     continues in them on purpose (:func:`restore_csv_history` puts the CSV rows before the checkpoint
     back; the checkpoints are the run's own), so for this run's folder, during the resumed fit only,
-    those two say nothing the user must act on. Every other warning is kept."""
+    those two say nothing the user must act on. Every other warning is kept.
+
+    ``ddp_spawn``'s ranks (``trainer=ddp_cpu``) are fresh interpreters, where the warnings are raised and
+    this process's filters do not reach: they get the same two through ``PYTHONWARNINGS`` (as
+    :func:`quiet_logs` passes its own), for this fit only. Its fields are literal message prefixes
+    split at ``,`` and ``:``, so a run folder whose path holds one of those keeps the warnings there."""
     import re
     import warnings
 
+    folder = str(out_dir).rstrip(os.sep) + os.sep
+    spawned = [f"ignore:{what} directory {folder}" for what in ("Experiment logs", "Checkpoint")]
+    have = os.environ.get("PYTHONWARNINGS")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(Experiment logs|Checkpoint) directory " + re.escape(str(out_dir))
                                 + r".* exists and is not empty")
-        yield
+        if not any(c in folder for c in ",:"):
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [have, *spawned]))
+        try:
+            yield
+        finally:
+            if have is None:
+                os.environ.pop("PYTHONWARNINGS", None)
+            else:
+                os.environ["PYTHONWARNINGS"] = have
 
 
 @contextmanager

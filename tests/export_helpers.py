@@ -100,3 +100,45 @@ def train_a_little(model: nn.Module, seed: int = 3) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def folder_files(folder) -> dict:
+    """Every entry under ``folder``: a file's bytes, None for a folder (a temporary one left behind shows)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def disk_full_at(monkeypatch, name: str) -> None:
+    """Make ``Path.write_bytes`` / ``write_text`` fail with ENOSPC on the temporary file of ``name``
+    (``zoo.io.atomic_path``'s ``.<name>.…tmp``), as a full disk would; ``monkeypatch.undo()`` ends it."""
+    from pathlib import Path
+
+    real = {"write_bytes": Path.write_bytes, "write_text": Path.write_text}
+
+    def full(method):
+        def write(self, data, *a, **k):
+            if self.name.startswith(f".{name}."):
+                raise OSError(28, "No space left on device")
+            return real[method](self, data, *a, **k)
+        return write
+
+    for method in real:
+        monkeypatch.setattr(Path, method, full(method))
+
+
+def crash_at_rename(monkeypatch, dest) -> None:
+    """Make ``os.replace`` onto ``dest`` fail (EIO), as a crash just before the last rename of a set would
+    leave the folder; the other renames happen. ``monkeypatch.undo()`` ends it."""
+    import os
+    from pathlib import Path
+
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == Path(dest):
+            raise OSError(5, "Input/output error", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)

@@ -49,7 +49,9 @@ def test_ast_esc50_recipe_is_run_esc_sh():
     assert c.backbone.pooling == "cls_dist"  # ast_models.py: (x[:, 0] + x[:, 1]) / 2
     # line 68: --data-val is the test fold; get_esc_result.py picks one epoch on the 5-fold average
     assert c.task.val_fold == "none" and c.task.selection == "last"
-    assert "LayerNorm" in c.task.differs_from_paper  # its mlp_head is LayerNorm + Linear: said in the record
+    # ast_models.py lines 73 / 132: mlp_head = Sequential(LayerNorm(768), Linear(768, label_dim)): the same head here,
+    # so nothing departs from the paper any more
+    assert c.task.head == "layernorm_linear" and c.task.get("differs_from_paper") is None
     from omegaconf import OmegaConf
 
     from tests.helpers import ROOT
@@ -69,6 +71,13 @@ def test_ast_esc50_optimiser_and_learning_rate_per_epoch_are_traintest_py():
     assert all(g["weight_decay"] == 5e-7 and g["betas"] == (0.95, 0.999) for g in opt.param_groups)
     n_trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_trainable
+    # the model is AST's: mlp_head (LayerNorm eps 1e-5, then Linear) on (cls + dist) / 2, the head in the optimiser
+    from zoo.heads import LayerNormLinearClassifier
+
+    assert type(task.model) is LayerNormLinearClassifier and task.model.backbone.pooling == "cls_dist"
+    assert task.model.head[0].eps == 1e-5 and task.model.head[1].out_features == 50
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in task.model.head.parameters())
     assert sched["interval"] == "epoch"
     # AST: epoch n (1-based) trains at lr · 0.85^max(0, n − 5) (MultiStepLR milestones 5, 6, ..., stepped per epoch)
     want = [1e-5 * 0.85 ** max(0, n - 5) for n in range(1, 26)]
@@ -98,6 +107,7 @@ def test_petl_ast_esc50_recipe_is_main_py():
     assert (c.data.mean, c.data.std) == (-4.2677393, 4.5689974) and c.data.mixup == 0.0 and c.data.noise is False
     assert c.backbone.weights == "MIT/ast-finetuned-audioset-10-10-0.4593"  # AutoFeatureExtractor / model_ckpt
     assert c.backbone.pooling == "mean"  # final_output: 'ALL', AST.py: hidden_states.mean(dim=1)
+    assert c.task.head == "linear"  # AST.py / AST_adapters.py / AST_LoRA.py: classification_head = nn.Linear(hidden, C)
     # main.py 169-171: test fold k, validation fold k-1; 344: eval_one_epoch(model, ...) tests the last epoch
     assert c.task.val_fold == "previous" and c.task.selection == "last"
     lrs = {a: compose_config(["experiment=petl_ast/esc50", f"adapter={a}"]).task.optimizer.lr
@@ -145,3 +155,55 @@ def test_unknown_optimizer_or_schedule_names_are_one_line():
     task = build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.scheduler.name=step"]))
     with pytest.raises(ValueError, match=r"task.scheduler.name='step'; valid here: cosine, multistep"):
         task.configure_optimizers()
+
+
+def test_an_unknown_task_head_names_the_valid_ones():
+    from hydra.errors import InstantiationException
+
+    from tasks.runner import build_task
+
+    with pytest.raises(InstantiationException, match=r"task.head='mlp'; valid: linear, layernorm_linear"):
+        build_task(compose_config(["experiment=ast/esc50", *TINY_AST, "task.head=mlp"]))
+
+
+# what PETL-AST trains besides each method and its Linear head (zoo names: final_norm = HF layernorm, norm1 =
+# layernorm_before, norm2 = layernorm_after): src/AST_adapters.py L292-307, AST_LoRA.py L138-143,
+# AST_prompt_tuning.py L56-72 / L336-341, main.py L234-239 (linear); BitFit and full-FT nothing more
+PETL_AST_TRAINS_ALSO = {("lora", None): ["final_norm"], ("vpt", None): ["final_norm"], ("prefix", None): ["final_norm"],
+                        ("linear", None): ["final_norm"], ("adapter", "pfeiffer"): ["norm2", "final_norm"],
+                        ("adapter", "houlsby"): ["norm1", "norm2", "final_norm"],
+                        ("conformer", "pfeiffer"): ["norm2", "final_norm"],
+                        ("conformer", "houlsby"): ["norm1", "norm2", "final_norm"],
+                        ("full", None): None, ("bitfit", None): None, ("ssf", None): None}
+
+
+@pytest.mark.parametrize("recipe", ["petl_ast/esc50", "petl_ast/speechcommands"])
+def test_petl_ast_recipes_train_the_layernorms_petl_ast_trains(recipe):
+    """PETL-AST's models freeze only AST's embeddings and encoder, so its final LayerNorm trains under every
+    method (main.py's linear unfreezes it explicitly); its adapters also train the blocks' layernorm_after
+    (Houlsby: layernorm_before too). The recipe sets the method's train_also to exactly that, and records no
+    difference from the paper."""
+    for (name, style), want in PETL_AST_TRAINS_ALSO.items():
+        c = compose_config([f"experiment={recipe}", f"adapter={name}"] + ([f"adapter.style={style}"] if style else []))
+        assert c.task.head == "linear"
+        assert c.adapter.train_also == want, (name, style)
+        assert c.task.get("differs_from_paper") is None, name
+
+
+def test_the_recipe_trains_exactly_those_norms():
+    from tasks.runner import build_task
+
+    for name, style, norms in (("lora", None, {"norm"}), ("linear", None, {"norm"}),
+                               ("conformer", "pfeiffer", {"norm", "norm2"}), ("adapter", "houlsby", {"norm", "norm1", "norm2"})):
+        task = build_task(compose_config(["experiment=petl_ast/esc50", f"adapter={name}", *TINY_AST]
+                                         + ([f"adapter.style={style}"] if style else [])))
+        bb = task.model.backbone
+        assert all(p.requires_grad for p in bb.model.norm.parameters()), name  # PETL-AST's layernorm
+        for kind in ("norm1", "norm2"):
+            flags = {p.requires_grad for blk in bb.model.blocks for p in getattr(blk, kind).parameters()}
+            assert flags == {kind in norms}, (name, kind)
+        base = {n for n, p in bb.named_parameters() if p.requires_grad and not any(
+            id(p) == id(q) for a in bb.adapters for q in a.adapter_parameters())}
+        assert {n.split(".")[-2] for n in base} == norms, (name, sorted(base)[:4])  # and nothing else of AST
+    task = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=bitfit", *TINY_AST]))
+    assert task.model.backbone.model.norm.bias.requires_grad  # BitFit: its bias trains, as in main.py's BitFit

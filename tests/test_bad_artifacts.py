@@ -40,6 +40,28 @@ def classifier_artifact(tmp_path: Path, name: str = "art", seed: int = SEED, **e
     return zoo.save_adapter(model, tmp_path / name, extra=record)
 
 
+def test_a_save_removes_the_temporaries_a_killed_save_left_and_only_those(tmp_path):
+    """save_adapter writes through atomic_path; a save killed with SIGKILL left .adapter.json.*.tmp /
+    .adapter.safetensors.*.tmp in the artifact folder for good. The next save into the folder removes
+    those whose writer (pid@host in the name) is gone; a save at work now and other files stay."""
+    import os
+    import subprocess
+    import sys
+
+    from zoo.tempnames import host
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that is gone
+    art = tmp_path / "art"
+    art.mkdir()
+    gone = [f".adapter.json.{p.pid}@{host()}~abcdefgh.tmp", f".adapter.safetensors.{p.pid}@{host()}~_1b2c3d4.tmp"]
+    keep = [f".adapter.json.{os.getpid()}@{host()}~abcdefgh.tmp", f".notes.txt.{p.pid}@{host()}~abcdefgh.tmp", "x.tmp"]
+    for n in gone + keep:
+        (art / n).write_bytes(b"half")
+    classifier_artifact(tmp_path)
+    assert sorted(q.name for q in art.iterdir()) == sorted(["adapter.json", "adapter.safetensors", *keep])
+
+
 def edit_meta(art: Path, edit) -> None:
     meta = json.loads((art / "adapter.json").read_text())
     edit(meta)
@@ -200,6 +222,39 @@ SCHEMA_CASES = [
     (lambda m: m["methods"][0]["config"].update(targets="${oc.env:HOME}"), r"refusing methods\[0\]\.config\.targets=.*interpolations are not resolved"),
     (lambda m: m["task"].update(config={"_target_": 7}), r"task\.config\._target_=7 is not one of"),
 ]
+
+
+# every optional key check_adapter_meta reads, at its path in the record, with what it must be
+OPTIONAL_KEYS = [("backbone.weights_tag", "a string or null"), ("backbone.fingerprint", "a string or null"),
+                 ("backbone.kwargs", "an object of build options"), ("preprocessing", "an object"),
+                 ("preprocessing.fbank", "an object"), ("task", "an object"), ("task.kind", "a string"),
+                 ("task.config", "an object"), ("task.data", "an object"), ("task.links", "an object"),
+                 ("weights_sha256", "a sha256 hex string"), ("metrics", "an object"),
+                 ("tensors", "an object {name: shape}"), ("base_weights", "an object {path, config}"),
+                 ("base_weights.path", "a path (string)")]
+
+
+def test_each_optional_key_of_adapter_json_is_named_at_its_path(tmp_path):
+    """Each wrong-typed optional key is refused under its own dotted path (a nested key named under another
+    object's path, or the top-level one under a nested path, would send the reader to the wrong place)."""
+    import copy
+
+    from zoo.checkpoint import check_adapter_meta
+
+    good = json.loads((classifier_artifact(tmp_path) / "adapter.json").read_text())
+    good.setdefault("preprocessing", {})
+    good["base_weights"] = {}
+    check_adapter_meta(good, "a.json")  # the record as saved passes
+    for path, want in OPTIONAL_KEYS:
+        meta = copy.deepcopy(good)
+        *parents, key = path.split(".")
+        d = meta
+        for p in parents:
+            d = d[p]
+        d[key] = [True]  # a list: the wrong type for every one of them
+        with pytest.raises(AdapterMismatchError) as e:
+            check_adapter_meta(meta, "a.json")
+        assert str(e.value).startswith(f"a.json: {path} must be {want}, got [True] (the artifact is corrupt"), path
 
 
 def _loaders():

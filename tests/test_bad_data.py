@@ -361,12 +361,17 @@ def _ml(root: Path, rows):
         w.writerows(rows)
 
 
+def _listed_clips(root: Path, rows):
+    """A labels.csv of ``rows`` and, for each ``<i>.wav`` it names, a clip of its own (seed ``i``)."""
+    for name in dict.fromkeys(row[0] for row in rows):
+        wav(root / name, seed=int(Path(name).stem))
+    _ml(root, rows)
+
+
 def test_audio_multilabel_overlap_is_refused(tmp_path):
     from tasks.data.audio import read_multilabel
 
-    for i in range(3):
-        wav(tmp_path / f"{i}.wav", seed=i)
-    _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["0.wav", "dog", "val"], ["2.wav", "cat", "test"]])
+    _listed_clips(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["0.wav", "dog", "val"], ["2.wav", "cat", "test"]])
     with pytest.raises(ValueError, match=r"labels.csv: 1 file\(s\) are in both the train and the val split \(e.g. .*0.wav\)"):
         read_multilabel(tmp_path)
     (tmp_path / "3.wav").write_bytes((tmp_path / "0.wav").read_bytes())  # a copy under another name
@@ -655,9 +660,7 @@ def test_a_clip_listed_twice_in_one_multilabel_split_is_refused(tmp_path):
     """It used to train on the clip twice without a word (only a clip in two splits was refused)."""
     from tasks.data.audio import read_multilabel
 
-    for i in range(3):
-        wav(tmp_path / f"{i}.wav", seed=i)
-    _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["0.wav", "cat", "train"], ["2.wav", "cat", "test"]])
+    _listed_clips(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["0.wav", "cat", "train"], ["2.wav", "cat", "test"]])
     with pytest.raises(ValueError, match=r"labels.csv, line 4: '0.wav' is listed again \(first on line 2\)"):
         read_multilabel(tmp_path)
 
@@ -665,9 +668,7 @@ def test_a_clip_listed_twice_in_one_multilabel_split_is_refused(tmp_path):
 def test_an_audio_split_without_clips_names_the_split_and_the_folder(tmp_path):
     from tasks.data.audio import AudioDataModule
 
-    for i in range(4):
-        wav(tmp_path / f"{i}.wav", seed=i)
-    _ml(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["2.wav", "cat", "train"], ["3.wav", "dog", "train"]])
+    _listed_clips(tmp_path, [["0.wav", "dog", "train"], ["1.wav", "cat", "train"], ["2.wav", "cat", "train"], ["3.wav", "dog", "train"]])
     dm = AudioDataModule(dataset="multilabel", root=str(tmp_path), multilabel=True, generate=False, mean=0.0, std=1.0)
     with pytest.raises(ValueError, match=rf"multilabel at {re.escape(str(tmp_path))}: the val split has no clips"):
         dm.val_dataloader()  # it used to be "no audio clips in this split"

@@ -1022,6 +1022,8 @@ def _dead_pid() -> int:
 
 
 def test_stale_generation_folders_are_cleaned_on_the_next_run(tmp_path):
+    import time
+
     from tasks.data import staging
     from tasks.data.restoration import generate
 
@@ -1032,7 +1034,7 @@ def test_stale_generation_folders_are_cleaned_on_the_next_run(tmp_path):
     young = tmp_path / ".tmp_rain100l_recent"  # an older name, but changed recently: maybe still running
     for d in (*stale, live, young):
         (d / "part").mkdir(parents=True)
-    old = staging.time.time() - staging.STALE_AFTER_S - 60
+    old = time.time() - staging.STALE_AFTER_S - 60
     os.utime(stale[1], (old, old))
     generate("derain", tmp_path, num_train=2, num_test=1, size=16)
     assert not any(d.exists() for d in stale)
@@ -1120,6 +1122,49 @@ def test_a_read_only_or_full_run_folder_is_refused_naming_it(tmp_path, monkeypat
     run_folder.CheckRunFolder().on_run_start(config=cfg)
     monkeypatch.undo()
     assert run_folder.writable_folder_error(run, "hydra.run.dir") is None and list(tmp_path.iterdir()) == []
+
+
+def test_the_run_folder_check_imports_without_torch_and_shares_the_write_errors_table(tmp_path):
+    """Hydra imports tasks.run_folder for every command (--help included): it must not pull torch, and its
+    reasons are the table zoo.io reports with (it used to keep its own copy, lacking ENOTDIR)."""
+    import subprocess
+    import sys
+
+    from tasks import run_folder
+    from zoo import errnos, io
+
+    probe = ("import sys, tasks.run_folder\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'lightning', 'zoo')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.strip() == "['zoo', 'zoo.errnos']"
+    assert io.WRITE_ERRNOS is errnos.WRITE_ERRNOS and len(errnos.WRITE_ERRNOS) == 7
+    for code, words in errnos.WRITE_ERRNOS.items():
+        e = OSError(code, os.strerror(code))
+        assert run_folder._describe(tmp_path, "k", e) == (f"cannot write the run folder {tmp_path} (k): {words}; "
+                                                          f"choose a writable place with k=<folder>")
+        assert io.describe_os_error(e).endswith(f": {words}; the files already there are left as they were")
+
+
+def test_the_library_errors_are_one_line_once_their_modules_are_imported():
+    """user_error_types looks them up where they are defined; it used to ask hasattr(zoo, "hub"), which on
+    zoo's lazy __init__ imported zoo.hub and torch for a config error once anything had imported zoo."""
+    import subprocess
+    import sys
+
+    from tasks.errors import user_errors
+    from zoo.backbones.weights import WeightsUnavailableError
+    from zoo.hub.registry import HubError
+
+    for error in (WeightsUnavailableError("no weights for x"), HubError("no entry x")):
+        with pytest.raises(SystemExit) as e, user_errors():
+            raise error
+        assert e.value.code == f"error: {error}"
+    probe = ("import sys, zoo, zoo.errnos\nfrom tasks.errors import user_errors\ntry:\n    with user_errors():\n"
+             "        raise ValueError('bad')\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.strip() == "error: bad False"
 
 
 def test_a_write_error_without_a_file_name_gets_the_destination(tmp_path, monkeypatch):

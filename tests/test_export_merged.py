@@ -12,7 +12,10 @@ from safetensors.torch import load_file, save_file
 
 import zoo
 from tests.export_helpers import (
+    crash_at_rename,
+    disk_full_at,
     example_input,
+    folder_files,
     library_model,
     train_a_little,
     zoo_backbone,
@@ -87,6 +90,33 @@ def test_merged_exports_load_in_timm_open_clip_and_transformers_alone(tmp_path, 
         assert torch.allclose(got[family], want[family], atol=1e-5), (family, (got[family] - want[family]).abs().max())
 
 
+def test_ast_layernorm_linear_head_goes_to_head_safetensors(tmp_path):
+    """AST's mlp_head beside the merged transformers ASTModel: head.safetensors holds 0.* (the LayerNorm) and 1.*
+    (the Linear), zoo_export.json its eps; transformers' pooler output through them by hand is the zoo's logits."""
+    import json
+
+    import torch.nn.functional as F
+    import transformers
+
+    model = zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5)
+    zoo.apply_adapter(model, "lora", rank=2, alpha=4.0, targets=["q", "v", "o", "fc1"])
+    train_a_little(model)  # the LoRA off zero, γ off 1, β off 0
+    model.eval()
+    export_merged(model, tmp_path / "out")
+    h = load_file(str(tmp_path / "out" / "head.safetensors"))
+    assert sorted(h) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    meta = json.loads((tmp_path / "out" / "zoo_export.json").read_text())
+    assert meta["head"] == {"type": "layernorm_linear", "in_features": 32, "num_classes": 5, "eps": 1e-5}
+    assert meta["head_file"] == "head.safetensors"
+    ast = transformers.ASTModel.from_pretrained(str(tmp_path / "out")).eval()
+    x = example_input("ast")
+    with torch.no_grad():
+        pooled = ast(input_values=x).pooler_output
+        got = F.linear(F.layer_norm(pooled, (32,), h["0.weight"], h["0.bias"], meta["head"]["eps"]), h["1.weight"], h["1.bias"])
+        want = model(x)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_a_method_that_cannot_merge_is_refused_with_the_reason(tmp_path):
     model = classifier("vit", tmp_path, method="vpt", num_tokens=2)
     with pytest.raises(ExportError, match=r"method 'vpt' cannot be merged .*--keep-modules") as e:
@@ -106,3 +136,68 @@ def test_keep_modules_writes_the_adapted_state_dict(tmp_path):
     x = example_input("vit")
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def _load_in_library(family, folder):
+    if family == "vit":
+        return __import__("timm").create_model(f"local-dir:{folder}", pretrained=True)
+    if family == "clip":
+        return __import__("open_clip").create_model(f"local-dir:{folder}")
+    return __import__("transformers").ASTModel.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("family,last", [("vit", "config.json"), ("clip", "open_clip_config.json"),
+                                         ("ast", "model.safetensors")])
+def test_a_failed_re_export_leaves_the_previous_one_or_no_config_never_a_mixed_set(tmp_path, monkeypatch, family, last):
+    """The files were written one after the other: a full disk at zoo_export.json left the new weights and
+    config beside the old record (and a head.safetensors of the old model: CLIP and AST load it separately).
+    Now a failed write leaves the previous export whole, a crash between the renames leaves no config (timm,
+    open_clip) or no weights (transformers loads a folder without config.json with the default ASTConfig):
+    the library refuses the folder; and a re-export over an earlier export of another kind (a peft adapter,
+    which transformers' from_pretrained would pick up; the other family's config) is byte-identical to a
+    fresh one."""
+
+    from zoo.export.merged import ZOO_META
+
+    old_model = classifier(family, tmp_path)
+    new_model = classifier(family, tmp_path, rank=4)
+    old = folder_files(export_merged(old_model, tmp_path / "old"))
+    new = folder_files(export_merged(new_model, tmp_path / "new"))
+    assert sorted(old) == sorted(new) and last in new and ZOO_META in new
+    assert all(old[k] != new[k] for k in new if k.endswith(".safetensors")) and old[ZOO_META] != new[ZOO_META]
+    out = export_merged(old_model, tmp_path / "out")
+
+    disk_full_at(monkeypatch, ZOO_META)  # the file the one-by-one writes came to last
+    with pytest.raises(OSError) as e:
+        export_merged(new_model, out)
+    monkeypatch.undo()
+    assert e.value.errno == 28 and e.value.filename == str(out / ZOO_META)
+    assert folder_files(out) == old  # the previous export, whole, and no temporary folder
+
+    crash_at_rename(monkeypatch, out / last)
+    with pytest.raises(OSError, match=rf"{out} is left without {last}, an incomplete set that readers refuse"):
+        export_merged(new_model, out)
+    monkeypatch.undo()
+    left = folder_files(out)
+    assert sorted(left) == sorted(k for k in new if k != last) and all(left[k] == new[k] for k in left)
+    with pytest.raises(OSError, match=last):
+        _load_in_library(family, out)
+
+    zoo.export.export_peft(old_model, out)  # an export of another kind in the same folder
+    other = {"vit": "open_clip_config.json", "clip": "config.json", "ast": "open_clip_config.json"}[family]
+    (out / other).write_text("{}")
+    assert (out / "adapter_config.json").is_file()
+    export_merged(new_model, out)
+    assert folder_files(out) == new
+    _load_in_library(family, out)
+
+
+def test_a_keep_modules_export_replaces_a_merged_one_whole(tmp_path):
+    """keep_modules writes model.safetensors + zoo_export.json; a merged export's config.json left beside
+    them would make timm load the adapted state dict as a plain ViT."""
+    model = classifier("vit", tmp_path)
+    kept = folder_files(export_merged(model, tmp_path / "kept", keep_modules=True))
+    assert sorted(kept) == ["model.safetensors", "zoo_export.json"]
+    export_merged(model, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert folder_files(export_merged(model, tmp_path / "out", keep_modules=True)) == kept

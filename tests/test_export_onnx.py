@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import zoo
-from tests.export_helpers import library_model, train_a_little, zoo_backbone
+from tests.export_helpers import (
+    crash_at_rename,
+    folder_files,
+    library_model,
+    train_a_little,
+    zoo_backbone,
+)
 from zoo.export import ExportError
 from zoo.export.onnx import export_onnx, graph_of
 
@@ -69,6 +75,28 @@ def test_onnxruntime_gives_torch_outputs(family, merged, tmp_path):
         assert torch.allclose(seg, torch.from_numpy(got[0]), atol=1e-4)
 
 
+@pytest.mark.slow  # an AST export takes ~10 s of one core, as the AST case above
+@pytest.mark.parametrize("merged", [None, False])
+def test_ast_layernorm_linear_head_in_onnxruntime(merged, tmp_path):
+    """AST with its own head (LayerNorm, then Linear): onnxruntime gives torch's logits, and those are the
+    LayerNorm + Linear of the pooled feature (so the graph did not lose the LayerNorm)."""
+    import torch.nn.functional as F
+
+    model = zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5)
+    zoo.apply_adapter(model, "lora", rank=2, alpha=4.0, targets=["q", "v", "fc1"])
+    train_a_little(model)  # γ off 1, β off 0, LoRA's B off zero
+    model.eval()
+    export_onnx(model, tmp_path / "m.onnx", merged=merged)
+    for batch in (None, 3):
+        want, got, args = run_both(model, tmp_path / "m.onnx", batch)
+        assert len(got) == 1 and want[0].shape == got[0].shape == (args[0].shape[0], 5)
+        assert np.abs(want[0] - got[0]).max() < 1e-4, np.abs(want[0] - got[0]).max()
+        ln, fc = model.head
+        with torch.no_grad():
+            by_hand = F.linear(F.layer_norm(model.backbone(args[0]), (32,), ln.weight, ln.bias, 1e-5), fc.weight, fc.bias)
+        assert np.abs(by_hand.numpy() - got[0]).max() < 1e-4
+
+
 def test_merged_onnx_refuses_a_method_that_cannot_merge(tmp_path):
     model = zoo.ImageClassifier(zoo_backbone("vit", library_model("vit"), tmp_path), 5)
     zoo.apply_adapter(model, "vpt", num_tokens=2)
@@ -85,3 +113,51 @@ def test_a_method_that_cannot_merge_is_exported_with_its_own_ops(tmp_path):
     for batch in (None, 3):
         want, got, _ = run_both(model, tmp_path / "m.onnx", batch)
         assert np.abs(want[0] - got[0]).max() < 1e-4
+
+
+def test_a_failed_re_export_leaves_the_previous_graph_or_none_never_a_mixed_set(tmp_path, monkeypatch):
+    """model.onnx was written by torch straight into place: a full disk midway left half a graph where the
+    previous one was, and its weights file (model.onnx.data, past 2 GB) was written apart from it. Now the
+    set is staged and model.onnx renamed in last: a failed write leaves the previous export whole, a crash
+    at the last rename no model.onnx (onnxruntime refuses the folder) beside the new weights file, and a
+    clean re-export removes a model.onnx.data it does not write and is byte-identical to a fresh one.
+    torch's exporter itself is replaced by a stand-in for the failures (what is tested is the writing)."""
+    from pathlib import Path
+
+    model = adapted("vit", tmp_path)
+    new = folder_files(export_onnx(model, tmp_path / "new" / "model.onnx").parent)
+    assert sorted(new) == ["model.onnx"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the previous export's graph")
+    old = folder_files(out)
+
+    class Program:  # what torch.onnx.export returns, writing `graph` (and a weights file beside it) or failing
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def save(self, dest):
+            with open(dest, "wb") as f:
+                f.write(new["model.onnx"][:100])
+                if self.fail:
+                    raise OSError(28, "No space left on device")
+                f.write(new["model.onnx"][100:])
+            Path(f"{dest}.data").write_bytes(b"the weights, past 2 GB")
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program(fail=True))
+    with pytest.raises(OSError) as e:
+        export_onnx(model, out / "model.onnx")
+    assert e.value.errno == 28 and e.value.filename == str(out / "model.onnx")
+    assert folder_files(out) == old  # the previous graph, whole, and no temporary folder
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Program())
+    crash_at_rename(monkeypatch, out / "model.onnx")
+    with pytest.raises(OSError, match=rf"{out} is left without model.onnx, an incomplete set that readers refuse"):
+        export_onnx(model, out / "model.onnx")
+    monkeypatch.undo()
+    assert folder_files(out) == {"model.onnx.data": b"the weights, past 2 GB"}  # the new set but its graph
+    with pytest.raises(Exception, match="model.onnx"):
+        ort.InferenceSession(str(out / "model.onnx"))
+
+    export_onnx(model, out / "model.onnx")
+    assert folder_files(out) == new

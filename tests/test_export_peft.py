@@ -7,12 +7,16 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
 from tests.export_helpers import (
     FAMILIES,
+    crash_at_rename,
+    disk_full_at,
     example_input,
+    folder_files,
     library_features,
     library_model,
     train_a_little,
@@ -102,6 +106,43 @@ def test_zoo_peft_zoo_round_trip_gives_identical_tensors(family, tmp_path):
     for k in want:
         assert torch.equal(want[k], got[k]), k
     assert fresh_bb.adapters[0].config == bb.adapters[0].config
+
+
+def test_ast_layernorm_linear_head_goes_to_zoo_head_and_back(tmp_path):
+    """AST's mlp_head (LayerNorm, then Linear): HF's ASTModel has no module for it, so both its layers go to
+    zoo_head.safetensors as the Linear head does; peft's output through it by hand gives the zoo logits, and
+    load_peft restores every tensor. Another head (a Linear, another eps) is refused, the model unchanged."""
+    base = library_model("ast")
+    bb = zoo_backbone("ast", base, tmp_path).eval()
+    model = zoo.LayerNormLinearClassifier(bb, 5)
+    zoo.apply_adapter(model, "lora", rank=2, alpha=6.0, targets=TARGETS["ast"])
+    train_a_little(model)  # γ off 1, β off 0 too
+    model.eval()
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None
+    head = load_file(str(tmp_path / "peft" / "zoo_head.safetensors"))
+    assert sorted(head) == ["head.0.bias", "head.0.weight", "head.1.bias", "head.1.weight"]
+    meta = json.loads((tmp_path / "peft" / "zoo_export.json").read_text())
+    assert meta["head"] == model.head_spec() and meta["head_location"] == "zoo_head.safetensors"
+    x = example_input("ast")
+    peft_on(base, tmp_path / "peft")
+    with torch.no_grad():
+        pooled = library_features("ast", base, x)  # transformers + peft, no zoo
+        got = F.linear(F.layer_norm(pooled, (32,), head["head.0.weight"], head["head.0.bias"], meta["head"]["eps"]),
+                       head["head.1.weight"], head["head.1.bias"])
+        assert torch.allclose(got, model(x), atol=1e-5), (got - model(x)).abs().max()
+    fresh = zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5)
+    load_peft(fresh, tmp_path / "peft")
+    want, have = model.state_dict(), fresh.state_dict()
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+    for other in (zoo.ImageClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5),
+                  zoo.LayerNormLinearClassifier(zoo_backbone("ast", library_model("ast"), tmp_path), 5, eps=1e-6)):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ExportError, match="head") as e:
+            load_peft(other, tmp_path / "peft")
+        assert "\n" not in str(e.value)
+        assert not zoo.adapters_of(other) and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def _peft_adapter(family, base, seed=5):
@@ -325,3 +366,92 @@ def test_a_clip_out_proj_delta_warns_about_peft_mha(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_peft(model, tmp_path / "peft2")  # zero out_proj factors: nothing to warn about
+
+
+def test_a_failed_re_export_leaves_the_previous_one_or_no_adapter_never_a_mixed_pair(tmp_path, monkeypatch):
+    """The files were written one after the other: a full disk at adapter_config.json left the old config
+    beside the new weights, which peft loads without a word. Now a failed write leaves the previous export
+    whole, and a crash between the renames leaves no adapter_config.json (no adapter, to peft and load_peft)."""
+
+    from zoo.export.peft import CONFIG, WEIGHTS, ZOO_HEAD, read_peft
+
+    _, _, old_model = adapted("vit", tmp_path)
+    _, _, new_model = adapted("vit", tmp_path, rank=4)
+    old, new = folder_files(export_peft(old_model, tmp_path / "old")), folder_files(export_peft(new_model, tmp_path / "new"))
+    assert old[CONFIG] != new[CONFIG] and old[WEIGHTS] != new[WEIGHTS] and ZOO_HEAD not in new
+    out = export_peft(old_model, tmp_path / "peft")
+
+    disk_full_at(monkeypatch, CONFIG)
+    with pytest.raises(OSError) as e:
+        export_peft(new_model, out)
+    assert e.value.errno == 28 and e.value.filename == str(out / CONFIG)
+    assert folder_files(out) == old  # the previous export, whole, and no temporary folder
+    monkeypatch.undo()
+
+    crash_at_rename(monkeypatch, out / CONFIG)
+    with pytest.raises(OSError, match=rf"Input/output error; {re.escape(str(out))} is left without {CONFIG}, an "
+                                      "incomplete set that readers refuse: write it again"):
+        export_peft(new_model, out)
+    monkeypatch.undo()
+    left = folder_files(out)
+    assert sorted(left) == sorted(k for k in new if k != CONFIG) and all(left[k] == new[k] for k in left)
+    with pytest.raises(FileNotFoundError, match=rf"not a peft adapter folder: expected {CONFIG}"):
+        read_peft(out)
+    with pytest.raises(ValueError, match=rf"Can't find '{CONFIG}'"):
+        peft.PeftConfig.from_pretrained(str(out))
+
+    (out / ZOO_HEAD).write_bytes(b"an earlier export's head")  # this export has its head in modules_to_save
+    export_peft(new_model, out)
+    assert folder_files(out) == new
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from zoo.io import atomic_path, write_together
+folder = Path(sys.argv[1])
+with atomic_path(folder / "adapter_model.safetensors") as tmp:  # a file written on its own (an older export)
+    tmp.write_bytes(b"half a file")
+    write_together(folder, {"adapter_model.safetensors": b"weights",  # a set, killed while writing its config
+                            "adapter_config.json": lambda p: os.kill(os.getpid(), signal.SIGKILL)}, last="adapter_config.json")
+"""
+
+
+def test_the_next_export_removes_the_temporaries_a_killed_export_left_and_nothing_else(tmp_path):
+    """A writer killed with SIGKILL leaves its hidden temporary file (atomic_path) or staging folder
+    (write_together) behind, and nothing removed them. The next export into the folder removes those of
+    the names it writes whose writer is gone (its pid, recorded in the name, is dead on this host), or,
+    older names without an owner, unchanged for hours; a writer still at work, another host's, and every
+    other file stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from zoo.tempnames import STALE_AFTER_S, host
+
+    out = tmp_path / "peft"
+    out.mkdir()
+    res = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == -9, res.stderr[-2000:]
+    killed = sorted(p.name for p in out.iterdir())  # the staging folder of the set, the file written on its own
+    pid = re.fullmatch(r"\.adapter_config\.json\.(\d+)@.*~\w{8}\.tmp", killed[0]).group(1)
+    assert re.fullmatch(rf"\.adapter_model\.safetensors\.{pid}@{re.escape(host())}~\w{{8}}\.tmp", killed[1]), killed
+    assert (out / killed[0]).is_dir() and (out / killed[1]).read_bytes() == b"half a file"
+    hours_ago = time.time() - STALE_AFTER_S - 60
+    aged = ".zoo_export.json.k1ll3d_x.tmp"  # an older name without an owner, unchanged for hours
+    keep = {f".adapter_config.json.{os.getpid()}@{host()}~abcdefgh.tmp": True,  # a writer at work now
+            ".adapter_model.safetensors.recent12.tmp": False,  # no owner, but changed just now: maybe at work
+            f".adapter_config.json.{pid}@{host()}.elsewhere~abcdefgh.tmp": False,  # another host's, recent
+            ".adapter_config.json.bak": True, "notes.tmp": True, ".adapter_config.json.12345678.tmp.keep": True,
+            f".model.onnx.{pid}@{host()}~abcdefgh.tmp": True}  # a name this export does not write
+    for name, old in {**keep, aged: True}.items():
+        (out / name).write_bytes(b"")
+        if old:
+            os.utime(out / name, (hours_ago, hours_ago))
+    _, _, model = adapted("vit", tmp_path)
+    export_peft(model, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
+                                                            "zoo_export.json", *keep])

@@ -151,12 +151,15 @@ def test_ast_mixed(tmp_path):
 
     base = tiny_ast()
     clf = lambda c: (lambda bb: zoo.ImageClassifier(bb, c))
+    mlp_head = lambda c: (lambda bb: zoo.LayerNormLinearClassifier(bb, c))  # AST's own head: LayerNorm, then Linear
     models = {"lora": adapted(base, clf(3), [("lora", dict(rank=2))], 1),
               "hydra": adapted(base, clf(6), [("hydra", {})], 2),
-              "prefix": adapted(base, clf(3), [("prefix", {})], 3)}
-    names = ["lora", "prefix", "hydra", "lora"]
-    ma, _ = check(base, models, torch.randn(len(names), 100, 128), names, tmp_path, save=("hydra",))
-    assert ma.routing()["prefix"].startswith("grouped")
+              "prefix": adapted(base, clf(3), [("prefix", {})], 3),
+              "ast_head": adapted(base, mlp_head(4), [("lora", dict(rank=2))], 4)}
+    names = ["lora", "ast_head", "prefix", "hydra", "ast_head", "lora"]
+    ma, _ = check(base, models, torch.randn(len(names), 100, 128), names, tmp_path, save=("hydra", "ast_head"))
+    assert ma.routing()["prefix"].startswith("grouped") and ma.routing()["ast_head"] == "batched"
+    assert type(ma.entries["ast_head"].view) is zoo.LayerNormLinearClassifier  # rebuilt from its adapter.json
 
 
 def test_sam_encoder_windowed_attention_and_segmenter_heads():

@@ -31,9 +31,13 @@ def _evaluate(tmp_path: Path, overrides: list[str]) -> dict:
     return evaluate(cfg, overrides=overrides)
 
 
-def test_audio_predictions_are_the_tasks_own(tmp_path):
-    m = run_train(["experiment=tiny_audio", "adapter=lora"], tmp_path)
+@pytest.mark.parametrize("head", ["linear", "layernorm_linear"])
+def test_audio_predictions_are_the_tasks_own(tmp_path, head):
+    m = run_train(["experiment=tiny_audio", "adapter=lora", f"task.head={head}"], tmp_path)
     art = Path(m["out_dir"]) / "adapter"
+    import json
+
+    assert json.loads((art / "adapter.json").read_text())["head"]["type"] == head  # AST's mlp_head: layernorm_linear
     out = tmp_path / "pred"
     res = _evaluate(tmp_path, [f"artifact={art}", "split=test", f"+predict={out}"])
     rows = list(csv.DictReader((out / "predictions.csv").open()))

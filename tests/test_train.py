@@ -98,6 +98,54 @@ def test_ddp_cpu_two_processes(tmp_path):
     assert (Path(m["out_dir"]) / "adapter" / "adapter.safetensors").is_file()
 
 
+WARN_IN_A_FRESH_INTERPRETER = """
+import sys, warnings
+for folder in sys.argv[1:]:
+    warnings.warn(f"Experiment logs directory {folder}/csv/ exists and is not empty. Previous log files ...")
+    warnings.warn(f"Checkpoint directory {folder}/checkpoints exists and is not empty.")
+warnings.warn("another warning")
+"""
+
+
+def test_a_resumed_fit_silences_its_own_folders_warnings_in_spawned_ranks_too(tmp_path):
+    """ddp_spawn's ranks (trainer=ddp_cpu) are fresh interpreters: the resume's in-process filter did not
+    reach them, and a resumed ddp_cpu run printed Lightning's "directory ... exists and is not empty" for its
+    own csv/ and checkpoints/. A fresh interpreter started during the resumed fit (as the ranks are) says
+    neither for the run's folder, still says them for another folder (a longer name too) and every other
+    warning, and after the fit the environment is as it was."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.runner import resuming_in
+
+    run, other = tmp_path / "run", tmp_path / "run2"
+
+    def said():
+        res = subprocess.run([sys.executable, "-c", WARN_IN_A_FRESH_INTERPRETER, str(run), str(other)],
+                             capture_output=True, text=True, timeout=120, env=os.environ.copy())
+        return [ln.split("UserWarning: ", 1)[1] for ln in res.stderr.splitlines() if "UserWarning: " in ln]
+
+    before = os.environ.get("PYTHONWARNINGS")
+    with resuming_in(run):
+        during = said()
+    assert during == [f"Experiment logs directory {other}/csv/ exists and is not empty. Previous log files ...",
+                      f"Checkpoint directory {other}/checkpoints exists and is not empty.", "another warning"]
+    assert os.environ.get("PYTHONWARNINGS") == before
+    assert len(said()) == 5  # after the resumed fit: all of them again
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_cpu_run_prints_no_warning_about_its_own_folders(tmp_path):
+    """The run end to end: train.py trainer=ddp_cpu for one epoch, then resumed to two (ckpt_path=last)."""
+    base = ["experiment=tiny", "adapter=lora"]
+    first = run_train_ddp(base + ["task.max_epochs=1"], tmp_path)
+    resumed = run_train_ddp(base + ["task.max_epochs=2", "ckpt_path=last"], tmp_path)
+    assert resumed["out_dir"] == first["out_dir"]
+    assert "exists and is not empty" not in resumed["log"], resumed["log"][-3000:]
+    assert "Restoring states from the checkpoint path" in resumed["log"]  # it did resume
+
+
 def test_init_from_artifact(tmp_path):
     from tasks.runner import build_task
 

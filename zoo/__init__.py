@@ -28,14 +28,15 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
                       "register_backbone"),
     "zoo.checkpoint": ("AdapterMismatchError", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"),
     "zoo.export": ("ExportError", "export_merged", "export_onnx", "export_peft", "load_peft"),
-    "zoo.heads": ("HEADS", "DenseRegressor", "ImageClassifier", "MultiHeadClassifier", "build_head_model", "register_head"),
+    "zoo.heads": ("CLASSIFIER_HEADS", "HEADS", "DenseRegressor", "ImageClassifier", "LayerNormLinearClassifier",
+                  "MultiHeadClassifier", "build_classifier", "build_head_model", "register_head"),
     "zoo.hub": ("from_zoo",),
     "zoo.multi_adapter": ("MultiAdapter",),
     "zoo.registry": ("UnknownNameError",),
     "zoo.sites": ("SITE_KINDS", "Site", "SiteError", "find_sites"),
 }
 _WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
-_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "export", "heads", "hub", "io", "reading",
+_SUBMODULES = ("activation_checkpoint", "adapters", "api", "audio", "backbones", "checkpoint", "errnos", "export", "heads", "hub", "io", "reading",
                "multi_adapter", "predict", "registry", "sites", "zeroshot")
 __all__ = sorted(_WHERE)
 

@@ -125,10 +125,12 @@ def attach_adapter(adapter: Adapter, target: nn.Module, model: nn.Module | None 
         adapter.attach(target)
         if model is not None:
             adapter.attach_model(model)
+        adapter.train_also_modules()  # a name this backbone lacks fails here, before anything trains
     except Exception:
         adapter.unload()
         raise
     adapter.mark_trainable()
+    adapter.mark_train_also()
     return adapter
 
 

@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zoo.adapters.base import AdapterModule
-from zoo.io import atomic_path, check_finite, read_json_object, safetensors_bytes
+from zoo.io import (
+    atomic_path,
+    check_finite,
+    clean_stale_temporaries,
+    read_json_object,
+    safetensors_bytes,
+)
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -87,6 +93,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metrics: dict | None
     # The artifact is a pair: both files are written to temporary files first (a failure there
     # leaves the previous artifact intact), then renamed into place. The json records the
     # weights' sha256, so a pair torn by a crash between the two renames is detected on load.
+    # the temporaries of these two files that a killed save left (kill -9 in the middle) go first
+    clean_stale_temporaries(path, [WEIGHTS_NAME, CONFIG_NAME])
     with atomic_path(path / WEIGHTS_NAME) as wtmp:
         # sorted metadata: equal tensors give byte-identical files (see zoo.io.safetensors_bytes)
         wtmp.write_bytes(safetensors_bytes(state, {"format": "pt", "adapter_zoo": str(FORMAT_VERSION)}))
@@ -204,10 +212,11 @@ def check_adapter_meta(meta: dict[str, Any], where: Any) -> None:
         return AdapterMismatchError(f"{where}: {key} must be {want}, got {_short(got)} (the artifact is corrupt "
                                     f"or was edited by hand; save it again)")
 
-    def opt(key: str, d: dict, types: tuple, want: str) -> Any:
+    def opt(d: dict, at: str, key: str, types: tuple, want: str) -> Any:
+        """``d[key]`` when it is null or of ``types``; ``at`` is where ``d`` is in the record ("" for the top)."""
         v = d.get(key)
         if v is not None and not isinstance(v, types):
-            raise bad(key if d is meta else f"{prefix}.{key}", want, v)
+            raise bad(f"{at}.{key}" if at else key, want, v)
         return v
 
     fv = meta.get("format_version")
@@ -226,13 +235,12 @@ def check_adapter_meta(meta: dict[str, Any], where: Any) -> None:
     bb = meta.get("backbone")
     if not isinstance(bb, dict):
         raise bad("backbone", "an object {family, model, weights_tag, kwargs, fingerprint}", bb)
-    prefix = "backbone"
     for k in ("family", "model"):
         if not isinstance(bb.get(k), str) or not bb[k]:
             raise bad(f"backbone.{k}", "a non-empty string", bb.get(k))
     for k in ("weights_tag", "fingerprint"):
-        opt(k, bb, (str,), "a string or null")
-    opt("kwargs", bb, (dict,), "an object of build options")
+        opt(bb, "backbone", k, (str,), "a string or null")
+    opt(bb, "backbone", "kwargs", (dict,), "an object of build options")
     head = meta.get("head")
     if head is not None:
         if not isinstance(head, dict) or not isinstance(head.get("type"), str):
@@ -242,8 +250,9 @@ def check_adapter_meta(meta: dict[str, Any], where: Any) -> None:
             vs = v if isinstance(v, list) else [v]
             if v is not None and (not vs or not all(_is_int(x) for x in vs)):
                 raise bad(f"head.{k}", f"an integer in 1..{MAX_SIZE} (or a list of them)", v)
-    prefix = "preprocessing"
-    pre = opt("preprocessing", meta, (dict,), "an object") or {}
+        if "eps" in head and not (_is_num(head["eps"]) and head["eps"] > 0):  # a LayerNorm's (layernorm_linear)
+            raise bad("head.eps", "a positive number", head["eps"])
+    pre = opt(meta, "", "preprocessing", (dict,), "an object") or {}
     size = pre.get("input_size")
     if size is not None and (not isinstance(size, list) or not size or not all(_is_int(x) for x in size)):
         raise bad("preprocessing.input_size", f"a list of integers in 1..{MAX_SIZE}", size)
@@ -252,28 +261,26 @@ def check_adapter_meta(meta: dict[str, Any], where: Any) -> None:
         if v is not None and (not isinstance(v, list) or not v or not all(_is_num(x) for x in v)
                               or k == "std" and not all(x > 0 for x in v)):
             raise bad(f"preprocessing.{k}", "a list of finite numbers" + (" > 0" if k == "std" else ""), v)
-    opt("fbank", pre, (dict,), "an object")
-    prefix = "task"
-    task = opt("task", meta, (dict,), "an object") or {}
-    opt("kind", task, (str,), "a string")
+    opt(pre, "preprocessing", "fbank", (dict,), "an object")
+    task = opt(meta, "", "task", (dict,), "an object") or {}
+    opt(task, "task", "kind", (str,), "a string")
     for k in ("config", "data", "links"):
-        opt(k, task, (dict,), "an object")
+        opt(task, "task", k, (dict,), "an object")
     names = task.get("class_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise bad("task.class_names", "a list of strings", names)
-    sha = opt("weights_sha256", meta, (str,), "a sha256 hex string")
+    sha = opt(meta, "", "weights_sha256", (str,), "a sha256 hex string")
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
         raise bad("weights_sha256", "64 lowercase hex digits", sha)
-    opt("metrics", meta, (dict,), "an object")
-    for k, shape in (opt("tensors", meta, (dict,), "an object {name: shape}") or {}).items():
+    opt(meta, "", "metrics", (dict,), "an object")
+    for k, shape in (opt(meta, "", "tensors", (dict,), "an object {name: shape}") or {}).items():
         if not isinstance(shape, list) or not all(_is_int(x, 0, 1 << 40) for x in shape):
             raise bad(f"tensors[{k!r}]", "a shape (a list of integers >= 0)", shape)
     seed = meta.get("seed")
     if seed is not None and not _is_int(seed, -(1 << 63), (1 << 64) - 1):
         raise bad("seed", "an integer", seed)
-    prefix = "base_weights"
-    base = opt("base_weights", meta, (dict,), "an object {path, config}") or {}
-    opt("path", base, (str,), "a path (string)")
+    base = opt(meta, "", "base_weights", (dict,), "an object {path, config}") or {}
+    opt(base, "base_weights", "path", (str,), "a path (string)")
     check_data_only(meta, where, allowed_targets={k: None for k in RECORDED_TARGETS})
 
 

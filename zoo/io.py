@@ -4,19 +4,28 @@ object file with one error naming it.
 Every file the project writes goes through :func:`atomic_path`: the content is written to a
 uniquely named temporary file in the destination's own folder (same filesystem, so the final
 ``os.replace`` is atomic), flushed to disk, and only then renamed over the destination. On any
-error the temporary file is removed and the previous file, if any, is untouched.
+error the temporary file is removed and the previous file, if any, is untouched. A temporary's name,
+``.<name>.<pid>@<host>~<random>.tmp``, records its writer (:mod:`zoo.tempnames`), so the one a killed
+writer left behind is removed by the next :func:`write_together` of that name (:func:`clean_stale_temporaries`).
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+# the errors of the environment in words: a torch-free module (tasks.run_folder needs them before torch);
+# is_environment_error is re-exported for the callers that have always found it here
+from zoo.errnos import WRITE_ERRNOS, in_words, is_environment_error  # noqa: F401
+from zoo.tempnames import glob_escape, is_stale, owner_tag
 
 
 @contextmanager
@@ -24,7 +33,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on a clean exit it replaces ``dest`` atomically."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(dest.name) + owner_tag(), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -44,19 +53,6 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-# Errors of the environment rather than of the code (a full disk, a read-only folder, `ulimit -f`):
-# the command lines report them as one line naming the path (tasks.runner.user_errors, python -m zoo).
-WRITE_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (a file size limit such as `ulimit -f` is reached)",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOTDIR: "a part of this path is a file, not a folder",
-}
-
-
 def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str) -> dict[str, Any]:
     """The JSON object in ``file``; anything else (not UTF-8, not JSON, not an object) is one ``error``
     naming the file, ending with ``hint`` (what to do about it). The file is left as it is."""
@@ -70,14 +66,10 @@ def read_json_object(file: str | os.PathLike, error: type[Exception], hint: str)
     return data
 
 
-def is_environment_error(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
-
-
 def describe_os_error(e: OSError) -> str:
     """``cannot write <path>: no space left on the device`` (the path when the error names one)."""
     verb = "cannot access" if e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) else "cannot write"
-    why = WRITE_ERRNOS.get(e.errno, e.strerror or str(e))
+    why = in_words(e)
     where = f" {e.filename}" if e.filename else ""
     return f"{verb}{where}: {why}" + ("; the files already there are left as they were" if e.errno in WRITE_ERRNOS else "")
 
@@ -95,9 +87,13 @@ def _umask() -> int:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (its renames and removals), to the disk."""
     try:
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:  # some filesystems do not support fsync; the rename is still atomic
         pass
 
@@ -112,6 +108,90 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def clean_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the temporaries of ``names`` in ``folder`` that a killed writer left (:func:`atomic_path`'s
+    files, :func:`write_together`'s folders); returns them.
+
+    Only names of exactly that form, ``.<name>.[<pid>@<host>~]<8 random characters>.tmp`` (the older
+    ones without an owner too), and only stale ones (:func:`zoo.tempnames.is_stale`: the writer's process
+    is gone from this host; else unchanged for hours): a writer still at work, or any other file, stays.
+    """
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for name in dict.fromkeys(names):
+        prefix = _temp_prefix(name)
+        ours = re.compile(re.escape(prefix) + r"(?:\d+@[A-Za-z0-9_.-]+~)?[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
+        for p in folder.glob(glob_escape(prefix) + "*.tmp"):
+            if not ours.fullmatch(p.name) or not is_stale(p, prefix):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def write_together(folder: str | os.PathLike, files: dict[str, bytes | Callable[[Path], Any]], last: str,
+                   stale: Iterable[str] = ()) -> Path:
+    """Write ``files`` into ``folder`` as one set: a reader never finds new files beside old ones.
+
+    ``files`` maps a name to its bytes, or to a function that writes the file at the path it is given (and
+    may write files beside it, e.g. ONNX's external ``model.onnx.data``: they are part of the set).
+    ``last`` names the file whose presence makes the folder what it is (peft's ``adapter_config.json``: peft
+    takes a folder without it for no adapter). Every file is first written in full to a temporary folder
+    inside ``folder`` (same file system, fsynced): a failure there (a full disk, ``ulimit -f``) leaves
+    ``folder`` as it was. Then the old ``last`` and the ``stale`` names this set does not write (files of
+    an earlier set of another kind) are removed, the other files renamed into place, and ``last`` renamed
+    in at the end: a crash in between leaves a folder without ``last``, which its readers refuse, never a
+    ``last`` that describes other files. Stale temporaries of these names that a killed writer left are
+    removed first (:func:`clean_stale_temporaries`). Returns ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(folder, [*files, last, *stale])
+    name = ""  # what a failure names: the folder, until a file is being written
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(last) + owner_tag(), suffix=".tmp", dir=folder))
+        try:
+            for name, data in files.items():
+                if callable(data):
+                    data(stage / name)
+                else:
+                    atomic_write_bytes(stage / name, data)  # fsynced
+            written = sorted(p.name for p in stage.iterdir())
+            for f in written:
+                if callable(files.get(f)) or f not in files:  # a writer function's files (and what it wrote beside)
+                    _fsync(stage / f)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    except OSError as e:  # name the file the caller asked for, not its temporary copy
+        raise OSError(e.errno, e.strerror, str(folder / name)) from e
+    if last not in written:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ValueError(f"write_together: the set written to {folder} has no {last!r} (it has {written})")
+    try:
+        for name in (last, *(n for n in stale if n not in written)):
+            (folder / name).unlink(missing_ok=True)
+        for name in written:
+            if name != last:
+                os.replace(stage / name, folder / name)
+        _fsync(folder)  # the removals and renames reach the disk before `last` does
+        os.replace(stage / last, folder / last)
+    except OSError as e:  # errno None: not "the files already there are left as they were" (describe_os_error)
+        raise OSError(None, f"{e.strerror or e}; {folder} is left without {last}, an incomplete set that readers "
+                            f"refuse: write it again", e.filename) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike, limit: float | None = None) -> None:

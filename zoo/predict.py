@@ -227,7 +227,9 @@ def load_predictor(artifact: str | os.PathLike, weights: str | os.PathLike | Non
     folder = resolve(artifact)
     meta = read_adapter_config(folder)
     task = meta.get("task") or {}
-    kind = task.get("kind") or ("classification" if (meta.get("head") or {}).get("type") == "linear" else None)
+    from zoo.heads import CLASSIFIER_HEADS
+
+    kind = task.get("kind") or ("classification" if (meta.get("head") or {}).get("type") in CLASSIFIER_HEADS else None)
     if kind not in KINDS:
         raise PredictError(f"{artifact}: predict serves {', '.join(KINDS)} artifacts; this one is {kind!r} "
                            f"(use eval.py for its metrics)")

@@ -10,40 +10,13 @@ changed for :data:`STALE_AFTER_S` seconds.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
 import tempfile
-import time
 from pathlib import Path
 
-STALE_AFTER_S = 6 * 3600
-_OWNER = re.compile(r"^(\d+)@([A-Za-z0-9_.-]+)~")
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def is_stale(folder: Path, prefix: str, now: float | None = None) -> bool:
-    m = _OWNER.match(folder.name[len(prefix):])
-    if m and m.group(2) == _host():
-        return not _alive(int(m.group(1)))
-    try:
-        age = (now or time.time()) - folder.stat().st_mtime
-    except OSError:
-        return False
-    return age > STALE_AFTER_S
+# the owner-recording names and the staleness rule are zoo's (zoo.io's temporary files follow them too)
+from zoo.tempnames import STALE_AFTER_S, glob_escape, is_stale, owner_tag  # noqa: F401
+from zoo.tempnames import host as _host  # noqa: F401
 
 
 def clean_stale(parent: Path, prefix: str) -> list[Path]:
@@ -58,13 +31,9 @@ def clean_stale(parent: Path, prefix: str) -> list[Path]:
     return removed
 
 
-def glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", s)
-
-
 def staging_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """A new temporary folder ``parent/<prefix><pid>@<host>~<random>``, after removing stale ones."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale(parent, prefix)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{_host()}~", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}", dir=parent))

@@ -26,6 +26,15 @@ Optional capabilities (each a no-op by default, called by tasks without knowing 
   ``apply_adapter`` (e.g. a ``zoo.ImageClassifier``), for methods that also change modules outside
   the backbone (a head). Such modules go in with :meth:`Adapter.replace_attr`, so ``unload``
   restores them.
+
+Every adapter also takes ``train_also`` (peft's ``modules_to_save`` for the backbone's norms): a list of
+:data:`TRAIN_ALSO` names whose base parameters train beside the method -- ``norm1`` / ``norm2`` (the
+LayerNorm before attention / before the MLP in every block; HF AST's ``layernorm_before`` /
+``layernorm_after``) and ``final_norm`` (the norm after the last block; HF AST's ``layernorm``). They are
+the backbone's own tensors, trained in place: the artifact stores them (every trainable parameter is
+saved), ``adapter.json`` records the list, so loading rebuilds the same model and restores them; a merged
+export carries them as base weights. PETL-AST (Cappellazzo et al., MLSP 2024) trains these besides each
+method (``experiment=petl_ast/*``).
 """
 from __future__ import annotations
 
@@ -114,6 +123,24 @@ class StepContext:
     extras: dict = field(default_factory=dict)
 
 
+TRAIN_ALSO = ("norm1", "norm2", "final_norm")  # what an adapter's ``train_also`` may name
+
+
+def train_also_option(who: str, value: Any) -> list[str]:
+    """``train_also`` as a list of :data:`TRAIN_ALSO` names (``None`` / ``[]``: nothing more trains)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (dict, bytes)) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
+        raise ValueError(f"adapter {who!r}: train_also must be a list of names ({', '.join(TRAIN_ALSO)}), got {value!r}")
+    names = list(value)  # a list, tuple or Hydra ListConfig
+    bad = [n for n in names if not isinstance(n, str) or n not in TRAIN_ALSO]
+    if bad:
+        raise ValueError(f"adapter {who!r}: unknown train_also name(s) {bad}; valid: {', '.join(TRAIN_ALSO)}")
+    return list(dict.fromkeys(names))  # in the given order, each once
+
+
 class Adapter:
     """Base class of every method. Subclasses set ``name`` and implement ``attach``.
 
@@ -136,6 +163,7 @@ class Adapter:
         self.backbone: nn.Module | None = None
         self.merged = False
         self.tower = None  # which towers (multi-tower backbones, or a model's other towers); see from_config
+        self.train_also: list[str] = []  # backbone norms that train too (TRAIN_ALSO); see from_config
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -148,6 +176,9 @@ class Adapter:
         # (SAM: encoder | decoder; zoo.api.resolve_tower). It goes to ``self.sites``, not to the
         # method's constructor, and is recorded only when given.
         tower = config.pop("tower", None)
+        # ``train_also`` likewise belongs to every adapter (the backbone norms that train beside the method,
+        # :meth:`mark_train_also`); recorded only when it names something
+        train_also = train_also_option(cls.name, config.pop("train_also", None))
         unknown = [k for k in config if k not in params]
         if unknown:
             raise TypeError(
@@ -161,6 +192,9 @@ class Adapter:
         if tower not in (None, "encoder"):  # SAM: encoder = the backbone itself
             obj.tower = tower
             obj.config["tower"] = _plain(tower) if not isinstance(tower, str) else tower
+        if train_also:
+            obj.train_also = train_also
+            obj.config["train_also"] = list(train_also)
         return obj
 
     def own_tower(self):
@@ -238,6 +272,48 @@ class Adapter:
         """Default: every parameter the adapter created trains; the base stays frozen."""
         for p in self.adapter_parameters():
             p.requires_grad_(True)
+
+    def train_also_modules(self) -> list[nn.Module]:
+        """The backbone modules ``train_also`` names (under any adapter wrappers: the original ones).
+
+        ``norm1`` / ``norm2``: that norm of every block (of this adapter's towers); ``final_norm``: the
+        backbone's :meth:`~zoo.backbones.base.Backbone.final_norm`. A name this backbone lacks is one
+        :class:`~zoo.sites.SiteError` listing the names it has."""
+        from zoo.sites import SiteError, unwrap
+
+        if not self.train_also:
+            return []
+        bb = self.backbone
+
+        def resolve(name: str) -> list[nn.Module]:
+            if name == "final_norm":
+                final = getattr(bb, "final_norm", lambda: None)()
+                if final is None:
+                    raise SiteError(name)
+                return [unwrap(final)]
+            return [s.base_module for s in self.sites(name, "all")]
+
+        out: list[nn.Module] = []
+        for name in self.train_also:
+            try:
+                out.extend(resolve(name))
+            except SiteError:
+                have = []
+                for k in TRAIN_ALSO:
+                    try:
+                        resolve(k)
+                        have.append(k)
+                    except SiteError:
+                        pass
+                raise SiteError(f"adapter {self.name!r}: train_also={name!r}: backbone {getattr(bb, 'family', '?')!r} has "
+                                f"no {name}; valid here: {', '.join(have) or 'none'}") from None
+        return out
+
+    def mark_train_also(self) -> None:
+        """Let the parameters of :meth:`train_also_modules` train (after :meth:`mark_trainable`)."""
+        for m in self.train_also_modules():
+            for p in m.parameters():
+                p.requires_grad_(True)
 
     # ------------------------------------------------------------------ merge / unload
     def merge(self) -> None:

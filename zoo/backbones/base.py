@@ -54,6 +54,10 @@ class Backbone(nn.Module):
     def blocks_container(self) -> nn.Module:
         raise NotImplementedError
 
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last block (an adapter's ``train_also: [final_norm]``), or ``None``."""
+        return None
+
     def blocks_path(self) -> str:
         raise NotImplementedError
 

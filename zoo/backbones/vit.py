@@ -94,6 +94,12 @@ class TimmBackbone(Backbone):
     def blocks_path(self) -> str:
         return "model.blocks"
 
+    def final_norm(self) -> nn.Module | None:
+        """timm's ``norm`` after the blocks (HF AST's ``layernorm``); ``None`` where it is an Identity
+        (models that normalise after pooling, ``fc_norm``)."""
+        norm = getattr(self.model, "norm", None)
+        return norm if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) else None
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
 

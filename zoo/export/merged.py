@@ -16,12 +16,22 @@ is not changed), so the result is the library's own model with new numbers:
   ``pooler_output`` is the zoo's ``cls_dist`` pooling.
 
 A head the library's model has no module for (a Linear on CLIP's image embedding or on AST's pooled
-feature -- HF's ``ASTForAudioClassification`` puts a LayerNorm before its Linear --, CLIP's zero-shot
-classifier) goes to ``head.safetensors`` (its ``state_dict``); ``zoo_export.json`` says what it is and
-how it is applied. A method that is not a reparameterisation of the weights (prompts, bottleneck
+feature; AST's ``layernorm_linear`` head, LayerNorm then Linear: HF's ``ASTForAudioClassification`` has
+that structure but takes the backbone's LayerNorm eps (1e-12) for it, AST's ``mlp_head`` 1e-5; CLIP's
+zero-shot classifier) goes to ``head.safetensors`` (its ``state_dict``: ``0.*`` the LayerNorm, ``1.*`` the
+Linear for ``layernorm_linear``); ``zoo_export.json`` says what it is (``head``, with the eps) and how it is
+applied. A method that is not a reparameterisation of the weights (prompts, bottleneck
 adapters, ...) cannot be merged and is refused with the reason; ``keep_modules=True`` instead writes
 the adapted model's whole ``state_dict`` (``model.safetensors``: base + adapter modules, no pickled
 code, no TorchScript), which the zoo rebuilds from ``zoo_export.json``.
+
+The files are written as one set (:func:`zoo.io.write_together`), the file without which the library
+refuses the folder renamed in last (timm's ``config.json``, ``open_clip_config.json``, transformers'
+``model.safetensors``: it loads a folder without ``config.json`` with the default ``ASTConfig``;
+``zoo_export.json`` for ``keep_modules``): a failed write leaves the previous export whole, a crash
+between the renames a folder the library refuses, never an old config beside new weights. The files of
+an earlier export of another kind (``naming.EXPORT_FILES``: a peft adapter, another family's config)
+are removed.
 """
 from __future__ import annotations
 
@@ -35,15 +45,27 @@ import torch
 from torch import nn
 
 from zoo.backbones.base import Backbone
-from zoo.export.naming import ExportError, check_family, installed_ast_names
-from zoo.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
+from zoo.export.naming import (
+    EXPORT_FILES,
+    ExportError,
+    check_family,
+    installed_ast_names,
+)
+from zoo.io import safetensors_bytes, write_together
 
 ZOO_META = "zoo_export.json"
+# the file without which each library refuses the folder, written last (write_together): timm's and open_clip's
+# "local-dir:" need their config; transformers' from_pretrained does not (a folder without config.json loads
+# with ASTConfig's defaults, a wrong model when the sizes fit), only its weights
+LAST_FILE = {"vit": "config.json", "clip": "open_clip_config.json", "ast": "model.safetensors"}
 
 
-def _write(path: Path, state: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, safetensors_bytes({k: v.detach().contiguous().cpu().clone() for k, v in state.items()},
-                                               {"format": "pt"}))
+def _weights(state: dict[str, torch.Tensor]) -> bytes:
+    return safetensors_bytes({k: v.detach().contiguous().cpu().clone() for k, v in state.items()}, {"format": "pt"})
+
+
+def _json(obj: Any, **kw) -> bytes:
+    return (json.dumps(obj, indent=2, **kw) + "\n").encode()
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
@@ -70,14 +92,13 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, keep_modules: bo
     from zoo.checkpoint import describe
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"format": "keep_modules" if keep_modules else "merged", **describe(model)}
     if keep_modules:
-        _write(out / "model.safetensors", model.state_dict())
         meta["load"] = ("zoo: build the backbone and head from this record, zoo.apply_adapter each method with its "
                         "config, then model.load_state_dict(safetensors.torch.load_file('model.safetensors'))")
-        atomic_write_text(out / ZOO_META, json.dumps(meta, indent=2) + "\n")
-        return out
+        # zoo_export.json last: the zoo rebuilds the model from it before it reads the weights
+        return write_together(out, {"model.safetensors": _weights(model.state_dict()), ZOO_META: _json(meta)},
+                              last=ZOO_META, stale=EXPORT_FILES)
     bb0 = find_backbone(model)
     family = check_family(bb0)
     if family == "sam":
@@ -88,21 +109,22 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, keep_modules: bo
     head = getattr(merged, "head", None) if merged is not bb else None
     head_in_model = False
     if family == "vit":
-        head_in_model = _write_timm(bb, merged, out)
+        files, head_in_model = _timm_files(bb, merged)
     elif family == "clip":
-        _write_open_clip(bb, out)
+        files = _open_clip_files(bb)
     else:
-        _write_hf_ast(bb, out)
+        files = _hf_ast_files(bb)
     if head is not None and not head_in_model:
-        _write(out / "head.safetensors", head.state_dict())
+        files["head.safetensors"] = _weights(head.state_dict())
         meta["head_file"] = "head.safetensors"
     meta["methods_merged"] = meta.pop("methods")
-    atomic_write_text(out / ZOO_META, json.dumps(meta, indent=2) + "\n")
-    return out
+    files[ZOO_META] = _json(meta)
+    # renamed in last: a crash leaves a folder the library refuses, never an old config beside new weights
+    return write_together(out, files, last=LAST_FILE[family], stale=EXPORT_FILES)
 
 
 # --------------------------------------------------------------------------- timm
-def _write_timm(bb: Backbone, model: nn.Module, out: Path) -> bool:
+def _timm_files(bb: Backbone, model: nn.Module) -> tuple[dict[str, bytes], bool]:
     from zoo.heads import ImageClassifier
 
     net = bb.model
@@ -120,11 +142,9 @@ def _write_timm(bb: Backbone, model: nn.Module, out: Path) -> bool:
                num_classes=num_classes)
     for k in ("hf_hub_id", "url", "file", "source", "tag"):
         cfg.pop(k, None)
-    _write(out / "model.safetensors", state)
-    atomic_write_text(out / "config.json", json.dumps({
-        "architecture": arch, "num_classes": num_classes, "num_features": int(net.num_features),
-        "model_args": args, "pretrained_cfg": cfg}, indent=2, default=list) + "\n")
-    return head_in_model
+    return {"config.json": _json({"architecture": arch, "num_classes": num_classes, "num_features": int(net.num_features),
+                                  "model_args": args, "pretrained_cfg": cfg}, default=list),
+            "model.safetensors": _weights(state)}, head_in_model
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -149,16 +169,15 @@ def open_clip_model_cfg(bb: Backbone) -> dict[str, Any]:
     return cfg
 
 
-def _write_open_clip(bb: Backbone, out: Path) -> None:
+def _open_clip_files(bb: Backbone) -> dict[str, bytes]:
     if tuple(bb.available_towers()) != ("visual", "text"):
         raise ExportError("an open_clip model has both towers; this CLIP backbone was built visual-only "
                           "(towers=[visual]), so open_clip could not load it: rebuild it with both towers")
     dc = bb.data_config
     pre = {"size": list(dc["input_size"][1:]), "mean": list(dc["mean"]), "std": list(dc["std"]),
            "interpolation": dc.get("interpolation", "bicubic")}
-    _write(out / "open_clip_model.safetensors", bb.model.state_dict())
-    atomic_write_text(out / "open_clip_config.json", json.dumps({"model_cfg": open_clip_model_cfg(bb), "preprocess_cfg": pre},
-                                                          indent=2) + "\n")
+    return {"open_clip_config.json": _json({"model_cfg": open_clip_model_cfg(bb), "preprocess_cfg": pre}),
+            "open_clip_model.safetensors": _weights(bb.model.state_dict())}
 
 
 # --------------------------------------------------------------------------- transformers AST
@@ -210,7 +229,7 @@ def ast_config(bb: Backbone) -> dict[str, Any]:
             "max_length": bb.max_length, "num_mel_bins": bb.num_mel_bins, "torch_dtype": "float32"}
 
 
-def _write_hf_ast(bb: Backbone, out: Path) -> None:
+def _hf_ast_files(bb: Backbone) -> dict[str, bytes]:
     cfg = ast_config(bb)
-    _write(out / "model.safetensors", ast_to_hf_state_dict(bb.model.state_dict(), installed_ast_names()))
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
+    return {"config.json": _json(cfg),
+            "model.safetensors": _weights(ast_to_hf_state_dict(bb.model.state_dict(), installed_ast_names()))}

@@ -33,6 +33,17 @@ _AST_QKV = ("attention.attention.query", "attention.attention.key", "attention.a
 _AST_LAYER_V5 = {"attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 _AST_QKV_V5 = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
 AST_PREFIXES = ("", "audio_spectrogram_transformer.")  # ASTModel, ASTForAudioClassification
+# an adapter's train_also norms (timm names) -> HF AST names: norm1 / norm2 in every layer, the final norm
+_AST_NORMS = {"norm1": "layernorm_before", "norm2": "layernorm_after"}
+
+# the files a folder export writes (zoo.export.peft / zoo.export.merged; zoo_export.json is each one's record).
+# An export removes those of an earlier export of another kind it does not write itself: peft's
+# adapter_config.json beside merged weights is an adapter to transformers' from_pretrained, an old
+# config.json beside open_clip files a timm model, and zoo_export.json describes one export only
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "zoo_head.safetensors", "zoo_export.json")
+MERGED_FILES = ("config.json", "model.safetensors", "open_clip_config.json", "open_clip_model.safetensors",
+                "head.safetensors", "zoo_export.json")
+EXPORT_FILES = tuple(dict.fromkeys(PEFT_FILES + MERGED_FILES))
 
 
 class ExportError(ValueError):
@@ -86,6 +97,39 @@ def parts(bb: Backbone, path: str, out_features: int, ast_names: str = "legacy",
     if rel in layer:
         return [Part(stem + layer[rel], stem + layer[rel])]
     raise ExportError(f"AST Linear {path!r} has no Hugging Face counterpart")
+
+
+def norm_name(bb: Backbone, path: str, kind: str, ast_names: str = "legacy", ast_prefix: str = "") -> str:
+    """The base model's name of the norm at ``path`` (relative to ``bb.model``; ``kind``: its ``train_also``
+    name): the same path, except on AST (timm ``norm`` -> HF ``layernorm``, ``blocks.N.norm1`` / ``norm2`` ->
+    ``encoder.layer.N.layernorm_before`` / ``layernorm_after``, ``layers.N.`` in transformers 5)."""
+    if check_family(bb) != "ast":
+        return path
+    if kind == "final_norm":
+        return f"{ast_prefix}layernorm"
+    i = path.split(".")[1]
+    return f"{ast_prefix}{'encoder.layer.' if ast_names == 'legacy' else 'layers.'}{i}.{_AST_NORMS[kind]}"
+
+
+def norm_index(bb: Backbone, ast_names: str = "legacy", ast_prefix: str = "") -> dict[str, tuple[str, nn.Module]]:
+    """``base-model module name -> (train_also name, zoo module)`` for every norm an adapter's ``train_also``
+    can name on ``bb`` (every block's ``norm1`` / ``norm2`` of every tower, the ``final_norm``)."""
+    from zoo.adapters.base import TRAIN_ALSO
+    from zoo.sites import SiteError, find_sites, unwrap
+
+    paths: dict[int, str] = {}
+    for name, m in bb.model.named_modules():  # the path without adapter wrappers (x.base -> x)
+        paths.setdefault(id(unwrap(m)), ".".join(p for p in name.split(".") if p != "base"))
+    found = []
+    for kind in TRAIN_ALSO[:2]:
+        try:
+            found += [(kind, s.base_module) for s in find_sites(bb, kind, "all", "all" if bb.towers else None)]
+        except SiteError:
+            pass
+    final = bb.final_norm()
+    if final is not None:
+        found.append(("final_norm", unwrap(final)))
+    return {norm_name(bb, paths[id(m)], kind, ast_names, ast_prefix): (kind, m) for kind, m in found if id(m) in paths}
 
 
 def installed_ast_names() -> str:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from zoo.export.naming import ExportError
+from zoo.io import write_together
 
 
 class SamPointPrompt(nn.Module):
@@ -119,5 +120,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, merged: bool | None =
         model.train(was_training)
         for m in unfused:
             m.fused_attn = True
-    program.save(str(path))
+    # model.onnx and the weights torch puts beside it past 2 GB (model.onnx.data) as one set, model.onnx last
+    # (onnxruntime opens it first and reads the weights it names): a failed write leaves the previous export
+    # whole, a crash no model.onnx beside other weights; a model.onnx.data of an earlier, larger export goes
+    write_together(path.parent, {path.name: lambda dest: program.save(str(dest))}, last=path.name,
+                   stale=[f"{path.name}.data"])
     return path

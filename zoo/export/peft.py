@@ -31,11 +31,15 @@ base module(s) as follows.
 
 The task head goes to ``modules_to_save`` when the base model has that module (timm's ``head`` for a
 ViT built with ``num_classes``); otherwise everything of the model outside its backbone (a head the base
-model has no module for: CLIP's, AST's Linear on the pooled feature -- HF's ``ASTForAudioClassification``
-puts a LayerNorm before its Linear --, SAM's prompt encoder and mask decoder) is written beside the
-adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
+model has no module for: CLIP's, AST's heads on the pooled feature -- the Linear, and ``layernorm_linear``'s
+LayerNorm and Linear (``head.0.*``, ``head.1.*``; HF's ``ASTForAudioClassification`` has that structure but
+takes the backbone's LayerNorm eps, 1e-12, where AST's ``mlp_head`` has 1e-5) --, SAM's prompt encoder and
+mask decoder) is written beside the adapter as ``zoo_head.safetensors`` (the model's own state-dict keys). ``zoo_export.json``
 records the zoo side (backbone, base-weight fingerprint, methods, head), so :func:`load_peft` can
-check the base and rebuild the exact zoo config.
+check the base and rebuild the exact zoo config. The backbone norms an adapter's ``train_also`` trains go to
+``modules_to_save`` too, under the base model's names (:func:`zoo.export.naming.norm_index`: HF AST
+``layernorm`` / ``encoder.layer.N.layernorm_before|after``, timm ``norm`` / ``blocks.N.norm1|2``); peft
+replaces those modules by the trained copies, and :func:`load_peft` reads them back as ``train_also``.
 
 Methods peft expresses: ``lora`` (any targets, ``scaling``, PETL-AST's ``reduction_rate``), and the
 methods whose modules are LoRA with other training (``colora``: per-layer ranks -> ``rank_pattern``;
@@ -70,18 +74,20 @@ from zoo.backbones.base import Backbone
 from zoo.export.naming import (
     AST_PREFIXES,
     BASE_CLASSES,
+    EXPORT_FILES,
     ExportError,
     Part,
     check_family,
     installed_ast_names,
     linear_paths,
+    norm_index,
     part_index,
     parts,
     site_index,
 )
 from zoo.export.peft_tuners import PAYLOADS as TUNER_PAYLOADS
 from zoo.export.peft_tuners import unstacked_modules
-from zoo.io import atomic_write_bytes, atomic_write_text, read_json_object, safetensors_bytes
+from zoo.io import read_json_object, safetensors_bytes, write_together
 
 TUNER_METHODS = tuple(TUNER_PAYLOADS)  # peft's MissConfig / ShiraConfig (zoo.export.peft_tuners)
 
@@ -286,21 +292,37 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         for k, v in head[1].state_dict().items():
             tensors[f"{PREFIX}{head[0]}.{k}"] = v.detach()
         head_where = f"modules_to_save:{head[0]}"
-    cfg.update({"modules_to_save": [head[0]] if head else None,
+    norms = trained_norms(bb, names)  # train_also: the backbone norms that trained, as peft modules_to_save
+    for base_name, (_, m) in norms.items():
+        for k, v in m.state_dict().items():
+            tensors[f"{PREFIX}{base_name}.{k}"] = v.detach()
+    saved = ([head[0]] if head else []) + sorted(norms)
+    cfg.update({"modules_to_save": saved or None,
                 "auto_mapping": {"base_model_class": BASE_CLASSES[family][0]}})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / WEIGHTS, safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()},
-                                                        {"format": "pt"}))
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2) + "\n")
+    files = {WEIGHTS: safetensors_bytes({k: v.contiguous().cpu().clone() for k, v in tensors.items()}, {"format": "pt"})}
     rest = outside_backbone(model, bb)
     if head is None and rest:
-        atomic_write_bytes(out / ZOO_HEAD, safetensors_bytes({k: v.detach().contiguous().cpu().clone()
-                                                              for k, v in rest.items()}, {"format": "pt"}))
+        files[ZOO_HEAD] = safetensors_bytes({k: v.detach().contiguous().cpu().clone() for k, v in rest.items()},
+                                            {"format": "pt"})
         head_where = ZOO_HEAD
     load_as = ({"name": methods[0], "config": dict(bb.adapters[0].config)}
                if len(methods) == 1 and methods[0] in RELOADABLE else None)
-    atomic_write_text(out / ZOO_META, json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n")
+    files[ZOO_META] = (json.dumps(_meta(model, bb, load_as, head_where), indent=2) + "\n").encode()
+    files[CONFIG] = (json.dumps(cfg, indent=2) + "\n").encode()
+    # one set, adapter_config.json last: a failed write leaves the previous export as it was, a crash
+    # between the renames a folder without adapter_config.json (no adapter to peft or load_peft), never a
+    # config beside another export's weights; the files of an earlier export this one does not write go
+    # (a zoo_head.safetensors, a merged export's config.json and weights: naming.EXPORT_FILES)
+    return write_together(out_dir, files, last=CONFIG, stale=EXPORT_FILES)
+
+
+def trained_norms(bb: Backbone, ast_names: str = "legacy", ast_prefix: str = "") -> dict[str, tuple[str, nn.Module]]:
+    """``base-model name -> (train_also name, module)`` of the norms the adapters' ``train_also`` trains
+    (peft carries them as ``modules_to_save``: their whole trained tensors)."""
+    want = {id(m) for a in bb.adapters for m in a.train_also_modules()}
+    out = {k: v for k, v in norm_index(bb, ast_names, ast_prefix).items() if id(v[1]) in want}
+    if len(out) != len(want):
+        raise ExportError("some train_also norms have no name in the base model; export the model merged (--merged)")
     return out
 
 
@@ -559,12 +581,15 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
     _check_dtypes(Path(path) / WEIGHTS, tensors, next(bb.parameters()).dtype)
     names, prefix = _ast_layout(tensors) if family == "ast" else ("legacy", "")
     index = part_index(bb, names, prefix)
-    lora, head_t = {}, {}
+    lora, head_t, norm_t = {}, {}, {}
     saved = set(cfg.get("modules_to_save") or [])
+    norms = norm_index(bb, names, prefix)
     for k, v in tensors.items():
         m = re.match(r"^(.*)\.lora_([AB])\.weight$", k)
         if m:
             lora.setdefault(m.group(1), {})[m.group(2)] = v
+        elif "." in k and k.rsplit(".", 1)[0] in norms and k.rsplit(".", 1)[0] in saved:
+            norm_t.setdefault(k.rsplit(".", 1)[0], {})[k.rsplit(".", 1)[1]] = v
         elif k.split(".", 1)[0] in saved or any(k.startswith(f"{s}.") for s in saved):
             head_t[k] = v
         else:
@@ -592,20 +617,58 @@ def load_peft(model: nn.Module, path: str | os.PathLike, check_fingerprint: bool
             diffs.append(f"base-weight fingerprint: adapter {want['fingerprint'][:12]}…, model {bb.fingerprint()[:12]}…")
         if diffs:
             raise ExportError("the peft adapter was made for another base: " + "; ".join(diffs))
+        head = meta.get("head")  # e.g. AST's layernorm_linear vs a Linear, or another LayerNorm eps: same tensors or not
+        if head and hasattr(model, "head_spec") and model.head_spec() != head:
+            raise ExportError(f"the peft adapter's head is {head}, the model's {model.head_spec()}; build the model "
+                              f"with the recorded head (zoo.heads.build_head_model)")
     lora_cfg = (meta or {}).get("load_as") or _derive_config(bb, cfg, lora, index)
+    train_also = _norms_config(norms, norm_t)
+    if (meta or {}).get("load_as"):
+        if sorted(lora_cfg["config"].get("train_also") or []) != sorted(train_also):
+            raise ExportError(f"zoo_export.json records train_also={lora_cfg['config'].get('train_also')}, the file's "
+                              f"modules_to_save hold {train_also}; the export was edited by hand")
+    elif train_also:
+        lora_cfg = {**lora_cfg, "config": {**lora_cfg["config"], "train_also": train_also}}
     snap = ModelState(model)
     full = model.state_dict()
     head_before = {k: full[k].detach().clone() for k in head_t}
+    norms_before = {k: {n: t.detach().clone() for n, t in norms[k][1].state_dict().items()} for k in norm_t}
     try:
         apply_adapter(model, lora_cfg["name"], **lora_cfg["config"])
         _fill(bb, lora, index, names, prefix)
         model.load_state_dict(head_t, strict=False)  # keys checked: exactly the head's
+        for k, state in norm_t.items():  # keys and shapes checked by _norms_config
+            norms[k][1].load_state_dict(state)
     except BaseException:
         snap.restore(model)
         model.load_state_dict(head_before, strict=False)
+        for k, state in norms_before.items():
+            norms[k][1].load_state_dict(state)
         raise
     snap.match_mode(model)
     return model
+
+
+def _norms_config(norms: dict[str, tuple[str, nn.Module]], norm_t: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """The zoo ``train_also`` that trains exactly the norms of the file's ``modules_to_save``: each named
+    kind in every block (a zoo adapter trains a block norm everywhere or nowhere), tensors of the model's shapes."""
+    from zoo.adapters.base import TRAIN_ALSO
+
+    for k, state in norm_t.items():
+        own = {n: tuple(t.shape) for n, t in norms[k][1].state_dict().items()}
+        got = {n: tuple(t.shape) for n, t in state.items()}
+        if own != got:
+            raise ExportError(f"modules_to_save {k!r}: tensors {got} do not fit the model's norm {own}")
+    kinds = []
+    for kind in TRAIN_ALSO:
+        every = sorted(k for k, (kd, _) in norms.items() if kd == kind)
+        have = [k for k in every if k in norm_t]
+        if have and have != every:
+            raise ExportError(f"modules_to_save holds {len(have)} of the {len(every)} {kind} norms (e.g. no "
+                              f"{min(set(every) - set(have))!r}); a zoo adapter's train_also trains one in every block")
+        if have:
+            kinds.append(kind)
+    return kinds
 
 
 def _head_for(model: nn.Module, family: str, head_t: dict[str, torch.Tensor]):

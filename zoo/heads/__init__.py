@@ -77,6 +77,61 @@ class ImageClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+@register_head("layernorm_linear")
+class LayerNormLinearClassifier(nn.Module):
+    """``backbone`` + AST's classifier head: a LayerNorm then a Linear on the pooled feature.
+
+    Gong et al., "AST: Audio Spectrogram Transformer", Interspeech 2021 (``YuanGongND/ast``,
+    ``src/models/ast_models.py``: ``mlp_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, label_dim))``
+    on ``(x[:, 0] + x[:, 1]) / 2``, the mean of the CLS and DIST tokens after the encoder's final norm)::
+
+        logits = W · (γ ⊙ (h − μ(h)) / √(σ²(h) + ε) + β) + b          h: the pooled feature (d)
+
+    with ``μ``, ``σ²`` the mean and (biased) variance over the d features. Initialised as the reference,
+    which keeps PyTorch's defaults (it never re-initialises ``mlp_head``, also not when it replaces the
+    AudioSet head for a new label set): γ = 1, β = 0, ε = 1e-5 (``nn.LayerNorm``'s default; HF's
+    ``ASTMLPHead`` uses the config's 1e-12 instead), ``nn.Linear``'s uniform init. ``head`` is that
+    ``nn.Sequential`` (``head.0`` the LayerNorm, ``head.1`` the Linear: the reference's ``mlp_head.0`` /
+    ``mlp_head.1``); 2·d + d·C + C parameters, all of which always train (it is the head).
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, eps: float = 1e-5):
+        super().__init__()
+        eps = float(eps)
+        if not (eps > 0 and eps < float("inf")):
+            raise ValueError(f"the layernorm_linear head's eps must be a positive number, got {eps!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        d = backbone.feature_dim
+        self.head = nn.Sequential(nn.LayerNorm(d, eps=eps), nn.Linear(d, num_classes))
+
+    def head_spec(self) -> dict:
+        return {"type": "layernorm_linear", "in_features": self.head[1].in_features, "num_classes": self.num_classes,
+                "eps": self.head[0].eps}
+
+    @classmethod
+    def from_spec(cls, backbone: Backbone, spec: dict) -> "LayerNormLinearClassifier":
+        eps = spec["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ValueError(f"head record: eps must be a number, got {eps!r}")
+        return cls(backbone, int(spec["num_classes"]), eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+# the single-label classifier heads a classification task may build (``task.head``): name -> class
+CLASSIFIER_HEADS: dict[str, type[nn.Module]] = {"linear": ImageClassifier, "layernorm_linear": LayerNormLinearClassifier}
+
+
+def build_classifier(backbone: Backbone, num_classes: int, head: str = "linear") -> nn.Module:
+    """``backbone`` inside the classifier head ``head`` (:data:`CLASSIFIER_HEADS`): ``linear`` (a Linear on the
+    pooled feature) or ``layernorm_linear`` (AST's ``mlp_head``: LayerNorm, then Linear)."""
+    if head not in CLASSIFIER_HEADS:
+        raise ValueError(f"unknown classifier head {head!r}; valid: {', '.join(CLASSIFIER_HEADS)}")
+    return CLASSIFIER_HEADS[head](backbone, num_classes)
+
+
 @register_head("linear_per_task")
 class MultiHeadClassifier(nn.Module):
     """``backbone`` + one Linear head per task; ``forward(x, task_ids)`` returns per-sample logits.
