@@ -246,9 +246,29 @@ class ZooTask(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """The optimizer's groups (a task may give some parameters their own learning rate)."""
+        """The optimizer's groups: ``task.optimizer.encoder_lr`` (default: ``lr``) for the trainable parameters
+        inside the backbone (its adapters; every weight under ``adapter=full``), ``lr`` for the rest (the task
+        head, decoders). A new, randomly initialised head then learns at its own rate while the pretrained body
+        moves slowly (discriminative fine-tuning: Howard & Ruder, ACL 2018; Kumar et al., ICLR 2022, on how a
+        random head distorts pretrained features). The papers of most methods use one lr for all."""
         # task.optimizer.decay_1d: biases and norms decay too (AST / PETL-AST decay every trainable parameter)
-        return zoo.param_groups(self.model, lr, weight_decay, decay_1d=bool(self.optim_cfg.get("decay_1d", False)))
+        groups = zoo.param_groups(self.model, lr, weight_decay, decay_1d=bool(self.optim_cfg.get("decay_1d", False)))
+        enc_lr = self.optim_cfg.get("encoder_lr")
+        if enc_lr is None or float(enc_lr) == float(lr):
+            return groups
+        if not float(lr) > 0:
+            raise ValueError(f"task.optimizer.lr must be > 0 with encoder_lr set (got {lr})")
+        body = getattr(self.model, "backbone", None)
+        enc = {id(p) for p in (body if isinstance(body, torch.nn.Module) else zoo.find_backbone(self.model)).parameters()}
+        scale, out = float(enc_lr) / float(lr), []
+        for g in groups:
+            inside = [p for p in g["params"] if id(p) in enc]
+            outside = [p for p in g["params"] if id(p) not in enc]
+            if inside:
+                out.append({**g, "params": inside, "lr": g["lr"] * scale})
+            if outside:
+                out.append({**g, "params": outside})
+        return out
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over :meth:`param_groups`, or the optimizer an adapter replaces it with

@@ -45,7 +45,7 @@ NON_NEGATIVE = Real(0.0)
 FRACTION = Real(0.0, 1.0)  # a probability or share, ends included
 
 # the optimizer and scheduler every task kind takes (tasks.base.ZooTask)
-OPTIMIZER = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE}
+OPTIMIZER = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE, "encoder_lr": Real(0.0, lo_open=True, optional=True)}
 SCHEDULER = {"warmup_epochs": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "cosine_epochs": Real(0.0, lo_open=True, optional=True),
              "warmup_lr_init": Real(0.0, optional=True),
              # poly (segmentation, SAMed) and plateau (PDE, MORPH's ReduceLROnPlateau) schedules

@@ -312,27 +312,6 @@ class SegmentationTask(ZooTask):
         return {"predictions_dir": str(out), "predictions": n}
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """``task.optimizer.encoder_lr`` (default: ``lr``) for the trainable parameters inside the image
-        encoder (its adapters), ``lr`` for the rest (decoder, head). The papers use one lr for all."""
-        groups = super().param_groups(lr, weight_decay)
-        enc_lr = self.optim_cfg.get("encoder_lr")
-        if enc_lr is None or float(enc_lr) == float(lr):
-            return groups
-        if not float(lr) > 0:
-            raise ValueError(f"task.optimizer.lr must be > 0 with encoder_lr set (got {lr})")
-        enc = {id(p) for p in self.model.backbone.parameters()}
-        out = []
-        for g in groups:
-            inside = [p for p in g["params"] if id(p) in enc]
-            outside = [p for p in g["params"] if id(p) not in enc]
-            scale = float(enc_lr) / float(lr)
-            if inside:
-                out.append({**g, "params": inside, "lr": g["lr"] * scale})
-            if outside:
-                out.append({**g, "params": outside})
-        return out
-
     def configure_optimizers(self):
         if self.sched_cfg.get("name", "cosine") != "poly":
             return super().configure_optimizers()

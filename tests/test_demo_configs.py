@@ -129,3 +129,38 @@ def test_publish_seed_must_be_a_seed_or_null():
     with pytest.raises(ValueError, match="publish_seed"):
         check_run_options(compose_config(["experiment=tiny", "publish_seed=first"]))
     check_run_options(compose_config(["experiment=quickstart", "publish_seed=null"]))
+
+
+def test_make_demo_full_fine_tuning_moves_the_head_at_lr_and_the_backbone_at_encoder_lr():
+    """make demo's full row: the head at the linear probe's lr (1e-2), every backbone weight at encoder_lr (1e-4);
+    with one lr the random head wiped out the features on seed 0 (docs/modalities/classification.md#make-demo).
+    Checked on the optimizer the task builds: AdamW's first step moves each element by its group's lr
+    (m/sqrt(v) = sign(g) at step 1, weight decay aside), so a group with the wrong lr moves by the wrong amount."""
+    import torch
+
+    from tasks.runner import build_task
+
+    rows = {a: compose_config(["experiment=quickstart", f"adapter={a}", "backbone.weights=null"])
+            for a in sweep("quickstart")["adapter"]}
+    assert rows["full"].task.optimizer.lr == rows["linear"].task.optimizer.lr == 1e-2
+    assert rows["full"].task.optimizer.encoder_lr == 1e-4
+    assert rows["linear"].task.optimizer.encoder_lr is None and rows["lora"].task.optimizer.encoder_lr is None
+    task = build_task(rows["full"])
+    head, body = task.model.head, task.model.backbone
+    opt = task.build_optimizer()
+    seen = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert seen == {id(p) for p in task.model.parameters()}  # every weight trains, each in one group
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["lr"] == (1e-2 if any(p is q for q in head.parameters()) else 1e-4)
+            assert g["weight_decay"] == (0.0 if p.ndim <= 1 else 1e-4)  # biases, norms, tokens' 1-d: no decay
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    x = torch.randn(4, 3, 32, 32)
+    torch.nn.functional.cross_entropy(task.model(x), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    for n, p in task.model.named_parameters():
+        lr = 1e-2 if n.startswith("head.") else 1e-4
+        big = p.grad.abs() > 1e-4  # far above Adam's eps (1e-8): the step is lr * g / (|g| + eps) = lr * sign(g)
+        assert big.any(), n
+        moved = (p.detach() - before[n]).abs()[big]  # weight decay adds lr * 1e-4 * |p|: below the tolerance
+        assert torch.allclose(moved, torch.full_like(moved, lr), rtol=1e-3), n
