@@ -187,7 +187,8 @@ def test_petl_ast_recipes_train_the_layernorms_petl_ast_trains(recipe):
         c = compose_config([f"experiment={recipe}", f"adapter={name}"] + ([f"adapter.style={style}"] if style else []))
         assert c.task.head == "linear"
         assert c.adapter.train_also == want, (name, style)
-        assert c.task.get("differs_from_paper") is None, name
+        # only the bottleneck adapter's init is recorded as departing (see PETL_AST_METHOD_SETTINGS below)
+        assert bool(c.task.get("differs_from_paper")) == (name == "adapter"), name
 
 
 def test_the_recipe_trains_exactly_those_norms():
@@ -207,3 +208,98 @@ def test_the_recipe_trains_exactly_those_norms():
         assert {n.split(".")[-2] for n in base} == norms, (name, sorted(base)[:4])  # and nothing else of AST
     task = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=bitfit", *TINY_AST]))
     assert task.model.backbone.model.norm.bias.requires_grad  # BitFit: its bias trains, as in main.py's BitFit
+
+
+# Each method's own settings in PETL-AST: main.py's argparse defaults (the same for every dataset; hparams/train.yaml
+# holds no method setting), cited per value. Methods absent here (linear, full) have no setting of their own.
+PETL_AST_METHOD_SETTINGS = {
+    # main.py L55-60: --seq_or_par parallel, --reduction_rate_adapter 96, --adapter_type Pfeiffer, --apply_residual
+    # False, --adapter_block conformer, --kernel_size 31; src/AST_adapters.py L67-74 (GELU, no LayerNorm, no dropout)
+    "adapter": {"style": "pfeiffer", "placement": "parallel", "reduction_rate": 96, "act": "gelu", "layernorm": False,
+                "dropout": 0.0, "scale": 1.0},
+    # src/AST_adapters.py L93-119: Conformer_adapter(p_dropout=0.), its LayerNorm's output overwritten, no init call
+    "conformer": {"style": "pfeiffer", "placement": "parallel", "reduction_rate": 96, "kernel_size": 31,
+                  "dropout": 0.0, "layernorm": False, "zero_init": False},
+    # main.py L78-79: --reduction_rate_lora 64, --alpha_lora 8; src/AST_LoRA.py L62-76: q and v, A zeros, B Kaiming
+    "lora": {"reduction_rate": 64, "alpha": 8.0, "targets": ["q", "v"], "init": "mirrored", "dropout": 0.0,
+             "scaling": "standard"},
+    # main.py L87-91: --prompt_len_prompt 25, --is_deep_prompt True, --drop_prompt 0.; src/AST_prompt_tuning.py
+    # L115-120: the prompts take the DIST token's place
+    "vpt": {"num_tokens": 25, "mode": "deep", "dropout": 0.0, "replace_prefix": 1},
+    # main.py L86: --prompt_len_pt 24, split into 12 key + 12 value tokens (src/AST_prompt_tuning.py L256-261)
+    "prefix": {"num_tokens": 12},
+    # main.py L241-246: the biases of nn.Linear and nn.LayerNorm modules only
+    "bitfit": {"biases": "linear_norm"},
+}
+
+
+@pytest.mark.parametrize("recipe", ["petl_ast/esc50", "petl_ast/speechcommands"])
+def test_petl_ast_recipes_pin_each_methods_own_settings(recipe):
+    for name, want in PETL_AST_METHOD_SETTINGS.items():
+        c = compose_config([f"experiment={recipe}", f"adapter={name}"])
+        got = {k: (list(v) if k == "targets" else v) for k, v in c.adapter.items() if k in want}
+        assert got == want, name
+    # the command line still wins over the pinned value, and other recipes keep the zoo's defaults
+    assert compose_config([f"experiment={recipe}", "adapter=lora", "adapter.reduction_rate=32"]).adapter.reduction_rate == 32
+    assert compose_config(["experiment=tiny_audio", "adapter=lora"]).adapter.reduction_rate is None
+    assert compose_config(["experiment=tiny_audio", "adapter=adapter"]).adapter.style == "houlsby"
+
+
+WIDE_TINY_AST = [*TINY_AST, "++backbone.kwargs.embed_dim=192"]  # d = 192: b = round(192 / 96) = 2, r = round(192 / 64) = 3
+
+
+def _adapter_params(task):
+    return sum(p.numel() for a in task.model.backbone.adapters for p in a.adapter_parameters())
+
+
+@pytest.mark.parametrize("name", ["adapter", "conformer"])
+def test_petl_ast_adapters_have_petl_ast_parameter_count(name):
+    """One Pfeiffer adapter per block (at the FFN), b = round(d / 96), parallel; counted by PETL-AST's modules:
+    Bottleneck_adapter = Linear(d, b) + Linear(b, d) (src/AST_adapters.py L68-69); Conformer_adapter = Conv1d(d, 2b, 1)
+    + depthwise Conv1d(b, b, 31, groups=b) + BatchNorm1d(b) + Conv1d(b, d, 1) (L98-116), less its LayerNorm (2d,
+    L97), which PETL-AST counts but never applies (L130-131)."""
+    from tasks.runner import build_task
+    from zoo.adapters.adapter import ParallelAdapter
+
+    task = build_task(compose_config(["experiment=petl_ast/esc50", f"adapter={name}", *WIDE_TINY_AST]))
+    d, depth, b, k = 192, 2, 2, 31
+    per = (d * b + b) + (b * d + d) if name == "adapter" else (d * 2 * b + 2 * b) + (b * k + b) + 2 * b + (b * d + d)
+    assert _adapter_params(task) == depth * per
+    mods = task.model.backbone.adapters[0].modules
+    assert len(mods) == depth and all(isinstance(m, ParallelAdapter) for m in mods)  # Pfeiffer: the FFN only
+
+
+def test_petl_ast_lora_prompts_and_prefixes_are_petl_ast_sized():
+    from tasks.runner import build_task
+
+    d, depth = 192, 2
+    lora = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=lora", *WIDE_TINY_AST]))
+    w = lora.model.backbone.adapters[0].modules[0]
+    assert (w.rank, w.scaling) == (3, 8 / 64)  # src/AST_LoRA.py L62, L66: round(d / RR), alpha / RR
+    assert _adapter_params(lora) == depth * 2 * (d * 3 + 3 * d)  # q and v: down d x r, up r x d, no bias
+    vpt = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=vpt", *WIDE_TINY_AST]))
+    assert _adapter_params(vpt) == depth * 25 * d  # prompt_embeddings + (layers - 1) deep prompts, 25 each
+    prefix = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=prefix", *WIDE_TINY_AST]))
+    assert _adapter_params(prefix) == depth * 2 * 12 * d  # key_tokens and value_tokens, 24 / 2 each per layer
+
+
+def test_petl_ast_bitfit_trains_the_linear_and_layernorm_biases_only():
+    """main.py L243-246: every Linear / LayerNorm bias of AST; the patch embedding (a Conv2d) keeps its bias frozen,
+    which the zoo's plain BitFit (every bias) would train."""
+    from tasks.runner import build_task
+
+    def trained(overrides):
+        task = build_task(compose_config(["experiment=petl_ast/esc50", "adapter=bitfit", *TINY_AST, *overrides]))
+        return {n for n, p in task.model.backbone.named_parameters() if p.requires_grad}, task.model.backbone
+
+    names, bb = trained([])
+    want = {f"model.{n}.bias" for n, m in bb.model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None}
+    assert names == want and "model.patch_embed.proj.bias" not in names
+    assert any(".attn.qkv.bias" in n for n in names) and "model.norm.bias" in names
+    everything, _ = trained(["adapter.biases=all"])
+    assert everything == want | {"model.patch_embed.proj.bias"}
+    from hydra.errors import InstantiationException
+
+    with pytest.raises((ValueError, InstantiationException), match=r"unknown bitfit biases 'conv'; valid: all, linear_norm"):
+        trained(["adapter.biases=conv"])

@@ -3,12 +3,17 @@
 * ``linear``: the backbone stays frozen; only the task head trains.
 * ``full``: every backbone weight trains (on multi-tower backbones: of the selected ``tower``s).
 * ``bitfit``: only the bias terms train (Zaken et al., "BitFit: Simple Parameter-efficient
-  Fine-tuning for Transformer-based Masked Language-models", ACL 2022).
+  Fine-tuning for Transformer-based Masked Language-models", ACL 2022). ``biases=all`` (default): every
+  bias vector of the backbone; ``biases=linear_norm``: only those of ``nn.Linear`` and ``nn.LayerNorm``
+  modules, as PETL-AST's BitFit on AST (Cappellazzo et al., IEEE MLSP 2024; main.py L241-246), which
+  leaves e.g. the convolutional patch embedding's bias frozen.
 
 None of them adds modules, so each is trivially "mergeable": the trained weights already sit in
 the backbone, and ``merge_adapters(unload=True)`` leaves the plain model.
 """
 from __future__ import annotations
+
+from torch import nn
 
 from zoo.adapters import register_adapter
 from zoo.adapters.base import Adapter
@@ -53,11 +58,18 @@ class BitFit(_NoModules):
     """Only bias vectors train (Zaken et al., ACL 2022)."""
 
     paper = "Zaken et al., BitFit, ACL 2022"
+    BIASES = ("all", "linear_norm")
 
-    def __init__(self):
+    def __init__(self, biases: str = "all"):
         super().__init__()
+        if biases not in self.BIASES:
+            raise ValueError(f"unknown bitfit biases {biases!r}; valid: {', '.join(self.BIASES)}")
+        self.biases = biases
 
     def mark_trainable(self) -> None:
+        if self.biases == "linear_norm":  # PETL-AST main.py L244-246: isinstance(m, (Linear, LayerNorm)) -> m.bias
+            allowed = {id(m.bias) for m in self.backbone.modules()
+                       if isinstance(m, (nn.Linear, nn.LayerNorm)) and getattr(m, "bias", None) is not None}
         for name, p in self.backbone.tower_named_parameters(self.own_tower()):
-            if name.endswith(".bias"):
+            if name.endswith(".bias") and (self.biases == "all" or id(p) in allowed):
                 p.requires_grad_(True)

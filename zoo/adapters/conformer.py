@@ -18,8 +18,9 @@ Departures from the reference code, on purpose:
 
 * the reference computes an input LayerNorm and then overwrites its output, so no LayerNorm is
   applied; here too (``layernorm=false``), with ``layernorm=true`` available;
-* the reference's init is not documented; here ``PW₂`` starts at zero so the model is unchanged at
-  init (``zero_init=false`` keeps PyTorch's default init) — a reconstruction.
+* the reference calls no init (src/AST_adapters.py L97-117): PyTorch's default, so its model changes at
+  init; here ``PW₂`` starts at zero by default so the model is unchanged at init (our choice);
+  ``zero_init=false`` is the reference's init (``experiment=petl_ast/*`` pins it).
 
 The BatchNorm keeps running statistics (it trains in train mode, as in the reference). Not mergeable.
 """
