@@ -41,7 +41,8 @@ def _natural(path: Path) -> list:
 
 PREFIX = [("adapter", "adapter"), ("dataset", "dataset"), ("adapter params", None), ("% of backbone", None)]
 # How every parameter count of the project is meant (the run log, metrics.json's trainable_params, this table):
-PARAMS_NOTE = "Adapter params: trainable parameters inside the backbone, task head excluded (as the papers count)."
+PARAMS_NOTE = ("Adapter params: trainable parameters inside the backbone, task head excluded (as the papers count); "
+               "% of backbone: of all its parameters, the adapter's included (as peft's print_trainable_parameters).")
 SUFFIX = ["artifact KiB"]
 STEP = "step ms"  # shown when a run recorded its mean training step time (metrics.json "step_ms")
 

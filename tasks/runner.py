@@ -647,7 +647,7 @@ def describe_params(adapter: int, backbone: int, head: int) -> str:
     the adapter's trainable parameters inside the backbone, head excluded, as a share of the backbone."""
     from tasks.report import PARAMS_NOTE
 
-    return (f"{adapter:,} trainable parameters ({100 * adapter / max(1, backbone):.2f}% of the backbone's {backbone:,}); "
+    return (f"{adapter:,} trainable parameters ({100 * adapter / max(1, backbone):.2f}% of the backbone's {backbone:,}, adapter included); "
             f"+ {head:,} in the task head. {PARAMS_NOTE}")
 
 

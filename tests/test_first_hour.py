@@ -161,6 +161,10 @@ def test_parameter_counts_agree_between_run_log_metrics_and_table(tmp_path, capl
     assert f"{m['trainable_params']:,} trainable parameters" in line and f"+ {head:,} in the task head" in line
     md = markdown([m])
     assert f"| {m['trainable_params']:,} |" in md and md.count(PARAMS_NOTE) == 1 and PARAMS_NOTE in line
+    # the share has one denominator everywhere: the backbone's parameters with its adapter (peft's convention)
+    pct = 100 * m["trainable_params"] / m["backbone_params"]
+    assert f"({pct:.2f}% of the backbone's {m['backbone_params']:,}, adapter included)" in line
+    assert f"| {pct:.2f}% |" in md
 
 
 def test_pyproject_installs_without_a_setuptools_licence_banner():
