@@ -312,7 +312,7 @@ NOTES = """Notes:
   the resolved config values that tell the method apart), from a recipe that does not say it differs from the
   paper (`task.differs_from_paper`); e.g. `python train.py -m experiment=vtab_sweep adapter=<name>
   data.root=<vtab-1k>`. Other runs appear in the results table, one row per configuration (only seeds averaged).
-- Published numbers: /work/shared/reference/anchors.md section (c) (NOAH table 1, Hydra and PETL-ViT READMEs,
+- Published numbers: the team spec reference/anchors.md (internal, not shipped) section (c) (NOAH table 1, Hydra and PETL-ViT READMEs,
   V-PETL Bench README). Trainable = backbone-side trainable parameters of our runs (head excluded)."""
 
 

@@ -3,7 +3,7 @@
 Images are float32 ``H×W×3`` arrays in [0, 1] (RGB); every random draw comes from the
 ``numpy.random.Generator`` passed in, so a seed reproduces a degradation exactly.
 
-Sources (``/work/shared/reference/audio_seg_restoration.md`` §3.1–3.2):
+Sources (the team spec ``reference/audio_seg_restoration.md`` (internal, not shipped) §3.1–3.2):
 
 * **BSRGAN** (Zhang et al., "Designing a Practical Degradation Model for Deep Blind Image
   Super-Resolution", ICCV 2021; cszn/BSRGAN@5ce1a9c ``utils/utils_blindsr.py``) gives the

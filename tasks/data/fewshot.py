@@ -1,6 +1,6 @@
 """Few-shot image classification data for CLIP: the 11 CoOp datasets and an embedded generated one.
 
-Layouts (see ``/work/shared/reference/clip_fewshot_captioning.md`` §1.1):
+Layouts (see the team spec ``reference/clip_fewshot_captioning.md`` (internal, not shipped) §1.1):
 
 * ``coop`` (CoOp/Dassl): ``$root/<folder>/<image dir>/...`` plus ``$root/<folder>/split_zhou_<Name>.json``
   holding ``{"train"|"val"|"test": [[relpath, label, classname], ...]}`` (paths relative to the image

@@ -1,6 +1,6 @@
 """Paired restoration data: six single-degradation tasks in their usual folder layouts, and PROD pairs.
 
-Layouts read (``/work/shared/reference/audio_seg_restoration.md`` §3.4), ``<root>`` = ``data.root``:
+Layouts read (the team spec ``reference/audio_seg_restoration.md`` (internal, not shipped) §3.4), ``<root>`` = ``data.root``:
 
 ==============  ==========  ====================================================================
 task            dataset     layout (``split`` = train | test)

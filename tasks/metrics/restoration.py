@@ -1,6 +1,6 @@
 """Restoration metrics: PSNR and SSIM as BasicSR computes them (plain torch + torchmetrics).
 
-**Metric convention** (``/work/shared/reference/audio_seg_restoration.md`` §3.5, BasicSR
+**Metric convention** (the team spec ``reference/audio_seg_restoration.md`` (internal, not shipped) §3.5, BasicSR
 ``basicsr/metrics/psnr_ssim.py`` as NAFNet uses it):
 
 * images in [0, 1], **quantised to 8 bits** first (``quantize=True``: BasicSR measures the saved

@@ -2,7 +2,7 @@
 
 Park, Kim, Chun, "Contribution-based Low-Rank Adaptation with Pre-training Model for Real Image
 Restoration", ECCV 2024 (arXiv 2408.01099). No official code was found; the rank rule is not in
-any retrievable text. **The allocation below is a reconstruction** (``/work/shared/methods/colora.md``
+any retrievable text. **The allocation below is a reconstruction** (the team spec ``methods/colora.md`` (internal, not shipped)
 §5.2–5.3) with its uncertain choices as options. PROD pre-training is not part of this adapter.
 
 ``prepare(model, dataloader)`` does, once, before training:

@@ -5,7 +5,7 @@ Models for Few-Shot Classification", arXiv 2501.15040 (2025). No public code was
 paper body was not available. What the abstract states: LoRA "interferes with the most
 informative direction of the pretrained weight matrix", so the low-rank matrix is optimised "in
 the complementary subspace", with no extra parameters. **Everything below the abstract is a
-reconstruction** (see ``/work/shared/methods/comp_lora.md`` §3.2) and its uncertain choices are
+reconstruction** (see the team spec ``methods/comp_lora.md`` (internal, not shipped) §3.2) and its uncertain choices are
 options.
 
 For each adapted weight ``W0 = U Σ Vᵀ`` (each of q, k, v separately when they are slices of a

@@ -1,7 +1,7 @@
 """NAFNet (Chen, Chu, Zhang, Sun, "Simple Baselines for Image Restoration", ECCV 2022) as a zoo backbone.
 
 The architecture follows megvii-research/NAFNet@2b4af71 ``basicsr/models/archs/NAFNet_arch.py``
-(described in ``/work/shared/reference/audio_seg_restoration.md`` §3.3), with the same module
+(described in the team spec ``reference/audio_seg_restoration.md`` (internal, not shipped) §3.3), with the same module
 names, so an official checkpoint's ``params`` state dict loads unchanged (``weights=``):
 
 * ``LayerNorm2d``: per pixel, mean and variance over the channels, eps 1e-6, per-channel affine.
