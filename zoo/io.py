@@ -11,6 +11,7 @@ writer left behind is removed by the next :func:`write_together` of that name (:
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import torch
 # the errors of the environment in words: a torch-free module (tasks.run_folder needs them before torch);
 # is_environment_error is re-exported for the callers that have always found it here
 from zoo.errnos import WRITE_ERRNOS, in_words, is_environment_error  # noqa: F401
-from zoo.tempnames import glob_escape, is_stale, owner_tag
+from zoo.tempnames import is_stale, owner_tag
 
 
 @contextmanager
@@ -128,7 +129,7 @@ def clean_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> 
     for name in dict.fromkeys(names):
         prefix = _temp_prefix(name)
         ours = re.compile(re.escape(prefix) + r"(?:\d+@[A-Za-z0-9_.-]+~)?[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
-        for p in folder.glob(glob_escape(prefix) + "*.tmp"):
+        for p in folder.glob(glob.escape(prefix) + "*.tmp"):
             if not ours.fullmatch(p.name) or not is_stale(p, prefix):
                 continue
             if p.is_dir() and not p.is_symlink():

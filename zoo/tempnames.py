@@ -50,7 +50,3 @@ def is_stale(path: Path, prefix: str, now: float | None = None) -> bool:
     except OSError:
         return False
     return age > STALE_AFTER_S
-
-
-def glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", s)

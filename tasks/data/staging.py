@@ -9,13 +9,14 @@ changed for :data:`STALE_AFTER_S` seconds.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 # the owner-recording names and the staleness rule are zoo's (zoo.io's temporary files follow them too)
-from zoo.tempnames import STALE_AFTER_S, glob_escape, is_stale, owner_tag  # noqa: F401
+from zoo.tempnames import STALE_AFTER_S, is_stale, owner_tag  # noqa: F401
 from zoo.tempnames import host as _host  # noqa: F401
 
 
@@ -24,7 +25,7 @@ def clean_stale(parent: Path, prefix: str) -> list[Path]:
     removed = []
     if not Path(parent).is_dir():
         return removed
-    for p in Path(parent).glob(glob_escape(prefix) + "*"):
+    for p in Path(parent).glob(glob.escape(prefix) + "*"):
         if p.is_dir() and not p.is_symlink() and is_stale(p, prefix):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
